@@ -1,0 +1,2 @@
+//! Readers for model files: GGUF and Hugging Face directories.
+pub mod gguf;

@@ -1,0 +1,17 @@
+//! lorakit: LoRA fine-tuning of real LLMs on the CPU.
+//!
+//! Layout (see `docs/ARCHITECTURE.md` in the repository):
+//! - [`engine`]: CPU buffers and kernels (matmul, norms, RoPE, attention, MLP), each an
+//!   explicit `*_forward` whose `*_backward` twin the training code adds.
+//! - [`model`]: one [`model::Config`] for every supported Llama-family checkpoint and the
+//!   Llama forward pass with a KV cache.
+//! - [`io`]: readers for GGUF files and Hugging Face directories (safetensors, configs).
+//! - [`tokenize`]: tokenizers from `tokenizer.json` or GGUF metadata, and chat templates.
+
+pub mod engine;
+pub mod error;
+pub mod io;
+pub mod model;
+pub mod tokenize;
+
+pub use error::{Error, Result};

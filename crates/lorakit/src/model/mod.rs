@@ -1,0 +1,1 @@
+//! Model configuration and the Llama-family forward pass.
