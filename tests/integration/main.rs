@@ -1,1 +1,8 @@
-fn main() {}
+//! The project's one integration-test binary: golden comparisons against the PyTorch/HF/PEFT
+//! fixtures in `tests/fixtures/` (see its README for tolerances), the real SmolLM2 model
+//! (fetched by `scripts/fetch-model.sh`, never skipped), and the `lorakit` CLI end to end.
+
+mod common;
+mod cli_errors;
+mod logits;
+mod real_model;

@@ -1,1 +1,10 @@
-//! Compute kernels on plain f32 buffers.
+//! Compute kernels on plain row-major f32 buffers.
+//!
+//! Every kernel is an explicit `*_forward` function with its shapes in the doc comment. The
+//! training code adds the matching `*_backward` beside each one (see `docs/ARCHITECTURE.md`):
+//! there is no general autograd, so each forward keeps exactly what its backward will need.
+
+pub mod matmul;
+pub mod ops;
+
+pub use matmul::{matmul_nt, matvec_rows};

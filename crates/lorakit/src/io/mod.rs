@@ -1,2 +1,5 @@
-//! Readers for model files: GGUF and Hugging Face directories.
+//! Readers for model files: GGUF and Hugging Face directories (safetensors + JSON configs).
+
 pub mod gguf;
+pub mod hf_dir;
+pub mod safetensors_file;

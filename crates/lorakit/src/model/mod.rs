@@ -1,1 +1,14 @@
 //! Model configuration and the Llama-family forward pass.
+//!
+//! One implementation covers Llama, SmolLM/SmolLM2, TinyLlama, Mistral and Qwen2: they differ
+//! only in [`Config`] switches (q/k/v biases, tied LM head, RoPE theta), never in code copies.
+
+pub mod config;
+pub mod linear;
+pub mod llama;
+pub mod load;
+
+pub use config::{Arch, Config};
+pub use linear::Linear;
+pub use llama::{KvCache, LlamaModel};
+pub use load::{load_model, LoadedModel, ModelSource};

@@ -1,0 +1,189 @@
+//! Matrix products for linear layers whose weights are stored `[out, in]`, as HF stores them.
+//!
+//! Prefill / training shapes (many rows) go through the `gemm` crate (AVX-512 kernels chosen at
+//! run time). Batch-1 decode is a matrix-vector product bound by memory bandwidth: a row-parallel
+//! dot-product loop streams each weight row once, which `gemm` does not do as well for m = 1.
+
+use rayon::prelude::*;
+
+/// out[m, n] = x[m, k] · w[n, k]ᵀ (+ out if `accumulate`).
+///
+/// x: [m, k] row-major, w: [n, k] row-major (a linear layer's `[out, in]`), out: [m, n].
+pub fn matmul_nt(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize, accumulate: bool) {
+    assert_eq!(x.len(), m * k, "matmul_nt: x has {} elements, expected {m}×{k}", x.len());
+    assert_eq!(w.len(), n * k, "matmul_nt: w has {} elements, expected {n}×{k}", w.len());
+    assert_eq!(out.len(), m * n, "matmul_nt: out has {} elements, expected {m}×{n}", out.len());
+    if m == 0 || n == 0 {
+        return;
+    }
+    if m == 1 {
+        matvec_rows(out, x, w, k, accumulate);
+        return;
+    }
+    // SAFETY: the asserts above guarantee every (row, col) the strides reach is in bounds:
+    // dst (i, j) = out[i*n + j]; lhs (i, p) = x[i*k + p]; rhs (p, j) = w[j*k + p].
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm_parallelism(m, n, k),
+        );
+    }
+}
+
+/// Small products are faster on one thread than split across the pool.
+fn gemm_parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+    if m * n * k < 64 * 64 * 64 {
+        gemm::Parallelism::None
+    } else {
+        gemm::Parallelism::Rayon(0)
+    }
+}
+
+/// out[n] = w[n, k] · x[k] (+ out if `accumulate`): one dot product per weight row, rows split
+/// across threads.
+pub fn matvec_rows(out: &mut [f32], x: &[f32], w: &[f32], k: usize, accumulate: bool) {
+    let n = out.len();
+    assert_eq!(x.len(), k);
+    assert_eq!(w.len(), n * k);
+    // ~16 KB of weights per task keeps rayon's overhead small against the memory traffic.
+    let rows_per_task = (4096 / k.max(1)).max(8);
+    out.par_chunks_mut(rows_per_task)
+        .zip(w.par_chunks(rows_per_task * k))
+        .for_each(|(o, wr)| {
+            for (oi, row) in o.iter_mut().zip(wr.chunks_exact(k)) {
+                let d = dot(row, x);
+                *oi = if accumulate { *oi + d } else { d };
+            }
+        });
+}
+
+/// Σ a[i]·b[i] with AVX-512 when the CPU has it.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected at run time.
+            return unsafe { dot_avx512(a, b) };
+        }
+    }
+    dot_portable(a, b)
+}
+
+/// Eight independent accumulators so the adds pipeline; LLVM vectorises this with SSE.
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc0 = _mm512_setzero_ps();
+    let mut acc1 = _mm512_setzero_ps();
+    let mut acc2 = _mm512_setzero_ps();
+    let mut acc3 = _mm512_setzero_ps();
+    let mut i = 0;
+    while i + 64 <= n {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), _mm512_loadu_ps(pb.add(i + 16)), acc1);
+        acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 32)), _mm512_loadu_ps(pb.add(i + 32)), acc2);
+        acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 48)), _mm512_loadu_ps(pb.add(i + 48)), acc3);
+        i += 64;
+    }
+    while i + 16 <= n {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc0);
+        i += 16;
+    }
+    if i < n {
+        // n - i < 16 here, so the mask keeps only the lanes inside the slices.
+        let mask: __mmask16 = ((1u32 << (n - i)) - 1) as u16;
+        acc1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, pa.add(i)), _mm512_maskz_loadu_ps(mask, pb.add(i)), acc1);
+    }
+    let s = _mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3));
+    _mm512_reduce_add_ps(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut out = vec![0.0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                for p in 0..k {
+                    out[i * n + j] += x[i * k + p] as f64 * w[j * k + p] as f64;
+                }
+            }
+        }
+        out.into_iter().map(|v| v as f32).collect()
+    }
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        (0..len).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32 / 500.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn matmul_matches_naive_for_all_paths() {
+        for &(m, k, n) in &[(1, 7, 5), (1, 576, 300), (3, 5, 4), (17, 64, 33), (130, 96, 70)] {
+            let x = data(m * k, 1);
+            let w = data(n * k, 2);
+            let mut out = vec![0.0; m * n];
+            matmul_nt(&mut out, &x, &w, m, k, n, false);
+            let want = naive(&x, &w, m, k, n);
+            for (a, b) in out.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{m}x{k}x{n}: {a} vs {b}");
+            }
+            // accumulate adds onto what is there
+            matmul_nt(&mut out, &x, &w, m, k, n, true);
+            for (a, b) in out.iter().zip(&want) {
+                assert!((a - 2.0 * b).abs() < 2e-4 * (1.0 + b.abs()));
+            }
+        }
+    }
+
+    #[test]
+    fn dot_handles_every_tail_length() {
+        for len in 0..80 {
+            let a = data(len, 3);
+            let b = data(len, 4);
+            let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            assert!((dot(&a, &b) as f64 - want).abs() < 1e-4, "len {len}");
+            assert!((dot_portable(&a, &b) as f64 - want).abs() < 1e-4, "len {len}");
+        }
+    }
+}

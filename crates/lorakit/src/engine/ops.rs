@@ -1,0 +1,231 @@
+//! Element-wise and row-wise kernels of the Llama family: embedding, RMSNorm, RoPE, causal
+//! grouped-query attention, SwiGLU, log-softmax.
+
+use rayon::prelude::*;
+
+use super::matmul::dot;
+
+/// out[t, :] = table[ids[t], :].
+///
+/// table: [vocab, hidden], ids: [T], out: [T, hidden]. Ids must be < vocab (checked by callers
+/// that take ids from users, so that the error can name the input).
+pub fn embedding_forward(out: &mut [f32], table: &[f32], ids: &[u32], hidden: usize) {
+    for (row, &id) in out.chunks_exact_mut(hidden).zip(ids) {
+        let id = id as usize;
+        row.copy_from_slice(&table[id * hidden..(id + 1) * hidden]);
+    }
+}
+
+/// out[t, :] = w ⊙ x[t, :] / sqrt(mean(x[t, :]²) + eps), as HF's `LlamaRMSNorm` (sum in f32
+/// there; f64 here, which is closer to the exact value).
+///
+/// x, out: [T, hidden], w: [hidden]. Returns nothing; the backward will recompute 1/rms.
+pub fn rms_norm_forward(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+    let hidden = w.len();
+    for (o, xr) in out.chunks_exact_mut(hidden).zip(x.chunks_exact(hidden)) {
+        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let inv = (1.0 / (ss / hidden as f64 + eps as f64).sqrt()) as f32;
+        for ((oi, &xi), &wi) in o.iter_mut().zip(xr).zip(w) {
+            *oi = wi * (xi * inv);
+        }
+    }
+}
+
+/// cos / sin tables for rotary position embeddings in HF's "rotate_half" layout.
+#[derive(Debug, Clone)]
+pub struct RopeTable {
+    /// [max_positions, head_dim / 2]
+    pub cos: Vec<f32>,
+    /// [max_positions, head_dim / 2]
+    pub sin: Vec<f32>,
+    pub half: usize,
+}
+
+impl RopeTable {
+    /// inv_freq_i = theta^(-2i / head_dim); angle(p, i) = p · inv_freq_i, computed in f64.
+    pub fn new(head_dim: usize, max_positions: usize, theta: f64) -> Self {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for i in 0..half {
+                let inv_freq = theta.powf(-((2 * i) as f64) / head_dim as f64);
+                let a = p as f64 * inv_freq;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        RopeTable { cos, sin, half }
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.cos.len() / self.half.max(1)
+    }
+}
+
+/// Rotates each head of x in place: pairs (i, i + d/2) of head h at position p become
+/// (x_i cos − x_{i+d/2} sin, x_{i+d/2} cos + x_i sin).
+///
+/// x: [T, n_heads, head_dim]; token t sits at position `start_pos + t`.
+pub fn rope_forward(x: &mut [f32], n_heads: usize, head_dim: usize, start_pos: usize, rope: &RopeTable) {
+    let half = head_dim / 2;
+    for (t, tok) in x.chunks_exact_mut(n_heads * head_dim).enumerate() {
+        let p = start_pos + t;
+        let cos = &rope.cos[p * half..(p + 1) * half];
+        let sin = &rope.sin[p * half..(p + 1) * half];
+        for head in tok.chunks_exact_mut(head_dim) {
+            let (lo, hi) = head.split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (lo[i], hi[i]);
+                lo[i] = a * cos[i] - b * sin[i];
+                hi[i] = b * cos[i] + a * sin[i];
+            }
+        }
+    }
+}
+
+/// Keys and values of one layer for every position seen so far, laid out so that one head's
+/// keys are contiguous: [n_kv_heads, capacity, head_dim].
+#[derive(Debug, Clone)]
+pub struct KvLayer {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+/// Causal grouped-query attention of `T` new queries against all cached keys.
+///
+/// q: [T, n_heads, head_dim] (RoPE applied), the new tokens' keys/values already appended to
+/// `kv` at positions `start_pos..start_pos+T`; kv.k / kv.v: [n_kv_heads, capacity, head_dim].
+/// out: [T, n_heads, head_dim]. Query head h reads KV head h / (n_heads / n_kv_heads); scores are
+/// scaled by 1/sqrt(head_dim); query t sees keys 0..=start_pos+t.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(
+    out: &mut [f32],
+    q: &[f32],
+    kv: &KvLayer,
+    capacity: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    start_pos: usize,
+) {
+    let t_new = q.len() / (n_heads * head_dim);
+    let group = n_heads / n_kv_heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    // One task per (token, head) row of the output; the rows are disjoint.
+    out.par_chunks_mut(head_dim).enumerate().for_each_init(
+        || Vec::with_capacity(start_pos + t_new),
+        |scores, (row, o)| {
+            let (t, h) = (row / n_heads, row % n_heads);
+            let kvh = h / group;
+            let qv = &q[row * head_dim..(row + 1) * head_dim];
+            let keys = &kv.k[kvh * capacity * head_dim..];
+            let vals = &kv.v[kvh * capacity * head_dim..];
+            let n_keys = start_pos + t + 1;
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for j in 0..n_keys {
+                let s = dot(qv, &keys[j * head_dim..(j + 1) * head_dim]) * scale;
+                max = max.max(s);
+                scores.push(s);
+            }
+            let mut sum = 0.0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            o.fill(0.0);
+            for (j, &p) in scores.iter().enumerate() {
+                let w = p * inv;
+                for (oi, &vi) in o.iter_mut().zip(&vals[j * head_dim..(j + 1) * head_dim]) {
+                    *oi += w * vi;
+                }
+            }
+        },
+    );
+}
+
+/// silu(g) = g · sigmoid(g).
+#[inline]
+pub fn silu(g: f32) -> f32 {
+    g / (1.0 + (-g).exp())
+}
+
+/// out = silu(gate) ⊙ up, the SwiGLU of Llama's MLP. gate, up, out: [T, intermediate].
+pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = silu(g) * u;
+    }
+}
+
+/// x += y, element-wise (residual connections).
+pub fn add_inplace(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// log Σ exp(row), computed stably in f64.
+pub fn logsumexp(row: &[f32]) -> f64 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let s: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+    max + s.ln()
+}
+
+/// Index of the largest value, the first one on ties (as torch.argmax).
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_of_constant_row_is_weight() {
+        let x = [3.0f32; 4];
+        let w = [1.0, 2.0, 3.0, 4.0];
+        let mut out = [0.0; 4];
+        rms_norm_forward(&mut out, &x, &w, 0.0);
+        for (o, w) in out.iter().zip(&w) {
+            assert!((o - w).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn rope_at_position_zero_is_identity_and_preserves_norm() {
+        let rope = RopeTable::new(8, 16, 10000.0);
+        let orig: Vec<f32> = (0..16).map(|i| i as f32 * 0.1 - 0.5).collect();
+        let mut x = orig.clone();
+        rope_forward(&mut x, 2, 8, 0, &rope);
+        assert_eq!(x, orig);
+        rope_forward(&mut x, 2, 8, 5, &rope);
+        let n0: f32 = orig.iter().map(|v| v * v).sum();
+        let n1: f32 = x.iter().map(|v| v * v).sum();
+        assert!((n0 - n1).abs() < 1e-5);
+        assert_ne!(x, orig);
+    }
+
+    #[test]
+    fn attention_with_one_key_returns_its_value() {
+        // 2 query heads share 1 kv head; a single position → softmax weight 1.
+        let head_dim = 4;
+        let kv = KvLayer { k: vec![0.3, -0.2, 0.1, 0.5], v: vec![1.0, 2.0, 3.0, 4.0] };
+        let q = vec![0.5; 8];
+        let mut out = vec![0.0; 8];
+        attention_forward(&mut out, &q, &kv, 1, 2, 1, head_dim, 0);
+        assert_eq!(out, vec![1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn argmax_takes_first_on_ties() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+    }
+}
