@@ -749,10 +749,20 @@ mod tests {
 
     #[test]
     fn tojson_like_python() {
-        let ctx = serde_json::json!({"x": {"name": "f", "b": [1, 2.5, null, true], "s": "é<\"\n"}});
+        // Keys in alphabetical order, so that the result does not depend on serde_json's
+        // preserve_order feature.
+        let ctx = serde_json::json!({"x": {"b": [1, 2.5, null, true], "name": "f", "s": "é<\"\n"}});
         assert_eq!(
             render("{{ x | tojson }}", ctx.clone()).unwrap(),
             r#"{"b": [1, 2.5, null, true], "name": "f", "s": "é<\"\n"}"#
+        );
+        assert_eq!(
+            render(
+                "{{ x | tojson(sort_keys=true, separators=[',', ':']) }}",
+                ctx.clone()
+            )
+            .unwrap(),
+            r#"{"b":[1,2.5,null,true],"name":"f","s":"é<\"\n"}"#
         );
         assert_eq!(
             render("{{ x.b | tojson(indent=2) }}", ctx.clone()).unwrap(),
