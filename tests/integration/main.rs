@@ -5,4 +5,5 @@
 mod common;
 mod cli_errors;
 mod logits;
+mod lora;
 mod real_model;

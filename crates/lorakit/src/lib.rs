@@ -8,11 +8,14 @@
 //! - [`io`]: readers for GGUF files and Hugging Face directories (safetensors, configs).
 //! - [`tokenize`]: tokenizers from `tokenizer.json` or GGUF metadata, and chat templates.
 
+pub mod data;
 pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod io;
+pub mod lora;
 pub mod model;
 pub mod tokenize;
+pub mod train;
 
 pub use error::{Error, Result};

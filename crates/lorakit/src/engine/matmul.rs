@@ -47,6 +47,54 @@ pub fn matmul_nt(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: u
     }
 }
 
+/// out[m, n] = op(a)[m, k] · op(b)[k, n] (+ out if `accumulate`), where op transposes when
+/// asked: a is stored [m, k] (or [k, m] if `a_t`), b is stored [k, n] (or [n, k] if `b_t`).
+///
+/// The backward passes need every combination: dX = dY·W is (false, false) with W [out, in];
+/// dW-like products dBᵀ... are (true, false).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(out: &mut [f32], a: &[f32], a_t: bool, b: &[f32], b_t: bool, m: usize, k: usize, n: usize, accumulate: bool) {
+    assert_eq!(a.len(), m * k, "matmul: a has {} elements, expected {m}×{k}", a.len());
+    assert_eq!(b.len(), k * n, "matmul: b has {} elements, expected {k}×{n}", b.len());
+    assert_eq!(out.len(), m * n, "matmul: out has {} elements, expected {m}×{n}", out.len());
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            out.fill(0.0);
+        }
+        return;
+    }
+    let (lhs_cs, lhs_rs) = if a_t { (m as isize, 1) } else { (1, k as isize) };
+    let (rhs_cs, rhs_rs) = if b_t { (k as isize, 1) } else { (1, n as isize) };
+    // SAFETY: the asserts above bound every index the strides reach: op(a)[i, p] is a[i*k + p]
+    // or a[p*m + i]; op(b)[p, j] is b[p*n + j] or b[j*k + p]; out[i, j] is out[i*n + j].
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            lhs_cs,
+            lhs_rs,
+            b.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm_parallelism(m, n, k),
+        );
+    }
+}
+
 /// Small products are faster on one thread than split across the pool.
 fn gemm_parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     if m * n * k < 64 * 64 * 64 {
@@ -172,6 +220,33 @@ mod tests {
             matmul_nt(&mut out, &x, &w, m, k, n, true);
             for (a, b) in out.iter().zip(&want) {
                 assert!((a - 2.0 * b).abs() < 2e-4 * (1.0 + b.abs()));
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_handles_every_transpose() {
+        let (m, k, n) = (5, 7, 3);
+        let a = data(m * k, 5);
+        let b = data(k * n, 6);
+        let transpose = |x: &[f32], r: usize, c: usize| -> Vec<f32> {
+            let mut t = vec![0.0; r * c];
+            for i in 0..r {
+                for j in 0..c {
+                    t[j * r + i] = x[i * c + j];
+                }
+            }
+            t
+        };
+        // naive(x, w) computes x · wᵀ; with w = bᵀ that is a · b.
+        let want = naive(&a, &transpose(&b, k, n), m, k, n);
+        for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+            let aa = if a_t { transpose(&a, m, k) } else { a.clone() };
+            let bb = if b_t { transpose(&b, k, n) } else { b.clone() };
+            let mut out = vec![0.0; m * n];
+            matmul(&mut out, &aa, a_t, &bb, b_t, m, k, n, false);
+            for (x, y) in out.iter().zip(&want) {
+                assert!((x - y).abs() < 1e-5, "a_t {a_t} b_t {b_t}: {x} vs {y}");
             }
         }
     }

@@ -5,6 +5,7 @@
 //! there is no general autograd, so each forward keeps exactly what its backward will need.
 
 pub mod matmul;
+pub mod attention;
 pub mod ops;
 
-pub use matmul::{matmul_nt, matvec_rows};
+pub use matmul::{matmul, matmul_nt, matvec_rows};

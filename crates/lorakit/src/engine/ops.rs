@@ -229,3 +229,57 @@ mod tests {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// Backward kernels. Each takes the forward's saved input(s) and the gradient of its output.
+
+/// dx (+)= ∂L/∂x of `rms_norm_forward`, given its input x and the gradient dy of its output.
+///
+/// x, dy, dx: [T, hidden], w: [hidden]. With inv = 1/sqrt(mean(x²)+eps) and g = w ⊙ dy:
+/// dx = inv·g − x · inv³ · (g·x) / hidden.
+pub fn rms_norm_backward(dx: &mut [f32], x: &[f32], w: &[f32], dy: &[f32], eps: f32, accumulate: bool) {
+    let hidden = w.len();
+    for ((dxr, xr), dyr) in dx.chunks_exact_mut(hidden).zip(x.chunks_exact(hidden)).zip(dy.chunks_exact(hidden)) {
+        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let inv = 1.0 / (ss / hidden as f64 + eps as f64).sqrt();
+        let gx: f64 = xr.iter().zip(dyr).zip(w).map(|((&xi, &di), &wi)| (wi * di) as f64 * xi as f64).sum();
+        let c = (inv * inv * inv * gx / hidden as f64) as f32;
+        let inv = inv as f32;
+        for (((o, &xi), &di), &wi) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
+            let g = inv * (wi * di) - xi * c;
+            *o = if accumulate { *o + g } else { g };
+        }
+    }
+}
+
+/// Gradient of `rope_forward` in place: the rotation's transpose (the same rotation by −θ).
+///
+/// dx: [T, n_heads, head_dim]; token t at position `start_pos + t`.
+pub fn rope_backward(dx: &mut [f32], n_heads: usize, head_dim: usize, start_pos: usize, rope: &RopeTable) {
+    let half = head_dim / 2;
+    for (t, tok) in dx.chunks_exact_mut(n_heads * head_dim).enumerate() {
+        let p = start_pos + t;
+        let cos = &rope.cos[p * half..(p + 1) * half];
+        let sin = &rope.sin[p * half..(p + 1) * half];
+        for head in tok.chunks_exact_mut(head_dim) {
+            let (lo, hi) = head.split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (lo[i], hi[i]);
+                lo[i] = a * cos[i] + b * sin[i];
+                hi[i] = b * cos[i] - a * sin[i];
+            }
+        }
+    }
+}
+
+/// Gradients of `swiglu_forward`: d_gate = d_out ⊙ up ⊙ silu'(gate), d_up = d_out ⊙ silu(gate).
+///
+/// gate, up, d_out, d_gate, d_up: [T, intermediate].
+pub fn swiglu_backward(d_gate: &mut [f32], d_up: &mut [f32], gate: &[f32], up: &[f32], d_out: &[f32]) {
+    for ((((dg, du), &g), &u), &d) in d_gate.iter_mut().zip(d_up.iter_mut()).zip(gate).zip(up).zip(d_out) {
+        let sig = 1.0 / (1.0 + (-g).exp());
+        let silu = g * sig;
+        *du = d * silu;
+        *dg = d * u * (sig * (1.0 + g * (1.0 - sig)));
+    }
+}

@@ -1,5 +1,6 @@
 //! Readers for model files: GGUF and Hugging Face directories (safetensors + JSON configs).
 
+pub mod atomic;
 pub mod gguf;
 pub mod hf_dir;
 pub mod safetensors_file;

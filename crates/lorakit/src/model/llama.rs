@@ -6,6 +6,8 @@ use crate::engine::ops::{
     RopeTable,
 };
 use crate::error::{Error, Result};
+use crate::lora::peft::Adapter;
+use crate::lora::{ModuleId, ModuleKind};
 use crate::model::{Config, Linear};
 
 /// One decoder layer's frozen weights.
@@ -35,6 +37,32 @@ pub struct LlamaModel {
     /// None when tied to `embed_tokens`.
     pub lm_head: Option<Linear>,
     pub rope: RopeTable,
+}
+
+impl Layer {
+    pub fn linear(&self, kind: ModuleKind) -> &Linear {
+        match kind {
+            ModuleKind::Q => &self.q_proj,
+            ModuleKind::K => &self.k_proj,
+            ModuleKind::V => &self.v_proj,
+            ModuleKind::O => &self.o_proj,
+            ModuleKind::Gate => &self.gate_proj,
+            ModuleKind::Up => &self.up_proj,
+            ModuleKind::Down => &self.down_proj,
+        }
+    }
+
+    pub fn linear_mut(&mut self, kind: ModuleKind) -> &mut Linear {
+        match kind {
+            ModuleKind::Q => &mut self.q_proj,
+            ModuleKind::K => &mut self.k_proj,
+            ModuleKind::V => &mut self.v_proj,
+            ModuleKind::O => &mut self.o_proj,
+            ModuleKind::Gate => &mut self.gate_proj,
+            ModuleKind::Up => &mut self.up_proj,
+            ModuleKind::Down => &mut self.down_proj,
+        }
+    }
 }
 
 /// Keys and values of every layer for one sequence.
@@ -80,6 +108,56 @@ impl LlamaModel {
             lm_head,
             rope,
         }
+    }
+
+    pub fn linear(&self, id: ModuleId) -> &Linear {
+        self.layers[id.layer].linear(id.kind)
+    }
+
+    pub fn linear_mut(&mut self, id: ModuleId) -> &mut Linear {
+        self.layers[id.layer].linear_mut(id.kind)
+    }
+
+    /// Attaches an adapter unmerged, its scale multiplied by `weight` (1.0 = as trained).
+    pub fn attach_adapter(&mut self, adapter: &Adapter, weight: f32) -> Result<()> {
+        for (id, w) in &adapter.modules {
+            if id.layer >= self.layers.len() {
+                return Err(Error::Invalid(format!("adapter module {} is outside this {}-layer model", id.path(), self.layers.len())));
+            }
+            let mut w = w.clone();
+            w.scale *= weight;
+            self.linear_mut(*id).loras.push(w);
+        }
+        Ok(())
+    }
+
+    /// Removes every attached adapter (weights untouched).
+    pub fn detach_adapters(&mut self) {
+        for layer in &mut self.layers {
+            for kind in ModuleKind::ALL {
+                layer.linear_mut(kind).loras.clear();
+            }
+        }
+    }
+
+    /// W0 += s·B A for every attached adapter, which are then detached.
+    pub fn merge_adapters(&mut self) {
+        for layer in &mut self.layers {
+            for kind in ModuleKind::ALL {
+                layer.linear_mut(kind).merge_loras(1.0);
+            }
+        }
+    }
+
+    /// W −= s·B A for the given adapter, undoing an earlier merge of it (up to rounding).
+    pub fn unmerge_adapter(&mut self, adapter: &Adapter, weight: f32) -> Result<()> {
+        self.attach_adapter(adapter, weight)?;
+        for layer in &mut self.layers {
+            for kind in ModuleKind::ALL {
+                layer.linear_mut(kind).merge_loras(-1.0);
+            }
+        }
+        Ok(())
     }
 
     /// A cache for at most `capacity` positions (prompt + generated tokens).

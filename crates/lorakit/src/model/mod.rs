@@ -6,6 +6,7 @@
 pub mod config;
 pub mod linear;
 pub mod llama;
+pub mod llama_train;
 pub mod load;
 
 pub use config::{Arch, Config};

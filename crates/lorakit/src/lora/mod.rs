@@ -1,0 +1,131 @@
+//! LoRA (Hu et al., 2021) with PEFT's names and meaning.
+//!
+//! For a frozen weight W0 [out, in], an adapter adds `s · B A` with A [r, in], B [out, r] and
+//! s = lora_alpha / r (or lora_alpha / √r with rsLoRA): `y = x W0ᵀ + s · (x Aᵀ) Bᵀ`. B starts at
+//! zero, so training starts exactly at the base model.
+
+pub mod config;
+pub mod peft;
+
+pub use config::{LoraConfig, LoraInit, TargetModules};
+
+use rand::rngs::StdRng;
+use rand::Rng;
+use rand_distr::{Distribution, Normal};
+
+/// One adapter's tensors on one linear layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraWeights {
+    pub r: usize,
+    /// s = alpha / r (or alpha / √r), times any user weight given when the adapter was loaded.
+    pub scale: f32,
+    /// [r, in]
+    pub a: Vec<f32>,
+    /// [out, r]
+    pub b: Vec<f32>,
+}
+
+impl LoraWeights {
+    /// A fresh adapter: B = 0, A from `init` (PEFT's default Kaiming-uniform with a = √5, i.e.
+    /// U(±1/√in), or the paper's Gaussian with std 1/r as PEFT's `"gaussian"`).
+    pub fn init(r: usize, scale: f32, in_features: usize, out_features: usize, init: LoraInit, rng: &mut StdRng) -> Self {
+        let a = match init {
+            LoraInit::Kaiming => {
+                let bound = 1.0 / (in_features as f32).sqrt();
+                (0..r * in_features).map(|_| rng.random_range(-bound..bound)).collect()
+            }
+            LoraInit::Gaussian => {
+                // std = 1/r > 0 always, so the distribution is valid.
+                let normal = Normal::new(0.0f32, 1.0 / r as f32).unwrap_or_else(|_| unreachable!());
+                (0..r * in_features).map(|_| normal.sample(rng)).collect()
+            }
+        };
+        LoraWeights {
+            r,
+            scale,
+            a,
+            b: vec![0.0; out_features * r],
+        }
+    }
+
+    /// ΔW = s · B A, [out, in].
+    pub fn delta(&self, out_features: usize, in_features: usize) -> Vec<f32> {
+        let mut d = vec![0.0f32; out_features * in_features];
+        // d[o, i] = Σ_k B[o, k] A[k, i]: B [out, r] · A [r, in], both row-major.
+        for o in 0..out_features {
+            let row = &mut d[o * in_features..(o + 1) * in_features];
+            for k in 0..self.r {
+                let bk = self.b[o * self.r + k] * self.scale;
+                if bk != 0.0 {
+                    for (di, ai) in row.iter_mut().zip(&self.a[k * in_features..(k + 1) * in_features]) {
+                        *di += bk * ai;
+                    }
+                }
+            }
+        }
+        d
+    }
+}
+
+/// The Llama linear layers an adapter can target, in the order PEFT lists module paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ModuleKind {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl ModuleKind {
+    pub const ALL: [ModuleKind; 7] = [
+        ModuleKind::Q,
+        ModuleKind::K,
+        ModuleKind::V,
+        ModuleKind::O,
+        ModuleKind::Gate,
+        ModuleKind::Up,
+        ModuleKind::Down,
+    ];
+
+    /// HF's module name (`q_proj`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            ModuleKind::Q => "q_proj",
+            ModuleKind::K => "k_proj",
+            ModuleKind::V => "v_proj",
+            ModuleKind::O => "o_proj",
+            ModuleKind::Gate => "gate_proj",
+            ModuleKind::Up => "up_proj",
+            ModuleKind::Down => "down_proj",
+        }
+    }
+
+    /// HF's module path inside a Llama model, e.g. `model.layers.3.self_attn.q_proj`.
+    pub fn path(self, layer: usize) -> String {
+        let block = match self {
+            ModuleKind::Q | ModuleKind::K | ModuleKind::V | ModuleKind::O => "self_attn",
+            _ => "mlp",
+        };
+        format!("model.layers.{layer}.{block}.{}", self.name())
+    }
+
+    pub fn from_name(name: &str) -> Option<ModuleKind> {
+        ModuleKind::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+/// Identifies one adapted linear layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModuleId {
+    pub layer: usize,
+    pub kind: ModuleKind,
+}
+
+impl ModuleId {
+    pub fn path(&self) -> String {
+        self.kind.path(self.layer)
+    }
+}

@@ -1,0 +1,381 @@
+//! The Llama forward pass for training, which keeps what the backward needs, and the
+//! hand-written backward, which produces gradients for the LoRA tensors only: frozen weights get
+//! a dX (to carry the gradient down) but never a dW.
+
+use std::collections::BTreeMap;
+
+use crate::engine::attention::{attention_train_backward, attention_train_forward, AttnShape};
+use crate::engine::matmul;
+use crate::engine::ops::{
+    add_inplace, embedding_forward, rms_norm_backward, rms_norm_forward, rope_backward, rope_forward, swiglu_backward,
+    swiglu_forward,
+};
+use crate::error::{Error, Result};
+use crate::lora::peft::Adapter;
+use crate::lora::{LoraWeights, ModuleId, ModuleKind};
+use crate::model::{Linear, LlamaModel};
+
+/// LoRA dropout on the adapter path: element i of module (layer, kind)'s input is kept with
+/// probability 1 − p and scaled by 1/(1 − p). The mask is a hash of (seed, layer, kind, i), so
+/// the backward regenerates it instead of storing it.
+#[derive(Debug, Clone, Copy)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+impl Dropout {
+    pub const NONE: Dropout = Dropout { p: 0.0, seed: 0 };
+
+    fn active(&self) -> bool {
+        self.p > 0.0
+    }
+
+    fn key(&self, id: ModuleId) -> u64 {
+        self.seed ^ ((id.layer as u64) << 40) ^ ((id.kind as u64) << 56)
+    }
+
+    /// out = mask ⊙ x / (1 − p).
+    fn apply(&self, out: &mut Vec<f32>, x: &[f32], key: u64) {
+        let keep_scale = 1.0 / (1.0 - self.p);
+        let threshold = (self.p as f64 * u32::MAX as f64) as u32;
+        out.clear();
+        out.extend(x.iter().enumerate().map(|(i, &v)| {
+            if (splitmix64(key.wrapping_add(i as u64)) >> 32) as u32 >= threshold {
+                v * keep_scale
+            } else {
+                0.0
+            }
+        }));
+    }
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Gradients of an adapter's tensors, keyed like `Adapter::modules`: (dA [r, in], dB [out, r]).
+#[derive(Debug, Clone, Default)]
+pub struct LoraGrads {
+    pub modules: BTreeMap<ModuleId, (Vec<f32>, Vec<f32>)>,
+}
+
+impl LoraGrads {
+    pub fn zeros_like(adapter: &Adapter) -> Self {
+        LoraGrads {
+            modules: adapter
+                .modules
+                .iter()
+                .map(|(id, w)| (*id, (vec![0.0; w.a.len()], vec![0.0; w.b.len()])))
+                .collect(),
+        }
+    }
+
+    pub fn zero(&mut self) {
+        for (a, b) in self.modules.values_mut() {
+            a.fill(0.0);
+            b.fill(0.0);
+        }
+    }
+}
+
+/// What one layer's backward needs from its forward. N = batch · seq rows.
+#[derive(Debug, Default)]
+struct LayerActs {
+    /// Residual stream entering the layer, [N, hidden].
+    x_in: Vec<f32>,
+    /// input_layernorm(x_in), the input of q/k/v, [N, hidden].
+    n1: Vec<f32>,
+    /// After RoPE: [N, heads·hd], [N, kv·hd]; v: [N, kv·hd].
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Attention output, the input of o_proj, [N, heads·hd].
+    attn: Vec<f32>,
+    /// [batch, heads, seq]
+    lse: Vec<f32>,
+    /// Residual stream after the attention block, [N, hidden].
+    x_mid: Vec<f32>,
+    /// post_attention_layernorm(x_mid), the input of gate/up, [N, hidden].
+    n2: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// silu(gate) ⊙ up, the input of down_proj, [N, intermediate].
+    act: Vec<f32>,
+    /// x·Aᵀ (after dropout) of each adapted module, [N, r].
+    xa: BTreeMap<ModuleKind, Vec<f32>>,
+}
+
+/// Saved activations of a whole forward pass, reused across steps (buffers grow once).
+#[derive(Debug, Default)]
+pub struct Activations {
+    layers: Vec<LayerActs>,
+    /// Residual stream after the last layer (before the final norm), [N, hidden].
+    pub x_final: Vec<f32>,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+impl Activations {
+    /// Bytes held by the saved activations (for the memory report).
+    pub fn bytes(&self) -> usize {
+        let l: usize = self
+            .layers
+            .iter()
+            .map(|a| {
+                [&a.x_in, &a.n1, &a.q, &a.k, &a.v, &a.attn, &a.lse, &a.x_mid, &a.n2, &a.gate, &a.up, &a.act]
+                    .iter()
+                    .map(|v| v.len())
+                    .sum::<usize>()
+                    + a.xa.values().map(Vec::len).sum::<usize>()
+            })
+            .sum();
+        (l + self.x_final.len()) * 4
+    }
+}
+
+fn set_len(v: &mut Vec<f32>, n: usize) {
+    v.clear();
+    v.resize(n, 0.0);
+}
+
+/// y = x Wᵀ + b (+ s·(dropout(x) Aᵀ) Bᵀ, keeping dropout(x) Aᵀ in `xa`).  x: [N, in], y: [N, out].
+fn linear_train_forward(
+    lin: &Linear,
+    lora: Option<&LoraWeights>,
+    x: &[f32],
+    y: &mut [f32],
+    xa: Option<&mut Vec<f32>>,
+    dropout: Dropout,
+    key: u64,
+    scratch: &mut Vec<f32>,
+) {
+    lin.forward_base(y, x);
+    if let (Some(lora), Some(xa)) = (lora, xa) {
+        let n = x.len() / lin.in_features;
+        set_len(xa, n * lora.r);
+        let x_lora: &[f32] = if dropout.active() {
+            dropout.apply(scratch, x, key);
+            scratch
+        } else {
+            x
+        };
+        crate::model::linear::lora_forward(y, x_lora, lora, xa, n, lin.in_features, lin.out_features);
+    }
+}
+
+/// dx (+)= dy·W (+ the adapter path's share); dA += s·(dy B)ᵀ·dropout(x); dB += s·dyᵀ·xa.
+///
+/// x: [N, in] (the forward's input), dy: [N, out], dx: [N, in], xa: [N, r].
+#[allow(clippy::too_many_arguments)]
+fn linear_train_backward(
+    lin: &Linear,
+    lora: Option<(&LoraWeights, &[f32], &mut (Vec<f32>, Vec<f32>))>,
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    accumulate: bool,
+    dropout: Dropout,
+    key: u64,
+    scratch: &mut Vec<f32>,
+) {
+    let (n, inp, out) = (dy.len() / lin.out_features, lin.in_features, lin.out_features);
+    matmul(dx, dy, false, lin.weight_f32(), false, n, out, inp, accumulate);
+    let Some((w, xa, (da, db))) = lora else { return };
+    let r = w.r;
+    // g = s · dy B: [N, r]
+    let mut g = vec![0.0f32; n * r];
+    matmul(&mut g, dy, false, &w.b, false, n, out, r, false);
+    g.iter_mut().for_each(|v| *v *= w.scale);
+    // dB += s · dyᵀ xa: [out, r]
+    let xa_s: Vec<f32> = xa.iter().map(|v| v * w.scale).collect();
+    matmul(db, dy, true, &xa_s, false, out, n, r, true);
+    // dA += gᵀ dropout(x): [r, in]
+    let x_lora: &[f32] = if dropout.active() {
+        dropout.apply(scratch, x, key);
+        scratch
+    } else {
+        x
+    };
+    matmul(da, &g, true, x_lora, false, r, n, inp, true);
+    // dx += dropout'(g A): [N, in]
+    if dropout.active() {
+        let mut gx = vec![0.0f32; n * inp];
+        matmul(&mut gx, &g, false, &w.a, false, n, r, inp, false);
+        // The mask (scaled by 1/(1-p)) is scratch / x where x ≠ 0; recompute it from the hash.
+        let mut ones = Vec::new();
+        dropout.apply(&mut ones, &vec![1.0f32; n * inp], key);
+        for ((d, gv), m) in dx.iter_mut().zip(&gx).zip(&ones) {
+            *d += gv * m;
+        }
+    } else {
+        matmul(dx, &g, false, &w.a, false, n, r, inp, true);
+    }
+}
+
+impl LlamaModel {
+    fn check_trainable(&self, adapter: Option<&Adapter>) -> Result<()> {
+        if self.layers.iter().any(|l| ModuleKind::ALL.iter().any(|&k| !l.linear(k).loras.is_empty())) {
+            return Err(Error::Invalid(
+                "training needs a model without attached adapters (merge them first, or pass the adapter to train as the initial adapter)".into(),
+            ));
+        }
+        if let Some(a) = adapter {
+            for id in a.modules.keys() {
+                if id.layer >= self.layers.len() {
+                    return Err(Error::Invalid(format!("adapter module {} is outside this model", id.path())));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Forward pass of a batch for training; fills `acts` (including `acts.x_final`).
+    ///
+    /// ids: [batch, seq] row-major, right-padded; every row uses positions 0..seq.
+    pub fn train_forward(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        adapter: Option<&Adapter>,
+        dropout: Dropout,
+        acts: &mut Activations,
+    ) -> Result<()> {
+        let c = &self.config;
+        self.check_trainable(adapter)?;
+        if ids.len() != batch * seq || ids.is_empty() {
+            return Err(Error::Invalid(format!("batch of {} ids is not {batch} × {seq}", ids.len())));
+        }
+        if seq > self.rope.max_positions() {
+            return Err(Error::Invalid(format!("sequence length {seq} exceeds the model's context of {}", self.rope.max_positions())));
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
+            return Err(Error::Invalid(format!("token id {bad} is outside the vocabulary of {} tokens", c.vocab_size)));
+        }
+        let n = batch * seq;
+        let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let shape = AttnShape { batch, seq, n_heads: c.num_heads, n_kv_heads: c.num_kv_heads, head_dim: hd };
+        acts.batch = batch;
+        acts.seq = seq;
+        acts.layers.resize_with(c.num_layers, LayerActs::default);
+        let mut x = std::mem::take(&mut acts.x_final);
+        set_len(&mut x, n * h);
+        embedding_forward(&mut x, &self.embed_tokens, ids, h);
+        let mut proj = vec![0.0f32; n * h];
+        let mut scratch = Vec::new();
+
+        for (li, (layer, a)) in self.layers.iter().zip(acts.layers.iter_mut()).enumerate() {
+            let lora = |k: ModuleKind| adapter.and_then(|ad| ad.modules.get(&ModuleId { layer: li, kind: k }));
+            let key = |k: ModuleKind| dropout.key(ModuleId { layer: li, kind: k });
+            // Prepare the xa slots of this layer's adapted modules.
+            a.xa.retain(|k, _| lora(*k).is_some());
+            for k in ModuleKind::ALL {
+                if lora(k).is_some() {
+                    a.xa.entry(k).or_default();
+                }
+            }
+            a.x_in.clear();
+            a.x_in.extend_from_slice(&x);
+            set_len(&mut a.n1, n * h);
+            rms_norm_forward(&mut a.n1, &x, &layer.attn_norm, c.rms_norm_eps);
+            set_len(&mut a.q, n * qd);
+            set_len(&mut a.k, n * kvd);
+            set_len(&mut a.v, n * kvd);
+            linear_train_forward(&layer.q_proj, lora(ModuleKind::Q), &a.n1, &mut a.q, a.xa.get_mut(&ModuleKind::Q), dropout, key(ModuleKind::Q), &mut scratch);
+            linear_train_forward(&layer.k_proj, lora(ModuleKind::K), &a.n1, &mut a.k, a.xa.get_mut(&ModuleKind::K), dropout, key(ModuleKind::K), &mut scratch);
+            linear_train_forward(&layer.v_proj, lora(ModuleKind::V), &a.n1, &mut a.v, a.xa.get_mut(&ModuleKind::V), dropout, key(ModuleKind::V), &mut scratch);
+            for b in 0..batch {
+                rope_forward(&mut a.q[b * seq * qd..(b + 1) * seq * qd], c.num_heads, hd, 0, &self.rope);
+                rope_forward(&mut a.k[b * seq * kvd..(b + 1) * seq * kvd], c.num_kv_heads, hd, 0, &self.rope);
+            }
+            set_len(&mut a.attn, n * qd);
+            set_len(&mut a.lse, batch * c.num_heads * seq);
+            attention_train_forward(&mut a.attn, &mut a.lse, &a.q, &a.k, &a.v, shape);
+            linear_train_forward(&layer.o_proj, lora(ModuleKind::O), &a.attn, &mut proj, a.xa.get_mut(&ModuleKind::O), dropout, key(ModuleKind::O), &mut scratch);
+            add_inplace(&mut x, &proj);
+
+            a.x_mid.clear();
+            a.x_mid.extend_from_slice(&x);
+            set_len(&mut a.n2, n * h);
+            rms_norm_forward(&mut a.n2, &x, &layer.mlp_norm, c.rms_norm_eps);
+            set_len(&mut a.gate, n * inter);
+            set_len(&mut a.up, n * inter);
+            linear_train_forward(&layer.gate_proj, lora(ModuleKind::Gate), &a.n2, &mut a.gate, a.xa.get_mut(&ModuleKind::Gate), dropout, key(ModuleKind::Gate), &mut scratch);
+            linear_train_forward(&layer.up_proj, lora(ModuleKind::Up), &a.n2, &mut a.up, a.xa.get_mut(&ModuleKind::Up), dropout, key(ModuleKind::Up), &mut scratch);
+            set_len(&mut a.act, n * inter);
+            swiglu_forward(&mut a.act, &a.gate, &a.up);
+            linear_train_forward(&layer.down_proj, lora(ModuleKind::Down), &a.act, &mut proj, a.xa.get_mut(&ModuleKind::Down), dropout, key(ModuleKind::Down), &mut scratch);
+            add_inplace(&mut x, &proj);
+        }
+        acts.x_final = x;
+        Ok(())
+    }
+
+    /// Backward pass: given dx = ∂loss/∂x_final [N, hidden], accumulates the adapter's
+    /// gradients into `grads`. `dx` is used as a work buffer.
+    pub fn train_backward(
+        &self,
+        dx: &mut [f32],
+        acts: &Activations,
+        adapter: &Adapter,
+        dropout: Dropout,
+        grads: &mut LoraGrads,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (batch, seq) = (acts.batch, acts.seq);
+        let n = batch * seq;
+        let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+        if dx.len() != n * h || acts.layers.len() != c.num_layers {
+            return Err(Error::Invalid("backward called without a matching forward".into()));
+        }
+        let shape = AttnShape { batch, seq, n_heads: c.num_heads, n_kv_heads: c.num_kv_heads, head_dim: hd };
+        let mut d_act = vec![0.0f32; n * inter];
+        let mut d_gate = vec![0.0f32; n * inter];
+        let mut d_up = vec![0.0f32; n * inter];
+        let mut d_n = vec![0.0f32; n * h];
+        let mut d_attn = vec![0.0f32; n * qd];
+        let mut dq = vec![0.0f32; n * qd];
+        let mut dk = vec![0.0f32; n * kvd];
+        let mut dv = vec![0.0f32; n * kvd];
+        let mut scratch = Vec::new();
+
+        for (li, (layer, a)) in self.layers.iter().zip(&acts.layers).enumerate().rev() {
+            let id = |k: ModuleKind| ModuleId { layer: li, kind: k };
+            let key = |k: ModuleKind| dropout.key(id(k));
+            // Split borrows: each module's (weights, saved xa, grads).
+            let mut g = grads.modules.iter_mut().filter(|(m, _)| m.layer == li).map(|(m, g)| (m.kind, g)).collect::<BTreeMap<_, _>>();
+            let mut lora = |k: ModuleKind| -> Option<(&LoraWeights, &[f32], &mut (Vec<f32>, Vec<f32>))> {
+                let w = adapter.modules.get(&id(k))?;
+                let xa = a.xa.get(&k)?;
+                let gr = g.remove(&k)?;
+                Some((w, xa.as_slice(), gr))
+            };
+
+            // MLP block: x_out = x_mid + down(silu(gate) ⊙ up).
+            linear_train_backward(&layer.down_proj, lora(ModuleKind::Down), &a.act, dx, &mut d_act, false, dropout, key(ModuleKind::Down), &mut scratch);
+            swiglu_backward(&mut d_gate, &mut d_up, &a.gate, &a.up, &d_act);
+            linear_train_backward(&layer.gate_proj, lora(ModuleKind::Gate), &a.n2, &d_gate, &mut d_n, false, dropout, key(ModuleKind::Gate), &mut scratch);
+            linear_train_backward(&layer.up_proj, lora(ModuleKind::Up), &a.n2, &d_up, &mut d_n, true, dropout, key(ModuleKind::Up), &mut scratch);
+            rms_norm_backward(dx, &a.x_mid, &layer.mlp_norm, &d_n, c.rms_norm_eps, true);
+
+            // Attention block: x_mid = x_in + o(attn(rope(q), rope(k), v)).
+            linear_train_backward(&layer.o_proj, lora(ModuleKind::O), &a.attn, dx, &mut d_attn, false, dropout, key(ModuleKind::O), &mut scratch);
+            attention_train_backward(&mut dq, &mut dk, &mut dv, &d_attn, &a.q, &a.k, &a.v, &a.attn, &a.lse, shape);
+            for b in 0..batch {
+                rope_backward(&mut dq[b * seq * qd..(b + 1) * seq * qd], c.num_heads, hd, 0, &self.rope);
+                rope_backward(&mut dk[b * seq * kvd..(b + 1) * seq * kvd], c.num_kv_heads, hd, 0, &self.rope);
+            }
+            linear_train_backward(&layer.q_proj, lora(ModuleKind::Q), &a.n1, &dq, &mut d_n, false, dropout, key(ModuleKind::Q), &mut scratch);
+            linear_train_backward(&layer.k_proj, lora(ModuleKind::K), &a.n1, &dk, &mut d_n, true, dropout, key(ModuleKind::K), &mut scratch);
+            linear_train_backward(&layer.v_proj, lora(ModuleKind::V), &a.n1, &dv, &mut d_n, true, dropout, key(ModuleKind::V), &mut scratch);
+            rms_norm_backward(dx, &a.x_in, &layer.attn_norm, &d_n, c.rms_norm_eps, true);
+        }
+        Ok(())
+    }
+}

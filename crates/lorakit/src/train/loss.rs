@@ -1,0 +1,103 @@
+//! The LM head and the conditional-LM loss, evaluated only at positions that carry a target.
+//!
+//! logits[b, t] predicts labels[b, t+1]; positions whose next label is −100 (prompt, padding,
+//! the last position) cost nothing: no LM-head product, no softmax.
+
+use rayon::prelude::*;
+
+use crate::engine::matmul;
+use crate::engine::ops::{rms_norm_backward, rms_norm_forward};
+use crate::model::LlamaModel;
+
+/// Rows of the LM head evaluated at once: bounds the [rows, vocab] logits buffer.
+const CHUNK_ROWS: usize = 64;
+
+/// (row of the flattened batch, target token) for every position that carries loss.
+pub fn target_positions(labels: &[i64], batch: usize, seq: usize) -> Vec<(usize, u32)> {
+    let mut out = Vec::new();
+    for b in 0..batch {
+        for t in 0..seq.saturating_sub(1) {
+            let y = labels[b * seq + t + 1];
+            if y >= 0 {
+                out.push((b * seq + t, y as u32));
+            }
+        }
+    }
+    out
+}
+
+/// Sum over targets of the cross-entropy (with label smoothing ε: (1−ε)·CE + ε·mean_v(−log p_v),
+/// as torch's `label_smoothing`), and, when `dx_final` is given, ∂(sum / normalizer)/∂x_final
+/// written into it ([N, hidden], zero at rows without a target).
+///
+/// x_final: [N, hidden], the residual stream after the last layer.
+pub fn lm_head_loss(
+    model: &LlamaModel,
+    x_final: &[f32],
+    targets: &[(usize, u32)],
+    label_smoothing: f32,
+    normalizer: f64,
+    mut dx_final: Option<&mut [f32]>,
+) -> f64 {
+    let c = &model.config;
+    let (h, v) = (c.hidden_size, c.vocab_size);
+    let head: &[f32] = match &model.lm_head {
+        Some(l) => l.weight_f32(),
+        None => &model.embed_tokens,
+    };
+    if let Some(dx) = dx_final.as_deref_mut() {
+        dx.fill(0.0);
+    }
+    let eps = label_smoothing as f64;
+    let mut total = 0.0f64;
+    let mut xs = vec![0.0f32; CHUNK_ROWS * h];
+    let mut normed = vec![0.0f32; CHUNK_ROWS * h];
+    let mut logits = vec![0.0f32; CHUNK_ROWS * v];
+    let mut d_normed = vec![0.0f32; CHUNK_ROWS * h];
+    let mut d_xs = vec![0.0f32; CHUNK_ROWS * h];
+    for chunk in targets.chunks(CHUNK_ROWS) {
+        let m = chunk.len();
+        for (i, &(row, _)) in chunk.iter().enumerate() {
+            xs[i * h..(i + 1) * h].copy_from_slice(&x_final[row * h..(row + 1) * h]);
+        }
+        rms_norm_forward(&mut normed[..m * h], &xs[..m * h], &model.norm, c.rms_norm_eps);
+        matmul(&mut logits[..m * v], &normed[..m * h], false, head, true, m, h, v, false);
+        // Per row: loss, and the logits turned into d loss / d logits in place.
+        let want_grad = dx_final.is_some();
+        let losses: Vec<f64> = logits[..m * v]
+            .par_chunks_mut(v)
+            .zip(chunk.par_iter())
+            .map(|(row, &(_, y))| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let sum: f64 = row.iter().map(|&z| (z as f64 - max).exp()).sum();
+                let lse = max + sum.ln();
+                let nll = lse - row[y as usize] as f64;
+                let loss = if eps > 0.0 {
+                    let mean_logit: f64 = row.iter().map(|&z| z as f64).sum::<f64>() / v as f64;
+                    (1.0 - eps) * nll + eps * (lse - mean_logit)
+                } else {
+                    nll
+                };
+                if want_grad {
+                    let scale = 1.0 / normalizer;
+                    let smooth = eps / v as f64;
+                    for z in row.iter_mut() {
+                        *z = (((*z as f64 - lse).exp() - smooth) * scale) as f32;
+                    }
+                    row[y as usize] -= ((1.0 - eps) * scale) as f32;
+                }
+                loss
+            })
+            .collect();
+        total += losses.iter().sum::<f64>();
+        if let Some(dx) = dx_final.as_deref_mut() {
+            // d normed = d logits · head: [m, vocab] · [vocab, hidden]
+            matmul(&mut d_normed[..m * h], &logits[..m * v], false, head, false, m, v, h, false);
+            rms_norm_backward(&mut d_xs[..m * h], &xs[..m * h], &model.norm, &d_normed[..m * h], c.rms_norm_eps, false);
+            for (i, &(row, _)) in chunk.iter().enumerate() {
+                dx[row * h..(row + 1) * h].copy_from_slice(&d_xs[i * h..(i + 1) * h]);
+            }
+        }
+    }
+    total
+}

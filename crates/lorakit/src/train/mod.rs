@@ -1,0 +1,5 @@
+//! Training: the loop, optimiser, schedule, metrics.
+pub mod loss;
+pub mod optim;
+pub mod plot;
+pub mod schedule;
