@@ -240,11 +240,13 @@ pub enum GgmlType {
     TQ1_0,
     TQ2_0,
     MXFP4,
+    NVFP4,
+    Q1_0,
 }
 
 impl GgmlType {
     /// `(id, type, name, block size in values, block size in bytes)` for every type.
-    const TABLE: [(u32, GgmlType, &'static str, usize, usize); 32] = {
+    const TABLE: [(u32, GgmlType, &'static str, usize, usize); 34] = {
         use GgmlType::*;
         [
             (0, F32, "F32", 1, 4),
@@ -279,6 +281,8 @@ impl GgmlType {
             (34, TQ1_0, "TQ1_0", 256, 54),
             (35, TQ2_0, "TQ2_0", 256, 66),
             (39, MXFP4, "MXFP4", 32, 17),
+            (40, NVFP4, "NVFP4", 64, 36),
+            (41, Q1_0, "Q1_0", 128, 18),
         ]
     };
 
