@@ -7,3 +7,4 @@ mod cli_errors;
 mod logits;
 mod lora;
 mod real_model;
+mod train;

@@ -11,6 +11,8 @@ use lorakit::generate::{generate, token_logprobs, SamplingParams};
 use lorakit::model::{load_model, LoadedModel, ModelSource};
 use lorakit::tokenize::{ChatMessage, StreamDecoder};
 
+mod train_cmd;
+
 /// The model fetched by `scripts/fetch-model.sh`.
 const DEFAULT_MODEL_FILE: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -29,6 +31,10 @@ enum Command {
     Score(ScoreArgs),
     /// Architecture, parameter count, dtypes, tokenizer and chat template of a model.
     Inspect(InspectArgs),
+    /// Train a LoRA adapter (PEFT format) on JSONL data.
+    Train(Box<train_cmd::TrainArgs>),
+    /// Merge adapters into the base weights and write an HF model directory.
+    Merge(train_cmd::MergeArgs),
 }
 
 #[derive(Args)]
@@ -36,6 +42,26 @@ struct ModelArg {
     /// A .gguf file or an HF model directory [default: the fetched SmolLM2-135M-Instruct]
     #[arg(long)]
     model: Option<PathBuf>,
+    /// A PEFT adapter applied unmerged: DIR or DIR:WEIGHT (repeatable).
+    #[arg(long)]
+    adapter: Vec<String>,
+}
+
+impl ModelArg {
+    fn open(self) -> Result<LoadedModel> {
+        let mut m = open_model(self.model)?;
+        attach_adapters(&mut m, &self.adapter)?;
+        Ok(m)
+    }
+}
+
+/// Loads each `DIR[:WEIGHT]` adapter and attaches it unmerged.
+fn attach_adapters(m: &mut LoadedModel, specs: &[String]) -> Result<()> {
+    for spec in specs {
+        let (adapter, w) = train_cmd::load_adapter(spec, &m.model.config)?;
+        m.model.attach_adapter(&adapter, w)?;
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -98,6 +124,8 @@ fn main() -> ExitCode {
         Command::Generate(a) => cmd_generate(a),
         Command::Score(a) => cmd_score(a),
         Command::Inspect(a) => cmd_inspect(a),
+        Command::Train(a) => train_cmd::cmd_train(*a),
+        Command::Merge(a) => train_cmd::cmd_merge(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -109,7 +137,7 @@ fn main() -> ExitCode {
 }
 
 /// `--model`, or the default model in ./models or in the source tree's models/.
-fn resolve_model(arg: Option<PathBuf>) -> Result<PathBuf> {
+pub(crate) fn resolve_model(arg: Option<PathBuf>) -> Result<PathBuf> {
     if let Some(p) = arg {
         return Ok(p);
     }
@@ -125,13 +153,13 @@ fn resolve_model(arg: Option<PathBuf>) -> Result<PathBuf> {
     bail!("no --model given and the default model is not fetched; run scripts/fetch-model.sh (it puts {DEFAULT_MODEL_FILE} in place)")
 }
 
-fn open_model(arg: Option<PathBuf>) -> Result<LoadedModel> {
+pub(crate) fn open_model(arg: Option<PathBuf>) -> Result<LoadedModel> {
     let path = resolve_model(arg)?;
     load_model(&path).with_context(|| format!("cannot load model {}", path.display()))
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let m = open_model(a.model.model)?;
+    let m = a.model.open()?;
     let tok = &m.tokenizer;
     let (ids, echo) = match (&a.prompt, &a.chat) {
         (Some(p), _) => {
@@ -198,7 +226,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn cmd_score(a: ScoreArgs) -> Result<()> {
-    let m = open_model(a.model.model)?;
+    let m = a.model.open()?;
     let ids = match (&a.text, &a.ids) {
         (Some(t), _) => {
             if t.is_empty() {

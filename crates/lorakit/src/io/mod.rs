@@ -3,4 +3,5 @@
 pub mod atomic;
 pub mod gguf;
 pub mod hf_dir;
+pub mod hf_save;
 pub mod safetensors_file;

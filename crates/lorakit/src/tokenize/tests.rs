@@ -273,61 +273,6 @@ fn gguf_pre_tokenizer_families_build() {
     }
 }
 
-/// Loads the spec of a real GGUF's metadata, dumped to JSON (keys as the `GgufTokenizerSpec`
-/// fields, or the raw `tokenizer.ggml.*` keys) by a Python `gguf.GGUFReader` script, from
-/// `LORAKIT_GGUF_TOKENIZER_JSON`. Temporary: a real-model integration test replaces it.
-#[test]
-fn gguf_metadata_from_env_matches_every_fixture() {
-    let Ok(path) = std::env::var("LORAKIT_GGUF_TOKENIZER_JSON") else {
-        eprintln!("LORAKIT_GGUF_TOKENIZER_JSON is not set: nothing checked");
-        return;
-    };
-    let raw: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}")))
-            .unwrap();
-    let spec: GgufTokenizerSpec = if raw.get("tokenizer.ggml.model").is_some() {
-        let g = |k: &str| raw.get(k).cloned().unwrap_or(serde_json::Value::Null);
-        serde_json::from_value(serde_json::json!({
-            "model": g("tokenizer.ggml.model"),
-            "pre": g("tokenizer.ggml.pre"),
-            "tokens": g("tokenizer.ggml.tokens"),
-            "token_types": g("tokenizer.ggml.token_type"),
-            "scores": g("tokenizer.ggml.scores"),
-            "merges": g("tokenizer.ggml.merges"),
-            "bos_id": g("tokenizer.ggml.bos_token_id"),
-            "eos_id": g("tokenizer.ggml.eos_token_id"),
-            "unk_id": g("tokenizer.ggml.unknown_token_id"),
-            "pad_id": g("tokenizer.ggml.padding_token_id"),
-            "add_bos": g("tokenizer.ggml.add_bos_token"),
-            "add_space_prefix": g("tokenizer.ggml.add_space_prefix"),
-            "chat_template": g("tokenizer.chat_template"),
-        }))
-        .unwrap()
-    } else {
-        serde_json::from_value(raw).unwrap()
-    };
-    let template = spec.chat_template.clone();
-    let tok = Tokenizer::from_gguf_spec(spec, Path::new(&path)).unwrap();
-    let (checks, failures) = check_all_fixtures(&tok, "gguf");
-    assert!(
-        failures.is_empty(),
-        "{} of {checks} checks failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-    let fixture_template =
-        std::fs::read_to_string(fixture_path("smollm2/chat_template.jinja")).unwrap();
-    assert_eq!(
-        template.as_deref(),
-        Some(fixture_template.as_str()),
-        "GGUF chat template differs"
-    );
-    eprintln!(
-        "{path}: all {checks} fixture checks pass; {}",
-        tok.describe()
-    );
-}
-
 #[test]
 fn gguf_unknown_model_is_named() {
     let spec = GgufTokenizerSpec {

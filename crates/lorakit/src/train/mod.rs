@@ -3,3 +3,4 @@ pub mod loss;
 pub mod optim;
 pub mod plot;
 pub mod schedule;
+pub mod trainer;

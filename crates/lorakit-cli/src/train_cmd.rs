@@ -1,0 +1,254 @@
+//! `lorakit train` and `lorakit merge`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use lorakit::io::hf_save::save_hf_dir;
+use lorakit::lora::peft::Adapter;
+use lorakit::train::trainer::{train, Event, TrainOptions, TrainPlan};
+
+use crate::{open_model, resolve_model};
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// A .gguf file or HF directory [default: the fetched SmolLM2-135M-Instruct]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Training data, JSONL: {"prompt","completion"}, {"messages"}, {"text"} or {"input_ids","labels"}.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Held-out JSONL for the eval loss.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Output directory: the adapter at its root, checkpoints/, metrics.jsonl, loss.png.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// A TOML file with any of these options (flags given here win).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue from the newest checkpoint under --out.
+    #[arg(long)]
+    resume: bool,
+    /// Start from this PEFT adapter (its own config is used).
+    #[arg(long)]
+    init_adapter: Option<PathBuf>,
+    #[arg(long)]
+    r: Option<usize>,
+    #[arg(long)]
+    alpha: Option<f64>,
+    #[arg(long)]
+    dropout: Option<f32>,
+    /// Comma-separated module names (q_proj,v_proj), all-linear, or a regex over module paths.
+    #[arg(long)]
+    targets: Option<String>,
+    /// Only these layers (PEFT's layers_to_transform), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    layers: Option<Vec<usize>>,
+    #[arg(long)]
+    use_rslora: bool,
+    /// kaiming (PEFT's default) or gaussian (the paper's).
+    #[arg(long)]
+    init: Option<String>,
+    #[arg(long, conflicts_with = "steps")]
+    epochs: Option<usize>,
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Warm-up steps.
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// constant | linear | cosine (after the warm-up).
+    #[arg(long)]
+    schedule: Option<String>,
+    /// Clip the global gradient norm to this value (0 = off).
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    #[arg(long)]
+    label_smoothing: Option<f32>,
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Keep file order: batch k holds lines k·B … k·B+B−1.
+    #[arg(long)]
+    no_shuffle: bool,
+    #[arg(long)]
+    eval_every: Option<usize>,
+    #[arg(long)]
+    save_every: Option<usize>,
+    #[arg(long)]
+    keep_checkpoints: Option<usize>,
+    /// No progress bar (one line per step on stderr instead).
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl TrainArgs {
+    fn options(&self) -> Result<TrainOptions> {
+        let mut o = match &self.config {
+            Some(p) => TrainOptions::from_toml(p)?,
+            None => TrainOptions::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { o.$f = v.clone().into(); } )* };
+        }
+        set!(r, alpha, dropout, targets, init, batch_size, grad_accum, lr, weight_decay, warmup, schedule, max_grad_norm, label_smoothing, seed, eval_every, save_every, keep_checkpoints);
+        if self.max_seq_len.is_some() {
+            o.max_seq_len = self.max_seq_len;
+        }
+        if self.model.is_some() {
+            o.model = self.model.clone();
+        }
+        if self.data.is_some() {
+            o.data = self.data.clone();
+        }
+        if self.eval_data.is_some() {
+            o.eval_data = self.eval_data.clone();
+        }
+        if self.out.is_some() {
+            o.out = self.out.clone();
+        }
+        if self.init_adapter.is_some() {
+            o.init_adapter = self.init_adapter.clone();
+        }
+        if self.layers.is_some() {
+            o.layers = self.layers.clone();
+        }
+        if self.epochs.is_some() {
+            o.epochs = self.epochs;
+            o.steps = None;
+        }
+        if self.steps.is_some() {
+            o.steps = self.steps;
+            o.epochs = None;
+        }
+        o.use_rslora |= self.use_rslora;
+        o.no_shuffle |= self.no_shuffle;
+        Ok(o)
+    }
+}
+
+pub fn cmd_train(a: TrainArgs) -> Result<()> {
+    let mut options = a.options()?;
+    let model_path = resolve_model(options.model.clone())?;
+    options.model = Some(model_path.clone());
+    let loaded = open_model(Some(model_path.clone()))?;
+    let plan = TrainPlan::new(options, &loaded, &model_path.display().to_string())?;
+    let total = loaded.model.config.parameter_count();
+    let trainable = plan.adapter.parameter_count();
+    eprintln!(
+        "trainable parameters: {trainable} of {total} ({:.4}% of the model), {} adapted modules",
+        100.0 * trainable as f64 / total as f64,
+        plan.adapter.modules.len()
+    );
+    eprintln!(
+        "data: {} examples, {} target tokens, {} batches per epoch; {} optimiser steps",
+        plan.train_stats.examples,
+        plan.train_stats.target_tokens,
+        plan.batcher.batches_per_epoch(),
+        plan.total_steps
+    );
+    for w in plan.train_stats.warnings(plan.options.max_seq_len.unwrap_or_default()) {
+        eprintln!("warning: {w}");
+    }
+    let weights_mb = total as f64 * 4.0 / 1e6;
+    eprintln!(
+        "memory estimate: {:.0} MB frozen weights (f32) + {:.0} MB saved activations (batch {} × up to {} tokens)",
+        weights_mb,
+        plan.activation_bytes_estimate(&loaded.model) as f64 / 1e6,
+        plan.options.batch_size,
+        plan.batcher.examples().iter().map(|e| e.len()).max().unwrap_or(0)
+    );
+    let quiet = a.quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let bar = ProgressBar::hidden();
+    let mut tokens_done = 0usize;
+    let start = std::time::Instant::now();
+    let summary = train(&loaded, plan, a.resume, |ev| match ev {
+        Event::Started { total_steps, start_step } => {
+            if !quiet {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                bar.set_length(total_steps);
+                bar.set_position(start_step);
+                bar.set_style(
+                    ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+            }
+        }
+        Event::Step(m) => {
+            tokens_done += m.tokens;
+            let rate = tokens_done as f64 / start.elapsed().as_secs_f64().max(1e-9);
+            if quiet {
+                eprintln!("step {} loss {:.4} lr {:.2e} {:.0} tokens/s", m.step, m.loss, m.lr, rate);
+            } else {
+                bar.set_message(format!("loss {:.4}  {:.0} tokens/s", m.loss, rate));
+                bar.inc(1);
+            }
+        }
+        Event::Eval { step, eval_loss } => {
+            bar.suspend(|| eprintln!("step {step}: eval loss {eval_loss:.4}"));
+        }
+        Event::Checkpoint { step, dir } => {
+            bar.suspend(|| eprintln!("step {step}: checkpoint {}", dir.display()));
+        }
+    })?;
+    bar.finish_and_clear();
+    eprintln!(
+        "done: {} steps, final loss {}, eval loss {}; adapter written to {} ({:.1} s, {:.0} tokens/s)",
+        summary.steps,
+        summary.final_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        summary.eval_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        summary.adapter_dir.display(),
+        start.elapsed().as_secs_f64(),
+        tokens_done as f64 / start.elapsed().as_secs_f64().max(1e-9)
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// A .gguf file or HF directory [default: the fetched SmolLM2-135M-Instruct]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A PEFT adapter directory, optionally with a weight: DIR or DIR:0.5 (repeatable).
+    #[arg(long, required = true)]
+    adapter: Vec<String>,
+    /// The HF directory to write (config.json, model.safetensors, tokenizer files).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn cmd_merge(a: MergeArgs) -> Result<()> {
+    let mut loaded = open_model(a.model)?;
+    crate::attach_adapters(&mut loaded, &a.adapter)?;
+    loaded.model.merge_adapters();
+    save_hf_dir(&loaded.model, &loaded.tokenizer, &a.out).with_context(|| format!("cannot write {}", a.out.display()))?;
+    eprintln!("merged model written to {}", a.out.display());
+    Ok(())
+}
+
+/// `DIR` or `DIR:WEIGHT`.
+pub fn parse_adapter_spec(spec: &str) -> Result<(PathBuf, f32)> {
+    if let Some((dir, w)) = spec.rsplit_once(':') {
+        if let Ok(w) = w.parse::<f32>() {
+            anyhow::ensure!(w.is_finite(), "adapter weight in '{spec}' is not finite");
+            return Ok((PathBuf::from(dir), w));
+        }
+    }
+    Ok((PathBuf::from(spec), 1.0))
+}
+
+pub fn load_adapter(spec: &str, config: &lorakit::model::Config) -> Result<(Adapter, f32)> {
+    let (dir, w) = parse_adapter_spec(spec)?;
+    let adapter = Adapter::load(&dir, config).with_context(|| format!("cannot load adapter {}", dir.display()))?;
+    Ok((adapter, w))
+}

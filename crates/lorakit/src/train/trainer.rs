@@ -1,0 +1,502 @@
+//! The LoRA training loop: data → batches → forward / loss / backward → AdamW, with
+//! evaluation, metrics, checkpoints (atomic, resumable) and the final PEFT adapter.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::data::{load_jsonl, Batch, Batcher, DataOptions, LoadStats};
+use crate::error::{Error, Result};
+use crate::io::atomic::{replace_dir_atomic, write_atomic};
+use crate::io::safetensors_file::SafetensorsFile;
+use crate::lora::config::LoraConfig;
+use crate::lora::peft::Adapter;
+use crate::lora::{LoraInit, ModuleId};
+use crate::model::llama_train::{Activations, Dropout, LoraGrads};
+use crate::model::{LlamaModel, LoadedModel};
+use crate::train::loss::{lm_head_loss, target_positions};
+use crate::train::optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
+use crate::train::schedule::{Schedule, ScheduleKind};
+
+/// Every knob of `lorakit train`; each is a command-line flag and a key of the TOML config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainOptions {
+    pub model: Option<PathBuf>,
+    pub data: Option<PathBuf>,
+    pub eval_data: Option<PathBuf>,
+    pub out: Option<PathBuf>,
+    /// Start from this PEFT adapter instead of a fresh one (its config is used).
+    pub init_adapter: Option<PathBuf>,
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    /// `q_proj,v_proj`, `all-linear`, or a regex over module paths.
+    pub targets: String,
+    pub layers: Option<Vec<usize>>,
+    pub use_rslora: bool,
+    /// `kaiming` (PEFT's default) or `gaussian` (the paper's).
+    pub init: String,
+    pub epochs: Option<usize>,
+    pub steps: Option<usize>,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub adam_eps: f64,
+    /// Warm-up steps of the schedule.
+    pub warmup: u64,
+    pub schedule: String,
+    /// Global gradient-norm clipping (0 = off).
+    pub max_grad_norm: f64,
+    pub label_smoothing: f32,
+    /// Longer examples are truncated [default: min(1024, the model's context)].
+    pub max_seq_len: Option<usize>,
+    pub seed: u64,
+    pub no_shuffle: bool,
+    /// Evaluate every N optimiser steps (0 = only at the end), when eval data is given.
+    pub eval_every: usize,
+    /// Write a checkpoint every N steps (0 = only at the end).
+    pub save_every: usize,
+    pub keep_checkpoints: usize,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            model: None,
+            data: None,
+            eval_data: None,
+            out: None,
+            init_adapter: None,
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: "q_proj,v_proj".into(),
+            layers: None,
+            use_rslora: false,
+            init: "kaiming".into(),
+            epochs: None,
+            steps: None,
+            batch_size: 4,
+            grad_accum: 1,
+            lr: 2e-4,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            adam_eps: 1e-8,
+            warmup: 0,
+            schedule: "constant".into(),
+            max_grad_norm: 0.0,
+            label_smoothing: 0.0,
+            max_seq_len: None,
+            seed: 0,
+            no_shuffle: false,
+            eval_every: 0,
+            save_every: 0,
+            keep_checkpoints: 2,
+        }
+    }
+}
+
+impl TrainOptions {
+    /// Reads a TOML file of these keys; unknown keys are errors naming them.
+    pub fn from_toml(path: &Path) -> Result<TrainOptions> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        toml::from_str(&text).map_err(|e| Error::format(path, format!("invalid training config: {}", e.to_string().trim())))
+    }
+
+    fn lora_config(&self, model_name: &str) -> Result<LoraConfig> {
+        let init_lora_weights = match self.init.as_str() {
+            "kaiming" | "true" => LoraInit::Kaiming,
+            "gaussian" => LoraInit::Gaussian,
+            other => return Err(Error::Invalid(format!("--init must be kaiming or gaussian, got \"{other}\""))),
+        };
+        Ok(LoraConfig {
+            r: self.r,
+            lora_alpha: self.alpha,
+            lora_dropout: self.dropout,
+            target_modules: LoraConfig::parse_targets(&self.targets),
+            layers_to_transform: self.layers.clone(),
+            rank_pattern: vec![],
+            alpha_pattern: vec![],
+            use_rslora: self.use_rslora,
+            init_lora_weights,
+            base_model_name_or_path: Some(model_name.to_owned()),
+        })
+    }
+}
+
+/// One optimiser step's record in `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// 1-based.
+    pub step: u64,
+    /// Mean loss over the step's target tokens, from the forward pass before the update.
+    pub loss: f64,
+    pub lr: f64,
+    /// Tokens processed (padding excluded).
+    pub tokens: usize,
+    pub target_tokens: usize,
+    pub grad_norm: f64,
+    /// Wall time of the step.
+    pub seconds: f64,
+}
+
+/// What the caller (the CLI's progress bar) hears during training.
+pub enum Event<'a> {
+    Started { total_steps: u64, start_step: u64 },
+    Step(&'a StepMetrics),
+    Eval { step: u64, eval_loss: f64 },
+    Checkpoint { step: u64, dir: &'a Path },
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub final_loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub adapter_dir: PathBuf,
+    pub trainable_parameters: usize,
+}
+
+/// Everything fixed before the first step: data, the adapter to train, the schedule.
+pub struct TrainPlan {
+    pub options: TrainOptions,
+    pub out: PathBuf,
+    pub train_stats: LoadStats,
+    pub eval_examples: Option<Vec<crate::data::Example>>,
+    pub batcher: Batcher,
+    pub adapter: Adapter,
+    pub total_steps: u64,
+    pub schedule: Schedule,
+    pub adam: AdamWConfig,
+}
+
+impl TrainPlan {
+    /// Validates every option and loads the data before anything trains.
+    pub fn new(options: TrainOptions, loaded: &LoadedModel, model_name: &str) -> Result<TrainPlan> {
+        let o = &options;
+        let data = o.data.as_deref().ok_or_else(|| Error::Invalid("no training data: give --data FILE".into()))?;
+        let out = o.out.clone().ok_or_else(|| Error::Invalid("no output directory: give --out DIR".into()))?;
+        if o.batch_size == 0 || o.grad_accum == 0 {
+            return Err(Error::Invalid("--batch-size and --grad-accum must be ≥ 1".into()));
+        }
+        if !(0.0..1.0).contains(&o.label_smoothing) {
+            return Err(Error::Invalid(format!("--label-smoothing must be in [0, 1), got {}", o.label_smoothing)));
+        }
+        let context = loaded.model.config.max_position_embeddings;
+        let max_seq_len = o.max_seq_len.unwrap_or(context.min(1024));
+        if max_seq_len < 2 {
+            return Err(Error::Invalid("--max-seq-len must be ≥ 2".into()));
+        }
+        if max_seq_len > context {
+            return Err(Error::Invalid(format!("--max-seq-len {max_seq_len} exceeds the model's context of {context} tokens")));
+        }
+        let kind: ScheduleKind = o.schedule.parse()?;
+        let adam = AdamWConfig { lr: o.lr, beta1: o.beta1, beta2: o.beta2, eps: o.adam_eps, weight_decay: o.weight_decay };
+        adam.validate()?;
+        let adapter = match &o.init_adapter {
+            Some(dir) => Adapter::load(dir, &loaded.model.config)?,
+            None => Adapter::init(o.lora_config(model_name)?, &loaded.model.config, o.seed, Path::new("--targets"))?,
+        };
+        let data_opts = DataOptions { max_seq_len, add_eos: true };
+        let (examples, train_stats) = load_jsonl(data, &loaded.tokenizer, &data_opts)?;
+        let eval_examples = match &o.eval_data {
+            Some(p) => Some(load_jsonl(p, &loaded.tokenizer, &data_opts)?.0),
+            None => None,
+        };
+        let pad = loaded.tokenizer.pad_id().or(loaded.tokenizer.eos_id()).unwrap_or(0);
+        let batcher = Batcher::new(examples, o.batch_size, !o.no_shuffle, o.seed)?.with_pad_id(pad);
+        let per_epoch = batcher.batches_per_epoch().div_ceil(o.grad_accum) as u64;
+        let total_steps = match (o.steps, o.epochs) {
+            (Some(s), None) => s as u64,
+            (None, Some(e)) => e as u64 * per_epoch,
+            (None, None) => per_epoch,
+            (Some(_), Some(_)) => return Err(Error::Invalid("give --steps or --epochs, not both".into())),
+        };
+        if total_steps == 0 {
+            return Err(Error::Invalid("nothing to train: 0 steps".into()));
+        }
+        let schedule = Schedule::new(kind, o.lr, o.warmup, total_steps);
+        let mut options = options;
+        options.max_seq_len = Some(max_seq_len);
+        Ok(TrainPlan { options, out, train_stats, eval_examples, batcher, adapter, total_steps, schedule, adam })
+    }
+
+    /// Saved-activation bytes for the largest batch this plan can produce.
+    pub fn activation_bytes_estimate(&self, model: &LlamaModel) -> usize {
+        let c = &model.config;
+        let longest = self.batcher.examples().iter().map(|e| e.len()).max().unwrap_or(0);
+        let n = self.options.batch_size * longest;
+        let (h, q, kv, i) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+        let r_sum: usize = self.adapter.modules.values().map(|w| w.r).sum::<usize>() / c.num_layers.max(1);
+        let per_token_layer = 4 * h + 2 * q + 2 * kv + 3 * i + c.num_heads + r_sum;
+        (n * per_token_layer * c.num_layers + n * h) * 4
+    }
+}
+
+/// The micro-batches of optimiser step `step`, in order (data order is a pure function of
+/// the seed and the step, which makes `--resume` exact).
+struct BatchStream<'a> {
+    batcher: &'a Batcher,
+    epoch: usize,
+    batches: Vec<Batch>,
+}
+
+impl<'a> BatchStream<'a> {
+    fn new(batcher: &'a Batcher) -> Self {
+        BatchStream { batcher, epoch: usize::MAX, batches: vec![] }
+    }
+
+    fn micro_batch(&mut self, global_index: u64) -> &Batch {
+        let per_epoch = self.batcher.batches_per_epoch() as u64;
+        let epoch = (global_index / per_epoch) as usize;
+        if epoch != self.epoch {
+            self.batches = self.batcher.epoch(epoch);
+            self.epoch = epoch;
+        }
+        &self.batches[(global_index % per_epoch) as usize]
+    }
+}
+
+/// Mean loss of `model` + `adapter` over examples (token-level mean), in batches of `batch_size`.
+pub fn evaluate_loss(model: &LlamaModel, adapter: Option<&Adapter>, examples: &[crate::data::Example], batch_size: usize) -> Result<f64> {
+    let batcher = Batcher::new(examples.to_vec(), batch_size, false, 0)?;
+    let mut acts = Activations::default();
+    let (mut sum, mut count) = (0.0, 0usize);
+    for batch in batcher.epoch(0) {
+        model.train_forward(&batch.input_ids, batch.batch_size, batch.seq_len, adapter, Dropout::NONE, &mut acts)?;
+        let targets = target_positions(&batch.labels, batch.batch_size, batch.seq_len);
+        sum += lm_head_loss(model, &acts.x_final, &targets, 0.0, 1.0, None);
+        count += targets.len();
+    }
+    if count == 0 {
+        return Err(Error::Invalid("the evaluation data has no target tokens".into()));
+    }
+    Ok(sum / count as f64)
+}
+
+const CHECKPOINTS: &str = "checkpoints";
+const STATE_FILE: &str = "trainer_state.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+fn checkpoint_dirs(out: &Path) -> Vec<(u64, PathBuf)> {
+    let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(out.join(CHECKPOINTS))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Writes adapter + optimiser state + step into `out/checkpoints/step-N`, atomically (a
+/// temporary directory renamed into place), and prunes old checkpoints.
+fn save_checkpoint(out: &Path, step: u64, adapter: &Adapter, adam: &AdamW, options: &TrainOptions, keep: usize) -> Result<PathBuf> {
+    let root = out.join(CHECKPOINTS);
+    std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+    let tmp = root.join(format!(".tmp-step-{step:06}"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    adapter.save(&tmp)?;
+    let (t, m, v) = adam.state();
+    let mut tensors: Vec<(String, Vec<u8>, usize)> = Vec::new();
+    for (i, (mi, vi)) in m.iter().zip(v).enumerate() {
+        tensors.push((format!("exp_avg.{i}"), mi.iter().flat_map(|x| x.to_le_bytes()).collect(), mi.len()));
+        tensors.push((format!("exp_avg_sq.{i}"), vi.iter().flat_map(|x| x.to_le_bytes()).collect(), vi.len()));
+    }
+    let views = tensors
+        .iter()
+        .map(|(k, b, n)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*n], b)
+                .map(|view| (k.clone(), view))
+                .map_err(|e| Error::format(tmp.join(OPTIMIZER_FILE), e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::serialize(views, None).map_err(|e| Error::format(tmp.join(OPTIMIZER_FILE), e.to_string()))?;
+    write_atomic(&tmp.join(OPTIMIZER_FILE), &bytes)?;
+    let state = json!({ "step": step, "optimizer_step": t, "seed": options.seed, "options": options });
+    write_atomic(&tmp.join(STATE_FILE), serde_json::to_string_pretty(&state).unwrap_or_default().as_bytes())?;
+    let dir = root.join(format!("step-{step:06}"));
+    replace_dir_atomic(&tmp, &dir)?;
+    let all = checkpoint_dirs(out);
+    for (_, old) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+        // A checkpoint we fail to prune is only disk space; never fail training for it.
+        let _ = std::fs::remove_dir_all(old);
+    }
+    Ok(dir)
+}
+
+/// Loads the newest checkpoint: (step, adapter, optimiser).
+fn load_checkpoint(out: &Path, model: &LlamaModel, adam_config: AdamWConfig) -> Result<Option<(u64, Adapter, AdamW)>> {
+    let Some((step, dir)) = checkpoint_dirs(out).pop() else { return Ok(None) };
+    let adapter = Adapter::load(&dir, &model.config)?;
+    let state_path = dir.join(STATE_FILE);
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?)
+        .map_err(|e| Error::format(&state_path, e.to_string()))?;
+    let t = state["optimizer_step"].as_u64().ok_or_else(|| Error::config(&state_path, "optimizer_step", "missing"))?;
+    let opt = SafetensorsFile::open(&dir.join(OPTIMIZER_FILE))?;
+    let sizes = param_sizes(&adapter);
+    let (mut m, mut v) = (Vec::new(), Vec::new());
+    for i in 0..sizes.len() {
+        m.push(opt.tensor_f32(&format!("exp_avg.{i}"))?.0);
+        v.push(opt.tensor_f32(&format!("exp_avg_sq.{i}"))?.0);
+    }
+    let adam = AdamW::from_state(adam_config, t, m, v, &sizes)?;
+    Ok(Some((step, adapter, adam)))
+}
+
+/// Parameter tensors in a fixed order: (A, B) of each module in `Adapter::modules` order.
+fn param_sizes(adapter: &Adapter) -> Vec<usize> {
+    adapter.modules.values().flat_map(|w| [w.a.len(), w.b.len()]).collect()
+}
+
+fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
+    writeln!(f, "{value}").map_err(|e| Error::io(path, e))
+}
+
+/// Runs the plan. With `resume`, continues from the newest checkpoint under `out`.
+pub fn train(loaded: &LoadedModel, plan: TrainPlan, resume: bool, mut on_event: impl FnMut(Event)) -> Result<TrainSummary> {
+    let model = &loaded.model;
+    let o = &plan.options;
+    let out = &plan.out;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let metrics_path = out.join("metrics.jsonl");
+    let mut adapter = plan.adapter.clone();
+    let mut adam = AdamW::new(plan.adam, &param_sizes(&adapter));
+    let mut start_step = 0u64;
+    let mut history: Vec<serde_json::Value> = Vec::new();
+    if resume {
+        match load_checkpoint(out, model, plan.adam)? {
+            Some((step, a, opt)) => {
+                start_step = step;
+                adapter = a;
+                adam = opt;
+                // Keep the metrics of the steps the checkpoint covers; later rows are redone.
+                if let Ok(text) = std::fs::read_to_string(&metrics_path) {
+                    history = text
+                        .lines()
+                        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                        .filter(|v| v["step"].as_u64().is_some_and(|s| s <= step))
+                        .collect();
+                }
+            }
+            None => return Err(Error::Invalid(format!("--resume: no checkpoint under {}", out.join(CHECKPOINTS).display()))),
+        }
+    }
+    let mut rewritten = String::new();
+    for row in &history {
+        rewritten.push_str(&row.to_string());
+        rewritten.push('\n');
+    }
+    write_atomic(&metrics_path, rewritten.as_bytes())?;
+
+    on_event(Event::Started { total_steps: plan.total_steps, start_step });
+    let dropout_p = adapter.config.lora_dropout;
+    let mut acts = Activations::default();
+    let mut grads = LoraGrads::zeros_like(&adapter);
+    let mut stream = BatchStream::new(&plan.batcher);
+    let mut dx = Vec::new();
+    let mut last_loss = None;
+    let mut last_eval = None;
+    let mut train_curve: Vec<(u64, f64)> = history.iter().filter_map(|r| Some((r["step"].as_u64()?, r["loss"].as_f64()?))).collect();
+    let mut eval_curve: Vec<(u64, f64)> = history.iter().filter_map(|r| Some((r["step"].as_u64()?, r["eval_loss"].as_f64()?))).collect();
+    let h = model.config.hidden_size;
+
+    for step in start_step..plan.total_steps {
+        let t0 = Instant::now();
+        grads.zero();
+        let first = step * o.grad_accum as u64;
+        let normalizer: usize = (0..o.grad_accum as u64).map(|i| stream.micro_batch(first + i).target_tokens).sum();
+        let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
+        for i in 0..o.grad_accum as u64 {
+            let batch = stream.micro_batch(first + i).clone();
+            if batch.target_tokens == 0 {
+                continue;
+            }
+            let dropout = Dropout { p: dropout_p, seed: o.seed ^ (first + i).wrapping_mul(0x9E37_79B9_7F4A_7C15) };
+            model.train_forward(&batch.input_ids, batch.batch_size, batch.seq_len, Some(&adapter), dropout, &mut acts)?;
+            let targets = target_positions(&batch.labels, batch.batch_size, batch.seq_len);
+            dx.clear();
+            dx.resize(batch.batch_size * batch.seq_len * h, 0.0);
+            loss_sum += lm_head_loss(model, &acts.x_final, &targets, o.label_smoothing, normalizer.max(1) as f64, Some(&mut dx));
+            model.train_backward(&mut dx, &acts, &adapter, dropout, &mut grads)?;
+            tokens += batch.lengths.iter().sum::<usize>();
+        }
+        let loss = loss_sum / normalizer.max(1) as f64;
+        if !loss.is_finite() {
+            return Err(Error::Invalid(format!("step {}: the loss is {loss}; stopping before writing a non-finite adapter", step + 1)));
+        }
+        let mut grad_refs: Vec<&mut [f32]> = grads.modules.values_mut().flat_map(|(a, b)| [a.as_mut_slice(), b.as_mut_slice()]).collect();
+        let grad_norm = if o.max_grad_norm > 0.0 {
+            clip_grad_norm(&mut grad_refs, o.max_grad_norm)
+        } else {
+            global_grad_norm(&grad_refs.iter().map(|g| &**g).collect::<Vec<_>>())
+        };
+        if !grad_norm.is_finite() {
+            return Err(Error::Invalid(format!("step {}: the gradient norm is {grad_norm}; stopping", step + 1)));
+        }
+        let lr = plan.schedule.lr_at(step);
+        {
+            let grad_views: Vec<&[f32]> = grads.modules.values().flat_map(|(a, b)| [a.as_slice(), b.as_slice()]).collect();
+            let mut params: Vec<&mut [f32]> = adapter.modules.values_mut().flat_map(|w| [w.a.as_mut_slice(), w.b.as_mut_slice()]).collect();
+            adam.step(lr, &mut params, &grad_views);
+        }
+        let metrics = StepMetrics {
+            step: step + 1,
+            loss,
+            lr,
+            tokens,
+            target_tokens: normalizer,
+            grad_norm,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        append_jsonl(&metrics_path, &serde_json::to_value(&metrics).unwrap_or_default())?;
+        train_curve.push((metrics.step, loss));
+        last_loss = Some(loss);
+        on_event(Event::Step(&metrics));
+
+        let done = step + 1 == plan.total_steps;
+        if let Some(eval) = &plan.eval_examples {
+            if done || (o.eval_every > 0 && (step + 1) % o.eval_every as u64 == 0) {
+                let eval_loss = evaluate_loss(model, Some(&adapter), eval, o.batch_size)?;
+                append_jsonl(&metrics_path, &json!({ "step": step + 1, "eval_loss": eval_loss }))?;
+                eval_curve.push((step + 1, eval_loss));
+                last_eval = Some(eval_loss);
+                on_event(Event::Eval { step: step + 1, eval_loss });
+            }
+        }
+        if done || (o.save_every > 0 && (step + 1) % o.save_every as u64 == 0) {
+            let dir = save_checkpoint(out, step + 1, &adapter, &adam, o, o.keep_checkpoints)?;
+            on_event(Event::Checkpoint { step: step + 1, dir: &dir });
+        }
+    }
+
+    adapter.save(out)?;
+    crate::train::plot::plot_loss_curve(&out.join("loss.png"), &train_curve, &eval_curve, "lorakit train")?;
+    Ok(TrainSummary {
+        steps: plan.total_steps,
+        final_loss: last_loss,
+        eval_loss: last_eval,
+        adapter_dir: out.clone(),
+        trainable_parameters: adapter.parameter_count(),
+    })
+}
+
+/// Used by tests and tools: module ids of an adapter, in parameter order.
+pub fn module_order(adapter: &Adapter) -> Vec<ModuleId> {
+    adapter.modules.keys().copied().collect()
+}
