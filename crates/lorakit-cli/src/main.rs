@@ -11,6 +11,7 @@ use lorakit::generate::{generate, token_logprobs, SamplingParams};
 use lorakit::model::{load_model, LoadedModel, ModelSource};
 use lorakit::tokenize::{ChatMessage, StreamDecoder};
 
+mod quickstart;
 mod train_cmd;
 
 /// The model fetched by `scripts/fetch-model.sh`.
@@ -35,6 +36,8 @@ enum Command {
     Train(Box<train_cmd::TrainArgs>),
     /// Merge adapters into the base weights and write an HF model directory.
     Merge(train_cmd::MergeArgs),
+    /// Fetch the default model and E2E data, fine-tune LoRA for a few minutes, show before/after.
+    Quickstart(quickstart::QuickstartArgs),
 }
 
 #[derive(Args)]
@@ -126,6 +129,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => cmd_inspect(a),
         Command::Train(a) => train_cmd::cmd_train(*a),
         Command::Merge(a) => train_cmd::cmd_merge(a),
+        Command::Quickstart(a) => quickstart::cmd_quickstart(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -136,6 +140,11 @@ fn main() -> ExitCode {
     }
 }
 
+/// The source tree this binary was built from (scripts/, models/, data/ live there).
+pub(crate) fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
 /// `--model`, or the default model in ./models or in the source tree's models/.
 pub(crate) fn resolve_model(arg: Option<PathBuf>) -> Result<PathBuf> {
     if let Some(p) = arg {
@@ -143,7 +152,7 @@ pub(crate) fn resolve_model(arg: Option<PathBuf>) -> Result<PathBuf> {
     }
     let candidates = [
         PathBuf::from(DEFAULT_MODEL_FILE),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(DEFAULT_MODEL_FILE),
+        repo_root().join(DEFAULT_MODEL_FILE),
     ];
     for c in &candidates {
         if c.is_file() {

@@ -22,14 +22,19 @@ pub fn embedding_forward(out: &mut [f32], table: &[f32], ids: &[u32], hidden: us
 /// x, out: [T, hidden], w: [hidden]. Returns nothing; the backward will recompute 1/rms.
 pub fn rms_norm_forward(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
     let hidden = w.len();
-    for (o, xr) in out.chunks_exact_mut(hidden).zip(x.chunks_exact(hidden)) {
+    out.par_chunks_mut(hidden).zip(x.par_chunks(hidden)).with_min_len(ROWS_PER_TASK).for_each(|(o, xr)| {
         let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
         let inv = (1.0 / (ss / hidden as f64 + eps as f64).sqrt()) as f32;
         for ((oi, &xi), &wi) in o.iter_mut().zip(xr).zip(w) {
             *oi = wi * (xi * inv);
         }
-    }
+    });
 }
+
+/// Rows handed to one rayon task by the row-wise kernels: enough work to hide the task cost.
+const ROWS_PER_TASK: usize = 16;
+/// Elements handed to one rayon task by the element-wise kernels.
+const ELEMS_PER_TASK: usize = 16 * 1024;
 
 /// cos / sin tables for rotary position embeddings in HF's "rotate_half" layout.
 #[derive(Debug, Clone)]
@@ -154,16 +159,22 @@ pub fn silu(g: f32) -> f32 {
 
 /// out = silu(gate) ⊙ up, the SwiGLU of Llama's MLP. gate, up, out: [T, intermediate].
 pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) {
-    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = silu(g) * u;
-    }
+    out.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(gate.par_chunks(ELEMS_PER_TASK).zip(up.par_chunks(ELEMS_PER_TASK)))
+        .for_each(|(o, (g, u))| {
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = silu(g) * u;
+            }
+        });
 }
 
 /// x += y, element-wise (residual connections).
 pub fn add_inplace(x: &mut [f32], y: &[f32]) {
-    for (a, &b) in x.iter_mut().zip(y) {
-        *a += b;
-    }
+    x.par_chunks_mut(ELEMS_PER_TASK).zip(y.par_chunks(ELEMS_PER_TASK)).for_each(|(x, y)| {
+        for (a, &b) in x.iter_mut().zip(y) {
+            *a += b;
+        }
+    });
 }
 
 /// log Σ exp(row), computed stably in f64.
@@ -239,7 +250,7 @@ mod tests {
 /// dx = inv·g − x · inv³ · (g·x) / hidden.
 pub fn rms_norm_backward(dx: &mut [f32], x: &[f32], w: &[f32], dy: &[f32], eps: f32, accumulate: bool) {
     let hidden = w.len();
-    for ((dxr, xr), dyr) in dx.chunks_exact_mut(hidden).zip(x.chunks_exact(hidden)).zip(dy.chunks_exact(hidden)) {
+    dx.par_chunks_mut(hidden).zip(x.par_chunks(hidden).zip(dy.par_chunks(hidden))).with_min_len(ROWS_PER_TASK).for_each(|(dxr, (xr, dyr))| {
         let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
         let inv = 1.0 / (ss / hidden as f64 + eps as f64).sqrt();
         let gx: f64 = xr.iter().zip(dyr).zip(w).map(|((&xi, &di), &wi)| (wi * di) as f64 * xi as f64).sum();
@@ -249,7 +260,7 @@ pub fn rms_norm_backward(dx: &mut [f32], x: &[f32], w: &[f32], dy: &[f32], eps: 
             let g = inv * (wi * di) - xi * c;
             *o = if accumulate { *o + g } else { g };
         }
-    }
+    });
 }
 
 /// Gradient of `rope_forward` in place: the rotation's transpose (the same rotation by −θ).
@@ -276,10 +287,113 @@ pub fn rope_backward(dx: &mut [f32], n_heads: usize, head_dim: usize, start_pos:
 ///
 /// gate, up, d_out, d_gate, d_up: [T, intermediate].
 pub fn swiglu_backward(d_gate: &mut [f32], d_up: &mut [f32], gate: &[f32], up: &[f32], d_out: &[f32]) {
-    for ((((dg, du), &g), &u), &d) in d_gate.iter_mut().zip(d_up.iter_mut()).zip(gate).zip(up).zip(d_out) {
-        let sig = 1.0 / (1.0 + (-g).exp());
-        let silu = g * sig;
-        *du = d * silu;
-        *dg = d * u * (sig * (1.0 + g * (1.0 - sig)));
+    let e = ELEMS_PER_TASK;
+    d_gate
+        .par_chunks_mut(e)
+        .zip(d_up.par_chunks_mut(e))
+        .zip(gate.par_chunks(e).zip(up.par_chunks(e)).zip(d_out.par_chunks(e)))
+        .for_each(|((dgc, duc), ((gc, uc), dc))| {
+            for ((((dg, du), &g), &u), &d) in dgc.iter_mut().zip(duc.iter_mut()).zip(gc).zip(uc).zip(dc) {
+                let sig = 1.0 / (1.0 + (-g).exp());
+                let silu = g * sig;
+                *du = d * silu;
+                *dg = d * u * (sig * (1.0 + g * (1.0 - sig)));
+            }
+        });
+}
+
+/// Replaces each v in `row` by exp(v − shift) and returns Σ exp(v − shift) accumulated in f64.
+///
+/// The softmax of the LM head evaluates this for every vocabulary entry of every target row,
+/// so it is vectorised (AVX-512, a degree-6 polynomial after range reduction: ≤ 2 ulp, like
+/// Cephes' expf); other CPUs use the libm exp.
+pub fn exp_shifted_sum(row: &mut [f32], shift: f32) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected at run time.
+            return unsafe { exp_shifted_sum_avx512(row, shift) };
+        }
+    }
+    let mut sum = 0.0f64;
+    for v in row.iter_mut() {
+        *v = (*v - shift).exp();
+        sum += *v as f64;
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_shifted_sum_avx512(row: &mut [f32], shift: f32) -> f64 {
+    use std::arch::x86_64::*;
+    let n = row.len();
+    let p = row.as_mut_ptr();
+    let vshift = _mm512_set1_ps(shift);
+    let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+    // ln 2 split in a part exact in f32 and the remainder (Cody-Waite).
+    let ln2_hi = _mm512_set1_ps(0.693_359_4);
+    let ln2_lo = _mm512_set1_ps(-2.121_944_4e-4);
+    let lo_clamp = _mm512_set1_ps(-87.33655);
+    let hi_clamp = _mm512_set1_ps(88.37626);
+    let c = [
+        _mm512_set1_ps(1.987_569_1e-4),
+        _mm512_set1_ps(1.398_199_9e-3),
+        _mm512_set1_ps(8.333_452e-3),
+        _mm512_set1_ps(4.166_579_6e-2),
+        _mm512_set1_ps(1.666_666_5e-1),
+        _mm512_set1_ps(5.000_000_1e-1),
+    ];
+    let one = _mm512_set1_ps(1.0);
+    let exp16 = |x: __m512| -> __m512 {
+        let x = _mm512_min_ps(_mm512_max_ps(x, lo_clamp), hi_clamp);
+        let k = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        let r = _mm512_fnmadd_ps(k, ln2_hi, x);
+        let r = _mm512_fnmadd_ps(k, ln2_lo, r);
+        let mut y = c[0];
+        for ci in &c[1..] {
+            y = _mm512_fmadd_ps(y, r, *ci);
+        }
+        let r2 = _mm512_mul_ps(r, r);
+        let y = _mm512_fmadd_ps(y, r2, _mm512_add_ps(r, one));
+        _mm512_scalef_ps(y, k)
+    };
+    let mut acc0 = _mm512_setzero_pd();
+    let mut acc1 = _mm512_setzero_pd();
+    let mut i = 0;
+    while i + 16 <= n {
+        let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), vshift));
+        _mm512_storeu_ps(p.add(i), e);
+        acc0 = _mm512_add_pd(acc0, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+        acc1 = _mm512_add_pd(acc1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
+        i += 16;
+    }
+    let mut sum = _mm512_reduce_add_pd(_mm512_add_pd(acc0, acc1));
+    for j in i..n {
+        let v = (*p.add(j) - shift).exp();
+        *p.add(j) = v;
+        sum += v as f64;
+    }
+    sum
+}
+
+#[cfg(test)]
+mod exp_tests {
+    use super::*;
+
+    #[test]
+    fn vectorised_exp_matches_libm_to_a_few_ulp() {
+        let xs: Vec<f32> = (0..5000).map(|i| -90.0 + i as f32 * 0.0191).collect();
+        let mut row = xs.clone();
+        let sum = exp_shifted_sum(&mut row, 0.5);
+        let mut want_sum = 0.0f64;
+        for (&x, &got) in xs.iter().zip(&row) {
+            let want = ((x - 0.5) as f64).exp();
+            want_sum += want;
+            if want > 1e-37 {
+                assert!(((got as f64 - want) / want).abs() < 3e-7, "exp({}) = {got}, want {want}", x - 0.5);
+            }
+        }
+        assert!((sum - want_sum).abs() / want_sum < 1e-6);
     }
 }

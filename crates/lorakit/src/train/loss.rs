@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use crate::engine::matmul;
-use crate::engine::ops::{rms_norm_backward, rms_norm_forward};
+use crate::engine::ops::{exp_shifted_sum, rms_norm_backward, rms_norm_forward};
 use crate::model::LlamaModel;
 
 /// Rows of the LM head evaluated at once: bounds the [rows, vocab] logits buffer.
@@ -68,23 +68,22 @@ pub fn lm_head_loss(
             .par_chunks_mut(v)
             .zip(chunk.par_iter())
             .map(|(row, &(_, y))| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-                let sum: f64 = row.iter().map(|&z| (z as f64 - max).exp()).sum();
-                let lse = max + sum.ln();
-                let nll = lse - row[y as usize] as f64;
-                let loss = if eps > 0.0 {
-                    let mean_logit: f64 = row.iter().map(|&z| z as f64).sum::<f64>() / v as f64;
-                    (1.0 - eps) * nll + eps * (lse - mean_logit)
-                } else {
-                    nll
-                };
+                let target_logit = row[y as usize] as f64;
+                let mean_logit = if eps > 0.0 { row.iter().map(|&z| z as f64).sum::<f64>() / v as f64 } else { 0.0 };
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                // row becomes exp(z − max); one exp per logit serves the loss and the gradient.
+                let sum = exp_shifted_sum(row, max);
+                let lse = max as f64 + sum.ln();
+                let nll = lse - target_logit;
+                let loss = if eps > 0.0 { (1.0 - eps) * nll + eps * (lse - mean_logit) } else { nll };
                 if want_grad {
-                    let scale = 1.0 / normalizer;
-                    let smooth = eps / v as f64;
+                    // d loss / d z = softmax(z) − ((1−ε)·onehot(y) + ε/V), over the normaliser.
+                    let p_scale = (1.0 / (sum * normalizer)) as f32;
+                    let smooth = (eps / v as f64 / normalizer) as f32;
                     for z in row.iter_mut() {
-                        *z = (((*z as f64 - lse).exp() - smooth) * scale) as f32;
+                        *z = *z * p_scale - smooth;
                     }
-                    row[y as usize] -= ((1.0 - eps) * scale) as f32;
+                    row[y as usize] -= ((1.0 - eps) / normalizer) as f32;
                 }
                 loss
             })
