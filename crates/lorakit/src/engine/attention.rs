@@ -45,47 +45,98 @@ impl SharedMut {
     }
 }
 
+/// dst[m, n] (+)= beta · lhs[m, k] · rhs[k, n] on strided views, single-threaded (the callers
+/// already run one task per head).
+///
+/// # Safety
+/// Every element the strides reach must be inside the caller's buffers, and `dst` must not
+/// alias `lhs` or `rhs` or be written by another thread.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+    beta: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// P[t, j] = exp(S[t, j] − shift_t) for j ≤ t, 0 above the diagonal; S: [T, T] in place.
+/// With `shift = None` each row is softmax-normalised and its log-sum-exp written to `lse`.
+fn causal_exp_rows(s: &mut [f32], t_len: usize, shift: Option<&[f32]>, lse: &mut [f32]) {
+    for t in 0..t_len {
+        let row = &mut s[t * t_len..(t + 1) * t_len];
+        let (live, masked) = row.split_at_mut(t + 1);
+        masked.fill(0.0);
+        match shift {
+            Some(l) => {
+                super::ops::exp_shifted_sum(live, l[t]);
+            }
+            None => {
+                let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum = super::ops::exp_shifted_sum(live, max);
+                let inv = (1.0 / sum) as f32;
+                live.iter_mut().for_each(|p| *p *= inv);
+                lse[t] = max + sum.ln() as f32;
+            }
+        }
+    }
+}
+
 /// out = softmax(q kᵀ / √d + causal mask) v, per (batch, head); lse[b, h, t] = log Σ_j exp(s_tj).
 pub fn attention_train_forward(out: &mut [f32], lse: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
     let (t_len, hd) = (s.seq, s.head_dim);
     let scale = 1.0 / (hd as f32).sqrt();
     assert_eq!(q.len(), s.batch * t_len * s.q_row());
+    assert_eq!(k.len(), s.batch * t_len * s.kv_row());
+    assert_eq!(v.len(), k.len());
     assert_eq!(out.len(), q.len());
     assert_eq!(lse.len(), s.batch * s.n_heads * t_len);
     let out_ptr = SharedMut(out.as_mut_ptr());
     // One task per (batch, head): it owns out[b, :, h, :] and lse[b, h, :].
     lse.par_chunks_mut(t_len).enumerate().for_each_init(
-        || vec![0.0f32; t_len],
+        || vec![0.0f32; t_len * t_len],
         |scores, (bh, lse_row)| {
             let (b, h) = (bh / s.n_heads, bh % s.n_heads);
             let kvh = h / s.group();
-            for t in 0..t_len {
-                let row = b * t_len + t;
-                let qv = &q[row * s.q_row() + h * hd..][..hd];
-                let mut max = f32::NEG_INFINITY;
-                for j in 0..=t {
-                    let kr = &k[(b * t_len + j) * s.kv_row() + kvh * hd..][..hd];
-                    let sc = dot(qv, kr) * scale;
-                    scores[j] = sc;
-                    max = max.max(sc);
-                }
-                let mut sum = 0.0f32;
-                for sc in &mut scores[..=t] {
-                    *sc = (*sc - max).exp();
-                    sum += *sc;
-                }
-                // SAFETY: this task alone writes out[row, h·hd .. (h+1)·hd].
-                let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(row * s.q_row() + h * hd), hd) };
-                o.fill(0.0);
-                let inv = 1.0 / sum;
-                for (j, &p) in scores[..=t].iter().enumerate() {
-                    let vr = &v[(b * t_len + j) * s.kv_row() + kvh * hd..][..hd];
-                    let w = p * inv;
-                    for (oi, &vi) in o.iter_mut().zip(vr) {
-                        *oi += w * vi;
-                    }
-                }
-                lse_row[t] = max + sum.ln();
+            let q0 = b * t_len * s.q_row() + h * hd;
+            let kv0 = b * t_len * s.kv_row() + kvh * hd;
+            // SAFETY: the asserts above bound the views; this task alone writes out[b, :, h, :].
+            unsafe {
+                // S = scale · Q Kᵀ: [T, hd] · [hd, T]
+                gemm_strided(t_len, t_len, hd, scores.as_mut_ptr(), t_len, false, q.as_ptr().add(q0), s.q_row(), 1, k.as_ptr().add(kv0), 1, s.kv_row(), scale);
+                causal_exp_rows(scores, t_len, None, lse_row);
+                // O = P V: [T, T] · [T, hd]
+                gemm_strided(t_len, hd, t_len, out_ptr.at(q0), s.q_row(), false, scores.as_ptr(), t_len, 1, v.as_ptr().add(kv0), s.kv_row(), 1, 1.0);
             }
         },
     );
@@ -93,8 +144,8 @@ pub fn attention_train_forward(out: &mut [f32], lse: &mut [f32], q: &[f32], k: &
 
 /// Gradients of `attention_train_forward` with respect to q, k and v (overwritten).
 ///
-/// With p_tj = exp(s_tj − lse_t): dv_j = Σ_t p_tj do_t; dp_tj = do_t·v_j; D_t = do_t·o_t;
-/// ds_tj = p_tj (dp_tj − D_t); dq_t = scale Σ_j ds_tj k_j; dk_j = scale Σ_t ds_tj q_t.
+/// With P = exp(S − lse): dV = Pᵀ dO; dP = dO Vᵀ; D_t = dO_t·O_t; dS = P ⊙ (dP − D);
+/// dQ = scale · dS K; dK = scale · dSᵀ Q (summed over the query heads sharing a KV head).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_train_backward(
     dq: &mut [f32],
@@ -110,49 +161,54 @@ pub fn attention_train_backward(
 ) {
     let (t_len, hd) = (s.seq, s.head_dim);
     let scale = 1.0 / (hd as f32).sqrt();
+    for (name, len, want) in [
+        ("dq", dq.len(), q.len()),
+        ("d_out", d_out.len(), q.len()),
+        ("out", out.len(), q.len()),
+        ("dk", dk.len(), k.len()),
+        ("dv", dv.len(), k.len()),
+        ("v", v.len(), k.len()),
+    ] {
+        assert_eq!(len, want, "attention_train_backward: {name}");
+    }
+    assert_eq!(q.len(), s.batch * t_len * s.q_row());
+    assert_eq!(k.len(), s.batch * t_len * s.kv_row());
     let (dq_ptr, dk_ptr, dv_ptr) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
     // One task per (batch, KV head): it owns dk/dv of that head and dq of the query heads
     // that share it, so no two tasks write the same element.
     (0..s.batch * s.n_kv_heads).into_par_iter().for_each_init(
-        || vec![0.0f32; t_len],
-        |ds, bk| {
+        || (vec![0.0f32; t_len * t_len], vec![0.0f32; t_len * t_len]),
+        |(p, dp), bk| {
             let (b, kvh) = (bk / s.n_kv_heads, bk % s.n_kv_heads);
-            let kv_at = |j: usize| (b * t_len + j) * s.kv_row() + kvh * hd;
-            // SAFETY: rows of dk/dv for (b, kvh) and of dq for (b, h in group) belong to this task only.
-            let dk_row = |j: usize| unsafe { std::slice::from_raw_parts_mut(dk_ptr.at(kv_at(j)), hd) };
-            let dv_row = |j: usize| unsafe { std::slice::from_raw_parts_mut(dv_ptr.at(kv_at(j)), hd) };
-            for j in 0..t_len {
-                dk_row(j).fill(0.0);
-                dv_row(j).fill(0.0);
-            }
-            for h in kvh * s.group()..(kvh + 1) * s.group() {
+            let kv0 = b * t_len * s.kv_row() + kvh * hd;
+            for (i, h) in (kvh * s.group()..(kvh + 1) * s.group()).enumerate() {
+                let q0 = b * t_len * s.q_row() + h * hd;
+                let first = i == 0;
+                // SAFETY: the asserts above bound every view; dk/dv rows of (b, kvh) and dq rows
+                // of (b, h) belong to this task only.
+                unsafe {
+                    gemm_strided(t_len, t_len, hd, p.as_mut_ptr(), t_len, false, q.as_ptr().add(q0), s.q_row(), 1, k.as_ptr().add(kv0), 1, s.kv_row(), scale);
+                    let lse_row = &lse[(b * s.n_heads + h) * t_len..][..t_len];
+                    causal_exp_rows(p, t_len, Some(lse_row), &mut []);
+                    // dV (+)= Pᵀ dO
+                    gemm_strided(t_len, hd, t_len, dv_ptr.at(kv0), s.kv_row(), !first, p.as_ptr(), 1, t_len, d_out.as_ptr().add(q0), s.q_row(), 1, 1.0);
+                    // dP = dO Vᵀ
+                    gemm_strided(t_len, t_len, hd, dp.as_mut_ptr(), t_len, false, d_out.as_ptr().add(q0), s.q_row(), 1, v.as_ptr().add(kv0), 1, s.kv_row(), 1.0);
+                }
+                // dS = P ⊙ (dP − D), D_t = dO_t · O_t (0 above the diagonal, where P is 0).
                 for t in 0..t_len {
-                    let row = b * t_len + t;
-                    let q_at = row * s.q_row() + h * hd;
-                    let qv = &q[q_at..q_at + hd];
-                    let dov = &d_out[q_at..q_at + hd];
-                    let d_t = dot(dov, &out[q_at..q_at + hd]);
-                    let l = lse[(b * s.n_heads + h) * t_len + t];
-                    for j in 0..=t {
-                        let p = (dot(qv, &k[kv_at(j)..kv_at(j) + hd]) * scale - l).exp();
-                        let dp = dot(dov, &v[kv_at(j)..kv_at(j) + hd]);
-                        ds[j] = p * (dp - d_t);
-                        for (dvi, &doi) in dv_row(j).iter_mut().zip(dov) {
-                            *dvi += p * doi;
-                        }
+                    let row = q0 + t * s.q_row();
+                    let d_t = dot(&d_out[row..row + hd], &out[row..row + hd]);
+                    let (pr, dpr) = (&p[t * t_len..(t + 1) * t_len], &mut dp[t * t_len..(t + 1) * t_len]);
+                    for (x, &pv) in dpr.iter_mut().zip(pr) {
+                        *x = pv * (*x - d_t);
                     }
-                    let dq_row = unsafe { std::slice::from_raw_parts_mut(dq_ptr.at(q_at), hd) };
-                    dq_row.fill(0.0);
-                    for j in 0..=t {
-                        let g = ds[j] * scale;
-                        let kr = &k[kv_at(j)..kv_at(j) + hd];
-                        for (dqi, &ki) in dq_row.iter_mut().zip(kr) {
-                            *dqi += g * ki;
-                        }
-                        for (dki, &qi) in dk_row(j).iter_mut().zip(qv) {
-                            *dki += g * qi;
-                        }
-                    }
+                }
+                unsafe {
+                    // dQ = scale · dS K
+                    gemm_strided(t_len, hd, t_len, dq_ptr.at(q0), s.q_row(), false, dp.as_ptr(), t_len, 1, k.as_ptr().add(kv0), s.kv_row(), 1, scale);
+                    // dK (+)= scale · dSᵀ Q
+                    gemm_strided(t_len, hd, t_len, dk_ptr.at(kv0), s.kv_row(), !first, dp.as_ptr(), 1, t_len, q.as_ptr().add(q0), s.q_row(), 1, scale);
                 }
             }
         },

@@ -162,7 +162,14 @@ pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) {
     out.par_chunks_mut(ELEMS_PER_TASK)
         .zip(gate.par_chunks(ELEMS_PER_TASK).zip(up.par_chunks(ELEMS_PER_TASK)))
         .for_each(|(o, (g, u))| {
-            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            #[allow(unused_mut)]
+            let mut done = 0;
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the feature was detected at run time.
+                done = unsafe { swiglu_forward_avx512(o, g, u) };
+            }
+            for ((o, &g), &u) in o[done..].iter_mut().zip(&g[done..]).zip(&u[done..]) {
                 *o = silu(g) * u;
             }
         });
@@ -293,6 +300,14 @@ pub fn swiglu_backward(d_gate: &mut [f32], d_up: &mut [f32], gate: &[f32], up: &
         .zip(d_up.par_chunks_mut(e))
         .zip(gate.par_chunks(e).zip(up.par_chunks(e)).zip(d_out.par_chunks(e)))
         .for_each(|((dgc, duc), ((gc, uc), dc))| {
+            #[allow(unused_mut)]
+            let mut done = 0;
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the feature was detected at run time.
+                done = unsafe { swiglu_backward_avx512(dgc, duc, gc, uc, dc) };
+            }
+            let (dgc, duc, gc, uc, dc) = (&mut dgc[done..], &mut duc[done..], &gc[done..], &uc[done..], &dc[done..]);
             for ((((dg, du), &g), &u), &d) in dgc.iter_mut().zip(duc.iter_mut()).zip(gc).zip(uc).zip(dc) {
                 let sig = 1.0 / (1.0 + (-g).exp());
                 let silu = g * sig;
@@ -323,6 +338,27 @@ pub fn exp_shifted_sum(row: &mut [f32], shift: f32) -> f64 {
     sum
 }
 
+/// e^x for 16 lanes: Cody-Waite range reduction by ln 2, a degree-6 polynomial, then scale by
+/// 2^k (≤ 2 ulp over the clamped range, like Cephes' expf). Inputs below −87.3 give ~0.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33655)), _mm512_set1_ps(88.37626));
+    let k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // ln 2 split in a part exact in f32 and the remainder.
+    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_359_4), x);
+    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut y = _mm512_set1_ps(1.987_569_1e-4);
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+        y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
+    }
+    let r2 = _mm512_mul_ps(r, r);
+    let y = _mm512_fmadd_ps(y, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+    _mm512_scalef_ps(y, k)
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn exp_shifted_sum_avx512(row: &mut [f32], shift: f32) -> f64 {
@@ -330,34 +366,6 @@ unsafe fn exp_shifted_sum_avx512(row: &mut [f32], shift: f32) -> f64 {
     let n = row.len();
     let p = row.as_mut_ptr();
     let vshift = _mm512_set1_ps(shift);
-    let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
-    // ln 2 split in a part exact in f32 and the remainder (Cody-Waite).
-    let ln2_hi = _mm512_set1_ps(0.693_359_4);
-    let ln2_lo = _mm512_set1_ps(-2.121_944_4e-4);
-    let lo_clamp = _mm512_set1_ps(-87.33655);
-    let hi_clamp = _mm512_set1_ps(88.37626);
-    let c = [
-        _mm512_set1_ps(1.987_569_1e-4),
-        _mm512_set1_ps(1.398_199_9e-3),
-        _mm512_set1_ps(8.333_452e-3),
-        _mm512_set1_ps(4.166_579_6e-2),
-        _mm512_set1_ps(1.666_666_5e-1),
-        _mm512_set1_ps(5.000_000_1e-1),
-    ];
-    let one = _mm512_set1_ps(1.0);
-    let exp16 = |x: __m512| -> __m512 {
-        let x = _mm512_min_ps(_mm512_max_ps(x, lo_clamp), hi_clamp);
-        let k = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        let r = _mm512_fnmadd_ps(k, ln2_hi, x);
-        let r = _mm512_fnmadd_ps(k, ln2_lo, r);
-        let mut y = c[0];
-        for ci in &c[1..] {
-            y = _mm512_fmadd_ps(y, r, *ci);
-        }
-        let r2 = _mm512_mul_ps(r, r);
-        let y = _mm512_fmadd_ps(y, r2, _mm512_add_ps(r, one));
-        _mm512_scalef_ps(y, k)
-    };
     let mut acc0 = _mm512_setzero_pd();
     let mut acc1 = _mm512_setzero_pd();
     let mut i = 0;
@@ -377,9 +385,74 @@ unsafe fn exp_shifted_sum_avx512(row: &mut [f32], shift: f32) -> f64 {
     sum
 }
 
+/// sigmoid(g) for 16 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn sigmoid16(g: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    _mm512_div_ps(_mm512_set1_ps(1.0), _mm512_add_ps(_mm512_set1_ps(1.0), e))
+}
+
+/// out = silu(g) ⊙ u over whole 16-lane blocks; returns how many elements it did.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn swiglu_forward_avx512(out: &mut [f32], gate: &[f32], up: &[f32]) -> usize {
+    use std::arch::x86_64::*;
+    let n = out.len().min(gate.len()).min(up.len()) / 16 * 16;
+    for i in (0..n).step_by(16) {
+        let g = _mm512_loadu_ps(gate.as_ptr().add(i));
+        let u = _mm512_loadu_ps(up.as_ptr().add(i));
+        _mm512_storeu_ps(out.as_mut_ptr().add(i), _mm512_mul_ps(_mm512_mul_ps(g, sigmoid16(g)), u));
+    }
+    n
+}
+
+/// The SwiGLU backward over whole 16-lane blocks; returns how many elements it did.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn swiglu_backward_avx512(d_gate: &mut [f32], d_up: &mut [f32], gate: &[f32], up: &[f32], d_out: &[f32]) -> usize {
+    use std::arch::x86_64::*;
+    let n = d_gate.len().min(d_up.len()).min(gate.len()).min(up.len()).min(d_out.len()) / 16 * 16;
+    let one = _mm512_set1_ps(1.0);
+    for i in (0..n).step_by(16) {
+        let g = _mm512_loadu_ps(gate.as_ptr().add(i));
+        let u = _mm512_loadu_ps(up.as_ptr().add(i));
+        let d = _mm512_loadu_ps(d_out.as_ptr().add(i));
+        let sig = sigmoid16(g);
+        let silu = _mm512_mul_ps(g, sig);
+        _mm512_storeu_ps(d_up.as_mut_ptr().add(i), _mm512_mul_ps(d, silu));
+        // silu'(g) = sig · (1 + g · (1 − sig))
+        let dsilu = _mm512_mul_ps(sig, _mm512_fmadd_ps(g, _mm512_sub_ps(one, sig), one));
+        _mm512_storeu_ps(d_gate.as_mut_ptr().add(i), _mm512_mul_ps(_mm512_mul_ps(d, u), dsilu));
+    }
+    n
+}
+
 #[cfg(test)]
 mod exp_tests {
     use super::*;
+
+    #[test]
+    fn vectorised_swiglu_matches_scalar() {
+        let n = 16 * 40 + 7;
+        let g: Vec<f32> = (0..n).map(|i| (i as f32 - 300.0) * 0.037).collect();
+        let u: Vec<f32> = (0..n).map(|i| ((i * 7) % 13) as f32 * 0.3 - 2.0).collect();
+        let d: Vec<f32> = (0..n).map(|i| ((i * 5) % 11) as f32 * 0.2 - 1.0).collect();
+        let mut out = vec![0.0; n];
+        swiglu_forward(&mut out, &g, &u);
+        let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
+        swiglu_backward(&mut dg, &mut du, &g, &u, &d);
+        for i in 0..n {
+            let sig = 1.0 / (1.0 + (-(g[i] as f64)).exp());
+            let silu = g[i] as f64 * sig;
+            assert!((out[i] as f64 - silu * u[i] as f64).abs() < 1e-5 * (1.0 + (silu * u[i] as f64).abs()), "fwd {i}");
+            assert!((du[i] as f64 - d[i] as f64 * silu).abs() < 1e-5, "d_up {i}");
+            let want = d[i] as f64 * u[i] as f64 * sig * (1.0 + g[i] as f64 * (1.0 - sig));
+            assert!((dg[i] as f64 - want).abs() < 1e-5 * (1.0 + want.abs()), "d_gate {i}: {} vs {want}", dg[i]);
+        }
+    }
 
     #[test]
     fn vectorised_exp_matches_libm_to_a_few_ulp() {
