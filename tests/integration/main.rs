@@ -8,3 +8,4 @@ mod logits;
 mod lora;
 mod real_model;
 mod train;
+mod train_errors;
