@@ -48,12 +48,17 @@ struct ModelArg {
     /// A PEFT adapter applied unmerged: DIR or DIR:WEIGHT (repeatable).
     #[arg(long)]
     adapter: Vec<String>,
+    /// Frozen-weight arithmetic: f32 (exact, default) or bf16 (AVX512-BF16, faster).
+    #[arg(long, default_value = "f32")]
+    precision: String,
 }
 
 impl ModelArg {
     fn open(self) -> Result<LoadedModel> {
+        let precision: lorakit::model::Precision = self.precision.parse()?;
         let mut m = open_model(self.model)?;
         attach_adapters(&mut m, &self.adapter)?;
+        m.model.set_precision(precision, false)?;
         Ok(m)
     }
 }

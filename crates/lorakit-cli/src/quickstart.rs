@@ -78,7 +78,11 @@ pub fn cmd_quickstart(a: QuickstartArgs) -> Result<()> {
     run_script("fetch-model.sh", &[])?;
     run_script("fetch-data.sh", &["e2e"])?;
     let data = repo_root().join("data/e2e");
-    let loaded = open_model(None)?;
+    let mut loaded = open_model(None)?;
+    // The fastest precision this CPU has (bf16 with AVX512-BF16), for training and decoding.
+    let precision = TrainOptions::default().precision()?;
+    loaded.model.set_precision(precision, true)?;
+    eprintln!("precision: {precision:?}");
     let shown = read_prompts(&data.join("test.jsonl"), a.show)?;
     let test_opts = DataOptions { max_seq_len: 1024, add_eos: true };
     let (test, _) = load_jsonl(&data.join("test.jsonl"), &loaded.tokenizer, &test_opts)?;

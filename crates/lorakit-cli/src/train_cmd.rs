@@ -87,6 +87,9 @@ pub struct TrainArgs {
     save_every: Option<usize>,
     #[arg(long)]
     keep_checkpoints: Option<usize>,
+    /// Frozen-weight arithmetic: bf16 (default where the CPU has AVX512-BF16) or f32 (exact).
+    #[arg(long)]
+    precision: Option<String>,
     /// No progress bar (one line per step on stderr instead).
     #[arg(long)]
     quiet: bool,
@@ -107,6 +110,9 @@ impl TrainArgs {
         }
         if self.model.is_some() {
             o.model = self.model.clone();
+        }
+        if self.precision.is_some() {
+            o.precision = self.precision.clone();
         }
         if self.data.is_some() {
             o.data = self.data.clone();
@@ -141,7 +147,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     let mut options = a.options()?;
     let model_path = resolve_model(options.model.clone())?;
     options.model = Some(model_path.clone());
-    let loaded = open_model(Some(model_path.clone()))?;
+    let mut loaded = open_model(Some(model_path.clone()))?;
+    let precision = options.precision()?;
+    loaded.model.set_precision(precision, true)?;
     let plan = TrainPlan::new(options, &loaded, &model_path.display().to_string())?;
     let total = loaded.model.config.parameter_count();
     let trainable = plan.adapter.parameter_count();
@@ -160,9 +168,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     for w in plan.train_stats.warnings(plan.options.max_seq_len.unwrap_or_default()) {
         eprintln!("warning: {w}");
     }
-    let weights_mb = total as f64 * 4.0 / 1e6;
+    let weights_mb = total as f64 * 4.0 / 1e6 * if precision == lorakit::model::Precision::Bf16 { 2.0 } else { 1.0 };
     eprintln!(
-        "memory estimate: {:.0} MB frozen weights (f32) + {:.0} MB saved activations (batch {} × up to {} tokens)",
+        "memory estimate: {:.0} MB frozen weights ({precision:?}: f32 + bf16 copies for forward and backward) + {:.0} MB saved activations (batch {} × up to {} tokens)",
         weights_mb,
         plan.activation_bytes_estimate(&loaded.model) as f64 / 1e6,
         plan.options.batch_size,

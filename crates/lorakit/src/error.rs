@@ -7,13 +7,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The operating system refused to read or write a path.
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The operating system refused to read or write a path. (The OS error is part of the
+    /// message and deliberately not a `source`, so that error chains print it once.)
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
 
     /// A file's bytes do not follow its format (bad magic, truncated, bad offsets, ...).
     #[error("{}: {msg}", path.display())]
@@ -56,7 +53,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
     pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {

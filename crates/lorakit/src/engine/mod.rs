@@ -6,6 +6,7 @@
 
 pub mod matmul;
 pub mod attention;
+pub mod bf16;
 pub mod ops;
 
 pub use matmul::{matmul, matmul_nt, matvec_rows};

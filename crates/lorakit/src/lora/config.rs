@@ -66,6 +66,11 @@ pub struct ResolvedTarget {
     pub scale: f32,
 }
 
+/// A multi-line message (the regex crate draws a caret under the error) as one line.
+fn one_line(msg: &str) -> String {
+    msg.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// `re.match(r"(.*\.)?(KEY)$", path)` as PEFT's `get_pattern_key` uses it.
 fn pattern_matches(key: &str, path: &str) -> bool {
     Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map(|re| re.is_match(path)).unwrap_or(false)
@@ -100,8 +105,9 @@ impl LoraConfig {
                 return Err(Error::config(source, "target_modules", "is empty"));
             }
             TargetModules::Regex(re) => {
-                Regex::new(&format!("^(?:{re})$"))
-                    .map_err(|e| Error::config(source, "target_modules", format!("invalid regex: {e}")))?;
+                Regex::new(&format!("^(?:{re})$")).map_err(|e| {
+                    Error::config(source, "target_modules", format!("invalid regex: {}", one_line(&e.to_string())))
+                })?;
             }
             _ => {}
         }

@@ -4,8 +4,68 @@
 //! The weight is an enum so that bf16 and quantised storage can join f32 without touching the
 //! model code; adapters attach here, so every architecture gets LoRA through its linear layers.
 
-use crate::engine::matmul_nt;
+use crate::engine::bf16::{matmul_bf16, PackedBf16};
+use crate::engine::{matmul, matmul_nt};
 use crate::lora::LoraWeights;
+
+/// Arithmetic of the frozen-weight products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 weights and products: the exactness tests' path.
+    F32,
+    /// Weights rounded once to bf16, activations rounded per product, f32 accumulation.
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(crate::Error::Invalid(format!("unknown precision \"{other}\" (f32 or bf16)"))),
+        }
+    }
+}
+
+/// bf16 copies of a frozen weight W [out, in], packed for the two products that use it.
+#[derive(Debug, Clone)]
+pub struct Bf16Weight {
+    /// For y = x Wᵀ.
+    pub forward: PackedBf16,
+    /// For dX = dY W (training only).
+    pub backward: Option<PackedBf16>,
+}
+
+impl Bf16Weight {
+    pub fn new(w: &[f32], out: usize, inp: usize, training: bool) -> Self {
+        Bf16Weight {
+            forward: PackedBf16::for_x_wt(w, out, inp),
+            backward: training.then(|| PackedBf16::for_x_w(w, out, inp)),
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.forward.bytes() + self.backward.as_ref().map_or(0, |b| b.bytes())
+    }
+}
+
+/// y = x Wᵀ.  x: [t, in], W: [out, in] (or its bf16 packing), y: [t, out].
+pub fn frozen_forward(y: &mut [f32], x: &[f32], w: &[f32], bf16: Option<&Bf16Weight>, t: usize, inp: usize, out: usize) {
+    match bf16 {
+        Some(b) => matmul_bf16(y, x, t, &b.forward, false),
+        None => matmul_nt(y, x, w, t, inp, out, false),
+    }
+}
+
+/// dx (+)= dy W.  dy: [t, out], W: [out, in] (or its bf16 packing), dx: [t, in].
+#[allow(clippy::too_many_arguments)]
+pub fn frozen_backward(dx: &mut [f32], dy: &[f32], w: &[f32], bf16: Option<&Bf16Weight>, t: usize, inp: usize, out: usize, accumulate: bool) {
+    match bf16.and_then(|b| b.backward.as_ref()) {
+        Some(packed) => matmul_bf16(dx, dy, t, packed, accumulate),
+        None => matmul(dx, dy, false, w, false, t, out, inp, accumulate),
+    }
+}
 
 /// How a frozen weight is stored.
 #[derive(Debug, Clone)]
@@ -23,6 +83,8 @@ pub struct Linear {
     pub bias: Option<Vec<f32>>,
     /// Unmerged adapters, applied on the fly (each with its own scale).
     pub loras: Vec<LoraWeights>,
+    /// bf16 packing of the weight when the model runs in [`Precision::Bf16`].
+    pub bf16: Option<Box<Bf16Weight>>,
 }
 
 impl Linear {
@@ -34,6 +96,7 @@ impl Linear {
             weight: Weight::F32(weight),
             bias,
             loras: Vec::new(),
+            bf16: None,
         }
     }
 
@@ -64,9 +127,7 @@ impl Linear {
     /// y = x Wᵀ + b, without adapters.  x: [T, in] → y: [T, out].
     pub fn forward_base(&self, y: &mut [f32], x: &[f32]) {
         let t = x.len() / self.in_features;
-        match &self.weight {
-            Weight::F32(w) => matmul_nt(y, x, w, t, self.in_features, self.out_features, false),
-        }
+        frozen_forward(y, x, self.weight_f32(), self.bf16.as_deref(), t, self.in_features, self.out_features);
         if let Some(b) = &self.bias {
             for row in y.chunks_exact_mut(self.out_features) {
                 for (yi, bi) in row.iter_mut().zip(b) {
@@ -76,16 +137,29 @@ impl Linear {
         }
     }
 
+    /// Packs (or drops) the bf16 copy of the weight.
+    pub fn set_precision(&mut self, precision: Precision, training: bool) {
+        self.bf16 = match precision {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(Box::new(Bf16Weight::new(self.weight_f32(), self.out_features, self.in_features, training))),
+        };
+    }
+
     /// W += sign · s·B A for every attached adapter, then detaches them (sign = +1 merges,
     /// −1 unmerges an adapter merged earlier).
     pub fn merge_loras(&mut self, sign: f32) {
         let (out, inp) = (self.out_features, self.in_features);
         let loras = std::mem::take(&mut self.loras);
+        // A bf16 packing of the old weight would be stale.
+        let repack = self.bf16.as_ref().map(|b| b.backward.is_some());
         let w = self.weight_f32_mut();
         for lora in &loras {
             for (wi, di) in w.iter_mut().zip(lora.delta(out, inp)) {
                 *wi += sign * di;
             }
+        }
+        if let Some(training) = repack.filter(|_| !loras.is_empty()) {
+            self.set_precision(Precision::Bf16, training);
         }
     }
 }

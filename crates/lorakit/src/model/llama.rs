@@ -8,7 +8,8 @@ use crate::engine::ops::{
 use crate::error::{Error, Result};
 use crate::lora::peft::Adapter;
 use crate::lora::{ModuleId, ModuleKind};
-use crate::model::{Config, Linear};
+use crate::model::linear::{frozen_forward, Bf16Weight};
+use crate::model::{Config, Linear, Precision};
 
 /// One decoder layer's frozen weights.
 #[derive(Debug, Clone)]
@@ -37,6 +38,9 @@ pub struct LlamaModel {
     /// None when tied to `embed_tokens`.
     pub lm_head: Option<Linear>,
     pub rope: RopeTable,
+    /// bf16 packing of the tied LM head (`embed_tokens`) in [`Precision::Bf16`].
+    pub tied_head_bf16: Option<Box<Bf16Weight>>,
+    pub precision: Precision,
 }
 
 impl Layer {
@@ -107,6 +111,8 @@ impl LlamaModel {
             norm,
             lm_head,
             rope,
+            tied_head_bf16: None,
+            precision: Precision::F32,
         }
     }
 
@@ -116,6 +122,42 @@ impl LlamaModel {
 
     pub fn linear_mut(&mut self, id: ModuleId) -> &mut Linear {
         self.layers[id.layer].linear_mut(id.kind)
+    }
+
+    /// Switches the frozen-weight products to `precision` (bf16 packs every weight once;
+    /// `training` also packs the transposed use of each weight for the backward pass).
+    pub fn set_precision(&mut self, precision: Precision, training: bool) -> Result<()> {
+        if precision == Precision::Bf16 && !crate::engine::bf16::bf16_supported() {
+            return Err(Error::Invalid("--precision bf16 needs a CPU with AVX512-BF16; use --precision f32".into()));
+        }
+        for layer in &mut self.layers {
+            for kind in ModuleKind::ALL {
+                layer.linear_mut(kind).set_precision(precision, training);
+            }
+        }
+        match &mut self.lm_head {
+            Some(head) => head.set_precision(precision, training),
+            None => {
+                self.tied_head_bf16 = (precision == Precision::Bf16)
+                    .then(|| Box::new(Bf16Weight::new(&self.embed_tokens, self.config.vocab_size, self.config.hidden_size, training)));
+            }
+        }
+        self.precision = precision;
+        Ok(())
+    }
+
+    /// The LM head's weight [vocab, hidden] and its bf16 packing, if any.
+    pub fn head_weight(&self) -> (&[f32], Option<&Bf16Weight>) {
+        match &self.lm_head {
+            Some(l) => (l.weight_f32(), l.bf16.as_deref()),
+            None => (&self.embed_tokens, self.tied_head_bf16.as_deref()),
+        }
+    }
+
+    /// logits = x · headᵀ.  x: [n, hidden] → logits: [n, vocab].
+    pub fn head_forward(&self, logits: &mut [f32], x: &[f32], n: usize) {
+        let (w, bf16) = self.head_weight();
+        frozen_forward(logits, x, w, bf16, n, self.config.hidden_size, self.config.vocab_size);
     }
 
     /// Attaches an adapter unmerged, its scale multiplied by `weight` (1.0 = as trained).
@@ -237,10 +279,7 @@ impl LlamaModel {
         let mut final_normed = vec![0.0f32; n * h];
         rms_norm_forward(&mut final_normed, rows, &self.norm, c.rms_norm_eps);
         let mut logits = vec![0.0f32; n * c.vocab_size];
-        match &self.lm_head {
-            Some(head) => head.forward(&mut logits, &final_normed),
-            None => crate::engine::matmul_nt(&mut logits, &final_normed, &self.embed_tokens, n, h, c.vocab_size, false),
-        }
+        self.head_forward(&mut logits, &final_normed, n);
         Ok(logits)
     }
 

@@ -13,6 +13,7 @@ use crate::engine::ops::{
 use crate::error::{Error, Result};
 use crate::lora::peft::Adapter;
 use crate::lora::{LoraWeights, ModuleId, ModuleKind};
+use crate::model::linear::frozen_backward;
 use crate::model::{Linear, LlamaModel};
 
 /// LoRA dropout on the adapter path: element i of module (layer, kind)'s input is kept with
@@ -183,7 +184,7 @@ fn linear_train_backward(
     scratch: &mut Vec<f32>,
 ) {
     let (n, inp, out) = (dy.len() / lin.out_features, lin.in_features, lin.out_features);
-    matmul(dx, dy, false, lin.weight_f32(), false, n, out, inp, accumulate);
+    frozen_backward(dx, dy, lin.weight_f32(), lin.bf16.as_deref(), n, inp, out, accumulate);
     let Some((w, xa, (da, db))) = lora else { return };
     let r = w.r;
     // g = s · dy B: [N, r]

@@ -10,6 +10,6 @@ pub mod llama_train;
 pub mod load;
 
 pub use config::{Arch, Config};
-pub use linear::Linear;
+pub use linear::{Linear, Precision};
 pub use llama::{KvCache, LlamaModel};
 pub use load::{load_model, LoadedModel, ModelSource};

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use crate::engine::matmul;
+use crate::model::linear::frozen_backward;
 use crate::engine::ops::{exp_shifted_sum, rms_norm_backward, rms_norm_forward};
 use crate::model::LlamaModel;
 
@@ -41,10 +41,7 @@ pub fn lm_head_loss(
 ) -> f64 {
     let c = &model.config;
     let (h, v) = (c.hidden_size, c.vocab_size);
-    let head: &[f32] = match &model.lm_head {
-        Some(l) => l.weight_f32(),
-        None => &model.embed_tokens,
-    };
+    let (head, head_bf16) = model.head_weight();
     if let Some(dx) = dx_final.as_deref_mut() {
         dx.fill(0.0);
     }
@@ -61,7 +58,7 @@ pub fn lm_head_loss(
             xs[i * h..(i + 1) * h].copy_from_slice(&x_final[row * h..(row + 1) * h]);
         }
         rms_norm_forward(&mut normed[..m * h], &xs[..m * h], &model.norm, c.rms_norm_eps);
-        matmul(&mut logits[..m * v], &normed[..m * h], false, head, true, m, h, v, false);
+        model.head_forward(&mut logits[..m * v], &normed[..m * h], m);
         // Per row: loss, and the logits turned into d loss / d logits in place.
         let want_grad = dx_final.is_some();
         let losses: Vec<f64> = logits[..m * v]
@@ -91,7 +88,7 @@ pub fn lm_head_loss(
         total += losses.iter().sum::<f64>();
         if let Some(dx) = dx_final.as_deref_mut() {
             // d normed = d logits · head: [m, vocab] · [vocab, hidden]
-            matmul(&mut d_normed[..m * h], &logits[..m * v], false, head, false, m, v, h, false);
+            frozen_backward(&mut d_normed[..m * h], &logits[..m * v], head, head_bf16, m, h, v, false);
             rms_norm_backward(&mut d_xs[..m * h], &xs[..m * h], &model.norm, &d_normed[..m * h], c.rms_norm_eps, false);
             for (i, &(row, _)) in chunk.iter().enumerate() {
                 dx[row * h..(row + 1) * h].copy_from_slice(&d_xs[i * h..(i + 1) * h]);

@@ -64,6 +64,8 @@ pub struct TrainOptions {
     /// Write a checkpoint every N steps (0 = only at the end).
     pub save_every: usize,
     pub keep_checkpoints: usize,
+    /// Frozen-weight products: `bf16` (AVX512-BF16, the default where the CPU has it) or `f32`.
+    pub precision: Option<String>,
 }
 
 impl Default for TrainOptions {
@@ -100,6 +102,7 @@ impl Default for TrainOptions {
             eval_every: 0,
             save_every: 0,
             keep_checkpoints: 2,
+            precision: None,
         }
     }
 }
@@ -108,7 +111,24 @@ impl TrainOptions {
     /// Reads a TOML file of these keys; unknown keys are errors naming them.
     pub fn from_toml(path: &Path) -> Result<TrainOptions> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        toml::from_str(&text).map_err(|e| Error::format(path, format!("invalid training config: {}", e.to_string().trim())))
+        let o: TrainOptions = toml::from_str(&text).map_err(|e| {
+            let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let at = line.map_or(String::new(), |l| format!("line {l}: "));
+            Error::format(path, format!("{at}{}", e.message().trim().replace('\n', " ")))
+        })?;
+        if o.steps.is_some() && o.epochs.is_some() {
+            return Err(Error::config(path, "steps", "set steps or epochs, not both"));
+        }
+        Ok(o)
+    }
+
+    /// The precision asked for, or the fastest this CPU supports.
+    pub fn precision(&self) -> Result<crate::model::Precision> {
+        match &self.precision {
+            Some(p) => p.parse(),
+            None if crate::engine::bf16::bf16_supported() => Ok(crate::model::Precision::Bf16),
+            None => Ok(crate::model::Precision::F32),
+        }
     }
 
     fn lora_config(&self, model_name: &str) -> Result<LoraConfig> {
@@ -202,13 +222,40 @@ impl TrainPlan {
         let adam = AdamWConfig { lr: o.lr, beta1: o.beta1, beta2: o.beta2, eps: o.adam_eps, weight_decay: o.weight_decay };
         adam.validate()?;
         let adapter = match &o.init_adapter {
-            Some(dir) => Adapter::load(dir, &loaded.model.config)?,
-            None => Adapter::init(o.lora_config(model_name)?, &loaded.model.config, o.seed, Path::new("--targets"))?,
+            Some(dir) => {
+                // The adapter's own config decides; a LoRA option given beside it would be ignored.
+                let d = TrainOptions::default();
+                let conflicting = [
+                    ("r", o.r != d.r),
+                    ("alpha", o.alpha != d.alpha),
+                    ("dropout", o.dropout != d.dropout),
+                    ("targets", o.targets != d.targets),
+                    ("layers", o.layers != d.layers),
+                    ("use_rslora", o.use_rslora != d.use_rslora),
+                    ("init", o.init != d.init),
+                ];
+                if let Some((name, _)) = conflicting.iter().find(|(_, differs)| *differs) {
+                    return Err(Error::Invalid(format!(
+                        "--{name} cannot be combined with --init-adapter: the adapter's own adapter_config.json decides its LoRA settings"
+                    )));
+                }
+                Adapter::load(dir, &loaded.model.config)?
+            }
+            None => Adapter::init(o.lora_config(model_name)?, &loaded.model.config, o.seed, Path::new("LoRA options (--r, --alpha, --dropout, --targets, --layers, --init)"))?,
         };
         let data_opts = DataOptions { max_seq_len, add_eos: true };
         let (examples, train_stats) = load_jsonl(data, &loaded.tokenizer, &data_opts)?;
+        if examples.is_empty() {
+            return Err(Error::format(data, format!("no example has a target token ({} dropped)", train_stats.dropped_no_target)));
+        }
         let eval_examples = match &o.eval_data {
-            Some(p) => Some(load_jsonl(p, &loaded.tokenizer, &data_opts)?.0),
+            Some(p) => {
+                let (ex, stats) = load_jsonl(p, &loaded.tokenizer, &data_opts)?;
+                if ex.is_empty() {
+                    return Err(Error::format(p, format!("no example has a target token ({} dropped)", stats.dropped_no_target)));
+                }
+                Some(ex)
+            }
             None => None,
         };
         let pad = loaded.tokenizer.pad_id().or(loaded.tokenizer.eos_id()).unwrap_or(0);
@@ -332,9 +379,20 @@ fn save_checkpoint(out: &Path, step: u64, adapter: &Adapter, adam: &AdamW, optio
     let dir = root.join(format!("step-{step:06}"));
     replace_dir_atomic(&tmp, &dir)?;
     let all = checkpoint_dirs(out);
-    for (_, old) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
-        // A checkpoint we fail to prune is only disk space; never fail training for it.
-        let _ = std::fs::remove_dir_all(old);
+    for (step, old) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+        // Rename first, so that a kill during the deletion leaves a hidden directory that is
+        // never mistaken for a checkpoint. A failure here costs only disk space.
+        let aside = root.join(format!(".deleting-step-{step:06}"));
+        if std::fs::rename(old, &aside).is_ok() {
+            let _ = std::fs::remove_dir_all(&aside);
+        }
+    }
+    // Leftovers of runs killed while writing or pruning.
+    for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".deleting-") || (name.starts_with(".tmp-step-") && e.path() != tmp) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
     Ok(dir)
 }
