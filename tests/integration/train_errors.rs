@@ -4,7 +4,7 @@
 //! SIGKILL between training steps: every checkpoint left behind loads, and `--resume`
 //! reproduces the uninterrupted run exactly.
 //!
-//! Tests marked `KNOWN BUG` fail on purpose until the library or CLI is fixed; each says
+//! Tests marked `REGRESSION` guard bugs this suite found (all fixed); each says
 //! what is wrong and what the fix should give.
 
 use std::path::{Path, PathBuf};
@@ -122,7 +122,7 @@ fn unknown_target_name_lists_the_modules() {
     train_fails(&["--targets", ","], &["target_modules", "empty"]);
 }
 
-/// KNOWN BUG: the regex crate's error is several lines (the pattern, a caret line, the
+/// REGRESSION (fixed): the regex crate's error is several lines (the pattern, a caret line, the
 /// reason); printed as is, the `error:` line is followed by a fragment of the message.
 /// Fix: fold the regex error onto one line (e.g. replace newlines by "; ").
 #[test]
@@ -130,7 +130,7 @@ fn invalid_target_regex_is_one_line() {
     train_fails(&["--targets", "q_proj("], &["--targets", "q_proj(", "invalid regex", "unclosed group"]);
 }
 
-/// KNOWN BUG (message): `--r 0`, `--dropout 1.5` and `--alpha 0` are reported as
+/// REGRESSION (message) (fixed): `--r 0`, `--dropout 1.5` and `--alpha 0` are reported as
 /// "--targets: 'r': must be ≥ 1": the key is right but the source named is the --targets
 /// flag (Adapter::init is given Path::new("--targets") as the source of the whole config).
 #[test]
@@ -169,7 +169,7 @@ fn toml_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
-/// KNOWN BUG: toml's errors are multi-line (a source excerpt with a caret under the bad
+/// REGRESSION (fixed): toml's errors are multi-line (a source excerpt with a caret under the bad
 /// token), so what the CLI prints is five lines, the reason on the last. Fix: one line such
 /// as "cfg.toml: line 2, column 1: unknown field `learning_rate`, expected one of ...".
 #[test]
@@ -179,7 +179,7 @@ fn toml_unknown_key_names_key_and_file() {
     train_fails(&["--config", s(&cfg)], &["unknown-key.toml", "learning_rate", "line 2"]);
 }
 
-/// KNOWN BUG: multi-line, as above.
+/// REGRESSION (fixed): multi-line, as above.
 #[test]
 fn toml_wrong_type_names_key_and_file() {
     let tmp = tempfile::tempdir().unwrap();
@@ -189,7 +189,7 @@ fn toml_wrong_type_names_key_and_file() {
     train_fails(&["--config", s(&cfg)], &["negative.toml", "-1"]);
 }
 
-/// KNOWN BUG (message): both keys in the TOML file give "give --steps or --epochs, not
+/// REGRESSION (message) (fixed): both keys in the TOML file give "give --steps or --epochs, not
 /// both", which blames flags the user did not type and does not name the file.
 #[test]
 fn toml_steps_and_epochs_both() {
@@ -213,7 +213,7 @@ fn toml_values_out_of_range() {
     train_fails(&["--config", s(&cfg)], &["'r'", "≥ 1"]);
 }
 
-/// KNOWN BUG (message): an I/O error is printed with its OS reason twice:
+/// REGRESSION (message) (fixed): an I/O error is printed with its OS reason twice:
 /// "x.toml: No such file or directory (os error 2): No such file or directory (os error 2)"
 /// (`Error::Io`'s Display includes its `#[source]`, and the CLI's `{:#}` prints the source
 /// chain again). The same happens for `--data`, `--model`, ...
@@ -415,7 +415,7 @@ fn adapter_weights_file_truncated() {
     }
 }
 
-/// KNOWN BUG (missing check): with --init-adapter, the LoRA flags --r, --alpha, --dropout,
+/// REGRESSION (missing check) (fixed): with --init-adapter, the LoRA flags --r, --alpha, --dropout,
 /// --targets, --layers, --init and --use-rslora are silently ignored (the adapter's own
 /// config is used), even when invalid: `--init-adapter DIR --r 0` trains and exits 0, and
 /// `--dropout 0.1` trains with the adapter's dropout (0.0) instead. Fix: refuse these flags
@@ -551,7 +551,7 @@ fn data_file_missing_or_a_directory() {
     assert_eq!(err.matches("No such file").count(), 1, "the reason is repeated:\n{err}");
 }
 
-/// KNOWN BUG: when every line of --data has no target token (all labels -100), the error is
+/// REGRESSION (fixed): when every line of --data has no target token (all labels -100), the error is
 /// the bare "no training examples to batch": no file named, no reason given. Fix: e.g.
 /// "train.jsonl: all 2 examples were dropped: none has a target token".
 #[test]
@@ -572,7 +572,7 @@ fn eval_data_malformed_fails_before_training() {
     train_fails(&["--eval-data", s(&tmp.path().join("no-eval.jsonl"))], &["no-eval.jsonl"]);
 }
 
-/// KNOWN BUG: eval data whose lines have no target token is only found out at the first
+/// REGRESSION (fixed): eval data whose lines have no target token is only found out at the first
 /// evaluation: with no --eval-every that is after the LAST step, so the whole run is
 /// trained, then it fails with "no training examples to batch" (not naming the eval file),
 /// without writing the final checkpoint or adapter (metrics.jsonl is left in --out).

@@ -241,7 +241,21 @@ impl TrainPlan {
                 }
                 Adapter::load(dir, &loaded.model.config)?
             }
-            None => Adapter::init(o.lora_config(model_name)?, &loaded.model.config, o.seed, Path::new("LoRA options (--r, --alpha, --dropout, --targets, --layers, --init)"))?,
+            None => Adapter::init(o.lora_config(model_name)?, &loaded.model.config, o.seed, Path::new("LoRA options")).map_err(|e| match e {
+                // Name the option the user set (flag or TOML key), not PEFT's field.
+                Error::Config { key, msg, .. } => {
+                    let flag = match key.as_str() {
+                        "r" => "--r",
+                        "lora_alpha" => "--alpha",
+                        "lora_dropout" => "--dropout",
+                        "target_modules" => "--targets",
+                        "layers_to_transform" => "--layers",
+                        other => other,
+                    };
+                    Error::Invalid(format!("{flag} ('{key}'): {msg}"))
+                }
+                other => other,
+            })?,
         };
         let data_opts = DataOptions { max_seq_len, add_eos: true };
         let (examples, train_stats) = load_jsonl(data, &loaded.tokenizer, &data_opts)?;
