@@ -5,6 +5,7 @@
 mod common;
 mod bf16;
 mod cli_errors;
+mod e2e;
 mod logits;
 mod lora;
 mod real_model;

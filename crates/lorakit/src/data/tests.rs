@@ -500,31 +500,3 @@ fn shuffle_is_deterministic_and_groups_by_length() {
     }
 }
 
-/// The E2E files of scripts/fetch-data.sh, when they have been fetched: every line loads,
-/// prompts carry no loss, and batches of the shuffled training set are full.
-#[test]
-fn e2e_data_when_fetched() {
-    let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/e2e"));
-    if !dir.join("train.jsonl").is_file() {
-        eprintln!("skipped: no data/e2e (run scripts/fetch-data.sh)");
-        return;
-    }
-    let t = tok();
-    for split in ["train", "validation", "test"] {
-        let (exs, stats) = load_jsonl(&dir.join(format!("{split}.jsonl")), &t, &opts()).unwrap();
-        eprintln!(
-            "e2e {split}: {stats}, longest {}",
-            exs.iter().map(|e| e.len()).max().unwrap()
-        );
-        assert_eq!(stats.truncated + stats.dropped_no_target, 0);
-        for ex in &exs {
-            assert!(labelled_runs(&t, ex)[0].starts_with(' '));
-            assert_eq!(labelled_runs(&t, ex).len(), 1);
-        }
-        if split == "train" {
-            let b = Batcher::new(exs, 8, true, 1).unwrap();
-            let batches = b.epoch(0);
-            assert_eq!(batches.len(), b.batches_per_epoch());
-        }
-    }
-}
