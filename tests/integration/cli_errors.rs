@@ -9,17 +9,33 @@ use crate::common::*;
 fn assert_fails_with(args: &[&str], needles: &[&str]) {
     let out = lorakit(args);
     let err = stderr(&out);
-    assert!(!out.status.success(), "lorakit {args:?} should fail; stderr: {err}");
-    assert_eq!(out.status.code(), Some(1), "exit code of lorakit {args:?}: {err}");
-    assert!(!err.contains("panicked"), "lorakit {args:?} panicked: {err}");
+    assert!(
+        !out.status.success(),
+        "lorakit {args:?} should fail; stderr: {err}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exit code of lorakit {args:?}: {err}"
+    );
+    assert!(
+        !err.contains("panicked"),
+        "lorakit {args:?} panicked: {err}"
+    );
     for n in needles {
-        assert!(err.contains(n), "stderr of lorakit {args:?} lacks {n:?}: {err}");
+        assert!(
+            err.contains(n),
+            "stderr of lorakit {args:?} lacks {n:?}: {err}"
+        );
     }
 }
 
 #[test]
 fn missing_model_path_is_named() {
-    assert_fails_with(&["inspect", "/nonexistent/model.gguf"], &["/nonexistent/model.gguf", "No such file"]);
+    assert_fails_with(
+        &["inspect", "/nonexistent/model.gguf"],
+        &["/nonexistent/model.gguf", "No such file"],
+    );
 }
 
 #[test]
@@ -34,7 +50,10 @@ fn non_gguf_file() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("notes.txt");
     std::fs::write(&f, "hello, I am not a model").unwrap();
-    assert_fails_with(&["generate", "--model", f.to_str().unwrap(), "--prompt", "hi"], &["notes.txt", "not a GGUF file"]);
+    assert_fails_with(
+        &["generate", "--model", f.to_str().unwrap(), "--prompt", "hi"],
+        &["notes.txt", "not a GGUF file"],
+    );
 }
 
 #[test]
@@ -45,7 +64,10 @@ fn truncated_gguf_files() {
     for cut in [3usize, 20, 1000, 500_000, 60_000_000] {
         let f = dir.path().join(format!("cut{cut}.gguf"));
         std::fs::write(&f, &real[..cut]).unwrap();
-        assert_fails_with(&["inspect", f.to_str().unwrap()], &[&format!("cut{cut}.gguf")]);
+        assert_fails_with(
+            &["inspect", f.to_str().unwrap()],
+            &[&format!("cut{cut}.gguf")],
+        );
     }
 }
 
@@ -60,7 +82,13 @@ struct GgufWriter {
 
 impl GgufWriter {
     fn new() -> Self {
-        GgufWriter { kv: vec![], n_kv: 0, tensors: vec![], n_tensors: 0, data: vec![] }
+        GgufWriter {
+            kv: vec![],
+            n_kv: 0,
+            tensors: vec![],
+            n_tensors: 0,
+            data: vec![],
+        }
     }
     fn string(buf: &mut Vec<u8>, s: &str) {
         buf.extend((s.len() as u64).to_le_bytes());
@@ -108,7 +136,7 @@ impl GgufWriter {
         self.tensors.extend(type_id.to_le_bytes());
         self.tensors.extend((self.data.len() as u64).to_le_bytes());
         self.data.extend(bytes);
-        while self.data.len() % 32 != 0 {
+        while !self.data.len().is_multiple_of(32) {
             self.data.push(0);
         }
         self.n_tensors += 1;
@@ -121,7 +149,7 @@ impl GgufWriter {
         out.extend(self.n_kv.to_le_bytes());
         out.extend(&self.kv);
         out.extend(&self.tensors);
-        while out.len() % 32 != 0 {
+        while !out.len().is_multiple_of(32) {
             out.push(0);
         }
         out.extend(&self.data);
@@ -133,8 +161,13 @@ impl GgufWriter {
 fn unsupported_gguf_architecture_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("falcon.gguf");
-    GgufWriter::new().kv_str("general.architecture", "falcon").write(&f);
-    assert_fails_with(&["inspect", f.to_str().unwrap()], &["falcon.gguf", "falcon", "unsupported"]);
+    GgufWriter::new()
+        .kv_str("general.architecture", "falcon")
+        .write(&f);
+    assert_fails_with(
+        &["inspect", f.to_str().unwrap()],
+        &["falcon.gguf", "falcon", "unsupported"],
+    );
 }
 
 #[test]
@@ -159,7 +192,10 @@ fn unsupported_tensor_type_is_named() {
         // IQ2_XXS: 66 bytes per block of 256.
         .tensor("token_embd.weight", &[256, 4], 16, &[0u8; 4 * 66]);
     w.write(&f);
-    assert_fails_with(&["inspect", f.to_str().unwrap()], &["iq2.gguf", "token_embd.weight", "IQ2_XXS"]);
+    assert_fails_with(
+        &["inspect", f.to_str().unwrap()],
+        &["iq2.gguf", "token_embd.weight", "IQ2_XXS"],
+    );
 }
 
 #[test]
@@ -198,5 +234,14 @@ fn empty_prompt_and_empty_chat() {
 #[test]
 fn out_of_vocabulary_ids_are_rejected() {
     let tiny = fixture("tiny-llama");
-    assert_fails_with(&["score", "--model", tiny.to_str().unwrap(), "--ids", "1,2,49152"], &["49152", "vocabulary"]);
+    assert_fails_with(
+        &[
+            "score",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--ids",
+            "1,2,49152",
+        ],
+        &["49152", "vocabulary"],
+    );
 }

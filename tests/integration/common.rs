@@ -9,7 +9,10 @@ use lorakit::io::safetensors_file::SafetensorsFile;
 use lorakit::model::{load_model, LoadedModel};
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repo root")
 }
 
 pub fn fixture(rel: &str) -> PathBuf {
@@ -18,12 +21,18 @@ pub fn fixture(rel: &str) -> PathBuf {
 
 pub fn read_json(rel: &str) -> serde_json::Value {
     let p = fixture(rel);
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 pub fn ids_of(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().expect("id array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("id array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
 /// The real default model, fetched once per test process through the project's own script
@@ -37,7 +46,10 @@ pub fn real_model_path() -> PathBuf {
                 .arg(root.join("scripts/fetch-model.sh"))
                 .status()
                 .expect("run scripts/fetch-model.sh");
-            assert!(status.success(), "scripts/fetch-model.sh failed: the real-model tests cannot run");
+            assert!(
+                status.success(),
+                "scripts/fetch-model.sh failed: the real-model tests cannot run"
+            );
             root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
         })
         .clone()
@@ -95,7 +107,13 @@ pub fn logits_record(rel: &str, record: &str) -> LogitsRecord {
 /// Compares our logits [rows, vocab] with a fixture record; returns the max |diff| seen over
 /// the full logits (when present), the strided columns and the log-sum-exp, and checks argmax
 /// at every row whose top-1/top-2 gap exceeds twice the tolerance.
-pub fn compare_logits(ours: &[f32], vocab: usize, want: &LogitsRecord, atol: f32, what: &str) -> f32 {
+pub fn compare_logits(
+    ours: &[f32],
+    vocab: usize,
+    want: &LogitsRecord,
+    atol: f32,
+    what: &str,
+) -> f32 {
     let rows = ours.len() / vocab;
     assert_eq!(want.lse.len(), rows, "{what}: row count");
     let mut max_diff = 0.0f32;
@@ -112,10 +130,17 @@ pub fn compare_logits(ours: &[f32], vocab: usize, want: &LogitsRecord, atol: f32
         }
         max_diff = max_diff.max((logsumexp(row) as f32 - want.lse[r]).abs());
         if want.top2gap[r] > 2.0 * atol {
-            assert_eq!(argmax(row) as i64, want.argmax[r], "{what}: argmax at row {r}");
+            assert_eq!(
+                argmax(row) as i64,
+                want.argmax[r],
+                "{what}: argmax at row {r}"
+            );
         }
     }
-    assert!(max_diff <= atol, "{what}: max |logit diff| {max_diff} > {atol}");
+    assert!(
+        max_diff <= atol,
+        "{what}: max |logit diff| {max_diff} > {atol}"
+    );
     eprintln!("{what}: max |logit diff| = {max_diff:.3e} (tolerance {atol:.0e})");
     max_diff
 }

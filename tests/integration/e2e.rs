@@ -15,7 +15,11 @@ pub fn e2e_dir() -> std::path::PathBuf {
     FETCHED
         .get_or_init(|| {
             let root = repo_root();
-            let status = Command::new("bash").arg(root.join("scripts/fetch-data.sh")).arg("e2e").status().expect("run fetch-data.sh");
+            let status = Command::new("bash")
+                .arg(root.join("scripts/fetch-data.sh"))
+                .arg("e2e")
+                .status()
+                .expect("run fetch-data.sh");
             assert!(status.success(), "scripts/fetch-data.sh e2e failed");
             root.join("data/e2e")
         })
@@ -36,18 +40,32 @@ fn e2e_splits_load_mask_the_prompt_and_keep_meaning_representations_apart() {
         for ex in &exs {
             // Exactly one labelled run: the completion (which starts with a space) and EOS.
             let first = ex.labels.iter().position(|&l| l != -100).unwrap();
-            assert!(ex.labels[first..].iter().all(|&l| l != -100), "{split}: one contiguous target run");
+            assert!(
+                ex.labels[first..].iter().all(|&l| l != -100),
+                "{split}: one contiguous target run"
+            );
             let text = tok.decode(&ex.input_ids[first..], false).unwrap();
-            assert!(text.starts_with(' ') && text.ends_with("<|im_end|>"), "{split}: {text:?}");
+            assert!(
+                text.starts_with(' ') && text.ends_with("<|im_end|>"),
+                "{split}: {text:?}"
+            );
         }
         let text = std::fs::read_to_string(&path).unwrap();
         let mrs: HashSet<String> = text
             .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["prompt"].as_str().unwrap().to_owned())
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["prompt"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
             .collect();
         for l in text.lines() {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            assert!(!v["references"].as_array().unwrap().is_empty(), "{split}: references grouped per MR");
+            assert!(
+                !v["references"].as_array().unwrap().is_empty(),
+                "{split}: references grouped per MR"
+            );
         }
         mrs_per_split.push(mrs);
         if split == "train" {
@@ -56,10 +74,17 @@ fn e2e_splits_load_mask_the_prompt_and_keep_meaning_representations_apart() {
         }
     }
     assert_eq!(total, 1000, "bigbench's e2e_nlg task has 1000 examples");
-    assert_eq!(mrs_per_split.iter().map(|m| m.len()).sum::<usize>(), 213, "213 meaning representations");
+    assert_eq!(
+        mrs_per_split.iter().map(|m| m.len()).sum::<usize>(),
+        213,
+        "213 meaning representations"
+    );
     for i in 0..3 {
         for j in i + 1..3 {
-            assert!(mrs_per_split[i].is_disjoint(&mrs_per_split[j]), "splits {i} and {j} share a meaning representation");
+            assert!(
+                mrs_per_split[i].is_disjoint(&mrs_per_split[j]),
+                "splits {i} and {j} share a meaning representation"
+            );
         }
     }
 }

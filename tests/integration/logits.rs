@@ -26,16 +26,26 @@ fn tiny_llama_cached_decode_equals_full_forward() {
     let v = m.model.config.vocab_size;
     let full = m.model.logits(&ids).unwrap();
     let mut cache = m.model.new_cache(ids.len()).unwrap();
-    let mut last = m.model.forward(&ids[..5], &mut cache, Logits::Last).unwrap();
+    let mut last = m
+        .model
+        .forward(&ids[..5], &mut cache, Logits::Last)
+        .unwrap();
     assert_max_diff(&last, &full[4 * v..5 * v], 1e-5);
     for t in 5..ids.len() {
-        last = m.model.forward(&ids[t..t + 1], &mut cache, Logits::Last).unwrap();
+        last = m
+            .model
+            .forward(&ids[t..t + 1], &mut cache, Logits::Last)
+            .unwrap();
         assert_max_diff(&last, &full[t * v..(t + 1) * v], 1e-5);
     }
 }
 
 fn assert_max_diff(a: &[f32], b: &[f32], tol: f32) {
-    let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    let d = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
     assert!(d <= tol, "max diff {d} > {tol}");
 }
 
@@ -54,11 +64,19 @@ fn tiny_llama_score_cli_matches_fixture_log_softmax() {
         let mut seq: Vec<u32> = ids[..t].to_vec();
         seq.push(probe);
         let arg = seq.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-        let out = lorakit(&["score", "--model", model.to_str().unwrap(), "--ids", &arg, "--json"]);
+        let out = lorakit(&[
+            "score",
+            "--model",
+            model.to_str().unwrap(),
+            "--ids",
+            &arg,
+            "--json",
+        ]);
         assert!(out.status.success(), "{}", stderr(&out));
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let got = json["tokens"][t]["logprob"].as_f64().unwrap();
-        let expected = want.strided[(t - 1) * sv + (probe / 16) as usize] as f64 - want.lse[t - 1] as f64;
+        let expected =
+            want.strided[(t - 1) * sv + (probe / 16) as usize] as f64 - want.lse[t - 1] as f64;
         max_diff = max_diff.max((got - expected).abs());
     }
     assert!(max_diff <= 1e-4, "max |logprob diff| {max_diff}");

@@ -2,9 +2,9 @@
 //! fixtures in `tests/fixtures/` (see its README for tolerances), the real SmolLM2 model
 //! (fetched by `scripts/fetch-model.sh`, never skipped), and the `lorakit` CLI end to end.
 
-mod common;
 mod bf16;
 mod cli_errors;
+mod common;
 mod e2e;
 mod logits;
 mod lora;

@@ -28,7 +28,10 @@ fn smollm2_greedy_continuations_match_transformers() {
         let ids = ids_of(&meta["prompts"][record]["ids"]);
         let want = ids_of(&meta["greedy_base"][record]["ids"]);
         // The fixture's generation does not stop at EOS: 32 new tokens every time.
-        let params = SamplingParams { max_new_tokens: 32, ..Default::default() };
+        let params = SamplingParams {
+            max_new_tokens: 32,
+            ..Default::default()
+        };
         let got = generate(&m.model, &ids, &params, |_| Ok(())).unwrap();
         assert_eq!(got, want, "greedy continuation of '{record}'");
     }
@@ -38,14 +41,21 @@ fn smollm2_greedy_continuations_match_transformers() {
 fn gguf_tokenizer_matches_hf_on_every_fixture_string() {
     let tok = &real_model().tokenizer;
     let cases = read_json("tokenizer/tokenizer_cases.json");
-    let cases = cases["cases"].as_array().or_else(|| cases.as_array()).expect("cases array");
+    let cases = cases["cases"]
+        .as_array()
+        .or_else(|| cases.as_array())
+        .expect("cases array");
     assert_eq!(cases.len(), 45);
     for case in cases {
         let text = case["text"].as_str().unwrap();
         let want = ids_of(&case["ids"]);
         let got = tok.encode(text, true).unwrap();
         assert_eq!(got, want, "ids of {text:?}");
-        assert_eq!(tok.decode(&got, false).unwrap(), case["decoded"].as_str().unwrap(), "decode of {text:?}");
+        assert_eq!(
+            tok.decode(&got, false).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "decode of {text:?}"
+        );
         assert_eq!(
             tok.decode(&got, true).unwrap(),
             case["decoded_skip_special_tokens"].as_str().unwrap(),
@@ -62,7 +72,10 @@ fn gguf_chat_template_renders_like_transformers() {
     let messages: Vec<ChatMessage> = serde_json::from_value(main["messages"].clone()).unwrap();
     let text = m.tokenizer.apply_chat_template(&messages, true).unwrap();
     assert_eq!(text, main["text"].as_str().unwrap());
-    assert_eq!(m.tokenizer.encode(&text, true).unwrap(), ids_of(&main["ids"]));
+    assert_eq!(
+        m.tokenizer.encode(&text, true).unwrap(),
+        ids_of(&main["ids"])
+    );
 }
 
 #[test]
@@ -75,12 +88,22 @@ fn score_cli_logprobs_match_fixture_log_softmax() {
     let v = 49152;
     let model = real_model_path();
     let ids_arg = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-    let out = lorakit(&["score", "--model", model.to_str().unwrap(), "--ids", &ids_arg, "--json"]);
+    let out = lorakit(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        &ids_arg,
+        "--json",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let tokens = json["tokens"].as_array().unwrap();
     assert_eq!(tokens.len(), ids.len());
-    assert!(tokens[0]["logprob"].is_null(), "the first token has no logprob");
+    assert!(
+        tokens[0]["logprob"].is_null(),
+        "the first token has no logprob"
+    );
     let mut total = 0.0;
     let mut max_diff = 0.0f64;
     for t in 1..ids.len() {
@@ -112,7 +135,10 @@ fn generate_cli_streams_the_greedy_continuation() {
         "32",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{prompt}{continuation}\n"));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{prompt}{continuation}\n")
+    );
 }
 
 #[test]
@@ -133,7 +159,10 @@ fn generate_cli_chat_uses_the_template_and_stops_at_eos() {
         "32",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{want_text}\n"));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{want_text}\n")
+    );
 }
 
 #[test]
@@ -142,7 +171,17 @@ fn inspect_cli_describes_the_real_model() {
     let out = lorakit(&["inspect", model.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8(out.stdout).unwrap();
-    for needle in ["architecture:  llama", "Q4_1", "Q8_0", "30 layers", "chat template: present", "134515008"] {
-        assert!(text.contains(needle), "inspect output lacks {needle:?}:\n{text}");
+    for needle in [
+        "architecture:  llama",
+        "Q4_1",
+        "Q8_0",
+        "30 layers",
+        "chat template: present",
+        "134515008",
+    ] {
+        assert!(
+            text.contains(needle),
+            "inspect output lacks {needle:?}:\n{text}"
+        );
     }
 }

@@ -11,14 +11,17 @@ use crate::common::*;
 
 /// Writes the fixture's [20, 4, 128] batches as pre-tokenised JSONL lines in batch order.
 fn trajectory_jsonl(path: &Path) {
-    let f = SafetensorsFile::open(&fixture("smollm2-peft-r8-qv/training/batches.safetensors")).unwrap();
+    let f =
+        SafetensorsFile::open(&fixture("smollm2-peft-r8-qv/training/batches.safetensors")).unwrap();
     let (ids, shape) = f.tensor_i64("input_ids").unwrap();
     let (labels, _) = f.tensor_i64("labels").unwrap();
     assert_eq!(shape, vec![20, 4, 128]);
     let mut out = String::new();
     for row in 0..80 {
         let r = row * 128..(row + 1) * 128;
-        out.push_str(&serde_json::json!({ "input_ids": &ids[r.clone()], "labels": &labels[r] }).to_string());
+        out.push_str(
+            &serde_json::json!({ "input_ids": &ids[r.clone()], "labels": &labels[r] }).to_string(),
+        );
         out.push('\n');
     }
     std::fs::write(path, out).unwrap();
@@ -48,7 +51,9 @@ fn run_trajectory(precision: &str) -> (tempfile::TempDir, std::path::PathBuf, Ve
         "--out",
         out.to_str().unwrap(),
         "--init-adapter",
-        fixture("smollm2-peft-r8-qv/training/adapter_step0").to_str().unwrap(),
+        fixture("smollm2-peft-r8-qv/training/adapter_step0")
+            .to_str()
+            .unwrap(),
         "--no-shuffle",
         "--batch-size",
         "4",
@@ -66,7 +71,10 @@ fn run_trajectory(precision: &str) -> (tempfile::TempDir, std::path::PathBuf, Ve
         precision,
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let rows: Vec<_> = metrics(&out).into_iter().filter(|r| r.get("loss").is_some()).collect();
+    let rows: Vec<_> = metrics(&out)
+        .into_iter()
+        .filter(|r| r.get("loss").is_some())
+        .collect();
     assert_eq!(rows.len(), 20);
     for (k, row) in rows.iter().enumerate() {
         assert_eq!(row["step"].as_u64().unwrap(), k as u64 + 1);
@@ -85,7 +93,12 @@ fn bf16_trajectory_stays_within_one_percent_of_peft_fp32() {
         let want = want.as_f64().unwrap();
         let rel = (losses[k] - want).abs() / want;
         worst = worst.max(rel);
-        assert!(rel < 1e-2, "bf16 step {}: loss {} vs PEFT fp32 {want}", k + 1, losses[k]);
+        assert!(
+            rel < 1e-2,
+            "bf16 step {}: loss {} vs PEFT fp32 {want}",
+            k + 1,
+            losses[k]
+        );
     }
     eprintln!("bf16 trajectory: worst relative loss difference vs PEFT fp32 {worst:.2e}");
 }
@@ -94,12 +107,22 @@ fn bf16_trajectory_stays_within_one_percent_of_peft_fp32() {
 fn twenty_steps_reproduce_peft_trajectory_on_smollm2() {
     let (_tmp, out, losses) = run_trajectory("f32");
     let traj = read_json("smollm2-peft-r8-qv/training/trajectory.json");
-    let want: Vec<f64> = traj["losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let want: Vec<f64> = traj["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
     let mut worst = 0.0f64;
     for (k, &got) in losses.iter().enumerate() {
         let rel = (got - want[k]).abs() / want[k];
         worst = worst.max(rel);
-        assert!(rel <= 1e-3, "step {}: loss {got} vs PEFT {}", k + 1, want[k]);
+        assert!(
+            rel <= 1e-3,
+            "step {}: loss {got} vs PEFT {}",
+            k + 1,
+            want[k]
+        );
     }
     eprintln!("trajectory: worst relative loss difference over 20 steps {worst:.2e}");
 
@@ -110,16 +133,39 @@ fn twenty_steps_reproduce_peft_trajectory_on_smollm2() {
     model.attach_adapter(&adapter, 1.0).unwrap();
     let ids = ids_of(&traj["final"]["item_ids"]);
     let logits = model.logits(&ids).unwrap();
-    let want = logits_record("smollm2-peft-r8-qv/training/logits_step20.safetensors", "item");
-    compare_logits(&logits, m.model.config.vocab_size, &want, 5e-2, "adapter after 20 steps");
+    let want = logits_record(
+        "smollm2-peft-r8-qv/training/logits_step20.safetensors",
+        "item",
+    );
+    compare_logits(
+        &logits,
+        m.model.config.vocab_size,
+        &want,
+        5e-2,
+        "adapter after 20 steps",
+    );
     // And by norms, per tensor (README: relative Frobenius ≤ 1e-2).
-    let reference = Adapter::load(&fixture("smollm2-peft-r8-qv/training/adapter_step20"), &m.model.config).unwrap();
+    let reference = Adapter::load(
+        &fixture("smollm2-peft-r8-qv/training/adapter_step20"),
+        &m.model.config,
+    )
+    .unwrap();
     for (id, w) in &adapter.modules {
         let r = &reference.modules[id];
         for (got, want, what) in [(&w.a, &r.a, "A"), (&w.b, &r.b, "B")] {
-            let diff: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
+            let diff: f64 = got
+                .iter()
+                .zip(want)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
             let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt();
-            assert!(diff / norm <= 1e-2, "{} {what}: relative Frobenius difference {}", id.path(), diff / norm);
+            assert!(
+                diff / norm <= 1e-2,
+                "{} {what}: relative Frobenius difference {}",
+                id.path(),
+                diff / norm
+            );
         }
     }
 }
@@ -142,8 +188,25 @@ fn trained_adapter_is_peft_format_and_reloads_bit_identically() {
     let out = tmp.path().join("run");
     let tiny = fixture("tiny-llama");
     let o = lorakit(&[
-        "train", "--model", tiny.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
-        "--r", "4", "--alpha", "8", "--targets", "q_proj,v_proj,down_proj", "--steps", "3", "--batch-size", "2", "--lr", "1e-2",
+        "train",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--r",
+        "4",
+        "--alpha",
+        "8",
+        "--targets",
+        "q_proj,v_proj,down_proj",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-2",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
@@ -152,17 +215,36 @@ fn trained_adapter_is_peft_format_and_reloads_bit_identically() {
     let st = SafetensorsFile::open(&out.join("adapter_model.safetensors")).unwrap();
     let names = st.names();
     assert_eq!(names.len(), 2 * 3 * 2);
-    assert!(names.contains(&"base_model.model.model.layers.1.mlp.down_proj.lora_B.weight".to_string()));
-    assert_eq!(st.info("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").unwrap(), ("F32".to_string(), vec![4, 64]));
-    assert_eq!(st.info("base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight").unwrap(), ("F32".to_string(), vec![32, 4]));
-    assert_eq!(st.info("base_model.model.model.layers.0.mlp.down_proj.lora_A.weight").unwrap(), ("F32".to_string(), vec![4, 128]));
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert!(
+        names.contains(&"base_model.model.model.layers.1.mlp.down_proj.lora_B.weight".to_string())
+    );
+    assert_eq!(
+        st.info("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+            .unwrap(),
+        ("F32".to_string(), vec![4, 64])
+    );
+    assert_eq!(
+        st.info("base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight")
+            .unwrap(),
+        ("F32".to_string(), vec![32, 4])
+    );
+    assert_eq!(
+        st.info("base_model.model.model.layers.0.mlp.down_proj.lora_A.weight")
+            .unwrap(),
+        ("F32".to_string(), vec![4, 128])
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
     for (k, v) in [
         ("peft_type", serde_json::json!("LORA")),
         ("task_type", serde_json::json!("CAUSAL_LM")),
         ("r", serde_json::json!(4)),
         ("lora_alpha", serde_json::json!(8)),
-        ("target_modules", serde_json::json!(["down_proj", "q_proj", "v_proj"])),
+        (
+            "target_modules",
+            serde_json::json!(["down_proj", "q_proj", "v_proj"]),
+        ),
         ("bias", serde_json::json!("none")),
         ("use_rslora", serde_json::json!(false)),
         ("fan_in_fan_out", serde_json::json!(false)),
@@ -174,7 +256,10 @@ fn trained_adapter_is_peft_format_and_reloads_bit_identically() {
     let a = Adapter::load(&out, &m.model.config).unwrap();
     let again = tmp.path().join("again");
     a.save(&again).unwrap();
-    assert_eq!(std::fs::read(out.join("adapter_model.safetensors")).unwrap(), std::fs::read(again.join("adapter_model.safetensors")).unwrap());
+    assert_eq!(
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(again.join("adapter_model.safetensors")).unwrap()
+    );
     assert_eq!(Adapter::load(&again, &m.model.config).unwrap(), a);
     // Training changed B (it started at 0) and the loss went down.
     assert!(a.modules.values().all(|w| w.b.iter().any(|&x| x != 0.0)));
@@ -192,19 +277,60 @@ fn merge_cli_writes_an_hf_dir_equal_to_the_unmerged_adapter() {
     let merged = tmp.path().join("merged");
     let tiny = fixture("tiny-llama");
     let adapter = fixture("tiny-llama/lora-b-r2-all-rslora");
-    let o = lorakit(&["merge", "--model", tiny.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", merged.to_str().unwrap()]);
+    let o = lorakit(&[
+        "merge",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let m = load_model(&merged).unwrap();
     let meta = read_json("tiny-llama/meta.json");
-    let want = logits_record("tiny-llama/lora-b-r2-all-rslora/logits_adapter.safetensors", "batch");
-    let ours: Vec<f32> = meta["batch"]["input_ids"].as_array().unwrap().iter().flat_map(|r| m.model.logits(&ids_of(r)).unwrap()).collect();
+    let want = logits_record(
+        "tiny-llama/lora-b-r2-all-rslora/logits_adapter.safetensors",
+        "batch",
+    );
+    let ours: Vec<f32> = meta["batch"]["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| m.model.logits(&ids_of(r)).unwrap())
+        .collect();
     compare_logits(&ours, 49152, &want, 1e-4, "merged HF dir");
     // generate/score accept the unmerged adapter with a weight; weight 0 is the base model.
     let ids = "504,2365,6354";
-    let base = lorakit(&["score", "--model", tiny.to_str().unwrap(), "--ids", ids, "--json"]);
-    let zero = lorakit(&["score", "--model", tiny.to_str().unwrap(), "--adapter", &format!("{}:0", adapter.display()), "--ids", ids, "--json"]);
+    let base = lorakit(&[
+        "score",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--ids",
+        ids,
+        "--json",
+    ]);
+    let zero = lorakit(&[
+        "score",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--adapter",
+        &format!("{}:0", adapter.display()),
+        "--ids",
+        ids,
+        "--json",
+    ]);
     assert_eq!(base.stdout, zero.stdout);
-    let full = lorakit(&["score", "--model", tiny.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--ids", ids, "--json"]);
+    let full = lorakit(&[
+        "score",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--ids",
+        ids,
+        "--json",
+    ]);
     assert_ne!(base.stdout, full.stdout);
 }
 
@@ -218,21 +344,49 @@ fn smollm2_peft_adapter_matches_unmerged_merged_and_greedy() {
     model.attach_adapter(&adapter, 1.0).unwrap();
     let v = m.model.config.vocab_size;
     let records = ["plain", "chat", "item"];
-    let unmerged: Vec<Vec<f32>> = records.iter().map(|r| model.logits(&ids_of(&meta["prompts"][r]["ids"])).unwrap()).collect();
+    let unmerged: Vec<Vec<f32>> = records
+        .iter()
+        .map(|r| model.logits(&ids_of(&meta["prompts"][r]["ids"])).unwrap())
+        .collect();
     for (r, l) in records.iter().zip(&unmerged) {
-        compare_logits(l, v, &logits_record("smollm2-peft-r8-qv/logits_adapter.safetensors", r), 1e-3, &format!("r8 {r}"));
+        compare_logits(
+            l,
+            v,
+            &logits_record("smollm2-peft-r8-qv/logits_adapter.safetensors", r),
+            1e-3,
+            &format!("r8 {r}"),
+        );
     }
     for r in ["plain", "chat"] {
         let want = ids_of(&meta["greedy_adapter"][r]["ids"]);
-        let params = lorakit::generate::SamplingParams { max_new_tokens: 32, ..Default::default() };
-        let got = lorakit::generate::generate(&model, &ids_of(&meta["prompts"][r]["ids"]), &params, |_| Ok(())).unwrap();
+        let params = lorakit::generate::SamplingParams {
+            max_new_tokens: 32,
+            ..Default::default()
+        };
+        let got = lorakit::generate::generate(
+            &model,
+            &ids_of(&meta["prompts"][r]["ids"]),
+            &params,
+            |_| Ok(()),
+        )
+        .unwrap();
         assert_eq!(got, want, "greedy with adapter, {r}");
     }
     model.merge_adapters();
     for (r, l) in records.iter().zip(&unmerged) {
         let merged = model.logits(&ids_of(&meta["prompts"][r]["ids"])).unwrap();
-        compare_logits(&merged, v, &logits_record("smollm2-peft-r8-qv/logits_merged.safetensors", r), 1e-3, &format!("r8 merged {r}"));
-        let d = merged.iter().zip(l).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        compare_logits(
+            &merged,
+            v,
+            &logits_record("smollm2-peft-r8-qv/logits_merged.safetensors", r),
+            1e-3,
+            &format!("r8 merged {r}"),
+        );
+        let d = merged
+            .iter()
+            .zip(l)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         assert!(d <= 1e-3, "merged vs unmerged {d}");
     }
 }

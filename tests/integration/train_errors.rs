@@ -33,14 +33,27 @@ fn fails_with(args: &[&str], needles: &[&str]) -> String {
 #[track_caller]
 fn check_failure(out: &std::process::Output, args: &[&str], needles: &[&str]) -> String {
     let err = stderr(out);
-    assert_eq!(out.status.code(), Some(1), "exit code of lorakit {args:?}; stderr:\n{err}");
-    assert!(!err.contains("panicked"), "lorakit {args:?} panicked:\n{err}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exit code of lorakit {args:?}; stderr:\n{err}"
+    );
+    assert!(
+        !err.contains("panicked"),
+        "lorakit {args:?} panicked:\n{err}"
+    );
     for n in needles {
-        assert!(err.contains(n), "stderr of lorakit {args:?} lacks {n:?}:\n{err}");
+        assert!(
+            err.contains(n),
+            "stderr of lorakit {args:?} lacks {n:?}:\n{err}"
+        );
     }
     let lines: Vec<&str> = err.trim_end().lines().collect();
     let error_lines = lines.iter().filter(|l| l.starts_with("error")).count();
-    assert_eq!(error_lines, 1, "lorakit {args:?}: expected one error line:\n{err}");
+    assert_eq!(
+        error_lines, 1,
+        "lorakit {args:?}: expected one error line:\n{err}"
+    );
     assert!(
         lines.last().is_some_and(|l| l.starts_with("error: ")),
         "lorakit {args:?}: the error message is not one line (text follows the `error:` line):\n{err}"
@@ -75,8 +88,14 @@ fn assert_nothing_written(out: &Path) {
     if !out.exists() {
         return;
     }
-    let entries: Vec<String> = std::fs::read_dir(out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    panic!("{} was created by a failed command and holds {entries:?}", out.display());
+    let entries: Vec<String> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    panic!(
+        "{} was created by a failed command and holds {entries:?}",
+        out.display()
+    );
 }
 
 /// `lorakit train` on the tiny model with `extra` flags (which may replace --data) must fail
@@ -105,7 +124,10 @@ fn train_fails(extra: &[&str], needles: &[&str]) -> String {
 /// Checks that an error about a command-line flag does not blame another flag.
 #[track_caller]
 fn assert_not_blaming(err: &str, other_flag: &str) {
-    assert!(!err.contains(other_flag), "the message blames {other_flag}, which was not the problem:\n{err}");
+    assert!(
+        !err.contains(other_flag),
+        "the message blames {other_flag}, which was not the problem:\n{err}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -114,11 +136,24 @@ fn assert_not_blaming(err: &str, other_flag: &str) {
 
 #[test]
 fn unknown_target_name_lists_the_modules() {
-    train_fails(&["--targets", "query"], &["\"query\"", "target_modules", "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"]);
+    train_fails(
+        &["--targets", "query"],
+        &[
+            "\"query\"",
+            "target_modules",
+            "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj",
+        ],
+    );
     // One good name does not excuse a bad one.
-    train_fails(&["--targets", "q_proj,vproj"], &["\"vproj\"", "q_proj, k_proj"]);
+    train_fails(
+        &["--targets", "q_proj,vproj"],
+        &["\"vproj\"", "q_proj, k_proj"],
+    );
     // A valid regex that selects nothing.
-    train_fails(&["--targets", r".*\.attn_q"], &["matches no module", "q_proj, k_proj"]);
+    train_fails(
+        &["--targets", r".*\.attn_q"],
+        &["matches no module", "q_proj, k_proj"],
+    );
     train_fails(&["--targets", ","], &["target_modules", "empty"]);
 }
 
@@ -127,7 +162,10 @@ fn unknown_target_name_lists_the_modules() {
 /// Fix: fold the regex error onto one line (e.g. replace newlines by "; ").
 #[test]
 fn invalid_target_regex_is_one_line() {
-    train_fails(&["--targets", "q_proj("], &["--targets", "q_proj(", "invalid regex", "unclosed group"]);
+    train_fails(
+        &["--targets", "q_proj("],
+        &["--targets", "q_proj(", "invalid regex", "unclosed group"],
+    );
 }
 
 /// REGRESSION (message) (fixed): `--r 0`, `--dropout 1.5` and `--alpha 0` are reported as
@@ -145,8 +183,14 @@ fn rank_dropout_alpha_out_of_range() {
 
 #[test]
 fn unknown_init_and_schedule() {
-    train_fails(&["--init", "orthogonal"], &["--init", "\"orthogonal\"", "kaiming", "gaussian"]);
-    train_fails(&["--schedule", "bogus"], &["'bogus'", "constant, linear, cosine"]);
+    train_fails(
+        &["--init", "orthogonal"],
+        &["--init", "\"orthogonal\"", "kaiming", "gaussian"],
+    );
+    train_fails(
+        &["--schedule", "bogus"],
+        &["'bogus'", "constant, linear, cosine"],
+    );
 }
 
 #[test]
@@ -154,10 +198,19 @@ fn other_out_of_range_options() {
     train_fails(&["--lr", "nan"], &["learning rate", "NaN"]);
     train_fails(&["--lr", "inf"], &["learning rate", "inf"]);
     train_fails(&["--weight-decay", "nan"], &["weight_decay"]);
-    train_fails(&["--label-smoothing", "1"], &["--label-smoothing", "[0, 1)"]);
+    train_fails(
+        &["--label-smoothing", "1"],
+        &["--label-smoothing", "[0, 1)"],
+    );
     train_fails(&["--max-seq-len", "1"], &["--max-seq-len", "≥ 2"]);
-    train_fails(&["--max-seq-len", "4096"], &["--max-seq-len 4096", "context of 128"]);
-    train_fails(&["--layers", "5"], &["layers_to_transform", "layer 5", "0..1"]);
+    train_fails(
+        &["--max-seq-len", "4096"],
+        &["--max-seq-len 4096", "context of 128"],
+    );
+    train_fails(
+        &["--layers", "5"],
+        &["layers_to_transform", "layer 5", "0..1"],
+    );
     train_fails(&["--batch-size", "0"], &["--batch-size"]);
     train_fails(&["--grad-accum", "0"], &["--grad-accum"]);
     train_fails(&["--steps", "0"], &["0 steps"]);
@@ -175,8 +228,15 @@ fn toml_file(dir: &Path, name: &str, text: &str) -> PathBuf {
 #[test]
 fn toml_unknown_key_names_key_and_file() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = toml_file(tmp.path(), "unknown-key.toml", "r = 4\nlearning_rate = 1e-3\n");
-    train_fails(&["--config", s(&cfg)], &["unknown-key.toml", "learning_rate", "line 2"]);
+    let cfg = toml_file(
+        tmp.path(),
+        "unknown-key.toml",
+        "r = 4\nlearning_rate = 1e-3\n",
+    );
+    train_fails(
+        &["--config", s(&cfg)],
+        &["unknown-key.toml", "learning_rate", "line 2"],
+    );
 }
 
 /// REGRESSION (fixed): multi-line, as above.
@@ -184,7 +244,10 @@ fn toml_unknown_key_names_key_and_file() {
 fn toml_wrong_type_names_key_and_file() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = toml_file(tmp.path(), "wrong-type.toml", "steps = 2\nr = \"four\"\n");
-    train_fails(&["--config", s(&cfg)], &["wrong-type.toml", "\"four\"", "line 2"]);
+    train_fails(
+        &["--config", s(&cfg)],
+        &["wrong-type.toml", "\"four\"", "line 2"],
+    );
     let cfg = toml_file(tmp.path(), "negative.toml", "r = -1\n");
     train_fails(&["--config", s(&cfg)], &["negative.toml", "-1"]);
 }
@@ -199,7 +262,17 @@ fn toml_steps_and_epochs_both() {
     let data = good_data(tmp2.path());
     let out = tmp2.path().join("out");
     // (No --steps on the command line here: it would override the file's pair.)
-    let args = ["train", "--model", &tiny(), "--data", s(&data), "--out", s(&out), "--config", s(&cfg)];
+    let args = [
+        "train",
+        "--model",
+        &tiny(),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--config",
+        s(&cfg),
+    ];
     fails_with(&args, &["steps", "epochs", "both.toml"]);
     assert_nothing_written(&out);
 }
@@ -208,7 +281,10 @@ fn toml_steps_and_epochs_both() {
 fn toml_values_out_of_range() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = toml_file(tmp.path(), "schedule.toml", "schedule = \"bogus\"\n");
-    train_fails(&["--config", s(&cfg)], &["'bogus'", "constant, linear, cosine"]);
+    train_fails(
+        &["--config", s(&cfg)],
+        &["'bogus'", "constant, linear, cosine"],
+    );
     let cfg = toml_file(tmp.path(), "r0.toml", "r = 0\n");
     train_fails(&["--config", s(&cfg)], &["'r'", "≥ 1"]);
 }
@@ -222,7 +298,11 @@ fn missing_config_file_is_named_once() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tmp.path().join("absent.toml");
     let err = train_fails(&["--config", s(&cfg)], &["absent.toml", "No such file"]);
-    assert_eq!(err.matches("No such file").count(), 1, "the reason is repeated:\n{err}");
+    assert_eq!(
+        err.matches("No such file").count(),
+        1,
+        "the reason is repeated:\n{err}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -245,11 +325,25 @@ fn read_tensors(path: &Path) -> Tensors {
 }
 
 fn write_tensors(path: &Path, tensors: &Tensors) {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
-        tensors.iter().map(|(n, shape, d)| (n.clone(), shape.clone(), d.iter().flat_map(|v| v.to_le_bytes()).collect())).collect();
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, shape, d)| {
+            (
+                n.clone(),
+                shape.clone(),
+                d.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
         .iter()
-        .map(|(n, shape, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b).unwrap()))
+        .map(|(n, shape, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                    .unwrap(),
+            )
+        })
         .collect();
     std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
@@ -259,13 +353,24 @@ const V1_B: &str = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weig
 
 /// A copy of the tiny model's r=4 q/v fixture adapter under `dir/name`, with its config and
 /// tensors edited.
-fn broken_adapter(dir: &Path, name: &str, edit_config: impl FnOnce(&mut serde_json::Value), edit_tensors: impl FnOnce(&mut Tensors)) -> PathBuf {
+fn broken_adapter(
+    dir: &Path,
+    name: &str,
+    edit_config: impl FnOnce(&mut serde_json::Value),
+    edit_tensors: impl FnOnce(&mut Tensors),
+) -> PathBuf {
     let src = fixture("tiny-llama/lora-a-r4-qv");
     let dst = dir.join(name);
     std::fs::create_dir_all(&dst).unwrap();
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
+            .unwrap();
     edit_config(&mut cfg);
-    std::fs::write(dst.join("adapter_config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    std::fs::write(
+        dst.join("adapter_config.json"),
+        serde_json::to_string_pretty(&cfg).unwrap(),
+    )
+    .unwrap();
     let mut t = read_tensors(&src.join("adapter_model.safetensors"));
     edit_tensors(&mut t);
     write_tensors(&dst.join("adapter_model.safetensors"), &t);
@@ -282,7 +387,19 @@ fn adapter_rejected(dir: &Path, needles: &[&str]) {
     let data = good_data(tmp.path());
     let out = tmp.path().join("out");
     fails_with(
-        &["train", "--model", &tiny(), "--data", s(&data), "--out", s(&out), "--init-adapter", s(dir), "--steps", "1"],
+        &[
+            "train",
+            "--model",
+            &tiny(),
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--init-adapter",
+            s(dir),
+            "--steps",
+            "1",
+        ],
         needles,
     );
     assert_nothing_written(&out);
@@ -292,15 +409,49 @@ fn adapter_rejected(dir: &Path, needles: &[&str]) {
 fn adapter_spec_rejected(spec: &str, needles: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny();
-    let generate = vec!["generate", "--model", &model, "--adapter", spec, "--prompt", "Item 1:", "--max-new-tokens", "2"];
-    let score = vec!["score", "--model", &model, "--adapter", spec, "--ids", "504,2365,6354"];
+    let generate = vec![
+        "generate",
+        "--model",
+        &model,
+        "--adapter",
+        spec,
+        "--prompt",
+        "Item 1:",
+        "--max-new-tokens",
+        "2",
+    ];
+    let score = vec![
+        "score",
+        "--model",
+        &model,
+        "--adapter",
+        spec,
+        "--ids",
+        "504,2365,6354",
+    ];
     for args in [generate, score] {
         let o = lorakit(&args);
         check_failure(&o, &args, needles);
-        assert!(o.stdout.is_empty(), "{} printed output with a bad adapter {spec}: {:?}", args[0], String::from_utf8_lossy(&o.stdout));
+        assert!(
+            o.stdout.is_empty(),
+            "{} printed output with a bad adapter {spec}: {:?}",
+            args[0],
+            String::from_utf8_lossy(&o.stdout)
+        );
     }
     let merged = tmp.path().join("merged");
-    fails_with(&["merge", "--model", &model, "--adapter", spec, "--out", s(&merged)], needles);
+    fails_with(
+        &[
+            "merge",
+            "--model",
+            &model,
+            "--adapter",
+            spec,
+            "--out",
+            s(&merged),
+        ],
+        needles,
+    );
     assert_nothing_written(&merged);
 }
 
@@ -310,8 +461,23 @@ fn the_unbroken_fixture_adapter_is_accepted() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = broken_adapter(tmp.path(), "ok", |_| {}, |_| {});
     let a = Adapter::load(&dir, &tiny_llama().model.config).unwrap();
-    assert_eq!(a, Adapter::load(&fixture("tiny-llama/lora-a-r4-qv"), &tiny_llama().model.config).unwrap());
-    let o = lorakit(&["score", "--model", &tiny(), "--adapter", s(&dir), "--ids", "504,2365,6354"]);
+    assert_eq!(
+        a,
+        Adapter::load(
+            &fixture("tiny-llama/lora-a-r4-qv"),
+            &tiny_llama().model.config
+        )
+        .unwrap()
+    );
+    let o = lorakit(&[
+        "score",
+        "--model",
+        &tiny(),
+        "--adapter",
+        s(&dir),
+        "--ids",
+        "504,2365,6354",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -319,18 +485,44 @@ fn the_unbroken_fixture_adapter_is_accepted() {
 fn adapter_config_options_lorakit_cannot_honour() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    adapter_rejected(&broken_adapter(t, "dora", |c| c["use_dora"] = true.into(), |_| {}), &["adapter_config.json", "'use_dora'", "not supported"]);
-    adapter_rejected(&broken_adapter(t, "bias", |c| c["bias"] = "all".into(), |_| {}), &["adapter_config.json", "'bias'", "\"all\""]);
-    adapter_rejected(&broken_adapter(t, "ia3", |c| c["peft_type"] = "IA3".into(), |_| {}), &["adapter_config.json", "'peft_type'", "IA3"]);
     adapter_rejected(
-        &broken_adapter(t, "targets", |c| c["target_modules"] = serde_json::json!(["nonexistent"]), |_| {}),
-        &["adapter_config.json", "\"nonexistent\"", "q_proj, k_proj, v_proj"],
+        &broken_adapter(t, "dora", |c| c["use_dora"] = true.into(), |_| {}),
+        &["adapter_config.json", "'use_dora'", "not supported"],
     );
     adapter_rejected(
-        &broken_adapter(t, "layers", |c| c["layers_to_transform"] = serde_json::json!([5]), |_| {}),
+        &broken_adapter(t, "bias", |c| c["bias"] = "all".into(), |_| {}),
+        &["adapter_config.json", "'bias'", "\"all\""],
+    );
+    adapter_rejected(
+        &broken_adapter(t, "ia3", |c| c["peft_type"] = "IA3".into(), |_| {}),
+        &["adapter_config.json", "'peft_type'", "IA3"],
+    );
+    adapter_rejected(
+        &broken_adapter(
+            t,
+            "targets",
+            |c| c["target_modules"] = serde_json::json!(["nonexistent"]),
+            |_| {},
+        ),
+        &[
+            "adapter_config.json",
+            "\"nonexistent\"",
+            "q_proj, k_proj, v_proj",
+        ],
+    );
+    adapter_rejected(
+        &broken_adapter(
+            t,
+            "layers",
+            |c| c["layers_to_transform"] = serde_json::json!([5]),
+            |_| {},
+        ),
         &["adapter_config.json", "layers_to_transform", "layer 5"],
     );
-    adapter_rejected(&broken_adapter(t, "r0", |c| c["r"] = 0.into(), |_| {}), &["adapter_config.json", "'r'"]);
+    adapter_rejected(
+        &broken_adapter(t, "r0", |c| c["r"] = 0.into(), |_| {}),
+        &["adapter_config.json", "'r'"],
+    );
 }
 
 #[test]
@@ -361,45 +553,98 @@ fn adapter_without_weights_file() {
 #[test]
 fn adapter_missing_lora_b_tensor() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = broken_adapter(tmp.path(), "nob", |_| {}, |t| t.retain(|(n, _, _)| n != V1_B));
-    adapter_rejected(&dir, &["adapter_model.safetensors", V1_B, "missing", "model.layers.1.self_attn.v_proj"]);
+    let dir = broken_adapter(
+        tmp.path(),
+        "nob",
+        |_| {},
+        |t| t.retain(|(n, _, _)| n != V1_B),
+    );
+    adapter_rejected(
+        &dir,
+        &[
+            "adapter_model.safetensors",
+            V1_B,
+            "missing",
+            "model.layers.1.self_attn.v_proj",
+        ],
+    );
 }
 
 #[test]
 fn adapter_for_another_base_model() {
     // SmolLM2's r=8 q/v adapter: its layer-0 q_proj A is [8, 576]; the tiny model needs [8, 64].
     let dir = fixture("smollm2-peft-r8-qv/adapter");
-    adapter_rejected(&dir, &["adapter_model.safetensors", Q0_A, "[8, 576]", "[8, 64]", "does not fit"]);
+    adapter_rejected(
+        &dir,
+        &[
+            "adapter_model.safetensors",
+            Q0_A,
+            "[8, 576]",
+            "[8, 64]",
+            "does not fit",
+        ],
+    );
 }
 
 #[test]
 fn adapter_rank_differs_from_its_config() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = broken_adapter(tmp.path(), "r8", |c| c["r"] = 8.into(), |_| {});
-    adapter_rejected(&dir, &["adapter_model.safetensors", Q0_A, "[4, 64]", "[8, 64]"]);
+    adapter_rejected(
+        &dir,
+        &["adapter_model.safetensors", Q0_A, "[4, 64]", "[8, 64]"],
+    );
 }
 
 #[test]
 fn adapter_with_unexpected_tensors() {
     let tmp = tempfile::tempdir().unwrap();
     let k = "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight";
-    let dir = broken_adapter(tmp.path(), "extra-k", |_| {}, |t| t.push((k.into(), vec![4, 64], vec![0.0; 256])));
+    let dir = broken_adapter(
+        tmp.path(),
+        "extra-k",
+        |_| {},
+        |t| t.push((k.into(), vec![4, 64], vec![0.0; 256])),
+    );
     adapter_rejected(&dir, &["adapter_model.safetensors", k, "not a LoRA tensor"]);
     // Trained on a deeper model: the q/v tensors of a third layer.
     let deep = "base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight";
-    let dir = broken_adapter(tmp.path(), "extra-layer", |_| {}, |t| t.push((deep.into(), vec![4, 64], vec![0.0; 256])));
+    let dir = broken_adapter(
+        tmp.path(),
+        "extra-layer",
+        |_| {},
+        |t| t.push((deep.into(), vec![4, 64], vec![0.0; 256])),
+    );
     adapter_rejected(&dir, &[deep, "not a LoRA tensor"]);
     let head = "base_model.model.lm_head.weight";
-    let dir = broken_adapter(tmp.path(), "extra-head", |_| {}, |t| t.push((head.into(), vec![2, 2], vec![0.0; 4])));
+    let dir = broken_adapter(
+        tmp.path(),
+        "extra-head",
+        |_| {},
+        |t| t.push((head.into(), vec![2, 2], vec![0.0; 4])),
+    );
     adapter_rejected(&dir, &[head]);
 }
 
 #[test]
 fn adapter_with_non_finite_values() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = broken_adapter(tmp.path(), "nan", |_| {}, |t| t.iter_mut().find(|x| x.0 == Q0_A).unwrap().2[17] = f32::NAN);
-    adapter_rejected(&dir, &["adapter_model.safetensors", Q0_A, "non-finite", "NaN"]);
-    let dir = broken_adapter(tmp.path(), "inf", |_| {}, |t| t.iter_mut().find(|x| x.0 == V1_B).unwrap().2[0] = f32::INFINITY);
+    let dir = broken_adapter(
+        tmp.path(),
+        "nan",
+        |_| {},
+        |t| t.iter_mut().find(|x| x.0 == Q0_A).unwrap().2[17] = f32::NAN,
+    );
+    adapter_rejected(
+        &dir,
+        &["adapter_model.safetensors", Q0_A, "non-finite", "NaN"],
+    );
+    let dir = broken_adapter(
+        tmp.path(),
+        "inf",
+        |_| {},
+        |t| t.iter_mut().find(|x| x.0 == V1_B).unwrap().2[0] = f32::INFINITY,
+    );
     adapter_rejected(&dir, &[V1_B, "non-finite"]);
 }
 
@@ -424,7 +669,12 @@ fn adapter_weights_file_truncated() {
 fn lora_flags_with_init_adapter_are_not_silently_ignored() {
     let dir = fixture("tiny-llama/lora-a-r4-qv");
     let d = dir.to_str().unwrap();
-    for (flag, value) in [("--r", "0"), ("--dropout", "1.5"), ("--init", "orthogonal"), ("--targets", "query")] {
+    for (flag, value) in [
+        ("--r", "0"),
+        ("--dropout", "1.5"),
+        ("--init", "orthogonal"),
+        ("--targets", "query"),
+    ] {
         train_fails(&["--init-adapter", d, flag, value], &[flag]);
     }
 }
@@ -434,12 +684,23 @@ fn adapter_weight_specs() {
     let dir = fixture("tiny-llama/lora-a-r4-qv");
     let d = dir.to_str().unwrap();
     // Not a number: taken as part of the path, which then does not exist.
-    adapter_spec_rejected(&format!("{d}:abc"), &[&format!("{d}:abc"), "not a directory"]);
+    adapter_spec_rejected(
+        &format!("{d}:abc"),
+        &[&format!("{d}:abc"), "not a directory"],
+    );
     for w in ["nan", "inf", "-inf", "1e40"] {
         adapter_spec_rejected(&format!("{d}:{w}"), &["adapter weight", "not finite"]);
     }
     // A good spec works, for contrast.
-    let o = lorakit(&["score", "--model", &tiny(), "--adapter", &format!("{d}:0.5"), "--ids", "504,2365,6354"]);
+    let o = lorakit(&[
+        "score",
+        "--model",
+        &tiny(),
+        "--adapter",
+        &format!("{d}:0.5"),
+        "--ids",
+        "504,2365,6354",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -464,35 +725,98 @@ fn lines(v: &[&str]) -> Vec<u8> {
 #[test]
 fn data_invalid_json_names_file_and_line() {
     let tmp = tempfile::tempdir().unwrap();
-    let f = data_file(tmp.path(), "bad-json.jsonl", &lines(&[PC, PC, r#"{"prompt": "x", "completion": }"#, PC]));
-    train_fails(&["--data", s(&f)], &["bad-json.jsonl", "line 3", "invalid JSON"]);
+    let f = data_file(
+        tmp.path(),
+        "bad-json.jsonl",
+        &lines(&[PC, PC, r#"{"prompt": "x", "completion": }"#, PC]),
+    );
+    train_fails(
+        &["--data", s(&f)],
+        &["bad-json.jsonl", "line 3", "invalid JSON"],
+    );
     // Blank lines still count in the numbering.
     let f = data_file(tmp.path(), "blank.jsonl", &lines(&[PC, "", "   ", "{oops"]));
-    train_fails(&["--data", s(&f)], &["blank.jsonl", "line 4", "invalid JSON"]);
+    train_fails(
+        &["--data", s(&f)],
+        &["blank.jsonl", "line 4", "invalid JSON"],
+    );
 }
 
 #[test]
 fn data_lines_of_no_known_format() {
     let tmp = tempfile::tempdir().unwrap();
-    let f = data_file(tmp.path(), "qa.jsonl", &lines(&[PC, r#"{"question": "hi", "answer": "ho"}"#]));
-    train_fails(&["--data", s(&f)], &["qa.jsonl", "line 2", "none of the known formats", "\"question\"", "\"answer\""]);
-    let f = data_file(tmp.path(), "array.jsonl", &lines(&[r#"["prompt", "completion"]"#]));
-    train_fails(&["--data", s(&f)], &["array.jsonl", "line 1", "not a JSON object"]);
-    let f = data_file(tmp.path(), "both.jsonl", &lines(&[r#"{"prompt": "a", "completion": "b", "text": "c"}"#]));
+    let f = data_file(
+        tmp.path(),
+        "qa.jsonl",
+        &lines(&[PC, r#"{"question": "hi", "answer": "ho"}"#]),
+    );
+    train_fails(
+        &["--data", s(&f)],
+        &[
+            "qa.jsonl",
+            "line 2",
+            "none of the known formats",
+            "\"question\"",
+            "\"answer\"",
+        ],
+    );
+    let f = data_file(
+        tmp.path(),
+        "array.jsonl",
+        &lines(&[r#"["prompt", "completion"]"#]),
+    );
+    train_fails(
+        &["--data", s(&f)],
+        &["array.jsonl", "line 1", "not a JSON object"],
+    );
+    let f = data_file(
+        tmp.path(),
+        "both.jsonl",
+        &lines(&[r#"{"prompt": "a", "completion": "b", "text": "c"}"#]),
+    );
     train_fails(&["--data", s(&f)], &["both.jsonl", "line 1", "ambiguous"]);
     let f = data_file(tmp.path(), "half.jsonl", &lines(&[r#"{"prompt": "a"}"#]));
-    train_fails(&["--data", s(&f)], &["half.jsonl", "line 1", "'prompt' without 'completion'"]);
-    let f = data_file(tmp.path(), "role.jsonl", &lines(&[r#"{"messages": [{"role": "robot", "content": "x"}]}"#]));
-    train_fails(&["--data", s(&f)], &["role.jsonl", "line 1", "messages[0]", "\"robot\""]);
+    train_fails(
+        &["--data", s(&f)],
+        &["half.jsonl", "line 1", "'prompt' without 'completion'"],
+    );
+    let f = data_file(
+        tmp.path(),
+        "role.jsonl",
+        &lines(&[r#"{"messages": [{"role": "robot", "content": "x"}]}"#]),
+    );
+    train_fails(
+        &["--data", s(&f)],
+        &["role.jsonl", "line 1", "messages[0]", "\"robot\""],
+    );
 }
 
 #[test]
 fn data_completion_not_a_string() {
     let tmp = tempfile::tempdir().unwrap();
-    let f = data_file(tmp.path(), "num.jsonl", &lines(&[PC, r#"{"prompt": "Item 2:", "completion": 42}"#]));
-    train_fails(&["--data", s(&f)], &["num.jsonl", "line 2", "'completion' must be a string", "a number"]);
-    let f = data_file(tmp.path(), "text.jsonl", &lines(&[r#"{"text": ["a", "b"]}"#]));
-    train_fails(&["--data", s(&f)], &["text.jsonl", "line 1", "'text' must be a string"]);
+    let f = data_file(
+        tmp.path(),
+        "num.jsonl",
+        &lines(&[PC, r#"{"prompt": "Item 2:", "completion": 42}"#]),
+    );
+    train_fails(
+        &["--data", s(&f)],
+        &[
+            "num.jsonl",
+            "line 2",
+            "'completion' must be a string",
+            "a number",
+        ],
+    );
+    let f = data_file(
+        tmp.path(),
+        "text.jsonl",
+        &lines(&[r#"{"text": ["a", "b"]}"#]),
+    );
+    train_fails(
+        &["--data", s(&f)],
+        &["text.jsonl", "line 1", "'text' must be a string"],
+    );
 }
 
 #[test]
@@ -514,29 +838,89 @@ fn data_binary_garbage() {
     train_fails(&["--data", s(&f)], &["garbage.bin", "line 1", "UTF-8"]);
     // Valid UTF-8 that is not JSON (NULs, controls).
     let f = data_file(tmp.path(), "nuls.jsonl", &[0u8; 64]);
-    train_fails(&["--data", s(&f)], &["nuls.jsonl", "line 1", "invalid JSON"]);
+    train_fails(
+        &["--data", s(&f)],
+        &["nuls.jsonl", "line 1", "invalid JSON"],
+    );
 }
 
 #[test]
 fn data_pretokenised_out_of_range() {
     let tmp = tempfile::tempdir().unwrap();
-    let f = data_file(tmp.path(), "vocab.jsonl", &lines(&[r#"{"input_ids": [1, 2, 3]}"#, r#"{"input_ids": [1, 49152, 3]}"#]));
-    train_fails(&["--data", s(&f)], &["vocab.jsonl", "line 2", "'input_ids'[1] = 49152", "0..49152"]);
-    let f = data_file(tmp.path(), "neg.jsonl", &lines(&[r#"{"input_ids": [1, -5, 3]}"#]));
-    train_fails(&["--data", s(&f)], &["neg.jsonl", "line 1", "'input_ids'[1] = -5"]);
-    let f = data_file(tmp.path(), "label.jsonl", &lines(&[r#"{"input_ids": [1, 2, 3], "labels": [-100, 99999, 3]}"#]));
-    train_fails(&["--data", s(&f)], &["label.jsonl", "line 1", "'labels'[1] = 99999"]);
-    let f = data_file(tmp.path(), "float.jsonl", &lines(&[r#"{"input_ids": [1, 2.5, 3]}"#]));
-    train_fails(&["--data", s(&f)], &["float.jsonl", "line 1", "'input_ids'[1] must be an integer"]);
-    let f = data_file(tmp.path(), "emptyids.jsonl", &lines(&[r#"{"input_ids": []}"#]));
-    train_fails(&["--data", s(&f)], &["emptyids.jsonl", "line 1", "'input_ids' is empty"]);
+    let f = data_file(
+        tmp.path(),
+        "vocab.jsonl",
+        &lines(&[
+            r#"{"input_ids": [1, 2, 3]}"#,
+            r#"{"input_ids": [1, 49152, 3]}"#,
+        ]),
+    );
+    train_fails(
+        &["--data", s(&f)],
+        &[
+            "vocab.jsonl",
+            "line 2",
+            "'input_ids'[1] = 49152",
+            "0..49152",
+        ],
+    );
+    let f = data_file(
+        tmp.path(),
+        "neg.jsonl",
+        &lines(&[r#"{"input_ids": [1, -5, 3]}"#]),
+    );
+    train_fails(
+        &["--data", s(&f)],
+        &["neg.jsonl", "line 1", "'input_ids'[1] = -5"],
+    );
+    let f = data_file(
+        tmp.path(),
+        "label.jsonl",
+        &lines(&[r#"{"input_ids": [1, 2, 3], "labels": [-100, 99999, 3]}"#]),
+    );
+    train_fails(
+        &["--data", s(&f)],
+        &["label.jsonl", "line 1", "'labels'[1] = 99999"],
+    );
+    let f = data_file(
+        tmp.path(),
+        "float.jsonl",
+        &lines(&[r#"{"input_ids": [1, 2.5, 3]}"#]),
+    );
+    train_fails(
+        &["--data", s(&f)],
+        &["float.jsonl", "line 1", "'input_ids'[1] must be an integer"],
+    );
+    let f = data_file(
+        tmp.path(),
+        "emptyids.jsonl",
+        &lines(&[r#"{"input_ids": []}"#]),
+    );
+    train_fails(
+        &["--data", s(&f)],
+        &["emptyids.jsonl", "line 1", "'input_ids' is empty"],
+    );
 }
 
 #[test]
 fn data_labels_length_mismatch() {
     let tmp = tempfile::tempdir().unwrap();
-    let f = data_file(tmp.path(), "len.jsonl", &lines(&[r#"{"input_ids": [1, 2, 3]}"#, r#"{"input_ids": [1, 2, 3], "labels": [1, 2]}"#]));
-    train_fails(&["--data", s(&f)], &["len.jsonl", "line 2", "'labels' has 2 entries but 'input_ids' has 3"]);
+    let f = data_file(
+        tmp.path(),
+        "len.jsonl",
+        &lines(&[
+            r#"{"input_ids": [1, 2, 3]}"#,
+            r#"{"input_ids": [1, 2, 3], "labels": [1, 2]}"#,
+        ]),
+    );
+    train_fails(
+        &["--data", s(&f)],
+        &[
+            "len.jsonl",
+            "line 2",
+            "'labels' has 2 entries but 'input_ids' has 3",
+        ],
+    );
 }
 
 /// KNOWN BUG (message), see `missing_config_file_is_named_once`: the OS reason is printed
@@ -544,11 +928,18 @@ fn data_labels_length_mismatch() {
 #[test]
 fn data_file_missing_or_a_directory() {
     let tmp = tempfile::tempdir().unwrap();
-    let err = train_fails(&["--data", s(&tmp.path().join("absent.jsonl"))], &["absent.jsonl", "No such file"]);
+    let err = train_fails(
+        &["--data", s(&tmp.path().join("absent.jsonl"))],
+        &["absent.jsonl", "No such file"],
+    );
     let dir = tmp.path().join("a-directory.jsonl");
     std::fs::create_dir(&dir).unwrap();
     train_fails(&["--data", s(&dir)], &["a-directory.jsonl"]);
-    assert_eq!(err.matches("No such file").count(), 1, "the reason is repeated:\n{err}");
+    assert_eq!(
+        err.matches("No such file").count(),
+        1,
+        "the reason is repeated:\n{err}"
+    );
 }
 
 /// REGRESSION (fixed): when every line of --data has no target token (all labels -100), the error is
@@ -557,19 +948,39 @@ fn data_file_missing_or_a_directory() {
 #[test]
 fn data_without_any_target_token() {
     let tmp = tempfile::tempdir().unwrap();
-    let f = data_file(tmp.path(), "notarget.jsonl", &lines(&[r#"{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}"#; 2]));
+    let f = data_file(
+        tmp.path(),
+        "notarget.jsonl",
+        &lines(&[r#"{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}"#; 2]),
+    );
     train_fails(&["--data", s(&f)], &["notarget.jsonl", "target"]);
 }
 
 #[test]
 fn eval_data_malformed_fails_before_training() {
     let tmp = tempfile::tempdir().unwrap();
-    let f = data_file(tmp.path(), "eval.jsonl", &lines(&[PC, PC, "{\"prompt\": 1, \"completion\": \"x\"}"]));
-    let err = train_fails(&["--eval-data", s(&f)], &["eval.jsonl", "line 3", "'prompt' must be a string"]);
-    assert!(!err.contains("step 1"), "trained before checking the eval data:\n{err}");
+    let f = data_file(
+        tmp.path(),
+        "eval.jsonl",
+        &lines(&[PC, PC, "{\"prompt\": 1, \"completion\": \"x\"}"]),
+    );
+    let err = train_fails(
+        &["--eval-data", s(&f)],
+        &["eval.jsonl", "line 3", "'prompt' must be a string"],
+    );
+    assert!(
+        !err.contains("step 1"),
+        "trained before checking the eval data:\n{err}"
+    );
     let f = data_file(tmp.path(), "eval-empty.jsonl", b"");
-    train_fails(&["--eval-data", s(&f)], &["eval-empty.jsonl", "no examples"]);
-    train_fails(&["--eval-data", s(&tmp.path().join("no-eval.jsonl"))], &["no-eval.jsonl"]);
+    train_fails(
+        &["--eval-data", s(&f)],
+        &["eval-empty.jsonl", "no examples"],
+    );
+    train_fails(
+        &["--eval-data", s(&tmp.path().join("no-eval.jsonl"))],
+        &["no-eval.jsonl"],
+    );
 }
 
 /// REGRESSION (fixed): eval data whose lines have no target token is only found out at the first
@@ -580,9 +991,16 @@ fn eval_data_malformed_fails_before_training() {
 #[test]
 fn eval_data_without_targets_fails_before_training() {
     let tmp = tempfile::tempdir().unwrap();
-    let f = data_file(tmp.path(), "eval-notarget.jsonl", &lines(&[r#"{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}"#]));
+    let f = data_file(
+        tmp.path(),
+        "eval-notarget.jsonl",
+        &lines(&[r#"{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}"#]),
+    );
     let err = train_fails(&["--eval-data", s(&f)], &["eval-notarget.jsonl", "target"]);
-    assert!(!err.contains("step 1"), "trained before checking the eval data:\n{err}");
+    assert!(
+        !err.contains("step 1"),
+        "trained before checking the eval data:\n{err}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -593,7 +1011,9 @@ fn metrics_rows(out: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("metrics.jsonl line {l:?}: {e}")))
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("metrics.jsonl line {l:?}: {e}"))
+        })
         .collect()
 }
 
@@ -605,9 +1025,14 @@ fn metrics_rows(out: &Path) -> Vec<serde_json::Value> {
 fn check_checkpoints(out: &Path, when: &str, problems: &mut Vec<String>) -> Vec<u64> {
     let root = out.join("checkpoints");
     let mut steps = Vec::new();
-    let Ok(entries) = std::fs::read_dir(&root) else { return steps };
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return steps;
+    };
     let mut report = |name: &str, what: String| {
-        if !problems.iter().any(|p| p.contains(&format!("{name}: {what}"))) {
+        if !problems
+            .iter()
+            .any(|p| p.contains(&format!("{name}: {what}")))
+        {
             problems.push(format!("{when}: {name}: {what}"));
         }
     };
@@ -628,7 +1053,11 @@ fn check_checkpoints(out: &Path, when: &str, problems: &mut Vec<String>) -> Vec<
             Ok(()) => steps.push(step),
             Err(what) => {
                 let files: Vec<String> = std::fs::read_dir(e.path())
-                    .map(|d| d.flatten().map(|f| f.file_name().to_string_lossy().into_owned()).collect())
+                    .map(|d| {
+                        d.flatten()
+                            .map(|f| f.file_name().to_string_lossy().into_owned())
+                            .collect()
+                    })
                     .unwrap_or_default();
                 report(&name, format!("{what} (the directory holds {files:?})"));
             }
@@ -639,23 +1068,43 @@ fn check_checkpoints(out: &Path, when: &str, problems: &mut Vec<String>) -> Vec<
 }
 
 fn check_one_checkpoint(dir: &Path, step: u64) -> Result<(), String> {
-    let adapter = Adapter::load(dir, &tiny_llama().model.config).map_err(|e| format!("the adapter does not load: {e}"))?;
+    let adapter = Adapter::load(dir, &tiny_llama().model.config)
+        .map_err(|e| format!("the adapter does not load: {e}"))?;
     let state_path = dir.join("trainer_state.json");
-    let text = std::fs::read_to_string(&state_path).map_err(|e| format!("trainer_state.json: {e}"))?;
-    let state: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("trainer_state.json: {e}"))?;
+    let text =
+        std::fs::read_to_string(&state_path).map_err(|e| format!("trainer_state.json: {e}"))?;
+    let state: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("trainer_state.json: {e}"))?;
     if state["step"].as_u64() != Some(step) || state["optimizer_step"].as_u64() != Some(step) {
-        return Err(format!("trainer_state.json says step {} / optimizer_step {}", state["step"], state["optimizer_step"]));
+        return Err(format!(
+            "trainer_state.json says step {} / optimizer_step {}",
+            state["step"], state["optimizer_step"]
+        ));
     }
-    let opt = SafetensorsFile::open(&dir.join("optimizer.safetensors")).map_err(|e| e.to_string())?;
-    let sizes: Vec<usize> = adapter.modules.values().flat_map(|w| [w.a.len(), w.b.len()]).collect();
+    let opt =
+        SafetensorsFile::open(&dir.join("optimizer.safetensors")).map_err(|e| e.to_string())?;
+    let sizes: Vec<usize> = adapter
+        .modules
+        .values()
+        .flat_map(|w| [w.a.len(), w.b.len()])
+        .collect();
     if opt.names().len() != 2 * sizes.len() {
-        return Err(format!("optimizer.safetensors has {} tensors, not {}", opt.names().len(), 2 * sizes.len()));
+        return Err(format!(
+            "optimizer.safetensors has {} tensors, not {}",
+            opt.names().len(),
+            2 * sizes.len()
+        ));
     }
     for (i, n) in sizes.iter().enumerate() {
         for k in ["exp_avg", "exp_avg_sq"] {
-            let (v, _) = opt.tensor_f32(&format!("{k}.{i}")).map_err(|e| e.to_string())?;
+            let (v, _) = opt
+                .tensor_f32(&format!("{k}.{i}"))
+                .map_err(|e| e.to_string())?;
             if v.len() != *n || !v.iter().all(|x| x.is_finite()) {
-                return Err(format!("optimizer.safetensors {k}.{i}: {} values (want {n}) or not finite", v.len()));
+                return Err(format!(
+                    "optimizer.safetensors {k}.{i}: {} values (want {n}) or not finite",
+                    v.len()
+                ));
             }
         }
     }
@@ -681,9 +1130,34 @@ fn sigkill_between_steps_leaves_loadable_checkpoints_and_resume_is_exact() {
     let model = tiny();
     let args = |out: &Path| -> Vec<String> {
         [
-            "train", "--model", &model, "--data", s(&data), "--out", s(out), "--steps", &STEPS.to_string(),
-            "--batch-size", "2", "--grad-accum", "2", "--save-every", "1", "--keep-checkpoints", "3", "--dropout", "0.1",
-            "--lr", "1e-2", "--schedule", "cosine", "--warmup", "5", "--seed", "7", "--quiet",
+            "train",
+            "--model",
+            &model,
+            "--data",
+            s(&data),
+            "--out",
+            s(out),
+            "--steps",
+            &STEPS.to_string(),
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "2",
+            "--save-every",
+            "1",
+            "--keep-checkpoints",
+            "3",
+            "--dropout",
+            "0.1",
+            "--lr",
+            "1e-2",
+            "--schedule",
+            "cosine",
+            "--warmup",
+            "5",
+            "--seed",
+            "7",
+            "--quiet",
         ]
         .iter()
         .map(|x| x.to_string())
@@ -696,7 +1170,10 @@ fn sigkill_between_steps_leaves_loadable_checkpoints_and_resume_is_exact() {
     let ref_args = args(&reference);
     let o = lorakit(&ref_args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(o.status.success(), "{}", stderr(&o));
-    eprintln!("uninterrupted run of {STEPS} steps: {:.1} s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "uninterrupted run of {STEPS} steps: {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
     let want = metrics_rows(&reference);
     assert_eq!(want.len() as u64, STEPS);
 
@@ -712,7 +1189,9 @@ fn sigkill_between_steps_leaves_loadable_checkpoints_and_resume_is_exact() {
         // training however slow the start-up.
         let delay = rng.random_range(20..=600u64);
         let mut a = args(&out);
-        let last_before = check_checkpoints(&out, "before a run", &mut problems).last().copied();
+        let last_before = check_checkpoints(&out, "before a run", &mut problems)
+            .last()
+            .copied();
         let have_checkpoint = last_before.is_some();
         if have_checkpoint {
             a.push("--resume".into());
@@ -727,7 +1206,10 @@ fn sigkill_between_steps_leaves_loadable_checkpoints_and_resume_is_exact() {
             .spawn()
             .expect("spawn lorakit");
         let spawned = Instant::now();
-        while std::fs::metadata(&log_path).unwrap().len() == 0 && spawned.elapsed() < Duration::from_secs(20) && child.try_wait().unwrap().is_none() {
+        while std::fs::metadata(&log_path).unwrap().len() == 0
+            && spawned.elapsed() < Duration::from_secs(20)
+            && child.try_wait().unwrap().is_none()
+        {
             std::thread::sleep(Duration::from_millis(2));
         }
         std::thread::sleep(Duration::from_millis(delay));
@@ -736,17 +1218,30 @@ fn sigkill_between_steps_leaves_loadable_checkpoints_and_resume_is_exact() {
             child.kill().unwrap(); // SIGKILL
         }
         let status = child.wait().unwrap();
-        let steps = check_checkpoints(&out, &format!("after kill {k} ({delay} ms into training)"), &mut problems);
+        let steps = check_checkpoints(
+            &out,
+            &format!("after kill {k} ({delay} ms into training)"),
+            &mut problems,
+        );
         eprintln!("kill {k}: {delay} ms into training (resume: {have_checkpoint}); checkpoints {steps:?}; {status}");
         if finished {
-            assert!(status.success(), "run {k} ended before it was killed: {status}");
+            assert!(
+                status.success(),
+                "run {k} ended before it was killed: {status}"
+            );
             break;
         }
         // A kill that counts: the run wrote new checkpoints and was stopped before the end.
-        if steps.last().is_some_and(|&s| s < STEPS && Some(s) > last_before) {
+        if steps
+            .last()
+            .is_some_and(|&s| s < STEPS && Some(s) > last_before)
+        {
             kills_mid_run += 1;
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "the kill loop takes too long");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the kill loop takes too long"
+        );
     }
     assert!(kills_mid_run >= 4, "only {kills_mid_run} kills landed between checkpoints; the test proves little (machine too slow or too fast?)");
 
@@ -755,29 +1250,51 @@ fn sigkill_between_steps_leaves_loadable_checkpoints_and_resume_is_exact() {
     a.push("--resume".into());
     let o = lorakit(&a.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(check_checkpoints(&out, "after the resumed run", &mut problems).last(), Some(&STEPS));
+    assert_eq!(
+        check_checkpoints(&out, "after the resumed run", &mut problems).last(),
+        Some(&STEPS)
+    );
     let leftovers: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with('.'))
         .collect();
-    assert!(leftovers.is_empty(), "temporary checkpoint directories left behind: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "temporary checkpoint directories left behind: {leftovers:?}"
+    );
 
     let got = metrics_rows(&out);
     let steps: Vec<u64> = got.iter().map(|r| r["step"].as_u64().unwrap()).collect();
-    assert_eq!(steps, (1..=STEPS).collect::<Vec<_>>(), "metrics.jsonl steps after kills and resumes");
+    assert_eq!(
+        steps,
+        (1..=STEPS).collect::<Vec<_>>(),
+        "metrics.jsonl steps after kills and resumes"
+    );
     let mut mismatches = Vec::new();
     for (g, w) in got.iter().zip(&want) {
         for key in ["loss", "grad_norm", "lr", "target_tokens", "tokens"] {
             if g[key] != w[key] {
-                mismatches.push(format!("step {} {key}: {} vs uninterrupted {}", g["step"], g[key], w[key]));
+                mismatches.push(format!(
+                    "step {} {key}: {} vs uninterrupted {}",
+                    g["step"], g[key], w[key]
+                ));
             }
         }
     }
-    if std::fs::read(out.join("adapter_model.safetensors")).unwrap() != std::fs::read(reference.join("adapter_model.safetensors")).unwrap() {
-        mismatches.push("the final adapter_model.safetensors differs from the uninterrupted run's".into());
+    if std::fs::read(out.join("adapter_model.safetensors")).unwrap()
+        != std::fs::read(reference.join("adapter_model.safetensors")).unwrap()
+    {
+        mismatches.push(
+            "the final adapter_model.safetensors differs from the uninterrupted run's".into(),
+        );
     }
     // Report everything at once: broken checkpoints first, then any divergence.
     assert!(problems.is_empty(), "checkpoints that do not load after SIGKILL:\n{}\n(and {} differences from the uninterrupted run)", problems.join("\n"), mismatches.len());
-    assert!(mismatches.is_empty(), "{} differences from the uninterrupted run:\n{}", mismatches.len(), mismatches.join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "{} differences from the uninterrupted run:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
 }

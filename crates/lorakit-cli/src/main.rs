@@ -18,7 +18,11 @@ mod train_cmd;
 const DEFAULT_MODEL_FILE: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 #[derive(Parser)]
-#[command(name = "lorakit", version, about = "LoRA fine-tuning of real LLMs on the CPU")]
+#[command(
+    name = "lorakit",
+    version,
+    about = "LoRA fine-tuning of real LLMs on the CPU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -188,9 +192,15 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             }
             let mut messages = Vec::new();
             if let Some(s) = &a.system {
-                messages.push(ChatMessage { role: "system".into(), content: s.clone() });
+                messages.push(ChatMessage {
+                    role: "system".into(),
+                    content: s.clone(),
+                });
             }
-            messages.push(ChatMessage { role: "user".into(), content: c.clone() });
+            messages.push(ChatMessage {
+                role: "user".into(),
+                content: c.clone(),
+            });
             let text = tok
                 .apply_chat_template(&messages, true)
                 .context("the model has no usable chat template; use --prompt")?;
@@ -204,7 +214,11 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         top_k: a.top_k,
         seed: a.seed,
         max_new_tokens: a.max_new_tokens,
-        stop_ids: if a.ignore_eos { vec![] } else { tok.eos_ids().to_vec() },
+        stop_ids: if a.ignore_eos {
+            vec![]
+        } else {
+            tok.eos_ids().to_vec()
+        },
     };
     let mut stdout = std::io::stdout().lock();
     if let Some(p) = echo {
@@ -220,13 +234,17 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             return Ok(());
         }
         let piece = stream.push(id)?;
-        write!(stdout, "{piece}").and_then(|_| stdout.flush()).map_err(|e| lorakit::Error::io("<stdout>", e))
+        write!(stdout, "{piece}")
+            .and_then(|_| stdout.flush())
+            .map_err(|e| lorakit::Error::io("<stdout>", e))
     })?;
     writeln!(stdout)?;
     stdout.flush()?;
     if a.stats {
         let total = start.elapsed().as_secs_f64();
-        let prefill = first_token_at.map(|t| (t - start).as_secs_f64()).unwrap_or(total);
+        let prefill = first_token_at
+            .map(|t| (t - start).as_secs_f64())
+            .unwrap_or(total);
         let decoded = new.len().saturating_sub(1).max(1);
         eprintln!(
             "prompt {} tokens, prefill {:.3} s; {} new tokens, decode {:.2} tokens/s",
@@ -268,7 +286,11 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
         .collect();
     let total: f64 = lps.iter().flatten().sum();
     let n = lps.iter().flatten().count();
-    let perplexity = if n > 0 { (-total / n as f64).exp() } else { f64::NAN };
+    let perplexity = if n > 0 {
+        (-total / n as f64).exp()
+    } else {
+        f64::NAN
+    };
     let out = serde_json::json!({
         "tokens": tokens,
         "total_logprob": total,
@@ -287,7 +309,11 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
             println!("tensor types:  {}", fmt_counts(tensor_types));
         }
         ModelSource::HfDir { dir, files, dtypes } => {
-            println!("source:        HF directory {} ({} safetensors file(s))", dir.display(), files.len());
+            println!(
+                "source:        HF directory {} ({} safetensors file(s))",
+                dir.display(),
+                files.len()
+            );
             println!("tensor dtypes: {}", fmt_counts(dtypes));
         }
     }
@@ -299,7 +325,13 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     );
     println!(
         "shape:         {} layers, hidden {}, intermediate {}, {} heads ({} KV) of {}, vocab {}",
-        c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size
+        c.num_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.vocab_size
     );
     println!(
         "context:       {} positions, rope_theta {}, rms_norm_eps {:e}, tied embeddings: {}",
@@ -318,5 +350,8 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
 }
 
 fn fmt_counts(v: &[(String, usize)]) -> String {
-    v.iter().map(|(k, n)| format!("{k} ×{n}")).collect::<Vec<_>>().join(", ")
+    v.iter()
+        .map(|(k, n)| format!("{k} ×{n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -32,7 +32,11 @@ pub struct QuickstartArgs {
 
 fn run_script(script: &str, args: &[&str]) -> Result<()> {
     let path = repo_root().join("scripts").join(script);
-    let status = Command::new("bash").arg(&path).args(args).status().with_context(|| format!("cannot run {}", path.display()))?;
+    let status = Command::new("bash")
+        .arg(&path)
+        .args(args)
+        .status()
+        .with_context(|| format!("cannot run {}", path.display()))?;
     if !status.success() {
         bail!("{} failed ({status})", path.display());
     }
@@ -40,17 +44,26 @@ fn run_script(script: &str, args: &[&str]) -> Result<()> {
 }
 
 fn read_prompts(path: &Path, n: usize) -> Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut out = Vec::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(line)?;
         // One example per meaning representation: the test split lists several references.
-        if out.len() == n || out.iter().any(|(p, _): &(String, String)| Some(p.as_str()) == v["prompt"].as_str()) {
+        if out.len() == n
+            || out
+                .iter()
+                .any(|(p, _): &(String, String)| Some(p.as_str()) == v["prompt"].as_str())
+        {
             continue;
         }
         out.push((
             v["prompt"].as_str().unwrap_or_default().to_owned(),
-            v["completion"].as_str().unwrap_or_default().trim().to_owned(),
+            v["completion"]
+                .as_str()
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
         ));
     }
     Ok(out)
@@ -62,7 +75,11 @@ fn complete(model: &LlamaModel, loaded: &LoadedModel, prompt: &str) -> Result<St
     let mut stop = tok.eos_ids().to_vec();
     // A description is one line: stop at the first newline token too.
     stop.extend(tok.token_to_id("Ċ"));
-    let params = SamplingParams { max_new_tokens: 64, stop_ids: stop.clone(), ..Default::default() };
+    let params = SamplingParams {
+        max_new_tokens: 64,
+        stop_ids: stop.clone(),
+        ..Default::default()
+    };
     let mut new = generate(model, &ids, &params, |_| Ok(()))?;
     new.retain(|id| !stop.contains(id));
     Ok(tok.decode(&new, true)?.trim().to_owned())
@@ -84,7 +101,10 @@ pub fn cmd_quickstart(a: QuickstartArgs) -> Result<()> {
     loaded.model.set_precision(precision, true)?;
     eprintln!("precision: {precision:?}");
     let shown = read_prompts(&data.join("test.jsonl"), a.show)?;
-    let test_opts = DataOptions { max_seq_len: 1024, add_eos: true };
+    let test_opts = DataOptions {
+        max_seq_len: 1024,
+        add_eos: true,
+    };
     let (test, _) = load_jsonl(&data.join("test.jsonl"), &loaded.tokenizer, &test_opts)?;
 
     eprintln!("== 2/5 the base model on held-out meaning representations ==");
@@ -93,7 +113,10 @@ pub fn cmd_quickstart(a: QuickstartArgs) -> Result<()> {
         before.push(complete(&loaded.model, &loaded, prompt)?);
     }
     let base_loss = mean_loss(&loaded.model, None, &test)?;
-    eprintln!("base model: test loss {base_loss:.4} over {} held-out examples", test.len());
+    eprintln!(
+        "base model: test loss {base_loss:.4} over {} held-out examples",
+        test.len()
+    );
 
     eprintln!("== 3/5 training LoRA r=4, alpha=32 on q_proj,v_proj ==");
     let options = TrainOptions {
@@ -115,7 +138,8 @@ pub fn cmd_quickstart(a: QuickstartArgs) -> Result<()> {
     eprintln!(
         "trainable parameters: {} ({:.3}% of {}); {} examples, {} steps",
         plan.adapter.parameter_count(),
-        100.0 * plan.adapter.parameter_count() as f64 / loaded.model.config.parameter_count() as f64,
+        100.0 * plan.adapter.parameter_count() as f64
+            / loaded.model.config.parameter_count() as f64,
         loaded.model.config.parameter_count(),
         plan.train_stats.examples,
         plan.total_steps
@@ -134,7 +158,9 @@ pub fn cmd_quickstart(a: QuickstartArgs) -> Result<()> {
                 );
             }
         }
-        Event::Eval { step, eval_loss } => eprintln!("  step {step:>4}  validation loss {eval_loss:.4}"),
+        Event::Eval { step, eval_loss } => {
+            eprintln!("  step {step:>4}  validation loss {eval_loss:.4}")
+        }
         _ => {}
     })?;
 
@@ -144,7 +170,11 @@ pub fn cmd_quickstart(a: QuickstartArgs) -> Result<()> {
     adapted.attach_adapter(&adapter, 1.0)?;
     let after_loss = mean_loss(&loaded.model, Some(&adapter), &test)?;
     for (i, (prompt, reference)) in shown.iter().enumerate() {
-        let mr = prompt.lines().next().unwrap_or_default().trim_start_matches("Meaning representation: ");
+        let mr = prompt
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("Meaning representation: ");
         println!("\nMR:        {mr}");
         println!("reference: {reference}");
         println!("base:      {}", before[i]);

@@ -104,7 +104,25 @@ impl TrainArgs {
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { o.$f = v.clone().into(); } )* };
         }
-        set!(r, alpha, dropout, targets, init, batch_size, grad_accum, lr, weight_decay, warmup, schedule, max_grad_norm, label_smoothing, seed, eval_every, save_every, keep_checkpoints);
+        set!(
+            r,
+            alpha,
+            dropout,
+            targets,
+            init,
+            batch_size,
+            grad_accum,
+            lr,
+            weight_decay,
+            warmup,
+            schedule,
+            max_grad_norm,
+            label_smoothing,
+            seed,
+            eval_every,
+            save_every,
+            keep_checkpoints
+        );
         if self.max_seq_len.is_some() {
             o.max_seq_len = self.max_seq_len;
         }
@@ -165,10 +183,18 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         plan.batcher.batches_per_epoch(),
         plan.total_steps
     );
-    for w in plan.train_stats.warnings(plan.options.max_seq_len.unwrap_or_default()) {
+    for w in plan
+        .train_stats
+        .warnings(plan.options.max_seq_len.unwrap_or_default())
+    {
         eprintln!("warning: {w}");
     }
-    let weights_mb = total as f64 * 4.0 / 1e6 * if precision == lorakit::model::Precision::Bf16 { 2.0 } else { 1.0 };
+    let weights_mb = total as f64 * 4.0 / 1e6
+        * if precision == lorakit::model::Precision::Bf16 {
+            2.0
+        } else {
+            1.0
+        };
     eprintln!(
         "memory estimate: {:.0} MB frozen weights ({precision:?}: f32 + bf16 copies for forward and backward) + {:.0} MB saved activations (batch {} × up to {} tokens)",
         weights_mb,
@@ -181,7 +207,10 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     let mut tokens_done = 0usize;
     let start = std::time::Instant::now();
     let summary = train(&loaded, plan, a.resume, |ev| match ev {
-        Event::Started { total_steps, start_step } => {
+        Event::Started {
+            total_steps,
+            start_step,
+        } => {
             if !quiet {
                 bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
                 bar.set_length(total_steps);
@@ -196,7 +225,10 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             tokens_done += m.tokens;
             let rate = tokens_done as f64 / start.elapsed().as_secs_f64().max(1e-9);
             if quiet {
-                eprintln!("step {} loss {:.4} lr {:.2e} {:.0} tokens/s", m.step, m.loss, m.lr, rate);
+                eprintln!(
+                    "step {} loss {:.4} lr {:.2e} {:.0} tokens/s",
+                    m.step, m.loss, m.lr, rate
+                );
             } else {
                 bar.set_message(format!("loss {:.4}  {:.0} tokens/s", m.loss, rate));
                 bar.inc(1);
@@ -239,7 +271,8 @@ pub fn cmd_merge(a: MergeArgs) -> Result<()> {
     let mut loaded = open_model(a.model)?;
     crate::attach_adapters(&mut loaded, &a.adapter)?;
     loaded.model.merge_adapters();
-    save_hf_dir(&loaded.model, &loaded.tokenizer, &a.out).with_context(|| format!("cannot write {}", a.out.display()))?;
+    save_hf_dir(&loaded.model, &loaded.tokenizer, &a.out)
+        .with_context(|| format!("cannot write {}", a.out.display()))?;
     eprintln!("merged model written to {}", a.out.display());
     Ok(())
 }
@@ -257,6 +290,7 @@ pub fn parse_adapter_spec(spec: &str) -> Result<(PathBuf, f32)> {
 
 pub fn load_adapter(spec: &str, config: &lorakit::model::Config) -> Result<(Adapter, f32)> {
     let (dir, w) = parse_adapter_spec(spec)?;
-    let adapter = Adapter::load(&dir, config).with_context(|| format!("cannot load adapter {}", dir.display()))?;
+    let adapter = Adapter::load(&dir, config)
+        .with_context(|| format!("cannot load adapter {}", dir.display()))?;
     Ok((adapter, w))
 }

@@ -38,10 +38,16 @@ impl Default for SamplingParams {
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(Error::Invalid(format!("temperature must be ≥ 0, got {}", self.temperature)));
+            return Err(Error::Invalid(format!(
+                "temperature must be ≥ 0, got {}",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::Invalid(format!("top-p must be in (0, 1], got {}", self.top_p)));
+            return Err(Error::Invalid(format!(
+                "top-p must be in (0, 1], got {}",
+                self.top_p
+            )));
         }
         Ok(())
     }
@@ -112,7 +118,9 @@ pub fn generate(
 ) -> Result<Vec<u32>> {
     params.validate()?;
     if prompt.is_empty() {
-        return Err(Error::Invalid("the prompt is empty: nothing to continue from".into()));
+        return Err(Error::Invalid(
+            "the prompt is empty: nothing to continue from".into(),
+        ));
     }
     let ctx = model.config.max_position_embeddings;
     if prompt.len() >= ctx {
@@ -141,7 +149,9 @@ pub fn generate(
 /// log P(ids[t] | ids[..t]) for every t ≥ 1; entry 0 is None (nothing predicts the first token).
 pub fn token_logprobs(model: &LlamaModel, ids: &[u32]) -> Result<Vec<Option<f64>>> {
     if ids.is_empty() {
-        return Err(Error::Invalid("nothing to score: the input has no tokens".into()));
+        return Err(Error::Invalid(
+            "nothing to score: the input has no tokens".into(),
+        ));
     }
     let v = model.config.vocab_size;
     let logits = model.logits(ids)?;

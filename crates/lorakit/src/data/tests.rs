@@ -499,4 +499,3 @@ fn shuffle_is_deterministic_and_groups_by_length() {
         );
     }
 }
-

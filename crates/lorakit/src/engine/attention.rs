@@ -113,7 +113,14 @@ fn causal_exp_rows(s: &mut [f32], t_len: usize, shift: Option<&[f32]>, lse: &mut
 }
 
 /// out = softmax(q kᵀ / √d + causal mask) v, per (batch, head); lse[b, h, t] = log Σ_j exp(s_tj).
-pub fn attention_train_forward(out: &mut [f32], lse: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+pub fn attention_train_forward(
+    out: &mut [f32],
+    lse: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttnShape,
+) {
     let (t_len, hd) = (s.seq, s.head_dim);
     let scale = 1.0 / (hd as f32).sqrt();
     assert_eq!(q.len(), s.batch * t_len * s.q_row());
@@ -133,10 +140,38 @@ pub fn attention_train_forward(out: &mut [f32], lse: &mut [f32], q: &[f32], k: &
             // SAFETY: the asserts above bound the views; this task alone writes out[b, :, h, :].
             unsafe {
                 // S = scale · Q Kᵀ: [T, hd] · [hd, T]
-                gemm_strided(t_len, t_len, hd, scores.as_mut_ptr(), t_len, false, q.as_ptr().add(q0), s.q_row(), 1, k.as_ptr().add(kv0), 1, s.kv_row(), scale);
+                gemm_strided(
+                    t_len,
+                    t_len,
+                    hd,
+                    scores.as_mut_ptr(),
+                    t_len,
+                    false,
+                    q.as_ptr().add(q0),
+                    s.q_row(),
+                    1,
+                    k.as_ptr().add(kv0),
+                    1,
+                    s.kv_row(),
+                    scale,
+                );
                 causal_exp_rows(scores, t_len, None, lse_row);
                 // O = P V: [T, T] · [T, hd]
-                gemm_strided(t_len, hd, t_len, out_ptr.at(q0), s.q_row(), false, scores.as_ptr(), t_len, 1, v.as_ptr().add(kv0), s.kv_row(), 1, 1.0);
+                gemm_strided(
+                    t_len,
+                    hd,
+                    t_len,
+                    out_ptr.at(q0),
+                    s.q_row(),
+                    false,
+                    scores.as_ptr(),
+                    t_len,
+                    1,
+                    v.as_ptr().add(kv0),
+                    s.kv_row(),
+                    1,
+                    1.0,
+                );
             }
         },
     );
@@ -173,7 +208,11 @@ pub fn attention_train_backward(
     }
     assert_eq!(q.len(), s.batch * t_len * s.q_row());
     assert_eq!(k.len(), s.batch * t_len * s.kv_row());
-    let (dq_ptr, dk_ptr, dv_ptr) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
+    let (dq_ptr, dk_ptr, dv_ptr) = (
+        SharedMut(dq.as_mut_ptr()),
+        SharedMut(dk.as_mut_ptr()),
+        SharedMut(dv.as_mut_ptr()),
+    );
     // One task per (batch, KV head): it owns dk/dv of that head and dq of the query heads
     // that share it, so no two tasks write the same element.
     (0..s.batch * s.n_kv_heads).into_par_iter().for_each_init(
@@ -187,28 +226,101 @@ pub fn attention_train_backward(
                 // SAFETY: the asserts above bound every view; dk/dv rows of (b, kvh) and dq rows
                 // of (b, h) belong to this task only.
                 unsafe {
-                    gemm_strided(t_len, t_len, hd, p.as_mut_ptr(), t_len, false, q.as_ptr().add(q0), s.q_row(), 1, k.as_ptr().add(kv0), 1, s.kv_row(), scale);
+                    gemm_strided(
+                        t_len,
+                        t_len,
+                        hd,
+                        p.as_mut_ptr(),
+                        t_len,
+                        false,
+                        q.as_ptr().add(q0),
+                        s.q_row(),
+                        1,
+                        k.as_ptr().add(kv0),
+                        1,
+                        s.kv_row(),
+                        scale,
+                    );
                     let lse_row = &lse[(b * s.n_heads + h) * t_len..][..t_len];
                     causal_exp_rows(p, t_len, Some(lse_row), &mut []);
                     // dV (+)= Pᵀ dO
-                    gemm_strided(t_len, hd, t_len, dv_ptr.at(kv0), s.kv_row(), !first, p.as_ptr(), 1, t_len, d_out.as_ptr().add(q0), s.q_row(), 1, 1.0);
+                    gemm_strided(
+                        t_len,
+                        hd,
+                        t_len,
+                        dv_ptr.at(kv0),
+                        s.kv_row(),
+                        !first,
+                        p.as_ptr(),
+                        1,
+                        t_len,
+                        d_out.as_ptr().add(q0),
+                        s.q_row(),
+                        1,
+                        1.0,
+                    );
                     // dP = dO Vᵀ
-                    gemm_strided(t_len, t_len, hd, dp.as_mut_ptr(), t_len, false, d_out.as_ptr().add(q0), s.q_row(), 1, v.as_ptr().add(kv0), 1, s.kv_row(), 1.0);
+                    gemm_strided(
+                        t_len,
+                        t_len,
+                        hd,
+                        dp.as_mut_ptr(),
+                        t_len,
+                        false,
+                        d_out.as_ptr().add(q0),
+                        s.q_row(),
+                        1,
+                        v.as_ptr().add(kv0),
+                        1,
+                        s.kv_row(),
+                        1.0,
+                    );
                 }
                 // dS = P ⊙ (dP − D), D_t = dO_t · O_t (0 above the diagonal, where P is 0).
                 for t in 0..t_len {
                     let row = q0 + t * s.q_row();
                     let d_t = dot(&d_out[row..row + hd], &out[row..row + hd]);
-                    let (pr, dpr) = (&p[t * t_len..(t + 1) * t_len], &mut dp[t * t_len..(t + 1) * t_len]);
+                    let (pr, dpr) = (
+                        &p[t * t_len..(t + 1) * t_len],
+                        &mut dp[t * t_len..(t + 1) * t_len],
+                    );
                     for (x, &pv) in dpr.iter_mut().zip(pr) {
                         *x = pv * (*x - d_t);
                     }
                 }
                 unsafe {
                     // dQ = scale · dS K
-                    gemm_strided(t_len, hd, t_len, dq_ptr.at(q0), s.q_row(), false, dp.as_ptr(), t_len, 1, k.as_ptr().add(kv0), s.kv_row(), 1, scale);
+                    gemm_strided(
+                        t_len,
+                        hd,
+                        t_len,
+                        dq_ptr.at(q0),
+                        s.q_row(),
+                        false,
+                        dp.as_ptr(),
+                        t_len,
+                        1,
+                        k.as_ptr().add(kv0),
+                        s.kv_row(),
+                        1,
+                        scale,
+                    );
                     // dK (+)= scale · dSᵀ Q
-                    gemm_strided(t_len, hd, t_len, dk_ptr.at(kv0), s.kv_row(), !first, dp.as_ptr(), 1, t_len, q.as_ptr().add(q0), s.q_row(), 1, scale);
+                    gemm_strided(
+                        t_len,
+                        hd,
+                        t_len,
+                        dk_ptr.at(kv0),
+                        s.kv_row(),
+                        !first,
+                        dp.as_ptr(),
+                        1,
+                        t_len,
+                        q.as_ptr().add(q0),
+                        s.q_row(),
+                        1,
+                        scale,
+                    );
                 }
             }
         },

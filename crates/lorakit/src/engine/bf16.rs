@@ -32,20 +32,27 @@ impl PackedBf16 {
         let panels = n.div_ceil(NR);
         let panel_len = k_pairs * NR * 2;
         let mut data = vec![0u16; panels * panel_len];
-        data.par_chunks_mut(panel_len).enumerate().for_each(|(j, panel)| {
-            for p in 0..k_pairs {
-                for c in 0..NR {
-                    let nn = j * NR + c;
-                    for e in 0..2 {
-                        let kk = 2 * p + e;
-                        if nn < n && kk < k {
-                            panel[(p * NR + c) * 2 + e] = bf16::from_f32(b(kk, nn)).to_bits();
+        data.par_chunks_mut(panel_len)
+            .enumerate()
+            .for_each(|(j, panel)| {
+                for p in 0..k_pairs {
+                    for c in 0..NR {
+                        let nn = j * NR + c;
+                        for e in 0..2 {
+                            let kk = 2 * p + e;
+                            if nn < n && kk < k {
+                                panel[(p * NR + c) * 2 + e] = bf16::from_f32(b(kk, nn)).to_bits();
+                            }
                         }
                     }
                 }
-            }
-        });
-        PackedBf16 { k, n, k_pairs, data }
+            });
+        PackedBf16 {
+            k,
+            n,
+            k_pairs,
+            data,
+        }
     }
 
     /// For out = x · Wᵀ with W [n, k] row-major (a linear layer's forward).
@@ -69,7 +76,8 @@ impl PackedBf16 {
 pub fn bf16_supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16")
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -81,11 +89,14 @@ pub fn bf16_supported() -> bool {
 fn convert_rows(x: &[f32], m: usize, k: usize, k_pairs: usize) -> Vec<u16> {
     let kp = 2 * k_pairs;
     let mut out = vec![0u16; m * kp];
-    out.par_chunks_mut(kp).zip(x.par_chunks(k)).with_min_len(16).for_each(|(o, r)| {
-        for (oi, &v) in o.iter_mut().zip(r) {
-            *oi = bf16::from_f32(v).to_bits();
-        }
-    });
+    out.par_chunks_mut(kp)
+        .zip(x.par_chunks(k))
+        .with_min_len(16)
+        .for_each(|(o, r)| {
+            for (oi, &v) in o.iter_mut().zip(r) {
+                *oi = bf16::from_f32(v).to_bits();
+            }
+        });
     out
 }
 
@@ -102,9 +113,22 @@ impl OutPtr {
 /// out[m, n] (+)= x[m, k] · B[k, n] with B packed in bf16; f32 accumulation.
 pub fn matmul_bf16(out: &mut [f32], x: &[f32], m: usize, b: &PackedBf16, accumulate: bool) {
     let (k, n) = (b.k, b.n);
-    assert_eq!(x.len(), m * k, "matmul_bf16: x has {} elements, expected {m}×{k}", x.len());
-    assert_eq!(out.len(), m * n, "matmul_bf16: out has {} elements, expected {m}×{n}", out.len());
-    assert!(bf16_supported(), "matmul_bf16 needs AVX512-BF16; callers check bf16_supported()");
+    assert_eq!(
+        x.len(),
+        m * k,
+        "matmul_bf16: x has {} elements, expected {m}×{k}",
+        x.len()
+    );
+    assert_eq!(
+        out.len(),
+        m * n,
+        "matmul_bf16: out has {} elements, expected {m}×{n}",
+        out.len()
+    );
+    assert!(
+        bf16_supported(),
+        "matmul_bf16 needs AVX512-BF16; callers check bf16_supported()"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -184,9 +208,17 @@ unsafe fn micro_kernel(
                 break;
             }
             let live = (cols - start).min(16);
-            let mask: __mmask16 = if live == 16 { 0xffff } else { ((1u32 << live) - 1) as u16 };
+            let mask: __mmask16 = if live == 16 {
+                0xffff
+            } else {
+                ((1u32 << live) - 1) as u16
+            };
             let dst = crow.add(start);
-            let v = if accumulate { _mm512_add_ps(*v, _mm512_maskz_loadu_ps(mask, dst)) } else { *v };
+            let v = if accumulate {
+                _mm512_add_ps(*v, _mm512_maskz_loadu_ps(mask, dst))
+            } else {
+                *v
+            };
             _mm512_mask_storeu_ps(dst, mask, v);
         }
     }
@@ -197,7 +229,13 @@ mod tests {
     use super::*;
 
     fn data(len: usize, seed: u32) -> Vec<f32> {
-        (0..len).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32 / 500.0 - 1.0).collect()
+        (0..len)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32
+                    / 500.0
+                    - 1.0
+            })
+            .collect()
     }
 
     /// Exact product of the bf16-rounded inputs, in f64.

@@ -9,10 +9,33 @@ use rayon::prelude::*;
 /// out[m, n] = x[m, k] · w[n, k]ᵀ (+ out if `accumulate`).
 ///
 /// x: [m, k] row-major, w: [n, k] row-major (a linear layer's `[out, in]`), out: [m, n].
-pub fn matmul_nt(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize, accumulate: bool) {
-    assert_eq!(x.len(), m * k, "matmul_nt: x has {} elements, expected {m}×{k}", x.len());
-    assert_eq!(w.len(), n * k, "matmul_nt: w has {} elements, expected {n}×{k}", w.len());
-    assert_eq!(out.len(), m * n, "matmul_nt: out has {} elements, expected {m}×{n}", out.len());
+pub fn matmul_nt(
+    out: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    assert_eq!(
+        x.len(),
+        m * k,
+        "matmul_nt: x has {} elements, expected {m}×{k}",
+        x.len()
+    );
+    assert_eq!(
+        w.len(),
+        n * k,
+        "matmul_nt: w has {} elements, expected {n}×{k}",
+        w.len()
+    );
+    assert_eq!(
+        out.len(),
+        m * n,
+        "matmul_nt: out has {} elements, expected {m}×{n}",
+        out.len()
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -53,10 +76,35 @@ pub fn matmul_nt(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: u
 /// The backward passes need every combination: dX = dY·W is (false, false) with W [out, in];
 /// dW-like products dBᵀ... are (true, false).
 #[allow(clippy::too_many_arguments)]
-pub fn matmul(out: &mut [f32], a: &[f32], a_t: bool, b: &[f32], b_t: bool, m: usize, k: usize, n: usize, accumulate: bool) {
-    assert_eq!(a.len(), m * k, "matmul: a has {} elements, expected {m}×{k}", a.len());
-    assert_eq!(b.len(), k * n, "matmul: b has {} elements, expected {k}×{n}", b.len());
-    assert_eq!(out.len(), m * n, "matmul: out has {} elements, expected {m}×{n}", out.len());
+pub fn matmul(
+    out: &mut [f32],
+    a: &[f32],
+    a_t: bool,
+    b: &[f32],
+    b_t: bool,
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    assert_eq!(
+        a.len(),
+        m * k,
+        "matmul: a has {} elements, expected {m}×{k}",
+        a.len()
+    );
+    assert_eq!(
+        b.len(),
+        k * n,
+        "matmul: b has {} elements, expected {k}×{n}",
+        b.len()
+    );
+    assert_eq!(
+        out.len(),
+        m * n,
+        "matmul: out has {} elements, expected {m}×{n}",
+        out.len()
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -66,8 +114,16 @@ pub fn matmul(out: &mut [f32], a: &[f32], a_t: bool, b: &[f32], b_t: bool, m: us
         }
         return;
     }
-    let (lhs_cs, lhs_rs) = if a_t { (m as isize, 1) } else { (1, k as isize) };
-    let (rhs_cs, rhs_rs) = if b_t { (k as isize, 1) } else { (1, n as isize) };
+    let (lhs_cs, lhs_rs) = if a_t {
+        (m as isize, 1)
+    } else {
+        (1, k as isize)
+    };
+    let (rhs_cs, rhs_rs) = if b_t {
+        (k as isize, 1)
+    } else {
+        (1, n as isize)
+    };
     // SAFETY: the asserts above bound every index the strides reach: op(a)[i, p] is a[i*k + p]
     // or a[p*m + i]; op(b)[p, j] is b[p*n + j] or b[j*k + p]; out[i, j] is out[i*n + j].
     unsafe {
@@ -167,9 +223,21 @@ unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
     let mut i = 0;
     while i + 64 <= n {
         acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), _mm512_loadu_ps(pb.add(i + 16)), acc1);
-        acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 32)), _mm512_loadu_ps(pb.add(i + 32)), acc2);
-        acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 48)), _mm512_loadu_ps(pb.add(i + 48)), acc3);
+        acc1 = _mm512_fmadd_ps(
+            _mm512_loadu_ps(pa.add(i + 16)),
+            _mm512_loadu_ps(pb.add(i + 16)),
+            acc1,
+        );
+        acc2 = _mm512_fmadd_ps(
+            _mm512_loadu_ps(pa.add(i + 32)),
+            _mm512_loadu_ps(pb.add(i + 32)),
+            acc2,
+        );
+        acc3 = _mm512_fmadd_ps(
+            _mm512_loadu_ps(pa.add(i + 48)),
+            _mm512_loadu_ps(pb.add(i + 48)),
+            acc3,
+        );
         i += 64;
     }
     while i + 16 <= n {
@@ -179,7 +247,11 @@ unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
     if i < n {
         // n - i < 16 here, so the mask keeps only the lanes inside the slices.
         let mask: __mmask16 = ((1u32 << (n - i)) - 1) as u16;
-        acc1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, pa.add(i)), _mm512_maskz_loadu_ps(mask, pb.add(i)), acc1);
+        acc1 = _mm512_fmadd_ps(
+            _mm512_maskz_loadu_ps(mask, pa.add(i)),
+            _mm512_maskz_loadu_ps(mask, pb.add(i)),
+            acc1,
+        );
     }
     let s = _mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3));
     _mm512_reduce_add_ps(s)
@@ -202,19 +274,34 @@ mod tests {
     }
 
     fn data(len: usize, seed: u32) -> Vec<f32> {
-        (0..len).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32 / 500.0 - 1.0).collect()
+        (0..len)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32
+                    / 500.0
+                    - 1.0
+            })
+            .collect()
     }
 
     #[test]
     fn matmul_matches_naive_for_all_paths() {
-        for &(m, k, n) in &[(1, 7, 5), (1, 576, 300), (3, 5, 4), (17, 64, 33), (130, 96, 70)] {
+        for &(m, k, n) in &[
+            (1, 7, 5),
+            (1, 576, 300),
+            (3, 5, 4),
+            (17, 64, 33),
+            (130, 96, 70),
+        ] {
             let x = data(m * k, 1);
             let w = data(n * k, 2);
             let mut out = vec![0.0; m * n];
             matmul_nt(&mut out, &x, &w, m, k, n, false);
             let want = naive(&x, &w, m, k, n);
             for (a, b) in out.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{m}x{k}x{n}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                    "{m}x{k}x{n}: {a} vs {b}"
+                );
             }
             // accumulate adds onto what is there
             matmul_nt(&mut out, &x, &w, m, k, n, true);
@@ -258,7 +345,10 @@ mod tests {
             let b = data(len, 4);
             let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
             assert!((dot(&a, &b) as f64 - want).abs() < 1e-4, "len {len}");
-            assert!((dot_portable(&a, &b) as f64 - want).abs() < 1e-4, "len {len}");
+            assert!(
+                (dot_portable(&a, &b) as f64 - want).abs() < 1e-4,
+                "len {len}"
+            );
         }
     }
 }

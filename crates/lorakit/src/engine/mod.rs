@@ -4,9 +4,9 @@
 //! training code adds the matching `*_backward` beside each one (see `docs/ARCHITECTURE.md`):
 //! there is no general autograd, so each forward keeps exactly what its backward will need.
 
-pub mod matmul;
 pub mod attention;
 pub mod bf16;
+pub mod matmul;
 pub mod ops;
 
 pub use matmul::{matmul, matmul_nt, matvec_rows};

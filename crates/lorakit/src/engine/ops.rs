@@ -22,13 +22,16 @@ pub fn embedding_forward(out: &mut [f32], table: &[f32], ids: &[u32], hidden: us
 /// x, out: [T, hidden], w: [hidden]. Returns nothing; the backward will recompute 1/rms.
 pub fn rms_norm_forward(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
     let hidden = w.len();
-    out.par_chunks_mut(hidden).zip(x.par_chunks(hidden)).with_min_len(ROWS_PER_TASK).for_each(|(o, xr)| {
-        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
-        let inv = (1.0 / (ss / hidden as f64 + eps as f64).sqrt()) as f32;
-        for ((oi, &xi), &wi) in o.iter_mut().zip(xr).zip(w) {
-            *oi = wi * (xi * inv);
-        }
-    });
+    out.par_chunks_mut(hidden)
+        .zip(x.par_chunks(hidden))
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|(o, xr)| {
+            let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+            let inv = (1.0 / (ss / hidden as f64 + eps as f64).sqrt()) as f32;
+            for ((oi, &xi), &wi) in o.iter_mut().zip(xr).zip(w) {
+                *oi = wi * (xi * inv);
+            }
+        });
 }
 
 /// Rows handed to one rayon task by the row-wise kernels: enough work to hide the task cost.
@@ -72,7 +75,13 @@ impl RopeTable {
 /// (x_i cos − x_{i+d/2} sin, x_{i+d/2} cos + x_i sin).
 ///
 /// x: [T, n_heads, head_dim]; token t sits at position `start_pos + t`.
-pub fn rope_forward(x: &mut [f32], n_heads: usize, head_dim: usize, start_pos: usize, rope: &RopeTable) {
+pub fn rope_forward(
+    x: &mut [f32],
+    n_heads: usize,
+    head_dim: usize,
+    start_pos: usize,
+    rope: &RopeTable,
+) {
     let half = head_dim / 2;
     for (t, tok) in x.chunks_exact_mut(n_heads * head_dim).enumerate() {
         let p = start_pos + t;
@@ -160,7 +169,10 @@ pub fn silu(g: f32) -> f32 {
 /// out = silu(gate) ⊙ up, the SwiGLU of Llama's MLP. gate, up, out: [T, intermediate].
 pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) {
     out.par_chunks_mut(ELEMS_PER_TASK)
-        .zip(gate.par_chunks(ELEMS_PER_TASK).zip(up.par_chunks(ELEMS_PER_TASK)))
+        .zip(
+            gate.par_chunks(ELEMS_PER_TASK)
+                .zip(up.par_chunks(ELEMS_PER_TASK)),
+        )
         .for_each(|(o, (g, u))| {
             #[allow(unused_mut)]
             let mut done = 0;
@@ -177,11 +189,13 @@ pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) {
 
 /// x += y, element-wise (residual connections).
 pub fn add_inplace(x: &mut [f32], y: &[f32]) {
-    x.par_chunks_mut(ELEMS_PER_TASK).zip(y.par_chunks(ELEMS_PER_TASK)).for_each(|(x, y)| {
-        for (a, &b) in x.iter_mut().zip(y) {
-            *a += b;
-        }
-    });
+    x.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(y.par_chunks(ELEMS_PER_TASK))
+        .for_each(|(x, y)| {
+            for (a, &b) in x.iter_mut().zip(y) {
+                *a += b;
+            }
+        });
 }
 
 /// log Σ exp(row), computed stably in f64.
@@ -235,7 +249,10 @@ mod tests {
     fn attention_with_one_key_returns_its_value() {
         // 2 query heads share 1 kv head; a single position → softmax weight 1.
         let head_dim = 4;
-        let kv = KvLayer { k: vec![0.3, -0.2, 0.1, 0.5], v: vec![1.0, 2.0, 3.0, 4.0] };
+        let kv = KvLayer {
+            k: vec![0.3, -0.2, 0.1, 0.5],
+            v: vec![1.0, 2.0, 3.0, 4.0],
+        };
         let q = vec![0.5; 8];
         let mut out = vec![0.0; 8];
         attention_forward(&mut out, &q, &kv, 1, 2, 1, head_dim, 0);
@@ -255,25 +272,46 @@ mod tests {
 ///
 /// x, dy, dx: [T, hidden], w: [hidden]. With inv = 1/sqrt(mean(x²)+eps) and g = w ⊙ dy:
 /// dx = inv·g − x · inv³ · (g·x) / hidden.
-pub fn rms_norm_backward(dx: &mut [f32], x: &[f32], w: &[f32], dy: &[f32], eps: f32, accumulate: bool) {
+pub fn rms_norm_backward(
+    dx: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    eps: f32,
+    accumulate: bool,
+) {
     let hidden = w.len();
-    dx.par_chunks_mut(hidden).zip(x.par_chunks(hidden).zip(dy.par_chunks(hidden))).with_min_len(ROWS_PER_TASK).for_each(|(dxr, (xr, dyr))| {
-        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
-        let inv = 1.0 / (ss / hidden as f64 + eps as f64).sqrt();
-        let gx: f64 = xr.iter().zip(dyr).zip(w).map(|((&xi, &di), &wi)| (wi * di) as f64 * xi as f64).sum();
-        let c = (inv * inv * inv * gx / hidden as f64) as f32;
-        let inv = inv as f32;
-        for (((o, &xi), &di), &wi) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
-            let g = inv * (wi * di) - xi * c;
-            *o = if accumulate { *o + g } else { g };
-        }
-    });
+    dx.par_chunks_mut(hidden)
+        .zip(x.par_chunks(hidden).zip(dy.par_chunks(hidden)))
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|(dxr, (xr, dyr))| {
+            let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+            let inv = 1.0 / (ss / hidden as f64 + eps as f64).sqrt();
+            let gx: f64 = xr
+                .iter()
+                .zip(dyr)
+                .zip(w)
+                .map(|((&xi, &di), &wi)| (wi * di) as f64 * xi as f64)
+                .sum();
+            let c = (inv * inv * inv * gx / hidden as f64) as f32;
+            let inv = inv as f32;
+            for (((o, &xi), &di), &wi) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
+                let g = inv * (wi * di) - xi * c;
+                *o = if accumulate { *o + g } else { g };
+            }
+        });
 }
 
 /// Gradient of `rope_forward` in place: the rotation's transpose (the same rotation by −θ).
 ///
 /// dx: [T, n_heads, head_dim]; token t at position `start_pos + t`.
-pub fn rope_backward(dx: &mut [f32], n_heads: usize, head_dim: usize, start_pos: usize, rope: &RopeTable) {
+pub fn rope_backward(
+    dx: &mut [f32],
+    n_heads: usize,
+    head_dim: usize,
+    start_pos: usize,
+    rope: &RopeTable,
+) {
     let half = head_dim / 2;
     for (t, tok) in dx.chunks_exact_mut(n_heads * head_dim).enumerate() {
         let p = start_pos + t;
@@ -293,12 +331,22 @@ pub fn rope_backward(dx: &mut [f32], n_heads: usize, head_dim: usize, start_pos:
 /// Gradients of `swiglu_forward`: d_gate = d_out ⊙ up ⊙ silu'(gate), d_up = d_out ⊙ silu(gate).
 ///
 /// gate, up, d_out, d_gate, d_up: [T, intermediate].
-pub fn swiglu_backward(d_gate: &mut [f32], d_up: &mut [f32], gate: &[f32], up: &[f32], d_out: &[f32]) {
+pub fn swiglu_backward(
+    d_gate: &mut [f32],
+    d_up: &mut [f32],
+    gate: &[f32],
+    up: &[f32],
+    d_out: &[f32],
+) {
     let e = ELEMS_PER_TASK;
     d_gate
         .par_chunks_mut(e)
         .zip(d_up.par_chunks_mut(e))
-        .zip(gate.par_chunks(e).zip(up.par_chunks(e)).zip(d_out.par_chunks(e)))
+        .zip(
+            gate.par_chunks(e)
+                .zip(up.par_chunks(e))
+                .zip(d_out.par_chunks(e)),
+        )
         .for_each(|((dgc, duc), ((gc, uc), dc))| {
             #[allow(unused_mut)]
             let mut done = 0;
@@ -307,8 +355,16 @@ pub fn swiglu_backward(d_gate: &mut [f32], d_up: &mut [f32], gate: &[f32], up: &
                 // SAFETY: the feature was detected at run time.
                 done = unsafe { swiglu_backward_avx512(dgc, duc, gc, uc, dc) };
             }
-            let (dgc, duc, gc, uc, dc) = (&mut dgc[done..], &mut duc[done..], &gc[done..], &uc[done..], &dc[done..]);
-            for ((((dg, du), &g), &u), &d) in dgc.iter_mut().zip(duc.iter_mut()).zip(gc).zip(uc).zip(dc) {
+            let (dgc, duc, gc, uc, dc) = (
+                &mut dgc[done..],
+                &mut duc[done..],
+                &gc[done..],
+                &uc[done..],
+                &dc[done..],
+            );
+            for ((((dg, du), &g), &u), &d) in
+                dgc.iter_mut().zip(duc.iter_mut()).zip(gc).zip(uc).zip(dc)
+            {
                 let sig = 1.0 / (1.0 + (-g).exp());
                 let silu = g * sig;
                 *du = d * silu;
@@ -345,13 +401,25 @@ pub fn exp_shifted_sum(row: &mut [f32], shift: f32) -> f64 {
 #[inline]
 unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
-    let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33655)), _mm512_set1_ps(88.37626));
-    let k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    let x = _mm512_min_ps(
+        _mm512_max_ps(x, _mm512_set1_ps(-87.33655)),
+        _mm512_set1_ps(88.37626),
+    );
+    let k = _mm512_roundscale_ps(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+    );
     // ln 2 split in a part exact in f32 and the remainder.
     let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_359_4), x);
     let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.121_944_4e-4), r);
     let mut y = _mm512_set1_ps(1.987_569_1e-4);
-    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        5e-1,
+    ] {
         y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
     }
     let r2 = _mm512_mul_ps(r, r);
@@ -373,7 +441,13 @@ unsafe fn exp_shifted_sum_avx512(row: &mut [f32], shift: f32) -> f64 {
         let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), vshift));
         _mm512_storeu_ps(p.add(i), e);
         acc0 = _mm512_add_pd(acc0, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
-        acc1 = _mm512_add_pd(acc1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
+        acc1 = _mm512_add_pd(
+            acc1,
+            _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(
+                _mm512_castps_pd(e),
+                1,
+            ))),
+        );
         i += 16;
     }
     let mut sum = _mm512_reduce_add_pd(_mm512_add_pd(acc0, acc1));
@@ -404,7 +478,10 @@ unsafe fn swiglu_forward_avx512(out: &mut [f32], gate: &[f32], up: &[f32]) -> us
     for i in (0..n).step_by(16) {
         let g = _mm512_loadu_ps(gate.as_ptr().add(i));
         let u = _mm512_loadu_ps(up.as_ptr().add(i));
-        _mm512_storeu_ps(out.as_mut_ptr().add(i), _mm512_mul_ps(_mm512_mul_ps(g, sigmoid16(g)), u));
+        _mm512_storeu_ps(
+            out.as_mut_ptr().add(i),
+            _mm512_mul_ps(_mm512_mul_ps(g, sigmoid16(g)), u),
+        );
     }
     n
 }
@@ -412,9 +489,22 @@ unsafe fn swiglu_forward_avx512(out: &mut [f32], gate: &[f32], up: &[f32]) -> us
 /// The SwiGLU backward over whole 16-lane blocks; returns how many elements it did.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn swiglu_backward_avx512(d_gate: &mut [f32], d_up: &mut [f32], gate: &[f32], up: &[f32], d_out: &[f32]) -> usize {
+unsafe fn swiglu_backward_avx512(
+    d_gate: &mut [f32],
+    d_up: &mut [f32],
+    gate: &[f32],
+    up: &[f32],
+    d_out: &[f32],
+) -> usize {
     use std::arch::x86_64::*;
-    let n = d_gate.len().min(d_up.len()).min(gate.len()).min(up.len()).min(d_out.len()) / 16 * 16;
+    let n = d_gate
+        .len()
+        .min(d_up.len())
+        .min(gate.len())
+        .min(up.len())
+        .min(d_out.len())
+        / 16
+        * 16;
     let one = _mm512_set1_ps(1.0);
     for i in (0..n).step_by(16) {
         let g = _mm512_loadu_ps(gate.as_ptr().add(i));
@@ -425,7 +515,10 @@ unsafe fn swiglu_backward_avx512(d_gate: &mut [f32], d_up: &mut [f32], gate: &[f
         _mm512_storeu_ps(d_up.as_mut_ptr().add(i), _mm512_mul_ps(d, silu));
         // silu'(g) = sig · (1 + g · (1 − sig))
         let dsilu = _mm512_mul_ps(sig, _mm512_fmadd_ps(g, _mm512_sub_ps(one, sig), one));
-        _mm512_storeu_ps(d_gate.as_mut_ptr().add(i), _mm512_mul_ps(_mm512_mul_ps(d, u), dsilu));
+        _mm512_storeu_ps(
+            d_gate.as_mut_ptr().add(i),
+            _mm512_mul_ps(_mm512_mul_ps(d, u), dsilu),
+        );
     }
     n
 }
@@ -447,10 +540,18 @@ mod exp_tests {
         for i in 0..n {
             let sig = 1.0 / (1.0 + (-(g[i] as f64)).exp());
             let silu = g[i] as f64 * sig;
-            assert!((out[i] as f64 - silu * u[i] as f64).abs() < 1e-5 * (1.0 + (silu * u[i] as f64).abs()), "fwd {i}");
+            assert!(
+                (out[i] as f64 - silu * u[i] as f64).abs()
+                    < 1e-5 * (1.0 + (silu * u[i] as f64).abs()),
+                "fwd {i}"
+            );
             assert!((du[i] as f64 - d[i] as f64 * silu).abs() < 1e-5, "d_up {i}");
             let want = d[i] as f64 * u[i] as f64 * sig * (1.0 + g[i] as f64 * (1.0 - sig));
-            assert!((dg[i] as f64 - want).abs() < 1e-5 * (1.0 + want.abs()), "d_gate {i}: {} vs {want}", dg[i]);
+            assert!(
+                (dg[i] as f64 - want).abs() < 1e-5 * (1.0 + want.abs()),
+                "d_gate {i}: {} vs {want}",
+                dg[i]
+            );
         }
     }
 
@@ -464,7 +565,11 @@ mod exp_tests {
             let want = ((x - 0.5) as f64).exp();
             want_sum += want;
             if want > 1e-37 {
-                assert!(((got as f64 - want) / want).abs() < 3e-7, "exp({}) = {got}, want {want}", x - 0.5);
+                assert!(
+                    ((got as f64 - want) / want).abs() < 3e-7,
+                    "exp({}) = {got}, want {want}",
+                    x - 0.5
+                );
             }
         }
         assert!((sum - want_sum).abs() / want_sum < 1e-6);

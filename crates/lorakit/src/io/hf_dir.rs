@@ -21,18 +21,21 @@ impl SafetensorsSet {
         let shard_names: Vec<String> = if single.is_file() {
             vec!["model.safetensors".into()]
         } else if index_path.is_file() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::format(&index_path, format!("not valid JSON: {e}")))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::config(&index_path, "weight_map", "missing or not an object"))?;
+                .ok_or_else(|| {
+                    Error::config(&index_path, "weight_map", "missing or not an object")
+                })?;
             let mut names: Vec<String> = Vec::new();
             for (tensor, file) in map {
-                let file = file
-                    .as_str()
-                    .ok_or_else(|| Error::config(&index_path, format!("weight_map.{tensor}"), "not a string"))?;
+                let file = file.as_str().ok_or_else(|| {
+                    Error::config(&index_path, format!("weight_map.{tensor}"), "not a string")
+                })?;
                 // Shards must sit beside the index: never follow a path out of the directory.
                 if file.contains('/') || file.contains('\\') || file.starts_with('.') {
                     return Err(Error::config(
@@ -69,7 +72,11 @@ impl SafetensorsSet {
             files.push(file);
             paths.push(path);
         }
-        Ok(SafetensorsSet { files, paths, index })
+        Ok(SafetensorsSet {
+            files,
+            paths,
+            index,
+        })
     }
 
     pub fn files(&self) -> &[PathBuf] {
@@ -86,7 +93,10 @@ impl SafetensorsSet {
         match self.index.get(name) {
             Some(&i) => self.files[i].tensor_f32(name),
             None => Err(Error::tensor(
-                self.paths.first().map(PathBuf::as_path).unwrap_or(Path::new("")),
+                self.paths
+                    .first()
+                    .map(PathBuf::as_path)
+                    .unwrap_or(Path::new("")),
                 name,
                 "not found in the model's safetensors files",
             )),
@@ -97,7 +107,11 @@ impl SafetensorsSet {
     pub fn dtypes(&self) -> Vec<String> {
         self.files
             .iter()
-            .flat_map(|f| f.names().into_iter().filter_map(|n| f.info(&n).map(|(d, _)| d)))
+            .flat_map(|f| {
+                f.names()
+                    .into_iter()
+                    .filter_map(|n| f.info(&n).map(|(d, _)| d))
+            })
             .collect()
     }
 }

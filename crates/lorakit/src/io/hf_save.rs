@@ -52,12 +52,24 @@ pub fn hf_config_json(c: &Config) -> serde_json::Value {
 /// Writes `model` (adapters must be merged or detached first) and its tokenizer into `dir` as an
 /// HF directory. The directory appears complete or not at all (written beside it, then renamed).
 pub fn save_hf_dir(model: &LlamaModel, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
-    if model.layers.iter().any(|l| ModuleKind::ALL.iter().any(|&k| !l.linear(k).loras.is_empty())) {
-        return Err(Error::Invalid("save_hf_dir: merge or detach the adapters first".into()));
+    if model.layers.iter().any(|l| {
+        ModuleKind::ALL
+            .iter()
+            .any(|&k| !l.linear(k).loras.is_empty())
+    }) {
+        return Err(Error::Invalid(
+            "save_hf_dir: merge or detach the adapters first".into(),
+        ));
     }
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -75,17 +87,38 @@ fn write_contents(model: &LlamaModel, tokenizer: &Tokenizer, tmp: &Path) -> Resu
     let cfg = serde_json::to_string_pretty(&hf_config_json(c)).unwrap_or_default();
     write_atomic(&tmp.join("config.json"), cfg.as_bytes())?;
     let gen = json!({ "bos_token_id": c.bos_token_id, "eos_token_id": tokenizer.eos_id(), "pad_token_id": tokenizer.pad_id() });
-    write_atomic(&tmp.join("generation_config.json"), serde_json::to_string_pretty(&gen).unwrap_or_default().as_bytes())?;
+    write_atomic(
+        &tmp.join("generation_config.json"),
+        serde_json::to_string_pretty(&gen)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
 
     // Tensors under HF names, f32.
-    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = vec![("model.embed_tokens.weight".into(), vec![c.vocab_size, c.hidden_size], &model.embed_tokens)];
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = vec![(
+        "model.embed_tokens.weight".into(),
+        vec![c.vocab_size, c.hidden_size],
+        &model.embed_tokens,
+    )];
     for (i, layer) in model.layers.iter().enumerate() {
-        tensors.push((format!("model.layers.{i}.input_layernorm.weight"), vec![c.hidden_size], &layer.attn_norm));
-        tensors.push((format!("model.layers.{i}.post_attention_layernorm.weight"), vec![c.hidden_size], &layer.mlp_norm));
+        tensors.push((
+            format!("model.layers.{i}.input_layernorm.weight"),
+            vec![c.hidden_size],
+            &layer.attn_norm,
+        ));
+        tensors.push((
+            format!("model.layers.{i}.post_attention_layernorm.weight"),
+            vec![c.hidden_size],
+            &layer.mlp_norm,
+        ));
         for kind in ModuleKind::ALL {
             let lin = layer.linear(kind);
             let path = kind.path(i);
-            tensors.push((format!("{path}.weight"), vec![lin.out_features, lin.in_features], lin.weight_f32()));
+            tensors.push((
+                format!("{path}.weight"),
+                vec![lin.out_features, lin.in_features],
+                lin.weight_f32(),
+            ));
             if let Some(b) = &lin.bias {
                 tensors.push((format!("{path}.bias"), vec![lin.out_features], b));
             }
@@ -93,7 +126,11 @@ fn write_contents(model: &LlamaModel, tokenizer: &Tokenizer, tmp: &Path) -> Resu
     }
     tensors.push(("model.norm.weight".into(), vec![c.hidden_size], &model.norm));
     if let Some(head) = &model.lm_head {
-        tensors.push(("lm_head.weight".into(), vec![head.out_features, head.in_features], head.weight_f32()));
+        tensors.push((
+            "lm_head.weight".into(),
+            vec![head.out_features, head.in_features],
+            head.weight_f32(),
+        ));
     }
     let st_path = tmp.join("model.safetensors");
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
@@ -102,15 +139,26 @@ fn write_contents(model: &LlamaModel, tokenizer: &Tokenizer, tmp: &Path) -> Resu
         .collect();
     let views = bytes
         .iter()
-        .map(|(k, s, b)| TensorView::new(Dtype::F32, s.clone(), b).map(|v| (k.clone(), v)).map_err(|e| Error::tensor(&st_path, k, e.to_string())))
+        .map(|(k, s, b)| {
+            TensorView::new(Dtype::F32, s.clone(), b)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| Error::tensor(&st_path, k, e.to_string()))
+        })
         .collect::<Result<Vec<_>>>()?;
-    let metadata = Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())]));
-    let data = safetensors::serialize(views, metadata).map_err(|e| Error::format(&st_path, e.to_string()))?;
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
+    let data = safetensors::serialize(views, metadata)
+        .map_err(|e| Error::format(&st_path, e.to_string()))?;
     drop(bytes);
     write_atomic(&st_path, &data)?;
 
     // Tokenizer files.
-    let tok_json = tokenizer.hf().to_string(false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let tok_json = tokenizer
+        .hf()
+        .to_string(false)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
     write_atomic(&tmp.join("tokenizer.json"), tok_json.as_bytes())?;
     let tok_cfg = json!({
         "bos_token": tokenizer.bos_token(),
@@ -120,7 +168,12 @@ fn write_contents(model: &LlamaModel, tokenizer: &Tokenizer, tmp: &Path) -> Resu
         "model_max_length": c.max_position_embeddings,
         "tokenizer_class": "PreTrainedTokenizerFast",
     });
-    write_atomic(&tmp.join("tokenizer_config.json"), serde_json::to_string_pretty(&tok_cfg).unwrap_or_default().as_bytes())?;
+    write_atomic(
+        &tmp.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&tok_cfg)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
     if let Some(t) = tokenizer.chat_template() {
         write_atomic(&tmp.join("chat_template.jinja"), t.as_bytes())?;
     }

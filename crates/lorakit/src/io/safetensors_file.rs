@@ -50,7 +50,9 @@ impl SafetensorsFile {
 
     /// (dtype name, shape) of a tensor.
     pub fn info(&self, name: &str) -> Option<(String, Vec<usize>)> {
-        self.metadata.info(name).map(|i| (format!("{:?}", i.dtype), i.shape.clone()))
+        self.metadata
+            .info(name)
+            .map(|i| (format!("{:?}", i.dtype), i.shape.clone()))
     }
 
     /// The tensor converted to f32 (from F32, F16 or BF16), with its shape.
@@ -93,7 +95,11 @@ impl SafetensorsFile {
             .info(name)
             .ok_or_else(|| Error::tensor(&self.path, name, "not found in file"))?;
         if info.dtype != Dtype::I64 {
-            return Err(Error::tensor(&self.path, name, format!("dtype {:?}, expected I64", info.dtype)));
+            return Err(Error::tensor(
+                &self.path,
+                name,
+                format!("dtype {:?}, expected I64", info.dtype),
+            ));
         }
         let start = 8 + self.header_len + info.data_offsets.0;
         let end = 8 + self.header_len + info.data_offsets.1;

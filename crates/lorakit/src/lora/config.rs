@@ -73,7 +73,9 @@ fn one_line(msg: &str) -> String {
 
 /// `re.match(r"(.*\.)?(KEY)$", path)` as PEFT's `get_pattern_key` uses it.
 fn pattern_matches(key: &str, path: &str) -> bool {
-    Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map(|re| re.is_match(path)).unwrap_or(false)
+    Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+        .map(|re| re.is_match(path))
+        .unwrap_or(false)
 }
 
 impl LoraConfig {
@@ -86,7 +88,12 @@ impl LoraConfig {
         } else if s.contains(['*', '(', '[', '|', '\\', '^', '$']) {
             TargetModules::Regex(s.to_owned())
         } else {
-            TargetModules::Names(s.split(',').map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect())
+            TargetModules::Names(
+                s.split(',')
+                    .map(|t| t.trim().to_owned())
+                    .filter(|t| !t.is_empty())
+                    .collect(),
+            )
         }
     }
 
@@ -95,10 +102,18 @@ impl LoraConfig {
             return Err(Error::config(source, "r", "must be ≥ 1"));
         }
         if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
-            return Err(Error::config(source, "lora_alpha", format!("must be > 0, got {}", self.lora_alpha)));
+            return Err(Error::config(
+                source,
+                "lora_alpha",
+                format!("must be > 0, got {}", self.lora_alpha),
+            ));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(Error::config(source, "lora_dropout", format!("must be in [0, 1), got {}", self.lora_dropout)));
+            return Err(Error::config(
+                source,
+                "lora_dropout",
+                format!("must be in [0, 1), got {}", self.lora_dropout),
+            ));
         }
         match &self.target_modules {
             TargetModules::Names(v) if v.is_empty() => {
@@ -106,21 +121,45 @@ impl LoraConfig {
             }
             TargetModules::Regex(re) => {
                 Regex::new(&format!("^(?:{re})$")).map_err(|e| {
-                    Error::config(source, "target_modules", format!("invalid regex: {}", one_line(&e.to_string())))
+                    Error::config(
+                        source,
+                        "target_modules",
+                        format!("invalid regex: {}", one_line(&e.to_string())),
+                    )
                 })?;
             }
             _ => {}
         }
         for (k, r) in &self.rank_pattern {
-            Regex::new(k).map_err(|e| Error::config(source, format!("rank_pattern.{k}"), format!("invalid regex: {e}")))?;
+            Regex::new(k).map_err(|e| {
+                Error::config(
+                    source,
+                    format!("rank_pattern.{k}"),
+                    format!("invalid regex: {e}"),
+                )
+            })?;
             if *r == 0 {
-                return Err(Error::config(source, format!("rank_pattern.{k}"), "rank must be ≥ 1"));
+                return Err(Error::config(
+                    source,
+                    format!("rank_pattern.{k}"),
+                    "rank must be ≥ 1",
+                ));
             }
         }
         for (k, a) in &self.alpha_pattern {
-            Regex::new(k).map_err(|e| Error::config(source, format!("alpha_pattern.{k}"), format!("invalid regex: {e}")))?;
+            Regex::new(k).map_err(|e| {
+                Error::config(
+                    source,
+                    format!("alpha_pattern.{k}"),
+                    format!("invalid regex: {e}"),
+                )
+            })?;
             if !(a.is_finite() && *a > 0.0) {
-                return Err(Error::config(source, format!("alpha_pattern.{k}"), "alpha must be > 0"));
+                return Err(Error::config(
+                    source,
+                    format!("alpha_pattern.{k}"),
+                    "alpha must be > 0",
+                ));
             }
         }
         Ok(())
@@ -135,16 +174,24 @@ impl LoraConfig {
                 return Err(Error::config(
                     source,
                     "layers_to_transform",
-                    format!("layer {bad} does not exist; the model has layers 0..{}", num_layers - 1),
+                    format!(
+                        "layer {bad} does not exist; the model has layers 0..{}",
+                        num_layers - 1
+                    ),
                 ));
             }
         }
-        let available = || ModuleKind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ");
+        let available = || {
+            ModuleKind::ALL
+                .iter()
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let regex = match &self.target_modules {
-            TargetModules::Regex(re) => Some(
-                Regex::new(&format!("^(?:{re})$"))
-                    .map_err(|e| Error::config(source, "target_modules", format!("invalid regex: {e}")))?,
-            ),
+            TargetModules::Regex(re) => Some(Regex::new(&format!("^(?:{re})$")).map_err(|e| {
+                Error::config(source, "target_modules", format!("invalid regex: {e}"))
+            })?),
             _ => None,
         };
         if let TargetModules::Names(names) = &self.target_modules {
@@ -157,7 +204,10 @@ impl LoraConfig {
                     return Err(Error::config(
                         source,
                         "target_modules",
-                        format!("\"{n}\" matches no module of this model; its linear modules are: {}", available()),
+                        format!(
+                            "\"{n}\" matches no module of this model; its linear modules are: {}",
+                            available()
+                        ),
                     ));
                 }
             }
@@ -173,7 +223,9 @@ impl LoraConfig {
                 let path = kind.path(layer);
                 let hit = match &self.target_modules {
                     TargetModules::AllLinear => true,
-                    TargetModules::Names(names) => names.iter().any(|n| path == *n || path.ends_with(&format!(".{n}"))),
+                    TargetModules::Names(names) => names
+                        .iter()
+                        .any(|n| path == *n || path.ends_with(&format!(".{n}"))),
                     TargetModules::Regex(_) => regex.as_ref().is_some_and(|re| re.is_match(&path)),
                 };
                 if !hit {
@@ -189,7 +241,11 @@ impl LoraConfig {
                     .iter()
                     .find(|(k, _)| pattern_matches(k, &path))
                     .map_or(self.lora_alpha, |(_, a)| *a);
-                let scale = if self.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 } as f32;
+                let scale = if self.use_rslora {
+                    alpha / (r as f64).sqrt()
+                } else {
+                    alpha / r as f64
+                } as f32;
                 out.push(ResolvedTarget {
                     id: ModuleId { layer, kind },
                     r,
@@ -202,7 +258,10 @@ impl LoraConfig {
             return Err(Error::config(
                 source,
                 "target_modules",
-                format!("matches no module of this model; its linear modules are: {}", available()),
+                format!(
+                    "matches no module of this model; its linear modules are: {}",
+                    available()
+                ),
             ));
         }
         Ok(out)
@@ -212,8 +271,11 @@ impl LoraConfig {
     /// key, never silently ignored.
     pub fn from_peft_json(path: &Path) -> Result<LoraConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
-        let obj = v.as_object().ok_or_else(|| Error::format(path, "expected a JSON object"))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| Error::format(path, "expected a JSON object"))?;
         Self::from_peft_map(obj, path)
     }
 
@@ -222,40 +284,92 @@ impl LoraConfig {
         let bad = |k: &str, msg: String| Error::config(path, k, msg);
         match get("peft_type").and_then(Value::as_str) {
             Some("LORA") | None => {}
-            Some(other) => return Err(bad("peft_type", format!("\"{other}\" is not supported (only LORA)"))),
+            Some(other) => {
+                return Err(bad(
+                    "peft_type",
+                    format!("\"{other}\" is not supported (only LORA)"),
+                ))
+            }
         }
         // Options that change the math: refuse rather than compute something else.
         for (key, ok) in [
-            ("use_dora", get("use_dora").is_none_or(|v| v == &json!(false))),
-            ("lora_bias", get("lora_bias").is_none_or(|v| v == &json!(false))),
-            ("fan_in_fan_out", get("fan_in_fan_out").is_none_or(|v| v == &json!(false))),
-            ("modules_to_save", get("modules_to_save").is_none_or(|v| v.as_array().is_some_and(|a| a.is_empty()))),
+            (
+                "use_dora",
+                get("use_dora").is_none_or(|v| v == &json!(false)),
+            ),
+            (
+                "lora_bias",
+                get("lora_bias").is_none_or(|v| v == &json!(false)),
+            ),
+            (
+                "fan_in_fan_out",
+                get("fan_in_fan_out").is_none_or(|v| v == &json!(false)),
+            ),
+            (
+                "modules_to_save",
+                get("modules_to_save").is_none_or(|v| v.as_array().is_some_and(|a| a.is_empty())),
+            ),
             ("layer_replication", get("layer_replication").is_none()),
-            ("use_qalora", get("use_qalora").is_none_or(|v| v == &json!(false))),
-            ("target_parameters", get("target_parameters").is_none_or(|v| v.as_array().is_some_and(|a| a.is_empty()))),
-            ("trainable_token_indices", get("trainable_token_indices").is_none()),
-            ("exclude_modules", get("exclude_modules").is_none_or(|v| v.as_array().is_some_and(|a| a.is_empty()))),
+            (
+                "use_qalora",
+                get("use_qalora").is_none_or(|v| v == &json!(false)),
+            ),
+            (
+                "target_parameters",
+                get("target_parameters").is_none_or(|v| v.as_array().is_some_and(|a| a.is_empty())),
+            ),
+            (
+                "trainable_token_indices",
+                get("trainable_token_indices").is_none(),
+            ),
+            (
+                "exclude_modules",
+                get("exclude_modules").is_none_or(|v| v.as_array().is_some_and(|a| a.is_empty())),
+            ),
         ] {
             if !ok {
-                return Err(bad(key, format!("{} is not supported by lorakit", get(key).cloned().unwrap_or_default())));
+                return Err(bad(
+                    key,
+                    format!(
+                        "{} is not supported by lorakit",
+                        get(key).cloned().unwrap_or_default()
+                    ),
+                ));
             }
         }
         match get("bias").and_then(Value::as_str) {
             Some("none") | None => {}
-            Some(other) => return Err(bad("bias", format!("\"{other}\" is not supported (only \"none\")"))),
+            Some(other) => {
+                return Err(bad(
+                    "bias",
+                    format!("\"{other}\" is not supported (only \"none\")"),
+                ))
+            }
         }
         let r = get("r")
             .and_then(Value::as_u64)
             .filter(|&r| r > 0 && r < 1 << 20)
-            .ok_or_else(|| bad("r", format!("expected a positive integer, found {}", get("r").cloned().unwrap_or_default())))?
-            as usize;
+            .ok_or_else(|| {
+                bad(
+                    "r",
+                    format!(
+                        "expected a positive integer, found {}",
+                        get("r").cloned().unwrap_or_default()
+                    ),
+                )
+            })? as usize;
         let lora_alpha = match get("lora_alpha") {
             None => 8.0,
-            Some(v) => v.as_f64().ok_or_else(|| bad("lora_alpha", format!("expected a number, found {v}")))?,
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| bad("lora_alpha", format!("expected a number, found {v}")))?,
         };
         let lora_dropout = match get("lora_dropout") {
             None => 0.0,
-            Some(v) => v.as_f64().ok_or_else(|| bad("lora_dropout", format!("expected a number, found {v}")))? as f32,
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| bad("lora_dropout", format!("expected a number, found {v}")))?
+                as f32,
         };
         let target_modules = match get("target_modules") {
             None => return Err(bad("target_modules", "missing".into())),
@@ -263,20 +377,41 @@ impl LoraConfig {
             Some(Value::String(s)) => TargetModules::Regex(s.clone()),
             Some(Value::Array(a)) => TargetModules::Names(
                 a.iter()
-                    .map(|x| x.as_str().map(str::to_owned).ok_or_else(|| bad("target_modules", format!("{x} is not a string"))))
+                    .map(|x| {
+                        x.as_str()
+                            .map(str::to_owned)
+                            .ok_or_else(|| bad("target_modules", format!("{x} is not a string")))
+                    })
                     .collect::<Result<_>>()?,
             ),
-            Some(v) => return Err(bad("target_modules", format!("expected a list or a string, found {v}"))),
+            Some(v) => {
+                return Err(bad(
+                    "target_modules",
+                    format!("expected a list or a string, found {v}"),
+                ))
+            }
         };
         let layers_to_transform = match get("layers_to_transform") {
             None => None,
-            Some(Value::Number(n)) => Some(vec![n.as_u64().ok_or_else(|| bad("layers_to_transform", format!("{n}")))? as usize]),
+            Some(Value::Number(n)) => Some(vec![n
+                .as_u64()
+                .ok_or_else(|| bad("layers_to_transform", format!("{n}")))?
+                as usize]),
             Some(Value::Array(a)) => Some(
                 a.iter()
-                    .map(|x| x.as_u64().map(|v| v as usize).ok_or_else(|| bad("layers_to_transform", format!("{x} is not a layer index"))))
+                    .map(|x| {
+                        x.as_u64().map(|v| v as usize).ok_or_else(|| {
+                            bad("layers_to_transform", format!("{x} is not a layer index"))
+                        })
+                    })
                     .collect::<Result<_>>()?,
             ),
-            Some(v) => return Err(bad("layers_to_transform", format!("expected an int or a list, found {v}"))),
+            Some(v) => {
+                return Err(bad(
+                    "layers_to_transform",
+                    format!("expected an int or a list, found {v}"),
+                ))
+            }
         };
         let pattern = |key: &str| -> Result<Vec<(String, f64)>> {
             match get(key) {
@@ -284,9 +419,12 @@ impl LoraConfig {
                 Some(Value::Object(m)) => m
                     .iter()
                     .map(|(k, v)| {
-                        v.as_f64()
-                            .map(|x| (k.clone(), x))
-                            .ok_or_else(|| bad(&format!("{key}.{k}"), format!("expected a number, found {v}")))
+                        v.as_f64().map(|x| (k.clone(), x)).ok_or_else(|| {
+                            bad(
+                                &format!("{key}.{k}"),
+                                format!("expected a number, found {v}"),
+                            )
+                        })
                     })
                     .collect(),
                 Some(v) => Err(bad(key, format!("expected an object, found {v}"))),
@@ -298,14 +436,19 @@ impl LoraConfig {
                 if r >= 1.0 && r.fract() == 0.0 {
                     Ok((k, r as usize))
                 } else {
-                    Err(bad(&format!("rank_pattern.{k}"), format!("rank {r} is not a positive integer")))
+                    Err(bad(
+                        &format!("rank_pattern.{k}"),
+                        format!("rank {r} is not a positive integer"),
+                    ))
                 }
             })
             .collect::<Result<_>>()?;
         let alpha_pattern = pattern("alpha_pattern")?;
         let use_rslora = match get("use_rslora") {
             None => false,
-            Some(v) => v.as_bool().ok_or_else(|| bad("use_rslora", format!("expected true or false, found {v}")))?,
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| bad("use_rslora", format!("expected true or false, found {v}")))?,
         };
         let init_lora_weights = match get("init_lora_weights") {
             None => LoraInit::Kaiming,
@@ -330,7 +473,9 @@ impl LoraConfig {
             alpha_pattern,
             use_rslora,
             init_lora_weights,
-            base_model_name_or_path: get("base_model_name_or_path").and_then(Value::as_str).map(str::to_owned),
+            base_model_name_or_path: get("base_model_name_or_path")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -348,7 +493,13 @@ impl LoraConfig {
             TargetModules::Regex(s) => json!(s),
             TargetModules::AllLinear => json!("all-linear"),
         };
-        let num = |x: f64| if x.fract() == 0.0 && x.abs() < 1e15 { json!(x as i64) } else { json!(x) };
+        let num = |x: f64| {
+            if x.fract() == 0.0 && x.abs() < 1e15 {
+                json!(x as i64)
+            } else {
+                json!(x)
+            }
+        };
         json!({
             "alpha_pattern": Map::from_iter(self.alpha_pattern.iter().map(|(k, a)| (k.clone(), num(*a)))),
             "auto_mapping": null,
@@ -402,9 +553,16 @@ mod tests {
             ]
         );
         assert!(t.iter().all(|t| t.scale == 2.0));
-        let bad = LoraConfig { target_modules: TargetModules::Names(vec!["q_proj".into(), "query".into()]), ..Default::default() };
+        let bad = LoraConfig {
+            target_modules: TargetModules::Names(vec!["q_proj".into(), "query".into()]),
+            ..Default::default()
+        };
         let e = bad.resolve(2, p()).unwrap_err().to_string();
-        assert!(e.contains("\"query\"") && e.contains("q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"), "{e}");
+        assert!(
+            e.contains("\"query\"")
+                && e.contains("q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -417,31 +575,60 @@ mod tests {
         };
         let t = cfg.resolve(3, p()).unwrap();
         assert_eq!(t.len(), 2);
-        assert_eq!(t[0].id, ModuleId { layer: 1, kind: ModuleKind::K });
-        let all = LoraConfig { target_modules: TargetModules::AllLinear, layers_to_transform: Some(vec![0, 2]), ..Default::default() };
+        assert_eq!(
+            t[0].id,
+            ModuleId {
+                layer: 1,
+                kind: ModuleKind::K
+            }
+        );
+        let all = LoraConfig {
+            target_modules: TargetModules::AllLinear,
+            layers_to_transform: Some(vec![0, 2]),
+            ..Default::default()
+        };
         assert_eq!(all.resolve(3, p()).unwrap().len(), 14);
         let pat = LoraConfig {
             r: 8,
             lora_alpha: 16.0,
-            rank_pattern: vec![("layers.1.self_attn.q_proj".into(), 2), ("q_proj".into(), 4)],
+            rank_pattern: vec![
+                ("layers.1.self_attn.q_proj".into(), 2),
+                ("q_proj".into(), 4),
+            ],
             alpha_pattern: vec![("v_proj".into(), 32.0)],
             use_rslora: true,
             ..Default::default()
         };
         let t = pat.resolve(2, p()).unwrap();
-        let find = |l, k| t.iter().find(|x| x.id == ModuleId { layer: l, kind: k }).unwrap().clone();
+        let find = |l, k| {
+            t.iter()
+                .find(|x| x.id == ModuleId { layer: l, kind: k })
+                .unwrap()
+                .clone()
+        };
         assert_eq!(find(0, ModuleKind::Q).r, 4);
         assert_eq!(find(1, ModuleKind::Q).r, 2);
         assert_eq!(find(1, ModuleKind::V).r, 8);
         assert!((find(1, ModuleKind::V).scale - 32.0 / 8f32.sqrt()).abs() < 1e-6);
         assert!((find(0, ModuleKind::Q).scale - 16.0 / 2.0).abs() < 1e-6);
-        let bad_layer = LoraConfig { layers_to_transform: Some(vec![5]), ..Default::default() };
-        assert!(bad_layer.resolve(2, p()).unwrap_err().to_string().contains("layer 5"));
+        let bad_layer = LoraConfig {
+            layers_to_transform: Some(vec![5]),
+            ..Default::default()
+        };
+        assert!(bad_layer
+            .resolve(2, p())
+            .unwrap_err()
+            .to_string()
+            .contains("layer 5"));
     }
 
     #[test]
     fn peft_json_round_trip_and_unsupported_options() {
-        let cfg = LoraConfig { r: 4, lora_alpha: 32.0, ..Default::default() };
+        let cfg = LoraConfig {
+            r: 4,
+            lora_alpha: 32.0,
+            ..Default::default()
+        };
         let v = cfg.to_peft_json();
         let back = LoraConfig::from_peft_map(v.as_object().unwrap(), p()).unwrap();
         assert_eq!(back, cfg);
@@ -456,7 +643,10 @@ mod tests {
             let mut m = v.as_object().unwrap().clone();
             m.insert(key.into(), val);
             let e = LoraConfig::from_peft_map(&m, p()).unwrap_err().to_string();
-            assert!(e.contains(needle) && e.contains("adapter_config.json"), "{key}: {e}");
+            assert!(
+                e.contains(needle) && e.contains("adapter_config.json"),
+                "{key}: {e}"
+            );
         }
     }
 }

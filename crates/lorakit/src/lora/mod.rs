@@ -28,11 +28,20 @@ pub struct LoraWeights {
 impl LoraWeights {
     /// A fresh adapter: B = 0, A from `init` (PEFT's default Kaiming-uniform with a = √5, i.e.
     /// U(±1/√in), or the paper's Gaussian with std 1/r as PEFT's `"gaussian"`).
-    pub fn init(r: usize, scale: f32, in_features: usize, out_features: usize, init: LoraInit, rng: &mut StdRng) -> Self {
+    pub fn init(
+        r: usize,
+        scale: f32,
+        in_features: usize,
+        out_features: usize,
+        init: LoraInit,
+        rng: &mut StdRng,
+    ) -> Self {
         let a = match init {
             LoraInit::Kaiming => {
                 let bound = 1.0 / (in_features as f32).sqrt();
-                (0..r * in_features).map(|_| rng.random_range(-bound..bound)).collect()
+                (0..r * in_features)
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect()
             }
             LoraInit::Gaussian => {
                 // std = 1/r > 0 always, so the distribution is valid.
@@ -57,7 +66,10 @@ impl LoraWeights {
             for k in 0..self.r {
                 let bk = self.b[o * self.r + k] * self.scale;
                 if bk != 0.0 {
-                    for (di, ai) in row.iter_mut().zip(&self.a[k * in_features..(k + 1) * in_features]) {
+                    for (di, ai) in row
+                        .iter_mut()
+                        .zip(&self.a[k * in_features..(k + 1) * in_features])
+                    {
                         *di += bk * ai;
                     }
                 }

@@ -25,7 +25,12 @@ pub struct Adapter {
 
 /// [out, in] of a Llama linear layer.
 pub fn module_shape(c: &Config, kind: ModuleKind) -> (usize, usize) {
-    let (h, q, kv, i) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+    let (h, q, kv, i) = (
+        c.hidden_size,
+        c.num_heads * c.head_dim,
+        c.num_kv_heads * c.head_dim,
+        c.intermediate_size,
+    );
     match kind {
         ModuleKind::Q => (q, h),
         ModuleKind::K | ModuleKind::V => (kv, h),
@@ -45,7 +50,12 @@ pub fn key_b(id: &ModuleId) -> String {
 
 impl Adapter {
     /// A fresh adapter for `model_config`: B = 0, A initialised from `seed`.
-    pub fn init(config: LoraConfig, model_config: &Config, seed: u64, source: &Path) -> Result<Adapter> {
+    pub fn init(
+        config: LoraConfig,
+        model_config: &Config,
+        seed: u64,
+        source: &Path,
+    ) -> Result<Adapter> {
         use rand::SeedableRng;
         let targets = config.resolve(model_config.num_layers, source)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -53,7 +63,10 @@ impl Adapter {
             .iter()
             .map(|t| {
                 let (out, inp) = module_shape(model_config, t.id.kind);
-                (t.id, LoraWeights::init(t.r, t.scale, inp, out, config.init_lora_weights, &mut rng))
+                (
+                    t.id,
+                    LoraWeights::init(t.r, t.scale, inp, out, config.init_lora_weights, &mut rng),
+                )
             })
             .collect();
         Ok(Adapter { config, modules })
@@ -73,7 +86,10 @@ impl Adapter {
         }
         let config_path = dir.join(CONFIG_FILE);
         if !config_path.is_file() {
-            return Err(Error::format(dir, format!("no {CONFIG_FILE} in the adapter directory")));
+            return Err(Error::format(
+                dir,
+                format!("no {CONFIG_FILE} in the adapter directory"),
+            ));
         }
         let config = LoraConfig::from_peft_json(&config_path)?;
         let weights_path = dir.join(WEIGHTS_FILE);
@@ -83,7 +99,10 @@ impl Adapter {
             } else {
                 ""
             };
-            return Err(Error::format(dir, format!("no {WEIGHTS_FILE} in the adapter directory{hint}")));
+            return Err(Error::format(
+                dir,
+                format!("no {WEIGHTS_FILE} in the adapter directory{hint}"),
+            ));
         }
         let file = SafetensorsFile::open(&weights_path)?;
         let targets = config.resolve(model_config.num_layers, &config_path)?;
@@ -94,7 +113,11 @@ impl Adapter {
             let (ka, kb) = (key_a(&t.id), key_b(&t.id));
             let read = |key: &str, want: [usize; 2]| -> Result<Vec<f32>> {
                 if !file.contains(key) {
-                    return Err(Error::tensor(&weights_path, key, format!("missing: {CONFIG_FILE} targets {}", t.id.path())));
+                    return Err(Error::tensor(
+                        &weights_path,
+                        key,
+                        format!("missing: {CONFIG_FILE} targets {}", t.id.path()),
+                    ));
                 }
                 let (data, shape) = file.tensor_f32(key)?;
                 if shape != want {
@@ -105,7 +128,11 @@ impl Adapter {
                     ));
                 }
                 if let Some(bad) = data.iter().find(|v| !v.is_finite()) {
-                    return Err(Error::tensor(&weights_path, key, format!("holds a non-finite value ({bad})")));
+                    return Err(Error::tensor(
+                        &weights_path,
+                        key,
+                        format!("holds a non-finite value ({bad})"),
+                    ));
                 }
                 Ok(data)
             };
@@ -113,7 +140,15 @@ impl Adapter {
             let b = read(&kb, [out, t.r])?;
             expected.insert(ka);
             expected.insert(kb);
-            modules.insert(t.id, LoraWeights { r: t.r, scale: t.scale, a, b });
+            modules.insert(
+                t.id,
+                LoraWeights {
+                    r: t.r,
+                    scale: t.scale,
+                    a,
+                    b,
+                },
+            );
         }
         if let Some(extra) = file.names().into_iter().find(|n| !expected.contains(n)) {
             return Err(Error::tensor(
@@ -142,8 +177,16 @@ impl Adapter {
         for (id, w) in &self.modules {
             let inp = w.a.len() / w.r;
             let out = w.b.len() / w.r;
-            raw.push((key_a(id), vec![w.r, inp], w.a.iter().flat_map(|v| v.to_le_bytes()).collect()));
-            raw.push((key_b(id), vec![out, w.r], w.b.iter().flat_map(|v| v.to_le_bytes()).collect()));
+            raw.push((
+                key_a(id),
+                vec![w.r, inp],
+                w.a.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ));
+            raw.push((
+                key_b(id),
+                vec![out, w.r],
+                w.b.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ));
         }
         let views = raw
             .iter()
@@ -153,7 +196,11 @@ impl Adapter {
                     .map_err(|e| Error::tensor(dir.join(WEIGHTS_FILE), k, e.to_string()))
             })
             .collect::<Result<Vec<_>>>()?;
-        let metadata = Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())]));
-        safetensors::serialize(views, metadata).map_err(|e| Error::format(dir.join(WEIGHTS_FILE), e.to_string()))
+        let metadata = Some(std::collections::HashMap::from([(
+            "format".to_string(),
+            "pt".to_string(),
+        )]));
+        safetensors::serialize(views, metadata)
+            .map_err(|e| Error::format(dir.join(WEIGHTS_FILE), e.to_string()))
     }
 }

@@ -66,7 +66,9 @@ impl Config {
             v.as_u64()
                 .filter(|&n| n > 0 && n < (1 << 32))
                 .map(|n| n as usize)
-                .ok_or_else(|| Error::config(path, key, format!("expected a positive integer, found {v}")))
+                .ok_or_else(|| {
+                    Error::config(path, key, format!("expected a positive integer, found {v}"))
+                })
         };
         let f64_of = |key: &str| -> Result<Option<f64>> {
             match get(key) {
@@ -75,15 +77,17 @@ impl Config {
                     .as_f64()
                     .filter(|x| x.is_finite())
                     .map(Some)
-                    .ok_or_else(|| Error::config(path, key, format!("expected a number, found {v}"))),
+                    .ok_or_else(|| {
+                        Error::config(path, key, format!("expected a number, found {v}"))
+                    }),
             }
         };
         let bool_of = |key: &str, default: bool| -> Result<bool> {
             match get(key) {
                 None => Ok(default),
-                Some(v) => v
-                    .as_bool()
-                    .ok_or_else(|| Error::config(path, key, format!("expected true or false, found {v}"))),
+                Some(v) => v.as_bool().ok_or_else(|| {
+                    Error::config(path, key, format!("expected true or false, found {v}"))
+                }),
             }
         };
 
@@ -97,13 +101,18 @@ impl Config {
             other => {
                 return Err(Error::unsupported(
                     path,
-                    format!("architecture model_type = \"{other}\" (supported: llama, mistral, qwen2)"),
+                    format!(
+                        "architecture model_type = \"{other}\" (supported: llama, mistral, qwen2)"
+                    ),
                 ))
             }
         };
         if let Some(act) = get("hidden_act").and_then(Value::as_str) {
             if act != "silu" {
-                return Err(Error::unsupported(path, format!("hidden_act = \"{act}\" (only silu)")));
+                return Err(Error::unsupported(
+                    path,
+                    format!("hidden_act = \"{act}\" (only silu)"),
+                ));
             }
         }
         // transformers ≥ 5 nests RoPE settings under rope_parameters; older files use
@@ -116,10 +125,16 @@ impl Config {
                 .and_then(Value::as_str)
                 .unwrap_or("default");
             if kind != "default" {
-                return Err(Error::unsupported(path, format!("RoPE scaling rope_type = \"{kind}\"")));
+                return Err(Error::unsupported(
+                    path,
+                    format!("RoPE scaling rope_type = \"{kind}\""),
+                ));
             }
         }
-        let rope_theta = match rope.and_then(|r| r.get("rope_theta")).and_then(Value::as_f64) {
+        let rope_theta = match rope
+            .and_then(|r| r.get("rope_theta"))
+            .and_then(Value::as_f64)
+        {
             Some(t) => t,
             None => f64_of("rope_theta")?.unwrap_or(10000.0),
         };
@@ -137,7 +152,11 @@ impl Config {
         let attention_bias = bool_of("attention_bias", false)?;
         let ids = |key: &str| -> Vec<u32> {
             match get(key) {
-                Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|v| v.as_u64())
+                    .map(|v| v as u32)
+                    .collect(),
                 Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
                 None => vec![],
             }
@@ -186,7 +205,11 @@ impl Config {
         let usize_of = |k: &str| -> Result<usize> {
             let n = gguf.get_u64(&key(k))?;
             if n == 0 || n >= (1 << 32) {
-                return Err(Error::config(path, key(k), format!("implausible value {n}")));
+                return Err(Error::config(
+                    path,
+                    key(k),
+                    format!("implausible value {n}"),
+                ));
             }
             Ok(n as usize)
         };
@@ -239,17 +262,24 @@ impl Config {
     }
 
     fn validate(&self, path: &Path) -> Result<()> {
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(Error::config(
                 path,
                 "num_key_value_heads",
-                format!("{} query heads are not a multiple of {} KV heads", self.num_heads, self.num_kv_heads),
+                format!(
+                    "{} query heads are not a multiple of {} KV heads",
+                    self.num_heads, self.num_kv_heads
+                ),
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return Err(Error::config(path, "head_dim", format!("{} is odd; RoPE needs pairs", self.head_dim)));
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(Error::config(
+                path,
+                "head_dim",
+                format!("{} is odd; RoPE needs pairs", self.head_dim),
+            ));
         }
-        if !(self.rms_norm_eps >= 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps < 0.0 {
             return Err(Error::config(path, "rms_norm_eps", "must be ≥ 0"));
         }
         Ok(())
@@ -268,7 +298,11 @@ impl Config {
             attn += h;
         }
         let layer = attn + 3 * h * i + 2 * h;
-        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
         self.vocab_size * h + self.num_layers * layer + h + head
     }
 }

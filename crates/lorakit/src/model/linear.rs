@@ -23,7 +23,9 @@ impl std::str::FromStr for Precision {
         match s {
             "f32" => Ok(Precision::F32),
             "bf16" => Ok(Precision::Bf16),
-            other => Err(crate::Error::Invalid(format!("unknown precision \"{other}\" (f32 or bf16)"))),
+            other => Err(crate::Error::Invalid(format!(
+                "unknown precision \"{other}\" (f32 or bf16)"
+            ))),
         }
     }
 }
@@ -51,7 +53,15 @@ impl Bf16Weight {
 }
 
 /// y = x Wᵀ.  x: [t, in], W: [out, in] (or its bf16 packing), y: [t, out].
-pub fn frozen_forward(y: &mut [f32], x: &[f32], w: &[f32], bf16: Option<&Bf16Weight>, t: usize, inp: usize, out: usize) {
+pub fn frozen_forward(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    bf16: Option<&Bf16Weight>,
+    t: usize,
+    inp: usize,
+    out: usize,
+) {
     match bf16 {
         Some(b) => matmul_bf16(y, x, t, &b.forward, false),
         None => matmul_nt(y, x, w, t, inp, out, false),
@@ -60,7 +70,16 @@ pub fn frozen_forward(y: &mut [f32], x: &[f32], w: &[f32], bf16: Option<&Bf16Wei
 
 /// dx (+)= dy W.  dy: [t, out], W: [out, in] (or its bf16 packing), dx: [t, in].
 #[allow(clippy::too_many_arguments)]
-pub fn frozen_backward(dx: &mut [f32], dy: &[f32], w: &[f32], bf16: Option<&Bf16Weight>, t: usize, inp: usize, out: usize, accumulate: bool) {
+pub fn frozen_backward(
+    dx: &mut [f32],
+    dy: &[f32],
+    w: &[f32],
+    bf16: Option<&Bf16Weight>,
+    t: usize,
+    inp: usize,
+    out: usize,
+    accumulate: bool,
+) {
     match bf16.and_then(|b| b.backward.as_ref()) {
         Some(packed) => matmul_bf16(dx, dy, t, packed, accumulate),
         None => matmul(dx, dy, false, w, false, t, out, inp, accumulate),
@@ -88,7 +107,12 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(weight: Vec<f32>, out_features: usize, in_features: usize, bias: Option<Vec<f32>>) -> Self {
+    pub fn new(
+        weight: Vec<f32>,
+        out_features: usize,
+        in_features: usize,
+        bias: Option<Vec<f32>>,
+    ) -> Self {
         debug_assert_eq!(weight.len(), out_features * in_features);
         Linear {
             out_features,
@@ -127,7 +151,15 @@ impl Linear {
     /// y = x Wᵀ + b, without adapters.  x: [T, in] → y: [T, out].
     pub fn forward_base(&self, y: &mut [f32], x: &[f32]) {
         let t = x.len() / self.in_features;
-        frozen_forward(y, x, self.weight_f32(), self.bf16.as_deref(), t, self.in_features, self.out_features);
+        frozen_forward(
+            y,
+            x,
+            self.weight_f32(),
+            self.bf16.as_deref(),
+            t,
+            self.in_features,
+            self.out_features,
+        );
         if let Some(b) = &self.bias {
             for row in y.chunks_exact_mut(self.out_features) {
                 for (yi, bi) in row.iter_mut().zip(b) {
@@ -141,7 +173,12 @@ impl Linear {
     pub fn set_precision(&mut self, precision: Precision, training: bool) {
         self.bf16 = match precision {
             Precision::F32 => None,
-            Precision::Bf16 => Some(Box::new(Bf16Weight::new(self.weight_f32(), self.out_features, self.in_features, training))),
+            Precision::Bf16 => Some(Box::new(Bf16Weight::new(
+                self.weight_f32(),
+                self.out_features,
+                self.in_features,
+                training,
+            ))),
         };
     }
 
@@ -167,7 +204,15 @@ impl Linear {
 /// y += s · (x Aᵀ) Bᵀ, leaving x Aᵀ [T, r] in `xa`.
 ///
 /// x: [T, in], A: [r, in], B: [out, r], y: [T, out].
-pub fn lora_forward(y: &mut [f32], x: &[f32], lora: &LoraWeights, xa: &mut [f32], t: usize, inp: usize, out: usize) {
+pub fn lora_forward(
+    y: &mut [f32],
+    x: &[f32],
+    lora: &LoraWeights,
+    xa: &mut [f32],
+    t: usize,
+    inp: usize,
+    out: usize,
+) {
     matmul_nt(xa, x, &lora.a, t, inp, lora.r, false);
     // Scale the small [T, r] product rather than the [T, out] one.
     let scaled: Vec<f32> = xa.iter().map(|v| v * lora.scale).collect();

@@ -2,8 +2,8 @@
 //! SwiGLU MLP → residual) → RMSNorm → LM head, with a KV cache for decoding.
 
 use crate::engine::ops::{
-    add_inplace, attention_forward, embedding_forward, rms_norm_forward, rope_forward, swiglu_forward, KvLayer,
-    RopeTable,
+    add_inplace, attention_forward, embedding_forward, rms_norm_forward, rope_forward,
+    swiglu_forward, KvLayer, RopeTable,
 };
 use crate::error::{Error, Result};
 use crate::lora::peft::Adapter;
@@ -102,8 +102,18 @@ pub enum Logits {
 }
 
 impl LlamaModel {
-    pub fn new(config: Config, embed_tokens: Vec<f32>, layers: Vec<Layer>, norm: Vec<f32>, lm_head: Option<Linear>) -> Self {
-        let rope = RopeTable::new(config.head_dim, config.max_position_embeddings, config.rope_theta);
+    pub fn new(
+        config: Config,
+        embed_tokens: Vec<f32>,
+        layers: Vec<Layer>,
+        norm: Vec<f32>,
+        lm_head: Option<Linear>,
+    ) -> Self {
+        let rope = RopeTable::new(
+            config.head_dim,
+            config.max_position_embeddings,
+            config.rope_theta,
+        );
         LlamaModel {
             config,
             embed_tokens,
@@ -128,7 +138,9 @@ impl LlamaModel {
     /// `training` also packs the transposed use of each weight for the backward pass).
     pub fn set_precision(&mut self, precision: Precision, training: bool) -> Result<()> {
         if precision == Precision::Bf16 && !crate::engine::bf16::bf16_supported() {
-            return Err(Error::Invalid("--precision bf16 needs a CPU with AVX512-BF16; use --precision f32".into()));
+            return Err(Error::Invalid(
+                "--precision bf16 needs a CPU with AVX512-BF16; use --precision f32".into(),
+            ));
         }
         for layer in &mut self.layers {
             for kind in ModuleKind::ALL {
@@ -138,8 +150,14 @@ impl LlamaModel {
         match &mut self.lm_head {
             Some(head) => head.set_precision(precision, training),
             None => {
-                self.tied_head_bf16 = (precision == Precision::Bf16)
-                    .then(|| Box::new(Bf16Weight::new(&self.embed_tokens, self.config.vocab_size, self.config.hidden_size, training)));
+                self.tied_head_bf16 = (precision == Precision::Bf16).then(|| {
+                    Box::new(Bf16Weight::new(
+                        &self.embed_tokens,
+                        self.config.vocab_size,
+                        self.config.hidden_size,
+                        training,
+                    ))
+                });
             }
         }
         self.precision = precision;
@@ -157,14 +175,26 @@ impl LlamaModel {
     /// logits = x · headᵀ.  x: [n, hidden] → logits: [n, vocab].
     pub fn head_forward(&self, logits: &mut [f32], x: &[f32], n: usize) {
         let (w, bf16) = self.head_weight();
-        frozen_forward(logits, x, w, bf16, n, self.config.hidden_size, self.config.vocab_size);
+        frozen_forward(
+            logits,
+            x,
+            w,
+            bf16,
+            n,
+            self.config.hidden_size,
+            self.config.vocab_size,
+        );
     }
 
     /// Attaches an adapter unmerged, its scale multiplied by `weight` (1.0 = as trained).
     pub fn attach_adapter(&mut self, adapter: &Adapter, weight: f32) -> Result<()> {
         for (id, w) in &adapter.modules {
             if id.layer >= self.layers.len() {
-                return Err(Error::Invalid(format!("adapter module {} is outside this {}-layer model", id.path(), self.layers.len())));
+                return Err(Error::Invalid(format!(
+                    "adapter module {} is outside this {}-layer model",
+                    id.path(),
+                    self.layers.len()
+                )));
             }
             let mut w = w.clone();
             w.scale *= weight;
@@ -219,10 +249,15 @@ impl LlamaModel {
         let c = &self.config;
         let t = ids.len();
         if t == 0 {
-            return Err(Error::Invalid("no tokens to run the model on (empty prompt?)".into()));
+            return Err(Error::Invalid(
+                "no tokens to run the model on (empty prompt?)".into(),
+            ));
         }
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
-            return Err(Error::Invalid(format!("token id {bad} is outside the vocabulary of {} tokens", c.vocab_size)));
+            return Err(Error::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {} tokens",
+                c.vocab_size
+            )));
         }
         let start = cache.len;
         if start + t > cache.capacity {
@@ -257,7 +292,16 @@ impl LlamaModel {
             rope_forward(&mut q, c.num_heads, hd, start, &self.rope);
             rope_forward(&mut k, c.num_kv_heads, hd, start, &self.rope);
             store_kv(kv, &k, &v, c.num_kv_heads, hd, cache.capacity, start);
-            attention_forward(&mut attn, &q, kv, cache.capacity, c.num_heads, c.num_kv_heads, hd, start);
+            attention_forward(
+                &mut attn,
+                &q,
+                kv,
+                cache.capacity,
+                c.num_heads,
+                c.num_kv_heads,
+                hd,
+                start,
+            );
             layer.o_proj.forward(&mut proj, &attn);
             add_inplace(&mut x, &proj);
 
@@ -292,8 +336,20 @@ impl LlamaModel {
 
 /// Copies the new tokens' keys/values k, v: [T, n_kv, head_dim] into the cache layout
 /// [n_kv, capacity, head_dim] at positions start..start+T.
-fn store_kv(kv: &mut KvLayer, k: &[f32], v: &[f32], n_kv: usize, hd: usize, capacity: usize, start: usize) {
-    for (t, (kt, vt)) in k.chunks_exact(n_kv * hd).zip(v.chunks_exact(n_kv * hd)).enumerate() {
+fn store_kv(
+    kv: &mut KvLayer,
+    k: &[f32],
+    v: &[f32],
+    n_kv: usize,
+    hd: usize,
+    capacity: usize,
+    start: usize,
+) {
+    for (t, (kt, vt)) in k
+        .chunks_exact(n_kv * hd)
+        .zip(v.chunks_exact(n_kv * hd))
+        .enumerate()
+    {
         for head in 0..n_kv {
             let dst = (head * capacity + start + t) * hd;
             kv.k[dst..dst + hd].copy_from_slice(&kt[head * hd..(head + 1) * hd]);

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use crate::engine::attention::{attention_train_backward, attention_train_forward, AttnShape};
 use crate::engine::matmul;
 use crate::engine::ops::{
-    add_inplace, embedding_forward, rms_norm_backward, rms_norm_forward, rope_backward, rope_forward, swiglu_backward,
-    swiglu_forward,
+    add_inplace, embedding_forward, rms_norm_backward, rms_norm_forward, rope_backward,
+    rope_forward, swiglu_backward, swiglu_forward,
 };
 use crate::error::{Error, Result};
 use crate::lora::peft::Adapter;
@@ -127,10 +127,13 @@ impl Activations {
             .layers
             .iter()
             .map(|a| {
-                [&a.x_in, &a.n1, &a.q, &a.k, &a.v, &a.attn, &a.lse, &a.x_mid, &a.n2, &a.gate, &a.up, &a.act]
-                    .iter()
-                    .map(|v| v.len())
-                    .sum::<usize>()
+                [
+                    &a.x_in, &a.n1, &a.q, &a.k, &a.v, &a.attn, &a.lse, &a.x_mid, &a.n2, &a.gate,
+                    &a.up, &a.act,
+                ]
+                .iter()
+                .map(|v| v.len())
+                .sum::<usize>()
                     + a.xa.values().map(Vec::len).sum::<usize>()
             })
             .sum();
@@ -143,7 +146,11 @@ fn set_len(v: &mut Vec<f32>, n: usize) {
     v.resize(n, 0.0);
 }
 
+/// An adapted module's weights, its saved x·Aᵀ and its (dA, dB) accumulators.
+type LoraBackward<'a> = Option<(&'a LoraWeights, &'a [f32], &'a mut (Vec<f32>, Vec<f32>))>;
+
 /// y = x Wᵀ + b (+ s·(dropout(x) Aᵀ) Bᵀ, keeping dropout(x) Aᵀ in `xa`).  x: [N, in], y: [N, out].
+#[allow(clippy::too_many_arguments)]
 fn linear_train_forward(
     lin: &Linear,
     lora: Option<&LoraWeights>,
@@ -164,7 +171,15 @@ fn linear_train_forward(
         } else {
             x
         };
-        crate::model::linear::lora_forward(y, x_lora, lora, xa, n, lin.in_features, lin.out_features);
+        crate::model::linear::lora_forward(
+            y,
+            x_lora,
+            lora,
+            xa,
+            n,
+            lin.in_features,
+            lin.out_features,
+        );
     }
 }
 
@@ -174,7 +189,7 @@ fn linear_train_forward(
 #[allow(clippy::too_many_arguments)]
 fn linear_train_backward(
     lin: &Linear,
-    lora: Option<(&LoraWeights, &[f32], &mut (Vec<f32>, Vec<f32>))>,
+    lora: LoraBackward<'_>,
     x: &[f32],
     dy: &[f32],
     dx: &mut [f32],
@@ -183,9 +198,24 @@ fn linear_train_backward(
     key: u64,
     scratch: &mut Vec<f32>,
 ) {
-    let (n, inp, out) = (dy.len() / lin.out_features, lin.in_features, lin.out_features);
-    frozen_backward(dx, dy, lin.weight_f32(), lin.bf16.as_deref(), n, inp, out, accumulate);
-    let Some((w, xa, (da, db))) = lora else { return };
+    let (n, inp, out) = (
+        dy.len() / lin.out_features,
+        lin.in_features,
+        lin.out_features,
+    );
+    frozen_backward(
+        dx,
+        dy,
+        lin.weight_f32(),
+        lin.bf16.as_deref(),
+        n,
+        inp,
+        out,
+        accumulate,
+    );
+    let Some((w, xa, (da, db))) = lora else {
+        return;
+    };
     let r = w.r;
     // g = s · dy B: [N, r]
     let mut g = vec![0.0f32; n * r];
@@ -219,7 +249,11 @@ fn linear_train_backward(
 
 impl LlamaModel {
     fn check_trainable(&self, adapter: Option<&Adapter>) -> Result<()> {
-        if self.layers.iter().any(|l| ModuleKind::ALL.iter().any(|&k| !l.linear(k).loras.is_empty())) {
+        if self.layers.iter().any(|l| {
+            ModuleKind::ALL
+                .iter()
+                .any(|&k| !l.linear(k).loras.is_empty())
+        }) {
             return Err(Error::Invalid(
                 "training needs a model without attached adapters (merge them first, or pass the adapter to train as the initial adapter)".into(),
             ));
@@ -227,7 +261,10 @@ impl LlamaModel {
         if let Some(a) = adapter {
             for id in a.modules.keys() {
                 if id.layer >= self.layers.len() {
-                    return Err(Error::Invalid(format!("adapter module {} is outside this model", id.path())));
+                    return Err(Error::Invalid(format!(
+                        "adapter module {} is outside this model",
+                        id.path()
+                    )));
                 }
             }
         }
@@ -249,18 +286,33 @@ impl LlamaModel {
         let c = &self.config;
         self.check_trainable(adapter)?;
         if ids.len() != batch * seq || ids.is_empty() {
-            return Err(Error::Invalid(format!("batch of {} ids is not {batch} × {seq}", ids.len())));
+            return Err(Error::Invalid(format!(
+                "batch of {} ids is not {batch} × {seq}",
+                ids.len()
+            )));
         }
         if seq > self.rope.max_positions() {
-            return Err(Error::Invalid(format!("sequence length {seq} exceeds the model's context of {}", self.rope.max_positions())));
+            return Err(Error::Invalid(format!(
+                "sequence length {seq} exceeds the model's context of {}",
+                self.rope.max_positions()
+            )));
         }
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
-            return Err(Error::Invalid(format!("token id {bad} is outside the vocabulary of {} tokens", c.vocab_size)));
+            return Err(Error::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {} tokens",
+                c.vocab_size
+            )));
         }
         let n = batch * seq;
         let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
-        let shape = AttnShape { batch, seq, n_heads: c.num_heads, n_kv_heads: c.num_kv_heads, head_dim: hd };
+        let shape = AttnShape {
+            batch,
+            seq,
+            n_heads: c.num_heads,
+            n_kv_heads: c.num_kv_heads,
+            head_dim: hd,
+        };
         acts.batch = batch;
         acts.seq = seq;
         acts.layers.resize_with(c.num_layers, LayerActs::default);
@@ -271,7 +323,9 @@ impl LlamaModel {
         let mut scratch = Vec::new();
 
         for (li, (layer, a)) in self.layers.iter().zip(acts.layers.iter_mut()).enumerate() {
-            let lora = |k: ModuleKind| adapter.and_then(|ad| ad.modules.get(&ModuleId { layer: li, kind: k }));
+            let lora = |k: ModuleKind| {
+                adapter.and_then(|ad| ad.modules.get(&ModuleId { layer: li, kind: k }))
+            };
             let key = |k: ModuleKind| dropout.key(ModuleId { layer: li, kind: k });
             // Prepare the xa slots of this layer's adapted modules.
             a.xa.retain(|k, _| lora(*k).is_some());
@@ -287,17 +341,65 @@ impl LlamaModel {
             set_len(&mut a.q, n * qd);
             set_len(&mut a.k, n * kvd);
             set_len(&mut a.v, n * kvd);
-            linear_train_forward(&layer.q_proj, lora(ModuleKind::Q), &a.n1, &mut a.q, a.xa.get_mut(&ModuleKind::Q), dropout, key(ModuleKind::Q), &mut scratch);
-            linear_train_forward(&layer.k_proj, lora(ModuleKind::K), &a.n1, &mut a.k, a.xa.get_mut(&ModuleKind::K), dropout, key(ModuleKind::K), &mut scratch);
-            linear_train_forward(&layer.v_proj, lora(ModuleKind::V), &a.n1, &mut a.v, a.xa.get_mut(&ModuleKind::V), dropout, key(ModuleKind::V), &mut scratch);
+            linear_train_forward(
+                &layer.q_proj,
+                lora(ModuleKind::Q),
+                &a.n1,
+                &mut a.q,
+                a.xa.get_mut(&ModuleKind::Q),
+                dropout,
+                key(ModuleKind::Q),
+                &mut scratch,
+            );
+            linear_train_forward(
+                &layer.k_proj,
+                lora(ModuleKind::K),
+                &a.n1,
+                &mut a.k,
+                a.xa.get_mut(&ModuleKind::K),
+                dropout,
+                key(ModuleKind::K),
+                &mut scratch,
+            );
+            linear_train_forward(
+                &layer.v_proj,
+                lora(ModuleKind::V),
+                &a.n1,
+                &mut a.v,
+                a.xa.get_mut(&ModuleKind::V),
+                dropout,
+                key(ModuleKind::V),
+                &mut scratch,
+            );
             for b in 0..batch {
-                rope_forward(&mut a.q[b * seq * qd..(b + 1) * seq * qd], c.num_heads, hd, 0, &self.rope);
-                rope_forward(&mut a.k[b * seq * kvd..(b + 1) * seq * kvd], c.num_kv_heads, hd, 0, &self.rope);
+                rope_forward(
+                    &mut a.q[b * seq * qd..(b + 1) * seq * qd],
+                    c.num_heads,
+                    hd,
+                    0,
+                    &self.rope,
+                );
+                rope_forward(
+                    &mut a.k[b * seq * kvd..(b + 1) * seq * kvd],
+                    c.num_kv_heads,
+                    hd,
+                    0,
+                    &self.rope,
+                );
             }
             set_len(&mut a.attn, n * qd);
             set_len(&mut a.lse, batch * c.num_heads * seq);
             attention_train_forward(&mut a.attn, &mut a.lse, &a.q, &a.k, &a.v, shape);
-            linear_train_forward(&layer.o_proj, lora(ModuleKind::O), &a.attn, &mut proj, a.xa.get_mut(&ModuleKind::O), dropout, key(ModuleKind::O), &mut scratch);
+            linear_train_forward(
+                &layer.o_proj,
+                lora(ModuleKind::O),
+                &a.attn,
+                &mut proj,
+                a.xa.get_mut(&ModuleKind::O),
+                dropout,
+                key(ModuleKind::O),
+                &mut scratch,
+            );
             add_inplace(&mut x, &proj);
 
             a.x_mid.clear();
@@ -306,11 +408,38 @@ impl LlamaModel {
             rms_norm_forward(&mut a.n2, &x, &layer.mlp_norm, c.rms_norm_eps);
             set_len(&mut a.gate, n * inter);
             set_len(&mut a.up, n * inter);
-            linear_train_forward(&layer.gate_proj, lora(ModuleKind::Gate), &a.n2, &mut a.gate, a.xa.get_mut(&ModuleKind::Gate), dropout, key(ModuleKind::Gate), &mut scratch);
-            linear_train_forward(&layer.up_proj, lora(ModuleKind::Up), &a.n2, &mut a.up, a.xa.get_mut(&ModuleKind::Up), dropout, key(ModuleKind::Up), &mut scratch);
+            linear_train_forward(
+                &layer.gate_proj,
+                lora(ModuleKind::Gate),
+                &a.n2,
+                &mut a.gate,
+                a.xa.get_mut(&ModuleKind::Gate),
+                dropout,
+                key(ModuleKind::Gate),
+                &mut scratch,
+            );
+            linear_train_forward(
+                &layer.up_proj,
+                lora(ModuleKind::Up),
+                &a.n2,
+                &mut a.up,
+                a.xa.get_mut(&ModuleKind::Up),
+                dropout,
+                key(ModuleKind::Up),
+                &mut scratch,
+            );
             set_len(&mut a.act, n * inter);
             swiglu_forward(&mut a.act, &a.gate, &a.up);
-            linear_train_forward(&layer.down_proj, lora(ModuleKind::Down), &a.act, &mut proj, a.xa.get_mut(&ModuleKind::Down), dropout, key(ModuleKind::Down), &mut scratch);
+            linear_train_forward(
+                &layer.down_proj,
+                lora(ModuleKind::Down),
+                &a.act,
+                &mut proj,
+                a.xa.get_mut(&ModuleKind::Down),
+                dropout,
+                key(ModuleKind::Down),
+                &mut scratch,
+            );
             add_inplace(&mut x, &proj);
         }
         acts.x_final = x;
@@ -333,9 +462,17 @@ impl LlamaModel {
         let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
         if dx.len() != n * h || acts.layers.len() != c.num_layers {
-            return Err(Error::Invalid("backward called without a matching forward".into()));
+            return Err(Error::Invalid(
+                "backward called without a matching forward".into(),
+            ));
         }
-        let shape = AttnShape { batch, seq, n_heads: c.num_heads, n_kv_heads: c.num_kv_heads, head_dim: hd };
+        let shape = AttnShape {
+            batch,
+            seq,
+            n_heads: c.num_heads,
+            n_kv_heads: c.num_kv_heads,
+            head_dim: hd,
+        };
         let mut d_act = vec![0.0f32; n * inter];
         let mut d_gate = vec![0.0f32; n * inter];
         let mut d_up = vec![0.0f32; n * inter];
@@ -350,8 +487,13 @@ impl LlamaModel {
             let id = |k: ModuleKind| ModuleId { layer: li, kind: k };
             let key = |k: ModuleKind| dropout.key(id(k));
             // Split borrows: each module's (weights, saved xa, grads).
-            let mut g = grads.modules.iter_mut().filter(|(m, _)| m.layer == li).map(|(m, g)| (m.kind, g)).collect::<BTreeMap<_, _>>();
-            let mut lora = |k: ModuleKind| -> Option<(&LoraWeights, &[f32], &mut (Vec<f32>, Vec<f32>))> {
+            let mut g = grads
+                .modules
+                .iter_mut()
+                .filter(|(m, _)| m.layer == li)
+                .map(|(m, g)| (m.kind, g))
+                .collect::<BTreeMap<_, _>>();
+            let mut lora = |k: ModuleKind| -> LoraBackward<'_> {
                 let w = adapter.modules.get(&id(k))?;
                 let xa = a.xa.get(&k)?;
                 let gr = g.remove(&k)?;
@@ -359,22 +501,106 @@ impl LlamaModel {
             };
 
             // MLP block: x_out = x_mid + down(silu(gate) ⊙ up).
-            linear_train_backward(&layer.down_proj, lora(ModuleKind::Down), &a.act, dx, &mut d_act, false, dropout, key(ModuleKind::Down), &mut scratch);
+            linear_train_backward(
+                &layer.down_proj,
+                lora(ModuleKind::Down),
+                &a.act,
+                dx,
+                &mut d_act,
+                false,
+                dropout,
+                key(ModuleKind::Down),
+                &mut scratch,
+            );
             swiglu_backward(&mut d_gate, &mut d_up, &a.gate, &a.up, &d_act);
-            linear_train_backward(&layer.gate_proj, lora(ModuleKind::Gate), &a.n2, &d_gate, &mut d_n, false, dropout, key(ModuleKind::Gate), &mut scratch);
-            linear_train_backward(&layer.up_proj, lora(ModuleKind::Up), &a.n2, &d_up, &mut d_n, true, dropout, key(ModuleKind::Up), &mut scratch);
+            linear_train_backward(
+                &layer.gate_proj,
+                lora(ModuleKind::Gate),
+                &a.n2,
+                &d_gate,
+                &mut d_n,
+                false,
+                dropout,
+                key(ModuleKind::Gate),
+                &mut scratch,
+            );
+            linear_train_backward(
+                &layer.up_proj,
+                lora(ModuleKind::Up),
+                &a.n2,
+                &d_up,
+                &mut d_n,
+                true,
+                dropout,
+                key(ModuleKind::Up),
+                &mut scratch,
+            );
             rms_norm_backward(dx, &a.x_mid, &layer.mlp_norm, &d_n, c.rms_norm_eps, true);
 
             // Attention block: x_mid = x_in + o(attn(rope(q), rope(k), v)).
-            linear_train_backward(&layer.o_proj, lora(ModuleKind::O), &a.attn, dx, &mut d_attn, false, dropout, key(ModuleKind::O), &mut scratch);
-            attention_train_backward(&mut dq, &mut dk, &mut dv, &d_attn, &a.q, &a.k, &a.v, &a.attn, &a.lse, shape);
+            linear_train_backward(
+                &layer.o_proj,
+                lora(ModuleKind::O),
+                &a.attn,
+                dx,
+                &mut d_attn,
+                false,
+                dropout,
+                key(ModuleKind::O),
+                &mut scratch,
+            );
+            attention_train_backward(
+                &mut dq, &mut dk, &mut dv, &d_attn, &a.q, &a.k, &a.v, &a.attn, &a.lse, shape,
+            );
             for b in 0..batch {
-                rope_backward(&mut dq[b * seq * qd..(b + 1) * seq * qd], c.num_heads, hd, 0, &self.rope);
-                rope_backward(&mut dk[b * seq * kvd..(b + 1) * seq * kvd], c.num_kv_heads, hd, 0, &self.rope);
+                rope_backward(
+                    &mut dq[b * seq * qd..(b + 1) * seq * qd],
+                    c.num_heads,
+                    hd,
+                    0,
+                    &self.rope,
+                );
+                rope_backward(
+                    &mut dk[b * seq * kvd..(b + 1) * seq * kvd],
+                    c.num_kv_heads,
+                    hd,
+                    0,
+                    &self.rope,
+                );
             }
-            linear_train_backward(&layer.q_proj, lora(ModuleKind::Q), &a.n1, &dq, &mut d_n, false, dropout, key(ModuleKind::Q), &mut scratch);
-            linear_train_backward(&layer.k_proj, lora(ModuleKind::K), &a.n1, &dk, &mut d_n, true, dropout, key(ModuleKind::K), &mut scratch);
-            linear_train_backward(&layer.v_proj, lora(ModuleKind::V), &a.n1, &dv, &mut d_n, true, dropout, key(ModuleKind::V), &mut scratch);
+            linear_train_backward(
+                &layer.q_proj,
+                lora(ModuleKind::Q),
+                &a.n1,
+                &dq,
+                &mut d_n,
+                false,
+                dropout,
+                key(ModuleKind::Q),
+                &mut scratch,
+            );
+            linear_train_backward(
+                &layer.k_proj,
+                lora(ModuleKind::K),
+                &a.n1,
+                &dk,
+                &mut d_n,
+                true,
+                dropout,
+                key(ModuleKind::K),
+                &mut scratch,
+            );
+            linear_train_backward(
+                &layer.v_proj,
+                lora(ModuleKind::V),
+                &a.n1,
+                &dv,
+                &mut d_n,
+                true,
+                dropout,
+                key(ModuleKind::V),
+                &mut scratch,
+            );
             rms_norm_backward(dx, &a.x_in, &layer.attn_norm, &d_n, c.rms_norm_eps, true);
         }
         Ok(())

@@ -13,8 +13,15 @@ use crate::tokenize::Tokenizer;
 /// Where the weights came from, for `inspect` and error messages.
 #[derive(Debug, Clone)]
 pub enum ModelSource {
-    Gguf { path: PathBuf, tensor_types: Vec<(String, usize)> },
-    HfDir { dir: PathBuf, files: Vec<PathBuf>, dtypes: Vec<(String, usize)> },
+    Gguf {
+        path: PathBuf,
+        tensor_types: Vec<(String, usize)>,
+    },
+    HfDir {
+        dir: PathBuf,
+        files: Vec<PathBuf>,
+        dtypes: Vec<(String, usize)>,
+    },
 }
 
 pub struct LoadedModel {
@@ -60,7 +67,11 @@ fn count_types(names: impl Iterator<Item = String>) -> Vec<(String, usize)> {
 /// Checks that a loaded tensor has the shape the config implies.
 fn expect_shape(path: &Path, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
     if got != want {
-        return Err(Error::tensor(path, name, format!("shape {got:?}, but the config implies {want:?}")));
+        return Err(Error::tensor(
+            path,
+            name,
+            format!("shape {got:?}, but the config implies {want:?}"),
+        ));
     }
     Ok(())
 }
@@ -89,15 +100,16 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
     // llama.cpp's converter interleaves the rows of q and k for Llama-arch models (its RoPE pairs
     // adjacent elements); HF pairs (i, i + d/2). Undo it so weights equal HF's.
     let permuted = matches!(c.arch, Arch::Llama | Arch::Mistral);
-    let linear = |base: &str, out: usize, inp: usize, heads_to_unpermute: Option<usize>| -> Result<Linear> {
-        let mut w = tensor(&format!("{base}.weight"), &[out, inp])?;
-        let mut b = opt_tensor(&format!("{base}.bias"), &[out])?;
-        if let Some(n_head) = heads_to_unpermute.filter(|_| permuted) {
-            w = unpermute_rows(&w, n_head, out, inp);
-            b = b.map(|b| unpermute_rows(&b, n_head, out, 1));
-        }
-        Ok(Linear::new(w, out, inp, b))
-    };
+    let linear =
+        |base: &str, out: usize, inp: usize, heads_to_unpermute: Option<usize>| -> Result<Linear> {
+            let mut w = tensor(&format!("{base}.weight"), &[out, inp])?;
+            let mut b = opt_tensor(&format!("{base}.bias"), &[out])?;
+            if let Some(n_head) = heads_to_unpermute.filter(|_| permuted) {
+                w = unpermute_rows(&w, n_head, out, inp);
+                b = b.map(|b| unpermute_rows(&b, n_head, out, 1));
+            }
+            Ok(Linear::new(w, out, inp, b))
+        };
 
     let embed_tokens = tensor("token_embd.weight", &[c.vocab_size, h])?;
     let mut layers = Vec::with_capacity(c.num_layers);
@@ -178,7 +190,11 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
     };
     let linear = |base: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
         let w = tensor(&format!("{base}.weight"), &[out, inp])?;
-        let b = if bias { Some(tensor(&format!("{base}.bias"), &[out])?) } else { None };
+        let b = if bias {
+            Some(tensor(&format!("{base}.bias"), &[out])?)
+        } else {
+            None
+        };
         Ok(Linear::new(w, out, inp, b))
     };
     let embed_tokens = tensor("model.embed_tokens.weight", &[c.vocab_size, h])?;
@@ -219,6 +235,73 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
     })
 }
 
+/// The tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
+fn tokenizer_from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
+    use crate::tokenize::GgufTokenizerSpec;
+    let path = gguf.path();
+    let strings = |key: &str| -> Result<Option<Vec<String>>> {
+        match gguf.get(key) {
+            None => Ok(None),
+            Some(_) => Ok(Some(
+                gguf.get_str_array(key)?
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect(),
+            )),
+        }
+    };
+    let numbers = |key: &str| -> Result<Option<Vec<f64>>> {
+        match gguf.get(key) {
+            None => Ok(None),
+            Some(v) => {
+                let arr = v
+                    .as_array()
+                    .ok_or_else(|| Error::config(path, key, "expected an array"))?;
+                arr.iter()
+                    .map(|x| {
+                        x.as_f64()
+                            .ok_or_else(|| Error::config(path, key, "expected numbers"))
+                    })
+                    .collect::<Result<Vec<f64>>>()
+                    .map(Some)
+            }
+        }
+    };
+    let id = |key: &str| gguf.get(key).and_then(|v| v.as_u64()).map(|v| v as u32);
+    let flag = |key: &str| gguf.get(key).and_then(|v| v.as_bool());
+    let tokens = strings("tokenizer.ggml.tokens")?.ok_or_else(|| {
+        Error::config(
+            path,
+            "tokenizer.ggml.tokens",
+            "missing: the file has no tokenizer",
+        )
+    })?;
+    let spec = GgufTokenizerSpec {
+        model: gguf.get_str("tokenizer.ggml.model")?.to_owned(),
+        pre: gguf
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned),
+        tokens,
+        token_types: numbers("tokenizer.ggml.token_type")?
+            .map(|v| v.into_iter().map(|x| x as i32).collect()),
+        scores: numbers("tokenizer.ggml.scores")?
+            .map(|v| v.into_iter().map(|x| x as f32).collect()),
+        merges: strings("tokenizer.ggml.merges")?,
+        bos_id: id("tokenizer.ggml.bos_token_id"),
+        eos_id: id("tokenizer.ggml.eos_token_id"),
+        unk_id: id("tokenizer.ggml.unknown_token_id"),
+        pad_id: id("tokenizer.ggml.padding_token_id"),
+        add_bos: flag("tokenizer.ggml.add_bos_token"),
+        add_space_prefix: flag("tokenizer.ggml.add_space_prefix"),
+        chat_template: gguf
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned),
+    };
+    Tokenizer::from_gguf_spec(spec, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,50 +313,4 @@ mod tests {
         let out = unpermute_rows(&w, 2, 8, 1);
         assert_eq!(out, vec![0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
     }
-}
-
-/// The tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
-fn tokenizer_from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
-    use crate::tokenize::GgufTokenizerSpec;
-    let path = gguf.path();
-    let strings = |key: &str| -> Result<Option<Vec<String>>> {
-        match gguf.get(key) {
-            None => Ok(None),
-            Some(_) => Ok(Some(gguf.get_str_array(key)?.into_iter().map(str::to_owned).collect())),
-        }
-    };
-    let numbers = |key: &str| -> Result<Option<Vec<f64>>> {
-        match gguf.get(key) {
-            None => Ok(None),
-            Some(v) => {
-                let arr = v
-                    .as_array()
-                    .ok_or_else(|| Error::config(path, key, "expected an array"))?;
-                arr.iter()
-                    .map(|x| x.as_f64().ok_or_else(|| Error::config(path, key, "expected numbers")))
-                    .collect::<Result<Vec<f64>>>()
-                    .map(Some)
-            }
-        }
-    };
-    let id = |key: &str| gguf.get(key).and_then(|v| v.as_u64()).map(|v| v as u32);
-    let flag = |key: &str| gguf.get(key).and_then(|v| v.as_bool());
-    let tokens = strings("tokenizer.ggml.tokens")?
-        .ok_or_else(|| Error::config(path, "tokenizer.ggml.tokens", "missing: the file has no tokenizer"))?;
-    let spec = GgufTokenizerSpec {
-        model: gguf.get_str("tokenizer.ggml.model")?.to_owned(),
-        pre: gguf.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).map(str::to_owned),
-        tokens,
-        token_types: numbers("tokenizer.ggml.token_type")?.map(|v| v.into_iter().map(|x| x as i32).collect()),
-        scores: numbers("tokenizer.ggml.scores")?.map(|v| v.into_iter().map(|x| x as f32).collect()),
-        merges: strings("tokenizer.ggml.merges")?,
-        bos_id: id("tokenizer.ggml.bos_token_id"),
-        eos_id: id("tokenizer.ggml.eos_token_id"),
-        unk_id: id("tokenizer.ggml.unknown_token_id"),
-        pad_id: id("tokenizer.ggml.padding_token_id"),
-        add_bos: flag("tokenizer.ggml.add_bos_token"),
-        add_space_prefix: flag("tokenizer.ggml.add_space_prefix"),
-        chat_template: gguf.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_owned),
-    };
-    Tokenizer::from_gguf_spec(spec, path)
 }

@@ -5,8 +5,8 @@
 
 use rayon::prelude::*;
 
-use crate::model::linear::frozen_backward;
 use crate::engine::ops::{exp_shifted_sum, rms_norm_backward, rms_norm_forward};
+use crate::model::linear::frozen_backward;
 use crate::model::LlamaModel;
 
 /// Rows of the LM head evaluated at once: bounds the [rows, vocab] logits buffer.
@@ -57,7 +57,12 @@ pub fn lm_head_loss(
         for (i, &(row, _)) in chunk.iter().enumerate() {
             xs[i * h..(i + 1) * h].copy_from_slice(&x_final[row * h..(row + 1) * h]);
         }
-        rms_norm_forward(&mut normed[..m * h], &xs[..m * h], &model.norm, c.rms_norm_eps);
+        rms_norm_forward(
+            &mut normed[..m * h],
+            &xs[..m * h],
+            &model.norm,
+            c.rms_norm_eps,
+        );
         model.head_forward(&mut logits[..m * v], &normed[..m * h], m);
         // Per row: loss, and the logits turned into d loss / d logits in place.
         let want_grad = dx_final.is_some();
@@ -66,13 +71,21 @@ pub fn lm_head_loss(
             .zip(chunk.par_iter())
             .map(|(row, &(_, y))| {
                 let target_logit = row[y as usize] as f64;
-                let mean_logit = if eps > 0.0 { row.iter().map(|&z| z as f64).sum::<f64>() / v as f64 } else { 0.0 };
+                let mean_logit = if eps > 0.0 {
+                    row.iter().map(|&z| z as f64).sum::<f64>() / v as f64
+                } else {
+                    0.0
+                };
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 // row becomes exp(z − max); one exp per logit serves the loss and the gradient.
                 let sum = exp_shifted_sum(row, max);
                 let lse = max as f64 + sum.ln();
                 let nll = lse - target_logit;
-                let loss = if eps > 0.0 { (1.0 - eps) * nll + eps * (lse - mean_logit) } else { nll };
+                let loss = if eps > 0.0 {
+                    (1.0 - eps) * nll + eps * (lse - mean_logit)
+                } else {
+                    nll
+                };
                 if want_grad {
                     // d loss / d z = softmax(z) − ((1−ε)·onehot(y) + ε/V), over the normaliser.
                     let p_scale = (1.0 / (sum * normalizer)) as f32;
@@ -88,8 +101,24 @@ pub fn lm_head_loss(
         total += losses.iter().sum::<f64>();
         if let Some(dx) = dx_final.as_deref_mut() {
             // d normed = d logits · head: [m, vocab] · [vocab, hidden]
-            frozen_backward(&mut d_normed[..m * h], &logits[..m * v], head, head_bf16, m, h, v, false);
-            rms_norm_backward(&mut d_xs[..m * h], &xs[..m * h], &model.norm, &d_normed[..m * h], c.rms_norm_eps, false);
+            frozen_backward(
+                &mut d_normed[..m * h],
+                &logits[..m * v],
+                head,
+                head_bf16,
+                m,
+                h,
+                v,
+                false,
+            );
+            rms_norm_backward(
+                &mut d_xs[..m * h],
+                &xs[..m * h],
+                &model.norm,
+                &d_normed[..m * h],
+                c.rms_norm_eps,
+                false,
+            );
             for (i, &(row, _)) in chunk.iter().enumerate() {
                 dx[row * h..(row + 1) * h].copy_from_slice(&d_xs[i * h..(i + 1) * h]);
             }

@@ -112,12 +112,21 @@ impl TrainOptions {
     pub fn from_toml(path: &Path) -> Result<TrainOptions> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let o: TrainOptions = toml::from_str(&text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             let at = line.map_or(String::new(), |l| format!("line {l}: "));
-            Error::format(path, format!("{at}{}", e.message().trim().replace('\n', " ")))
+            Error::format(
+                path,
+                format!("{at}{}", e.message().trim().replace('\n', " ")),
+            )
         })?;
         if o.steps.is_some() && o.epochs.is_some() {
-            return Err(Error::config(path, "steps", "set steps or epochs, not both"));
+            return Err(Error::config(
+                path,
+                "steps",
+                "set steps or epochs, not both",
+            ));
         }
         Ok(o)
     }
@@ -135,7 +144,11 @@ impl TrainOptions {
         let init_lora_weights = match self.init.as_str() {
             "kaiming" | "true" => LoraInit::Kaiming,
             "gaussian" => LoraInit::Gaussian,
-            other => return Err(Error::Invalid(format!("--init must be kaiming or gaussian, got \"{other}\""))),
+            other => {
+                return Err(Error::Invalid(format!(
+                    "--init must be kaiming or gaussian, got \"{other}\""
+                )))
+            }
         };
         Ok(LoraConfig {
             r: self.r,
@@ -202,13 +215,24 @@ impl TrainPlan {
     /// Validates every option and loads the data before anything trains.
     pub fn new(options: TrainOptions, loaded: &LoadedModel, model_name: &str) -> Result<TrainPlan> {
         let o = &options;
-        let data = o.data.as_deref().ok_or_else(|| Error::Invalid("no training data: give --data FILE".into()))?;
-        let out = o.out.clone().ok_or_else(|| Error::Invalid("no output directory: give --out DIR".into()))?;
+        let data = o
+            .data
+            .as_deref()
+            .ok_or_else(|| Error::Invalid("no training data: give --data FILE".into()))?;
+        let out = o
+            .out
+            .clone()
+            .ok_or_else(|| Error::Invalid("no output directory: give --out DIR".into()))?;
         if o.batch_size == 0 || o.grad_accum == 0 {
-            return Err(Error::Invalid("--batch-size and --grad-accum must be ≥ 1".into()));
+            return Err(Error::Invalid(
+                "--batch-size and --grad-accum must be ≥ 1".into(),
+            ));
         }
         if !(0.0..1.0).contains(&o.label_smoothing) {
-            return Err(Error::Invalid(format!("--label-smoothing must be in [0, 1), got {}", o.label_smoothing)));
+            return Err(Error::Invalid(format!(
+                "--label-smoothing must be in [0, 1), got {}",
+                o.label_smoothing
+            )));
         }
         let context = loaded.model.config.max_position_embeddings;
         let max_seq_len = o.max_seq_len.unwrap_or(context.min(1024));
@@ -216,10 +240,18 @@ impl TrainPlan {
             return Err(Error::Invalid("--max-seq-len must be ≥ 2".into()));
         }
         if max_seq_len > context {
-            return Err(Error::Invalid(format!("--max-seq-len {max_seq_len} exceeds the model's context of {context} tokens")));
+            return Err(Error::Invalid(format!(
+                "--max-seq-len {max_seq_len} exceeds the model's context of {context} tokens"
+            )));
         }
         let kind: ScheduleKind = o.schedule.parse()?;
-        let adam = AdamWConfig { lr: o.lr, beta1: o.beta1, beta2: o.beta2, eps: o.adam_eps, weight_decay: o.weight_decay };
+        let adam = AdamWConfig {
+            lr: o.lr,
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.adam_eps,
+            weight_decay: o.weight_decay,
+        };
         adam.validate()?;
         let adapter = match &o.init_adapter {
             Some(dir) => {
@@ -241,7 +273,13 @@ impl TrainPlan {
                 }
                 Adapter::load(dir, &loaded.model.config)?
             }
-            None => Adapter::init(o.lora_config(model_name)?, &loaded.model.config, o.seed, Path::new("LoRA options")).map_err(|e| match e {
+            None => Adapter::init(
+                o.lora_config(model_name)?,
+                &loaded.model.config,
+                o.seed,
+                Path::new("LoRA options"),
+            )
+            .map_err(|e| match e {
                 // Name the option the user set (flag or TOML key), not PEFT's field.
                 Error::Config { key, msg, .. } => {
                     let flag = match key.as_str() {
@@ -257,29 +295,50 @@ impl TrainPlan {
                 other => other,
             })?,
         };
-        let data_opts = DataOptions { max_seq_len, add_eos: true };
+        let data_opts = DataOptions {
+            max_seq_len,
+            add_eos: true,
+        };
         let (examples, train_stats) = load_jsonl(data, &loaded.tokenizer, &data_opts)?;
         if examples.is_empty() {
-            return Err(Error::format(data, format!("no example has a target token ({} dropped)", train_stats.dropped_no_target)));
+            return Err(Error::format(
+                data,
+                format!(
+                    "no example has a target token ({} dropped)",
+                    train_stats.dropped_no_target
+                ),
+            ));
         }
         let eval_examples = match &o.eval_data {
             Some(p) => {
                 let (ex, stats) = load_jsonl(p, &loaded.tokenizer, &data_opts)?;
                 if ex.is_empty() {
-                    return Err(Error::format(p, format!("no example has a target token ({} dropped)", stats.dropped_no_target)));
+                    return Err(Error::format(
+                        p,
+                        format!(
+                            "no example has a target token ({} dropped)",
+                            stats.dropped_no_target
+                        ),
+                    ));
                 }
                 Some(ex)
             }
             None => None,
         };
-        let pad = loaded.tokenizer.pad_id().or(loaded.tokenizer.eos_id()).unwrap_or(0);
+        let pad = loaded
+            .tokenizer
+            .pad_id()
+            .or(loaded.tokenizer.eos_id())
+            .unwrap_or(0);
         let batcher = Batcher::new(examples, o.batch_size, !o.no_shuffle, o.seed)?.with_pad_id(pad);
         let per_epoch = batcher.batches_per_epoch().div_ceil(o.grad_accum) as u64;
         let total_steps = match (o.steps, o.epochs) {
             (Some(s), None) => s as u64,
             (None, Some(e)) => e as u64 * per_epoch,
             (None, None) => per_epoch,
-            (Some(_), Some(_)) => return Err(Error::Invalid("give --steps or --epochs, not both".into())),
+            (Some(_), Some(_)) => {
+                return Err(Error::Invalid("give --steps or --epochs, not both".into()))
+            }
         };
         if total_steps == 0 {
             return Err(Error::Invalid("nothing to train: 0 steps".into()));
@@ -287,16 +346,38 @@ impl TrainPlan {
         let schedule = Schedule::new(kind, o.lr, o.warmup, total_steps);
         let mut options = options;
         options.max_seq_len = Some(max_seq_len);
-        Ok(TrainPlan { options, out, train_stats, eval_examples, batcher, adapter, total_steps, schedule, adam })
+        Ok(TrainPlan {
+            options,
+            out,
+            train_stats,
+            eval_examples,
+            batcher,
+            adapter,
+            total_steps,
+            schedule,
+            adam,
+        })
     }
 
     /// Saved-activation bytes for the largest batch this plan can produce.
     pub fn activation_bytes_estimate(&self, model: &LlamaModel) -> usize {
         let c = &model.config;
-        let longest = self.batcher.examples().iter().map(|e| e.len()).max().unwrap_or(0);
+        let longest = self
+            .batcher
+            .examples()
+            .iter()
+            .map(|e| e.len())
+            .max()
+            .unwrap_or(0);
         let n = self.options.batch_size * longest;
-        let (h, q, kv, i) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
-        let r_sum: usize = self.adapter.modules.values().map(|w| w.r).sum::<usize>() / c.num_layers.max(1);
+        let (h, q, kv, i) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+            c.intermediate_size,
+        );
+        let r_sum: usize =
+            self.adapter.modules.values().map(|w| w.r).sum::<usize>() / c.num_layers.max(1);
         let per_token_layer = 4 * h + 2 * q + 2 * kv + 3 * i + c.num_heads + r_sum;
         (n * per_token_layer * c.num_layers + n * h) * 4
     }
@@ -312,7 +393,11 @@ struct BatchStream<'a> {
 
 impl<'a> BatchStream<'a> {
     fn new(batcher: &'a Batcher) -> Self {
-        BatchStream { batcher, epoch: usize::MAX, batches: vec![] }
+        BatchStream {
+            batcher,
+            epoch: usize::MAX,
+            batches: vec![],
+        }
     }
 
     fn micro_batch(&mut self, global_index: u64) -> &Batch {
@@ -327,18 +412,32 @@ impl<'a> BatchStream<'a> {
 }
 
 /// Mean loss of `model` + `adapter` over examples (token-level mean), in batches of `batch_size`.
-pub fn evaluate_loss(model: &LlamaModel, adapter: Option<&Adapter>, examples: &[crate::data::Example], batch_size: usize) -> Result<f64> {
+pub fn evaluate_loss(
+    model: &LlamaModel,
+    adapter: Option<&Adapter>,
+    examples: &[crate::data::Example],
+    batch_size: usize,
+) -> Result<f64> {
     let batcher = Batcher::new(examples.to_vec(), batch_size, false, 0)?;
     let mut acts = Activations::default();
     let (mut sum, mut count) = (0.0, 0usize);
     for batch in batcher.epoch(0) {
-        model.train_forward(&batch.input_ids, batch.batch_size, batch.seq_len, adapter, Dropout::NONE, &mut acts)?;
+        model.train_forward(
+            &batch.input_ids,
+            batch.batch_size,
+            batch.seq_len,
+            adapter,
+            Dropout::NONE,
+            &mut acts,
+        )?;
         let targets = target_positions(&batch.labels, batch.batch_size, batch.seq_len);
         sum += lm_head_loss(model, &acts.x_final, &targets, 0.0, 1.0, None);
         count += targets.len();
     }
     if count == 0 {
-        return Err(Error::Invalid("the evaluation data has no target tokens".into()));
+        return Err(Error::Invalid(
+            "the evaluation data has no target tokens".into(),
+        ));
     }
     Ok(sum / count as f64)
 }
@@ -364,7 +463,14 @@ fn checkpoint_dirs(out: &Path) -> Vec<(u64, PathBuf)> {
 
 /// Writes adapter + optimiser state + step into `out/checkpoints/step-N`, atomically (a
 /// temporary directory renamed into place), and prunes old checkpoints.
-fn save_checkpoint(out: &Path, step: u64, adapter: &Adapter, adam: &AdamW, options: &TrainOptions, keep: usize) -> Result<PathBuf> {
+fn save_checkpoint(
+    out: &Path,
+    step: u64,
+    adapter: &Adapter,
+    adam: &AdamW,
+    options: &TrainOptions,
+    keep: usize,
+) -> Result<PathBuf> {
     let root = out.join(CHECKPOINTS);
     std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
     let tmp = root.join(format!(".tmp-step-{step:06}"));
@@ -375,8 +481,16 @@ fn save_checkpoint(out: &Path, step: u64, adapter: &Adapter, adam: &AdamW, optio
     let (t, m, v) = adam.state();
     let mut tensors: Vec<(String, Vec<u8>, usize)> = Vec::new();
     for (i, (mi, vi)) in m.iter().zip(v).enumerate() {
-        tensors.push((format!("exp_avg.{i}"), mi.iter().flat_map(|x| x.to_le_bytes()).collect(), mi.len()));
-        tensors.push((format!("exp_avg_sq.{i}"), vi.iter().flat_map(|x| x.to_le_bytes()).collect(), vi.len()));
+        tensors.push((
+            format!("exp_avg.{i}"),
+            mi.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            mi.len(),
+        ));
+        tensors.push((
+            format!("exp_avg_sq.{i}"),
+            vi.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            vi.len(),
+        ));
     }
     let views = tensors
         .iter()
@@ -386,10 +500,17 @@ fn save_checkpoint(out: &Path, step: u64, adapter: &Adapter, adam: &AdamW, optio
                 .map_err(|e| Error::format(tmp.join(OPTIMIZER_FILE), e.to_string()))
         })
         .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, None).map_err(|e| Error::format(tmp.join(OPTIMIZER_FILE), e.to_string()))?;
+    let bytes = safetensors::serialize(views, None)
+        .map_err(|e| Error::format(tmp.join(OPTIMIZER_FILE), e.to_string()))?;
     write_atomic(&tmp.join(OPTIMIZER_FILE), &bytes)?;
-    let state = json!({ "step": step, "optimizer_step": t, "seed": options.seed, "options": options });
-    write_atomic(&tmp.join(STATE_FILE), serde_json::to_string_pretty(&state).unwrap_or_default().as_bytes())?;
+    let state =
+        json!({ "step": step, "optimizer_step": t, "seed": options.seed, "options": options });
+    write_atomic(
+        &tmp.join(STATE_FILE),
+        serde_json::to_string_pretty(&state)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
     let dir = root.join(format!("step-{step:06}"));
     replace_dir_atomic(&tmp, &dir)?;
     let all = checkpoint_dirs(out);
@@ -412,13 +533,23 @@ fn save_checkpoint(out: &Path, step: u64, adapter: &Adapter, adam: &AdamW, optio
 }
 
 /// Loads the newest checkpoint: (step, adapter, optimiser).
-fn load_checkpoint(out: &Path, model: &LlamaModel, adam_config: AdamWConfig) -> Result<Option<(u64, Adapter, AdamW)>> {
-    let Some((step, dir)) = checkpoint_dirs(out).pop() else { return Ok(None) };
+fn load_checkpoint(
+    out: &Path,
+    model: &LlamaModel,
+    adam_config: AdamWConfig,
+) -> Result<Option<(u64, Adapter, AdamW)>> {
+    let Some((step, dir)) = checkpoint_dirs(out).pop() else {
+        return Ok(None);
+    };
     let adapter = Adapter::load(&dir, &model.config)?;
     let state_path = dir.join(STATE_FILE);
-    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?)
-        .map_err(|e| Error::format(&state_path, e.to_string()))?;
-    let t = state["optimizer_step"].as_u64().ok_or_else(|| Error::config(&state_path, "optimizer_step", "missing"))?;
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?,
+    )
+    .map_err(|e| Error::format(&state_path, e.to_string()))?;
+    let t = state["optimizer_step"]
+        .as_u64()
+        .ok_or_else(|| Error::config(&state_path, "optimizer_step", "missing"))?;
     let opt = SafetensorsFile::open(&dir.join(OPTIMIZER_FILE))?;
     let sizes = param_sizes(&adapter);
     let (mut m, mut v) = (Vec::new(), Vec::new());
@@ -432,16 +563,29 @@ fn load_checkpoint(out: &Path, model: &LlamaModel, adam_config: AdamWConfig) -> 
 
 /// Parameter tensors in a fixed order: (A, B) of each module in `Adapter::modules` order.
 fn param_sizes(adapter: &Adapter) -> Vec<usize> {
-    adapter.modules.values().flat_map(|w| [w.a.len(), w.b.len()]).collect()
+    adapter
+        .modules
+        .values()
+        .flat_map(|w| [w.a.len(), w.b.len()])
+        .collect()
 }
 
 fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
     writeln!(f, "{value}").map_err(|e| Error::io(path, e))
 }
 
 /// Runs the plan. With `resume`, continues from the newest checkpoint under `out`.
-pub fn train(loaded: &LoadedModel, plan: TrainPlan, resume: bool, mut on_event: impl FnMut(Event)) -> Result<TrainSummary> {
+pub fn train(
+    loaded: &LoadedModel,
+    plan: TrainPlan,
+    resume: bool,
+    mut on_event: impl FnMut(Event),
+) -> Result<TrainSummary> {
     let model = &loaded.model;
     let o = &plan.options;
     let out = &plan.out;
@@ -466,7 +610,12 @@ pub fn train(loaded: &LoadedModel, plan: TrainPlan, resume: bool, mut on_event: 
                         .collect();
                 }
             }
-            None => return Err(Error::Invalid(format!("--resume: no checkpoint under {}", out.join(CHECKPOINTS).display()))),
+            None => {
+                return Err(Error::Invalid(format!(
+                    "--resume: no checkpoint under {}",
+                    out.join(CHECKPOINTS).display()
+                )))
+            }
         }
     }
     let mut rewritten = String::new();
@@ -476,7 +625,10 @@ pub fn train(loaded: &LoadedModel, plan: TrainPlan, resume: bool, mut on_event: 
     }
     write_atomic(&metrics_path, rewritten.as_bytes())?;
 
-    on_event(Event::Started { total_steps: plan.total_steps, start_step });
+    on_event(Event::Started {
+        total_steps: plan.total_steps,
+        start_step,
+    });
     let dropout_p = adapter.config.lora_dropout;
     let mut acts = Activations::default();
     let mut grads = LoraGrads::zeros_like(&adapter);
@@ -484,47 +636,90 @@ pub fn train(loaded: &LoadedModel, plan: TrainPlan, resume: bool, mut on_event: 
     let mut dx = Vec::new();
     let mut last_loss = None;
     let mut last_eval = None;
-    let mut train_curve: Vec<(u64, f64)> = history.iter().filter_map(|r| Some((r["step"].as_u64()?, r["loss"].as_f64()?))).collect();
-    let mut eval_curve: Vec<(u64, f64)> = history.iter().filter_map(|r| Some((r["step"].as_u64()?, r["eval_loss"].as_f64()?))).collect();
+    let mut train_curve: Vec<(u64, f64)> = history
+        .iter()
+        .filter_map(|r| Some((r["step"].as_u64()?, r["loss"].as_f64()?)))
+        .collect();
+    let mut eval_curve: Vec<(u64, f64)> = history
+        .iter()
+        .filter_map(|r| Some((r["step"].as_u64()?, r["eval_loss"].as_f64()?)))
+        .collect();
     let h = model.config.hidden_size;
 
     for step in start_step..plan.total_steps {
         let t0 = Instant::now();
         grads.zero();
         let first = step * o.grad_accum as u64;
-        let normalizer: usize = (0..o.grad_accum as u64).map(|i| stream.micro_batch(first + i).target_tokens).sum();
+        let normalizer: usize = (0..o.grad_accum as u64)
+            .map(|i| stream.micro_batch(first + i).target_tokens)
+            .sum();
         let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
         for i in 0..o.grad_accum as u64 {
             let batch = stream.micro_batch(first + i).clone();
             if batch.target_tokens == 0 {
                 continue;
             }
-            let dropout = Dropout { p: dropout_p, seed: o.seed ^ (first + i).wrapping_mul(0x9E37_79B9_7F4A_7C15) };
-            model.train_forward(&batch.input_ids, batch.batch_size, batch.seq_len, Some(&adapter), dropout, &mut acts)?;
+            let dropout = Dropout {
+                p: dropout_p,
+                seed: o.seed ^ (first + i).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            };
+            model.train_forward(
+                &batch.input_ids,
+                batch.batch_size,
+                batch.seq_len,
+                Some(&adapter),
+                dropout,
+                &mut acts,
+            )?;
             let targets = target_positions(&batch.labels, batch.batch_size, batch.seq_len);
             dx.clear();
             dx.resize(batch.batch_size * batch.seq_len * h, 0.0);
-            loss_sum += lm_head_loss(model, &acts.x_final, &targets, o.label_smoothing, normalizer.max(1) as f64, Some(&mut dx));
+            loss_sum += lm_head_loss(
+                model,
+                &acts.x_final,
+                &targets,
+                o.label_smoothing,
+                normalizer.max(1) as f64,
+                Some(&mut dx),
+            );
             model.train_backward(&mut dx, &acts, &adapter, dropout, &mut grads)?;
             tokens += batch.lengths.iter().sum::<usize>();
         }
         let loss = loss_sum / normalizer.max(1) as f64;
         if !loss.is_finite() {
-            return Err(Error::Invalid(format!("step {}: the loss is {loss}; stopping before writing a non-finite adapter", step + 1)));
+            return Err(Error::Invalid(format!(
+                "step {}: the loss is {loss}; stopping before writing a non-finite adapter",
+                step + 1
+            )));
         }
-        let mut grad_refs: Vec<&mut [f32]> = grads.modules.values_mut().flat_map(|(a, b)| [a.as_mut_slice(), b.as_mut_slice()]).collect();
+        let mut grad_refs: Vec<&mut [f32]> = grads
+            .modules
+            .values_mut()
+            .flat_map(|(a, b)| [a.as_mut_slice(), b.as_mut_slice()])
+            .collect();
         let grad_norm = if o.max_grad_norm > 0.0 {
             clip_grad_norm(&mut grad_refs, o.max_grad_norm)
         } else {
             global_grad_norm(&grad_refs.iter().map(|g| &**g).collect::<Vec<_>>())
         };
         if !grad_norm.is_finite() {
-            return Err(Error::Invalid(format!("step {}: the gradient norm is {grad_norm}; stopping", step + 1)));
+            return Err(Error::Invalid(format!(
+                "step {}: the gradient norm is {grad_norm}; stopping",
+                step + 1
+            )));
         }
         let lr = plan.schedule.lr_at(step);
         {
-            let grad_views: Vec<&[f32]> = grads.modules.values().flat_map(|(a, b)| [a.as_slice(), b.as_slice()]).collect();
-            let mut params: Vec<&mut [f32]> = adapter.modules.values_mut().flat_map(|w| [w.a.as_mut_slice(), w.b.as_mut_slice()]).collect();
+            let grad_views: Vec<&[f32]> = grads
+                .modules
+                .values()
+                .flat_map(|(a, b)| [a.as_slice(), b.as_slice()])
+                .collect();
+            let mut params: Vec<&mut [f32]> = adapter
+                .modules
+                .values_mut()
+                .flat_map(|w| [w.a.as_mut_slice(), w.b.as_mut_slice()])
+                .collect();
             adam.step(lr, &mut params, &grad_views);
         }
         let metrics = StepMetrics {
@@ -536,7 +731,10 @@ pub fn train(loaded: &LoadedModel, plan: TrainPlan, resume: bool, mut on_event: 
             grad_norm,
             seconds: t0.elapsed().as_secs_f64(),
         };
-        append_jsonl(&metrics_path, &serde_json::to_value(&metrics).unwrap_or_default())?;
+        append_jsonl(
+            &metrics_path,
+            &serde_json::to_value(&metrics).unwrap_or_default(),
+        )?;
         train_curve.push((metrics.step, loss));
         last_loss = Some(loss);
         on_event(Event::Step(&metrics));
@@ -545,20 +743,34 @@ pub fn train(loaded: &LoadedModel, plan: TrainPlan, resume: bool, mut on_event: 
         if let Some(eval) = &plan.eval_examples {
             if done || (o.eval_every > 0 && (step + 1) % o.eval_every as u64 == 0) {
                 let eval_loss = evaluate_loss(model, Some(&adapter), eval, o.batch_size)?;
-                append_jsonl(&metrics_path, &json!({ "step": step + 1, "eval_loss": eval_loss }))?;
+                append_jsonl(
+                    &metrics_path,
+                    &json!({ "step": step + 1, "eval_loss": eval_loss }),
+                )?;
                 eval_curve.push((step + 1, eval_loss));
                 last_eval = Some(eval_loss);
-                on_event(Event::Eval { step: step + 1, eval_loss });
+                on_event(Event::Eval {
+                    step: step + 1,
+                    eval_loss,
+                });
             }
         }
         if done || (o.save_every > 0 && (step + 1) % o.save_every as u64 == 0) {
             let dir = save_checkpoint(out, step + 1, &adapter, &adam, o, o.keep_checkpoints)?;
-            on_event(Event::Checkpoint { step: step + 1, dir: &dir });
+            on_event(Event::Checkpoint {
+                step: step + 1,
+                dir: &dir,
+            });
         }
     }
 
     adapter.save(out)?;
-    crate::train::plot::plot_loss_curve(&out.join("loss.png"), &train_curve, &eval_curve, "lorakit train")?;
+    crate::train::plot::plot_loss_curve(
+        &out.join("loss.png"),
+        &train_curve,
+        &eval_curve,
+        "lorakit train",
+    )?;
     Ok(TrainSummary {
         steps: plan.total_steps,
         final_loss: last_loss,

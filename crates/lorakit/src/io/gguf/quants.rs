@@ -109,7 +109,7 @@ pub(super) fn dequantize_chunked(
     let kernel = kernel(dtype).ok_or(DequantError::Unsupported(dtype))?;
     let (bs, ts) = (dtype.block_size(), dtype.type_size());
     let n_blocks = bytes.len() / ts;
-    if bytes.len() % ts != 0 || n_blocks.checked_mul(bs) != Some(out.len()) {
+    if !bytes.len().is_multiple_of(ts) || n_blocks.checked_mul(bs) != Some(out.len()) {
         return Err(DequantError::Length {
             dtype,
             bytes: bytes.len(),

@@ -131,7 +131,7 @@ impl Builder {
         self.u64(s.len() as u64).raw(s.as_bytes())
     }
     fn pad_to(mut self, align: usize) -> Self {
-        while self.0.len() % align != 0 {
+        while !self.0.len().is_multiple_of(align) {
             self.0.push(0);
         }
         self
@@ -890,4 +890,3 @@ fn random_header_corruption_never_panics() {
 // With LORAKIT_GGUF_REF=ref.safetensors (tensor name -> f32 values from gguf.quants.dequantize),
 // every tensor in the reference is compared bitwise.
 // ---------------------------------------------------------------------------------------------
-
