@@ -390,3 +390,90 @@ fn smollm2_peft_adapter_matches_unmerged_merged_and_greedy() {
         assert!(d <= 1e-3, "merged vs unmerged {d}");
     }
 }
+
+#[test]
+fn gradient_accumulation_equals_the_larger_batch() {
+    // One step on 4 examples at once, or as 2 micro-batches of 2: the loss is the token-level
+    // mean over the same targets, so the updates agree up to rounding.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tiny_train_data(tmp.path());
+    let tiny = fixture("tiny-llama");
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut args = vec![
+            "train",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(&[
+            "--steps",
+            "1",
+            "--no-shuffle",
+            "--lr",
+            "1e-2",
+            "--precision",
+            "f32",
+        ]);
+        args.extend_from_slice(extra);
+        let o = lorakit(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        (
+            Adapter::load(&out, &tiny_llama().model.config).unwrap(),
+            metrics(&out)[0]["loss"].as_f64().unwrap(),
+        )
+    };
+    let (big, loss_big) = run("big", &["--batch-size", "4"]);
+    let (acc, loss_acc) = run("accum", &["--batch-size", "2", "--grad-accum", "2"]);
+    assert!(
+        (loss_big - loss_acc).abs() < 1e-5,
+        "{loss_big} vs {loss_acc}"
+    );
+    for (id, w) in &big.modules {
+        let v = &acc.modules[id];
+        for (a, b) in w.b.iter().zip(&v.b) {
+            assert!((a - b).abs() < 1e-5, "{}: B differs {a} vs {b}", id.path());
+        }
+    }
+}
+
+#[test]
+fn label_smoothing_matches_its_definition() {
+    // (1−ε)·CE + ε·mean_v(−log p_v), computed here from the model's own logits in f64.
+    use lorakit::model::llama_train::{Activations, Dropout};
+    use lorakit::train::loss::{lm_head_loss, target_positions};
+    let m = tiny_llama();
+    let ids = ids_of(&read_json("tiny-llama/meta.json")["batch"]["input_ids"][0]);
+    let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    let t = ids.len();
+    let mut acts = Activations::default();
+    m.model
+        .train_forward(&ids, 1, t, None, Dropout::NONE, &mut acts)
+        .unwrap();
+    let targets = target_positions(&labels, 1, t);
+    let eps = 0.1;
+    let got =
+        lm_head_loss(&m.model, &acts.x_final, &targets, eps, 1.0, None) / targets.len() as f64;
+    let logits = m.model.logits(&ids).unwrap();
+    let v = m.model.config.vocab_size;
+    let mut want = 0.0;
+    for p in 0..t - 1 {
+        let row: Vec<f64> = logits[p * v..(p + 1) * v]
+            .iter()
+            .map(|&z| z as f64)
+            .collect();
+        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + row.iter().map(|z| (z - max).exp()).sum::<f64>().ln();
+        let nll = lse - row[ids[p + 1] as usize];
+        let uniform = lse - row.iter().sum::<f64>() / v as f64;
+        want += (1.0 - eps as f64) * nll + eps as f64 * uniform;
+    }
+    want /= (t - 1) as f64;
+    assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+    let plain =
+        lm_head_loss(&m.model, &acts.x_final, &targets, 0.0, 1.0, None) / targets.len() as f64;
+    assert!((plain - got).abs() > 1e-3, "smoothing must change the loss");
+}
