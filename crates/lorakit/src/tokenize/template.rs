@@ -319,10 +319,13 @@ pub(crate) fn py_float_repr(f: f64) -> String {
     }
     // Rust's `{:e}` gives the shortest round-tripping digits too: "-1.2345e-5", "1e16", "0e0".
     let sci = format!("{f:e}");
-    let (mant, exp) = sci
-        .split_once('e')
-        .expect("float in {:e} notation has an exponent");
-    let exp: i32 = exp.parse().expect("float exponent is an integer");
+    // `{:e}` always has an integer exponent; fall back to its own text if that ever changes.
+    let Some((mant, exp)) = sci.split_once('e') else {
+        return sci;
+    };
+    let Ok(exp) = exp.parse::<i32>() else {
+        return sci;
+    };
     let (sign, mant) = match mant.strip_prefix('-') {
         Some(m) => ("-", m),
         None => ("", mant),

@@ -655,7 +655,7 @@ pub fn train(
             .sum();
         let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
         for i in 0..o.grad_accum as u64 {
-            let batch = stream.micro_batch(first + i).clone();
+            let batch = stream.micro_batch(first + i);
             if batch.target_tokens == 0 {
                 continue;
             }
