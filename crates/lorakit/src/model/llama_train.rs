@@ -83,13 +83,13 @@ impl LoraGrads {
     }
 }
 
-/// What one layer's backward needs from its forward. N = batch · seq rows.
+/// What one layer's backward needs from its forward. N = batch · seq rows. The normed inputs of
+/// the projections and silu(gate) ⊙ up are cheap to recompute, so the backward does that
+/// instead of keeping them (a third less activation memory).
 #[derive(Debug, Default)]
 struct LayerActs {
     /// Residual stream entering the layer, [N, hidden].
     x_in: Vec<f32>,
-    /// input_layernorm(x_in), the input of q/k/v, [N, hidden].
-    n1: Vec<f32>,
     /// After RoPE: [N, heads·hd], [N, kv·hd]; v: [N, kv·hd].
     q: Vec<f32>,
     k: Vec<f32>,
@@ -100,12 +100,8 @@ struct LayerActs {
     lse: Vec<f32>,
     /// Residual stream after the attention block, [N, hidden].
     x_mid: Vec<f32>,
-    /// post_attention_layernorm(x_mid), the input of gate/up, [N, hidden].
-    n2: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
-    /// silu(gate) ⊙ up, the input of down_proj, [N, intermediate].
-    act: Vec<f32>,
     /// x·Aᵀ (after dropout) of each adapted module, [N, r].
     xa: BTreeMap<ModuleKind, Vec<f32>>,
 }
@@ -128,8 +124,7 @@ impl Activations {
             .iter()
             .map(|a| {
                 [
-                    &a.x_in, &a.n1, &a.q, &a.k, &a.v, &a.attn, &a.lse, &a.x_mid, &a.n2, &a.gate,
-                    &a.up, &a.act,
+                    &a.x_in, &a.q, &a.k, &a.v, &a.attn, &a.lse, &a.x_mid, &a.gate, &a.up,
                 ]
                 .iter()
                 .map(|v| v.len())
@@ -320,6 +315,8 @@ impl LlamaModel {
         set_len(&mut x, n * h);
         embedding_forward(&mut x, &self.embed_tokens, ids, h);
         let mut proj = vec![0.0f32; n * h];
+        let mut normed = vec![0.0f32; n * h];
+        let mut act = vec![0.0f32; n * inter];
         let mut scratch = Vec::new();
 
         for (li, (layer, a)) in self.layers.iter().zip(acts.layers.iter_mut()).enumerate() {
@@ -336,15 +333,14 @@ impl LlamaModel {
             }
             a.x_in.clear();
             a.x_in.extend_from_slice(&x);
-            set_len(&mut a.n1, n * h);
-            rms_norm_forward(&mut a.n1, &x, &layer.attn_norm, c.rms_norm_eps);
+            rms_norm_forward(&mut normed, &x, &layer.attn_norm, c.rms_norm_eps);
             set_len(&mut a.q, n * qd);
             set_len(&mut a.k, n * kvd);
             set_len(&mut a.v, n * kvd);
             linear_train_forward(
                 &layer.q_proj,
                 lora(ModuleKind::Q),
-                &a.n1,
+                &normed,
                 &mut a.q,
                 a.xa.get_mut(&ModuleKind::Q),
                 dropout,
@@ -354,7 +350,7 @@ impl LlamaModel {
             linear_train_forward(
                 &layer.k_proj,
                 lora(ModuleKind::K),
-                &a.n1,
+                &normed,
                 &mut a.k,
                 a.xa.get_mut(&ModuleKind::K),
                 dropout,
@@ -364,7 +360,7 @@ impl LlamaModel {
             linear_train_forward(
                 &layer.v_proj,
                 lora(ModuleKind::V),
-                &a.n1,
+                &normed,
                 &mut a.v,
                 a.xa.get_mut(&ModuleKind::V),
                 dropout,
@@ -404,14 +400,13 @@ impl LlamaModel {
 
             a.x_mid.clear();
             a.x_mid.extend_from_slice(&x);
-            set_len(&mut a.n2, n * h);
-            rms_norm_forward(&mut a.n2, &x, &layer.mlp_norm, c.rms_norm_eps);
+            rms_norm_forward(&mut normed, &x, &layer.mlp_norm, c.rms_norm_eps);
             set_len(&mut a.gate, n * inter);
             set_len(&mut a.up, n * inter);
             linear_train_forward(
                 &layer.gate_proj,
                 lora(ModuleKind::Gate),
-                &a.n2,
+                &normed,
                 &mut a.gate,
                 a.xa.get_mut(&ModuleKind::Gate),
                 dropout,
@@ -421,19 +416,18 @@ impl LlamaModel {
             linear_train_forward(
                 &layer.up_proj,
                 lora(ModuleKind::Up),
-                &a.n2,
+                &normed,
                 &mut a.up,
                 a.xa.get_mut(&ModuleKind::Up),
                 dropout,
                 key(ModuleKind::Up),
                 &mut scratch,
             );
-            set_len(&mut a.act, n * inter);
-            swiglu_forward(&mut a.act, &a.gate, &a.up);
+            swiglu_forward(&mut act, &a.gate, &a.up);
             linear_train_forward(
                 &layer.down_proj,
                 lora(ModuleKind::Down),
-                &a.act,
+                &act,
                 &mut proj,
                 a.xa.get_mut(&ModuleKind::Down),
                 dropout,
@@ -481,6 +475,8 @@ impl LlamaModel {
         let mut dq = vec![0.0f32; n * qd];
         let mut dk = vec![0.0f32; n * kvd];
         let mut dv = vec![0.0f32; n * kvd];
+        let mut normed = vec![0.0f32; n * h];
+        let mut act = vec![0.0f32; n * inter];
         let mut scratch = Vec::new();
 
         for (li, (layer, a)) in self.layers.iter().zip(&acts.layers).enumerate().rev() {
@@ -500,11 +496,13 @@ impl LlamaModel {
                 Some((w, xa.as_slice(), gr))
             };
 
-            // MLP block: x_out = x_mid + down(silu(gate) ⊙ up).
+            // MLP block: x_out = x_mid + down(silu(gate) ⊙ up). Recompute its inputs first.
+            swiglu_forward(&mut act, &a.gate, &a.up);
+            rms_norm_forward(&mut normed, &a.x_mid, &layer.mlp_norm, c.rms_norm_eps);
             linear_train_backward(
                 &layer.down_proj,
                 lora(ModuleKind::Down),
-                &a.act,
+                &act,
                 dx,
                 &mut d_act,
                 false,
@@ -516,7 +514,7 @@ impl LlamaModel {
             linear_train_backward(
                 &layer.gate_proj,
                 lora(ModuleKind::Gate),
-                &a.n2,
+                &normed,
                 &d_gate,
                 &mut d_n,
                 false,
@@ -527,7 +525,7 @@ impl LlamaModel {
             linear_train_backward(
                 &layer.up_proj,
                 lora(ModuleKind::Up),
-                &a.n2,
+                &normed,
                 &d_up,
                 &mut d_n,
                 true,
@@ -538,6 +536,7 @@ impl LlamaModel {
             rms_norm_backward(dx, &a.x_mid, &layer.mlp_norm, &d_n, c.rms_norm_eps, true);
 
             // Attention block: x_mid = x_in + o(attn(rope(q), rope(k), v)).
+            rms_norm_forward(&mut normed, &a.x_in, &layer.attn_norm, c.rms_norm_eps);
             linear_train_backward(
                 &layer.o_proj,
                 lora(ModuleKind::O),
@@ -571,7 +570,7 @@ impl LlamaModel {
             linear_train_backward(
                 &layer.q_proj,
                 lora(ModuleKind::Q),
-                &a.n1,
+                &normed,
                 &dq,
                 &mut d_n,
                 false,
@@ -582,7 +581,7 @@ impl LlamaModel {
             linear_train_backward(
                 &layer.k_proj,
                 lora(ModuleKind::K),
-                &a.n1,
+                &normed,
                 &dk,
                 &mut d_n,
                 true,
@@ -593,7 +592,7 @@ impl LlamaModel {
             linear_train_backward(
                 &layer.v_proj,
                 lora(ModuleKind::V),
-                &a.n1,
+                &normed,
                 &dv,
                 &mut d_n,
                 true,

@@ -378,7 +378,8 @@ impl TrainPlan {
         );
         let r_sum: usize =
             self.adapter.modules.values().map(|w| w.r).sum::<usize>() / c.num_layers.max(1);
-        let per_token_layer = 4 * h + 2 * q + 2 * kv + 3 * i + c.num_heads + r_sum;
+        // x_in, x_mid, q, attention output, k, v, gate, up, lse, x·Aᵀ (see llama_train::LayerActs).
+        let per_token_layer = 2 * h + 2 * q + 2 * kv + 2 * i + c.num_heads + r_sum;
         (n * per_token_layer * c.num_layers + n * h) * 4
     }
 }
