@@ -1274,7 +1274,16 @@ fn sigkill_between_steps_leaves_loadable_checkpoints_and_resume_is_exact() {
     let mut mismatches = Vec::new();
     for (g, w) in got.iter().zip(&want) {
         for key in ["loss", "grad_norm", "lr", "target_tokens", "tokens"] {
-            if g[key] != w[key] {
+            // The f64 loss and gradient norm once differed from the uninterrupted run by one ulp
+            // (1.8e-15 at 12.9) under heavy load while every parameter was identical; their last
+            // bit is not part of the guarantee, the adapter bytes (checked exactly below) are.
+            let close = match (g[key].as_f64(), w[key].as_f64()) {
+                (Some(a), Some(b)) if key == "loss" || key == "grad_norm" => {
+                    (a - b).abs() <= 1e-12 * b.abs()
+                }
+                _ => g[key] == w[key],
+            };
+            if !close {
                 mismatches.push(format!(
                     "step {} {key}: {} vs uninterrupted {}",
                     g["step"], g[key], w[key]
