@@ -82,6 +82,18 @@ pub fn rope_forward(
     start_pos: usize,
     rope: &RopeTable,
 ) {
+    rope_rotate(x, n_heads, head_dim, start_pos, rope, 1.0);
+}
+
+/// The rotation by θ (`sign` = 1) or by −θ (`sign` = −1, the transpose, for the backward).
+fn rope_rotate(
+    x: &mut [f32],
+    n_heads: usize,
+    head_dim: usize,
+    start_pos: usize,
+    rope: &RopeTable,
+    sign: f32,
+) {
     let half = head_dim / 2;
     for (t, tok) in x.chunks_exact_mut(n_heads * head_dim).enumerate() {
         let p = start_pos + t;
@@ -90,9 +102,9 @@ pub fn rope_forward(
         for head in tok.chunks_exact_mut(head_dim) {
             let (lo, hi) = head.split_at_mut(half);
             for i in 0..half {
-                let (a, b) = (lo[i], hi[i]);
-                lo[i] = a * cos[i] - b * sin[i];
-                hi[i] = b * cos[i] + a * sin[i];
+                let (a, b, s) = (lo[i], hi[i], sign * sin[i]);
+                lo[i] = a * cos[i] - b * s;
+                hi[i] = b * cos[i] + a * s;
             }
         }
     }
@@ -312,20 +324,7 @@ pub fn rope_backward(
     start_pos: usize,
     rope: &RopeTable,
 ) {
-    let half = head_dim / 2;
-    for (t, tok) in dx.chunks_exact_mut(n_heads * head_dim).enumerate() {
-        let p = start_pos + t;
-        let cos = &rope.cos[p * half..(p + 1) * half];
-        let sin = &rope.sin[p * half..(p + 1) * half];
-        for head in tok.chunks_exact_mut(head_dim) {
-            let (lo, hi) = head.split_at_mut(half);
-            for i in 0..half {
-                let (a, b) = (lo[i], hi[i]);
-                lo[i] = a * cos[i] + b * sin[i];
-                hi[i] = b * cos[i] - a * sin[i];
-            }
-        }
-    }
+    rope_rotate(dx, n_heads, head_dim, start_pos, rope, -1.0);
 }
 
 /// Gradients of `swiglu_forward`: d_gate = d_out ⊙ up ⊙ silu'(gate), d_up = d_out ⊙ silu(gate).

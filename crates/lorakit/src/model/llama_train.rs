@@ -323,7 +323,6 @@ impl LlamaModel {
             let lora = |k: ModuleKind| {
                 adapter.and_then(|ad| ad.modules.get(&ModuleId { layer: li, kind: k }))
             };
-            let key = |k: ModuleKind| dropout.key(ModuleId { layer: li, kind: k });
             // Prepare the xa slots of this layer's adapted modules.
             a.xa.retain(|k, _| lora(*k).is_some());
             for k in ModuleKind::ALL {
@@ -331,42 +330,31 @@ impl LlamaModel {
                     a.xa.entry(k).or_default();
                 }
             }
+            // One adapted-or-frozen linear layer of this block, by kind.
+            let mut fwd = |kind: ModuleKind, input: &[f32], out: &mut [f32]| {
+                let id = ModuleId { layer: li, kind };
+                let lora = adapter.and_then(|ad| ad.modules.get(&id));
+                let xa = a.xa.get_mut(&kind);
+                linear_train_forward(
+                    layer.linear(kind),
+                    lora,
+                    input,
+                    out,
+                    xa,
+                    dropout,
+                    dropout.key(id),
+                    &mut scratch,
+                );
+            };
             a.x_in.clear();
             a.x_in.extend_from_slice(&x);
             rms_norm_forward(&mut normed, &x, &layer.attn_norm, c.rms_norm_eps);
             set_len(&mut a.q, n * qd);
             set_len(&mut a.k, n * kvd);
             set_len(&mut a.v, n * kvd);
-            linear_train_forward(
-                &layer.q_proj,
-                lora(ModuleKind::Q),
-                &normed,
-                &mut a.q,
-                a.xa.get_mut(&ModuleKind::Q),
-                dropout,
-                key(ModuleKind::Q),
-                &mut scratch,
-            );
-            linear_train_forward(
-                &layer.k_proj,
-                lora(ModuleKind::K),
-                &normed,
-                &mut a.k,
-                a.xa.get_mut(&ModuleKind::K),
-                dropout,
-                key(ModuleKind::K),
-                &mut scratch,
-            );
-            linear_train_forward(
-                &layer.v_proj,
-                lora(ModuleKind::V),
-                &normed,
-                &mut a.v,
-                a.xa.get_mut(&ModuleKind::V),
-                dropout,
-                key(ModuleKind::V),
-                &mut scratch,
-            );
+            fwd(ModuleKind::Q, &normed, &mut a.q);
+            fwd(ModuleKind::K, &normed, &mut a.k);
+            fwd(ModuleKind::V, &normed, &mut a.v);
             for b in 0..batch {
                 rope_forward(
                     &mut a.q[b * seq * qd..(b + 1) * seq * qd],
@@ -386,16 +374,7 @@ impl LlamaModel {
             set_len(&mut a.attn, n * qd);
             set_len(&mut a.lse, batch * c.num_heads * seq);
             attention_train_forward(&mut a.attn, &mut a.lse, &a.q, &a.k, &a.v, shape);
-            linear_train_forward(
-                &layer.o_proj,
-                lora(ModuleKind::O),
-                &a.attn,
-                &mut proj,
-                a.xa.get_mut(&ModuleKind::O),
-                dropout,
-                key(ModuleKind::O),
-                &mut scratch,
-            );
+            fwd(ModuleKind::O, &a.attn, &mut proj);
             add_inplace(&mut x, &proj);
 
             a.x_mid.clear();
@@ -403,37 +382,10 @@ impl LlamaModel {
             rms_norm_forward(&mut normed, &x, &layer.mlp_norm, c.rms_norm_eps);
             set_len(&mut a.gate, n * inter);
             set_len(&mut a.up, n * inter);
-            linear_train_forward(
-                &layer.gate_proj,
-                lora(ModuleKind::Gate),
-                &normed,
-                &mut a.gate,
-                a.xa.get_mut(&ModuleKind::Gate),
-                dropout,
-                key(ModuleKind::Gate),
-                &mut scratch,
-            );
-            linear_train_forward(
-                &layer.up_proj,
-                lora(ModuleKind::Up),
-                &normed,
-                &mut a.up,
-                a.xa.get_mut(&ModuleKind::Up),
-                dropout,
-                key(ModuleKind::Up),
-                &mut scratch,
-            );
+            fwd(ModuleKind::Gate, &normed, &mut a.gate);
+            fwd(ModuleKind::Up, &normed, &mut a.up);
             swiglu_forward(&mut act, &a.gate, &a.up);
-            linear_train_forward(
-                &layer.down_proj,
-                lora(ModuleKind::Down),
-                &act,
-                &mut proj,
-                a.xa.get_mut(&ModuleKind::Down),
-                dropout,
-                key(ModuleKind::Down),
-                &mut scratch,
-            );
+            fwd(ModuleKind::Down, &act, &mut proj);
             add_inplace(&mut x, &proj);
         }
         acts.x_final = x;
@@ -481,7 +433,6 @@ impl LlamaModel {
 
         for (li, (layer, a)) in self.layers.iter().zip(&acts.layers).enumerate().rev() {
             let id = |k: ModuleKind| ModuleId { layer: li, kind: k };
-            let key = |k: ModuleKind| dropout.key(id(k));
             // Split borrows: each module's (weights, saved xa, grads).
             let mut g = grads
                 .modules
@@ -495,59 +446,35 @@ impl LlamaModel {
                 let gr = g.remove(&k)?;
                 Some((w, xa.as_slice(), gr))
             };
+            // dx (+)= dy·W of this block's linear layer `kind`, plus its adapter's dA, dB.
+            let mut bwd =
+                |kind: ModuleKind, input: &[f32], dy: &[f32], dx: &mut [f32], accumulate: bool| {
+                    let key = dropout.key(id(kind));
+                    linear_train_backward(
+                        layer.linear(kind),
+                        lora(kind),
+                        input,
+                        dy,
+                        dx,
+                        accumulate,
+                        dropout,
+                        key,
+                        &mut scratch,
+                    );
+                };
 
             // MLP block: x_out = x_mid + down(silu(gate) ⊙ up). Recompute its inputs first.
             swiglu_forward(&mut act, &a.gate, &a.up);
             rms_norm_forward(&mut normed, &a.x_mid, &layer.mlp_norm, c.rms_norm_eps);
-            linear_train_backward(
-                &layer.down_proj,
-                lora(ModuleKind::Down),
-                &act,
-                dx,
-                &mut d_act,
-                false,
-                dropout,
-                key(ModuleKind::Down),
-                &mut scratch,
-            );
+            bwd(ModuleKind::Down, &act, dx, &mut d_act, false);
             swiglu_backward(&mut d_gate, &mut d_up, &a.gate, &a.up, &d_act);
-            linear_train_backward(
-                &layer.gate_proj,
-                lora(ModuleKind::Gate),
-                &normed,
-                &d_gate,
-                &mut d_n,
-                false,
-                dropout,
-                key(ModuleKind::Gate),
-                &mut scratch,
-            );
-            linear_train_backward(
-                &layer.up_proj,
-                lora(ModuleKind::Up),
-                &normed,
-                &d_up,
-                &mut d_n,
-                true,
-                dropout,
-                key(ModuleKind::Up),
-                &mut scratch,
-            );
+            bwd(ModuleKind::Gate, &normed, &d_gate, &mut d_n, false);
+            bwd(ModuleKind::Up, &normed, &d_up, &mut d_n, true);
             rms_norm_backward(dx, &a.x_mid, &layer.mlp_norm, &d_n, c.rms_norm_eps, true);
 
             // Attention block: x_mid = x_in + o(attn(rope(q), rope(k), v)).
             rms_norm_forward(&mut normed, &a.x_in, &layer.attn_norm, c.rms_norm_eps);
-            linear_train_backward(
-                &layer.o_proj,
-                lora(ModuleKind::O),
-                &a.attn,
-                dx,
-                &mut d_attn,
-                false,
-                dropout,
-                key(ModuleKind::O),
-                &mut scratch,
-            );
+            bwd(ModuleKind::O, &a.attn, dx, &mut d_attn, false);
             attention_train_backward(
                 &mut dq, &mut dk, &mut dv, &d_attn, &a.q, &a.k, &a.v, &a.attn, &a.lse, shape,
             );
@@ -567,39 +494,9 @@ impl LlamaModel {
                     &self.rope,
                 );
             }
-            linear_train_backward(
-                &layer.q_proj,
-                lora(ModuleKind::Q),
-                &normed,
-                &dq,
-                &mut d_n,
-                false,
-                dropout,
-                key(ModuleKind::Q),
-                &mut scratch,
-            );
-            linear_train_backward(
-                &layer.k_proj,
-                lora(ModuleKind::K),
-                &normed,
-                &dk,
-                &mut d_n,
-                true,
-                dropout,
-                key(ModuleKind::K),
-                &mut scratch,
-            );
-            linear_train_backward(
-                &layer.v_proj,
-                lora(ModuleKind::V),
-                &normed,
-                &dv,
-                &mut d_n,
-                true,
-                dropout,
-                key(ModuleKind::V),
-                &mut scratch,
-            );
+            bwd(ModuleKind::Q, &normed, &dq, &mut d_n, false);
+            bwd(ModuleKind::K, &normed, &dk, &mut d_n, true);
+            bwd(ModuleKind::V, &normed, &dv, &mut d_n, true);
             rms_norm_backward(dx, &a.x_in, &layer.attn_norm, &d_n, c.rms_norm_eps, true);
         }
         Ok(())
