@@ -90,6 +90,29 @@ unsafe fn gemm_strided(
     )
 }
 
+/// S = Q_h K_hᵀ / √d for one (batch, head): [T, hd] · [hd, T] → [T, T] in `dst`.
+///
+/// # Safety
+/// q0 / kv0 must be the offsets of that head's first row in q / k, with T rows after them.
+unsafe fn head_scores(dst: &mut [f32], q: &[f32], k: &[f32], q0: usize, kv0: usize, s: AttnShape) {
+    let scale = 1.0 / (s.head_dim as f32).sqrt();
+    gemm_strided(
+        s.seq,
+        s.seq,
+        s.head_dim,
+        dst.as_mut_ptr(),
+        s.seq,
+        false,
+        q.as_ptr().add(q0),
+        s.q_row(),
+        1,
+        k.as_ptr().add(kv0),
+        1,
+        s.kv_row(),
+        scale,
+    );
+}
+
 /// P[t, j] = exp(S[t, j] − shift_t) for j ≤ t, 0 above the diagonal; S: [T, T] in place.
 /// With `shift = None` each row is softmax-normalised and its log-sum-exp written to `lse`.
 fn causal_exp_rows(s: &mut [f32], t_len: usize, shift: Option<&[f32]>, lse: &mut [f32]) {
@@ -122,7 +145,6 @@ pub fn attention_train_forward(
     s: AttnShape,
 ) {
     let (t_len, hd) = (s.seq, s.head_dim);
-    let scale = 1.0 / (hd as f32).sqrt();
     assert_eq!(q.len(), s.batch * t_len * s.q_row());
     assert_eq!(k.len(), s.batch * t_len * s.kv_row());
     assert_eq!(v.len(), k.len());
@@ -140,21 +162,7 @@ pub fn attention_train_forward(
             // SAFETY: the asserts above bound the views; this task alone writes out[b, :, h, :].
             unsafe {
                 // S = scale · Q Kᵀ: [T, hd] · [hd, T]
-                gemm_strided(
-                    t_len,
-                    t_len,
-                    hd,
-                    scores.as_mut_ptr(),
-                    t_len,
-                    false,
-                    q.as_ptr().add(q0),
-                    s.q_row(),
-                    1,
-                    k.as_ptr().add(kv0),
-                    1,
-                    s.kv_row(),
-                    scale,
-                );
+                head_scores(scores, q, k, q0, kv0, s);
                 causal_exp_rows(scores, t_len, None, lse_row);
                 // O = P V: [T, T] · [T, hd]
                 gemm_strided(
@@ -226,21 +234,7 @@ pub fn attention_train_backward(
                 // SAFETY: the asserts above bound every view; dk/dv rows of (b, kvh) and dq rows
                 // of (b, h) belong to this task only.
                 unsafe {
-                    gemm_strided(
-                        t_len,
-                        t_len,
-                        hd,
-                        p.as_mut_ptr(),
-                        t_len,
-                        false,
-                        q.as_ptr().add(q0),
-                        s.q_row(),
-                        1,
-                        k.as_ptr().add(kv0),
-                        1,
-                        s.kv_row(),
-                        scale,
-                    );
+                    head_scores(p, q, k, q0, kv0, s);
                     let lse_row = &lse[(b * s.n_heads + h) * t_len..][..t_len];
                     causal_exp_rows(p, t_len, Some(lse_row), &mut []);
                     // dV (+)= Pᵀ dO
