@@ -1,8 +1,6 @@
 //! Bad input gets a clear one-line error naming what is wrong, a non-zero exit code, and no
 //! panic.
 
-use std::path::Path;
-
 use crate::common::*;
 
 /// Runs lorakit and checks: failure exit code, no panic, and every `needle` in stderr.
@@ -68,92 +66,6 @@ fn truncated_gguf_files() {
             &["inspect", f.to_str().unwrap()],
             &[&format!("cut{cut}.gguf")],
         );
-    }
-}
-
-/// A minimal GGUF v3 writer for hand-made bad files.
-struct GgufWriter {
-    kv: Vec<u8>,
-    n_kv: u64,
-    tensors: Vec<u8>,
-    n_tensors: u64,
-    data: Vec<u8>,
-}
-
-impl GgufWriter {
-    fn new() -> Self {
-        GgufWriter {
-            kv: vec![],
-            n_kv: 0,
-            tensors: vec![],
-            n_tensors: 0,
-            data: vec![],
-        }
-    }
-    fn string(buf: &mut Vec<u8>, s: &str) {
-        buf.extend((s.len() as u64).to_le_bytes());
-        buf.extend(s.as_bytes());
-    }
-    fn kv_str(&mut self, k: &str, v: &str) -> &mut Self {
-        Self::string(&mut self.kv, k);
-        self.kv.extend(8u32.to_le_bytes());
-        Self::string(&mut self.kv, v);
-        self.n_kv += 1;
-        self
-    }
-    fn kv_u32(&mut self, k: &str, v: u32) -> &mut Self {
-        Self::string(&mut self.kv, k);
-        self.kv.extend(4u32.to_le_bytes());
-        self.kv.extend(v.to_le_bytes());
-        self.n_kv += 1;
-        self
-    }
-    fn kv_f32(&mut self, k: &str, v: f32) -> &mut Self {
-        Self::string(&mut self.kv, k);
-        self.kv.extend(6u32.to_le_bytes());
-        self.kv.extend(v.to_le_bytes());
-        self.n_kv += 1;
-        self
-    }
-    fn kv_str_array(&mut self, k: &str, items: &[&str]) -> &mut Self {
-        Self::string(&mut self.kv, k);
-        self.kv.extend(9u32.to_le_bytes());
-        self.kv.extend(8u32.to_le_bytes());
-        self.kv.extend((items.len() as u64).to_le_bytes());
-        for s in items {
-            Self::string(&mut self.kv, s);
-        }
-        self.n_kv += 1;
-        self
-    }
-    /// dims in GGUF order (innermost first); `bytes` of raw data.
-    fn tensor(&mut self, name: &str, dims: &[u64], type_id: u32, bytes: &[u8]) -> &mut Self {
-        Self::string(&mut self.tensors, name);
-        self.tensors.extend((dims.len() as u32).to_le_bytes());
-        for d in dims {
-            self.tensors.extend(d.to_le_bytes());
-        }
-        self.tensors.extend(type_id.to_le_bytes());
-        self.tensors.extend((self.data.len() as u64).to_le_bytes());
-        self.data.extend(bytes);
-        while !self.data.len().is_multiple_of(32) {
-            self.data.push(0);
-        }
-        self.n_tensors += 1;
-        self
-    }
-    fn write(&self, path: &Path) {
-        let mut out = b"GGUF".to_vec();
-        out.extend(3u32.to_le_bytes());
-        out.extend(self.n_tensors.to_le_bytes());
-        out.extend(self.n_kv.to_le_bytes());
-        out.extend(&self.kv);
-        out.extend(&self.tensors);
-        while !out.len().is_multiple_of(32) {
-            out.push(0);
-        }
-        out.extend(&self.data);
-        std::fs::write(path, out).unwrap();
     }
 }
 

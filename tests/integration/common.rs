@@ -144,3 +144,101 @@ pub fn compare_logits(
     eprintln!("{what}: max |logit diff| = {max_diff:.3e} (tolerance {atol:.0e})");
     max_diff
 }
+
+/// A minimal GGUF v3 writer for hand-made bad files.
+pub struct GgufWriter {
+    kv: Vec<u8>,
+    n_kv: u64,
+    tensors: Vec<u8>,
+    n_tensors: u64,
+    data: Vec<u8>,
+}
+
+impl GgufWriter {
+    pub fn new() -> Self {
+        GgufWriter {
+            kv: vec![],
+            n_kv: 0,
+            tensors: vec![],
+            n_tensors: 0,
+            data: vec![],
+        }
+    }
+    pub fn string(buf: &mut Vec<u8>, s: &str) {
+        buf.extend((s.len() as u64).to_le_bytes());
+        buf.extend(s.as_bytes());
+    }
+    pub fn kv_str(&mut self, k: &str, v: &str) -> &mut Self {
+        Self::string(&mut self.kv, k);
+        self.kv.extend(8u32.to_le_bytes());
+        Self::string(&mut self.kv, v);
+        self.n_kv += 1;
+        self
+    }
+    pub fn kv_u32(&mut self, k: &str, v: u32) -> &mut Self {
+        Self::string(&mut self.kv, k);
+        self.kv.extend(4u32.to_le_bytes());
+        self.kv.extend(v.to_le_bytes());
+        self.n_kv += 1;
+        self
+    }
+    pub fn kv_f32(&mut self, k: &str, v: f32) -> &mut Self {
+        Self::string(&mut self.kv, k);
+        self.kv.extend(6u32.to_le_bytes());
+        self.kv.extend(v.to_le_bytes());
+        self.n_kv += 1;
+        self
+    }
+    pub fn kv_str_array(&mut self, k: &str, items: &[&str]) -> &mut Self {
+        Self::string(&mut self.kv, k);
+        self.kv.extend(9u32.to_le_bytes());
+        self.kv.extend(8u32.to_le_bytes());
+        self.kv.extend((items.len() as u64).to_le_bytes());
+        for s in items {
+            Self::string(&mut self.kv, s);
+        }
+        self.n_kv += 1;
+        self
+    }
+    /// dims in GGUF order (innermost first); `bytes` of raw data.
+    pub fn tensor(&mut self, name: &str, dims: &[u64], type_id: u32, bytes: &[u8]) -> &mut Self {
+        Self::string(&mut self.tensors, name);
+        self.tensors.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            self.tensors.extend(d.to_le_bytes());
+        }
+        self.tensors.extend(type_id.to_le_bytes());
+        self.tensors.extend((self.data.len() as u64).to_le_bytes());
+        self.data.extend(bytes);
+        while !self.data.len().is_multiple_of(32) {
+            self.data.push(0);
+        }
+        self.n_tensors += 1;
+        self
+    }
+    /// A tensor-table entry with an explicit data offset and no data (for bad offsets).
+    pub fn tensor_at(&mut self, name: &str, dims: &[u64], type_id: u32, offset: u64) -> &mut Self {
+        Self::string(&mut self.tensors, name);
+        self.tensors.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            self.tensors.extend(d.to_le_bytes());
+        }
+        self.tensors.extend(type_id.to_le_bytes());
+        self.tensors.extend(offset.to_le_bytes());
+        self.n_tensors += 1;
+        self
+    }
+    pub fn write(&self, path: &Path) {
+        let mut out = b"GGUF".to_vec();
+        out.extend(3u32.to_le_bytes());
+        out.extend(self.n_tensors.to_le_bytes());
+        out.extend(self.n_kv.to_le_bytes());
+        out.extend(&self.kv);
+        out.extend(&self.tensors);
+        while !out.len().is_multiple_of(32) {
+            out.push(0);
+        }
+        out.extend(&self.data);
+        std::fs::write(path, out).unwrap();
+    }
+}

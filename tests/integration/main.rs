@@ -5,6 +5,7 @@
 mod bf16;
 mod cli_errors;
 mod common;
+mod corrupted;
 mod e2e;
 mod logits;
 mod lora;

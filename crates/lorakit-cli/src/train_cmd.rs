@@ -90,6 +90,9 @@ pub struct TrainArgs {
     /// Frozen-weight arithmetic: bf16 (default where the CPU has AVX512-BF16) or f32 (exact).
     #[arg(long)]
     precision: Option<String>,
+    /// Skip (and record) a step whose loss or gradient is NaN/Inf instead of stopping.
+    #[arg(long)]
+    skip_nonfinite: bool,
     /// No progress bar (one line per step on stderr instead).
     #[arg(long)]
     quiet: bool,
@@ -157,6 +160,7 @@ impl TrainArgs {
         }
         o.use_rslora |= self.use_rslora;
         o.no_shuffle |= self.no_shuffle;
+        o.skip_nonfinite |= self.skip_nonfinite;
         Ok(o)
     }
 }
@@ -206,7 +210,10 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     let bar = ProgressBar::hidden();
     let mut tokens_done = 0usize;
     let start = std::time::Instant::now();
-    let summary = train(&loaded, plan, a.resume, |ev| match ev {
+    // A run that fails before its first checkpoint leaves nothing behind in a directory it made.
+    let out_dir = plan.out.clone();
+    let fresh_out = !out_dir.exists();
+    let result = train(&loaded, plan, a.resume, |ev| match ev {
         Event::Started {
             total_steps,
             start_step,
@@ -224,7 +231,10 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         Event::Step(m) => {
             tokens_done += m.tokens;
             let rate = tokens_done as f64 / start.elapsed().as_secs_f64().max(1e-9);
-            if quiet {
+            if let Some(why) = &m.skipped {
+                bar.suspend(|| eprintln!("warning: step {} skipped: {why}", m.step));
+                bar.inc(1);
+            } else if quiet {
                 eprintln!(
                     "step {} loss {:.4} lr {:.2e} {:.0} tokens/s",
                     m.step, m.loss, m.lr, rate
@@ -240,8 +250,23 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         Event::Checkpoint { step, dir } => {
             bar.suspend(|| eprintln!("step {step}: checkpoint {}", dir.display()));
         }
-    })?;
+    });
     bar.finish_and_clear();
+    let summary = match result {
+        Ok(s) => s,
+        Err(e) => {
+            if fresh_out && !out_dir.join(lorakit::train::trainer::CHECKPOINTS).exists() {
+                let _ = std::fs::remove_dir_all(&out_dir);
+            }
+            return Err(e.into());
+        }
+    };
+    if summary.skipped_steps > 0 {
+        eprintln!(
+            "warning: {} of {} steps were skipped for a non-finite loss or gradient",
+            summary.skipped_steps, summary.steps
+        );
+    }
     eprintln!(
         "done: {} steps, final loss {}, eval loss {}; adapter written to {} ({:.1} s, {:.0} tokens/s)",
         summary.steps,
@@ -270,7 +295,7 @@ pub struct MergeArgs {
 pub fn cmd_merge(a: MergeArgs) -> Result<()> {
     let mut loaded = open_model(a.model)?;
     crate::attach_adapters(&mut loaded, &a.adapter)?;
-    loaded.model.merge_adapters();
+    loaded.model.merge_adapters()?;
     save_hf_dir(&loaded.model, &loaded.tokenizer, &a.out)
         .with_context(|| format!("cannot write {}", a.out.display()))?;
     eprintln!("merged model written to {}", a.out.display());

@@ -23,6 +23,7 @@ impl SafetensorsFile {
         // SAFETY: the map is read-only; a file changed underneath us by another process could
         // change the bytes we read, but never memory safety of this process's own data.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        check_header(path, &mmap)?;
         let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
             .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
         Ok(SafetensorsFile {
@@ -109,4 +110,83 @@ impl SafetensorsFile {
             .collect();
         Ok((data, info.shape.clone()))
     }
+}
+
+/// The safetensors crate's limit on the JSON header.
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Bytes per element of a safetensors dtype name; None for names we do not know.
+fn dtype_size(name: &str) -> Option<u64> {
+    Some(match name {
+        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" => 1,
+        "U16" | "I16" | "F16" | "BF16" => 2,
+        "U32" | "I32" | "F32" => 4,
+        "U64" | "I64" | "F64" => 8,
+        _ => return None,
+    })
+}
+
+/// Validates the header before the `safetensors` crate does, so that a damaged file is reported
+/// with the tensor and the numbers that are wrong (the crate only says "invalid shape, data type,
+/// or offset"). Every size is overflow-checked; nothing is allocated beyond the header itself,
+/// whose size is bounded.
+fn check_header(path: &Path, bytes: &[u8]) -> Result<()> {
+    let bad = |msg: String| Error::format(path, msg);
+    if bytes.len() < 8 {
+        return Err(bad(format!(
+            "{} bytes: too short for a safetensors file (an 8-byte header size comes first)",
+            bytes.len()
+        )));
+    }
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    if n > MAX_HEADER_BYTES {
+        return Err(bad(format!(
+            "declared header size {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit"
+        )));
+    }
+    let file_len = bytes.len() as u64;
+    if 8 + n > file_len {
+        return Err(bad(format!(
+            "declared header size {n} bytes, but the file has only {file_len} bytes (truncated?)"
+        )));
+    }
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n as usize])
+            .map_err(|e| bad(format!("the header is not a JSON object: {e}")))?;
+    let data_len = file_len - 8 - n;
+    for (name, info) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+        let t = |msg: String| Error::tensor(path, name, msg);
+        let dtype = info["dtype"]
+            .as_str()
+            .ok_or_else(|| t("'dtype' missing or not a string".into()))?;
+        let size = dtype_size(dtype).ok_or_else(|| t(format!("unknown dtype {dtype:?}")))?;
+        let shape: Vec<u64> = info["shape"]
+            .as_array()
+            .and_then(|a| a.iter().map(|d| d.as_u64()).collect())
+            .ok_or_else(|| t("'shape' missing or not a list of sizes".into()))?;
+        let offsets: Vec<u64> = info["data_offsets"]
+            .as_array()
+            .and_then(|a| a.iter().map(|d| d.as_u64()).collect())
+            .filter(|v: &Vec<u64>| v.len() == 2)
+            .ok_or_else(|| t("'data_offsets' missing or not [start, end]".into()))?;
+        let (start, end) = (offsets[0], offsets[1]);
+        let need = shape
+            .iter()
+            .try_fold(size, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| t(format!("shape {shape:?} overflows")))?;
+        if start > end || end > data_len {
+            return Err(t(format!(
+                "data_offsets [{start}, {end}] lie outside the {data_len}-byte data section \
+                 (truncated or corrupted file)"
+            )));
+        }
+        if end - start != need {
+            return Err(t(format!(
+                "shape {shape:?} of {dtype} needs {need} bytes, but data_offsets [{start}, {end}] \
+                 span {}",
+                end - start
+            )));
+        }
+    }
+    Ok(())
 }

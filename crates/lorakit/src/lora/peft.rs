@@ -163,6 +163,21 @@ impl Adapter {
     /// Writes `adapter_config.json` and `adapter_model.safetensors` (f32) into `dir`, each
     /// atomically, creating `dir` if needed.
     pub fn save(&self, dir: &Path) -> Result<()> {
+        // Never write an adapter that PEFT (or our own loader) would turn into NaN outputs.
+        for (id, w) in &self.modules {
+            for (key, data) in [(key_a(id), &w.a), (key_b(id), &w.b)] {
+                if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+                    return Err(Error::tensor(
+                        dir.join(WEIGHTS_FILE),
+                        &key,
+                        format!(
+                            "element {i} is {}; refusing to write a non-finite adapter",
+                            data[i]
+                        ),
+                    ));
+                }
+            }
+        }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let bytes = self.safetensors_bytes(dir)?;
         write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;

@@ -184,6 +184,22 @@ impl Linear {
 
     /// W += sign · s·B A for every attached adapter, then detaches them (sign = +1 merges,
     /// −1 unmerges an adapter merged earlier).
+    /// The first element of W + sign·Σ s·B A that would not be finite, as (flat index, value);
+    /// None when merging is safe (PEFT's `safe_merge`). Leaves the layer unchanged.
+    pub fn check_merge(&self, sign: f32) -> Option<(usize, f32)> {
+        let (out, inp) = (self.out_features, self.in_features);
+        let mut merged = self.weight_f32().to_vec();
+        for lora in &self.loras {
+            for (wi, di) in merged.iter_mut().zip(lora.delta(out, inp)) {
+                *wi += sign * di;
+            }
+        }
+        merged
+            .iter()
+            .position(|v| !v.is_finite())
+            .map(|i| (i, merged[i]))
+    }
+
     pub fn merge_loras(&mut self, sign: f32) {
         let (out, inp) = (self.out_features, self.in_features);
         let loras = std::mem::take(&mut self.loras);

@@ -212,21 +212,35 @@ impl LlamaModel {
         }
     }
 
-    /// W0 += s·B A for every attached adapter, which are then detached.
-    pub fn merge_adapters(&mut self) {
-        for layer in &mut self.layers {
-            for kind in ModuleKind::ALL {
-                layer.linear_mut(kind).merge_loras(1.0);
-            }
-        }
+    /// W0 += s·B A for every attached adapter, which are then detached. Refuses (and changes
+    /// nothing) if any merged weight would be NaN or Inf, as PEFT's `safe_merge` does.
+    pub fn merge_adapters(&mut self) -> Result<()> {
+        self.merge_signed(1.0)
     }
 
     /// W −= s·B A for the given adapter, undoing an earlier merge of it (up to rounding).
     pub fn unmerge_adapter(&mut self, adapter: &Adapter, weight: f32) -> Result<()> {
         self.attach_adapter(adapter, weight)?;
+        self.merge_signed(-1.0)
+    }
+
+    fn merge_signed(&mut self, sign: f32) -> Result<()> {
+        // Check every layer before touching any, so a refused merge leaves the model as it was.
+        for (i, layer) in self.layers.iter().enumerate() {
+            for kind in ModuleKind::ALL {
+                if let Some((at, v)) = layer.linear(kind).check_merge(sign) {
+                    let id = ModuleId { layer: i, kind };
+                    return Err(Error::Invalid(format!(
+                        "merging would make {} non-finite (element {at} becomes {v}); \
+                         the adapter seems to be broken, nothing was merged",
+                        id.path()
+                    )));
+                }
+            }
+        }
         for layer in &mut self.layers {
             for kind in ModuleKind::ALL {
-                layer.linear_mut(kind).merge_loras(-1.0);
+                layer.linear_mut(kind).merge_loras(sign);
             }
         }
         Ok(())

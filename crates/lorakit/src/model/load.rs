@@ -76,6 +76,20 @@ fn expect_shape(path: &Path, name: &str, got: &[usize], want: &[usize]) -> Resul
     Ok(())
 }
 
+/// Rejects NaN/Inf in a base weight: a model file from a stranger with a poisoned tensor (or a
+/// quantised block whose f16 scale is Inf) would otherwise turn every output into NaN silently.
+/// One pass over the dequantised data, ~20 ms for the 135M model.
+fn expect_finite(path: &Path, name: &str, data: &[f32]) -> Result<()> {
+    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+        return Err(Error::tensor(
+            path,
+            name,
+            format!("element {i} is {} (weights must be finite)", data[i]),
+        ));
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // GGUF
 
@@ -89,6 +103,7 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
     let tensor = |name: &str, want: &[usize]| -> Result<Vec<f32>> {
         let (data, shape) = gguf.tensor_f32(name)?;
         expect_shape(path, name, &shape, want)?;
+        expect_finite(path, name, &data)?;
         Ok(data)
     };
     let opt_tensor = |name: &str, want: &[usize]| -> Result<Option<Vec<f32>>> {
@@ -186,6 +201,7 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
     let tensor = |name: &str, want: &[usize]| -> Result<Vec<f32>> {
         let (data, shape) = set.tensor_f32(name)?;
         expect_shape(set.file_of(name), name, &shape, want)?;
+        expect_finite(set.file_of(name), name, &data)?;
         Ok(data)
     };
     let linear = |base: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {

@@ -66,6 +66,9 @@ pub struct TrainOptions {
     pub keep_checkpoints: usize,
     /// Frozen-weight products: `bf16` (AVX512-BF16, the default where the CPU has it) or `f32`.
     pub precision: Option<String>,
+    /// A step whose loss or gradient norm is NaN/Inf is skipped (no update, recorded in
+    /// metrics.jsonl) instead of stopping the run.
+    pub skip_nonfinite: bool,
 }
 
 impl Default for TrainOptions {
@@ -103,6 +106,7 @@ impl Default for TrainOptions {
             save_every: 0,
             keep_checkpoints: 2,
             precision: None,
+            skip_nonfinite: false,
         }
     }
 }
@@ -179,6 +183,9 @@ pub struct StepMetrics {
     pub grad_norm: f64,
     /// Wall time of the step.
     pub seconds: f64,
+    /// Why the step made no update (`--skip-nonfinite`); absent for normal steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
 }
 
 /// What the caller (the CLI's progress bar) hears during training.
@@ -196,6 +203,8 @@ pub struct TrainSummary {
     pub eval_loss: Option<f64>,
     pub adapter_dir: PathBuf,
     pub trainable_parameters: usize,
+    /// Steps skipped for a non-finite loss or gradient (`skip_nonfinite`).
+    pub skipped_steps: u64,
 }
 
 /// Everything fixed before the first step: data, the adapter to train, the schedule.
@@ -443,7 +452,8 @@ pub fn evaluate_loss(
     Ok(sum / count as f64)
 }
 
-const CHECKPOINTS: &str = "checkpoints";
+/// Subdirectory of the output directory that holds `step-NNNNNN` checkpoints.
+pub const CHECKPOINTS: &str = "checkpoints";
 const STATE_FILE: &str = "trainer_state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
@@ -646,6 +656,7 @@ pub fn train(
         .filter_map(|r| Some((r["step"].as_u64()?, r["eval_loss"].as_f64()?)))
         .collect();
     let h = model.config.hidden_size;
+    let mut skipped_steps = 0u64;
 
     for step in start_step..plan.total_steps {
         let t0 = Instant::now();
@@ -687,29 +698,63 @@ pub fn train(
             tokens += batch.lengths.iter().sum::<usize>();
         }
         let loss = loss_sum / normalizer.max(1) as f64;
-        if !loss.is_finite() {
-            return Err(Error::Invalid(format!(
-                "step {}: the loss is {loss}; stopping before writing a non-finite adapter",
-                step + 1
-            )));
-        }
         let mut grad_refs: Vec<&mut [f32]> = grads
             .modules
             .values_mut()
             .flat_map(|(a, b)| [a.as_mut_slice(), b.as_mut_slice()])
             .collect();
-        let grad_norm = if o.max_grad_norm > 0.0 {
+        let grad_norm = if !loss.is_finite() {
+            f64::NAN
+        } else if o.max_grad_norm > 0.0 {
             clip_grad_norm(&mut grad_refs, o.max_grad_norm)
         } else {
             global_grad_norm(&grad_refs.iter().map(|g| &**g).collect::<Vec<_>>())
         };
-        if !grad_norm.is_finite() {
-            return Err(Error::Invalid(format!(
-                "step {}: the gradient norm is {grad_norm}; stopping",
-                step + 1
-            )));
-        }
+        let nonfinite = if !loss.is_finite() {
+            Some(format!("the loss is {loss}"))
+        } else if !grad_norm.is_finite() {
+            Some(format!("the gradient norm is {grad_norm}"))
+        } else {
+            None
+        };
         let lr = plan.schedule.lr_at(step);
+        if let Some(why) = nonfinite {
+            if !o.skip_nonfinite {
+                return Err(Error::Invalid(format!(
+                    "step {}: {why}; stopping before writing a non-finite adapter \
+                     (--skip-nonfinite skips such steps instead)",
+                    step + 1
+                )));
+            }
+            // Like torch.amp's GradScaler: the batch is consumed, parameters and optimiser state
+            // stay as they were.
+            skipped_steps += 1;
+            let metrics = StepMetrics {
+                step: step + 1,
+                loss,
+                lr,
+                tokens,
+                target_tokens: normalizer,
+                grad_norm,
+                seconds: t0.elapsed().as_secs_f64(),
+                skipped: Some(why),
+            };
+            append_jsonl(
+                &metrics_path,
+                &serde_json::to_value(&metrics).unwrap_or_default(),
+            )?;
+            on_event(Event::Step(&metrics));
+            if step + 1 == plan.total_steps
+                || (o.save_every > 0 && (step + 1) % o.save_every as u64 == 0)
+            {
+                let dir = save_checkpoint(out, step + 1, &adapter, &adam, o, o.keep_checkpoints)?;
+                on_event(Event::Checkpoint {
+                    step: step + 1,
+                    dir: &dir,
+                });
+            }
+            continue;
+        }
         {
             let grad_views: Vec<&[f32]> = grads
                 .modules
@@ -731,6 +776,7 @@ pub fn train(
             target_tokens: normalizer,
             grad_norm,
             seconds: t0.elapsed().as_secs_f64(),
+            skipped: None,
         };
         append_jsonl(
             &metrics_path,
@@ -766,18 +812,22 @@ pub fn train(
     }
 
     adapter.save(out)?;
-    crate::train::plot::plot_loss_curve(
-        &out.join("loss.png"),
-        &train_curve,
-        &eval_curve,
-        "lorakit train",
-    )?;
+    // With every step skipped (--skip-nonfinite) there is no curve to draw.
+    if !(train_curve.is_empty() && eval_curve.is_empty()) {
+        crate::train::plot::plot_loss_curve(
+            &out.join("loss.png"),
+            &train_curve,
+            &eval_curve,
+            "lorakit train",
+        )?;
+    }
     Ok(TrainSummary {
         steps: plan.total_steps,
         final_loss: last_loss,
         eval_loss: last_eval,
         adapter_dir: out.clone(),
         trainable_parameters: adapter.parameter_count(),
+        skipped_steps,
     })
 }
 
