@@ -7,6 +7,7 @@ mod cli_errors;
 mod common;
 mod corrupted;
 mod e2e;
+mod fuzz_regressions;
 mod logits;
 mod lora;
 mod real_model;

@@ -11,6 +11,7 @@
 pub mod data;
 pub mod engine;
 pub mod error;
+pub mod fuzzing;
 pub mod generate;
 pub mod io;
 pub mod lora;
