@@ -30,7 +30,14 @@ fn replay(target: &str, f: impl Fn(&[u8])) {
     for p in &files {
         let bytes = std::fs::read(p).unwrap();
         f(&bytes);
-        for cut in [0, 1, 8, bytes.len() / 3, bytes.len() / 2, bytes.len().saturating_sub(1)] {
+        for cut in [
+            0,
+            1,
+            8,
+            bytes.len() / 3,
+            bytes.len() / 2,
+            bytes.len().saturating_sub(1),
+        ] {
             f(&bytes[..cut.min(bytes.len())]);
         }
         for at in (0..bytes.len()).step_by((bytes.len() / 64).max(1)) {

@@ -7,6 +7,7 @@ mod cli_errors;
 mod common;
 mod corrupted;
 mod e2e;
+mod full_ft;
 mod fuzz_regressions;
 mod logits;
 mod lora;

@@ -314,6 +314,40 @@ pub fn rms_norm_backward(
         });
 }
 
+/// dw[j] += Σ_t dy[t, j] · x[t, j] / rms(x[t, :]): the RMSNorm weight's gradient (full
+/// fine-tuning). Sequential over rows, in f64, so the sum has one fixed order.
+///
+/// x, dy: [T, hidden], dw: [hidden].
+pub fn rms_norm_weight_grad(dw: &mut [f32], x: &[f32], dy: &[f32], eps: f32) {
+    let hidden = dw.len();
+    let mut acc = vec![0.0f64; hidden];
+    for (xr, dyr) in x.chunks_exact(hidden).zip(dy.chunks_exact(hidden)) {
+        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let inv = 1.0 / (ss / hidden as f64 + eps as f64).sqrt();
+        for ((a, &xi), &di) in acc.iter_mut().zip(xr).zip(dyr) {
+            *a += di as f64 * xi as f64 * inv;
+        }
+    }
+    for (d, a) in dw.iter_mut().zip(acc) {
+        *d += a as f32;
+    }
+}
+
+/// table_grad[ids[t], :] += dy[t, :]: the embedding's gradient (full fine-tuning).
+///
+/// dy: [T, hidden], table_grad: [vocab, hidden].
+pub fn embedding_backward(table_grad: &mut [f32], dy: &[f32], ids: &[u32], hidden: usize) {
+    for (row, &id) in dy.chunks_exact(hidden).zip(ids) {
+        let id = id as usize;
+        for (g, &d) in table_grad[id * hidden..(id + 1) * hidden]
+            .iter_mut()
+            .zip(row)
+        {
+            *g += d;
+        }
+    }
+}
+
 /// Gradient of `rope_forward` in place: the rotation's transpose (the same rotation by −θ).
 ///
 /// dx: [T, n_heads, head_dim]; token t at position `start_pos + t`.

@@ -131,6 +131,14 @@ impl Linear {
         }
     }
 
+    /// The f32 weight [out, in] and bias [out] for an optimiser step (full fine-tuning). A bf16
+    /// packing would go stale, so it is dropped; `set_precision` packs again.
+    pub fn weight_and_bias_mut(&mut self) -> (&mut [f32], Option<&mut [f32]>) {
+        self.bf16 = None;
+        let Weight::F32(w) = &mut self.weight;
+        (w, self.bias.as_deref_mut())
+    }
+
     pub fn weight_f32_mut(&mut self) -> &mut [f32] {
         match &mut self.weight {
             Weight::F32(w) => w,

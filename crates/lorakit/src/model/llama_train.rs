@@ -1,19 +1,21 @@
 //! The Llama forward pass for training, which keeps what the backward needs, and the
-//! hand-written backward, which produces gradients for the LoRA tensors only: frozen weights get
-//! a dX (to carry the gradient down) but never a dW.
+//! hand-written backward. For LoRA it produces gradients for the adapter tensors only: frozen
+//! weights get a dX (to carry the gradient down) but never a dW. For full fine-tuning
+//! ([`FullGrads`]) every weight, norm and the embedding also get their gradient.
 
 use std::collections::BTreeMap;
 
 use crate::engine::attention::{attention_train_backward, attention_train_forward, AttnShape};
 use crate::engine::matmul;
 use crate::engine::ops::{
-    add_inplace, embedding_forward, rms_norm_backward, rms_norm_forward, rope_backward,
-    rope_forward, swiglu_backward, swiglu_forward,
+    add_inplace, embedding_backward, embedding_forward, rms_norm_backward, rms_norm_forward,
+    rms_norm_weight_grad, rope_backward, rope_forward, swiglu_backward, swiglu_forward,
 };
 use crate::error::{Error, Result};
 use crate::lora::peft::Adapter;
 use crate::lora::{LoraWeights, ModuleId, ModuleKind};
 use crate::model::linear::frozen_backward;
+use crate::model::llama::Layer;
 use crate::model::{Linear, LlamaModel};
 
 /// LoRA dropout on the adapter path: element i of module (layer, kind)'s input is kept with
@@ -83,6 +85,145 @@ impl LoraGrads {
     }
 }
 
+/// Gradients of every parameter of the model (full fine-tuning), in the model's own layouts.
+#[derive(Debug, Clone)]
+pub struct FullGrads {
+    /// [vocab, hidden]; with a tied LM head it also receives the head's gradient.
+    pub embed_tokens: Vec<f32>,
+    /// Final norm, [hidden].
+    pub norm: Vec<f32>,
+    /// [vocab, hidden], when the head is not tied to the embedding.
+    pub lm_head: Option<Vec<f32>>,
+    pub layers: Vec<LayerGrads>,
+}
+
+/// One decoder layer's gradients.
+#[derive(Debug, Clone)]
+pub struct LayerGrads {
+    pub attn_norm: Vec<f32>,
+    pub mlp_norm: Vec<f32>,
+    /// dW [out, in] and db [out] (biased projections only) of each linear layer.
+    pub linears: BTreeMap<ModuleKind, (Vec<f32>, Option<Vec<f32>>)>,
+}
+
+impl FullGrads {
+    pub fn zeros_like(model: &LlamaModel) -> Self {
+        let zeros = |n: usize| vec![0.0f32; n];
+        FullGrads {
+            embed_tokens: zeros(model.embed_tokens.len()),
+            norm: zeros(model.norm.len()),
+            lm_head: model.lm_head.as_ref().map(|l| zeros(l.weight_f32().len())),
+            layers: model
+                .layers
+                .iter()
+                .map(|l| LayerGrads {
+                    attn_norm: zeros(l.attn_norm.len()),
+                    mlp_norm: zeros(l.mlp_norm.len()),
+                    linears: ModuleKind::ALL
+                        .iter()
+                        .map(|&k| {
+                            let lin = l.linear(k);
+                            (
+                                k,
+                                (
+                                    zeros(lin.weight_f32().len()),
+                                    lin.bias.as_ref().map(|b| zeros(b.len())),
+                                ),
+                            )
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Every gradient tensor, in [`LlamaModel::parameters_mut`] order.
+    pub fn tensors_mut(&mut self) -> Vec<&mut [f32]> {
+        let mut v: Vec<&mut [f32]> = vec![&mut self.embed_tokens];
+        for l in &mut self.layers {
+            v.push(&mut l.attn_norm);
+            v.push(&mut l.mlp_norm);
+            for (w, b) in l.linears.values_mut() {
+                v.push(w);
+                if let Some(b) = b {
+                    v.push(b);
+                }
+            }
+        }
+        v.push(&mut self.norm);
+        if let Some(h) = &mut self.lm_head {
+            v.push(h);
+        }
+        v
+    }
+
+    pub fn zero(&mut self) {
+        for t in self.tensors_mut() {
+            t.fill(0.0);
+        }
+    }
+}
+
+/// One parameter tensor of the model, for the optimiser of full fine-tuning.
+pub struct Parameter<'a> {
+    /// The HF name (`model.layers.0.self_attn.q_proj.weight`).
+    pub name: String,
+    /// Weight decay applies (matrices and embeddings; not norms or biases, as HF's Trainer).
+    pub decay: bool,
+    pub data: &'a mut [f32],
+}
+
+impl LlamaModel {
+    /// Every trainable tensor, in the order of [`FullGrads::tensors_mut`].
+    pub fn parameters_mut(&mut self) -> Vec<Parameter<'_>> {
+        fn p(name: String, decay: bool, data: &mut [f32]) -> Parameter<'_> {
+            Parameter { name, decay, data }
+        }
+        // ModuleKind::ALL is in ModuleKind's order, which is FullGrads' BTreeMap order.
+        let mut v = vec![p(
+            "model.embed_tokens.weight".into(),
+            true,
+            &mut self.embed_tokens,
+        )];
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let pre = format!("model.layers.{i}");
+            let Layer {
+                attn_norm,
+                q_proj,
+                k_proj,
+                v_proj,
+                o_proj,
+                mlp_norm,
+                gate_proj,
+                up_proj,
+                down_proj,
+            } = l;
+            v.push(p(format!("{pre}.input_layernorm.weight"), false, attn_norm));
+            v.push(p(
+                format!("{pre}.post_attention_layernorm.weight"),
+                false,
+                mlp_norm,
+            ));
+            let linears = [
+                q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj,
+            ];
+            for (k, lin) in ModuleKind::ALL.into_iter().zip(linears) {
+                let path = ModuleId { layer: i, kind: k }.path();
+                let (w, b) = lin.weight_and_bias_mut();
+                v.push(p(format!("{path}.weight"), true, w));
+                if let Some(b) = b {
+                    v.push(p(format!("{path}.bias"), false, b));
+                }
+            }
+        }
+        v.push(p("model.norm.weight".into(), false, &mut self.norm));
+        if let Some(h) = &mut self.lm_head {
+            v.push(p("lm_head.weight".into(), true, h.weight_and_bias_mut().0));
+        }
+        v
+    }
+}
+
 /// What one layer's backward needs from its forward. N = batch · seq rows. The normed inputs of
 /// the projections and silu(gate) ⊙ up are cheap to recompute, so the backward does that
 /// instead of keeping them (a third less activation memory).
@@ -112,6 +253,8 @@ pub struct Activations {
     layers: Vec<LayerActs>,
     /// Residual stream after the last layer (before the final norm), [N, hidden].
     pub x_final: Vec<f32>,
+    /// The batch's token ids, [N] (for the embedding's gradient).
+    ids: Vec<u32>,
     pub batch: usize,
     pub seq: usize,
 }
@@ -178,13 +321,18 @@ fn linear_train_forward(
     }
 }
 
-/// dx (+)= dy·W (+ the adapter path's share); dA += s·(dy B)ᵀ·dropout(x); dB += s·dyᵀ·xa.
+/// A linear layer's (dW [out, in], db [out]) accumulators in full fine-tuning.
+type WeightGrads<'a> = Option<&'a mut (Vec<f32>, Option<Vec<f32>>)>;
+
+/// dx (+)= dy·W (+ the adapter path's share); dA += s·(dy B)ᵀ·dropout(x); dB += s·dyᵀ·xa;
+/// in full fine-tuning also dW += dyᵀ·x and db += Σ_rows dy.
 ///
 /// x: [N, in] (the forward's input), dy: [N, out], dx: [N, in], xa: [N, r].
 #[allow(clippy::too_many_arguments)]
 fn linear_train_backward(
     lin: &Linear,
     lora: LoraBackward<'_>,
+    weight_grads: WeightGrads<'_>,
     x: &[f32],
     dy: &[f32],
     dx: &mut [f32],
@@ -198,6 +346,16 @@ fn linear_train_backward(
         lin.in_features,
         lin.out_features,
     );
+    if let Some((dw, db)) = weight_grads {
+        matmul(dw, dy, true, x, false, out, n, inp, true);
+        if let Some(db) = db {
+            for row in dy.chunks_exact(out) {
+                for (g, &d) in db.iter_mut().zip(row) {
+                    *g += d;
+                }
+            }
+        }
+    }
     frozen_backward(
         dx,
         dy,
@@ -310,6 +468,8 @@ impl LlamaModel {
         };
         acts.batch = batch;
         acts.seq = seq;
+        acts.ids.clear();
+        acts.ids.extend_from_slice(ids);
         acts.layers.resize_with(c.num_layers, LayerActs::default);
         let mut x = std::mem::take(&mut acts.x_final);
         set_len(&mut x, n * h);
@@ -402,6 +562,29 @@ impl LlamaModel {
         dropout: Dropout,
         grads: &mut LoraGrads,
     ) -> Result<()> {
+        self.backward(dx, acts, Some((adapter, grads)), None, dropout)
+    }
+
+    /// Backward pass of full fine-tuning: given dx = ∂loss/∂x_final [N, hidden], accumulates the
+    /// gradient of every layer weight, norm and the embedding into `grads` (the final norm and
+    /// the LM head get theirs from `lm_head_loss`). `dx` is used as a work buffer.
+    pub fn train_backward_full(
+        &self,
+        dx: &mut [f32],
+        acts: &Activations,
+        grads: &mut FullGrads,
+    ) -> Result<()> {
+        self.backward(dx, acts, None, Some(grads), Dropout::NONE)
+    }
+
+    fn backward(
+        &self,
+        dx: &mut [f32],
+        acts: &Activations,
+        lora: Option<(&Adapter, &mut LoraGrads)>,
+        mut full: Option<&mut FullGrads>,
+        dropout: Dropout,
+    ) -> Result<()> {
         let c = &self.config;
         let (batch, seq) = (acts.batch, acts.seq);
         let n = batch * seq;
@@ -431,28 +614,43 @@ impl LlamaModel {
         let mut act = vec![0.0f32; n * inter];
         let mut scratch = Vec::new();
 
+        let (adapter, mut lora_grads) = match lora {
+            Some((a, g)) => (Some(a), Some(g)),
+            None => (None, None),
+        };
+        let mut full_layers = full.as_deref_mut().map(|f| f.layers.iter_mut().rev());
         for (li, (layer, a)) in self.layers.iter().zip(&acts.layers).enumerate().rev() {
             let id = |k: ModuleKind| ModuleId { layer: li, kind: k };
             // Split borrows: each module's (weights, saved xa, grads).
-            let mut g = grads
-                .modules
+            let mut g = lora_grads
                 .iter_mut()
+                .flat_map(|g| g.modules.iter_mut())
                 .filter(|(m, _)| m.layer == li)
                 .map(|(m, g)| (m.kind, g))
                 .collect::<BTreeMap<_, _>>();
             let mut lora = |k: ModuleKind| -> LoraBackward<'_> {
-                let w = adapter.modules.get(&id(k))?;
+                let w = adapter?.modules.get(&id(k))?;
                 let xa = a.xa.get(&k)?;
                 let gr = g.remove(&k)?;
                 Some((w, xa.as_slice(), gr))
             };
-            // dx (+)= dy·W of this block's linear layer `kind`, plus its adapter's dA, dB.
+            let layer_grads = full_layers.as_mut().and_then(|it| it.next());
+            let (mut norm_grads, mut weight_grads) = match layer_grads {
+                Some(lg) => (
+                    Some((&mut lg.attn_norm, &mut lg.mlp_norm)),
+                    lg.linears.iter_mut().map(|(k, g)| (*k, g)).collect(),
+                ),
+                None => (None, BTreeMap::new()),
+            };
+            // dx (+)= dy·W of this block's linear layer `kind`, plus its adapter's dA, dB (LoRA)
+            // or its dW, db (full fine-tuning).
             let mut bwd =
                 |kind: ModuleKind, input: &[f32], dy: &[f32], dx: &mut [f32], accumulate: bool| {
                     let key = dropout.key(id(kind));
                     linear_train_backward(
                         layer.linear(kind),
                         lora(kind),
+                        weight_grads.remove(&kind),
                         input,
                         dy,
                         dx,
@@ -470,6 +668,9 @@ impl LlamaModel {
             swiglu_backward(&mut d_gate, &mut d_up, &a.gate, &a.up, &d_act);
             bwd(ModuleKind::Gate, &normed, &d_gate, &mut d_n, false);
             bwd(ModuleKind::Up, &normed, &d_up, &mut d_n, true);
+            if let Some((_, d_mlp_norm)) = norm_grads.as_mut() {
+                rms_norm_weight_grad(d_mlp_norm, &a.x_mid, &d_n, c.rms_norm_eps);
+            }
             rms_norm_backward(dx, &a.x_mid, &layer.mlp_norm, &d_n, c.rms_norm_eps, true);
 
             // Attention block: x_mid = x_in + o(attn(rope(q), rope(k), v)).
@@ -497,7 +698,13 @@ impl LlamaModel {
             bwd(ModuleKind::Q, &normed, &dq, &mut d_n, false);
             bwd(ModuleKind::K, &normed, &dk, &mut d_n, true);
             bwd(ModuleKind::V, &normed, &dv, &mut d_n, true);
+            if let Some((d_attn_norm, _)) = norm_grads.as_mut() {
+                rms_norm_weight_grad(d_attn_norm, &a.x_in, &d_n, c.rms_norm_eps);
+            }
             rms_norm_backward(dx, &a.x_in, &layer.attn_norm, &d_n, c.rms_norm_eps, true);
+        }
+        if let Some(f) = full {
+            embedding_backward(&mut f.embed_tokens, dx, &acts.ids, h);
         }
         Ok(())
     }

@@ -5,7 +5,10 @@
 
 use rayon::prelude::*;
 
-use crate::engine::ops::{exp_shifted_sum, rms_norm_backward, rms_norm_forward};
+use crate::engine::matmul;
+use crate::engine::ops::{
+    exp_shifted_sum, rms_norm_backward, rms_norm_forward, rms_norm_weight_grad,
+};
 use crate::model::linear::frozen_backward;
 use crate::model::LlamaModel;
 
@@ -37,7 +40,38 @@ pub fn lm_head_loss(
     targets: &[(usize, u32)],
     label_smoothing: f32,
     normalizer: f64,
+    dx_final: Option<&mut [f32]>,
+) -> f64 {
+    lm_head_loss_with_head_grads(
+        model,
+        x_final,
+        targets,
+        label_smoothing,
+        normalizer,
+        dx_final,
+        None,
+    )
+}
+
+/// Full fine-tuning's share of the head: the final norm's and the LM head's gradients.
+pub struct HeadGrads<'a> {
+    /// d loss / d final-norm weight, [hidden] (accumulated).
+    pub norm: &'a mut [f32],
+    /// d loss / d head weight, [vocab, hidden] (accumulated; the embedding's gradient when the
+    /// head is tied).
+    pub head: &'a mut [f32],
+}
+
+/// [`lm_head_loss`], also accumulating the final norm's and the head's gradients into
+/// `head_grads` (which needs `dx_final`).
+pub fn lm_head_loss_with_head_grads(
+    model: &LlamaModel,
+    x_final: &[f32],
+    targets: &[(usize, u32)],
+    label_smoothing: f32,
+    normalizer: f64,
     mut dx_final: Option<&mut [f32]>,
+    mut head_grads: Option<HeadGrads<'_>>,
 ) -> f64 {
     let c = &model.config;
     let (h, v) = (c.hidden_size, c.vocab_size);
@@ -99,6 +133,20 @@ pub fn lm_head_loss(
             })
             .collect();
         total += losses.iter().sum::<f64>();
+        if let (Some(g), true) = (head_grads.as_mut(), want_grad) {
+            // d head += d logitsᵀ · normed: [vocab, m] · [m, hidden]
+            matmul(
+                g.head,
+                &logits[..m * v],
+                true,
+                &normed[..m * h],
+                false,
+                v,
+                m,
+                h,
+                true,
+            );
+        }
         if let Some(dx) = dx_final.as_deref_mut() {
             // d normed = d logits · head: [m, vocab] · [vocab, hidden]
             frozen_backward(
@@ -111,6 +159,9 @@ pub fn lm_head_loss(
                 v,
                 false,
             );
+            if let Some(g) = head_grads.as_mut() {
+                rms_norm_weight_grad(g.norm, &xs[..m * h], &d_normed[..m * h], c.rms_norm_eps);
+            }
             rms_norm_backward(
                 &mut d_xs[..m * h],
                 &xs[..m * h],
