@@ -11,6 +11,10 @@ writes tests/data/full-ft/grads.safetensors (f32) and meta.json:
     the gradient's total squared norm in meta.json (every other row is zero);
   - lm_head.weight: every 64th row (`.strided64`) and the rows of the target labels
     (`.target_rows`, ids in `.target_ids`).
+Then a short full fine-tuning run from the same model on the same batch: AdamW (lr 1e-3,
+betas 0.9/0.999, eps 1e-8, weight decay 0.01 on matrices and embeddings, 0 on norms, as HF's
+Trainer groups them), 3 steps; meta.json gets the loss before each step (`trajectory_losses`),
+grads.safetensors the weights after the last step of a few tensors (`after3.NAME`).
 
 Run with the benchmark venv (torch, transformers): bench/.venv/bin/python scripts/make-full-ft-fixture.py
 """
@@ -72,6 +76,31 @@ def main():
             out[name + ".target_ids"] = t.to(torch.int64)
         else:
             out[name] = g.float().contiguous()
+    # The short full fine-tuning trajectory.
+    model.zero_grad()
+    decay = [p for n, p in model.named_parameters() if "norm" not in n]
+    plain = [p for n, p in model.named_parameters() if "norm" in n]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": plain, "weight_decay": 0.0}],
+        lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+    )
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        logits = model(input_ids=ids).logits
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        nll = -logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        step_loss = nll[mask].sum() / mask.sum()
+        losses.append(step_loss.item())
+        step_loss.backward()
+        opt.step()
+    meta["trajectory_losses"] = losses
+    params = dict(model.named_parameters())
+    for name in ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
+                 "model.layers.1.input_layernorm.weight", "model.norm.weight"]:
+        out["after3." + name] = params[name].detach().float().contiguous()
+    out["after3.lm_head.weight.strided64"] = params["lm_head.weight"].detach()[::64].float().contiguous()
+
     OUT.mkdir(parents=True, exist_ok=True)
     save_file(out, OUT / "grads.safetensors")
     (OUT / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")

@@ -147,3 +147,160 @@ fn full_gradients_match_pytorch_float64() {
         worst.0, worst.1
     );
 }
+
+/// `lorakit train --full` for 3 steps on the fixture batch against PyTorch's AdamW in float64:
+/// per-step losses and the weights it writes to OUT/model.
+#[test]
+fn full_fine_tuning_cli_follows_pytorch_adamw() {
+    let batch =
+        SafetensorsFile::open(&fixture("tiny-llama/lora-a-r4-qv/grad/batch.safetensors")).unwrap();
+    let (ids, shape) = batch.tensor_i64("input_ids").unwrap();
+    let (labels, _) = batch.tensor_i64("labels").unwrap();
+    let t = shape[1];
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("batch.jsonl");
+    let lines: String = (0..shape[0])
+        .map(|r| {
+            serde_json::json!({
+                "input_ids": ids[r * t..(r + 1) * t],
+                "labels": labels[r * t..(r + 1) * t],
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    let out = tmp.path().join("out");
+    let model = fixture("tiny-llama");
+    let o = lorakit(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--full",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--no-shuffle",
+        "--lr",
+        "1e-3",
+        "--weight-decay",
+        "0.01",
+        "--quiet",
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    let total = tiny_llama().model.config.parameter_count();
+    assert!(
+        err.contains(&format!(
+            "trainable parameters: {total} of {total} (100% of the model)"
+        )),
+        "{err}"
+    );
+
+    let meta = std::fs::read_to_string(repo_root().join("tests/data/full-ft/meta.json")).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
+    let want: Vec<f64> = meta["trajectory_losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let got: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-5 * w.abs(),
+            "step {}: loss {g} vs PyTorch {w}",
+            i + 1
+        );
+    }
+
+    // The written model: weights after 3 steps. Adam moves every element by about ±lr per step
+    // whatever its gradient's size, so compare whole tensors by the relative Frobenius norm of
+    // the difference (the shared fixtures' advice), not element by element.
+    let written = SafetensorsFile::open(&out.join("model/model.safetensors")).unwrap();
+    let reference =
+        SafetensorsFile::open(&repo_root().join("tests/data/full-ft/grads.safetensors")).unwrap();
+    let frob = |a: &[f32], b: &[f32]| -> f64 {
+        let d: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        (d / n).sqrt()
+    };
+    for name in [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.1.input_layernorm.weight",
+        "model.norm.weight",
+    ] {
+        let ours = written.tensor_f32(name).unwrap().0;
+        let want = reference.tensor_f32(&format!("after3.{name}")).unwrap().0;
+        let e = frob(&ours, &want);
+        eprintln!("{name}: relative Frobenius difference {e:.2e}");
+        assert!(e <= 1e-5, "{name}: relative Frobenius difference {e:.3e}");
+    }
+    let head = written.tensor_f32("lm_head.weight").unwrap().0;
+    let h = tiny_llama().model.config.hidden_size;
+    let strided: Vec<f32> = head
+        .chunks_exact(h)
+        .step_by(64)
+        .flatten()
+        .copied()
+        .collect();
+    let want = reference
+        .tensor_f32("after3.lm_head.weight.strided64")
+        .unwrap()
+        .0;
+    let e = frob(&strided, &want);
+    eprintln!("lm_head (every 64th row): relative Frobenius difference {e:.2e}");
+    assert!(e <= 1e-5, "lm_head: relative Frobenius difference {e:.3e}");
+}
+
+#[test]
+fn full_fine_tuning_rejects_lora_options() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d.jsonl");
+    std::fs::write(&data, "{\"text\": \"hello there\"}\n").unwrap();
+    let out = tmp.path().join("out");
+    let model = fixture("tiny-llama");
+    let base = [
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--full",
+    ];
+    for (extra, needle) in [
+        (&["--r", "4"][..], "--r is a LoRA option"),
+        (
+            &["--targets", "all-linear"][..],
+            "--targets is a LoRA option",
+        ),
+        (&["--save-every", "1"][..], "--save-every"),
+        (&["--precision", "bf16"][..], "--full trains in f32"),
+        (&["--resume"][..], "--resume cannot be combined with --full"),
+    ] {
+        let mut args = base.to_vec();
+        args.extend(extra);
+        let o = lorakit(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!out.exists(), "{args:?} left {} behind", out.display());
+    }
+}

@@ -90,6 +90,9 @@ pub struct TrainArgs {
     /// Frozen-weight arithmetic: bf16 (default where the CPU has AVX512-BF16) or f32 (exact).
     #[arg(long)]
     precision: Option<String>,
+    /// Full fine-tuning: every weight trainable (the baseline LoRA replaces); writes OUT/model.
+    #[arg(long)]
+    full: bool,
     /// Skip (and record) a step whose loss or gradient is NaN/Inf instead of stopping.
     #[arg(long)]
     skip_nonfinite: bool,
@@ -161,6 +164,7 @@ impl TrainArgs {
         o.use_rslora |= self.use_rslora;
         o.no_shuffle |= self.no_shuffle;
         o.skip_nonfinite |= self.skip_nonfinite;
+        o.full |= self.full;
         Ok(o)
     }
 }
@@ -174,12 +178,21 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     loaded.model.set_precision(precision, true)?;
     let plan = TrainPlan::new(options, &loaded, &model_path.display().to_string())?;
     let total = loaded.model.config.parameter_count();
-    let trainable = plan.adapter.parameter_count();
-    eprintln!(
-        "trainable parameters: {trainable} of {total} ({:.4}% of the model), {} adapted modules",
-        100.0 * trainable as f64 / total as f64,
-        plan.adapter.modules.len()
+    let full = plan.options.full;
+    anyhow::ensure!(
+        !(full && a.resume),
+        "--resume cannot be combined with --full: checkpoints of full fine-tuning are not implemented"
     );
+    if full {
+        eprintln!("trainable parameters: {total} of {total} (100% of the model): full fine-tuning");
+    } else {
+        let trainable = plan.adapter.parameter_count();
+        eprintln!(
+            "trainable parameters: {trainable} of {total} ({:.4}% of the model), {} adapted modules",
+            100.0 * trainable as f64 / total as f64,
+            plan.adapter.modules.len()
+        );
+    }
     eprintln!(
         "data: {} examples, {} target tokens, {} batches per epoch; {} optimiser steps",
         plan.train_stats.examples,
@@ -199,12 +212,25 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         } else {
             1.0
         };
+    let what = if full {
+        format!(
+            "{weights_mb:.0} MB f32 weights + {:.0} MB gradients + {:.0} MB AdamW moments",
+            weights_mb,
+            2.0 * weights_mb
+        )
+    } else {
+        format!("{weights_mb:.0} MB frozen weights ({precision:?}: f32 + bf16 copies for forward and backward)")
+    };
     eprintln!(
-        "memory estimate: {:.0} MB frozen weights ({precision:?}: f32 + bf16 copies for forward and backward) + {:.0} MB saved activations (batch {} × up to {} tokens)",
-        weights_mb,
+        "memory estimate: {what} + {:.0} MB saved activations (batch {} × up to {} tokens)",
         plan.activation_bytes_estimate(&loaded.model) as f64 / 1e6,
         plan.options.batch_size,
-        plan.batcher.examples().iter().map(|e| e.len()).max().unwrap_or(0)
+        plan.batcher
+            .examples()
+            .iter()
+            .map(|e| e.len())
+            .max()
+            .unwrap_or(0)
     );
     let quiet = a.quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let bar = ProgressBar::hidden();
@@ -213,7 +239,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     // A run that fails before its first checkpoint leaves nothing behind in a directory it made.
     let out_dir = plan.out.clone();
     let fresh_out = !out_dir.exists();
-    let result = train(&loaded, plan, a.resume, |ev| match ev {
+    let on_event = |ev: Event| match ev {
         Event::Started {
             total_steps,
             start_step,
@@ -250,7 +276,12 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         Event::Checkpoint { step, dir } => {
             bar.suspend(|| eprintln!("step {step}: checkpoint {}", dir.display()));
         }
-    });
+    };
+    let result = if full {
+        lorakit::train::full::train_full(&mut loaded, plan, on_event)
+    } else {
+        train(&loaded, plan, a.resume, on_event)
+    };
     bar.finish_and_clear();
     let summary = match result {
         Ok(s) => s,
@@ -268,10 +299,11 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         );
     }
     eprintln!(
-        "done: {} steps, final loss {}, eval loss {}; adapter written to {} ({:.1} s, {:.0} tokens/s)",
+        "done: {} steps, final loss {}, eval loss {}; {} written to {} ({:.1} s, {:.0} tokens/s)",
         summary.steps,
         summary.final_loss.map_or("-".into(), |l| format!("{l:.4}")),
         summary.eval_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        if full { "model" } else { "adapter" },
         summary.adapter_dir.display(),
         start.elapsed().as_secs_f64(),
         tokens_done as f64 / start.elapsed().as_secs_f64().max(1e-9)

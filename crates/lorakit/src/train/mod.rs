@@ -1,4 +1,5 @@
 //! Training: the loop, optimiser, schedule, metrics.
+pub mod full;
 pub mod loss;
 pub mod optim;
 pub mod plot;

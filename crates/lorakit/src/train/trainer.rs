@@ -69,6 +69,8 @@ pub struct TrainOptions {
     /// A step whose loss or gradient norm is NaN/Inf is skipped (no update, recorded in
     /// metrics.jsonl) instead of stopping the run.
     pub skip_nonfinite: bool,
+    /// Full fine-tuning: every weight trainable, no adapter (the baseline LoRA replaces).
+    pub full: bool,
 }
 
 impl Default for TrainOptions {
@@ -107,6 +109,7 @@ impl Default for TrainOptions {
             keep_checkpoints: 2,
             precision: None,
             skip_nonfinite: false,
+            full: false,
         }
     }
 }
@@ -138,10 +141,43 @@ impl TrainOptions {
     /// The precision asked for, or the fastest this CPU supports.
     pub fn precision(&self) -> Result<crate::model::Precision> {
         match &self.precision {
+            None if self.full => Ok(crate::model::Precision::F32),
             Some(p) => p.parse(),
             None if crate::engine::bf16::bf16_supported() => Ok(crate::model::Precision::Bf16),
             None => Ok(crate::model::Precision::F32),
         }
+    }
+
+    /// Options that mean nothing, or are not implemented, for full fine-tuning are errors
+    /// rather than silently ignored.
+    fn check_full(&self) -> Result<()> {
+        let d = TrainOptions::default();
+        let lora_only = [
+            ("r", self.r != d.r),
+            ("alpha", self.alpha != d.alpha),
+            ("dropout", self.dropout != d.dropout),
+            ("targets", self.targets != d.targets),
+            ("layers", self.layers != d.layers),
+            ("use-rslora", self.use_rslora != d.use_rslora),
+            ("init", self.init != d.init),
+            ("init-adapter", self.init_adapter.is_some()),
+        ];
+        if let Some((name, _)) = lora_only.iter().find(|(_, set)| *set) {
+            return Err(Error::Invalid(format!(
+                "--{name} is a LoRA option and cannot be combined with --full (which trains every weight)"
+            )));
+        }
+        if self.save_every > 0 {
+            return Err(Error::Invalid(
+                "--save-every: checkpoints of full fine-tuning are not implemented; the model is written at the end".into(),
+            ));
+        }
+        if self.precision.as_deref().is_some_and(|p| p != "f32") {
+            return Err(Error::Invalid(
+                "--full trains in f32 (bf16 packs would go stale at every step); drop --precision or pass f32".into(),
+            ));
+        }
+        Ok(())
     }
 
     fn lora_config(&self, model_name: &str) -> Result<LoraConfig> {
@@ -262,6 +298,9 @@ impl TrainPlan {
             weight_decay: o.weight_decay,
         };
         adam.validate()?;
+        if o.full {
+            o.check_full()?;
+        }
         let adapter = match &o.init_adapter {
             Some(dir) => {
                 // The adapter's own config decides; a LoRA option given beside it would be ignored.
@@ -395,14 +434,14 @@ impl TrainPlan {
 
 /// The micro-batches of optimiser step `step`, in order (data order is a pure function of
 /// the seed and the step, which makes `--resume` exact).
-struct BatchStream<'a> {
+pub(crate) struct BatchStream<'a> {
     batcher: &'a Batcher,
     epoch: usize,
     batches: Vec<Batch>,
 }
 
 impl<'a> BatchStream<'a> {
-    fn new(batcher: &'a Batcher) -> Self {
+    pub(crate) fn new(batcher: &'a Batcher) -> Self {
         BatchStream {
             batcher,
             epoch: usize::MAX,
@@ -410,7 +449,7 @@ impl<'a> BatchStream<'a> {
         }
     }
 
-    fn micro_batch(&mut self, global_index: u64) -> &Batch {
+    pub(crate) fn micro_batch(&mut self, global_index: u64) -> &Batch {
         let per_epoch = self.batcher.batches_per_epoch() as u64;
         let epoch = (global_index / per_epoch) as usize;
         if epoch != self.epoch {
@@ -581,7 +620,7 @@ fn param_sizes(adapter: &Adapter) -> Vec<usize> {
         .collect()
 }
 
-fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
+pub(crate) fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
