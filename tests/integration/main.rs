@@ -9,6 +9,7 @@ mod corrupted;
 mod e2e;
 mod full_ft;
 mod fuzz_regressions;
+mod gguf_blocks;
 mod logits;
 mod lora;
 mod real_model;

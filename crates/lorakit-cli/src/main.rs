@@ -52,17 +52,30 @@ struct ModelArg {
     /// A PEFT adapter applied unmerged: DIR or DIR:WEIGHT (repeatable).
     #[arg(long)]
     adapter: Vec<String>,
-    /// Frozen-weight arithmetic: f32 (exact, default) or bf16 (AVX512-BF16, faster).
+    /// Frozen-weight arithmetic: f32 (exact, default), bf16 (AVX512-BF16, faster), or gguf
+    /// (multiply with the GGUF file's own Q4_1/Q8_0 blocks: the fastest decode).
     #[arg(long, default_value = "f32")]
     precision: String,
 }
 
 impl ModelArg {
     fn open(self) -> Result<LoadedModel> {
-        let precision: lorakit::model::Precision = self.precision.parse()?;
+        let gguf_blocks = self.precision == "gguf";
+        let precision: lorakit::model::Precision = if gguf_blocks {
+            lorakit::model::Precision::F32
+        } else {
+            self.precision.parse()?
+        };
         let mut m = open_model(self.model)?;
         attach_adapters(&mut m, &self.adapter)?;
         m.model.set_precision(precision, false)?;
+        if gguf_blocks {
+            let lorakit::model::ModelSource::Gguf { path, .. } = &m.source else {
+                bail!("--precision gguf needs a .gguf model (this one is an HF directory)");
+            };
+            let path = path.clone();
+            lorakit::model::attach_gguf_blocks(&mut m.model, &path)?;
+        }
         Ok(m)
     }
 }

@@ -8,5 +8,6 @@ pub mod attention;
 pub mod bf16;
 pub mod matmul;
 pub mod ops;
+pub mod quant;
 
 pub use matmul::{matmul, matmul_nt, matvec_rows};

@@ -5,6 +5,7 @@
 //! model code; adapters attach here, so every architecture gets LoRA through its linear layers.
 
 use crate::engine::bf16::{matmul_bf16, PackedBf16};
+use crate::engine::quant::QuantMatrix;
 use crate::engine::{matmul, matmul_nt};
 use crate::lora::LoraWeights;
 
@@ -104,6 +105,9 @@ pub struct Linear {
     pub loras: Vec<LoraWeights>,
     /// bf16 packing of the weight when the model runs in [`Precision::Bf16`].
     pub bf16: Option<Box<Bf16Weight>>,
+    /// The GGUF's own quantised blocks of the weight (`--precision gguf`), preferred by the
+    /// inference forward when present; training and merging use the f32 weight.
+    pub quant: Option<Box<QuantMatrix>>,
 }
 
 impl Linear {
@@ -121,6 +125,7 @@ impl Linear {
             bias,
             loras: Vec::new(),
             bf16: None,
+            quant: None,
         }
     }
 
@@ -135,6 +140,7 @@ impl Linear {
     /// packing would go stale, so it is dropped; `set_precision` packs again.
     pub fn weight_and_bias_mut(&mut self) -> (&mut [f32], Option<&mut [f32]>) {
         self.bf16 = None;
+        self.quant = None;
         let Weight::F32(w) = &mut self.weight;
         (w, self.bias.as_deref_mut())
     }
@@ -159,15 +165,19 @@ impl Linear {
     /// y = x Wᵀ + b, without adapters.  x: [T, in] → y: [T, out].
     pub fn forward_base(&self, y: &mut [f32], x: &[f32]) {
         let t = x.len() / self.in_features;
-        frozen_forward(
-            y,
-            x,
-            self.weight_f32(),
-            self.bf16.as_deref(),
-            t,
-            self.in_features,
-            self.out_features,
-        );
+        if let Some(q) = &self.quant {
+            q.matmul_nt(y, x, t);
+        } else {
+            frozen_forward(
+                y,
+                x,
+                self.weight_f32(),
+                self.bf16.as_deref(),
+                t,
+                self.in_features,
+                self.out_features,
+            );
+        }
         if let Some(b) = &self.bias {
             for row in y.chunks_exact_mut(self.out_features) {
                 for (yi, bi) in row.iter_mut().zip(b) {
@@ -190,8 +200,6 @@ impl Linear {
         };
     }
 
-    /// W += sign · s·B A for every attached adapter, then detaches them (sign = +1 merges,
-    /// −1 unmerges an adapter merged earlier).
     /// The first element of W + sign·Σ s·B A that would not be finite, as (flat index, value);
     /// None when merging is safe (PEFT's `safe_merge`). Leaves the layer unchanged.
     pub fn check_merge(&self, sign: f32) -> Option<(usize, f32)> {
@@ -208,8 +216,14 @@ impl Linear {
             .map(|i| (i, merged[i]))
     }
 
+    /// W += sign · s·B A for every attached adapter, then detaches them (sign = +1 merges,
+    /// −1 unmerges an adapter merged earlier).
     pub fn merge_loras(&mut self, sign: f32) {
         let (out, inp) = (self.out_features, self.in_features);
+        if !self.loras.is_empty() {
+            // The quantised blocks hold the old weight; the f32 one is used from now on.
+            self.quant = None;
+        }
         let loras = std::mem::take(&mut self.loras);
         // A bf16 packing of the old weight would be stale.
         let repack = self.bf16.as_ref().map(|b| b.backward.is_some());

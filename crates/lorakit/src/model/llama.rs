@@ -5,6 +5,7 @@ use crate::engine::ops::{
     add_inplace, attention_forward, embedding_forward, rms_norm_forward, rope_forward,
     swiglu_forward, KvLayer, RopeTable,
 };
+use crate::engine::quant::QuantMatrix;
 use crate::error::{Error, Result};
 use crate::lora::peft::Adapter;
 use crate::lora::{ModuleId, ModuleKind};
@@ -40,6 +41,8 @@ pub struct LlamaModel {
     pub rope: RopeTable,
     /// bf16 packing of the tied LM head (`embed_tokens`) in [`Precision::Bf16`].
     pub tied_head_bf16: Option<Box<Bf16Weight>>,
+    /// The tied LM head in the GGUF's quantised blocks (`--precision gguf`, inference only).
+    pub head_quant: Option<Box<QuantMatrix>>,
     pub precision: Precision,
 }
 
@@ -122,6 +125,7 @@ impl LlamaModel {
             lm_head,
             rope,
             tied_head_bf16: None,
+            head_quant: None,
             precision: Precision::F32,
         }
     }
@@ -174,6 +178,14 @@ impl LlamaModel {
 
     /// logits = x · headᵀ.  x: [n, hidden] → logits: [n, vocab].
     pub fn head_forward(&self, logits: &mut [f32], x: &[f32], n: usize) {
+        let quant = match &self.lm_head {
+            Some(l) => l.quant.as_deref(),
+            None => self.head_quant.as_deref(),
+        };
+        if let Some(q) = quant {
+            q.matmul_nt(logits, x, n);
+            return;
+        }
         let (w, bf16) = self.head_weight();
         frozen_forward(
             logits,

@@ -176,6 +176,8 @@ pub struct Parameter<'a> {
 impl LlamaModel {
     /// Every trainable tensor, in the order of [`FullGrads::tensors_mut`].
     pub fn parameters_mut(&mut self) -> Vec<Parameter<'_>> {
+        // Quantised copies would go stale once the weights move.
+        self.head_quant = None;
         fn p(name: String, decay: bool, data: &mut [f32]) -> Parameter<'_> {
             Parameter { name, decay, data }
         }

@@ -3,9 +3,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::engine::quant::{QuantKind, QuantMatrix};
 use crate::error::{Error, Result};
-use crate::io::gguf::GgufFile;
+use crate::io::gguf::{GgmlType, GgufFile};
 use crate::io::hf_dir::SafetensorsSet;
+use crate::lora::ModuleKind;
 use crate::model::llama::Layer;
 use crate::model::{Arch, Config, Linear, LlamaModel};
 use crate::tokenize::Tokenizer;
@@ -160,6 +162,79 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
         source,
         chat_template,
     })
+}
+
+/// Gives every linear layer and the LM head of a model loaded from the GGUF at `path` its
+/// quantised blocks from that file (`--precision gguf`), so inference multiplies with them
+/// directly. Only Q4_1 and Q8_0 blocks are supported; any other type is an error naming the
+/// tensor. Rows of q and k get the same reordering as at load.
+pub fn attach_gguf_blocks(model: &mut LlamaModel, path: &Path) -> Result<()> {
+    let gguf = GgufFile::open(path)?;
+    let c = model.config.clone();
+    let permuted = matches!(c.arch, Arch::Llama | Arch::Mistral);
+    let quant = |name: &str, rows: usize, cols: usize, n_head: Option<usize>| {
+        let info = gguf
+            .tensor_info(name)
+            .ok_or_else(|| Error::tensor(path, name, "not found in file"))?;
+        let kind = match info.dtype {
+            GgmlType::Q4_1 => QuantKind::Q4_1,
+            GgmlType::Q8_0 => QuantKind::Q8_0,
+            other => {
+                return Err(Error::tensor(
+                    path,
+                    name,
+                    format!(
+                        "is {}; --precision gguf computes with Q4_1 and Q8_0 blocks only (use f32 or bf16)",
+                        other.name()
+                    ),
+                ))
+            }
+        };
+        // The row permutation of `unpermute_rows` as an index map.
+        let order: Option<Vec<usize>> = n_head.filter(|_| permuted).map(|n_head| {
+            let head_rows = rows / n_head;
+            let half = head_rows / 2;
+            (0..rows)
+                .map(|dst| {
+                    let (head, k) = (dst / head_rows, dst % head_rows);
+                    let (j, i) = (k / half, k % half);
+                    head * head_rows + 2 * i + j
+                })
+                .collect()
+        });
+        QuantMatrix::from_gguf_blocks(
+            kind,
+            gguf.tensor_bytes(info),
+            rows,
+            cols,
+            order.as_deref(),
+            &format!("{}: tensor '{name}'", path.display()),
+        )
+        .map(Box::new)
+    };
+    let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
+    let (q_dim, kv_dim) = (c.num_heads * hd, c.num_kv_heads * hd);
+    for (i, layer) in model.layers.iter_mut().enumerate() {
+        let p = format!("blk.{i}");
+        let shapes = [
+            (ModuleKind::Q, "attn_q", q_dim, h, Some(c.num_heads)),
+            (ModuleKind::K, "attn_k", kv_dim, h, Some(c.num_kv_heads)),
+            (ModuleKind::V, "attn_v", kv_dim, h, None),
+            (ModuleKind::O, "attn_output", h, q_dim, None),
+            (ModuleKind::Gate, "ffn_gate", inter, h, None),
+            (ModuleKind::Up, "ffn_up", inter, h, None),
+            (ModuleKind::Down, "ffn_down", h, inter, None),
+        ];
+        for (kind, name, rows, cols, heads) in shapes {
+            let q = quant(&format!("{p}.{name}.weight"), rows, cols, heads)?;
+            layer.linear_mut(kind).quant = Some(q);
+        }
+    }
+    match &mut model.lm_head {
+        Some(head) => head.quant = Some(quant("output.weight", c.vocab_size, h, None)?),
+        None => model.head_quant = Some(quant("token_embd.weight", c.vocab_size, h, None)?),
+    }
+    Ok(())
 }
 
 /// HF order from llama.cpp order: `w.reshape(n_head, rows/n_head/2, 2, cols).swapaxes(1, 2)`.

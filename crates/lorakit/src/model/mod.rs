@@ -12,4 +12,4 @@ pub mod load;
 pub use config::{Arch, Config};
 pub use linear::{Linear, Precision};
 pub use llama::{KvCache, LlamaModel};
-pub use load::{load_model, LoadedModel, ModelSource};
+pub use load::{attach_gguf_blocks, load_model, LoadedModel, ModelSource};
