@@ -89,7 +89,9 @@ has_precision() { "$bin" "$1" --help 2>/dev/null | grep -q -- '--precision'; }
 case "$lk_prec" in
   auto) train_prec="f32" dec_prec="f32"
         if has_precision train; then train_prec="f32 bf16"; fi
-        if has_precision generate; then dec_prec="f32 bf16"; fi ;;
+        if has_precision generate; then dec_prec="f32 bf16"; fi
+        # --precision gguf: the GGUF's own 4-bit blocks (base and unmerged; a merged model is f32).
+        if "$bin" generate --help 2>/dev/null | grep -q 'gguf'; then dec_prec="$dec_prec gguf"; fi ;;
   f32) train_prec="f32" dec_prec="f32" ;;
   *) train_prec="f32 bf16" dec_prec="f32 bf16" ;;
 esac
@@ -224,7 +226,10 @@ for r in $(seq "$rounds"); do
     for v in base unmerged merged; do
       log "round $r/$rounds: decode, $v, $new_tokens new tokens"
       peft_decode "$v" "$r"
-      for p in $dec_prec; do lorakit_decode "$v" "$p" "$r"; done
+      for p in $dec_prec; do
+        if [[ "$v" == merged && "$p" == gguf ]]; then continue; fi
+        lorakit_decode "$v" "$p" "$r"
+      done
     done
   fi
 done

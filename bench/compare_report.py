@@ -126,7 +126,7 @@ def cmd_table(a):
         pc, pm = fmt([v * scale for v in pf], digits)
         out.append(f"| {label} | {lc} | {pc} | {lm / pm:.2f} |")
 
-    order = {"f32": 0, "bf16": 1}
+    order = {"f32": 0, "bf16": 1, "gguf": 2}
     lk_prec = sorted({r["precision"] for r in runs if r["tool"] == "lorakit" and r["part"] == "train"}, key=order.get)
     pf_prec = [p for p in ("fp32", "bf16") if any(r["tool"] == "peft" and r["precision"] == p for r in runs)]
     pf_name = {"fp32": "PEFT fp32", "bf16": "PEFT bf16 autocast"}
