@@ -35,7 +35,8 @@ fn subspace_similarity_matches_numpy_across_ranks() {
     let a = load_factors(&fixture("subspace/adapter-r2")).unwrap();
     let b = load_factors(&fixture("subspace/adapter-r6")).unwrap();
     for (which, file) in [(Factor::A, "expected_A.csv"), (Factor::B, "expected_B.csv")] {
-        let want = read_phi_csv(&std::fs::read_to_string(fixture(&format!("subspace/{file}"))).unwrap());
+        let want =
+            read_phi_csv(&std::fs::read_to_string(fixture(&format!("subspace/{file}"))).unwrap());
         let got = compare(&a, &b, None, None, which, 0).unwrap();
         let mut n = 0;
         let mut max_diff = 0.0f64;
@@ -50,7 +51,11 @@ fn subspace_similarity_matches_numpy_across_ranks() {
             }
             // r2's subspace lies nearly inside r6's by construction; a random one's does not.
             let (p1, p2) = (m.p1, m.p2);
-            assert!(m.at(p1, p2) > 0.8 && m.random_at(p1, p2) < 0.5, "{:?}", m.id);
+            assert!(
+                m.at(p1, p2) > 0.8 && m.random_at(p1, p2) < 0.5,
+                "{:?}",
+                m.id
+            );
         }
         assert_eq!(n, want.len(), "{which:?}: every expected value compared");
         eprintln!("φ of {which:?} vs NumPy/SciPy: max |diff| = {max_diff:.2e} over {n} values");
@@ -88,10 +93,16 @@ fn analyze_subspace_cli_writes_csv_heatmaps_and_summary() {
         assert_eq!(&png[..4], b"\x89PNG");
     }
     let summary = std::fs::read_to_string(out.join("summary.txt")).unwrap();
-    assert!(summary.contains("phi(1,1)") && summary.contains("v_proj"), "{summary}");
+    assert!(
+        summary.contains("phi(1,1)") && summary.contains("v_proj"),
+        "{summary}"
+    );
     assert!(out.join("similarity_random.csv").is_file());
 
-    let (a_dir, b_dir) = (fixture("subspace/adapter-r2"), fixture("subspace/adapter-r6"));
+    let (a_dir, b_dir) = (
+        fixture("subspace/adapter-r2"),
+        fixture("subspace/adapter-r6"),
+    );
     for (args, needle) in [
         (vec!["--matrix", "C"], "--matrix must be A or B"),
         (vec!["--module", "x_proj"], "--module x_proj"),
@@ -141,7 +152,12 @@ fn amplification_matches_numpy() {
             .unwrap();
         assert_eq!(row.r, v[2].parse::<usize>().unwrap());
         let want: Vec<f64> = v[3..].iter().map(|x| x.parse().unwrap()).collect();
-        let got = [row.norm_w0, row.norm_delta, row.proj_delta_dirs, row.proj_w0_dirs];
+        let got = [
+            row.norm_w0,
+            row.norm_delta,
+            row.proj_delta_dirs,
+            row.proj_w0_dirs,
+        ];
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{line}: {got:?}");
         }

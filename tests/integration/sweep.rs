@@ -95,19 +95,31 @@ fn sweep_counts_parameters_resumes_and_writes_tables() {
             })
             .sum()
     };
-    assert_eq!(rows.len(), 3 + 4 - 1, "3 budget cells + 4 rank cells; q,v at r = 1 is in both");
+    assert_eq!(
+        rows.len(),
+        3 + 4 - 1,
+        "3 budget cells + 4 rank cells; q,v at r = 1 is in both"
+    );
     for (cell, targets, r, params, status, loss) in &rows {
         assert_eq!(status, "ok", "{cell}");
         assert!(loss.is_some_and(f64::is_finite), "{cell}");
-        assert_eq!(*params, r * per_layer(targets) * 2, "{cell}: r·(d+k) summed");
+        assert_eq!(
+            *params,
+            r * per_layer(targets) * 2,
+            "{cell}: r·(d+k) summed"
+        );
     }
     // Budget = 2 · 128 · 2 layers = 512: v_proj (192 per rank) → r = 3 (576), q,v (448) → r = 1.
-    let ranks_of = |t: &str| -> Vec<usize> { rows.iter().filter(|x| x.1 == t).map(|x| x.2).collect() };
+    let ranks_of =
+        |t: &str| -> Vec<usize> { rows.iter().filter(|x| x.1 == t).map(|x| x.2).collect() };
     assert_eq!(ranks_of("v_proj"), vec![3]);
     assert_eq!(ranks_of("q_proj"), vec![2, 1, 3]);
     assert_eq!(ranks_of("q_proj,v_proj"), vec![1, 3]);
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
-    assert!(md.contains("## Target sets at a fixed budget") && md.contains("## Rank r per target set"), "{md}");
+    assert!(
+        md.contains("## Target sets at a fixed budget") && md.contains("## Rank r per target set"),
+        "{md}"
+    );
     assert!(md.contains("| v_proj | 3 | 576 |"), "{md}");
     assert!(md.contains("| q_proj,v_proj | 1 | 448 |"), "{md}");
 
@@ -116,14 +128,20 @@ fn sweep_counts_parameters_resumes_and_writes_tables() {
     let o = lorakit(&["sweep", "--config", &cfg]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stderr(&o).matches("skipped").count(), 6, "{}", stderr(&o));
-    assert_eq!(std::fs::read_to_string(out.join("results.csv")).unwrap(), before);
+    assert_eq!(
+        std::fs::read_to_string(out.join("results.csv")).unwrap(),
+        before
+    );
 }
 
 #[test]
 fn failed_cells_are_recorded_not_fatal() {
     let tmp = tempfile::tempdir().unwrap();
     // Longer than the tiny model's context of 128: every cell fails when it plans its run.
-    let cfg = config(tmp.path(), "max_seq_len = 4096\n[grid]\nr = [1, 2]\ntargets = [\"q_proj\"]\n");
+    let cfg = config(
+        tmp.path(),
+        "max_seq_len = 4096\n[grid]\nr = [1, 2]\ntargets = [\"q_proj\"]\n",
+    );
     let o = lorakit(&["sweep", "--config", &cfg]);
     assert!(o.status.success(), "{}", stderr(&o));
     let rows = rows(&tmp.path().join("out"));
@@ -136,14 +154,42 @@ fn failed_cells_are_recorded_not_fatal() {
 #[test]
 fn bad_sweep_configs_fail_before_training() {
     for (body, needle) in [
-        ("[grid]\nr = [1]\ntargets = [\"q_proj\"]\nrank = [2]\n", "unknown field `rank`"),
-        ("stepz = 3\n[grid]\nr = [1]\ntargets = [\"q_proj\"]\n", "unknown field `stepz`"),
-        ("[grid]\nr = []\ntargets = [\"q_proj\"]\n", "'grid.r': is empty"),
-        ("[grid]\nr = [1]\ntargets = []\n", "'grid.targets': is empty"),
-        ("[grid]\nr = [1]\ntargets = [\"q_proj\"]\nseed = []\n", "'grid.seed': is empty"),
-        ("[grid]\nr = [1]\ntargets = [\"q_proj\", \"qq_proj\"]\n", "\"qq_proj\" matches no module"),
-        ("[grid]\nr = [1]\ntargets = [\"q_proj\"]\n[budget]\ntargets = [\"gate\"]\n", "'budget.targets'"),
-        ("[grid]\nr = [0]\ntargets = [\"q_proj\"]\n", "'grid.r': rank 0"),
+        (
+            "[grid]\nr = [1]\ntargets = [\"q_proj\"]\nrank = [2]\n",
+            "unknown field `rank`",
+        ),
+        (
+            "stepz = 3\n[grid]\nr = [1]\ntargets = [\"q_proj\"]\n",
+            "unknown field `stepz`",
+        ),
+        (
+            "[grid]\nr = []\ntargets = [\"q_proj\"]\n",
+            "'grid.r': is empty",
+        ),
+        (
+            "[grid]\nr = [1]\ntargets = []\n",
+            "'grid.targets': is empty",
+        ),
+        (
+            "[grid]\nr = [1]\ntargets = [\"q_proj\"]\nseed = []\n",
+            "'grid.seed': is empty",
+        ),
+        (
+            "[grid]\nr = [1]\ntargets = [\"q_proj\", \"qq_proj\"]\n",
+            "\"qq_proj\" matches no module",
+        ),
+        (
+            "[grid]\nr = [1]\ntargets = [\"q_proj\"]\n[budget]\ntargets = [\"gate\"]\n",
+            "'budget.targets'",
+        ),
+        (
+            "[grid]\nr = [0]\ntargets = [\"q_proj\"]\n",
+            "'grid.r': rank 0",
+        ),
+        (
+            "epochs = 1\n[grid]\nr = [1]\ntargets = [\"q_proj\"]\n",
+            "set steps or epochs, not both",
+        ),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let cfg = config(tmp.path(), body);
@@ -152,6 +198,9 @@ fn bad_sweep_configs_fail_before_training() {
         assert!(!o.status.success(), "{body}");
         assert!(err.contains(needle), "{body}: {err}");
         assert!(err.contains("sweep.toml"), "names the file: {err}");
-        assert!(!tmp.path().join("out").exists(), "{body}: nothing trained or written");
+        assert!(
+            !tmp.path().join("out").exists(),
+            "{body}: nothing trained or written"
+        );
     }
 }

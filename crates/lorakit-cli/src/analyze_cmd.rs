@@ -94,15 +94,19 @@ fn module_arg(m: &Option<String>) -> Result<Option<ModuleKind>> {
 }
 
 fn label(p: &Path) -> String {
-    p.file_name()
-        .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned())
+    p.file_name().map_or_else(
+        || p.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }
 
 fn cmd_subspace(a: SubspaceArgs) -> Result<()> {
     let which: subspace::Factor = a.matrix.parse()?;
     let module = module_arg(&a.module)?;
-    let f1 = load_factors(&a.a).with_context(|| format!("cannot read adapter {}", a.a.display()))?;
-    let f2 = load_factors(&a.b).with_context(|| format!("cannot read adapter {}", a.b.display()))?;
+    let f1 =
+        load_factors(&a.a).with_context(|| format!("cannot read adapter {}", a.a.display()))?;
+    let f2 =
+        load_factors(&a.b).with_context(|| format!("cannot read adapter {}", a.b.display()))?;
     let results = subspace::compare(&f1, &f2, module, a.layer, which, a.seed)?;
     let la = a.label_a.clone().unwrap_or_else(|| label(&a.a));
     let lb = a.label_b.clone().unwrap_or_else(|| label(&a.b));
@@ -138,7 +142,10 @@ fn cmd_amplification(a: AmplificationArgs) -> Result<()> {
             amplification::to_csv(&rows).as_bytes(),
         )?;
         lorakit::io::atomic::write_atomic(&out.join("amplification.md"), table.as_bytes())?;
-        eprintln!("wrote {}/amplification.csv and amplification.md", out.display());
+        eprintln!(
+            "wrote {}/amplification.csv and amplification.md",
+            out.display()
+        );
     }
     Ok(())
 }

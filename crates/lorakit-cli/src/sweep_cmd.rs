@@ -26,11 +26,12 @@ pub struct SweepArgs {
 
 pub fn cmd_sweep(a: SweepArgs) -> Result<()> {
     let mut cfg = load_config(&a.config)?;
-    let out = a
-        .out
-        .clone()
-        .or_else(|| cfg.out.clone())
-        .with_context(|| format!("{}: no output directory: set `out` or give --out", a.config.display()))?;
+    let out = a.out.clone().or_else(|| cfg.out.clone()).with_context(|| {
+        format!(
+            "{}: no output directory: set `out` or give --out",
+            a.config.display()
+        )
+    })?;
     let model_path = resolve_model(a.model.clone().or_else(|| cfg.train.model.clone()))?;
     cfg.train.model = Some(model_path.clone());
     let mut loaded = open_model(Some(model_path.clone()))?;

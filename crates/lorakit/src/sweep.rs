@@ -221,7 +221,10 @@ pub fn plan_cells(cfg: &SweepConfig, model: &Config, source: &Path) -> Result<Ve
         return Err(Error::config(
             source,
             "metric",
-            format!("\"{}\" is not supported; the sweep ranks cells by held-out \"loss\"", cfg.metric),
+            format!(
+                "\"{}\" is not supported; the sweep ranks cells by held-out \"loss\"",
+                cfg.metric
+            ),
         ));
     }
     let t = &cfg.train;
@@ -246,9 +249,23 @@ pub fn plan_cells(cfg: &SweepConfig, model: &Config, source: &Path) -> Result<Ve
             }
         }
     }
-    for (key, set) in [("train.out", t.out.is_some()), ("train.init_adapter", t.init_adapter.is_some())] {
+    if t.steps.is_some() && t.epochs.is_some() {
+        return Err(Error::config(
+            source,
+            "train.steps",
+            "set steps or epochs, not both",
+        ));
+    }
+    for (key, set) in [
+        ("train.out", t.out.is_some()),
+        ("train.init_adapter", t.init_adapter.is_some()),
+    ] {
         if set {
-            return Err(Error::config(source, key, "is decided per cell by the sweep; remove it"));
+            return Err(Error::config(
+                source,
+                key,
+                "is decided per cell by the sweep; remove it",
+            ));
         }
     }
     let g = &cfg.grid;
@@ -271,13 +288,25 @@ pub fn plan_cells(cfg: &SweepConfig, model: &Config, source: &Path) -> Result<Ve
         }
     }
     if let Some(&bad) = g.r.iter().find(|&&r| r == 0) {
-        return Err(Error::config(source, "grid.r", format!("rank {bad}: must be ≥ 1")));
+        return Err(Error::config(
+            source,
+            "grid.r",
+            format!("rank {bad}: must be ≥ 1"),
+        ));
     }
     if let Some(bad) = alphas.iter().find(|a| !(a.is_finite() && **a > 0.0)) {
-        return Err(Error::config(source, "grid.alpha", format!("{bad}: must be > 0")));
+        return Err(Error::config(
+            source,
+            "grid.alpha",
+            format!("{bad}: must be > 0"),
+        ));
     }
     if let Some(bad) = lrs.iter().find(|a| !(a.is_finite() && **a > 0.0)) {
-        return Err(Error::config(source, "grid.lr", format!("{bad}: must be > 0")));
+        return Err(Error::config(
+            source,
+            "grid.lr",
+            format!("{bad}: must be > 0"),
+        ));
     }
     let layers = t.layers.as_deref();
     // (targets, r, table) before the alpha × lr × seed product; a cell in both tables once.
@@ -334,7 +363,11 @@ pub fn plan_cells(cfg: &SweepConfig, model: &Config, source: &Path) -> Result<Ve
 /// What the CLI hears while the sweep runs.
 pub enum SweepEvent<'a> {
     Skipped(&'a CellResult),
-    Started { index: usize, total: usize, cell: &'a Cell },
+    Started {
+        index: usize,
+        total: usize,
+        cell: &'a Cell,
+    },
     Finished(&'a CellResult),
 }
 
@@ -535,10 +568,16 @@ pub fn results_markdown(cfg: &SweepConfig, cells: &[Cell], results: &[CellResult
         );
         for &(alpha, lr) in &combos {
             let _ = writeln!(s, "α = {alpha}, lr = {lr:e}\n");
-            let _ = writeln!(s, "| targets | r | trainable params | loss | perplexity |\n|---|---:|---:|---:|---:|");
+            let _ = writeln!(
+                s,
+                "| targets | r | trainable params | loss | perplexity |\n|---|---:|---:|---:|---:|"
+            );
             for ts in &b.targets {
                 let Some(c) = cells.iter().find(|c| {
-                    &c.targets == ts && c.tables.contains(&Table::Budget) && c.alpha == alpha && c.lr == lr
+                    &c.targets == ts
+                        && c.tables.contains(&Table::Budget)
+                        && c.alpha == alpha
+                        && c.lr == lr
                 }) else {
                     continue;
                 };
@@ -606,7 +645,12 @@ pub fn results_markdown(cfg: &SweepConfig, cells: &[Cell], results: &[CellResult
     s
 }
 
-fn write_reports(out: &Path, cfg: &SweepConfig, cells: &[Cell], results: &[CellResult]) -> Result<()> {
+fn write_reports(
+    out: &Path,
+    cfg: &SweepConfig,
+    cells: &[Cell],
+    results: &[CellResult],
+) -> Result<()> {
     write_atomic(&out.join("results.csv"), results_csv(results).as_bytes())?;
     write_atomic(
         &out.join("results.md"),

@@ -119,7 +119,8 @@ pub fn analyze(
     Ok(rows)
 }
 
-pub const CSV_HEADER: &str = "module,layer,r,norm_w0,norm_delta,proj_delta_dirs,proj_w0_dirs,proj_random_dirs,amplification";
+pub const CSV_HEADER: &str =
+    "module,layer,r,norm_w0,norm_delta,proj_delta_dirs,proj_w0_dirs,proj_random_dirs,amplification";
 
 pub fn to_csv(rows: &[Amplification]) -> String {
     let mut s = format!("{CSV_HEADER}\n");
@@ -191,13 +192,19 @@ mod tests {
             let (ud, sd, vd) = sorted_svd(&dense).unwrap();
             let (u, s, v) = delta_svd(&f).unwrap();
             for k in 0..r {
-                assert!((s[k] - sd[k]).abs() <= 1e-9 * sd[0], "σ{k}: {} vs {}", s[k], sd[k]);
+                assert!(
+                    (s[k] - sd[k]).abs() <= 1e-9 * sd[0],
+                    "σ{k}: {} vs {}",
+                    s[k],
+                    sd[k]
+                );
             }
             let pu = &u * u.transpose() - ud.columns(0, r) * ud.columns(0, r).transpose();
             let pv = &v * v.transpose() - vd.columns(0, r) * vd.columns(0, r).transpose();
             assert!(pu.amax() < 1e-9 && pv.amax() < 1e-9);
             // And U Σ Vᵀ rebuilds ΔW.
-            let rebuilt = &u * DMatrix::from_diagonal(&nalgebra::DVector::from_vec(s)) * v.transpose();
+            let rebuilt =
+                &u * DMatrix::from_diagonal(&nalgebra::DVector::from_vec(s)) * v.transpose();
             assert!((rebuilt - dense).amax() < 1e-9);
         }
     }
@@ -207,7 +214,11 @@ mod tests {
         let w = gaussian(12, 9, 5);
         let (u, s, v) = sorted_svd(&w).unwrap();
         let r = 3;
-        let p = projected_norm(&u.columns(0, r).into_owned(), &w, &v.columns(0, r).into_owned());
+        let p = projected_norm(
+            &u.columns(0, r).into_owned(),
+            &w,
+            &v.columns(0, r).into_owned(),
+        );
         let want = s.iter().take(r).map(|x| x * x).sum::<f64>().sqrt();
         assert!((p - want).abs() < 1e-10);
     }

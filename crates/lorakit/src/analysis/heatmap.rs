@@ -29,7 +29,11 @@ fn colour(v: f64) -> RGBColor {
         (94.0, 201.0, 98.0),
         (253.0, 231.0, 37.0),
     ];
-    let v = if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 };
+    let v = if v.is_finite() {
+        v.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
     let x = v * 4.0;
     let k = (x.floor() as usize).min(3);
     let t = x - k as f64;
@@ -40,7 +44,11 @@ fn colour(v: f64) -> RGBColor {
 
 /// Draws the panels left to right with a shared colour bar (0 → 1) into `path`, atomically.
 pub fn plot_heatmaps(path: &Path, title: &str, panels: &[Panel]) -> Result<()> {
-    if panels.is_empty() || panels.iter().any(|p| p.rows == 0 || p.cols == 0 || p.values.len() != p.rows * p.cols) {
+    if panels.is_empty()
+        || panels
+            .iter()
+            .any(|p| p.rows == 0 || p.cols == 0 || p.values.len() != p.rows * p.cols)
+    {
         return Err(Error::Invalid(format!(
             "{}: heatmap panels must be non-empty grids",
             path.display()

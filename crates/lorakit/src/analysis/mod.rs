@@ -52,8 +52,10 @@ pub fn load_factors(dir: &Path) -> Result<BTreeMap<ModuleId, Factors>> {
         return Err(Error::format(dir, format!("no {WEIGHTS_FILE}")));
     }
     let file = SafetensorsFile::open(&weights_path)?;
-    let re = regex::Regex::new(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.([a-z_]+)\.lora_A\.weight$")
-        .map_err(|e| Error::Invalid(e.to_string()))?;
+    let re = regex::Regex::new(
+        r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.([a-z_]+)\.lora_A\.weight$",
+    )
+    .map_err(|e| Error::Invalid(e.to_string()))?;
     let mut out = BTreeMap::new();
     for name in file.names() {
         let Some(c) = re.captures(&name) else {
@@ -63,7 +65,11 @@ pub fn load_factors(dir: &Path) -> Result<BTreeMap<ModuleId, Factors>> {
             .parse()
             .map_err(|_| Error::tensor(&weights_path, &name, "layer index out of range"))?;
         let kind = ModuleKind::from_name(&c[2]).ok_or_else(|| {
-            Error::tensor(&weights_path, &name, "not a Llama linear module lorakit knows")
+            Error::tensor(
+                &weights_path,
+                &name,
+                "not a Llama linear module lorakit knows",
+            )
         })?;
         let id = ModuleId { layer, kind };
         let b_name = name.replace(".lora_A.", ".lora_B.");
@@ -147,7 +153,9 @@ pub fn to_dmatrix(m: &[f32], rows: usize, cols: usize) -> DMatrix<f64> {
 pub fn sorted_svd(m: &DMatrix<f64>) -> Result<(DMatrix<f64>, Vec<f64>, DMatrix<f64>)> {
     let svd = m.clone().svd(true, true);
     let (Some(u), Some(v_t)) = (svd.u, svd.v_t) else {
-        return Err(Error::Invalid("SVD did not produce singular vectors".into()));
+        return Err(Error::Invalid(
+            "SVD did not produce singular vectors".into(),
+        ));
     };
     let s = svd.singular_values;
     let mut order: Vec<usize> = (0..s.len()).collect();
@@ -159,7 +167,12 @@ pub fn sorted_svd(m: &DMatrix<f64>) -> Result<(DMatrix<f64>, Vec<f64>, DMatrix<f
 
 /// Singular values only, descending. m: [rows, cols] -> σ [min(rows, cols)].
 pub fn singular_values(m: &DMatrix<f64>) -> Vec<f64> {
-    let mut s: Vec<f64> = m.clone().singular_values_unordered().iter().copied().collect();
+    let mut s: Vec<f64> = m
+        .clone()
+        .singular_values_unordered()
+        .iter()
+        .copied()
+        .collect();
     s.sort_by(|a, b| b.total_cmp(a));
     s
 }

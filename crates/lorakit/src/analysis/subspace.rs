@@ -79,9 +79,9 @@ pub fn phi_grid(u1: &DMatrix<f64>, u2: &DMatrix<f64>) -> Vec<f64> {
     for i in 1..=p1 {
         for j in 1..=p2 {
             let v = g[(i - 1, j - 1)];
-            prefix[i * (p2 + 1) + j] = v * v + prefix[(i - 1) * (p2 + 1) + j]
-                + prefix[i * (p2 + 1) + j - 1]
-                - prefix[(i - 1) * (p2 + 1) + j - 1];
+            prefix[i * (p2 + 1) + j] =
+                v * v + prefix[(i - 1) * (p2 + 1) + j] + prefix[i * (p2 + 1) + j - 1]
+                    - prefix[(i - 1) * (p2 + 1) + j - 1];
         }
     }
     let mut out = Vec::with_capacity(p1 * p2);
@@ -123,7 +123,8 @@ pub fn compare(
         let u1 = basis(f1, which)?;
         let u2 = basis(f2, which)?;
         // Random matrix of the second factor's shape: [r2, in] for A, [out, r2] for B.
-        let module_seed = seed ^ ((id.layer as u64) << 8 | id.kind as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let module_seed =
+            seed ^ ((id.layer as u64) << 8 | id.kind as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let random = match which {
             Factor::A => sorted_svd(&gaussian(f2.r, f2.inp, module_seed))?.2,
             Factor::B => sorted_svd(&gaussian(f2.out, f2.r, module_seed))?.0,
@@ -166,7 +167,12 @@ pub fn to_csv(results: &[ModuleSimilarity], random: bool) -> String {
 
 /// A short text summary: φ(1,1), the mean over the top-min(p1,p2) diagonal block, and the
 /// same for the random baseline, per module.
-pub fn summary(results: &[ModuleSimilarity], label_a: &str, label_b: &str, which: Factor) -> String {
+pub fn summary(
+    results: &[ModuleSimilarity],
+    label_a: &str,
+    label_b: &str,
+    which: Factor,
+) -> String {
     let mut s = format!(
         "subspace similarity φ of {which:?} (top singular directions): {label_a} vs {label_b}; baseline: {label_a} vs a random Gaussian matrix of {label_b}'s shape\n"
     );
@@ -216,7 +222,10 @@ pub fn write_outputs(
     which: Factor,
 ) -> Result<Vec<std::path::PathBuf>> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    write_atomic(&out.join("similarity.csv"), to_csv(results, false).as_bytes())?;
+    write_atomic(
+        &out.join("similarity.csv"),
+        to_csv(results, false).as_bytes(),
+    )?;
     write_atomic(
         &out.join("similarity_random.csv"),
         to_csv(results, true).as_bytes(),
