@@ -24,6 +24,13 @@ def phi11(path):
             for r in read_csv(path) if r["i"] == "1" and r["j"] == "1"}
 
 
+def loadavg():
+    try:
+        return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 def mean(xs):
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
@@ -81,7 +88,9 @@ def main():
     p(f"- Metric: held-out loss (token-level cross-entropy on the first {a.eval_lines} validation "
       f"examples; perplexity = e^loss). One seed per cell.")
     p(f"- Wall time of the whole script (fetch checks, release build, all training, analyses, this report) on "
-      f"this 2-core machine, which other jobs shared (not a benchmark): {a.seconds} s ({a.seconds / 60:.1f} min).")
+      f"this 2-core machine, which other jobs shared (not a benchmark): {a.seconds} s ({a.seconds / 60:.1f} min); "
+      f"load average when the report was written (1/5/15 min): {loadavg()} on 2 cores; "
+      f"training and evaluating the {len(results)} sweep cells took {sum(float(r['seconds']) for r in results):.0f} s of it.")
     if a.mode == "quick":
         p("- **This is the quick configuration**: 30 steps is a small fraction of one epoch (785 training "
           "examples / 8 = 98 steps), so the adapters are far from converged. The full run "
