@@ -2,6 +2,7 @@
 //! fixtures in `tests/fixtures/` (see its README for tolerances), the real SmolLM2 model
 //! (fetched by `scripts/fetch-model.sh`, never skipped), and the `lorakit` CLI end to end.
 
+mod analysis;
 mod bf16;
 mod cli_errors;
 mod common;
@@ -13,5 +14,6 @@ mod gguf_blocks;
 mod logits;
 mod lora;
 mod real_model;
+mod sweep;
 mod train;
 mod train_errors;

@@ -11,7 +11,9 @@ use lorakit::generate::{generate, token_logprobs, SamplingParams};
 use lorakit::model::{load_model, LoadedModel, ModelSource};
 use lorakit::tokenize::{ChatMessage, StreamDecoder};
 
+mod analyze_cmd;
 mod quickstart;
+mod sweep_cmd;
 mod train_cmd;
 
 /// The model fetched by `scripts/fetch-model.sh`.
@@ -42,6 +44,10 @@ enum Command {
     Merge(train_cmd::MergeArgs),
     /// Fetch the default model and E2E data, fine-tune LoRA for a few minutes, show before/after.
     Quickstart(quickstart::QuickstartArgs),
+    /// Train and evaluate a grid of LoRA runs (rank, targets, alpha, lr, seed) on one task.
+    Sweep(sweep_cmd::SweepArgs),
+    /// The LoRA paper's analyses of trained adapters: subspace similarity, amplification.
+    Analyze(analyze_cmd::AnalyzeArgs),
 }
 
 #[derive(Args)]
@@ -152,6 +158,8 @@ fn main() -> ExitCode {
         Command::Train(a) => train_cmd::cmd_train(*a),
         Command::Merge(a) => train_cmd::cmd_merge(a),
         Command::Quickstart(a) => quickstart::cmd_quickstart(a),
+        Command::Sweep(a) => sweep_cmd::cmd_sweep(a),
+        Command::Analyze(a) => analyze_cmd::cmd_analyze(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,7 @@
 //! - [`io`]: readers for GGUF files and Hugging Face directories (safetensors, configs).
 //! - [`tokenize`]: tokenizers from `tokenizer.json` or GGUF metadata, and chat templates.
 
+pub mod analysis;
 pub mod data;
 pub mod engine;
 pub mod error;
@@ -16,6 +17,7 @@ pub mod generate;
 pub mod io;
 pub mod lora;
 pub mod model;
+pub mod sweep;
 pub mod tokenize;
 pub mod train;
 
