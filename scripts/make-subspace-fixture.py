@@ -4,7 +4,7 @@
     pip install numpy scipy
     python3 scripts/make-subspace-fixture.py [OUT_DIR]
 
-OUT_DIR defaults to tests/fixtures/subspace/. It gets two PEFT adapters for the tiny Llama of
+OUT_DIR defaults to tests/data/subspace/. It gets two PEFT adapters for the tiny Llama of
 tests/fixtures/tiny-llama (hidden 64, 4 heads, 2 KV heads of 16, 2 layers) on q_proj and v_proj:
 
 * `adapter-r2/`: r = 2, alpha = 4; A, B seeded Gaussian.
@@ -33,7 +33,7 @@ import numpy as np
 import scipy.linalg
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "tests/fixtures/subspace"
+OUT = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "tests/data/subspace"
 TINY = ROOT / "tests/fixtures/tiny-llama"
 
 SHAPES = {"q_proj": (64, 64), "v_proj": (32, 64)}  # [out, in]

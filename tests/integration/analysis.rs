@@ -1,5 +1,5 @@
 //! `lorakit analyze`: φ and the amplification numbers against an independent NumPy/SciPy
-//! computation (`scripts/make-subspace-fixture.py` → `tests/fixtures/subspace/`), on adapters of
+//! computation (`scripts/make-subspace-fixture.py` → `tests/data/subspace/`), on adapters of
 //! different ranks (r = 2 vs r = 6) for the tiny Llama.
 
 use std::collections::HashMap;
@@ -8,6 +8,11 @@ use lorakit::analysis::subspace::{compare, Factor};
 use lorakit::analysis::{amplification, load_factors};
 
 use crate::common::*;
+
+/// A file of the subspace reference (tests/data/subspace, made by scripts/make-subspace-fixture.py).
+fn subspace_data(rel: &str) -> std::path::PathBuf {
+    repo_root().join("tests/data/subspace").join(rel)
+}
 
 /// `module,layer,i,j,phi` rows -> {(module, layer, i, j): phi}.
 fn read_phi_csv(text: &str) -> HashMap<(String, usize, usize, usize), f64> {
@@ -32,11 +37,11 @@ fn read_phi_csv(text: &str) -> HashMap<(String, usize, usize, usize), f64> {
 
 #[test]
 fn subspace_similarity_matches_numpy_across_ranks() {
-    let a = load_factors(&fixture("subspace/adapter-r2")).unwrap();
-    let b = load_factors(&fixture("subspace/adapter-r6")).unwrap();
+    let a = load_factors(&subspace_data("adapter-r2")).unwrap();
+    let b = load_factors(&subspace_data("adapter-r6")).unwrap();
     for (which, file) in [(Factor::A, "expected_A.csv"), (Factor::B, "expected_B.csv")] {
         let want =
-            read_phi_csv(&std::fs::read_to_string(fixture(&format!("subspace/{file}"))).unwrap());
+            read_phi_csv(&std::fs::read_to_string(subspace_data(&file)).unwrap());
         let got = compare(&a, &b, None, None, which, 0).unwrap();
         let mut n = 0;
         let mut max_diff = 0.0f64;
@@ -71,9 +76,9 @@ fn analyze_subspace_cli_writes_csv_heatmaps_and_summary() {
         "analyze",
         "subspace",
         "--a",
-        fixture("subspace/adapter-r2").to_str().unwrap(),
+        subspace_data("adapter-r2").to_str().unwrap(),
         "--b",
-        fixture("subspace/adapter-r6").to_str().unwrap(),
+        subspace_data("adapter-r6").to_str().unwrap(),
         "--module",
         "v_proj",
         "--matrix",
@@ -83,7 +88,7 @@ fn analyze_subspace_cli_writes_csv_heatmaps_and_summary() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let got = read_phi_csv(&std::fs::read_to_string(out.join("similarity.csv")).unwrap());
-    let want = read_phi_csv(&std::fs::read_to_string(fixture("subspace/expected_B.csv")).unwrap());
+    let want = read_phi_csv(&std::fs::read_to_string(subspace_data("expected_B.csv")).unwrap());
     assert_eq!(got.len(), 2 * 2 * 6, "v_proj only, two layers, 2 × 6 pairs");
     for (k, v) in &got {
         assert!((v - want[k]).abs() <= 1e-5, "{k:?}: {v} vs {}", want[k]);
@@ -100,8 +105,8 @@ fn analyze_subspace_cli_writes_csv_heatmaps_and_summary() {
     assert!(out.join("similarity_random.csv").is_file());
 
     let (a_dir, b_dir) = (
-        fixture("subspace/adapter-r2"),
-        fixture("subspace/adapter-r6"),
+        subspace_data("adapter-r2"),
+        subspace_data("adapter-r6"),
     );
     for (args, needle) in [
         (vec!["--matrix", "C"], "--matrix must be A or B"),
@@ -129,7 +134,7 @@ fn analyze_subspace_cli_writes_csv_heatmaps_and_summary() {
         "--a",
         tmp.path().to_str().unwrap(),
         "--b",
-        fixture("subspace/adapter-r6").to_str().unwrap(),
+        subspace_data("adapter-r6").to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
     ]);
@@ -140,9 +145,9 @@ fn analyze_subspace_cli_writes_csv_heatmaps_and_summary() {
 #[test]
 fn amplification_matches_numpy() {
     let model = tiny_llama();
-    let f = load_factors(&fixture("subspace/adapter-r6")).unwrap();
+    let f = load_factors(&subspace_data("adapter-r6")).unwrap();
     let rows = amplification::analyze(&model.model, &f, 0).unwrap();
-    let text = std::fs::read_to_string(fixture("subspace/expected_amplification.csv")).unwrap();
+    let text = std::fs::read_to_string(subspace_data("expected_amplification.csv")).unwrap();
     let mut checked = 0;
     for line in text.lines().skip(1) {
         let v: Vec<&str> = line.split(',').collect();
