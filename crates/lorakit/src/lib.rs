@@ -8,9 +8,11 @@
 //! - [`io`]: readers for GGUF files and Hugging Face directories (safetensors, configs).
 //! - [`tokenize`]: tokenizers from `tokenizer.json` or GGUF metadata, and chat templates.
 
+pub mod beam;
 pub mod data;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod io;
 pub mod lora;
