@@ -6,6 +6,7 @@ mod bf16;
 mod cli_errors;
 mod common;
 mod e2e;
+mod eval;
 mod logits;
 mod lora;
 mod real_model;

@@ -11,6 +11,7 @@ use lorakit::generate::{generate, token_logprobs, SamplingParams};
 use lorakit::model::{load_model, LoadedModel, ModelSource};
 use lorakit::tokenize::{ChatMessage, StreamDecoder};
 
+mod eval_cmd;
 mod quickstart;
 mod train_cmd;
 
@@ -42,6 +43,8 @@ enum Command {
     Merge(train_cmd::MergeArgs),
     /// Fetch the default model and E2E data, fine-tune LoRA for a few minutes, show before/after.
     Quickstart(quickstart::QuickstartArgs),
+    /// Score a model or a predictions file on evaluation data (loss, exact, accuracy, BLEU, ROUGE-L, SQL).
+    Eval(Box<eval_cmd::EvalArgs>),
 }
 
 #[derive(Args)]
@@ -139,6 +142,7 @@ fn main() -> ExitCode {
         Command::Train(a) => train_cmd::cmd_train(*a),
         Command::Merge(a) => train_cmd::cmd_merge(a),
         Command::Quickstart(a) => quickstart::cmd_quickstart(a),
+        Command::Eval(a) => eval_cmd::cmd_eval(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
