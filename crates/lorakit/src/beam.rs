@@ -143,11 +143,7 @@ pub fn beam_search(
             }
         }
         // Best first; ties by beam then token so that the order is deterministic.
-        cands.sort_by(|a, b| {
-            b.0.total_cmp(&a.0)
-                .then(a.1.cmp(&b.1))
-                .then(a.2.cmp(&b.2))
-        });
+        cands.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
         let last_step = step + 1 == max_new;
         let mut chosen: Vec<(usize, u32, f64)> = Vec::new();
         for (rank, &(score, bi, t, _)) in cands.iter().enumerate() {
@@ -195,7 +191,9 @@ pub fn beam_search(
         for &(bi, t, score) in &chosen {
             uses[bi] -= 1;
             let (mut tokens, mut cache) = if uses[bi] == 0 {
-                let p = parents[bi].take().expect("parent used once more than counted");
+                let p = parents[bi]
+                    .take()
+                    .expect("parent used once more than counted");
                 (p.tokens, p.cache)
             } else {
                 let p = parents[bi].as_ref().expect("parent present");

@@ -119,7 +119,10 @@ fn str_key(obj: &Map<String, Value>, key: &str) -> std::result::Result<Option<St
     }
 }
 
-fn str_list(obj: &Map<String, Value>, key: &str) -> std::result::Result<Option<Vec<String>>, String> {
+fn str_list(
+    obj: &Map<String, Value>,
+    key: &str,
+) -> std::result::Result<Option<Vec<String>>, String> {
     match obj.get(key) {
         None => Ok(None),
         Some(Value::Array(a)) => a
@@ -146,7 +149,8 @@ pub fn load_eval_data(path: &Path, metric: Metric) -> Result<Vec<EvalItem>> {
     for (i, line) in BufReader::new(file).split(b'\n').enumerate() {
         let n = i + 1;
         let bytes = line.map_err(|e| Error::io(path, e))?;
-        let text = std::str::from_utf8(&bytes).map_err(|_| line_error(path, n, "not valid UTF-8"))?;
+        let text =
+            std::str::from_utf8(&bytes).map_err(|_| line_error(path, n, "not valid UTF-8"))?;
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         if text.trim().is_empty() {
             continue;
@@ -168,13 +172,13 @@ pub fn load_eval_data(path: &Path, metric: Metric) -> Result<Vec<EvalItem>> {
             (_, Some(r)) if r.is_empty() => {
                 return Err(line_error(path, n, "'references' is empty"))
             }
-            (Metric::Bleu | Metric::RougeL, None) => {
-                return Err(line_error(
-                    path,
-                    n,
-                    format!("missing 'references' (an array of reference texts, needed by --metric {need})"),
-                ))
-            }
+            (Metric::Bleu | Metric::RougeL, None) => return Err(line_error(
+                path,
+                n,
+                format!(
+                    "missing 'references' (an array of reference texts, needed by --metric {need})"
+                ),
+            )),
             (Metric::Exact | Metric::SqlExec, None) => match &completion {
                 Some(c) => vec![c.trim().to_owned()],
                 None => {
@@ -203,7 +207,13 @@ pub fn load_eval_data(path: &Path, metric: Metric) -> Result<Vec<EvalItem>> {
                 ));
             }
             match &completion {
-                None => return Err(line_error(path, n, "missing 'completion' (the right choice)")),
+                None => {
+                    return Err(line_error(
+                        path,
+                        n,
+                        "missing 'completion' (the right choice)",
+                    ))
+                }
                 Some(c) if !choices.contains(c) => {
                     return Err(line_error(
                         path,
@@ -236,7 +246,10 @@ pub fn load_eval_data(path: &Path, metric: Metric) -> Result<Vec<EvalItem>> {
         });
     }
     if items.is_empty() {
-        return Err(Error::format(path, "no examples: the file is empty or has only blank lines"));
+        return Err(Error::format(
+            path,
+            "no examples: the file is empty or has only blank lines",
+        ));
     }
     Ok(items)
 }
@@ -289,7 +302,13 @@ pub fn score_predictions(
 ) -> Result<Score> {
     assert_eq!(items.len(), predictions.len(), "one prediction per item");
     let n = items.len();
-    let pct = |k: usize| if n == 0 { 0.0 } else { 100.0 * k as f64 / n as f64 };
+    let pct = |k: usize| {
+        if n == 0 {
+            0.0
+        } else {
+            100.0 * k as f64 / n as f64
+        }
+    };
     Ok(match metric {
         Metric::Loss => {
             return Err(Error::Invalid(
@@ -429,7 +448,12 @@ pub fn predict(
         }
     }
     let text = tok.decode(&new, true)? + &tail;
-    Ok(text.split('\n').next().unwrap_or_default().trim().to_owned())
+    Ok(text
+        .split('\n')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned())
 }
 
 /// log P(choice | prompt) for each choice: `encode(prompt, true) ++ encode(choice, false)`, the
@@ -521,8 +545,18 @@ mod tests {
         let items = [item(&["SELECT count(*) FROM t"])];
         let preds = ["select count(x) from t where x > 0".to_string()];
         let d = Path::new("d");
-        assert_eq!(score_predictions(Metric::Exact, &items, &preds, d).unwrap().score, 0.0);
-        assert_eq!(score_predictions(Metric::SqlExec, &items, &preds, d).unwrap().score, 100.0);
+        assert_eq!(
+            score_predictions(Metric::Exact, &items, &preds, d)
+                .unwrap()
+                .score,
+            0.0
+        );
+        assert_eq!(
+            score_predictions(Metric::SqlExec, &items, &preds, d)
+                .unwrap()
+                .score,
+            100.0
+        );
     }
 
     #[test]

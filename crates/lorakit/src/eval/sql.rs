@@ -120,7 +120,11 @@ pub struct ExecMatch {
 
 /// Runs `reference` and `prediction` on a fresh database built from `schema`. `Err` when the
 /// schema or the *reference* fails (the data is wrong); a failing prediction is a mismatch.
-pub fn execution_match(schema: &str, reference: &str, prediction: &str) -> Result<ExecMatch, String> {
+pub fn execution_match(
+    schema: &str,
+    reference: &str,
+    prediction: &str,
+) -> Result<ExecMatch, String> {
     let db = open_database(schema).map_err(|e| format!("the schema does not run: {e}"))?;
     let mut want =
         run_query(&db, reference).map_err(|e| format!("the reference query does not run: {e}"))?;
