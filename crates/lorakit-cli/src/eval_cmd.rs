@@ -2,7 +2,7 @@
 //! evaluation JSONL file with one metric, and prints the score (or a JSON summary).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -156,7 +156,7 @@ fn limited(mut items: Vec<EvalItem>, limit: Option<usize>) -> Vec<EvalItem> {
     items
 }
 
-fn score_file(a: &EvalArgs, metric: Metric, path: &PathBuf) -> Result<Score> {
+fn score_file(a: &EvalArgs, metric: Metric, path: &Path) -> Result<Score> {
     if metric == Metric::Loss {
         bail!("--metric loss needs a model (it scores log-likelihoods), not --predictions");
     }

@@ -172,13 +172,15 @@ pub fn load_eval_data(path: &Path, metric: Metric) -> Result<Vec<EvalItem>> {
             (_, Some(r)) if r.is_empty() => {
                 return Err(line_error(path, n, "'references' is empty"))
             }
-            (Metric::Bleu | Metric::RougeL, None) => return Err(line_error(
-                path,
-                n,
-                format!(
+            (Metric::Bleu | Metric::RougeL, None) => {
+                return Err(line_error(
+                    path,
+                    n,
+                    format!(
                     "missing 'references' (an array of reference texts, needed by --metric {need})"
                 ),
-            )),
+                ))
+            }
             (Metric::Exact | Metric::SqlExec, None) => match &completion {
                 Some(c) => vec![c.trim().to_owned()],
                 None => {
