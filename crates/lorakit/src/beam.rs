@@ -173,8 +173,9 @@ pub fn beam_search(
             live.clear();
             break;
         }
-        // Is the search over? (HF's `is_done` with early_stopping=False.)
-        let best_live = chosen[0].2;
+        // Is the search over? (HF's `is_done` with early_stopping=False, which bounds what the
+        // live beams can reach by the best candidate of this step, end tokens included.)
+        let best_live = cands[0].0;
         let gen_len = live[0].tokens.len();
         if done.len() == k && done[k - 1].score >= normalised(best_live, gen_len, lp) {
             live.clear();

@@ -406,8 +406,10 @@ pub fn newline_ids(tok: &Tokenizer) -> Vec<u32> {
 }
 
 /// The model's completion of `prompt` (encoded with the tokenizer's special tokens, as in
-/// training): generated until EOS, a line break or `max_new_tokens`; the text before the first
-/// line break, trimmed. `stop_ids` must hold the EOS and newline ids.
+/// training): generated until EOS, a line break after some text, or `max_new_tokens`; the text
+/// before that line break, trimmed. Line breaks before any text are skipped (a base model often
+/// starts its answer on a new line): decoding continues after them within the same budget.
+/// `stop_ids` must hold the EOS and newline ids.
 pub fn predict(
     model: &LlamaModel,
     tok: &Tokenizer,
@@ -416,46 +418,54 @@ pub fn predict(
     max_new_tokens: usize,
     stop_ids: &[u32],
 ) -> Result<String> {
-    let ids = tok.encode(prompt, true)?;
-    let mut new = match decode {
-        Decode::Greedy => {
-            let params = SamplingParams {
-                max_new_tokens,
-                stop_ids: stop_ids.to_vec(),
-                ..Default::default()
-            };
-            generate(model, &ids, &params, |_| Ok(()))?
-        }
-        Decode::Beam(b) => {
-            let params = BeamParams {
-                max_new_tokens,
-                stop_ids: stop_ids.to_vec(),
-                ..b.clone()
-            };
-            beam_search(model, &ids, &params)?
-                .into_iter()
-                .next()
-                .map(|h| h.tokens)
-                .unwrap_or_default()
-        }
-    };
-    // The stop token's own text may hold the line break, and something before it.
-    let mut tail = String::new();
-    if let Some(&last) = new.last() {
-        if stop_ids.contains(&last) {
-            new.pop();
-            if !tok.eos_ids().contains(&last) {
-                tail = tok.decode(&[last], true)?;
+    let mut ids = tok.encode(prompt, true)?;
+    let mut budget = max_new_tokens;
+    loop {
+        let mut new = match decode {
+            Decode::Greedy => {
+                let params = SamplingParams {
+                    max_new_tokens: budget,
+                    stop_ids: stop_ids.to_vec(),
+                    ..Default::default()
+                };
+                generate(model, &ids, &params, |_| Ok(()))?
+            }
+            Decode::Beam(b) => {
+                let params = BeamParams {
+                    max_new_tokens: budget,
+                    stop_ids: stop_ids.to_vec(),
+                    ..b.clone()
+                };
+                beam_search(model, &ids, &params)?
+                    .into_iter()
+                    .next()
+                    .map(|h| h.tokens)
+                    .unwrap_or_default()
+            }
+        };
+        let all = new.clone();
+        // The stop token's own text may hold the line break, and something before it.
+        let mut tail = String::new();
+        let mut at_line_break = false;
+        if let Some(&last) = new.last() {
+            if stop_ids.contains(&last) {
+                new.pop();
+                if !tok.eos_ids().contains(&last) {
+                    tail = tok.decode(&[last], true)?;
+                    at_line_break = true;
+                }
             }
         }
+        let text = tok.decode(&new, true)? + &tail;
+        let can_continue = all.len() < budget
+            && ids.len() + all.len() + 1 < model.config.max_position_embeddings;
+        if at_line_break && text.trim().is_empty() && can_continue {
+            budget -= all.len();
+            ids.extend(all);
+            continue;
+        }
+        return Ok(text.split('\n').next().unwrap_or_default().trim().to_owned());
     }
-    let text = tok.decode(&new, true)? + &tail;
-    Ok(text
-        .split('\n')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_owned())
 }
 
 /// log P(choice | prompt) for each choice: `encode(prompt, true) ++ encode(choice, false)`, the
