@@ -457,14 +457,19 @@ pub fn predict(
             }
         }
         let text = tok.decode(&new, true)? + &tail;
-        let can_continue = all.len() < budget
-            && ids.len() + all.len() + 1 < model.config.max_position_embeddings;
+        let can_continue =
+            all.len() < budget && ids.len() + all.len() + 1 < model.config.max_position_embeddings;
         if at_line_break && text.trim().is_empty() && can_continue {
             budget -= all.len();
             ids.extend(all);
             continue;
         }
-        return Ok(text.split('\n').next().unwrap_or_default().trim().to_owned());
+        return Ok(text
+            .split('\n')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned());
     }
 }
 
