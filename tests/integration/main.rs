@@ -8,6 +8,7 @@ mod cli_errors;
 mod common;
 mod corrupted;
 mod e2e;
+mod eval;
 mod full_ft;
 mod fuzz_regressions;
 mod gguf_blocks;

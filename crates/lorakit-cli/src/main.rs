@@ -12,6 +12,7 @@ use lorakit::model::{load_model, LoadedModel, ModelSource};
 use lorakit::tokenize::{ChatMessage, StreamDecoder};
 
 mod analyze_cmd;
+mod eval_cmd;
 mod quickstart;
 mod sweep_cmd;
 mod train_cmd;
@@ -48,6 +49,8 @@ enum Command {
     Sweep(sweep_cmd::SweepArgs),
     /// The LoRA paper's analyses of trained adapters: subspace similarity, amplification.
     Analyze(analyze_cmd::AnalyzeArgs),
+    /// Score a model or a predictions file on evaluation data (loss, exact, accuracy, BLEU, ROUGE-L, SQL).
+    Eval(Box<eval_cmd::EvalArgs>),
 }
 
 #[derive(Args)]
@@ -160,6 +163,7 @@ fn main() -> ExitCode {
         Command::Quickstart(a) => quickstart::cmd_quickstart(a),
         Command::Sweep(a) => sweep_cmd::cmd_sweep(a),
         Command::Analyze(a) => analyze_cmd::cmd_analyze(a),
+        Command::Eval(a) => eval_cmd::cmd_eval(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,11 +7,15 @@
 //!   Llama forward pass with a KV cache.
 //! - [`io`]: readers for GGUF files and Hugging Face directories (safetensors, configs).
 //! - [`tokenize`]: tokenizers from `tokenizer.json` or GGUF metadata, and chat templates.
+//! - [`generate`] and [`beam`]: sampling, greedy and beam-search decoding on the KV cache.
+//! - [`eval`]: evaluation data and metrics (loss, exact, accuracy, BLEU, ROUGE-L, SQL execution).
 
 pub mod analysis;
+pub mod beam;
 pub mod data;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod fuzzing;
 pub mod generate;
 pub mod io;
