@@ -40,8 +40,7 @@ fn subspace_similarity_matches_numpy_across_ranks() {
     let a = load_factors(&subspace_data("adapter-r2")).unwrap();
     let b = load_factors(&subspace_data("adapter-r6")).unwrap();
     for (which, file) in [(Factor::A, "expected_A.csv"), (Factor::B, "expected_B.csv")] {
-        let want =
-            read_phi_csv(&std::fs::read_to_string(subspace_data(&file)).unwrap());
+        let want = read_phi_csv(&std::fs::read_to_string(subspace_data(file)).unwrap());
         let got = compare(&a, &b, None, None, which, 0).unwrap();
         let mut n = 0;
         let mut max_diff = 0.0f64;
@@ -104,10 +103,7 @@ fn analyze_subspace_cli_writes_csv_heatmaps_and_summary() {
     );
     assert!(out.join("similarity_random.csv").is_file());
 
-    let (a_dir, b_dir) = (
-        subspace_data("adapter-r2"),
-        subspace_data("adapter-r6"),
-    );
+    let (a_dir, b_dir) = (subspace_data("adapter-r2"), subspace_data("adapter-r6"));
     for (args, needle) in [
         (vec!["--matrix", "C"], "--matrix must be A or B"),
         (vec!["--module", "x_proj"], "--module x_proj"),
