@@ -6,6 +6,7 @@
 
 use std::cmp::Ordering;
 
+use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::types::ValueRef;
 use rusqlite::Connection;
 
@@ -65,6 +66,15 @@ pub fn run_query(db: &Connection, sql: &str) -> Result<Rows, String> {
             calls > MAX_PROGRESS_CALLS
         }),
     );
+    // The query is model output, so untrusted: allow reading only. Without this, a prediction
+    // such as `ATTACH 'x.db' AS x` or `VACUUM INTO 'x.db'` would create files on disk.
+    db.authorizer(Some(|ctx: AuthContext<'_>| match ctx.action {
+        AuthAction::Select
+        | AuthAction::Read { .. }
+        | AuthAction::Function { .. }
+        | AuthAction::Recursive => Authorization::Allow,
+        _ => Authorization::Deny,
+    }));
     let result = (|| {
         let mut stmt = db.prepare(sql).map_err(|e| e.to_string())?;
         let ncol = stmt.column_count();
@@ -87,6 +97,7 @@ pub fn run_query(db: &Connection, sql: &str) -> Result<Rows, String> {
         Ok(out)
     })();
     db.progress_handler(0, None::<fn() -> bool>);
+    db.authorizer(None::<fn(AuthContext<'_>) -> Authorization>);
     result
 }
 
@@ -205,6 +216,34 @@ mod tests {
         assert!(!r.matched, "several statements are not one query");
         assert!(execution_match(SCHEMA, "SELECT nope FROM singer", "SELECT 1").is_err());
         assert!(execution_match("CREATE TABLE (", "SELECT 1", "SELECT 1").is_err());
+    }
+
+    #[test]
+    fn predictions_cannot_write_or_attach_files() {
+        let dir = std::env::temp_dir().join(format!("lorakit-sql-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("x.db");
+        for q in [
+            format!("ATTACH '{}' AS x", target.display()),
+            format!("VACUUM INTO '{}'", target.display()),
+            "DROP TABLE singer".to_string(),
+            "PRAGMA writable_schema = 1".to_string(),
+        ] {
+            let r = execution_match(SCHEMA, "SELECT 1", &q).unwrap();
+            assert!(!r.matched, "{q} matched");
+            let why = r.prediction_error.unwrap_or_default();
+            assert!(why.contains("authoriz"), "{q}: {why}");
+        }
+        assert!(
+            !target.exists(),
+            "a prediction created {}",
+            target.display()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        // The database is unchanged: a later prediction still sees the table.
+        let db = open_database(SCHEMA).unwrap();
+        assert!(run_query(&db, "DROP TABLE singer").is_err());
+        assert!(run_query(&db, "SELECT count(*) FROM singer").is_ok());
     }
 
     #[test]
