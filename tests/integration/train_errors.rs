@@ -1168,6 +1168,7 @@ fn sigkill_between_steps_leaves_loadable_checkpoints_and_resume_is_exact() {
         "uninterrupted run of {STEPS} steps: {:.1} s",
         t0.elapsed().as_secs_f64()
     );
+    let step_ms = t0.elapsed().as_secs_f64() * 1e3 / STEPS as f64;
     let want = metrics_rows(&reference);
     assert_eq!(want.len() as u64, STEPS);
 
@@ -1182,7 +1183,12 @@ fn sigkill_between_steps_leaves_loadable_checkpoints_and_resume_is_exact() {
         // Counted from the first line the run prints, "trainable parameters: ...", which comes
         // after loading the model and data, just before the first step; so each kill lands in
         // training however slow the start-up.
-        let delay = rng.random_range(20..=600u64);
+        // In units of this machine's step time (from the uninterrupted run), so that 20 kills
+        // land inside the run on a fast quiet machine and on a slow loaded one alike: 1 to 24
+        // steps of training per kill, ~250 of the 400 steps in all.
+        let delay = (rng.random_range(1..=24u64) as f64 * step_ms)
+            .round()
+            .max(2.0) as u64;
         let mut a = args(&out);
         let last_before = check_checkpoints(&out, "before a run", &mut problems)
             .last()
