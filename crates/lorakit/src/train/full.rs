@@ -15,7 +15,8 @@ use crate::model::{LoadedModel, Precision};
 use crate::train::loss::{lm_head_loss_with_head_grads, target_positions, HeadGrads};
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::train::trainer::{
-    append_jsonl, evaluate_loss, BatchStream, Event, StepMetrics, TrainPlan, TrainSummary,
+    append_jsonl, check_step_finite, evaluate_loss, BatchStream, Event, StepMetrics, TrainPlan,
+    TrainSummary,
 };
 
 /// Where the fine-tuned model goes inside the output directory.
@@ -127,24 +128,9 @@ pub fn train_full(
         } else {
             f64::NAN
         };
-        let nonfinite = if !loss.is_finite() {
-            Some(format!("the loss is {loss}"))
-        } else if !grad_norm.is_finite() {
-            Some(format!("the gradient norm is {grad_norm}"))
-        } else {
-            None
-        };
-        if let Some(why) = &nonfinite {
-            if !o.skip_nonfinite {
-                return Err(Error::Invalid(format!(
-                    "step {}: {why}; stopping before writing a non-finite model \
-                     (--skip-nonfinite skips such steps instead)",
-                    step + 1
-                )));
-            }
-            skipped_steps += 1;
-        }
         let lr = plan.schedule.lr_at(step);
+        let nonfinite = check_step_finite(step, loss, grad_norm, o.skip_nonfinite, "model")?;
+        skipped_steps += nonfinite.is_some() as u64;
         if nonfinite.is_none() {
             let params = loaded.model.parameters_mut();
             let grad_views = grads.tensors_mut();

@@ -629,6 +629,33 @@ pub(crate) fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()>
     writeln!(f, "{value}").map_err(|e| Error::io(path, e))
 }
 
+/// The non-finite guard shared by the LoRA and full fine-tuning loops: `Ok(None)` for a finite
+/// step, `Ok(Some(why))` for a step to skip (`skip_nonfinite`), otherwise an error naming the
+/// step; `what` is what would have been written ("adapter", "model").
+pub(crate) fn check_step_finite(
+    step: u64,
+    loss: f64,
+    grad_norm: f64,
+    skip_nonfinite: bool,
+    what: &str,
+) -> Result<Option<String>> {
+    let why = if !loss.is_finite() {
+        format!("the loss is {loss}")
+    } else if !grad_norm.is_finite() {
+        format!("the gradient norm is {grad_norm}")
+    } else {
+        return Ok(None);
+    };
+    if skip_nonfinite {
+        return Ok(Some(why));
+    }
+    Err(Error::Invalid(format!(
+        "step {}: {why}; stopping before writing a non-finite {what} \
+         (--skip-nonfinite skips such steps instead)",
+        step + 1
+    )))
+}
+
 /// Runs the plan. With `resume`, continues from the newest checkpoint under `out`.
 pub fn train(
     loaded: &LoadedModel,
@@ -749,52 +776,12 @@ pub fn train(
         } else {
             global_grad_norm(&grad_refs.iter().map(|g| &**g).collect::<Vec<_>>())
         };
-        let nonfinite = if !loss.is_finite() {
-            Some(format!("the loss is {loss}"))
-        } else if !grad_norm.is_finite() {
-            Some(format!("the gradient norm is {grad_norm}"))
-        } else {
-            None
-        };
         let lr = plan.schedule.lr_at(step);
-        if let Some(why) = nonfinite {
-            if !o.skip_nonfinite {
-                return Err(Error::Invalid(format!(
-                    "step {}: {why}; stopping before writing a non-finite adapter \
-                     (--skip-nonfinite skips such steps instead)",
-                    step + 1
-                )));
-            }
-            // Like torch.amp's GradScaler: the batch is consumed, parameters and optimiser state
-            // stay as they were.
-            skipped_steps += 1;
-            let metrics = StepMetrics {
-                step: step + 1,
-                loss,
-                lr,
-                tokens,
-                target_tokens: normalizer,
-                grad_norm,
-                seconds: t0.elapsed().as_secs_f64(),
-                skipped: Some(why),
-            };
-            append_jsonl(
-                &metrics_path,
-                &serde_json::to_value(&metrics).unwrap_or_default(),
-            )?;
-            on_event(Event::Step(&metrics));
-            if step + 1 == plan.total_steps
-                || (o.save_every > 0 && (step + 1) % o.save_every as u64 == 0)
-            {
-                let dir = save_checkpoint(out, step + 1, &adapter, &adam, o, o.keep_checkpoints)?;
-                on_event(Event::Checkpoint {
-                    step: step + 1,
-                    dir: &dir,
-                });
-            }
-            continue;
-        }
-        {
+        let skipped = check_step_finite(step, loss, grad_norm, o.skip_nonfinite, "adapter")?;
+        skipped_steps += skipped.is_some() as u64;
+        // A skipped step (like torch.amp's GradScaler) consumes its batch and leaves parameters
+        // and optimiser state as they were.
+        if skipped.is_none() {
             let grad_views: Vec<&[f32]> = grads
                 .modules
                 .values()
@@ -815,14 +802,16 @@ pub fn train(
             target_tokens: normalizer,
             grad_norm,
             seconds: t0.elapsed().as_secs_f64(),
-            skipped: None,
+            skipped,
         };
         append_jsonl(
             &metrics_path,
             &serde_json::to_value(&metrics).unwrap_or_default(),
         )?;
-        train_curve.push((metrics.step, loss));
-        last_loss = Some(loss);
+        if metrics.skipped.is_none() {
+            train_curve.push((metrics.step, loss));
+            last_loss = Some(loss);
+        }
         on_event(Event::Step(&metrics));
 
         let done = step + 1 == plan.total_steps;
