@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # lorakit and HF PEFT side by side, in one run, on the same model, data and configuration.
 #
-#   bench/compare.sh [--rounds R] [--steps N] [--parts train,decode] [--new-tokens T]
+#   bench/compare.sh [--rounds R] [--steps N] [--parts train,decode,peak] [--new-tokens T]
 #                    [--threads K] [--lorakit-precision auto|f32|f32,bf16] [--results FILE]
 #                    [--no-build | --bin PATH]
 #
-# Defaults: 3 rounds, 8 training steps, both parts, 128 new tokens, 2 threads, results printed only.
+# Defaults: 3 rounds, 8 training steps, train and decode, 128 new tokens, 2 threads, results printed only.
 # Quick smoke run: bench/compare.sh --rounds 1 --steps 2 --parts train      (a few minutes)
 #
 # What it sets up, once (later runs reuse it):
@@ -25,6 +25,10 @@
 #           the fixture adapter unmerged, and merged (PEFT merge_and_unload / lorakit merge).
 #           Both sides: decode tokens/s = (new tokens − 1) / (time after the first new token), the
 #           definition of `lorakit generate --stats` (prefill and first token excluded).
+#   peak    matmul throughput: crates/lorakit/examples/matmul_peak.rs (the CPU's instruction roof
+#           for 512-bit f32 FMA and bf16 dot products, and lorakit's kernels on SmolLM2's training
+#           shapes) beside torch.matmul on the same shapes. With train, the report adds model FLOP
+#           utilisation (MFU): training tokens/s × model FLOPs per token / those peaks.
 # Every figure is the median over the rounds (min–max beside it); ratio = lorakit / PEFT.
 # Numbers depend on the load: run it on a quiet machine (the load average is reported).
 set -euo pipefail
@@ -61,10 +65,10 @@ for v in rounds steps new_tokens threads; do
 done
 [[ "$steps" -ge 2 ]] || die "--steps must be at least 2 (the first step is the warm-up, not timed)"
 [[ "$new_tokens" -ge 2 ]] || die "--new-tokens must be at least 2"
-do_train=0 do_decode=0
+do_train=0 do_decode=0 do_peak=0
 IFS=',' read -ra part_list <<<"$parts"
 for p in "${part_list[@]}"; do
-  case "$p" in train) do_train=1 ;; decode) do_decode=1 ;; *) die "--parts takes train and/or decode, got '$p'" ;; esac
+  case "$p" in train) do_train=1 ;; decode) do_decode=1 ;; peak) do_peak=1 ;; *) die "--parts takes train, decode and/or peak, got '$p'" ;; esac
 done
 case "$lk_prec" in auto|f32|f32,bf16|bf16,f32) ;; *) die "--lorakit-precision takes auto, f32 or f32,bf16, got '$lk_prec'" ;; esac
 [[ -x /usr/bin/time ]] || die "/usr/bin/time is missing (Debian: apt-get install time); it measures peak RSS"
@@ -82,7 +86,13 @@ mkdir -p "$cache"
 if [[ "$build" -eq 1 ]]; then
   log "cargo build --release -p lorakit-cli ..."
   cargo build --release -q -p lorakit-cli --manifest-path "$root/Cargo.toml" || die "cargo build failed"
+  if [[ "$do_peak" -eq 1 ]]; then
+    cargo build --release -q -p lorakit --example matmul_peak --manifest-path "$root/Cargo.toml" \
+      || die "cargo build --example matmul_peak failed"
+  fi
 fi
+peak_bin="$root/target/release/examples/matmul_peak"
+[[ "$do_peak" -eq 0 || -x "$peak_bin" ]] || die "no $peak_bin (cargo build --release -p lorakit --example matmul_peak)"
 [[ -x "$bin" ]] || die "no lorakit binary at $bin (build it, or give --bin PATH)"
 # Precisions of lorakit to measure: f32, plus bf16 where the binary has --precision.
 has_precision() { "$bin" "$1" --help 2>/dev/null | grep -q -- '--precision'; }
@@ -210,9 +220,26 @@ lorakit_decode() { # VARIANT PRECISION ROUND
     --stats "$work/lk.err" --stdout "$work/lk.out" --prompt "$prompt"
 }
 
+peak() { # TOOL ROUND
+  if [[ "$1" == lorakit ]]; then
+    RAYON_NUM_THREADS="$threads" "$peak_bin" >"$work/peak.out" 2>"$work/peak.err" \
+      || die_log "matmul_peak failed" "$work/peak.err"
+  else
+    env OMP_NUM_THREADS="$threads" "$py" "$here/compare_peft.py" peak --threads "$threads" \
+      >"$work/peak.out" 2>"$work/peak.err" || die_log "torch matmul peak failed" "$work/peak.err"
+  fi
+  python3 "$here/compare_report.py" record-peak --tool "$1" --round "$2" --lines "$work/peak.out" >>"$runs" \
+    || die "cannot read $work/peak.out"
+}
+
 load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
 started="$(date '+%Y-%m-%d %H:%M:%S %Z')"
 for r in $(seq "$rounds"); do
+  if [[ "$do_peak" -eq 1 ]]; then
+    log "round $r/$rounds: matmul peak"
+    peak lorakit "$r"
+    peak peft "$r"
+  fi
   if [[ "$do_train" -eq 1 ]]; then
     for c in qv all; do
       log "round $r/$rounds: train, $( [[ $c == qv ]] && echo 'LoRA q,v' || echo 'LoRA all-linear'), $steps steps"
@@ -243,6 +270,7 @@ fi
 table="$(python3 "$here/compare_report.py" table --runs "$runs")" || die "cannot summarise the runs"
 what=""
 [[ "$do_train" -eq 1 ]] && what+="; train: $steps steps (first one untimed) of batch 4 × 256 from $rows rows of the fixture's tokens, LoRA r=8 α=16, AdamW lr 1e-4 wd 0.01"
+[[ "$do_peak" -eq 1 ]] && what+="; peak: examples/matmul_peak.rs and torch.matmul, best of 10 (3 for lm_head) per shape"
 [[ "$do_decode" -eq 1 ]] && what+="; decode: $new_tokens new tokens after the prompt of bench/decode.sh, greedy, batch 1"
 rev="$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 [[ -n "$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null)" ]] && rev="$rev (with uncommitted changes)"

@@ -4,6 +4,8 @@ Subcommands, each printing one JSON object on its last stdout line:
   convert  GGUF -> HF directory (transformers' own GGUF loader dequantises to float32)
   train    a plain PyTorch LoRA training loop, timed per step
   decode   greedy batch-1 generation, timed like `lorakit generate --stats`
+  peak     torch's matmul throughput on the shapes of crates/lorakit/examples/matmul_peak.rs
+           (one JSON object per line there, the same keys)
 
 Every run is its own process, so that /usr/bin/time's peak RSS belongs to one measurement.
 """
@@ -205,6 +207,40 @@ def cmd_decode(a):
           "threads": torch.get_num_threads()})
 
 
+# The SmolLM2-135M linear layers at 1024 tokens (batch 4 x 256), as in examples/matmul_peak.rs:
+# name, m, k, n, how often one forward pass meets the shape.
+PEAK_SHAPES = [
+    ("q_proj/o_proj", 1024, 576, 576, 2),
+    ("k_proj/v_proj", 1024, 576, 192, 2),
+    ("gate_proj/up_proj", 1024, 576, 1536, 2),
+    ("down_proj", 1024, 1536, 576, 1),
+    ("lm_head", 1024, 576, 49152, 1),
+]
+
+
+def cmd_peak(a):
+    torch = setup_torch(a.threads)
+    for dtype, label in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+        flop_total = time_total = 0.0
+        for name, m, k, n, count in PEAK_SHAPES:
+            x = torch.randn(m, k).to(dtype)
+            w = torch.randn(n, k).to(dtype)
+            reps = 3 if n > 10_000 else 10
+            with torch.no_grad():
+                x @ w.t()  # warm-up
+                best = 0.0
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    x @ w.t()
+                    best = max(best, 2.0 * m * n * k / (time.perf_counter() - t0))
+            print(json.dumps({"precision": label, "shape": f"{name} {m}x{k}x{n}", "threads": a.threads,
+                              "gflops": round(best / 1e9, 1)}), flush=True)
+            flop_total += count * 2.0 * m * n * k
+            time_total += count * 2.0 * m * n * k / best
+        print(json.dumps({"precision": label, "shape": "mix", "threads": a.threads,
+                          "gflops": round(flop_total / time_total / 1e9, 1)}), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -231,10 +267,12 @@ def main():
     d.add_argument("--prompt", required=True)
     d.add_argument("--new-tokens", type=int, default=128)
     d.add_argument("--threads", type=int, default=2)
+    k = sub.add_parser("peak")
+    k.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     if a.cmd == "decode" and a.merge and not a.adapter:
         fail("--merge needs --adapter")
-    {"convert": cmd_convert, "train": cmd_train, "decode": cmd_decode}[a.cmd](a)
+    {"convert": cmd_convert, "train": cmd_train, "decode": cmd_decode, "peak": cmd_peak}[a.cmd](a)
 
 
 if __name__ == "__main__":

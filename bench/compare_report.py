@@ -4,7 +4,9 @@ Subcommands:
   data     the training rows: the reference fixture's token stream cut into rows of N ids
   record   turn one run's raw output (PEFT JSON, or lorakit metrics.jsonl / --stats line) and its
            /usr/bin/time peak RSS into one JSON line for runs.jsonl
-  table    medians over the rounds and lorakit/PEFT ratios, as a markdown table
+  record-peak  matmul_peak / compare_peft.py peak lines -> runs.jsonl lines (part "peak")
+  table    medians over the rounds and lorakit/PEFT ratios, as a markdown table; with peak runs,
+           also the matmul ceilings and the model FLOP utilisation (MFU) of the training runs
 """
 
 import argparse
@@ -93,6 +95,35 @@ def cmd_record(a):
           f"peak RSS {rec['rss_kb'] / 1e6:.2f} GB{extra}", file=sys.stderr)
 
 
+def cmd_record_peak(a):
+    n = 0
+    for line in open(a.lines):
+        if not line.startswith("{"):
+            continue
+        r = json.loads(line)
+        print(json.dumps({"part": "peak", "config": r["shape"], "tool": a.tool, "precision": r["precision"],
+                          "round": a.round, "gflops": r["gflops"]}))
+        n += 1
+    if n == 0:
+        fail(f"no result lines in {a.lines}")
+
+
+# Model FLOPs per trained token of the bench's run (SmolLM2-135M, rows of 256 tokens, every token a
+# target, frozen base): forward 2·P and input-gradient 2·P for the P weights of every linear layer
+# and the LM head, plus causal attention (Q·Kᵀ and P·V: 4·h·c per layer forward, c = the mean
+# context (T + 1) / 2; twice that backward). The LoRA factors (r = 8) add < 0.2% and are left out;
+# recomputation inside a tool is not model FLOPs.
+SMOLLM2 = {"layers": 30, "hidden": 576, "kv_dim": 192, "intermediate": 1536, "vocab": 49152}
+
+
+def train_flops_per_token(seq_len=256, c=SMOLLM2):
+    h = c["hidden"]
+    linear = c["layers"] * (2 * h * h + 2 * h * c["kv_dim"] + 3 * h * c["intermediate"])
+    head = c["vocab"] * h
+    attn_fwd = c["layers"] * 4 * h * (seq_len + 1) / 2
+    return 4 * (linear + head) + 3 * attn_fwd
+
+
 def fmt(values, digits):
     med = statistics.median(values)
     cell = f"{med:.{digits}f}"
@@ -166,6 +197,49 @@ def cmd_table(a):
         lp_tok = [r["prompt_tokens"] for r in runs if r["part"] == "decode" and r["config"] == c]
         if lp_tok and len(set(lp_tok)) > 1:
             notes.append(f"WARNING: prompt token counts differ between the tools ({sorted(set(lp_tok))})")
+    peak_rows = [r for r in runs if r["part"] == "peak"]
+    if peak_rows:
+        out.append("")
+        out.append("| matmul GFLOP/s (2 threads) | lorakit | torch | lorakit / torch |")
+        out.append("| --- | ---: | ---: | ---: |")
+        shapes = []
+        for r in peak_rows:
+            if (r["precision"], r["config"]) not in shapes:
+                shapes.append((r["precision"], r["config"]))
+        for prec, shape in shapes:
+            lk = values("peak", shape, "lorakit", prec, "gflops")
+            pt = values("peak", shape, "peft", prec, "gflops")
+            label = {"roof": "instruction roof (512-bit FMA / dot-product chains, registers only)",
+                     "mix": "one forward pass's mix of the shapes, time-weighted"}.get(shape, shape)
+            lc = fmt(lk, 0)[0] if lk else "–"
+            pc = fmt(pt, 0)[0] if pt else "–"
+            ratio = f"{statistics.median(lk) / statistics.median(pt):.2f}" if lk and pt else "–"
+            out.append(f"| {prec} {label} | {lc} | {pc} | {ratio} |")
+        train_rows = [r for r in runs if r["part"] == "train"]
+        if train_rows:
+            fpt = train_flops_per_token()
+            notes.append(f"model FLOPs per trained token (SmolLM2-135M, 256-token rows, frozen base): "
+                         f"{fpt / 1e9:.3f} GFLOP (formula in compare_report.py)")
+            out.append("")
+            out.append("| model FLOP utilisation (MFU) | tokens/s | model GFLOP/s | of the instruction roof | "
+                       "of the best measured matmul mix |")
+            out.append("| --- | ---: | ---: | ---: | ---: |")
+            for c in configs:
+                for tool, precs in (("lorakit", lk_prec), ("peft", pf_prec)):
+                    for p in precs:
+                        tps = values("train", c, tool, p, "tokens_per_s")
+                        if not tps:
+                            continue
+                        kind = "bf16" if p == "bf16" else "f32"
+                        roof = values("peak", "roof", "lorakit", kind, "gflops")
+                        mixes = [statistics.median(v) for v in (values("peak", "mix", "lorakit", kind, "gflops"),
+                                                                 values("peak", "mix", "peft", kind, "gflops")) if v]
+                        model = statistics.median(tps) * fpt / 1e9
+                        of_roof = f"{100 * model / statistics.median(roof):.0f}%" if roof else "–"
+                        of_mix = f"{100 * model / max(mixes):.0f}%" if mixes else "–"
+                        name = f"lorakit {p}" if tool == "lorakit" else pf_name[p]
+                        out.append(f"| {CONFIG_NAMES[c]}, {name} | {statistics.median(tps):.0f} | {model:.0f} | "
+                                   f"{of_roof} | {of_mix} |")
     print("\n".join(out))
     if notes:
         print()
@@ -193,10 +267,14 @@ def main():
     r.add_argument("--stats", help="lorakit generate --stats: its stderr")
     r.add_argument("--stdout", help="lorakit generate: its stdout (prompt + text)")
     r.add_argument("--prompt", default="")
+    k = sub.add_parser("record-peak")
+    k.add_argument("--tool", choices=["lorakit", "peft"], required=True)
+    k.add_argument("--round", type=int, required=True)
+    k.add_argument("--lines", required=True)
     t = sub.add_parser("table")
     t.add_argument("--runs", required=True)
     a = p.parse_args()
-    {"data": cmd_data, "record": cmd_record, "table": cmd_table}[a.cmd](a)
+    {"data": cmd_data, "record": cmd_record, "record-peak": cmd_record_peak, "table": cmd_table}[a.cmd](a)
 
 
 if __name__ == "__main__":

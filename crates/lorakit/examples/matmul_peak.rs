@@ -1,0 +1,134 @@
+//! The matmul ceilings of this CPU, for bench/RESULTS.md's model-FLOP-utilisation (MFU) table
+//! (`bench/mfu.sh` runs this beside torch's numbers for the same shapes).
+//!
+//! 1. Instruction roof: every thread runs independent chains of 512-bit f32 FMAs
+//!    (`vfmadd231ps`, 32 FLOP each) or bf16 dot products (`vdpbf16ps`, 64 FLOP each) on
+//!    registers only: no memory, no packing, no edges. No matmul on this machine can beat it.
+//!    Best of 5 runs, as the kernels below are best-of-N too.
+//! 2. The engine's kernels on the LoRA training shapes of SmolLM2-135M (batch 4 × 256 = 1024
+//!    tokens): f32 through the `gemm` crate, bf16 through `engine::bf16`.
+//!
+//! Prints one JSON object per line: {"precision": "f32"|"bf16", "shape": "roof" | "NAME MxKxN" |
+//! "mix", "threads", "gflops"}; "mix" is one forward pass's shapes, time-weighted. Threads:
+//! RAYON_NUM_THREADS (default: all).
+
+use std::time::Instant;
+
+use lorakit::engine::bf16::{bf16_supported, matmul_bf16, PackedBf16};
+use lorakit::engine::matmul_nt;
+use rayon::prelude::*;
+
+/// FLOP/s of `iters` rounds of 16 independent FMA chains per thread (enough to cover latency ×
+/// pipes on current cores), on every rayon thread.
+#[cfg(target_arch = "x86_64")]
+fn roof(bf16: bool, iters: usize) -> f64 {
+    let threads = rayon::current_num_threads();
+    let t = Instant::now();
+    let sink: f32 = (0..threads)
+        .into_par_iter()
+        // SAFETY: the features are checked in main before this is called.
+        .map(|i| unsafe {
+            if bf16 {
+                chains_bf16(iters, i as f32)
+            } else {
+                chains_f32(iters, i as f32)
+            }
+        })
+        .sum();
+    let secs = t.elapsed().as_secs_f64();
+    std::hint::black_box(sink);
+    let per_instr = if bf16 { 64.0 } else { 32.0 };
+    (threads * iters * 16) as f64 * per_instr / secs
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn chains_f32(iters: usize, seed: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let a = _mm512_set1_ps(0.999_9);
+    let b = _mm512_set1_ps(1e-7 * seed);
+    let mut acc = [_mm512_set1_ps(seed); 16];
+    for _ in 0..iters {
+        for c in acc.iter_mut() {
+            *c = _mm512_fmadd_ps(*c, a, b);
+        }
+    }
+    acc.iter().map(|&c| _mm512_reduce_add_ps(c)).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn chains_bf16(iters: usize, seed: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(0x3f80_3f80)); // (1.0, 1.0)
+    let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(0x3380_3380)); // (6e-8, 6e-8)
+    let mut acc = [_mm512_set1_ps(seed); 16];
+    for _ in 0..iters {
+        for c in acc.iter_mut() {
+            *c = _mm512_dpbf16_ps(*c, a, b);
+        }
+    }
+    acc.iter().map(|&c| _mm512_reduce_add_ps(c)).sum()
+}
+
+/// Best of `reps` timings of out[m, n] = x[m, k] · W[n, k]ᵀ, in FLOP/s.
+fn best_of(reps: usize, m: usize, k: usize, n: usize, mut f: impl FnMut()) -> f64 {
+    f(); // warm caches, threads and page tables
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            2.0 * (m * n * k) as f64 / t.elapsed().as_secs_f64()
+        })
+        .fold(0.0, f64::max)
+}
+
+fn main() {
+    if !(std::arch::is_x86_feature_detected!("avx512f") && bf16_supported()) {
+        eprintln!("error: this benchmark needs AVX-512 and AVX512-BF16");
+        std::process::exit(1);
+    }
+    let threads = rayon::current_num_threads();
+    let line = |precision: &str, shape: &str, flops: f64| {
+        let gflops = (flops / 1e9 * 10.0).round() / 10.0;
+        let row = serde_json::json!({ "precision": precision, "shape": shape, "threads": threads, "gflops": gflops });
+        println!("{row}");
+    };
+    #[cfg(target_arch = "x86_64")]
+    {
+        let best = |bf16: bool| (0..5).map(|_| roof(bf16, 10_000_000)).fold(0.0, f64::max);
+        line("f32", "roof", best(false));
+        line("bf16", "roof", best(true));
+    }
+    // SmolLM2-135M linear layers at 1024 tokens: q/o, k/v, gate/up, down; and the LM head.
+    let shapes = [
+        ("q_proj/o_proj", 1024usize, 576usize, 576usize),
+        ("k_proj/v_proj", 1024, 576, 192),
+        ("gate_proj/up_proj", 1024, 576, 1536),
+        ("down_proj", 1024, 1536, 576),
+        ("lm_head", 1024, 576, 49152),
+    ];
+    let (mut f32_total, mut bf16_total, mut flop_total) = (0.0, 0.0, 0.0);
+    for (name, m, k, n) in shapes {
+        let x: Vec<f32> = (0..m * k).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect();
+        let mut out = vec![0.0f32; m * n];
+        let packed = PackedBf16::for_x_wt(&w, n, k);
+        let reps = if n > 10_000 { 3 } else { 10 };
+        let f = best_of(reps, m, k, n, || matmul_nt(&mut out, &x, &w, m, k, n, false));
+        let b = best_of(reps, m, k, n, || matmul_bf16(&mut out, &x, m, &packed, false));
+        line("f32", &format!("{name} {m}x{k}x{n}"), f);
+        line("bf16", &format!("{name} {m}x{k}x{n}"), b);
+        // Time-weighted over the shapes as one forward pass meets them (gate/up count twice).
+        let count = match name {
+            "q_proj/o_proj" | "k_proj/v_proj" | "gate_proj/up_proj" => 2.0,
+            _ => 1.0,
+        };
+        let flop = count * 2.0 * (m * n * k) as f64;
+        flop_total += flop;
+        f32_total += flop / f;
+        bf16_total += flop / b;
+    }
+    line("f32", "mix", flop_total / f32_total);
+    line("bf16", "mix", flop_total / bf16_total);
+}
