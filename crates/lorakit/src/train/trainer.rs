@@ -201,6 +201,7 @@ impl TrainOptions {
             use_rslora: self.use_rslora,
             init_lora_weights,
             base_model_name_or_path: Some(model_name.to_owned()),
+            fan_in_fan_out: false,
         })
     }
 }

@@ -1,0 +1,369 @@
+//! GPT-2 against the `tiny-gpt2` fixtures (HF transformers + PEFT): base, adapter (unmerged)
+//! and merged logits, the Conv1D layout, and bad input.
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use lorakit::lora::peft::Adapter;
+use lorakit::lora::{ModuleId, ModuleKind};
+use lorakit::model::Gpt2Model;
+
+use crate::common::*;
+
+fn tiny_gpt2() -> &'static Gpt2Model {
+    static MODEL: OnceLock<Gpt2Model> = OnceLock::new();
+    MODEL.get_or_init(|| Gpt2Model::load(&fixture("tiny-gpt2")).expect("load tiny-gpt2"))
+}
+
+/// Logits of both fixture rows, [2·12, vocab].
+fn batch_logits(model: &Gpt2Model) -> Vec<f32> {
+    let meta = read_json("tiny-gpt2/meta.json");
+    let mut out = Vec::new();
+    for row in meta["batch"]["input_ids"].as_array().unwrap() {
+        out.extend(model.logits(&ids_of(row)).unwrap());
+    }
+    out
+}
+
+fn adapter() -> Adapter {
+    Adapter::load(&fixture("tiny-gpt2/lora-r4-c_attn"), &tiny_gpt2().config).unwrap()
+}
+
+#[test]
+fn tiny_gpt2_base_logits_match_transformers() {
+    let m = tiny_gpt2();
+    let want = logits_record("tiny-gpt2/logits_base.safetensors", "batch");
+    assert!(want.full.is_some(), "the tiny-gpt2 fixture has full logits");
+    compare_logits(&batch_logits(m), 512, &want, 1e-4, "tiny-gpt2 base");
+}
+
+#[test]
+fn tiny_gpt2_adapter_unmerged_and_merged_match_peft() {
+    let a = adapter();
+    assert!(a.config.fan_in_fan_out);
+    assert_eq!(
+        a.modules.keys().map(|id| id.path()).collect::<Vec<_>>(),
+        ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    );
+    assert!(a.modules.values().all(|w| w.scale == 2.0));
+    let mut m = tiny_gpt2().clone();
+    m.attach_adapter(&a, 1.0).unwrap();
+    let unmerged = batch_logits(&m);
+    let want = logits_record(
+        "tiny-gpt2/lora-r4-c_attn/logits_adapter.safetensors",
+        "batch",
+    );
+    compare_logits(&unmerged, 512, &want, 1e-4, "tiny-gpt2 adapter (unmerged)");
+
+    m.merge_adapters().unwrap();
+    assert!(m.blocks[0].c_attn.loras.is_empty());
+    let merged = batch_logits(&m);
+    let want = logits_record(
+        "tiny-gpt2/lora-r4-c_attn/logits_merged.safetensors",
+        "batch",
+    );
+    compare_logits(&merged, 512, &want, 1e-4, "tiny-gpt2 merged");
+    let d = merged
+        .iter()
+        .zip(&unmerged)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    eprintln!("tiny-gpt2 merged vs unmerged: max |Δ| = {d:.2e}");
+    assert!(d < 1e-4, "merged vs unmerged {d}");
+    // The adapter changes the logits a lot (5.6 in the fixture), so the checks above see it.
+    let base = batch_logits(tiny_gpt2());
+    let effect = base
+        .iter()
+        .zip(&unmerged)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(effect > 1.0, "adapter effect {effect}");
+
+    // Unmerge restores W0.
+    m.unmerge_adapter(&a, 1.0).unwrap();
+    let w0 = tiny_gpt2().blocks[1].c_attn.weight_f32();
+    let back = m.blocks[1].c_attn.weight_f32();
+    let d = back
+        .iter()
+        .zip(w0)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(d < 1e-5, "unmerge: {d}");
+}
+
+/// The merge in HF's layout: W[in, out] += s·(B A)ᵀ, computed here from the files alone.
+#[test]
+fn merged_conv1d_weight_is_the_transposed_delta_and_saves_in_hf_layout() {
+    let m0 = tiny_gpt2();
+    let a = adapter();
+    let mut m = m0.clone();
+    m.attach_adapter(&a, 1.0).unwrap();
+    m.merge_adapters().unwrap();
+    let dir = tempfile_dir("gpt2-merged");
+    m.save_hf_dir(&dir).unwrap();
+
+    let st = lorakit::io::safetensors_file::SafetensorsFile::open(&fixture(
+        "tiny-gpt2/model.safetensors",
+    ))
+    .unwrap();
+    let ad = lorakit::io::safetensors_file::SafetensorsFile::open(&fixture(
+        "tiny-gpt2/lora-r4-c_attn/adapter_model.safetensors",
+    ))
+    .unwrap();
+    let saved =
+        lorakit::io::safetensors_file::SafetensorsFile::open(&dir.join("model.safetensors"))
+            .unwrap();
+    let key = "transformer.h.1.attn.c_attn.weight";
+    let (w, shape) = st.tensor_f32(key).unwrap();
+    assert_eq!(shape, [64, 192]);
+    let (la, _) = ad
+        .tensor_f32("base_model.model.transformer.h.1.attn.c_attn.lora_A.weight")
+        .unwrap();
+    let (lb, _) = ad
+        .tensor_f32("base_model.model.transformer.h.1.attn.c_attn.lora_B.weight")
+        .unwrap();
+    let (got, gshape) = saved.tensor_f32(key).unwrap();
+    assert_eq!(gshape, [64, 192]);
+    let mut max = 0.0f64;
+    for i in 0..64 {
+        for o in 0..192 {
+            let delta: f64 = (0..4)
+                .map(|k| lb[o * 4 + k] as f64 * la[k * 64 + i] as f64)
+                .sum();
+            let want = w[i * 192 + o] as f64 + 2.0 * delta;
+            max = max.max((got[i * 192 + o] as f64 - want).abs());
+        }
+    }
+    assert!(max < 1e-5, "saved merged Conv1D weight off by {max}");
+    // The saved directory loads back and gives the merged logits.
+    let back = Gpt2Model::load(&dir).unwrap();
+    let want = logits_record(
+        "tiny-gpt2/lora-r4-c_attn/logits_merged.safetensors",
+        "batch",
+    );
+    compare_logits(
+        &batch_logits(&back),
+        512,
+        &want,
+        1e-4,
+        "tiny-gpt2 merged, saved",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn cached_decode_equals_full_forward() {
+    let m = tiny_gpt2();
+    let meta = read_json("tiny-gpt2/meta.json");
+    let ids = ids_of(&meta["batch"]["input_ids"][1]);
+    let full = m.logits(&ids).unwrap();
+    let mut cache = m.new_cache(ids.len()).unwrap();
+    m.forward(&ids[..5], &mut cache, lorakit::model::llama::Logits::All)
+        .unwrap();
+    for (i, &id) in ids.iter().enumerate().skip(5) {
+        let last = m
+            .forward(&[id], &mut cache, lorakit::model::llama::Logits::Last)
+            .unwrap();
+        let d = last
+            .iter()
+            .zip(&full[i * 512..(i + 1) * 512])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(d < 1e-5, "position {i}: {d}");
+    }
+    // Past n_positions the position table has no rows: an error, not a panic.
+    assert!(m
+        .new_cache(65)
+        .unwrap_err()
+        .to_string()
+        .contains("n_positions"));
+}
+
+/// A copy of tiny-gpt2 in a fresh directory, with `edit` applied to its config.json.
+fn copy_with_config(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> std::path::PathBuf {
+    let dir = tempfile_dir(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg = read_json("tiny-gpt2/config.json");
+    edit(&mut cfg);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(
+        fixture("tiny-gpt2/model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    dir
+}
+
+fn tempfile_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("lorakit-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[test]
+fn unknown_activation_is_an_error_naming_the_key() {
+    let dir = copy_with_config("gpt2-relu", |c| c["activation_function"] = "relu".into());
+    let e = Gpt2Model::load(&dir).unwrap_err().to_string();
+    assert!(
+        e.contains("activation_function") && e.contains("relu") && e.contains("config.json"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn missing_tensor_is_an_error_naming_tensor_and_file() {
+    // Rewrite the weights without one tensor.
+    let dir = copy_with_config("gpt2-missing", |_| {});
+    let src = lorakit::io::safetensors_file::SafetensorsFile::open(&fixture(
+        "tiny-gpt2/model.safetensors",
+    ))
+    .unwrap();
+    let drop = "transformer.h.1.mlp.c_fc.bias";
+    let kept: Vec<(String, Vec<usize>, Vec<u8>)> = src
+        .names()
+        .into_iter()
+        .filter(|n| n != drop)
+        .map(|n| {
+            let (d, s) = src.tensor_f32(&n).unwrap();
+            (n, s, d.iter().flat_map(|v| v.to_le_bytes()).collect())
+        })
+        .collect();
+    let views: Vec<_> = kept
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    let e = Gpt2Model::load(&dir).unwrap_err().to_string();
+    assert!(e.contains(drop) && e.contains("model.safetensors"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bare_hub_names_load_like_prefixed_ones() {
+    // The canonical `gpt2` hub repo stores `wte.weight`, `h.0.attn.c_attn.weight`, ...
+    let dir = copy_with_config("gpt2-bare", |_| {});
+    let src = lorakit::io::safetensors_file::SafetensorsFile::open(&fixture(
+        "tiny-gpt2/model.safetensors",
+    ))
+    .unwrap();
+    let renamed: Vec<(String, Vec<usize>, Vec<u8>)> = src
+        .names()
+        .into_iter()
+        .map(|n| {
+            let (d, s) = src.tensor_f32(&n).unwrap();
+            let bare = n.strip_prefix("transformer.").unwrap().to_owned();
+            (bare, s, d.iter().flat_map(|v| v.to_le_bytes()).collect())
+        })
+        .collect();
+    let views: Vec<_> = renamed
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    let m = Gpt2Model::load(&dir).unwrap();
+    let want = logits_record("tiny-gpt2/logits_base.safetensors", "batch");
+    compare_logits(&batch_logits(&m), 512, &want, 1e-4, "tiny-gpt2 bare names");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn adapter_targets_that_gpt2_lacks_are_errors() {
+    let m = tiny_gpt2();
+    // A Llama target name in a GPT-2 adapter config.
+    let dir = tempfile_dir("gpt2-qproj-adapter");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg = read_json("tiny-gpt2/lora-r4-c_attn/adapter_config.json");
+    cfg["target_modules"] = serde_json::json!(["q_proj"]);
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(
+        fixture("tiny-gpt2/lora-r4-c_attn/adapter_model.safetensors"),
+        dir.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let e = Adapter::load(&dir, &m.config).unwrap_err().to_string();
+    assert!(
+        e.contains("\"q_proj\"") && e.contains("c_attn, c_proj, c_fc"),
+        "{e}"
+    );
+    // A Llama adapter cannot be attached to GPT-2, nor a GPT-2 one to Llama.
+    let llama = tiny_llama();
+    let la = Adapter::load(&fixture("tiny-llama/lora-a-r4-qv"), &llama.model.config).unwrap();
+    let e = m.clone().attach_adapter(&la, 1.0).unwrap_err().to_string();
+    assert!(
+        e.contains("q_proj") && e.contains("not a GPT-2 module"),
+        "{e}"
+    );
+    let ga = adapter();
+    let e = llama
+        .model
+        .clone()
+        .attach_adapter(&ga, 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("transformer.h.0.attn.c_attn"), "{e}");
+    // The GPT-2 adapter (fan_in_fan_out: true) against the Llama config: refused by name.
+    let e = Adapter::load(&fixture("tiny-gpt2/lora-r4-c_attn"), &llama.model.config)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("fan_in_fan_out"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn c_proj_targets_both_projections_and_fresh_adapters_save_fan_in_fan_out() {
+    let m = tiny_gpt2();
+    let cfg = lorakit::lora::LoraConfig {
+        r: 2,
+        lora_alpha: 4.0,
+        target_modules: lorakit::lora::TargetModules::Names(vec!["c_proj".into()]),
+        ..Default::default()
+    };
+    let a = Adapter::init(cfg, &m.config, 7, Path::new("test")).unwrap();
+    let ids: Vec<ModuleId> = a.modules.keys().copied().collect();
+    assert_eq!(
+        ids.iter().map(|id| id.path()).collect::<Vec<_>>(),
+        [
+            "transformer.h.0.attn.c_proj",
+            "transformer.h.0.mlp.c_proj",
+            "transformer.h.1.attn.c_proj",
+            "transformer.h.1.mlp.c_proj"
+        ]
+    );
+    // mlp.c_proj is [out 64, in 256]: A [2, 256], B [64, 2].
+    let w = &a.modules[&ModuleId {
+        layer: 0,
+        kind: ModuleKind::MlpCProj,
+    }];
+    assert_eq!((w.a.len(), w.b.len()), (2 * 256, 64 * 2));
+    let dir = tempfile_dir("gpt2-fresh-adapter");
+    a.save(&dir).unwrap();
+    let saved = read_json_abs(&dir.join("adapter_config.json"));
+    assert_eq!(saved["fan_in_fan_out"], serde_json::json!(true));
+    assert_eq!(Adapter::load(&dir, &m.config).unwrap(), a);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn read_json_abs(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
