@@ -367,3 +367,83 @@ fn c_proj_targets_both_projections_and_fresh_adapters_save_fan_in_fan_out() {
 fn read_json_abs(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
+
+/// Loss and LoRA gradients of tiny-gpt2 with `adapter` on the `tests/data/gpt2-grads` batch.
+fn gpt2_grads(adapter: &Adapter) -> (f64, lorakit::model::llama_train::LoraGrads) {
+    use lorakit::model::gpt2::Gpt2Activations;
+    use lorakit::model::llama_train::{Dropout, LoraGrads};
+    use lorakit::train::loss::{lm_head_loss, target_positions};
+    let m = tiny_gpt2();
+    let batch = lorakit::io::safetensors_file::SafetensorsFile::open(
+        &repo_root().join("tests/data/gpt2-grads/batch.safetensors"),
+    )
+    .unwrap();
+    let (ids, shape) = batch.tensor_i64("input_ids").unwrap();
+    let (labels, _) = batch.tensor_i64("labels").unwrap();
+    let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+    let (b, t) = (shape[0], shape[1]);
+    let mut acts = Gpt2Activations::default();
+    m.train_forward(&ids, b, t, Some(adapter), Dropout::NONE, &mut acts)
+        .unwrap();
+    let targets = target_positions(&labels, b, t);
+    let n = targets.len() as f64;
+    let mut dx = vec![0.0f32; b * t * m.config.hidden_size];
+    let loss = lm_head_loss(m, &acts.x_final, &targets, 0.0, n, Some(&mut dx)) / n;
+    let mut grads = LoraGrads::zeros_like(adapter);
+    m.train_backward(&mut dx, &acts, adapter, Dropout::NONE, &mut grads)
+        .unwrap();
+    (loss, grads)
+}
+
+fn check_gpt2_grads(case: &str, adapter: &Adapter) {
+    use lorakit::lora::peft::{key_a, key_b};
+    let dir = repo_root().join("tests/data/gpt2-grads").join(case);
+    let meta = read_json_abs(&dir.join("grad_meta.json"));
+    let (loss, grads) = gpt2_grads(adapter);
+    let want_loss = meta["loss"].as_f64().unwrap();
+    eprintln!(
+        "gpt2 {case}: loss {loss} vs {want_loss} (|Δ| {:.2e})",
+        (loss - want_loss).abs()
+    );
+    assert!(
+        (loss - want_loss).abs() <= 1e-5,
+        "{case}: loss {loss} vs {want_loss}"
+    );
+    let want = lorakit::io::safetensors_file::SafetensorsFile::open(&dir.join("grads.safetensors"))
+        .unwrap();
+    assert_eq!(want.names().len(), 2 * grads.modules.len());
+    let mut worst = 0.0f32;
+    for (id, (da, db)) in &grads.modules {
+        for (key, got) in [(key_a(id), da), (key_b(id), db)] {
+            let (w, _) = want.tensor_f32(&key).unwrap();
+            assert_eq!(w.len(), got.len(), "{key}");
+            let max_g = w.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            assert!(max_g > 1e-3, "{key}: reference gradient is ~0");
+            let max_d = got
+                .iter()
+                .zip(&w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            let rel = max_d / max_g;
+            worst = worst.max(rel);
+            assert!(rel <= 1e-5, "{case} {key}: max|Δg|/max|g| = {rel:e}");
+        }
+    }
+    eprintln!("gpt2 {case}: worst per-tensor max|Δg|/max|g| = {worst:.2e}");
+}
+
+#[test]
+fn gpt2_lora_gradients_match_float64_peft_on_c_attn() {
+    check_gpt2_grads("c_attn", &adapter());
+}
+
+#[test]
+fn gpt2_lora_gradients_match_float64_peft_on_c_attn_c_proj_c_fc() {
+    let a = Adapter::load(
+        &repo_root().join("tests/data/gpt2-grads/all/adapter"),
+        &tiny_gpt2().config,
+    )
+    .unwrap();
+    assert_eq!(a.modules.len(), 8);
+    check_gpt2_grads("all", &a);
+}
