@@ -447,3 +447,200 @@ fn gpt2_lora_gradients_match_float64_peft_on_c_attn_c_proj_c_fc() {
     assert_eq!(a.modules.len(), 8);
     check_gpt2_grads("all", &a);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The CLI on a GPT-2 directory.
+
+/// log P(ids[t] | ids[..t]) for t ≥ 1 from a fixture record's full logits: [T - 1].
+fn fixture_logprobs(rel: &str, row: usize, ids: &[u32]) -> Vec<f32> {
+    let want = logits_record(rel, "batch");
+    let full = want.full.unwrap();
+    let t_len = ids.len();
+    (1..t_len)
+        .map(|t| {
+            let r = row * t_len + t - 1;
+            full[r * 512 + ids[t] as usize] - want.lse[r]
+        })
+        .collect()
+}
+
+fn cli_logprobs(args: &[&str]) -> (Vec<f32>, serde_json::Value) {
+    let o = lorakit(args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let lps = v["tokens"].as_array().unwrap()[1..]
+        .iter()
+        .map(|t| t["logprob"].as_f64().unwrap() as f32)
+        .collect();
+    (lps, v)
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
+}
+
+#[test]
+fn score_cli_on_gpt2_matches_fixture_with_and_without_adapter() {
+    let meta = read_json("tiny-gpt2/meta.json");
+    let ids = ids_of(&meta["batch"]["input_ids"][1]);
+    let ids_arg = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let model = fixture("tiny-gpt2");
+    let model = model.to_str().unwrap();
+    let (lps, v) = cli_logprobs(&["score", "--model", model, "--ids", &ids_arg]);
+    let d = max_abs_diff(
+        &lps,
+        &fixture_logprobs("tiny-gpt2/logits_base.safetensors", 1, &ids),
+    );
+    eprintln!("score CLI tiny-gpt2 base: max |Δ logprob| = {d:.2e}");
+    assert!(d < 1e-4, "{d}");
+    // No tokenizer.json: the token text is null, not made up.
+    assert!(v["tokens"][0]["text"].is_null());
+
+    let adapter = fixture("tiny-gpt2/lora-r4-c_attn");
+    let (lps, _) = cli_logprobs(&[
+        "score",
+        "--model",
+        model,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--ids",
+        &ids_arg,
+    ]);
+    let d = max_abs_diff(
+        &lps,
+        &fixture_logprobs(
+            "tiny-gpt2/lora-r4-c_attn/logits_adapter.safetensors",
+            1,
+            &ids,
+        ),
+    );
+    eprintln!("score CLI tiny-gpt2 + adapter: max |Δ logprob| = {d:.2e}");
+    assert!(d < 1e-4, "{d}");
+
+    // Text needs a tokenizer: a clear error.
+    let o = lorakit(&["score", "--model", model, "--text", "hello"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("tokenizer.json"), "{}", stderr(&o));
+    let o = lorakit(&["generate", "--model", model, "--prompt", "hello"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("tokenizer.json"), "{}", stderr(&o));
+}
+
+#[test]
+fn merge_cli_on_gpt2_writes_a_directory_with_the_merged_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let o = lorakit(&[
+        "merge",
+        "--model",
+        fixture("tiny-gpt2").to_str().unwrap(),
+        "--adapter",
+        fixture("tiny-gpt2/lora-r4-c_attn").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = Gpt2Model::load(&out).unwrap();
+    assert!(m.blocks.iter().all(|b| b.c_attn.loras.is_empty()));
+    let want = logits_record(
+        "tiny-gpt2/lora-r4-c_attn/logits_merged.safetensors",
+        "batch",
+    );
+    compare_logits(&batch_logits(&m), 512, &want, 1e-4, "tiny-gpt2 merge CLI");
+}
+
+#[test]
+fn train_cli_on_gpt2_starts_at_the_reference_loss_and_learns() {
+    // tiny-gpt2 has no tokenizer; the data are pre-tokenised, so any tokenizer.json that the
+    // loader accepts will do (SmolLM2's: its vocabulary covers ids < 512).
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny-gpt2-tok");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("tiny-gpt2").join(f), model.join(f)).unwrap();
+    }
+    std::fs::copy(
+        fixture("smollm2/tokenizer.json"),
+        model.join("tokenizer.json"),
+    )
+    .unwrap();
+    // The gpt2-grads batch as JSONL: the reference loss of its first step is known.
+    let batch = lorakit::io::safetensors_file::SafetensorsFile::open(
+        &repo_root().join("tests/data/gpt2-grads/batch.safetensors"),
+    )
+    .unwrap();
+    let (ids, shape) = batch.tensor_i64("input_ids").unwrap();
+    let (labels, _) = batch.tensor_i64("labels").unwrap();
+    let t = shape[1];
+    let data = tmp.path().join("data.jsonl");
+    let lines: Vec<String> = (0..shape[0])
+        .map(|b| {
+            serde_json::json!({
+                "input_ids": ids[b * t..(b + 1) * t],
+                "labels": labels[b * t..(b + 1) * t],
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let out = tmp.path().join("run");
+    let o = lorakit(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--init-adapter",
+        fixture("tiny-gpt2/lora-r4-c_attn").to_str().unwrap(),
+        "--no-shuffle",
+        "--batch-size",
+        "2",
+        "--steps",
+        "5",
+        "--lr",
+        "1e-2",
+        "--precision",
+        "f32",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let meta = read_json_abs(&repo_root().join("tests/data/gpt2-grads/c_attn/grad_meta.json"));
+    let want = meta["loss"].as_f64().unwrap();
+    let first = rows[0]["loss"].as_f64().unwrap();
+    eprintln!("train CLI tiny-gpt2: step-1 loss {first} vs reference {want}");
+    assert!((first - want).abs() < 1e-5, "{first} vs {want}");
+    let last = rows.last().unwrap()["loss"].as_f64().unwrap();
+    assert!(last < first - 0.1, "loss {first} → {last}");
+    let cfg = read_json_abs(&out.join("adapter_config.json"));
+    assert_eq!(cfg["fan_in_fan_out"], serde_json::json!(true));
+    assert_eq!(cfg["target_modules"], serde_json::json!(["c_attn"]));
+    let trained = Adapter::load(&out, &tiny_gpt2().config).unwrap();
+    assert_ne!(trained, adapter());
+
+    // --full is refused for GPT-2 by name.
+    let o = lorakit(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        tmp.path().join("full").to_str().unwrap(),
+        "--full",
+        "--precision",
+        "f32",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("GPT-2"), "{}", stderr(&o));
+}
