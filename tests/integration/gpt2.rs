@@ -644,3 +644,14 @@ fn train_cli_on_gpt2_starts_at_the_reference_loss_and_learns() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("GPT-2"), "{}", stderr(&o));
 }
+
+#[test]
+fn inspect_cli_describes_a_gpt2_directory() {
+    let o = lorakit(&["inspect", fixture("tiny-gpt2").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    // 512·64 + 64·64 (wte, wpe) + 2 × 49 984 per block + 128 (ln_f) = 136 960.
+    for needle in ["gpt2", "136960", "2 layers", "n_embd 64", "absent"] {
+        assert!(out.contains(needle), "{needle}: {out}");
+    }
+}

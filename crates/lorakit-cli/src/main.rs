@@ -387,7 +387,11 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
 }
 
 fn cmd_inspect(a: InspectArgs) -> Result<()> {
-    let m = open_model(a.path)?;
+    let path = resolve_model(a.path)?;
+    if is_gpt2_dir(&path) {
+        return inspect_gpt2(&path);
+    }
+    let m = open_model(Some(path))?;
     let c = &m.model.config;
     match &m.source {
         ModelSource::Gguf { path, tensor_types } => {
@@ -430,6 +434,34 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         match &m.chat_template {
             Some(t) => format!("present ({} bytes)", t.len()),
             None => "absent".into(),
+        }
+    );
+    Ok(())
+}
+
+fn inspect_gpt2(path: &Path) -> Result<()> {
+    let g = open_gpt2(path)?;
+    let c = &g.model.config;
+    println!("source:        HF directory {}", path.display());
+    println!("architecture:  gpt2");
+    println!(
+        "parameters:    {} ({:.1} M)",
+        c.parameter_count(),
+        c.parameter_count() as f64 / 1e6
+    );
+    println!(
+        "shape:         {} layers, n_embd {}, n_inner {}, {} heads of {}, vocab {}",
+        c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.head_dim, c.vocab_size
+    );
+    println!(
+        "context:       {} positions (learned), layer_norm_epsilon {:e}, tied embeddings: {}",
+        c.max_position_embeddings, c.rms_norm_eps, c.tie_word_embeddings
+    );
+    println!(
+        "tokenizer:     {}",
+        match &g.tokenizer {
+            Some(t) => t.describe(),
+            None => "absent (no tokenizer.json: token ids only)".into(),
         }
     );
     Ok(())
