@@ -12,6 +12,7 @@ mod eval;
 mod full_ft;
 mod fuzz_regressions;
 mod gguf_blocks;
+mod gpt2;
 mod logits;
 mod lora;
 mod real_model;

@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use lorakit::generate::{generate, token_logprobs, SamplingParams};
-use lorakit::model::{load_model, LoadedModel, ModelSource};
-use lorakit::tokenize::{ChatMessage, StreamDecoder};
+use lorakit::model::{is_gpt2_dir, load_model, CausalLm, Gpt2Model, LoadedModel, ModelSource};
+use lorakit::tokenize::{ChatMessage, StreamDecoder, Tokenizer};
 
 mod analyze_cmd;
 mod eval_cmd;
@@ -86,6 +86,61 @@ impl ModelArg {
             lorakit::model::attach_gguf_blocks(&mut m.model, &path)?;
         }
         Ok(m)
+    }
+}
+
+/// A GPT-2 HF directory as the CLI uses it; its tokenizer is optional (tokenizer.json).
+pub(crate) struct Gpt2Loaded {
+    pub model: Gpt2Model,
+    pub tokenizer: Option<Tokenizer>,
+}
+
+/// A model of either family, for the commands that accept both (score, generate, merge, train).
+pub(crate) enum Opened {
+    Llama(LoadedModel),
+    Gpt2(Gpt2Loaded),
+}
+
+impl Opened {
+    /// The model for scoring / generation, and its tokenizer if it has one.
+    fn parts(&self) -> (&dyn CausalLm, Option<&Tokenizer>) {
+        match self {
+            Opened::Llama(m) => (&m.model, Some(&m.tokenizer)),
+            Opened::Gpt2(g) => (&g.model, g.tokenizer.as_ref()),
+        }
+    }
+}
+
+/// Loads a GPT-2 HF directory (weights, config, and tokenizer.json when present).
+pub(crate) fn open_gpt2(path: &Path) -> Result<Gpt2Loaded> {
+    let model =
+        Gpt2Model::load(path).with_context(|| format!("cannot load model {}", path.display()))?;
+    let tokenizer = if path.join("tokenizer.json").is_file() {
+        Some(Tokenizer::from_hf_dir(path)?)
+    } else {
+        None
+    };
+    Ok(Gpt2Loaded { model, tokenizer })
+}
+
+impl ModelArg {
+    /// [`ModelArg::open`], or the GPT-2 path when `--model` is a GPT-2 HF directory.
+    fn open_any(self) -> Result<Opened> {
+        let path = resolve_model(self.model.clone())?;
+        if !is_gpt2_dir(&path) {
+            return self.open().map(Opened::Llama);
+        }
+        if self.precision == "gguf" {
+            bail!("--precision gguf needs a .gguf model (this one is an HF directory)");
+        }
+        let precision: lorakit::model::Precision = self.precision.parse()?;
+        let mut g = open_gpt2(&path)?;
+        for spec in &self.adapter {
+            let (adapter, w) = train_cmd::load_adapter(spec, &g.model.config)?;
+            g.model.attach_adapter(&adapter, w)?;
+        }
+        g.model.set_precision(precision, false)?;
+        Ok(Opened::Gpt2(g))
     }
 }
 
@@ -202,8 +257,11 @@ pub(crate) fn open_model(arg: Option<PathBuf>) -> Result<LoadedModel> {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let m = a.model.open()?;
-    let tok = &m.tokenizer;
+    let opened = a.model.open_any()?;
+    let (lm, tok) = opened.parts();
+    let tok = tok.context(
+        "this model directory has no tokenizer.json; generate needs one to read the prompt",
+    )?;
     let (ids, echo) = match (&a.prompt, &a.chat) {
         (Some(p), _) => {
             if p.is_empty() {
@@ -253,7 +311,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let stop_ids = params.stop_ids.clone();
     let start = std::time::Instant::now();
     let mut first_token_at = None;
-    let new = generate(&m.model, &ids, &params, |id| {
+    let new = generate(lm, &ids, &params, |id| {
         first_token_at.get_or_insert_with(std::time::Instant::now);
         if stop_ids.contains(&id) {
             return Ok(());
@@ -283,13 +341,15 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn cmd_score(a: ScoreArgs) -> Result<()> {
-    let m = a.model.open()?;
+    let opened = a.model.open_any()?;
+    let (lm, tok) = opened.parts();
     let ids = match (&a.text, &a.ids) {
         (Some(t), _) => {
             if t.is_empty() {
                 bail!("--text is empty: nothing to score");
             }
-            m.tokenizer.encode(t, false)?
+            tok.context("this model directory has no tokenizer.json; score token ids with --ids")?
+                .encode(t, false)?
         }
         (None, Some(ids)) => ids.clone(),
         (None, None) => bail!("give --text TEXT or --ids 1,2,3"),
@@ -297,14 +357,15 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
     if ids.is_empty() {
         bail!("nothing to score: the input has no tokens");
     }
-    let lps = token_logprobs(&m.model, &ids)?;
+    let lps = token_logprobs(lm, &ids)?;
     let tokens: Vec<serde_json::Value> = ids
         .iter()
         .zip(&lps)
         .map(|(&id, lp)| {
             serde_json::json!({
                 "id": id,
-                "text": m.tokenizer.decode(&[id], false).unwrap_or_default(),
+                // Without a tokenizer (a bare GPT-2 directory) there is no text: null.
+                "text": tok.map(|t| t.decode(&[id], false).unwrap_or_default()),
                 "logprob": lp,
             })
         })
@@ -326,7 +387,11 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
 }
 
 fn cmd_inspect(a: InspectArgs) -> Result<()> {
-    let m = open_model(a.path)?;
+    let path = resolve_model(a.path)?;
+    if is_gpt2_dir(&path) {
+        return inspect_gpt2(&path);
+    }
+    let m = open_model(Some(path))?;
     let c = &m.model.config;
     match &m.source {
         ModelSource::Gguf { path, tensor_types } => {
@@ -369,6 +434,34 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         match &m.chat_template {
             Some(t) => format!("present ({} bytes)", t.len()),
             None => "absent".into(),
+        }
+    );
+    Ok(())
+}
+
+fn inspect_gpt2(path: &Path) -> Result<()> {
+    let g = open_gpt2(path)?;
+    let c = &g.model.config;
+    println!("source:        HF directory {}", path.display());
+    println!("architecture:  gpt2");
+    println!(
+        "parameters:    {} ({:.1} M)",
+        c.parameter_count(),
+        c.parameter_count() as f64 / 1e6
+    );
+    println!(
+        "shape:         {} layers, n_embd {}, n_inner {}, {} heads of {}, vocab {}",
+        c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.head_dim, c.vocab_size
+    );
+    println!(
+        "context:       {} positions (learned), layer_norm_epsilon {:e}, tied embeddings: {}",
+        c.max_position_embeddings, c.rms_norm_eps, c.tie_word_embeddings
+    );
+    println!(
+        "tokenizer:     {}",
+        match &g.tokenizer {
+            Some(t) => t.describe(),
+            None => "absent (no tokenizer.json: token ids only)".into(),
         }
     );
     Ok(())

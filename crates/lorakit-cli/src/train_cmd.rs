@@ -7,7 +7,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lorakit::io::hf_save::save_hf_dir;
 use lorakit::lora::peft::Adapter;
-use lorakit::train::trainer::{train, Event, TrainOptions, TrainPlan};
+use lorakit::train::trainer::{train, train_model, Event, TrainOptions, TrainPlan};
 
 use crate::{open_model, resolve_model};
 
@@ -173,11 +173,31 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     let mut options = a.options()?;
     let model_path = resolve_model(options.model.clone())?;
     options.model = Some(model_path.clone());
-    let mut loaded = open_model(Some(model_path.clone()))?;
     let precision = options.precision()?;
-    loaded.model.set_precision(precision, true)?;
-    let plan = TrainPlan::new(options, &loaded, &model_path.display().to_string())?;
-    let total = loaded.model.config.parameter_count();
+    let model_name = model_path.display().to_string();
+    let (mut model, plan) = if lorakit::model::is_gpt2_dir(&model_path) {
+        anyhow::ensure!(
+            !options.full,
+            "--full (full fine-tuning) is not implemented for GPT-2 models; train a LoRA adapter"
+        );
+        let mut g = crate::open_gpt2(&model_path)?;
+        g.model.set_precision(precision, true)?;
+        let tok = g.tokenizer.as_ref().context(
+            "this GPT-2 directory has no tokenizer.json; train reads its data through one (pre-tokenised input_ids too)",
+        )?;
+        let plan = TrainPlan::for_model(options, &g.model.config, tok, &model_name)?;
+        (crate::Opened::Gpt2(g), plan)
+    } else {
+        let mut loaded = open_model(Some(model_path.clone()))?;
+        loaded.model.set_precision(precision, true)?;
+        let plan = TrainPlan::new(options, &loaded, &model_name)?;
+        (crate::Opened::Llama(loaded), plan)
+    };
+    let config = match &model {
+        crate::Opened::Llama(l) => l.model.config.clone(),
+        crate::Opened::Gpt2(g) => g.model.config.clone(),
+    };
+    let total = config.parameter_count();
     let full = plan.options.full;
     anyhow::ensure!(
         !(full && a.resume),
@@ -221,17 +241,21 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     } else {
         format!("{weights_mb:.0} MB frozen weights ({precision:?}: f32 + bf16 copies for forward and backward)")
     };
-    eprintln!(
-        "memory estimate: {what} + {:.0} MB saved activations (batch {} × up to {} tokens)",
-        plan.activation_bytes_estimate(&loaded.model) as f64 / 1e6,
-        plan.options.batch_size,
-        plan.batcher
-            .examples()
-            .iter()
-            .map(|e| e.len())
-            .max()
-            .unwrap_or(0)
-    );
+    match &model {
+        crate::Opened::Llama(loaded) => eprintln!(
+            "memory estimate: {what} + {:.0} MB saved activations (batch {} × up to {} tokens)",
+            plan.activation_bytes_estimate(&loaded.model) as f64 / 1e6,
+            plan.options.batch_size,
+            plan.batcher
+                .examples()
+                .iter()
+                .map(|e| e.len())
+                .max()
+                .unwrap_or(0)
+        ),
+        // The activation estimate follows the Llama layer layout.
+        crate::Opened::Gpt2(_) => eprintln!("memory estimate: {what} + saved activations"),
+    }
     let quiet = a.quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let bar = ProgressBar::hidden();
     let mut tokens_done = 0usize;
@@ -277,10 +301,12 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             bar.suspend(|| eprintln!("step {step}: checkpoint {}", dir.display()));
         }
     };
-    let result = if full {
-        lorakit::train::full::train_full(&mut loaded, plan, on_event)
-    } else {
-        train(&loaded, plan, a.resume, on_event)
+    let result = match &mut model {
+        crate::Opened::Llama(loaded) if full => {
+            lorakit::train::full::train_full(loaded, plan, on_event)
+        }
+        crate::Opened::Llama(loaded) => train(loaded, plan, a.resume, on_event),
+        crate::Opened::Gpt2(g) => train_model(&g.model, plan, a.resume, on_event),
     };
     bar.finish_and_clear();
     let summary = match result {
@@ -325,11 +351,43 @@ pub struct MergeArgs {
 }
 
 pub fn cmd_merge(a: MergeArgs) -> Result<()> {
+    let path = resolve_model(a.model.clone())?;
+    if lorakit::model::is_gpt2_dir(&path) {
+        return merge_gpt2(&path, &a);
+    }
     let mut loaded = open_model(a.model)?;
     crate::attach_adapters(&mut loaded, &a.adapter)?;
     loaded.model.merge_adapters()?;
     save_hf_dir(&loaded.model, &loaded.tokenizer, &a.out)
         .with_context(|| format!("cannot write {}", a.out.display()))?;
+    eprintln!("merged model written to {}", a.out.display());
+    Ok(())
+}
+
+/// `merge` of a GPT-2 directory: Conv1D weights written back as [in, out]; the tokenizer
+/// files, when present, copied as they are.
+fn merge_gpt2(path: &std::path::Path, a: &MergeArgs) -> Result<()> {
+    let mut g = crate::open_gpt2(path)?;
+    for spec in &a.adapter {
+        let (adapter, w) = load_adapter(spec, &g.model.config)?;
+        g.model.attach_adapter(&adapter, w)?;
+    }
+    g.model.merge_adapters()?;
+    g.model
+        .save_hf_dir(&a.out)
+        .with_context(|| format!("cannot write {}", a.out.display()))?;
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+    ] {
+        let src = path.join(name);
+        if src.is_file() {
+            std::fs::copy(&src, a.out.join(name))
+                .with_context(|| format!("cannot copy {} to {}", src.display(), a.out.display()))?;
+        }
+    }
     eprintln!("merged model written to {}", a.out.display());
     Ok(())
 }

@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use crate::engine::ops::{argmax, logsumexp};
 use crate::error::{Error, Result};
 use crate::model::llama::Logits;
-use crate::model::LlamaModel;
+use crate::model::CausalLm;
 
 #[derive(Debug, Clone)]
 pub struct SamplingParams {
@@ -110,8 +110,8 @@ impl Sampler {
 
 /// Generates up to `params.max_new_tokens` tokens after `prompt`, calling `on_token` with each
 /// as soon as it is chosen. Returns the new ids (including a final stop id, if one was hit).
-pub fn generate(
-    model: &LlamaModel,
+pub fn generate<M: CausalLm + ?Sized>(
+    model: &M,
     prompt: &[u32],
     params: &SamplingParams,
     mut on_token: impl FnMut(u32) -> Result<()>,
@@ -122,7 +122,7 @@ pub fn generate(
             "the prompt is empty: nothing to continue from".into(),
         ));
     }
-    let ctx = model.config.max_position_embeddings;
+    let ctx = model.config().max_position_embeddings;
     if prompt.len() >= ctx {
         return Err(Error::Invalid(format!(
             "the prompt has {} tokens; the model's context is {ctx}",
@@ -147,13 +147,13 @@ pub fn generate(
 }
 
 /// log P(ids[t] | ids[..t]) for every t ≥ 1; entry 0 is None (nothing predicts the first token).
-pub fn token_logprobs(model: &LlamaModel, ids: &[u32]) -> Result<Vec<Option<f64>>> {
+pub fn token_logprobs<M: CausalLm + ?Sized>(model: &M, ids: &[u32]) -> Result<Vec<Option<f64>>> {
     if ids.is_empty() {
         return Err(Error::Invalid(
             "nothing to score: the input has no tokens".into(),
         ));
     }
-    let v = model.config.vocab_size;
+    let v = model.config().vocab_size;
     let logits = model.logits(ids)?;
     let mut out = vec![None];
     for t in 1..ids.len() {

@@ -37,6 +37,7 @@ use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
 use crate::lora::config::{LoraConfig, TargetModules};
 use crate::lora::peft::module_shape;
+use crate::lora::ModuleKind;
 use crate::model::{Config, LoadedModel};
 use crate::train::trainer::{train, TrainOptions, TrainPlan};
 
@@ -173,10 +174,14 @@ pub fn parameter_count(
     if matches!(&lc.target_modules, TargetModules::Names(v) if v.is_empty()) {
         return Err(Error::config(source, key, "a target set is empty"));
     }
-    let resolved = lc.resolve(model.num_layers, source).map_err(|e| match e {
-        Error::Config { msg, .. } => Error::config(source, key, format!("\"{targets}\": {msg}")),
-        other => other,
-    })?;
+    let resolved = lc
+        .resolve_kinds(model.num_layers, ModuleKind::for_arch(model.arch), source)
+        .map_err(|e| match e {
+            Error::Config { msg, .. } => {
+                Error::config(source, key, format!("\"{targets}\": {msg}"))
+            }
+            other => other,
+        })?;
     Ok(resolved
         .iter()
         .map(|t| {

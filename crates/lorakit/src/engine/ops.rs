@@ -1,5 +1,6 @@
 //! Element-wise and row-wise kernels of the Llama family: embedding, RMSNorm, RoPE, causal
-//! grouped-query attention, SwiGLU, log-softmax.
+//! grouped-query attention, SwiGLU, log-softmax; and GPT-2's LayerNorm, tanh GELU and learned
+//! position embeddings.
 
 use rayon::prelude::*;
 
@@ -606,5 +607,222 @@ mod exp_tests {
             }
         }
         assert!((sum - want_sum).abs() / want_sum < 1e-6);
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// GPT-2 kernels: LayerNorm with bias, the tanh GELU, learned position embeddings.
+
+/// out[t, :] = w ⊙ (x[t, :] − mean) / sqrt(var + eps) + b, as torch's `LayerNorm` (biased
+/// variance; the statistics in f64 here).
+///
+/// x, out: [T, hidden], w, b: [hidden].
+pub fn layer_norm_forward(out: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
+    let hidden = w.len();
+    out.par_chunks_mut(hidden)
+        .zip(x.par_chunks(hidden))
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|(o, xr)| {
+            let (mean, inv) = layer_norm_stats(xr, eps);
+            for (((oi, &xi), &wi), &bi) in o.iter_mut().zip(xr).zip(w).zip(b) {
+                *oi = wi * (((xi as f64 - mean) * inv) as f32) + bi;
+            }
+        });
+}
+
+/// (mean, 1/sqrt(var + eps)) of one row, in f64.
+fn layer_norm_stats(xr: &[f32], eps: f32) -> (f64, f64) {
+    let n = xr.len() as f64;
+    let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = xr
+        .iter()
+        .map(|&v| (v as f64 - mean) * (v as f64 - mean))
+        .sum::<f64>()
+        / n;
+    (mean, 1.0 / (var + eps as f64).sqrt())
+}
+
+/// dx (+)= ∂L/∂x of `layer_norm_forward`, given its input x and the gradient dy of its output.
+///
+/// x, dy, dx: [T, hidden], w: [hidden]. With x̂ = (x − mean)·inv and g = w ⊙ dy:
+/// dx = inv · (g − mean(g) − x̂ · mean(g ⊙ x̂)). The bias does not enter.
+pub fn layer_norm_backward(
+    dx: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    eps: f32,
+    accumulate: bool,
+) {
+    let hidden = w.len();
+    dx.par_chunks_mut(hidden)
+        .zip(x.par_chunks(hidden).zip(dy.par_chunks(hidden)))
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|(dxr, (xr, dyr))| {
+            let (mean, inv) = layer_norm_stats(xr, eps);
+            let n = hidden as f64;
+            let (mut g_sum, mut gx_sum) = (0.0f64, 0.0f64);
+            for ((&xi, &di), &wi) in xr.iter().zip(dyr).zip(w) {
+                let g = (wi * di) as f64;
+                g_sum += g;
+                gx_sum += g * (xi as f64 - mean) * inv;
+            }
+            let (g_mean, gx_mean) = (g_sum / n, gx_sum / n);
+            for (((o, &xi), &di), &wi) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
+                let xhat = (xi as f64 - mean) * inv;
+                let d = (inv * ((wi * di) as f64 - g_mean - xhat * gx_mean)) as f32;
+                *o = if accumulate { *o + d } else { d };
+            }
+        });
+}
+
+/// dw[j] += Σ_t dy[t, j] · x̂[t, j]: the LayerNorm weight's gradient (x̂ the normalised input).
+/// Sequential over rows, in f64.
+///
+/// x, dy: [T, hidden], dw: [hidden].
+pub fn layer_norm_weight_grad(dw: &mut [f32], x: &[f32], dy: &[f32], eps: f32) {
+    let hidden = dw.len();
+    let mut acc = vec![0.0f64; hidden];
+    for (xr, dyr) in x.chunks_exact(hidden).zip(dy.chunks_exact(hidden)) {
+        let (mean, inv) = layer_norm_stats(xr, eps);
+        for ((a, &xi), &di) in acc.iter_mut().zip(xr).zip(dyr) {
+            *a += di as f64 * (xi as f64 - mean) * inv;
+        }
+    }
+    for (d, a) in dw.iter_mut().zip(acc) {
+        *d += a as f32;
+    }
+}
+
+/// √(2/π), the constant of the tanh GELU.
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+
+/// out = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), HF's `gelu_new`. x, out: [n].
+pub fn gelu_tanh_forward(out: &mut [f32], x: &[f32]) {
+    out.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(x.par_chunks(ELEMS_PER_TASK))
+        .for_each(|(o, x)| {
+            for (o, &v) in o.iter_mut().zip(x) {
+                let t = (SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)).tanh();
+                *o = 0.5 * v * (1.0 + t);
+            }
+        });
+}
+
+/// dx = dy ⊙ gelu'(x) of `gelu_tanh_forward`: with u = √(2/π)(x + 0.044715x³), t = tanh u,
+/// gelu'(x) = 0.5(1 + t) + 0.5·x·(1 − t²)·√(2/π)(1 + 3·0.044715x²). x, dy, dx: [n].
+pub fn gelu_tanh_backward(dx: &mut [f32], x: &[f32], dy: &[f32]) {
+    dx.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(
+            x.par_chunks(ELEMS_PER_TASK)
+                .zip(dy.par_chunks(ELEMS_PER_TASK)),
+        )
+        .for_each(|(dxc, (xc, dyc))| {
+            for ((d, &v), &g) in dxc.iter_mut().zip(xc).zip(dyc) {
+                let t = (SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)).tanh();
+                let du = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * v * v);
+                *d = g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
+            }
+        });
+}
+
+/// x[t, :] += wpe[start_pos + t, :]: GPT-2's learned position embeddings.
+///
+/// x: [T, hidden], wpe: [n_positions, hidden]; start_pos + T ≤ n_positions (checked by callers).
+pub fn position_embedding_add(x: &mut [f32], wpe: &[f32], start_pos: usize, hidden: usize) {
+    for (t, row) in x.chunks_exact_mut(hidden).enumerate() {
+        let p = (start_pos + t) * hidden;
+        for (xi, &pi) in row.iter_mut().zip(&wpe[p..p + hidden]) {
+            *xi += pi;
+        }
+    }
+}
+
+#[cfg(test)]
+mod gpt2_kernel_tests {
+    use super::*;
+
+    /// Central finite differences in f64 of a scalar function of x.
+    fn numeric_grad(x: &[f32], f: impl Fn(&[f32]) -> f64) -> Vec<f64> {
+        let h = 1e-3f32;
+        (0..x.len())
+            .map(|i| {
+                let mut p = x.to_vec();
+                p[i] += h;
+                let mut m = x.to_vec();
+                m[i] -= h;
+                (f(&p) - f(&m)) / (2.0 * h as f64)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn layer_norm_matches_definition_and_its_backward_matches_finite_differences() {
+        let hidden = 8;
+        let x: Vec<f32> = (0..2 * hidden)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3)
+            .collect();
+        let w: Vec<f32> = (0..hidden).map(|i| 0.5 + 0.1 * i as f32).collect();
+        let b: Vec<f32> = (0..hidden).map(|i| 0.05 * i as f32 - 0.2).collect();
+        let dy: Vec<f32> = (0..2 * hidden)
+            .map(|i| ((i * 7 % 5) as f32 - 2.0) * 0.4)
+            .collect();
+        let mut y = vec![0.0; x.len()];
+        layer_norm_forward(&mut y, &x, &w, &b, 1e-5);
+        // Row 0 by hand: mean, biased variance.
+        let r = &x[..hidden];
+        let mean = r.iter().sum::<f32>() / hidden as f32;
+        let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / hidden as f32;
+        for j in 0..hidden {
+            let want = w[j] * (r[j] - mean) / (var + 1e-5).sqrt() + b[j];
+            assert!((y[j] - want).abs() < 1e-5, "{j}: {} vs {want}", y[j]);
+        }
+        let loss = |x: &[f32]| {
+            let mut y = vec![0.0; x.len()];
+            layer_norm_forward(&mut y, x, &w, &b, 1e-5);
+            y.iter()
+                .zip(&dy)
+                .map(|(a, b)| (*a as f64) * (*b as f64))
+                .sum()
+        };
+        let num = numeric_grad(&x, loss);
+        let mut dx = vec![0.0; x.len()];
+        layer_norm_backward(&mut dx, &x, &w, &dy, 1e-5, false);
+        for (a, n) in dx.iter().zip(&num) {
+            assert!((*a as f64 - n).abs() < 2e-3, "{a} vs {n}");
+        }
+    }
+
+    #[test]
+    fn gelu_tanh_values_and_backward() {
+        let x = [-3.0f32, -1.0, -0.1, 0.0, 0.5, 2.0];
+        let mut y = [0.0f32; 6];
+        gelu_tanh_forward(&mut y, &x);
+        // torch.nn.functional.gelu(x, approximate="tanh") for these inputs.
+        let want = [
+            -0.003_637_392f32,
+            -0.158_808,
+            -0.046_017_25,
+            0.0,
+            0.345_714,
+            1.954_597_7,
+        ];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        let dy = [1.0f32, -2.0, 0.5, 1.0, 3.0, -1.0];
+        let mut dx = [0.0f32; 6];
+        gelu_tanh_backward(&mut dx, &x, &dy);
+        let num = numeric_grad(&x, |x| {
+            let mut y = vec![0.0; x.len()];
+            gelu_tanh_forward(&mut y, x);
+            y.iter()
+                .zip(&dy)
+                .map(|(a, b)| (*a as f64) * (*b as f64))
+                .sum()
+        });
+        for (a, n) in dx.iter().zip(&num) {
+            assert!((*a as f64 - n).abs() < 2e-3, "{a} vs {n}");
+        }
     }
 }

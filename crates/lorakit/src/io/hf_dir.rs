@@ -79,6 +79,10 @@ impl SafetensorsSet {
         })
     }
 
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
     pub fn files(&self) -> &[PathBuf] {
         &self.paths
     }

@@ -18,6 +18,8 @@ pub fn hf_config_json(c: &Config) -> serde_json::Value {
         Arch::Llama => ("LlamaForCausalLM", "llama"),
         Arch::Mistral => ("MistralForCausalLM", "mistral"),
         Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+        // GPT-2 writes its own config (crate::model::gpt2); this layout is the Llama one.
+        Arch::Gpt2 => ("GPT2LMHeadModel", "gpt2"),
     };
     let mut v = json!({
         "architectures": [arch],

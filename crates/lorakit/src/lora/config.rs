@@ -38,6 +38,10 @@ pub struct LoraConfig {
     pub use_rslora: bool,
     pub init_lora_weights: LoraInit,
     pub base_model_name_or_path: Option<String>,
+    /// PEFT's flag for layers whose weight is stored [in, out] (GPT-2's Conv1D). It never
+    /// changes the lora_A / lora_B layouts; lorakit accepts true only for GPT-2 (checked when
+    /// the adapter meets a model) and writes true for GPT-2 adapters, as PEFT does.
+    pub fan_in_fan_out: bool,
 }
 
 impl Default for LoraConfig {
@@ -53,6 +57,7 @@ impl Default for LoraConfig {
             use_rslora: false,
             init_lora_weights: LoraInit::Kaiming,
             base_model_name_or_path: None,
+            fan_in_fan_out: false,
         }
     }
 }
@@ -168,6 +173,17 @@ impl LoraConfig {
     /// The modules of a `num_layers`-layer Llama this config adapts, with their rank and scale.
     /// A target name that matches no module is an error listing the model's modules.
     pub fn resolve(&self, num_layers: usize, source: &Path) -> Result<Vec<ResolvedTarget>> {
+        self.resolve_kinds(num_layers, &ModuleKind::ALL, source)
+    }
+
+    /// [`LoraConfig::resolve`] for a model whose layers hold the modules `kinds` (e.g.
+    /// [`ModuleKind::GPT2`]).
+    pub fn resolve_kinds(
+        &self,
+        num_layers: usize,
+        kinds: &[ModuleKind],
+        source: &Path,
+    ) -> Result<Vec<ResolvedTarget>> {
         self.validate(source)?;
         if let Some(layers) = &self.layers_to_transform {
             if let Some(&bad) = layers.iter().find(|&&l| l >= num_layers) {
@@ -182,11 +198,9 @@ impl LoraConfig {
             }
         }
         let available = || {
-            ModuleKind::ALL
-                .iter()
-                .map(|k| k.name())
-                .collect::<Vec<_>>()
-                .join(", ")
+            let mut names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
+            names.dedup();
+            names.join(", ")
         };
         let regex = match &self.target_modules {
             TargetModules::Regex(re) => Some(Regex::new(&format!("^(?:{re})$")).map_err(|e| {
@@ -196,7 +210,7 @@ impl LoraConfig {
         };
         if let TargetModules::Names(names) = &self.target_modules {
             for n in names {
-                let matches_any = ModuleKind::ALL.iter().any(|k| {
+                let matches_any = kinds.iter().any(|k| {
                     let p = k.path(0);
                     p == *n || p.ends_with(&format!(".{n}"))
                 });
@@ -219,7 +233,7 @@ impl LoraConfig {
                     continue;
                 }
             }
-            for kind in ModuleKind::ALL {
+            for &kind in kinds {
                 let path = kind.path(layer);
                 let hit = match &self.target_modules {
                     TargetModules::AllLinear => true,
@@ -300,10 +314,6 @@ impl LoraConfig {
             (
                 "lora_bias",
                 get("lora_bias").is_none_or(|v| v == &json!(false)),
-            ),
-            (
-                "fan_in_fan_out",
-                get("fan_in_fan_out").is_none_or(|v| v == &json!(false)),
             ),
             (
                 "modules_to_save",
@@ -463,7 +473,17 @@ impl LoraConfig {
                 ))
             }
         };
+        let fan_in_fan_out = match get("fan_in_fan_out") {
+            None => false,
+            Some(v) => v.as_bool().ok_or_else(|| {
+                bad(
+                    "fan_in_fan_out",
+                    format!("expected true or false, found {v}"),
+                )
+            })?,
+        };
         let cfg = LoraConfig {
+            fan_in_fan_out,
             r,
             lora_alpha,
             lora_dropout,
@@ -505,7 +525,7 @@ impl LoraConfig {
             "auto_mapping": null,
             "base_model_name_or_path": self.base_model_name_or_path,
             "bias": "none",
-            "fan_in_fan_out": false,
+            "fan_in_fan_out": self.fan_in_fan_out,
             "inference_mode": true,
             "init_lora_weights": match self.init_lora_weights { LoraInit::Kaiming => json!(true), LoraInit::Gaussian => json!("gaussian") },
             "layer_replication": null,

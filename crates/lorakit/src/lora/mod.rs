@@ -79,7 +79,8 @@ impl LoraWeights {
     }
 }
 
-/// The Llama linear layers an adapter can target, in the order PEFT lists module paths.
+/// The linear layers an adapter can target, in the order PEFT lists module paths: Llama's
+/// seven, then GPT-2's four (its Conv1D layers; both `c_proj` share one PEFT name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ModuleKind {
     Q,
@@ -89,9 +90,18 @@ pub enum ModuleKind {
     Gate,
     Up,
     Down,
+    /// GPT-2 `attn.c_attn`: fused q, k, v.
+    CAttn,
+    /// GPT-2 `attn.c_proj`.
+    AttnCProj,
+    /// GPT-2 `mlp.c_fc`.
+    CFc,
+    /// GPT-2 `mlp.c_proj`.
+    MlpCProj,
 }
 
 impl ModuleKind {
+    /// The Llama family's modules (every architecture of [`LlamaModel`](crate::model::LlamaModel)).
     pub const ALL: [ModuleKind; 7] = [
         ModuleKind::Q,
         ModuleKind::K,
@@ -101,6 +111,27 @@ impl ModuleKind {
         ModuleKind::Up,
         ModuleKind::Down,
     ];
+
+    /// GPT-2's modules, in the order of its module paths.
+    pub const GPT2: [ModuleKind; 4] = [
+        ModuleKind::CAttn,
+        ModuleKind::AttnCProj,
+        ModuleKind::CFc,
+        ModuleKind::MlpCProj,
+    ];
+
+    /// The modules of a model of architecture `arch`.
+    pub fn for_arch(arch: crate::model::Arch) -> &'static [ModuleKind] {
+        match arch {
+            crate::model::Arch::Gpt2 => &Self::GPT2,
+            _ => &Self::ALL,
+        }
+    }
+
+    /// True for GPT-2's Conv1D modules, whose HF weights are stored [in, out].
+    pub fn is_gpt2(self) -> bool {
+        Self::GPT2.contains(&self)
+    }
 
     /// HF's module name (`q_proj`, ...).
     pub fn name(self) -> &'static str {
@@ -112,18 +143,27 @@ impl ModuleKind {
             ModuleKind::Gate => "gate_proj",
             ModuleKind::Up => "up_proj",
             ModuleKind::Down => "down_proj",
+            ModuleKind::CAttn => "c_attn",
+            ModuleKind::AttnCProj | ModuleKind::MlpCProj => "c_proj",
+            ModuleKind::CFc => "c_fc",
         }
     }
 
-    /// HF's module path inside a Llama model, e.g. `model.layers.3.self_attn.q_proj`.
+    /// HF's module path, e.g. `model.layers.3.self_attn.q_proj` (Llama) or
+    /// `transformer.h.3.attn.c_attn` (GPT-2).
     pub fn path(self, layer: usize) -> String {
-        let block = match self {
-            ModuleKind::Q | ModuleKind::K | ModuleKind::V | ModuleKind::O => "self_attn",
-            _ => "mlp",
+        let (stack, block) = match self {
+            ModuleKind::Q | ModuleKind::K | ModuleKind::V | ModuleKind::O => {
+                ("model.layers", "self_attn")
+            }
+            ModuleKind::Gate | ModuleKind::Up | ModuleKind::Down => ("model.layers", "mlp"),
+            ModuleKind::CAttn | ModuleKind::AttnCProj => ("transformer.h", "attn"),
+            ModuleKind::CFc | ModuleKind::MlpCProj => ("transformer.h", "mlp"),
         };
-        format!("model.layers.{layer}.{block}.{}", self.name())
+        format!("{stack}.{layer}.{block}.{}", self.name())
     }
 
+    /// A Llama module by its HF name (`q_proj`, ...).
     pub fn from_name(name: &str) -> Option<ModuleKind> {
         ModuleKind::ALL.into_iter().find(|k| k.name() == name)
     }

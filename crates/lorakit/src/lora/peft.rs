@@ -11,7 +11,7 @@ use super::{LoraWeights, ModuleId, ModuleKind};
 use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
 use crate::io::safetensors_file::SafetensorsFile;
-use crate::model::Config;
+use crate::model::{Arch, Config};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -23,7 +23,8 @@ pub struct Adapter {
     pub modules: BTreeMap<ModuleId, LoraWeights>,
 }
 
-/// [out, in] of a Llama linear layer.
+/// [out, in] of a linear layer (GPT-2's Conv1D layers as the [out, in] the LoRA math uses,
+/// not their stored [in, out]).
 pub fn module_shape(c: &Config, kind: ModuleKind) -> (usize, usize) {
     let (h, q, kv, i) = (
         c.hidden_size,
@@ -37,6 +38,10 @@ pub fn module_shape(c: &Config, kind: ModuleKind) -> (usize, usize) {
         ModuleKind::O => (h, q),
         ModuleKind::Gate | ModuleKind::Up => (i, h),
         ModuleKind::Down => (h, i),
+        ModuleKind::CAttn => (3 * h, h),
+        ModuleKind::AttnCProj => (h, h),
+        ModuleKind::CFc => (i, h),
+        ModuleKind::MlpCProj => (h, i),
     }
 }
 
@@ -51,13 +56,19 @@ pub fn key_b(id: &ModuleId) -> String {
 impl Adapter {
     /// A fresh adapter for `model_config`: B = 0, A initialised from `seed`.
     pub fn init(
-        config: LoraConfig,
+        mut config: LoraConfig,
         model_config: &Config,
         seed: u64,
         source: &Path,
     ) -> Result<Adapter> {
         use rand::SeedableRng;
-        let targets = config.resolve(model_config.num_layers, source)?;
+        // PEFT sets fan_in_fan_out for Conv1D targets (GPT-2) and writes it to the config.
+        config.fan_in_fan_out = model_config.arch == Arch::Gpt2;
+        let targets = config.resolve_kinds(
+            model_config.num_layers,
+            ModuleKind::for_arch(model_config.arch),
+            source,
+        )?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let modules = targets
             .iter()
@@ -104,8 +115,25 @@ impl Adapter {
                 format!("no {WEIGHTS_FILE} in the adapter directory{hint}"),
             ));
         }
+        // PEFT forces fan_in_fan_out to match the layer type (with a warning); the tensors'
+        // layout is the same either way. lorakit refuses true for nn.Linear models rather than
+        // guessing what a writer that set it meant.
+        if config.fan_in_fan_out && model_config.arch != Arch::Gpt2 {
+            return Err(Error::config(
+                &config_path,
+                "fan_in_fan_out",
+                format!(
+                    "true is for GPT-2's Conv1D layers; this {} model has nn.Linear layers",
+                    model_config.arch.name()
+                ),
+            ));
+        }
         let file = SafetensorsFile::open(&weights_path)?;
-        let targets = config.resolve(model_config.num_layers, &config_path)?;
+        let targets = config.resolve_kinds(
+            model_config.num_layers,
+            ModuleKind::for_arch(model_config.arch),
+            &config_path,
+        )?;
         let mut expected = BTreeSet::new();
         let mut modules = BTreeMap::new();
         for t in &targets {

@@ -17,6 +17,8 @@ pub enum Arch {
     Mistral,
     /// Qwen2: biases on q, k and v.
     Qwen2,
+    /// GPT-2: its own forward pass ([`Gpt2Model`](crate::model::Gpt2Model)), not the Llama one.
+    Gpt2,
 }
 
 impl Arch {
@@ -25,6 +27,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
+            Arch::Gpt2 => "gpt2",
         }
     }
 }
@@ -32,15 +35,20 @@ impl Arch {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub arch: Arch,
+    /// `hidden_size` (GPT-2: `n_embd`).
     pub hidden_size: usize,
+    /// `intermediate_size` (GPT-2: `n_inner`, 4·n_embd when null).
     pub intermediate_size: usize,
     pub num_layers: usize,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub vocab_size: usize,
+    /// RMSNorm epsilon (GPT-2: LayerNorm's `layer_norm_epsilon`).
     pub rms_norm_eps: f32,
+    /// Unused by GPT-2 (learned position embeddings).
     pub rope_theta: f64,
+    /// GPT-2: `n_positions`, the rows of its position-embedding table.
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     /// Biases on q_proj, k_proj and v_proj (Qwen2; Llama's `attention_bias`).
@@ -98,11 +106,12 @@ impl Config {
             "llama" => Arch::Llama,
             "mistral" => Arch::Mistral,
             "qwen2" => Arch::Qwen2,
+            "gpt2" => return Self::from_gpt2_json(obj, path),
             other => {
                 return Err(Error::unsupported(
                     path,
                     format!(
-                        "architecture model_type = \"{other}\" (supported: llama, mistral, qwen2)"
+                        "architecture model_type = \"{other}\" (supported: llama, mistral, qwen2, gpt2)"
                     ),
                 ))
             }
@@ -184,6 +193,98 @@ impl Config {
         };
         cfg.validate(path)?;
         Ok(cfg)
+    }
+
+    /// A GPT-2 `config.json` (HF's `GPT2Config` names and defaults). Options that change the
+    /// math in ways lorakit does not implement are errors naming the key.
+    fn from_gpt2_json(obj: &serde_json::Map<String, Value>, path: &Path) -> Result<Config> {
+        let get = |key: &str| obj.get(key).filter(|v| !v.is_null());
+        let usize_or = |key: &str, default: Option<usize>| -> Result<usize> {
+            match get(key) {
+                None => default.ok_or_else(|| Error::config(path, key, "missing")),
+                Some(v) => v
+                    .as_u64()
+                    .filter(|&n| n > 0 && n < (1 << 32))
+                    .map(|n| n as usize)
+                    .ok_or_else(|| {
+                        Error::config(path, key, format!("expected a positive integer, found {v}"))
+                    }),
+            }
+        };
+        let bool_or = |key: &str, default: bool| -> Result<bool> {
+            match get(key) {
+                None => Ok(default),
+                Some(v) => v.as_bool().ok_or_else(|| {
+                    Error::config(path, key, format!("expected true or false, found {v}"))
+                }),
+            }
+        };
+        // GPT2Config's default is gelu_new; gelu_pytorch_tanh is the same tanh formula.
+        match get("activation_function") {
+            None => {}
+            Some(Value::String(s)) if s == "gelu_new" || s == "gelu_pytorch_tanh" => {}
+            Some(v) => {
+                return Err(Error::config(
+                    path,
+                    "activation_function",
+                    format!("{v} is not supported (only \"gelu_new\", the tanh GELU)"),
+                ))
+            }
+        }
+        for (key, default, want) in [
+            ("scale_attn_weights", true, true),
+            ("scale_attn_by_inverse_layer_idx", false, false),
+            ("add_cross_attention", false, false),
+        ] {
+            if bool_or(key, default)? != want {
+                return Err(Error::config(
+                    path,
+                    key,
+                    format!("{} is not supported (only {want})", !want),
+                ));
+            }
+        }
+        let hidden_size = usize_or("n_embd", Some(768))?;
+        let num_heads = usize_or("n_head", Some(12))?;
+        if !hidden_size.is_multiple_of(num_heads) {
+            return Err(Error::config(
+                path,
+                "n_head",
+                format!("n_embd = {hidden_size} is not a multiple of {num_heads} heads"),
+            ));
+        }
+        let eps = match get("layer_norm_epsilon") {
+            None => 1e-5,
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite() && *x >= 0.0)
+                .ok_or_else(|| {
+                    Error::config(
+                        path,
+                        "layer_norm_epsilon",
+                        format!("expected a number ≥ 0, found {v}"),
+                    )
+                })?,
+        };
+        let id = |key: &str| get(key).and_then(Value::as_u64).map(|v| v as u32);
+        Ok(Config {
+            arch: Arch::Gpt2,
+            hidden_size,
+            intermediate_size: usize_or("n_inner", Some(4 * hidden_size))?,
+            num_layers: usize_or("n_layer", Some(12))?,
+            num_heads,
+            num_kv_heads: num_heads,
+            head_dim: hidden_size / num_heads,
+            vocab_size: usize_or("vocab_size", Some(50257))?,
+            rms_norm_eps: eps as f32,
+            rope_theta: 0.0,
+            max_position_embeddings: usize_or("n_positions", Some(1024))?,
+            tie_word_embeddings: bool_or("tie_word_embeddings", true)?,
+            qkv_bias: true,
+            o_bias: true,
+            bos_token_id: id("bos_token_id"),
+            eos_token_ids: id("eos_token_id").into_iter().collect(),
+        })
     }
 
     /// Reads the `{arch}.*` keys of a GGUF file (llama.cpp's names).
@@ -288,6 +389,19 @@ impl Config {
     /// Parameters of the whole model (embedding, layers, norms, LM head unless tied).
     pub fn parameter_count(&self) -> usize {
         let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
+        if self.arch == Arch::Gpt2 {
+            // Two LayerNorms (weight + bias), c_attn, attn.c_proj, c_fc, mlp.c_proj (all biased).
+            let layer = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * i + i) + (i * h + h);
+            let head = if self.tie_word_embeddings {
+                0
+            } else {
+                self.vocab_size * h
+            };
+            return (self.vocab_size + self.max_position_embeddings) * h
+                + self.num_layers * layer
+                + 2 * h
+                + head;
+        }
         let q = self.num_heads * hd;
         let kv = self.num_kv_heads * hd;
         let mut attn = h * q + 2 * h * kv + q * h;

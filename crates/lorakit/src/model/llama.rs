@@ -47,6 +47,11 @@ pub struct LlamaModel {
 }
 
 impl Layer {
+    /// The linear layer `kind`.
+    ///
+    /// # Panics
+    /// On a GPT-2 kind: the entry points that take module ids from outside
+    /// ([`LlamaModel::attach_adapter`], training) reject those first, with an error.
     pub fn linear(&self, kind: ModuleKind) -> &Linear {
         match kind {
             ModuleKind::Q => &self.q_proj,
@@ -56,9 +61,11 @@ impl Layer {
             ModuleKind::Gate => &self.gate_proj,
             ModuleKind::Up => &self.up_proj,
             ModuleKind::Down => &self.down_proj,
+            other => unreachable!("{} is not a Llama module", other.name()),
         }
     }
 
+    /// The linear layer `kind` (panics on a GPT-2 kind, as [`Layer::linear`]).
     pub fn linear_mut(&mut self, kind: ModuleKind) -> &mut Linear {
         match kind {
             ModuleKind::Q => &mut self.q_proj,
@@ -68,6 +75,7 @@ impl Layer {
             ModuleKind::Gate => &mut self.gate_proj,
             ModuleKind::Up => &mut self.up_proj,
             ModuleKind::Down => &mut self.down_proj,
+            other => unreachable!("{} is not a Llama module", other.name()),
         }
     }
 }
@@ -200,6 +208,7 @@ impl LlamaModel {
 
     /// Attaches an adapter unmerged, its scale multiplied by `weight` (1.0 = as trained).
     pub fn attach_adapter(&mut self, adapter: &Adapter, weight: f32) -> Result<()> {
+        check_llama_modules(adapter)?;
         for (id, w) in &adapter.modules {
             if id.layer >= self.layers.len() {
                 return Err(Error::Invalid(format!(
@@ -360,9 +369,20 @@ impl LlamaModel {
     }
 }
 
+/// An adapter for GPT-2's modules cannot be applied to a Llama-family model.
+pub(crate) fn check_llama_modules(adapter: &Adapter) -> Result<()> {
+    if let Some(id) = adapter.modules.keys().find(|id| id.kind.is_gpt2()) {
+        return Err(Error::Invalid(format!(
+            "adapter module {} belongs to a GPT-2 model, not to this Llama-family model",
+            id.path()
+        )));
+    }
+    Ok(())
+}
+
 /// Copies the new tokens' keys/values k, v: [T, n_kv, head_dim] into the cache layout
 /// [n_kv, capacity, head_dim] at positions start..start+T.
-fn store_kv(
+pub(crate) fn store_kv(
     kv: &mut KvLayer,
     k: &[f32],
     v: &[f32],

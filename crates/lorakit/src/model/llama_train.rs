@@ -34,7 +34,7 @@ impl Dropout {
         self.p > 0.0
     }
 
-    fn key(&self, id: ModuleId) -> u64 {
+    pub(crate) fn key(&self, id: ModuleId) -> u64 {
         self.seed ^ ((id.layer as u64) << 40) ^ ((id.kind as u64) << 56)
     }
 
@@ -287,11 +287,12 @@ fn set_len(v: &mut Vec<f32>, n: usize) {
 }
 
 /// An adapted module's weights, its saved x·Aᵀ and its (dA, dB) accumulators.
-type LoraBackward<'a> = Option<(&'a LoraWeights, &'a [f32], &'a mut (Vec<f32>, Vec<f32>))>;
+pub(crate) type LoraBackward<'a> =
+    Option<(&'a LoraWeights, &'a [f32], &'a mut (Vec<f32>, Vec<f32>))>;
 
 /// y = x Wᵀ + b (+ s·(dropout(x) Aᵀ) Bᵀ, keeping dropout(x) Aᵀ in `xa`).  x: [N, in], y: [N, out].
 #[allow(clippy::too_many_arguments)]
-fn linear_train_forward(
+pub(crate) fn linear_train_forward(
     lin: &Linear,
     lora: Option<&LoraWeights>,
     x: &[f32],
@@ -324,14 +325,14 @@ fn linear_train_forward(
 }
 
 /// A linear layer's (dW [out, in], db [out]) accumulators in full fine-tuning.
-type WeightGrads<'a> = Option<&'a mut (Vec<f32>, Option<Vec<f32>>)>;
+pub(crate) type WeightGrads<'a> = Option<&'a mut (Vec<f32>, Option<Vec<f32>>)>;
 
 /// dx (+)= dy·W (+ the adapter path's share); dA += s·(dy B)ᵀ·dropout(x); dB += s·dyᵀ·xa;
 /// in full fine-tuning also dW += dyᵀ·x and db += Σ_rows dy.
 ///
 /// x: [N, in] (the forward's input), dy: [N, out], dx: [N, in], xa: [N, r].
 #[allow(clippy::too_many_arguments)]
-fn linear_train_backward(
+pub(crate) fn linear_train_backward(
     lin: &Linear,
     lora: LoraBackward<'_>,
     weight_grads: WeightGrads<'_>,
@@ -414,6 +415,7 @@ impl LlamaModel {
             ));
         }
         if let Some(a) = adapter {
+            crate::model::llama::check_llama_modules(a)?;
             for id in a.modules.keys() {
                 if id.layer >= self.layers.len() {
                     return Err(Error::Invalid(format!(

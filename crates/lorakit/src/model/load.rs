@@ -269,6 +269,12 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
         ));
     }
     let config = Config::from_hf_json(&config_path)?;
+    if config.arch == Arch::Gpt2 {
+        return Err(Error::unsupported(
+            &config_path,
+            "a GPT-2 model here: this command runs the Llama family only (the library loads GPT-2 with Gpt2Model::load)",
+        ));
+    }
     let set = SafetensorsSet::open(dir)?;
     let c = &config;
     let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);

@@ -9,8 +9,51 @@ use crate::engine::matmul;
 use crate::engine::ops::{
     exp_shifted_sum, rms_norm_backward, rms_norm_forward, rms_norm_weight_grad,
 };
-use crate::model::linear::frozen_backward;
+use crate::model::linear::{frozen_backward, Bf16Weight};
 use crate::model::LlamaModel;
+
+/// What the loss needs of a model's top: its final norm and its LM head (Llama: RMSNorm;
+/// GPT-2: LayerNorm with bias).
+pub trait LmHead {
+    /// (hidden, vocab)
+    fn dims(&self) -> (usize, usize);
+    /// The final norm.  x, out: [n, hidden].
+    fn final_norm_forward(&self, out: &mut [f32], x: &[f32]);
+    /// dx = ∂/∂x of the final norm given the gradient dy of its output.  x, dy, dx: [n, hidden].
+    fn final_norm_backward(&self, dx: &mut [f32], x: &[f32], dy: &[f32]);
+    /// dw += the final norm weight's gradient (full fine-tuning).  x, dy: [n, hidden], dw: [hidden].
+    fn final_norm_weight_grad(&self, dw: &mut [f32], x: &[f32], dy: &[f32]);
+    /// logits = x · headᵀ.  x: [n, hidden] → logits: [n, vocab].
+    fn head_forward(&self, logits: &mut [f32], x: &[f32], n: usize);
+    /// The head's weight [vocab, hidden] and its bf16 packing, if any.
+    fn head_weight(&self) -> (&[f32], Option<&Bf16Weight>);
+}
+
+impl LmHead for LlamaModel {
+    fn dims(&self) -> (usize, usize) {
+        (self.config.hidden_size, self.config.vocab_size)
+    }
+
+    fn final_norm_forward(&self, out: &mut [f32], x: &[f32]) {
+        rms_norm_forward(out, x, &self.norm, self.config.rms_norm_eps);
+    }
+
+    fn final_norm_backward(&self, dx: &mut [f32], x: &[f32], dy: &[f32]) {
+        rms_norm_backward(dx, x, &self.norm, dy, self.config.rms_norm_eps, false);
+    }
+
+    fn final_norm_weight_grad(&self, dw: &mut [f32], x: &[f32], dy: &[f32]) {
+        rms_norm_weight_grad(dw, x, dy, self.config.rms_norm_eps);
+    }
+
+    fn head_forward(&self, logits: &mut [f32], x: &[f32], n: usize) {
+        LlamaModel::head_forward(self, logits, x, n);
+    }
+
+    fn head_weight(&self) -> (&[f32], Option<&Bf16Weight>) {
+        LlamaModel::head_weight(self)
+    }
+}
 
 /// Rows of the LM head evaluated at once: bounds the [rows, vocab] logits buffer.
 const CHUNK_ROWS: usize = 64;
@@ -34,8 +77,8 @@ pub fn target_positions(labels: &[i64], batch: usize, seq: usize) -> Vec<(usize,
 /// written into it ([N, hidden], zero at rows without a target).
 ///
 /// x_final: [N, hidden], the residual stream after the last layer.
-pub fn lm_head_loss(
-    model: &LlamaModel,
+pub fn lm_head_loss<M: LmHead + ?Sized>(
+    model: &M,
     x_final: &[f32],
     targets: &[(usize, u32)],
     label_smoothing: f32,
@@ -64,8 +107,8 @@ pub struct HeadGrads<'a> {
 
 /// [`lm_head_loss`], also accumulating the final norm's and the head's gradients into
 /// `head_grads` (which needs `dx_final`).
-pub fn lm_head_loss_with_head_grads(
-    model: &LlamaModel,
+pub fn lm_head_loss_with_head_grads<M: LmHead + ?Sized>(
+    model: &M,
     x_final: &[f32],
     targets: &[(usize, u32)],
     label_smoothing: f32,
@@ -73,8 +116,7 @@ pub fn lm_head_loss_with_head_grads(
     mut dx_final: Option<&mut [f32]>,
     mut head_grads: Option<HeadGrads<'_>>,
 ) -> f64 {
-    let c = &model.config;
-    let (h, v) = (c.hidden_size, c.vocab_size);
+    let (h, v) = model.dims();
     let (head, head_bf16) = model.head_weight();
     if let Some(dx) = dx_final.as_deref_mut() {
         dx.fill(0.0);
@@ -91,12 +133,7 @@ pub fn lm_head_loss_with_head_grads(
         for (i, &(row, _)) in chunk.iter().enumerate() {
             xs[i * h..(i + 1) * h].copy_from_slice(&x_final[row * h..(row + 1) * h]);
         }
-        rms_norm_forward(
-            &mut normed[..m * h],
-            &xs[..m * h],
-            &model.norm,
-            c.rms_norm_eps,
-        );
+        model.final_norm_forward(&mut normed[..m * h], &xs[..m * h]);
         model.head_forward(&mut logits[..m * v], &normed[..m * h], m);
         // Per row: loss, and the logits turned into d loss / d logits in place.
         let want_grad = dx_final.is_some();
@@ -160,16 +197,9 @@ pub fn lm_head_loss_with_head_grads(
                 false,
             );
             if let Some(g) = head_grads.as_mut() {
-                rms_norm_weight_grad(g.norm, &xs[..m * h], &d_normed[..m * h], c.rms_norm_eps);
+                model.final_norm_weight_grad(g.norm, &xs[..m * h], &d_normed[..m * h]);
             }
-            rms_norm_backward(
-                &mut d_xs[..m * h],
-                &xs[..m * h],
-                &model.norm,
-                &d_normed[..m * h],
-                c.rms_norm_eps,
-                false,
-            );
+            model.final_norm_backward(&mut d_xs[..m * h], &xs[..m * h], &d_normed[..m * h]);
             for (i, &(row, _)) in chunk.iter().enumerate() {
                 dx[row * h..(row + 1) * h].copy_from_slice(&d_xs[i * h..(i + 1) * h]);
             }

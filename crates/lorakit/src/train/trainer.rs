@@ -15,8 +15,9 @@ use crate::io::safetensors_file::SafetensorsFile;
 use crate::lora::config::LoraConfig;
 use crate::lora::peft::Adapter;
 use crate::lora::{LoraInit, ModuleId};
-use crate::model::llama_train::{Activations, Dropout, LoraGrads};
-use crate::model::{LlamaModel, LoadedModel};
+use crate::model::llama_train::{Dropout, LoraGrads};
+use crate::model::{Config, LlamaModel, LoadedModel, LoraTrainable};
+use crate::tokenize::Tokenizer;
 use crate::train::loss::{lm_head_loss, target_positions};
 use crate::train::optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
 use crate::train::schedule::{Schedule, ScheduleKind};
@@ -201,6 +202,7 @@ impl TrainOptions {
             use_rslora: self.use_rslora,
             init_lora_weights,
             base_model_name_or_path: Some(model_name.to_owned()),
+            fan_in_fan_out: false,
         })
     }
 }
@@ -259,6 +261,16 @@ pub struct TrainPlan {
 impl TrainPlan {
     /// Validates every option and loads the data before anything trains.
     pub fn new(options: TrainOptions, loaded: &LoadedModel, model_name: &str) -> Result<TrainPlan> {
+        Self::for_model(options, &loaded.model.config, &loaded.tokenizer, model_name)
+    }
+
+    /// [`TrainPlan::new`] for any model with this `config` (GPT-2 too) and `tokenizer`.
+    pub fn for_model(
+        options: TrainOptions,
+        model_config: &Config,
+        tokenizer: &Tokenizer,
+        model_name: &str,
+    ) -> Result<TrainPlan> {
         let o = &options;
         let data = o
             .data
@@ -279,7 +291,7 @@ impl TrainPlan {
                 o.label_smoothing
             )));
         }
-        let context = loaded.model.config.max_position_embeddings;
+        let context = model_config.max_position_embeddings;
         let max_seq_len = o.max_seq_len.unwrap_or(context.min(1024));
         if max_seq_len < 2 {
             return Err(Error::Invalid("--max-seq-len must be ≥ 2".into()));
@@ -319,11 +331,11 @@ impl TrainPlan {
                         "--{name} cannot be combined with --init-adapter: the adapter's own adapter_config.json decides its LoRA settings"
                     )));
                 }
-                Adapter::load(dir, &loaded.model.config)?
+                Adapter::load(dir, model_config)?
             }
             None => Adapter::init(
                 o.lora_config(model_name)?,
-                &loaded.model.config,
+                model_config,
                 o.seed,
                 Path::new("LoRA options"),
             )
@@ -347,7 +359,7 @@ impl TrainPlan {
             max_seq_len,
             add_eos: true,
         };
-        let (examples, train_stats) = load_jsonl(data, &loaded.tokenizer, &data_opts)?;
+        let (examples, train_stats) = load_jsonl(data, tokenizer, &data_opts)?;
         if examples.is_empty() {
             return Err(Error::format(
                 data,
@@ -359,7 +371,7 @@ impl TrainPlan {
         }
         let eval_examples = match &o.eval_data {
             Some(p) => {
-                let (ex, stats) = load_jsonl(p, &loaded.tokenizer, &data_opts)?;
+                let (ex, stats) = load_jsonl(p, tokenizer, &data_opts)?;
                 if ex.is_empty() {
                     return Err(Error::format(
                         p,
@@ -373,11 +385,7 @@ impl TrainPlan {
             }
             None => None,
         };
-        let pad = loaded
-            .tokenizer
-            .pad_id()
-            .or(loaded.tokenizer.eos_id())
-            .unwrap_or(0);
+        let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
         let batcher = Batcher::new(examples, o.batch_size, !o.no_shuffle, o.seed)?.with_pad_id(pad);
         let per_epoch = batcher.batches_per_epoch().div_ceil(o.grad_accum) as u64;
         let total_steps = match (o.steps, o.epochs) {
@@ -461,14 +469,14 @@ impl<'a> BatchStream<'a> {
 }
 
 /// Mean loss of `model` + `adapter` over examples (token-level mean), in batches of `batch_size`.
-pub fn evaluate_loss(
-    model: &LlamaModel,
+pub fn evaluate_loss<M: LoraTrainable>(
+    model: &M,
     adapter: Option<&Adapter>,
     examples: &[crate::data::Example],
     batch_size: usize,
 ) -> Result<f64> {
     let batcher = Batcher::new(examples.to_vec(), batch_size, false, 0)?;
-    let mut acts = Activations::default();
+    let mut acts = M::Acts::default();
     let (mut sum, mut count) = (0.0, 0usize);
     for batch in batcher.epoch(0) {
         model.train_forward(
@@ -480,7 +488,7 @@ pub fn evaluate_loss(
             &mut acts,
         )?;
         let targets = target_positions(&batch.labels, batch.batch_size, batch.seq_len);
-        sum += lm_head_loss(model, &acts.x_final, &targets, 0.0, 1.0, None);
+        sum += lm_head_loss(model, M::x_final(&acts), &targets, 0.0, 1.0, None);
         count += targets.len();
     }
     if count == 0 {
@@ -585,13 +593,13 @@ fn save_checkpoint(
 /// Loads the newest checkpoint: (step, adapter, optimiser).
 fn load_checkpoint(
     out: &Path,
-    model: &LlamaModel,
+    model_config: &Config,
     adam_config: AdamWConfig,
 ) -> Result<Option<(u64, Adapter, AdamW)>> {
     let Some((step, dir)) = checkpoint_dirs(out).pop() else {
         return Ok(None);
     };
-    let adapter = Adapter::load(&dir, &model.config)?;
+    let adapter = Adapter::load(&dir, model_config)?;
     let state_path = dir.join(STATE_FILE);
     let state: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?,
@@ -661,9 +669,18 @@ pub fn train(
     loaded: &LoadedModel,
     plan: TrainPlan,
     resume: bool,
+    on_event: impl FnMut(Event),
+) -> Result<TrainSummary> {
+    train_model(&loaded.model, plan, resume, on_event)
+}
+
+/// [`train`] for any [`LoraTrainable`] model (Llama family or GPT-2).
+pub fn train_model<M: LoraTrainable>(
+    model: &M,
+    plan: TrainPlan,
+    resume: bool,
     mut on_event: impl FnMut(Event),
 ) -> Result<TrainSummary> {
-    let model = &loaded.model;
     let o = &plan.options;
     let out = &plan.out;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
@@ -673,7 +690,7 @@ pub fn train(
     let mut start_step = 0u64;
     let mut history: Vec<serde_json::Value> = Vec::new();
     if resume {
-        match load_checkpoint(out, model, plan.adam)? {
+        match load_checkpoint(out, model.config(), plan.adam)? {
             Some((step, a, opt)) => {
                 start_step = step;
                 adapter = a;
@@ -707,7 +724,7 @@ pub fn train(
         start_step,
     });
     let dropout_p = adapter.config.lora_dropout;
-    let mut acts = Activations::default();
+    let mut acts = M::Acts::default();
     let mut grads = LoraGrads::zeros_like(&adapter);
     let mut stream = BatchStream::new(&plan.batcher);
     let mut dx = Vec::new();
@@ -721,7 +738,7 @@ pub fn train(
         .iter()
         .filter_map(|r| Some((r["step"].as_u64()?, r["eval_loss"].as_f64()?)))
         .collect();
-    let h = model.config.hidden_size;
+    let h = model.config().hidden_size;
     let mut skipped_steps = 0u64;
 
     for step in start_step..plan.total_steps {
@@ -754,7 +771,7 @@ pub fn train(
             dx.resize(batch.batch_size * batch.seq_len * h, 0.0);
             loss_sum += lm_head_loss(
                 model,
-                &acts.x_final,
+                M::x_final(&acts),
                 &targets,
                 o.label_smoothing,
                 normalizer.max(1) as f64,
