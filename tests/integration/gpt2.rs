@@ -553,12 +553,13 @@ fn merge_cli_on_gpt2_writes_a_directory_with_the_merged_logits() {
     compare_logits(&batch_logits(&m), 512, &want, 1e-4, "tiny-gpt2 merge CLI");
 }
 
-#[test]
-fn train_cli_on_gpt2_starts_at_the_reference_loss_and_learns() {
-    // tiny-gpt2 has no tokenizer; the data are pre-tokenised, so any tokenizer.json that the
-    // loader accepts will do (SmolLM2's: its vocabulary covers ids < 512).
-    let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny-gpt2-tok");
+/// A copy of tiny-gpt2 with a tokenizer.json, and the gpt2-grads batch as pre-tokenised JSONL
+/// (whose reference loss under the c_attn adapter is known): (model dir, data file).
+///
+/// tiny-gpt2 has no tokenizer; the data are pre-tokenised, so any tokenizer.json that the
+/// loader accepts will do (SmolLM2's: its vocabulary covers ids < 512).
+fn gpt2_with_tokenizer_and_data(tmp: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let model = tmp.join("tiny-gpt2-tok");
     std::fs::create_dir_all(&model).unwrap();
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(fixture("tiny-gpt2").join(f), model.join(f)).unwrap();
@@ -568,7 +569,6 @@ fn train_cli_on_gpt2_starts_at_the_reference_loss_and_learns() {
         model.join("tokenizer.json"),
     )
     .unwrap();
-    // The gpt2-grads batch as JSONL: the reference loss of its first step is known.
     let batch = lorakit::io::safetensors_file::SafetensorsFile::open(
         &repo_root().join("tests/data/gpt2-grads/batch.safetensors"),
     )
@@ -576,7 +576,7 @@ fn train_cli_on_gpt2_starts_at_the_reference_loss_and_learns() {
     let (ids, shape) = batch.tensor_i64("input_ids").unwrap();
     let (labels, _) = batch.tensor_i64("labels").unwrap();
     let t = shape[1];
-    let data = tmp.path().join("data.jsonl");
+    let data = tmp.join("data.jsonl");
     let lines: Vec<String> = (0..shape[0])
         .map(|b| {
             serde_json::json!({
@@ -587,6 +587,42 @@ fn train_cli_on_gpt2_starts_at_the_reference_loss_and_learns() {
         })
         .collect();
     std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    (model, data)
+}
+
+/// The float64 HF/PEFT loss of the gpt2-grads batch under the lora-r4-c_attn adapter.
+fn gpt2_reference_loss() -> f64 {
+    let meta = read_json_abs(&repo_root().join("tests/data/gpt2-grads/c_attn/grad_meta.json"));
+    meta["loss"].as_f64().unwrap()
+}
+
+#[test]
+fn eval_cli_on_gpt2_gives_the_reference_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = gpt2_with_tokenizer_and_data(tmp.path());
+    let o = lorakit(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        fixture("tiny-gpt2/lora-r4-c_attn").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--metric",
+        "loss",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (got, want) = (v["score"].as_f64().unwrap(), gpt2_reference_loss());
+    eprintln!("eval CLI tiny-gpt2 + adapter: loss {got} vs reference {want}");
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+}
+
+#[test]
+fn train_cli_on_gpt2_starts_at_the_reference_loss_and_learns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = gpt2_with_tokenizer_and_data(tmp.path());
     let out = tmp.path().join("run");
     let o = lorakit(&[
         "train",
@@ -615,8 +651,7 @@ fn train_cli_on_gpt2_starts_at_the_reference_loss_and_learns() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let meta = read_json_abs(&repo_root().join("tests/data/gpt2-grads/c_attn/grad_meta.json"));
-    let want = meta["loss"].as_f64().unwrap();
+    let want = gpt2_reference_loss();
     let first = rows[0]["loss"].as_f64().unwrap();
     eprintln!("train CLI tiny-gpt2: step-1 loss {first} vs reference {want}");
     assert!((first - want).abs() < 1e-5, "{first} vs {want}");

@@ -16,7 +16,7 @@ use lorakit::eval::{
 };
 use serde_json::json;
 
-use crate::{attach_adapters, open_model};
+use crate::ModelArg;
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -26,7 +26,8 @@ pub struct EvalArgs {
     /// A PEFT adapter applied unmerged: DIR or DIR:WEIGHT (repeatable).
     #[arg(long, conflicts_with = "predictions")]
     adapter: Vec<String>,
-    /// Frozen-weight arithmetic: f32 (exact, default) or bf16 (AVX512-BF16, faster).
+    /// Frozen-weight arithmetic: f32 (exact, default), bf16 (AVX512-BF16, faster), or gguf (the
+    /// GGUF file's own Q4_1/Q8_0 blocks).
     #[arg(long, default_value = "f32")]
     precision: String,
     /// Evaluation data: JSONL with "prompt" and the keys the metric needs ("references",
@@ -186,15 +187,21 @@ fn score_model(a: &EvalArgs, metric: Metric, decode: &Decode) -> Result<Score> {
     } else {
         limited(load_eval_data(&a.data, metric)?, a.limit)
     };
-    let precision: lorakit::model::Precision = a.precision.parse()?;
-    let mut m = open_model(a.model.clone())?;
-    attach_adapters(&mut m, &a.adapter)?;
-    m.model.set_precision(precision, false)?;
-    let tok = &m.tokenizer;
+    // Either family (Llama or GPT-2), adapters attached unmerged, in the chosen precision.
+    let opened = ModelArg {
+        model: a.model.clone(),
+        adapter: a.adapter.clone(),
+        precision: a.precision.clone(),
+    }
+    .open_any()?;
+    let (model, tok) = opened.parts();
+    let Some(tok) = tok else {
+        bail!("eval needs the model's tokenizer (tokenizer.json in the model directory)");
+    };
     match metric {
         Metric::Loss => {
             let opts = DataOptions {
-                max_seq_len: m.model.config.max_position_embeddings,
+                max_seq_len: model.config().max_position_embeddings,
                 add_eos: true,
             };
             let (mut examples, _) = load_jsonl(&a.data, tok, &opts)?;
@@ -204,7 +211,7 @@ fn score_model(a: &EvalArgs, metric: Metric, decode: &Decode) -> Result<Score> {
             let bar = progress(examples.len(), "examples");
             let (mut sum, mut count) = (0.0, 0usize);
             for ex in &examples {
-                let (s, c) = example_nll(&m.model, ex)?;
+                let (s, c) = example_nll(model, ex)?;
                 sum += s;
                 count += c;
                 bar.inc(1);
@@ -223,7 +230,7 @@ fn score_model(a: &EvalArgs, metric: Metric, decode: &Decode) -> Result<Score> {
             let bar = progress(items.len(), "examples");
             let mut preds = Vec::with_capacity(items.len());
             for it in &items {
-                let lps = choice_logprobs(&m.model, tok, &it.prompt, &it.choices)
+                let lps = choice_logprobs(model, tok, &it.prompt, &it.choices)
                     .with_context(|| format!("{}: line {}", a.data.display(), it.line))?;
                 let best = lps
                     .iter()
@@ -243,7 +250,7 @@ fn score_model(a: &EvalArgs, metric: Metric, decode: &Decode) -> Result<Score> {
             let bar = progress(items.len(), "examples");
             let mut preds = Vec::with_capacity(items.len());
             for it in &items {
-                let p = predict(&m.model, tok, &it.prompt, decode, a.max_new_tokens, &stop)
+                let p = predict(model, tok, &it.prompt, decode, a.max_new_tokens, &stop)
                     .with_context(|| format!("{}: line {}", a.data.display(), it.line))?;
                 preds.push(p);
                 bar.inc(1);

@@ -115,8 +115,12 @@ fn main() {
         let mut out = vec![0.0f32; m * n];
         let packed = PackedBf16::for_x_wt(&w, n, k);
         let reps = if n > 10_000 { 3 } else { 10 };
-        let f = best_of(reps, m, k, n, || matmul_nt(&mut out, &x, &w, m, k, n, false));
-        let b = best_of(reps, m, k, n, || matmul_bf16(&mut out, &x, m, &packed, false));
+        let f = best_of(reps, m, k, n, || {
+            matmul_nt(&mut out, &x, &w, m, k, n, false)
+        });
+        let b = best_of(reps, m, k, n, || {
+            matmul_bf16(&mut out, &x, m, &packed, false)
+        });
         line("f32", &format!("{name} {m}x{k}x{n}"), f);
         line("bf16", &format!("{name} {m}x{k}x{n}"), b);
         // Time-weighted over the shapes as one forward pass meets them (gate/up count twice).

@@ -17,7 +17,7 @@
 use crate::engine::ops::logsumexp;
 use crate::error::{Error, Result};
 use crate::model::llama::{KvCache, Logits};
-use crate::model::LlamaModel;
+use crate::model::CausalLm;
 
 #[derive(Debug, Clone)]
 pub struct BeamParams {
@@ -91,8 +91,8 @@ fn push_finished(done: &mut Vec<Hypothesis>, h: Hypothesis, keep: usize) {
 }
 
 /// Beam search after `prompt`: up to `params.beams` finished hypotheses, best first.
-pub fn beam_search(
-    model: &LlamaModel,
+pub fn beam_search<M: CausalLm + ?Sized>(
+    model: &M,
     prompt: &[u32],
     params: &BeamParams,
 ) -> Result<Vec<Hypothesis>> {
@@ -102,7 +102,7 @@ pub fn beam_search(
             "the prompt is empty: nothing to continue from".into(),
         ));
     }
-    let ctx = model.config.max_position_embeddings;
+    let ctx = model.config().max_position_embeddings;
     if prompt.len() >= ctx {
         return Err(Error::Invalid(format!(
             "the prompt has {} tokens; the model's context is {ctx}",

@@ -31,7 +31,7 @@ use crate::data::{Example, IGNORE_INDEX};
 use crate::engine::ops::logsumexp;
 use crate::generate::{generate, SamplingParams};
 use crate::model::llama::Logits;
-use crate::model::LlamaModel;
+use crate::model::CausalLm;
 use crate::tokenize::Tokenizer;
 use crate::{Error, Result};
 
@@ -410,8 +410,8 @@ pub fn newline_ids(tok: &Tokenizer) -> Vec<u32> {
 /// before that line break, trimmed. Line breaks before any text are skipped (a base model often
 /// starts its answer on a new line): decoding continues after them within the same budget.
 /// `stop_ids` must hold the EOS and newline ids.
-pub fn predict(
-    model: &LlamaModel,
+pub fn predict<M: CausalLm + ?Sized>(
+    model: &M,
     tok: &Tokenizer,
     prompt: &str,
     decode: &Decode,
@@ -457,8 +457,8 @@ pub fn predict(
             }
         }
         let text = tok.decode(&new, true)? + &tail;
-        let can_continue =
-            all.len() < budget && ids.len() + all.len() + 1 < model.config.max_position_embeddings;
+        let can_continue = all.len() < budget
+            && ids.len() + all.len() + 1 < model.config().max_position_embeddings;
         if at_line_break && text.trim().is_empty() && can_continue {
             budget -= all.len();
             ids.extend(all);
@@ -476,8 +476,8 @@ pub fn predict(
 /// log P(choice | prompt) for each choice: `encode(prompt, true) ++ encode(choice, false)`, the
 /// same split as training's prompt/completion. The prompt runs once; each choice continues a
 /// copy of its KV cache.
-pub fn choice_logprobs(
-    model: &LlamaModel,
+pub fn choice_logprobs<M: CausalLm + ?Sized>(
+    model: &M,
     tok: &Tokenizer,
     prompt: &str,
     choices: &[String],
@@ -494,7 +494,7 @@ pub fn choice_logprobs(
     let mut cache = model.new_cache(ids.len() + longest)?;
     // [vocab]: the distribution of the first choice token.
     let first = model.forward(&ids, &mut cache, Logits::Last)?;
-    let v = model.config.vocab_size;
+    let v = model.config().vocab_size;
     let mut out = Vec::with_capacity(choices.len());
     for (c, toks) in choices.iter().zip(&encoded) {
         if toks.is_empty() {
@@ -517,8 +517,8 @@ pub fn choice_logprobs(
 
 /// Summed negative log-likelihood of an example's target tokens and their count (the trainer's
 /// next-token shift: logits at t score labels[t + 1]).
-pub fn example_nll(model: &LlamaModel, ex: &Example) -> Result<(f64, usize)> {
-    let v = model.config.vocab_size;
+pub fn example_nll<M: CausalLm + ?Sized>(model: &M, ex: &Example) -> Result<(f64, usize)> {
+    let v = model.config().vocab_size;
     // [T, vocab]
     let logits = model.logits(&ex.input_ids)?;
     let (mut sum, mut count) = (0.0, 0usize);
