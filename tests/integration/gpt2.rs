@@ -100,7 +100,7 @@ fn merged_conv1d_weight_is_the_transposed_delta_and_saves_in_hf_layout() {
     m.attach_adapter(&a, 1.0).unwrap();
     m.merge_adapters().unwrap();
     let dir = tempfile_dir("gpt2-merged");
-    m.save_hf_dir(&dir).unwrap();
+    m.save_hf_dir(&dir, None).unwrap();
 
     let st = lorakit::io::safetensors_file::SafetensorsFile::open(&fixture(
         "tiny-gpt2/model.safetensors",
@@ -533,11 +533,12 @@ fn score_cli_on_gpt2_matches_fixture_with_and_without_adapter() {
 #[test]
 fn merge_cli_on_gpt2_writes_a_directory_with_the_merged_logits() {
     let tmp = tempfile::tempdir().unwrap();
+    let (model, _) = gpt2_with_tokenizer_and_data(tmp.path());
     let out = tmp.path().join("merged");
     let o = lorakit(&[
         "merge",
         "--model",
-        fixture("tiny-gpt2").to_str().unwrap(),
+        model.to_str().unwrap(),
         "--adapter",
         fixture("tiny-gpt2/lora-r4-c_attn").to_str().unwrap(),
         "--out",
@@ -551,6 +552,17 @@ fn merge_cli_on_gpt2_writes_a_directory_with_the_merged_logits() {
         "batch",
     );
     compare_logits(&batch_logits(&m), 512, &want, 1e-4, "tiny-gpt2 merge CLI");
+    // The tokenizer travels with the model, byte for byte; no temporary directory is left.
+    assert_eq!(
+        std::fs::read(out.join("tokenizer.json")).unwrap(),
+        std::fs::read(model.join("tokenizer.json")).unwrap()
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
 /// A copy of tiny-gpt2 with a tokenizer.json, and the gpt2-grads batch as pre-tokenised JSONL

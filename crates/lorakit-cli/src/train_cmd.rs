@@ -374,20 +374,8 @@ fn merge_gpt2(path: &std::path::Path, a: &MergeArgs) -> Result<()> {
     }
     g.model.merge_adapters()?;
     g.model
-        .save_hf_dir(&a.out)
+        .save_hf_dir(&a.out, Some(path))
         .with_context(|| format!("cannot write {}", a.out.display()))?;
-    for name in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "vocab.json",
-        "merges.txt",
-    ] {
-        let src = path.join(name);
-        if src.is_file() {
-            std::fs::copy(&src, a.out.join(name))
-                .with_context(|| format!("cannot copy {} to {}", src.display(), a.out.display()))?;
-        }
-    }
     eprintln!("merged model written to {}", a.out.display());
     Ok(())
 }

@@ -7,7 +7,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::io::atomic::{replace_dir_atomic, write_atomic};
+use crate::io::atomic::{write_atomic, write_dir_atomic};
 use crate::lora::ModuleKind;
 use crate::model::{Arch, Config, LlamaModel};
 use crate::tokenize::Tokenizer;
@@ -63,25 +63,7 @@ pub fn save_hf_dir(model: &LlamaModel, tokenizer: &Tokenizer, dir: &Path) -> Res
             "save_hf_dir: merge or detach the adapters first".into(),
         ));
     }
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = write_contents(model, tokenizer, &tmp).and_then(|_| replace_dir_atomic(&tmp, dir));
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
+    write_dir_atomic(dir, |tmp| write_contents(model, tokenizer, tmp))
 }
 
 fn write_contents(model: &LlamaModel, tokenizer: &Tokenizer, tmp: &Path) -> Result<()> {

@@ -19,7 +19,7 @@ use crate::engine::ops::{
     layer_norm_backward, layer_norm_forward, layer_norm_weight_grad, position_embedding_add,
 };
 use crate::error::{Error, Result};
-use crate::io::atomic::write_atomic;
+use crate::io::atomic::{write_atomic, write_dir_atomic};
 use crate::io::hf_dir::SafetensorsSet;
 use crate::lora::peft::Adapter;
 use crate::lora::{ModuleId, ModuleKind};
@@ -435,10 +435,19 @@ impl Gpt2Model {
         self.forward(ids, &mut cache, Logits::All)
     }
 
+    /// The tokenizer files [`Gpt2Model::save_hf_dir`] copies from the source directory.
+    pub const TOKENIZER_FILES: [&'static str; 4] = [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+    ];
+
     /// Writes the model (adapters merged or detached first) as an HF GPT-2 directory:
     /// `config.json` and `model.safetensors` with `transformer.`-prefixed names and the Conv1D
-    /// weights back in their [in, out] layout. Each file is written atomically.
-    pub fn save_hf_dir(&self, dir: &Path) -> Result<()> {
+    /// weights back in their [in, out] layout, plus those of [`Self::TOKENIZER_FILES`] that
+    /// `tokenizer_from` holds, copied as they are. The directory appears complete or not at all.
+    pub fn save_hf_dir(&self, dir: &Path, tokenizer_from: Option<&Path>) -> Result<()> {
         if self.blocks.iter().any(|b| {
             ModuleKind::GPT2
                 .iter()
@@ -448,8 +457,21 @@ impl Gpt2Model {
                 "save_hf_dir: merge or detach the adapters first".into(),
             ));
         }
+        write_dir_atomic(dir, |tmp| {
+            self.write_contents(tmp)?;
+            for name in Self::TOKENIZER_FILES {
+                let Some(src) = tokenizer_from.map(|d| d.join(name)).filter(|p| p.is_file()) else {
+                    continue;
+                };
+                std::fs::copy(&src, tmp.join(name)).map_err(|e| Error::io(&src, e))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// config.json and model.safetensors into `dir`.
+    fn write_contents(&self, dir: &Path) -> Result<()> {
         let c = &self.config;
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let cfg = json!({
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",
