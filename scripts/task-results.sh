@@ -6,12 +6,14 @@
 #
 # Per task: `lorakit eval` of the base model, `lorakit train` (LoRA) + eval, `lorakit train
 # --full` + eval. The settings are fixed here (nothing was tuned on a test split):
-#   e2e  BLEU (greedy, 64 new tokens) + ROUGE-L of the same predictions; LoRA r=4 a=32 q,v
+#   e2e  BLEU (greedy, 64 new tokens) + ROUGE-L of the same predictions, and BLEU with the
+#        paper's E2E decoding (beam 10, length penalty 0.9, no-repeat-ngram 4); LoRA r=4 a=32 q,v
 #   sql  SQL execution match + exact match of the same predictions;      LoRA r=8 a=16 q,v
 #   nli  label accuracy (highest log-likelihood of " True"/" False"/" Neither") on the first 500
 #        test examples; LoRA r=8 a=16 q,v
 # Full fine-tuning uses the same data order, batch, steps, warm-up and schedule as the task's
-# LoRA run, with Hugging Face Trainer's default learning rate for full fine-tuning (5e-5).
+# LoRA run, with Hugging Face Trainer's default learning rate
+# for full fine-tuning (5e-5).
 # Runs go to runs/results/TASK/{base,lora,full}/ (git-ignored). --reuse keeps a finished
 # training run (its adapter or model is there) and a finished score (TASK/KIND.METRIC.score,
 # newer than the run's output) instead of making them again: a rerun then only prints the table.
@@ -70,19 +72,24 @@ json_score() {
   python3 -c 'import json, sys; print("%.2f" % json.load(sys.stdin)["score"])'
 }
 
-# score TASK KIND METRIC [ARGS]: prints the metric's score (percent) of the row's model on the
+# score TASK KIND METRIC [--label NAME] [ARGS]: prints the metric's score (percent) of the row's model on the
 # test split; predictions (for generating metrics) go to runs/results/TASK/KIND.predictions.
 score() {
-  local task="$1" kind="$2" metric="$3"
+  local task="$1" kind="$2" metric="$3" name="$3"
   shift 3
-  local saved="runs/results/$task/$kind.$metric.score" trained="runs/results/$task/$kind"
+  # --label NAME (anywhere in ARGS): the score and log are saved under NAME, not METRIC.
+  local args=()
+  while [ $# -gt 0 ]; do
+    if [ "$1" = --label ]; then name="$2"; shift 2; else args+=("$1"); shift; fi
+  done
+  local saved="runs/results/$task/$kind.$name.score" trained="runs/results/$task/$kind"
   if [ "$reuse" = 1 ] && [ -f "$saved" ] && { [ "$kind" = base ] || [ "$saved" -nt "$trained" ]; }; then
     cat "$saved"
     return
   fi
   # shellcheck disable=SC2046
   "$bin" eval $(model_args "$task" "$kind") --data "data/$task/test.jsonl" --metric "$metric" \
-    --json "$@" 2> "runs/results/$task/$kind.$metric.log" | json_score > "$saved.new"
+    --json ${args[@]+"${args[@]}"} 2> "runs/results/$task/$kind.$name.log" | json_score > "$saved.new"
   mv "$saved.new" "$saved"
   cat "$saved"
 }
@@ -103,11 +110,12 @@ trainable() {
 table="runs/results/table.md"
 mkdir -p runs/results
 {
-  echo "| task | model | trainable parameters | test metric | score | second metric | score |"
-  echo "|---|---|---|---|---|---|---|"
+  echo "| task | model | trainable parameters | test metric | score | second metric | score | third metric | score |"
+  echo "|---|---|---|---|---|---|---|---|---|"
 } > "$table.new"
 
 for task in "${tasks[@]}"; do
+  third="" third_label="" third_args=()
   case "$task" in
     e2e)
       lora=(--r 4 --alpha 32 --targets q_proj,v_proj)
@@ -115,6 +123,8 @@ for task in "${tasks[@]}"; do
       lora_lr=2e-3
       metric=bleu; second=rouge-l
       gen=(--max-new-tokens 64)
+      third=bleu; third_label="bleu (beam 10, lp 0.9, no-repeat 4)"
+      third_args=(--decode beam --beams 10 --length-penalty 0.9 --no-repeat-ngram 4 --max-new-tokens 64)
       ;;
     sql)
       lora=(--r 8 --alpha 16 --targets q_proj,v_proj)
@@ -145,8 +155,13 @@ for task in "${tasks[@]}"; do
       s1=$(score "$task" "$kind" "$metric" "${gen[@]}")
       s2=""
     fi
-    echo "[$task/$kind] $metric $s1 ${second:+$second $s2}" >&2
-    echo "| $task | $kind | $(trainable "$task" "$kind") | $metric | $s1 | $second | $s2 |" >> "$table.new"
+    s3=""
+    if [ -n "$third" ]; then
+      s3=$(score "$task" "$kind" "$third" "${third_args[@]}" --label beam \
+        --save-predictions "runs/results/$task/$kind.beam.predictions")
+    fi
+    echo "[$task/$kind] $metric $s1 ${second:+$second $s2} ${third:+$third_label $s3}" >&2
+    echo "| $task | $kind | $(trainable "$task" "$kind") | $metric | $s1 | $second | $s2 | $third_label | $s3 |" >> "$table.new"
   done
 done
 mv "$table.new" "$table"

@@ -224,6 +224,31 @@ fn context(e: io::Error, doing: &str, with: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{doing} {}: {e}", with.display()))
 }
 
+/// Makes directory `dir` in one step: `fill` writes into a fresh temporary sibling, which then
+/// takes `dir`'s place ([`replace_dir_atomic`]). Readers see the old directory or the complete
+/// new one, never a half-written one; on failure the temporary directory is removed.
+pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let result = fill(&tmp).and_then(|_| replace_dir_atomic(&tmp, dir));
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,29 +384,4 @@ mod tests {
         );
         fs::remove_dir_all(&dir).unwrap();
     }
-}
-
-/// Makes directory `dir` in one step: `fill` writes into a fresh temporary sibling, which then
-/// takes `dir`'s place ([`replace_dir_atomic`]). Readers see the old directory or the complete
-/// new one, never a half-written one; on failure the temporary directory is removed.
-pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = fill(&tmp).and_then(|_| replace_dir_atomic(&tmp, dir));
-    if result.is_err() {
-        let _ = fs::remove_dir_all(&tmp);
-    }
-    result
 }
