@@ -190,6 +190,11 @@ fn full_fine_tuning_cli_follows_pytorch_adamw() {
         "1e-3",
         "--weight-decay",
         "0.01",
+        // Snapshots must not change the run; the newest one is checked below.
+        "--save-every",
+        "1",
+        "--keep-checkpoints",
+        "1",
         "--quiet",
     ]);
     let err = stderr(&o);
@@ -266,6 +271,30 @@ fn full_fine_tuning_cli_follows_pytorch_adamw() {
     let e = frob(&strided, &want);
     eprintln!("lm_head (every 64th row): relative Frobenius difference {e:.2e}");
     assert!(e <= 1e-5, "lm_head: relative Frobenius difference {e:.3e}");
+
+    // --save-every 1 --keep-checkpoints 1: only the step-2 snapshot is left (step 3 is the final
+    // model), and it is the model after 2 steps: its loss on the batch is PyTorch's step-3 loss.
+    let names: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["step-000002"]);
+    let o = lorakit(&[
+        "eval",
+        "--model",
+        out.join("checkpoints/step-000002").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--metric",
+        "loss",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let snap_loss = v["score"].as_f64().unwrap();
+    let step3 = meta["trajectory_losses"][2].as_f64().unwrap();
+    eprintln!("snapshot step 2: loss {snap_loss} vs PyTorch step-3 loss {step3}");
+    assert!((snap_loss - step3).abs() <= 1e-5 * step3.abs());
 }
 
 #[test]
@@ -291,7 +320,6 @@ fn full_fine_tuning_rejects_lora_options() {
             &["--targets", "all-linear"][..],
             "--targets is a LoRA option",
         ),
-        (&["--save-every", "1"][..], "--save-every"),
         (&["--precision", "bf16"][..], "--full trains in f32"),
         (&["--resume"][..], "--resume cannot be combined with --full"),
     ] {

@@ -83,6 +83,8 @@ pub struct TrainArgs {
     no_shuffle: bool,
     #[arg(long)]
     eval_every: Option<usize>,
+    /// A checkpoint every N steps under OUT/checkpoints (LoRA: adapter + optimiser state, for
+    /// --resume; --full: model snapshots)
     #[arg(long)]
     save_every: Option<usize>,
     #[arg(long)]
@@ -201,7 +203,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     let full = plan.options.full;
     anyhow::ensure!(
         !(full && a.resume),
-        "--resume cannot be combined with --full: checkpoints of full fine-tuning are not implemented"
+        "--resume cannot be combined with --full: its --save-every snapshots hold no optimiser state"
     );
     if full {
         eprintln!("trainable parameters: {total} of {total} (100% of the model): full fine-tuning");

@@ -15,16 +15,17 @@ use crate::model::{LoadedModel, Precision};
 use crate::train::loss::{lm_head_loss_with_head_grads, target_positions, HeadGrads};
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::train::trainer::{
-    append_jsonl, check_step_finite, evaluate_loss, BatchStream, Event, StepMetrics, TrainPlan,
-    TrainSummary,
+    append_jsonl, check_step_finite, evaluate_loss, prune_checkpoints, BatchStream, Event,
+    StepMetrics, TrainPlan, TrainSummary, CHECKPOINTS,
 };
 
 /// Where the fine-tuned model goes inside the output directory.
 pub const MODEL_DIR: &str = "model";
 
 /// Runs `plan` as full fine-tuning of `loaded.model` (changed in place) and writes the result
-/// to `plan.out/model`. Checkpoints and `--resume` are not supported (the plan is rejected
-/// earlier by `TrainPlan::new`).
+/// to `plan.out/model`; with `--save-every N`, also a model snapshot every N steps under
+/// `plan.out/checkpoints/step-N` (HF directories; the newest `--keep-checkpoints` are kept).
+/// `--resume` is not supported (the CLI rejects it).
 pub fn train_full(
     loaded: &mut LoadedModel,
     plan: TrainPlan,
@@ -182,6 +183,17 @@ pub fn train_full(
                     eval_loss,
                 });
             }
+        }
+        // Snapshots of the model (not resumable: no optimiser state, which would triple their
+        // size), for choosing a step afterwards, e.g. by validation score.
+        if !done && o.save_every > 0 && (step + 1) % o.save_every as u64 == 0 {
+            let dir = out.join(CHECKPOINTS).join(format!("step-{:06}", step + 1));
+            save_hf_dir(&loaded.model, &loaded.tokenizer, &dir)?;
+            prune_checkpoints(out, o.keep_checkpoints, &dir);
+            on_event(Event::Checkpoint {
+                step: step + 1,
+                dir: &dir,
+            });
         }
     }
 

@@ -168,11 +168,6 @@ impl TrainOptions {
                 "--{name} is a LoRA option and cannot be combined with --full (which trains every weight)"
             )));
         }
-        if self.save_every > 0 {
-            return Err(Error::Invalid(
-                "--save-every: checkpoints of full fine-tuning are not implemented; the model is written at the end".into(),
-            ));
-        }
         if self.precision.as_deref().is_some_and(|p| p != "f32") {
             return Err(Error::Invalid(
                 "--full trains in f32 (bf16 packs would go stale at every step); drop --precision or pass f32".into(),
@@ -571,6 +566,14 @@ fn save_checkpoint(
     )?;
     let dir = root.join(format!("step-{step:06}"));
     replace_dir_atomic(&tmp, &dir)?;
+    prune_checkpoints(out, keep, &tmp);
+    Ok(dir)
+}
+
+/// Keeps the newest `keep` checkpoints under `out/checkpoints` and removes what runs killed while
+/// writing or pruning left behind (except `writing`, the one in progress).
+pub(crate) fn prune_checkpoints(out: &Path, keep: usize, writing: &Path) {
+    let root = out.join(CHECKPOINTS);
     let all = checkpoint_dirs(out);
     for (step, old) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
         // Rename first, so that a kill during the deletion leaves a hidden directory that is
@@ -583,11 +586,13 @@ fn save_checkpoint(
     // Leftovers of runs killed while writing or pruning.
     for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with(".deleting-") || (name.starts_with(".tmp-step-") && e.path() != tmp) {
+        if name.starts_with(".deleting-")
+            || (name.starts_with(".tmp-step-") && e.path() != writing)
+            || (name.starts_with(".step-") && name.contains(".tmp-"))
+        {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
-    Ok(dir)
 }
 
 /// Loads the newest checkpoint: (step, adapter, optimiser).
