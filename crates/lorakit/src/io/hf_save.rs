@@ -66,6 +66,37 @@ pub fn save_hf_dir(model: &LlamaModel, tokenizer: &Tokenizer, dir: &Path) -> Res
     write_dir_atomic(dir, |tmp| write_contents(model, tokenizer, tmp))
 }
 
+/// Writes f32 tensors (HF name, shape, row-major data) as a safetensors file with PyTorch's
+/// `format: pt` metadata, atomically.
+pub(crate) fn write_f32_safetensors<D: AsRef<[f32]>>(
+    path: &Path,
+    tensors: Vec<(String, Vec<usize>, D)>,
+) -> Result<()> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(k, s, d)| {
+            let d = d.as_ref();
+            (k, s, d.iter().flat_map(|v| v.to_le_bytes()).collect())
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(k, s, b)| {
+            TensorView::new(Dtype::F32, s.clone(), b)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| Error::tensor(path, k, e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
+    let data =
+        safetensors::serialize(views, metadata).map_err(|e| Error::format(path, e.to_string()))?;
+    drop(bytes);
+    write_atomic(path, &data)
+}
+
 fn write_contents(model: &LlamaModel, tokenizer: &Tokenizer, tmp: &Path) -> Result<()> {
     let c = &model.config;
     let cfg = serde_json::to_string_pretty(&hf_config_json(c)).unwrap_or_default();
@@ -116,27 +147,7 @@ fn write_contents(model: &LlamaModel, tokenizer: &Tokenizer, tmp: &Path) -> Resu
             head.weight_f32(),
         ));
     }
-    let st_path = tmp.join("model.safetensors");
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .into_iter()
-        .map(|(k, s, d)| (k, s, d.iter().flat_map(|v| v.to_le_bytes()).collect()))
-        .collect();
-    let views = bytes
-        .iter()
-        .map(|(k, s, b)| {
-            TensorView::new(Dtype::F32, s.clone(), b)
-                .map(|v| (k.clone(), v))
-                .map_err(|e| Error::tensor(&st_path, k, e.to_string()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let metadata = Some(std::collections::HashMap::from([(
-        "format".to_string(),
-        "pt".to_string(),
-    )]));
-    let data = safetensors::serialize(views, metadata)
-        .map_err(|e| Error::format(&st_path, e.to_string()))?;
-    drop(bytes);
-    write_atomic(&st_path, &data)?;
+    write_f32_safetensors(&tmp.join("model.safetensors"), tensors)?;
 
     // Tokenizer files.
     let tok_json = tokenizer

@@ -10,7 +10,6 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
 
 use crate::engine::attention::{attention_train_backward, attention_train_forward, AttnShape};
@@ -21,6 +20,7 @@ use crate::engine::ops::{
 use crate::error::{Error, Result};
 use crate::io::atomic::{write_atomic, write_dir_atomic};
 use crate::io::hf_dir::SafetensorsSet;
+use crate::io::hf_save::write_f32_safetensors;
 use crate::lora::peft::Adapter;
 use crate::lora::{ModuleId, ModuleKind};
 use crate::model::linear::{frozen_forward, Bf16Weight};
@@ -531,26 +531,7 @@ impl Gpt2Model {
                 head.weight_f32().to_vec(),
             ));
         }
-        let st_path = dir.join("model.safetensors");
-        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-            .into_iter()
-            .map(|(k, s, d)| (k, s, d.iter().flat_map(|x| x.to_le_bytes()).collect()))
-            .collect();
-        let views = bytes
-            .iter()
-            .map(|(k, s, b)| {
-                TensorView::new(Dtype::F32, s.clone(), b)
-                    .map(|view| (k.clone(), view))
-                    .map_err(|e| Error::tensor(&st_path, k, e.to_string()))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let metadata = Some(std::collections::HashMap::from([(
-            "format".to_string(),
-            "pt".to_string(),
-        )]));
-        let data = safetensors::serialize(views, metadata)
-            .map_err(|e| Error::format(&st_path, e.to_string()))?;
-        write_atomic(&st_path, &data)?;
+        write_f32_safetensors(&dir.join("model.safetensors"), tensors)?;
         let text = serde_json::to_string_pretty(&cfg)
             .map_err(|e| Error::format(dir.join("config.json"), e.to_string()))?;
         write_atomic(&dir.join("config.json"), text.as_bytes())
