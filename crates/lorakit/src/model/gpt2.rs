@@ -23,7 +23,9 @@ use crate::io::hf_dir::SafetensorsSet;
 use crate::io::hf_save::write_f32_safetensors;
 use crate::lora::peft::Adapter;
 use crate::lora::{ModuleId, ModuleKind};
-use crate::model::linear::{frozen_forward, Bf16Weight};
+use crate::model::linear::{
+    check_precision_supported, frozen_forward, head_weight, set_head_precision, Bf16Weight,
+};
 use crate::model::llama::{store_kv, KvCache, Logits};
 use crate::model::llama_train::{
     linear_train_backward, linear_train_forward, Dropout, LoraBackward, LoraGrads,
@@ -230,39 +232,32 @@ impl Gpt2Model {
 
     /// Switches the frozen-weight products to `precision` (see `LlamaModel::set_precision`).
     pub fn set_precision(&mut self, precision: Precision, training: bool) -> Result<()> {
-        if precision == Precision::Bf16 && !crate::engine::bf16::bf16_supported() {
-            return Err(Error::Invalid(
-                "--precision bf16 needs a CPU with AVX512-BF16; use --precision f32".into(),
-            ));
-        }
+        check_precision_supported(precision)?;
         for b in &mut self.blocks {
             for lin in b.linears_mut() {
                 lin.set_precision(precision, training);
             }
         }
-        match &mut self.lm_head {
-            Some(head) => head.set_precision(precision, training),
-            None => {
-                self.tied_head_bf16 = (precision == Precision::Bf16).then(|| {
-                    Box::new(Bf16Weight::new(
-                        &self.wte,
-                        self.config.vocab_size,
-                        self.config.hidden_size,
-                        training,
-                    ))
-                });
-            }
-        }
+        set_head_precision(
+            self.lm_head.as_mut(),
+            &mut self.tied_head_bf16,
+            &self.wte,
+            self.config.vocab_size,
+            self.config.hidden_size,
+            precision,
+            training,
+        );
         self.precision = precision;
         Ok(())
     }
 
     /// The LM head's weight [vocab, hidden] and its bf16 packing, if any.
     pub fn head_weight(&self) -> (&[f32], Option<&Bf16Weight>) {
-        match &self.lm_head {
-            Some(l) => (l.weight_f32(), l.bf16.as_deref()),
-            None => (&self.wte, self.tied_head_bf16.as_deref()),
-        }
+        head_weight(
+            self.lm_head.as_ref(),
+            self.tied_head_bf16.as_deref(),
+            &self.wte,
+        )
     }
 
     /// logits = x · headᵀ.  x: [n, hidden] → logits: [n, vocab].

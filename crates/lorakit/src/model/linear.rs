@@ -87,6 +87,49 @@ pub fn frozen_backward(
     }
 }
 
+/// Checks that the CPU can run `precision`.
+pub(crate) fn check_precision_supported(precision: Precision) -> crate::Result<()> {
+    if precision == Precision::Bf16 && !crate::engine::bf16::bf16_supported() {
+        return Err(crate::Error::Invalid(
+            "--precision bf16 needs a CPU with AVX512-BF16; use --precision f32".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Sets an LM head's precision: an untied head is a [`Linear`]; a head tied to the embedding
+/// `embedding` [vocab, hidden] gets its own bf16 packing in `tied_bf16` (None in f32).
+pub(crate) fn set_head_precision(
+    untied: Option<&mut Linear>,
+    tied_bf16: &mut Option<Box<Bf16Weight>>,
+    embedding: &[f32],
+    vocab: usize,
+    hidden: usize,
+    precision: Precision,
+    training: bool,
+) {
+    match untied {
+        Some(head) => head.set_precision(precision, training),
+        None => {
+            *tied_bf16 = (precision == Precision::Bf16)
+                .then(|| Box::new(Bf16Weight::new(embedding, vocab, hidden, training)));
+        }
+    }
+}
+
+/// An LM head's weight [vocab, hidden] and its bf16 packing, if any: the untied head's, or
+/// the embedding's with the tied packing.
+pub(crate) fn head_weight<'a>(
+    untied: Option<&'a Linear>,
+    tied_bf16: Option<&'a Bf16Weight>,
+    embedding: &'a [f32],
+) -> (&'a [f32], Option<&'a Bf16Weight>) {
+    match untied {
+        Some(l) => (l.weight_f32(), l.bf16.as_deref()),
+        None => (embedding, tied_bf16),
+    }
+}
+
 /// How a frozen weight is stored.
 #[derive(Debug, Clone)]
 pub enum Weight {

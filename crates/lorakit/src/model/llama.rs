@@ -9,7 +9,9 @@ use crate::engine::quant::QuantMatrix;
 use crate::error::{Error, Result};
 use crate::lora::peft::Adapter;
 use crate::lora::{ModuleId, ModuleKind};
-use crate::model::linear::{frozen_forward, Bf16Weight};
+use crate::model::linear::{
+    check_precision_supported, frozen_forward, head_weight, set_head_precision, Bf16Weight,
+};
 use crate::model::{Config, Linear, Precision};
 
 /// One decoder layer's frozen weights.
@@ -149,39 +151,32 @@ impl LlamaModel {
     /// Switches the frozen-weight products to `precision` (bf16 packs every weight once;
     /// `training` also packs the transposed use of each weight for the backward pass).
     pub fn set_precision(&mut self, precision: Precision, training: bool) -> Result<()> {
-        if precision == Precision::Bf16 && !crate::engine::bf16::bf16_supported() {
-            return Err(Error::Invalid(
-                "--precision bf16 needs a CPU with AVX512-BF16; use --precision f32".into(),
-            ));
-        }
+        check_precision_supported(precision)?;
         for layer in &mut self.layers {
             for kind in ModuleKind::ALL {
                 layer.linear_mut(kind).set_precision(precision, training);
             }
         }
-        match &mut self.lm_head {
-            Some(head) => head.set_precision(precision, training),
-            None => {
-                self.tied_head_bf16 = (precision == Precision::Bf16).then(|| {
-                    Box::new(Bf16Weight::new(
-                        &self.embed_tokens,
-                        self.config.vocab_size,
-                        self.config.hidden_size,
-                        training,
-                    ))
-                });
-            }
-        }
+        set_head_precision(
+            self.lm_head.as_mut(),
+            &mut self.tied_head_bf16,
+            &self.embed_tokens,
+            self.config.vocab_size,
+            self.config.hidden_size,
+            precision,
+            training,
+        );
         self.precision = precision;
         Ok(())
     }
 
     /// The LM head's weight [vocab, hidden] and its bf16 packing, if any.
     pub fn head_weight(&self) -> (&[f32], Option<&Bf16Weight>) {
-        match &self.lm_head {
-            Some(l) => (l.weight_f32(), l.bf16.as_deref()),
-            None => (&self.embed_tokens, self.tied_head_bf16.as_deref()),
-        }
+        head_weight(
+            self.lm_head.as_ref(),
+            self.tied_head_bf16.as_deref(),
+            &self.embed_tokens,
+        )
     }
 
     /// logits = x · headᵀ.  x: [n, hidden] → logits: [n, vocab].
