@@ -18,7 +18,8 @@ and writes tests/data/arch/<family>/:
   logits_lora.safetensors  unmerged (PEFT, f64) and merged (merge_and_unload, f64), stored f32
   grads_lora.safetensors   d loss / d lora_A, lora_B in f64 (adapter key names), stored f32
   grads_full.safetensors   d loss / d every base parameter in f64 (HF names), stored f32
-  model.f32.gguf           the same weights as llama.cpp's convert_hf_to_gguf.py lays them out
+  model.f32.gguf           the same weights, names, row orders and metadata keys as llama.cpp's
+                           convert_hf_to_gguf.py writes them (F32), with a 256-token byte vocabulary
   meta.json                config, init rule, seeds, batch, versions, losses, every check
 
 "float64" means the HF modules with their internal float32 casts removed (RMSNorm, RoPE cos/sin,
@@ -27,6 +28,9 @@ An independent float64 re-implementation (`ref_forward`, plain torch, reads only
 files) must reproduce the HF logits, the LoRA gradients and the full gradients to ~1e-12; that
 checks the math described in tests/data/arch/README.md. Loss: logits[:, t] predicts
 labels[:, t+1], one token-level mean over the targets whose label is not -100.
+Each GGUF file is read back (every tensor bit-exact), run through ref_forward after undoing the
+converter's transforms (llama architecture: with adjacent-pair RoPE on the permuted q/k rows, as
+llama.cpp computes), and loaded with transformers' GGUF loader where it supports the architecture.
 
 Deterministic: fixed seeds and one CPU thread; a second run writes byte-identical files (the
 f32 logits depend on the CPU's kernels, so compare on the same machine).
@@ -53,6 +57,7 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import (
+    AutoModelForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     GPT2Config,
@@ -434,6 +439,14 @@ def _rotate(x, inv, pos):
     return x * cos + rot * sin
 
 
+def _rotate_interleaved(x, inv, pos):
+    """RoPE on adjacent pairs (2i, 2i + 1) (llama.cpp's LLAMA_ROPE_TYPE_NORM), angle pos * inv[i]."""
+    ang = pos[:, None].double() * inv[None, :]
+    cos, sin = ang.cos(), ang.sin()
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+
+
 def _attend(q, k, v, scale, window):
     """q [B, H, T, D], k, v [B, KV, T, D]; causal (and sliding-window) softmax attention."""
     n_rep = q.shape[1] // k.shape[1]
@@ -448,9 +461,10 @@ def _attend(q, k, v, scale, window):
     return torch.softmax(s, dim=-1) @ v
 
 
-def ref_forward(family, cfg, W, ids, lora=None, lora_scale=0.0):
+def ref_forward(family, cfg, W, ids, lora=None, lora_scale=0.0, rope_interleaved=False):
     """Logits [B, T, V] in float64. W: f64 tensors by HF name (a tied head reads the embedding).
-    lora: {module path: (A [r, in], B [out, r])}; y = W x + b + s * B (A x)."""
+    lora: {module path: (A [r, in], B [out, r])}; y = W x + b + s * B (A x).
+    rope_interleaved: rotate adjacent pairs, for q/k weights in GGUF (llama-permuted) row order."""
     B_, T_ = ids.shape
     pos = torch.arange(T_)
 
@@ -524,7 +538,8 @@ def ref_forward(family, cfg, W, ids, lora=None, lora_scale=0.0):
         if family in ("qwen3", "gemma3_text"):  # per head, over head_dim
             q = norm(q, p + "self_attn.q_norm.weight")
             k = norm(k, p + "self_attn.k_norm.weight")
-        q, k = _rotate(q, inv, pos), _rotate(k, inv, pos)
+        rotate = _rotate_interleaved if rope_interleaved else _rotate
+        q, k = rotate(q, inv, pos), rotate(k, inv, pos)
         a = _attend(q, k, v, scale, window).transpose(1, 2).reshape(B_, T_, nh * hd)
         a = lin(a, p + "self_attn.o_proj")
         if gemma or olmo2:
@@ -597,6 +612,281 @@ PROBES = {
         "scale 1/sqrt(head_dim)": lambda c: c.update(query_pre_attn_scalar=c["head_dim"]),
     },
 }
+
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF, laid out as llama.cpp's convert_hf_to_gguf.py (conversion/*.py) writes these architectures
+
+GGUF_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
+             "gemma3": gguf.MODEL_ARCH.GEMMA3, "phi3": gguf.MODEL_ARCH.PHI3, "olmo2": gguf.MODEL_ARCH.OLMO2,
+             "gpt2": gguf.MODEL_ARCH.GPT2}
+GPT2_CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
+
+# Where this file differs from what the converter would write, or what a GGUF consumer loses.
+GGUF_NOTES = {
+    "llama3": ["rope_freqs.weight uses rope_parameters.original_max_position_embeddings (64); the converter "
+               "reads a top-level original_max_position_embeddings, absent from a transformers 5 config.json, "
+               "and would fall back to 8192"],
+    "mistral": ["MistralForCausalLM converts to the llama architecture without a sliding-window key: "
+                "a GGUF consumer runs full causal attention, which is not this model"],
+    "gemma3_text": ["GGUF has no query_pre_attn_scalar and no layer_types: llama.cpp uses 1/sqrt(head_dim) "
+                    "(27B: 1/sqrt(n_embd/n_head)) and every 6th layer full (here: all three sliding)",
+                    "norm weights are stored as f32(w + 1), used as is by llama.cpp"],
+    "phi3": ["rope.scaling.original_context_length from the top-level original_max_position_embeddings "
+             "(the converter reads rope_parameters, which has no such key for default RoPE)"],
+    "gpt2": ["context_length from n_positions (the converter reads n_ctx, absent from the 5.24 config.json)"],
+}
+
+# Config keys that transformers 5.24's GGUF loader does not take from these files (it has no
+# mapping for them, or takes a default that does not fit a 256-token vocabulary).
+GGUF_HF_OVERRIDES = {
+    "llama3": {"rope_parameters": FAMILIES["llama3"]["kw"]["rope_parameters"]},
+    "qwen3": {"head_dim": 12},
+    "gemma3_text": {"query_pre_attn_scalar": 20, "final_logit_softcapping": 10.0, "pad_token_id": None,
+                    "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]},
+    "phi3": {"pad_token_id": None},
+    "gpt2": {"n_positions": 32},
+}
+GGUF_HF_WHY = {
+    "llama3": "the loader ignores rope_freqs.weight and maps no llama3 rope keys: default RoPE",
+    "qwen3": "no attention.key_length mapping for qwen3: head_dim defaults to 128 (q_proj size mismatch)",
+    "gemma3_text": "query_pre_attn_scalar defaults to 256, layer_types to the every-6th-full pattern "
+                   "(all three layers sliding), final_logit_softcapping is not mapped; pad_token_id defaults to 0",
+    "phi3": "pad_token_id defaults to 32000, outside the 256-token vocabulary",
+    "gpt2": "context_length is mapped to n_ctx, so n_positions stays 1024 (wpe size mismatch)",
+}
+
+
+def llama_permute(w, n_head):
+    """LlamaModel.permute: rows of each head reordered from (half, i) to (i, half)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_unpermute(w, n_head):
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(c):
+    """LlamaModel.generate_extra_tensors: rope_freqs.weight, llama.cpp divides inv_freq by it."""
+    rp = c["rope_parameters"]
+    dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    freqs = 1.0 / (rp["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, lo, hi = rp["factor"], rp["low_freq_factor"], rp["high_freq_factor"]
+    old = rp["original_max_position_embeddings"]  # see the README: the converter reads a top-level key
+    out = []
+    for f in freqs.tolist():
+        wl = 2 * math.pi / f
+        if wl < old / hi:
+            out.append(1.0)
+        elif wl > old / lo:
+            out.append(factor)
+        else:
+            smooth = (old / wl - lo) / (hi - lo)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def gguf_metadata(w, arch, c):
+    """The keys set_gguf_parameters() of the converter's model class writes (ALL_F32 file type)."""
+    if arch == "gpt2":  # GPT2Model.set_gguf_parameters (no TextModel defaults)
+        w.add_block_count(c["n_layer"])
+        w.add_context_length(c.get("n_ctx", c["n_positions"]))  # 5.24 config.json has no n_ctx
+        w.add_embedding_length(c["n_embd"])
+        w.add_feed_forward_length(4 * c["n_embd"])
+        w.add_head_count(c["n_head"])
+        w.add_layer_norm_eps(c["layer_norm_epsilon"])
+        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+        return
+    nh, H = c["num_attention_heads"], c["hidden_size"]
+    if arch == "phi3":  # Phi3MiniModel.set_gguf_parameters
+        rp = c["rope_parameters"]
+        w.add_context_length(c["max_position_embeddings"])
+        w.add_rope_scaling_orig_ctx_len(rp.get("original_max_position_embeddings", c["original_max_position_embeddings"]))
+        w.add_embedding_length(H)
+        w.add_feed_forward_length(c["intermediate_size"])
+        w.add_block_count(c["num_hidden_layers"])
+        w.add_head_count(nh)
+        w.add_head_count_kv(c["num_key_value_heads"])
+        w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+        w.add_rope_dimension_count(int(rp.get("partial_rotary_factor", 1.0) * H) // nh)
+        w.add_rope_freq_base(rp["rope_theta"])
+        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+        w.add_sliding_window(c.get("sliding_window") or 0)
+        return
+    # TextModel.set_gguf_parameters, then the model class's additions
+    rp = c["rope_parameters"]
+    full = rp.get("full_attention", rp)
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(H)
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(nh)
+    w.add_head_count_kv(c["num_key_value_heads"])
+    w.add_rope_freq_base(full["rope_theta"])  # llama3: scaling via rope_freqs.weight, no keys
+    if "sliding_attention" in rp:
+        w.add_rope_freq_base_swa(rp["sliding_attention"]["rope_theta"])
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    if c.get("head_dim") is not None:
+        w.add_key_length(c["head_dim"])
+        w.add_value_length(c["head_dim"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if arch == "llama":  # LlamaModel (also MistralForCausalLM: no sliding-window key)
+        w.add_vocab_size(c["vocab_size"])
+        w.add_rope_dimension_count(c.get("head_dim") or H // nh)
+    if arch == "gemma3":  # Gemma3Model
+        assert c.get("attn_logit_softcapping") is None
+        if c.get("final_logit_softcapping"):
+            w.add_final_logit_softcapping(c["final_logit_softcapping"])
+        if c.get("sliding_window_pattern") != 1:
+            w.add_sliding_window(c["sliding_window"])
+    if arch == "olmo2" and "sliding_window" in c:
+        w.add_sliding_window(c["sliding_window"])
+
+
+def gguf_vocab(w, c):
+    """No tokenizer exists for these models; a 256-entry byte vocabulary that llama.cpp accepts:
+    SentencePiece-style ("llama") with one <0xNN> BYTE token per id, so token id == byte value.
+    (gguf-py cannot write the empty merges list a "gpt2" vocabulary without merges would need.)"""
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([f"<0x{i:02X}>" for i in range(V)])
+    w.add_token_scores([0.0] * V)
+    w.add_token_types([gguf.TokenType.BYTE] * V)
+    for key, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id)):
+        if c.get(key) is not None:  # SpecialVocab takes these from config.json
+            add(c[key])
+    w.add_add_bos_token(False)
+
+
+def gguf_tensors(name, arch, c, W):
+    """(gguf name, f32 tensor, hf name, transform) in the converter's order (extra tensors first)."""
+    n_layers = c.get("num_hidden_layers") or c["n_layer"]
+    tmap = gguf.get_tensor_name_map(GGUF_ARCH[arch], n_layers)
+    out = []
+    if arch == "llama" and c["rope_parameters"].get("rope_type") == "llama3":
+        out.append(("rope_freqs.weight", llama3_rope_factors(c), None, "llama3 rope factors"))
+    for hf in sorted(W):
+        t, how = W[hf], "as is"
+        if arch == "llama" and hf.endswith("q_proj.weight"):
+            t, how = llama_permute(t, c["num_attention_heads"]), "llama permute (n_head)"
+        elif arch == "llama" and hf.endswith("k_proj.weight"):
+            t, how = llama_permute(t, c["num_key_value_heads"]), "llama permute (n_head_kv)"
+        elif arch == "gemma3" and hf.endswith("norm.weight"):
+            t, how = t + 1, "+ 1"
+        elif arch == "gpt2" and hf.endswith(GPT2_CONV1D):
+            t, how = t.transpose(1, 0), "transpose"
+        g = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
+        assert g is not None, hf
+        out.append((g, t.float().contiguous(), hf, how))
+    return out
+
+
+def write_gguf(name, d, c):
+    arch = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3", "phi3": "phi3",
+            "olmo2": "olmo2", "gpt2": "gpt2"}[FAMILIES[name]["gguf_arch"]]
+    W = load_file(d / "model.safetensors")
+    tensors = gguf_tensors(name, arch, c, W)
+    w = gguf.GGUFWriter(d / "model.f32.gguf", gguf.MODEL_ARCH_NAMES[GGUF_ARCH[arch]])
+    w.add_type("model")
+    w.add_name(f"lorakit tiny {name}")
+    gguf_metadata(w, arch, c)
+    gguf_vocab(w, c)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for g, t, _, _ in tensors:
+        w.add_tensor(g, t.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return arch, tensors
+
+
+def read_gguf(path):
+    r = gguf.GGUFReader(path)
+    meta = {}
+    for f in r.fields.values():
+        if f.name.startswith("GGUF."):  # the reader's header pseudo-fields
+            continue
+        if f.name.startswith("tokenizer.ggml.") and f.name.endswith(("tokens", "scores", "token_type")):
+            meta[f.name] = f"[{len(f.data)} entries]"
+        else:
+            v = f.contents()
+            meta[f.name] = float(np.float32(v)) if isinstance(v, float) else v
+    tensors = {t.name: torch.from_numpy(np.array(t.data)) for t in r.tensors}
+    for t in r.tensors:
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32, t.name
+    return meta, tensors
+
+
+def check_gguf(name, d, ids, base64, rcfg, W64):
+    arch, written = write_gguf(name, d, rcfg)
+    meta, G = read_gguf(d / "model.f32.gguf")
+    assert meta["general.architecture"] == arch
+    info = {"architecture": arch, "metadata": meta, "tensors": {}, "checks": {},
+            "notes": GGUF_NOTES.get(name, [])}
+    # 1. every tensor round-trips bit-exactly through the file; the inverse transform gives the HF tensor
+    W_back = {}
+    for g, t, hf, how in written:
+        assert torch.equal(G[g].reshape(t.shape), t), g
+        info["tensors"][g] = {"from": hf, "transform": how, "shape_torch_order": list(t.shape)}
+        if hf is None:
+            continue
+        x = G[g].reshape(t.shape).double()
+        if how.startswith("llama permute"):
+            n = rcfg["num_attention_heads"] if "(n_head)" in how else rcfg["num_key_value_heads"]
+            assert torch.equal(llama_unpermute(G[g].reshape(t.shape), n), W64[hf].float())
+            W_back[hf] = x  # kept in GGUF row order, for the interleaved-rope check
+        elif how == "+ 1":
+            W_back[hf] = x - 1
+        elif how == "transpose":
+            W_back[hf] = x.transpose(0, 1)
+        else:
+            W_back[hf] = x
+    assert sorted(W_back) == sorted(W64)
+    if arch == "llama" and "rope_freqs.weight" in G:
+        c3 = copy.deepcopy(rcfg)
+        c3["rope_parameters"]["rope_type"] = "default"
+        inv_gguf = rope_inv_freq(c3["rope_parameters"], rcfg["head_dim"]) / G["rope_freqs.weight"].double()
+        inv_hf = rope_inv_freq(rcfg["rope_parameters"], rcfg["head_dim"])
+        info["checks"]["rope_freqs_vs_hf_llama3_inv_freq_max_rel"] = float(((inv_gguf - inv_hf) / inv_hf).abs().max())
+        assert info["checks"]["rope_freqs_vs_hf_llama3_inv_freq_max_rel"] < 1e-6
+    if arch == "gemma3":
+        info["checks"]["gemma_norm_minus_1_vs_hf_max_abs"] = max(
+            max_abs(W_back[k], W64[k]) for k in W64 if k.endswith("norm.weight"))
+    # 2. the GGUF weights (inverse-transformed) through ref_forward: llama arch with adjacent-pair
+    #    RoPE on the permuted q/k rows, as llama.cpp runs it; the others with rotate_half (NEOX)
+    with torch.no_grad():
+        lg = ref_forward(name, rcfg, W_back, ids, rope_interleaved=(arch == "llama"))
+    info["checks"]["ref_on_gguf_weights_vs_hf_f64_max_abs"] = max_abs(lg, base64)
+    assert info["checks"]["ref_on_gguf_weights_vs_hf_f64_max_abs"] < (1e-6 if arch == "gemma3" else 1e-12)
+    # 3. transformers' own GGUF loader (it fills the config from the GGUF keys): as is, then with the
+    #    config keys it cannot read from these files given explicitly (GGUF_HF_OVERRIDES)
+    def hf_load(**overrides):
+        try:
+            m = AutoModelForCausalLM.from_pretrained(d, gguf_file="model.f32.gguf", dtype=torch.float64,
+                                                     attn_implementation="eager", **overrides)
+            m.eval()
+            diff = max_abs(logits_of(m, ids, True), base64)
+            # gemma3: transformers subtracts 1 from the f32 (w + 1) norms, which loses up to 6e-8
+            return {"loaded_as": type(m).__name__, "max_abs_vs_hf_f64": diff,
+                    "equal": diff < (2e-6 if arch == "gemma3" else 1e-9)}
+        except Exception as e:  # noqa: BLE001 - recorded, not fatal
+            return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+
+    info["transformers_load"] = hf_load()
+    if name in GGUF_HF_OVERRIDES:
+        ov = GGUF_HF_OVERRIDES[name]
+        info["transformers_load_with_overrides"] = dict(hf_load(**ov), overrides=ov, why=GGUF_HF_WHY[name])
+    if name == "mistral":  # read as llama: no sliding window
+        c2 = copy.deepcopy(rcfg)
+        c2["sliding_window"] = None
+        with torch.no_grad():
+            nowin = ref_forward(name, c2, W64, ids)
+        m = AutoModelForCausalLM.from_pretrained(d, gguf_file="model.f32.gguf", dtype=torch.float64,
+                                                 attn_implementation="eager")
+        info["transformers_load"]["max_abs_vs_hf_f64_without_sliding_window"] = max_abs(logits_of(m, ids, True), nowin)
+    return info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -736,6 +1026,8 @@ def run_family(name, ids, labels):
         probes["attn_logit_softcapping=1.0 (HF, has no effect)"] = max_abs(logits_of(capped, ids, True), base64)
         assert probes["attn_logit_softcapping=1.0 (HF, has no effect)"] == 0.0
 
+    gguf_info = check_gguf(name, d, ids, base64, rcfg, W)
+
     n_targets = int((labels[:, 1:] != -100).sum())
     meta = {
         "family": name,
@@ -754,6 +1046,7 @@ def run_family(name, ids, labels):
                        "max_abs": {k: float(v.abs().max()) for k, v in sorted(gf64.items())}},
         "checks": checks,
         "sensitivity_max_abs_logit_change": probes,
+        "gguf": gguf_info,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__, "safetensors": safetensors.__version__,
                      "numpy": np.__version__, "gguf": importlib.metadata.version("gguf")},
@@ -762,7 +1055,9 @@ def run_family(name, ids, labels):
     write_json(d / "meta.json", meta)
     print(f"{name:12s} loss {loss_f64:.6f} lora {loss_l64:.6f} | ref-hf {checks['ref_vs_hf_f64_base_logits_max_abs']:.1e}"
           f" grads {checks['ref_vs_hf_f64_full_grads_max_rel']:.1e} | merged {checks['merged_vs_unmerged_f64_max_abs']:.1e}"
-          f" f32 {checks['f32_vs_f64_base_logits_max_abs']:.1e} | gap {min(gaps.values()):.3f} {probes}")
+          f" f32 {checks['f32_vs_f64_base_logits_max_abs']:.1e} | gap {min(gaps.values()):.3f}")
+    print(f"{'':12s} gguf {gguf_info['checks']} transformers {gguf_info['transformers_load']}"
+          f" {gguf_info.get('transformers_load_with_overrides', '')}")
 
 
 def main(argv):
