@@ -4,7 +4,7 @@
 //! rounding error of ~2⁻⁸ per operand, so logits of magnitude ~20–40 move by tenths.
 
 use lorakit::lora::peft::Adapter;
-use lorakit::model::llama_train::{Activations, Dropout, LoraGrads};
+use lorakit::model::decoder_train::{Activations, Dropout, LoraGrads};
 use lorakit::model::Precision;
 use lorakit::train::loss::{lm_head_loss, target_positions};
 

@@ -3,7 +3,8 @@
 
 use lorakit::io::safetensors_file::SafetensorsFile;
 use lorakit::lora::ModuleKind;
-use lorakit::model::llama_train::{Activations, Dropout, FullGrads};
+use lorakit::model::arch::NormSlot;
+use lorakit::model::decoder_train::{Activations, Dropout, FullGrads};
 use lorakit::train::loss::{lm_head_loss_with_head_grads, target_positions, HeadGrads};
 
 use crate::common::*;
@@ -83,12 +84,12 @@ fn full_gradients_match_pytorch_float64() {
         let pre = format!("model.layers.{i}");
         check(
             &format!("{pre}.input_layernorm.weight"),
-            &lg.attn_norm,
+            lg.norm(NormSlot::AttnIn).unwrap(),
             &get(&format!("{pre}.input_layernorm.weight")),
         );
         check(
             &format!("{pre}.post_attention_layernorm.weight"),
-            &lg.mlp_norm,
+            lg.norm(NormSlot::MlpIn).unwrap(),
             &get(&format!("{pre}.post_attention_layernorm.weight")),
         );
         for k in ModuleKind::ALL {

@@ -158,11 +158,11 @@ fn cached_decode_equals_full_forward() {
     let ids = ids_of(&meta["batch"]["input_ids"][1]);
     let full = m.logits(&ids).unwrap();
     let mut cache = m.new_cache(ids.len()).unwrap();
-    m.forward(&ids[..5], &mut cache, lorakit::model::llama::Logits::All)
+    m.forward(&ids[..5], &mut cache, lorakit::model::decoder::Logits::All)
         .unwrap();
     for (i, &id) in ids.iter().enumerate().skip(5) {
         let last = m
-            .forward(&[id], &mut cache, lorakit::model::llama::Logits::Last)
+            .forward(&[id], &mut cache, lorakit::model::decoder::Logits::Last)
             .unwrap();
         let d = last
             .iter()
@@ -369,9 +369,9 @@ fn read_json_abs(p: &Path) -> serde_json::Value {
 }
 
 /// Loss and LoRA gradients of tiny-gpt2 with `adapter` on the `tests/data/gpt2-grads` batch.
-fn gpt2_grads(adapter: &Adapter) -> (f64, lorakit::model::llama_train::LoraGrads) {
+fn gpt2_grads(adapter: &Adapter) -> (f64, lorakit::model::decoder_train::LoraGrads) {
+    use lorakit::model::decoder_train::{Dropout, LoraGrads};
     use lorakit::model::gpt2::Gpt2Activations;
-    use lorakit::model::llama_train::{Dropout, LoraGrads};
     use lorakit::train::loss::{lm_head_loss, target_positions};
     let m = tiny_gpt2();
     let batch = lorakit::io::safetensors_file::SafetensorsFile::open(

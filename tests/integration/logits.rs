@@ -19,7 +19,7 @@ fn tiny_llama_base_logits_match_transformers() {
 fn tiny_llama_cached_decode_equals_full_forward() {
     // Prefill 5 tokens, then feed the rest one at a time: the KV cache must reproduce the
     // logits of one full forward pass.
-    use lorakit::model::llama::Logits;
+    use lorakit::model::decoder::Logits;
     let m = tiny_llama();
     let meta = read_json("tiny-llama/meta.json");
     let ids = ids_of(&meta["batch"]["input_ids"][0]);

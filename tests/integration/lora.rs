@@ -3,7 +3,7 @@
 
 use lorakit::io::safetensors_file::SafetensorsFile;
 use lorakit::lora::peft::{key_a, key_b, Adapter};
-use lorakit::model::llama_train::{Activations, Dropout, LoraGrads};
+use lorakit::model::decoder_train::{Activations, Dropout, LoraGrads};
 use lorakit::model::LoadedModel;
 use lorakit::train::loss::{lm_head_loss, target_positions};
 
@@ -95,17 +95,9 @@ fn zero_b_gives_the_base_model_and_unmerge_restores_w0() {
     let mut model = m.model.clone();
     model.attach_adapter(&adapter, 1.0).unwrap();
     model.merge_adapters().unwrap();
-    assert_ne!(
-        model.layers[0].q_proj.weight_f32(),
-        m.model.layers[0].q_proj.weight_f32()
-    );
+    assert_ne!(q_weight(&model), q_weight(&m.model));
     model.unmerge_adapter(&adapter, 1.0).unwrap();
-    for (a, b) in model.layers[0]
-        .q_proj
-        .weight_f32()
-        .iter()
-        .zip(m.model.layers[0].q_proj.weight_f32())
-    {
+    for (a, b) in q_weight(&model).iter().zip(q_weight(&m.model)) {
         assert!((a - b).abs() < 1e-6);
     }
 }
@@ -233,4 +225,12 @@ fn gradients_match_finite_differences() {
         }
     }
     assert_eq!(checked, 8);
+}
+
+/// Layer 0's q_proj weight [out, in].
+fn q_weight(model: &lorakit::model::LlamaModel) -> &[f32] {
+    model.layers[0]
+        .linear(lorakit::lora::ModuleKind::Q)
+        .expect("a Llama layer has q_proj")
+        .weight_f32()
 }

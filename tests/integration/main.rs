@@ -3,6 +3,7 @@
 //! (fetched by `scripts/fetch-model.sh`, never skipped), and the `lorakit` CLI end to end.
 
 mod analysis;
+mod arch;
 mod bf16;
 mod cli_errors;
 mod common;

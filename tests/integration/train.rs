@@ -443,7 +443,7 @@ fn gradient_accumulation_equals_the_larger_batch() {
 #[test]
 fn label_smoothing_matches_its_definition() {
     // (1−ε)·CE + ε·mean_v(−log p_v), computed here from the model's own logits in f64.
-    use lorakit::model::llama_train::{Activations, Dropout};
+    use lorakit::model::decoder_train::{Activations, Dropout};
     use lorakit::train::loss::{lm_head_loss, target_positions};
     let m = tiny_llama();
     let ids = ids_of(&read_json("tiny-llama/meta.json")["batch"]["input_ids"][0]);

@@ -16,7 +16,7 @@
 
 use crate::engine::ops::logsumexp;
 use crate::error::{Error, Result};
-use crate::model::llama::{KvCache, Logits};
+use crate::model::decoder::{KvCache, Logits};
 use crate::model::CausalLm;
 
 #[derive(Debug, Clone)]

@@ -5,7 +5,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::engine::ops::{argmax, logsumexp};
 use crate::error::{Error, Result};
-use crate::model::llama::Logits;
+use crate::model::decoder::Logits;
 use crate::model::CausalLm;
 
 #[derive(Debug, Clone)]

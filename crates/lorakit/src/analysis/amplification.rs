@@ -84,7 +84,7 @@ pub fn analyze(
                 model.config.num_layers
             )));
         }
-        let lin = model.linear(*id);
+        let lin = model.linear(*id)?;
         if (lin.out_features, lin.in_features) != (f.out, f.inp) {
             return Err(Error::Invalid(format!(
                 "{}: the adapter's ΔW is [{}, {}] but the model's weight is [{}, {}]",

@@ -18,6 +18,10 @@ pub struct AttnShape {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// Multiplies the scores q·k: 1/√head_dim for most models, Gemma's query_pre_attn_scalar^-½.
+    pub scale: f32,
+    /// Sliding-window layers: query t sees keys t − window < j ≤ t only.
+    pub window: Option<usize>,
 }
 
 impl AttnShape {
@@ -90,12 +94,12 @@ unsafe fn gemm_strided(
     )
 }
 
-/// S = Q_h K_hᵀ / √d for one (batch, head): [T, hd] · [hd, T] → [T, T] in `dst`.
+/// S = scale · Q_h K_hᵀ for one (batch, head): [T, hd] · [hd, T] → [T, T] in `dst`.
 ///
 /// # Safety
 /// q0 / kv0 must be the offsets of that head's first row in q / k, with T rows after them.
 unsafe fn head_scores(dst: &mut [f32], q: &[f32], k: &[f32], q0: usize, kv0: usize, s: AttnShape) {
-    let scale = 1.0 / (s.head_dim as f32).sqrt();
+    let scale = s.scale;
     gemm_strided(
         s.seq,
         s.seq,
@@ -113,13 +117,22 @@ unsafe fn head_scores(dst: &mut [f32], q: &[f32], k: &[f32], q0: usize, kv0: usi
     );
 }
 
-/// P[t, j] = exp(S[t, j] − shift_t) for j ≤ t, 0 above the diagonal; S: [T, T] in place.
-/// With `shift = None` each row is softmax-normalised and its log-sum-exp written to `lse`.
-fn causal_exp_rows(s: &mut [f32], t_len: usize, shift: Option<&[f32]>, lse: &mut [f32]) {
+/// P[t, j] = exp(S[t, j] − shift_t) for j ≤ t (and t − j < window), 0 elsewhere; S: [T, T] in
+/// place. With `shift = None` each row is softmax-normalised and its log-sum-exp written to `lse`.
+fn causal_exp_rows(
+    s: &mut [f32],
+    t_len: usize,
+    window: Option<usize>,
+    shift: Option<&[f32]>,
+    lse: &mut [f32],
+) {
     for t in 0..t_len {
         let row = &mut s[t * t_len..(t + 1) * t_len];
         let (live, masked) = row.split_at_mut(t + 1);
         masked.fill(0.0);
+        let first = window.map_or(0, |w| (t + 1).saturating_sub(w));
+        let (outside, live) = live.split_at_mut(first);
+        outside.fill(0.0);
         match shift {
             Some(l) => {
                 super::ops::exp_shifted_sum(live, l[t]);
@@ -135,7 +148,7 @@ fn causal_exp_rows(s: &mut [f32], t_len: usize, shift: Option<&[f32]>, lse: &mut
     }
 }
 
-/// out = softmax(q kᵀ / √d + causal mask) v, per (batch, head); lse[b, h, t] = log Σ_j exp(s_tj).
+/// out = softmax(scale · q kᵀ + causal (sliding-window) mask) v, per (batch, head); lse[b, h, t] = log Σ_j exp(s_tj).
 pub fn attention_train_forward(
     out: &mut [f32],
     lse: &mut [f32],
@@ -163,7 +176,7 @@ pub fn attention_train_forward(
             unsafe {
                 // S = scale · Q Kᵀ: [T, hd] · [hd, T]
                 head_scores(scores, q, k, q0, kv0, s);
-                causal_exp_rows(scores, t_len, None, lse_row);
+                causal_exp_rows(scores, t_len, s.window, None, lse_row);
                 // O = P V: [T, T] · [T, hd]
                 gemm_strided(
                     t_len,
@@ -203,7 +216,7 @@ pub fn attention_train_backward(
     s: AttnShape,
 ) {
     let (t_len, hd) = (s.seq, s.head_dim);
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = s.scale;
     for (name, len, want) in [
         ("dq", dq.len(), q.len()),
         ("d_out", d_out.len(), q.len()),
@@ -236,7 +249,7 @@ pub fn attention_train_backward(
                 unsafe {
                     head_scores(p, q, k, q0, kv0, s);
                     let lse_row = &lse[(b * s.n_heads + h) * t_len..][..t_len];
-                    causal_exp_rows(p, t_len, Some(lse_row), &mut []);
+                    causal_exp_rows(p, t_len, s.window, Some(lse_row), &mut []);
                     // dV (+)= Pᵀ dO
                     gemm_strided(
                         t_len,

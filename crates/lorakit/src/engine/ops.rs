@@ -17,11 +17,13 @@ pub fn embedding_forward(out: &mut [f32], table: &[f32], ids: &[u32], hidden: us
     }
 }
 
-/// out[t, :] = w ⊙ x[t, :] / sqrt(mean(x[t, :]²) + eps), as HF's `LlamaRMSNorm` (sum in f32
-/// there; f64 here, which is closer to the exact value).
+/// out[t, :] = (offset + w) ⊙ x[t, :] / sqrt(mean(x[t, :]²) + eps), as HF's `LlamaRMSNorm`
+/// (offset 0) and `Gemma3RMSNorm` (offset 1, its `1 + weight`); the sum is in f32 there and in
+/// f64 here, which is closer to the exact value. The rows are `w.len()` long, so a per-head norm
+/// (Qwen3's q_norm) passes [T·heads, head_dim] and a whole-projection one (OLMo 2's) [T, q_dim].
 ///
 /// x, out: [T, hidden], w: [hidden]. Returns nothing; the backward will recompute 1/rms.
-pub fn rms_norm_forward(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+pub fn rms_norm_forward(out: &mut [f32], x: &[f32], w: &[f32], offset: f32, eps: f32) {
     let hidden = w.len();
     out.par_chunks_mut(hidden)
         .zip(x.par_chunks(hidden))
@@ -29,8 +31,9 @@ pub fn rms_norm_forward(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
         .for_each(|(o, xr)| {
             let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
             let inv = (1.0 / (ss / hidden as f64 + eps as f64).sqrt()) as f32;
+            // offset + w is exact for offset 0, so the Llama path is unchanged bit for bit.
             for ((oi, &xi), &wi) in o.iter_mut().zip(xr).zip(w) {
-                *oi = wi * (xi * inv);
+                *oi = (offset + wi) * (xi * inv);
             }
         });
 }
@@ -53,13 +56,18 @@ pub struct RopeTable {
 impl RopeTable {
     /// inv_freq_i = theta^(-2i / head_dim); angle(p, i) = p · inv_freq_i, computed in f64.
     pub fn new(head_dim: usize, max_positions: usize, theta: f64) -> Self {
-        let half = head_dim / 2;
+        Self::from_inv_freq(&default_inv_freq(head_dim, theta), max_positions)
+    }
+
+    /// Tables for given frequencies inv_freq: [head_dim / 2] (a scaled RoPE such as Llama 3's
+    /// computes its own); angle(p, i) = p · inv_freq_i in f64.
+    pub fn from_inv_freq(inv_freq: &[f64], max_positions: usize) -> Self {
+        let half = inv_freq.len();
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for p in 0..max_positions {
-            for i in 0..half {
-                let inv_freq = theta.powf(-((2 * i) as f64) / head_dim as f64);
-                let a = p as f64 * inv_freq;
+            for &f in inv_freq {
+                let a = p as f64 * f;
                 cos.push(a.cos() as f32);
                 sin.push(a.sin() as f32);
             }
@@ -70,6 +78,13 @@ impl RopeTable {
     pub fn max_positions(&self) -> usize {
         self.cos.len() / self.half.max(1)
     }
+}
+
+/// RoPE's unscaled frequencies inv_freq_i = theta^(-2i / head_dim), i < head_dim / 2.
+pub fn default_inv_freq(head_dim: usize, theta: f64) -> Vec<f64> {
+    (0..head_dim / 2)
+        .map(|i| theta.powf(-((2 * i) as f64) / head_dim as f64))
+        .collect()
 }
 
 /// Rotates each head of x in place: pairs (i, i + d/2) of head h at position p become
@@ -124,7 +139,8 @@ pub struct KvLayer {
 /// q: [T, n_heads, head_dim] (RoPE applied), the new tokens' keys/values already appended to
 /// `kv` at positions `start_pos..start_pos+T`; kv.k / kv.v: [n_kv_heads, capacity, head_dim].
 /// out: [T, n_heads, head_dim]. Query head h reads KV head h / (n_heads / n_kv_heads); scores are
-/// scaled by 1/sqrt(head_dim); query t sees keys 0..=start_pos+t.
+/// multiplied by `scale` (1/sqrt(head_dim) for most models); query t at position p = start_pos+t
+/// sees keys 0..=p, or only the last `window` of them (p − window < j ≤ p, sliding-window layers).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     out: &mut [f32],
@@ -135,10 +151,11 @@ pub fn attention_forward(
     n_kv_heads: usize,
     head_dim: usize,
     start_pos: usize,
+    scale: f32,
+    window: Option<usize>,
 ) {
     let t_new = q.len() / (n_heads * head_dim);
     let group = n_heads / n_kv_heads;
-    let scale = 1.0 / (head_dim as f32).sqrt();
     // One task per (token, head) row of the output; the rows are disjoint.
     out.par_chunks_mut(head_dim).enumerate().for_each_init(
         || Vec::with_capacity(start_pos + t_new),
@@ -149,9 +166,10 @@ pub fn attention_forward(
             let keys = &kv.k[kvh * capacity * head_dim..];
             let vals = &kv.v[kvh * capacity * head_dim..];
             let n_keys = start_pos + t + 1;
+            let first = window.map_or(0, |w| n_keys.saturating_sub(w));
             scores.clear();
             let mut max = f32::NEG_INFINITY;
-            for j in 0..n_keys {
+            for j in first..n_keys {
                 let s = dot(qv, &keys[j * head_dim..(j + 1) * head_dim]) * scale;
                 max = max.max(s);
                 scores.push(s);
@@ -163,7 +181,7 @@ pub fn attention_forward(
             }
             let inv = 1.0 / sum;
             o.fill(0.0);
-            for (j, &p) in scores.iter().enumerate() {
+            for (j, &p) in (first..).zip(scores.iter()) {
                 let w = p * inv;
                 for (oi, &vi) in o.iter_mut().zip(&vals[j * head_dim..(j + 1) * head_dim]) {
                     *oi += w * vi;
@@ -238,7 +256,7 @@ mod tests {
         let x = [3.0f32; 4];
         let w = [1.0, 2.0, 3.0, 4.0];
         let mut out = [0.0; 4];
-        rms_norm_forward(&mut out, &x, &w, 0.0);
+        rms_norm_forward(&mut out, &x, &w, 0.0, 0.0);
         for (o, w) in out.iter().zip(&w) {
             assert!((o - w).abs() < 1e-6);
         }
@@ -268,7 +286,7 @@ mod tests {
         };
         let q = vec![0.5; 8];
         let mut out = vec![0.0; 8];
-        attention_forward(&mut out, &q, &kv, 1, 2, 1, head_dim, 0);
+        attention_forward(&mut out, &q, &kv, 1, 2, 1, head_dim, 0, 0.5, None);
         assert_eq!(out, vec![1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]);
     }
 
@@ -283,12 +301,13 @@ mod tests {
 
 /// dx (+)= ∂L/∂x of `rms_norm_forward`, given its input x and the gradient dy of its output.
 ///
-/// x, dy, dx: [T, hidden], w: [hidden]. With inv = 1/sqrt(mean(x²)+eps) and g = w ⊙ dy:
+/// x, dy, dx: [T, hidden], w: [hidden]. With inv = 1/sqrt(mean(x²)+eps) and g = (offset + w) ⊙ dy:
 /// dx = inv·g − x · inv³ · (g·x) / hidden.
 pub fn rms_norm_backward(
     dx: &mut [f32],
     x: &[f32],
     w: &[f32],
+    offset: f32,
     dy: &[f32],
     eps: f32,
     accumulate: bool,
@@ -304,12 +323,12 @@ pub fn rms_norm_backward(
                 .iter()
                 .zip(dyr)
                 .zip(w)
-                .map(|((&xi, &di), &wi)| (wi * di) as f64 * xi as f64)
+                .map(|((&xi, &di), &wi)| ((offset + wi) * di) as f64 * xi as f64)
                 .sum();
             let c = (inv * inv * inv * gx / hidden as f64) as f32;
             let inv = inv as f32;
             for (((o, &xi), &di), &wi) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
-                let g = inv * (wi * di) - xi * c;
+                let g = inv * ((offset + wi) * di) - xi * c;
                 *o = if accumulate { *o + g } else { g };
             }
         });

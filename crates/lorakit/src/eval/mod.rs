@@ -30,7 +30,7 @@ use crate::beam::{beam_search, BeamParams};
 use crate::data::{Example, IGNORE_INDEX};
 use crate::engine::ops::logsumexp;
 use crate::generate::{generate, SamplingParams};
-use crate::model::llama::Logits;
+use crate::model::decoder::Logits;
 use crate::model::CausalLm;
 use crate::tokenize::Tokenizer;
 use crate::{Error, Result};

@@ -8,22 +8,31 @@ use serde_json::json;
 
 use crate::error::{Error, Result};
 use crate::io::atomic::{write_atomic, write_dir_atomic};
-use crate::lora::ModuleKind;
+use crate::model::arch::{self, Slot, HF_LAYERS};
 use crate::model::{Arch, Config, LlamaModel};
 use crate::tokenize::Tokenizer;
 
-/// HF `config.json` for a [`Config`].
-pub fn hf_config_json(c: &Config) -> serde_json::Value {
-    let (arch, model_type) = match c.arch {
-        Arch::Llama => ("LlamaForCausalLM", "llama"),
-        Arch::Mistral => ("MistralForCausalLM", "mistral"),
-        Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
-        // GPT-2 writes its own config (crate::model::gpt2); this layout is the Llama one.
-        Arch::Gpt2 => ("GPT2LMHeadModel", "gpt2"),
-    };
+/// HF `config.json` for a [`Config`]: the one the model was loaded from (its dtype set to
+/// float32, what `save_hf_dir` writes), or, for a model from GGUF, one built from the config.
+pub fn hf_config_json(c: &Config) -> Result<serde_json::Value> {
+    if let Some(v) = &c.hf_json {
+        let mut v = v.clone();
+        for key in ["torch_dtype", "dtype"] {
+            if v.get(key).is_some() {
+                v[key] = json!("float32");
+            }
+        }
+        return Ok(v);
+    }
+    if !matches!(c.arch, Arch::Llama | Arch::Mistral | Arch::Qwen2) {
+        return Err(Error::Invalid(format!(
+            "writing an HF config.json for a {} model read from GGUF is not supported yet",
+            c.arch.name()
+        )));
+    }
     let mut v = json!({
-        "architectures": [arch],
-        "model_type": model_type,
+        "architectures": [arch::hf_class(c.arch)],
+        "model_type": c.arch.name(),
         "hidden_size": c.hidden_size,
         "intermediate_size": c.intermediate_size,
         "num_hidden_layers": c.num_layers,
@@ -45,20 +54,16 @@ pub fn hf_config_json(c: &Config) -> serde_json::Value {
         },
     });
     if c.arch == Arch::Llama || c.arch == Arch::Mistral {
-        v["attention_bias"] = json!(c.qkv_bias);
+        v["attention_bias"] = json!(c.block.qkv_bias);
         v["mlp_bias"] = json!(false);
     }
-    v
+    Ok(v)
 }
 
 /// Writes `model` (adapters must be merged or detached first) and its tokenizer into `dir` as an
 /// HF directory. The directory appears complete or not at all (written beside it, then renamed).
 pub fn save_hf_dir(model: &LlamaModel, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
-    if model.layers.iter().any(|l| {
-        ModuleKind::ALL
-            .iter()
-            .any(|&k| !l.linear(k).loras.is_empty())
-    }) {
+    if model.has_adapters() {
         return Err(Error::Invalid(
             "save_hf_dir: merge or detach the adapters first".into(),
         ));
@@ -99,7 +104,7 @@ pub(crate) fn write_f32_safetensors<D: AsRef<[f32]>>(
 
 fn write_contents(model: &LlamaModel, tokenizer: &Tokenizer, tmp: &Path) -> Result<()> {
     let c = &model.config;
-    let cfg = serde_json::to_string_pretty(&hf_config_json(c)).unwrap_or_default();
+    let cfg = serde_json::to_string_pretty(&hf_config_json(c)?).unwrap_or_default();
     write_atomic(&tmp.join("config.json"), cfg.as_bytes())?;
     let gen = json!({ "bos_token_id": c.bos_token_id, "eos_token_id": tokenizer.eos_id(), "pad_token_id": tokenizer.pad_id() });
     write_atomic(
@@ -115,19 +120,18 @@ fn write_contents(model: &LlamaModel, tokenizer: &Tokenizer, tmp: &Path) -> Resu
         vec![c.vocab_size, c.hidden_size],
         &model.embed_tokens,
     )];
+    let table = arch::weights(c.arch);
     for (i, layer) in model.layers.iter().enumerate() {
-        tensors.push((
-            format!("model.layers.{i}.input_layernorm.weight"),
-            vec![c.hidden_size],
-            &layer.attn_norm,
-        ));
-        tensors.push((
-            format!("model.layers.{i}.post_attention_layernorm.weight"),
-            vec![c.hidden_size],
-            &layer.mlp_norm,
-        ));
-        for kind in ModuleKind::ALL {
-            let lin = layer.linear(kind);
+        for (slot, w) in &layer.norms {
+            let Some((hf, _)) = table.names(Slot::Norm(*slot)) else {
+                return Err(Error::Invalid(format!("no HF name for the {slot:?} norm")));
+            };
+            tensors.push((format!("{HF_LAYERS}.{i}.{hf}.weight"), vec![w.len()], w));
+        }
+        for kind in layer.kinds() {
+            let Some(lin) = layer.linear(kind) else {
+                continue;
+            };
             let path = kind.path(i);
             tensors.push((
                 format!("{path}.weight"),

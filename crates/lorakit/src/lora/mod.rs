@@ -79,8 +79,9 @@ impl LoraWeights {
     }
 }
 
-/// The linear layers an adapter can target, in the order PEFT lists module paths: Llama's
-/// seven, then GPT-2's four (its Conv1D layers; both `c_proj` share one PEFT name).
+/// The linear layers an adapter can target: Llama's seven, GPT-2's four (its Conv1D layers;
+/// both `c_proj` share one PEFT name), Phi-3's two fused ones. New variants go at the end: the
+/// order is the order of an adapter's modules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ModuleKind {
     Q,
@@ -98,6 +99,10 @@ pub enum ModuleKind {
     CFc,
     /// GPT-2 `mlp.c_proj`.
     MlpCProj,
+    /// Phi-3 `self_attn.qkv_proj`: fused q, k, v.
+    Qkv,
+    /// Phi-3 `mlp.gate_up_proj`: fused gate, up.
+    GateUp,
 }
 
 impl ModuleKind {
@@ -120,10 +125,19 @@ impl ModuleKind {
         ModuleKind::MlpCProj,
     ];
 
+    /// Phi-3's modules (fused projections), in the order of its module paths.
+    pub const PHI3: [ModuleKind; 4] = [
+        ModuleKind::Qkv,
+        ModuleKind::O,
+        ModuleKind::GateUp,
+        ModuleKind::Down,
+    ];
+
     /// The modules of a model of architecture `arch`.
     pub fn for_arch(arch: crate::model::Arch) -> &'static [ModuleKind] {
         match arch {
             crate::model::Arch::Gpt2 => &Self::GPT2,
+            crate::model::Arch::Phi3 => &Self::PHI3,
             _ => &Self::ALL,
         }
     }
@@ -146,6 +160,8 @@ impl ModuleKind {
             ModuleKind::CAttn => "c_attn",
             ModuleKind::AttnCProj | ModuleKind::MlpCProj => "c_proj",
             ModuleKind::CFc => "c_fc",
+            ModuleKind::Qkv => "qkv_proj",
+            ModuleKind::GateUp => "gate_up_proj",
         }
     }
 
@@ -153,19 +169,24 @@ impl ModuleKind {
     /// `transformer.h.3.attn.c_attn` (GPT-2).
     pub fn path(self, layer: usize) -> String {
         let (stack, block) = match self {
-            ModuleKind::Q | ModuleKind::K | ModuleKind::V | ModuleKind::O => {
+            ModuleKind::Q | ModuleKind::K | ModuleKind::V | ModuleKind::O | ModuleKind::Qkv => {
                 ("model.layers", "self_attn")
             }
-            ModuleKind::Gate | ModuleKind::Up | ModuleKind::Down => ("model.layers", "mlp"),
+            ModuleKind::Gate | ModuleKind::Up | ModuleKind::Down | ModuleKind::GateUp => {
+                ("model.layers", "mlp")
+            }
             ModuleKind::CAttn | ModuleKind::AttnCProj => ("transformer.h", "attn"),
             ModuleKind::CFc | ModuleKind::MlpCProj => ("transformer.h", "mlp"),
         };
         format!("{stack}.{layer}.{block}.{}", self.name())
     }
 
-    /// A Llama module by its HF name (`q_proj`, ...).
+    /// A Llama-shaped module by its HF name (`q_proj`, ..., Phi-3's `qkv_proj`).
     pub fn from_name(name: &str) -> Option<ModuleKind> {
-        ModuleKind::ALL.into_iter().find(|k| k.name() == name)
+        ModuleKind::ALL
+            .into_iter()
+            .chain(ModuleKind::PHI3)
+            .find(|k| k.name() == name)
     }
 }
 

@@ -42,6 +42,8 @@ pub fn module_shape(c: &Config, kind: ModuleKind) -> (usize, usize) {
         ModuleKind::AttnCProj => (h, h),
         ModuleKind::CFc => (i, h),
         ModuleKind::MlpCProj => (h, i),
+        ModuleKind::Qkv => (q + 2 * kv, h),
+        ModuleKind::GateUp => (2 * i, h),
     }
 }
 

@@ -1,34 +1,70 @@
 //! One [`Config`] for every supported checkpoint, built from an HF `config.json` or from GGUF
-//! metadata.
+//! metadata: the dimensions, the block description ([`BlockSpec`]), and per-layer settings.
+//! The settings every family shares are read here; each family's own keys are read by its file
+//! in [`crate::model::arch`].
 
 use std::path::Path;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 use crate::io::gguf::GgufFile;
+use crate::model::arch;
+use crate::model::spec::{
+    Activation, BlockSpec, LayerSpec, Mlp, NormKind, NormPlacement, Positions, QkNorm, Rope,
+    RopeScaling,
+};
 
-/// The architectures that share the Llama forward pass.
+/// The supported architectures (HF `model_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
-    /// Llama, SmolLM/SmolLM2, TinyLlama.
+    /// Llama 1–3.x, SmolLM/SmolLM2, TinyLlama.
     Llama,
-    /// Mistral (without sliding-window attention, which only matters past its window).
+    /// Mistral (sliding-window attention when `sliding_window` is set).
     Mistral,
     /// Qwen2: biases on q, k and v.
     Qwen2,
-    /// GPT-2: its own forward pass ([`Gpt2Model`](crate::model::Gpt2Model)), not the Llama one.
+    /// Qwen3: per-head RMSNorm on q and k.
+    Qwen3,
+    /// Gemma 3 text (`gemma3_text`): (1 + w) norms around both sublayers, q/k norms, GELU,
+    /// √hidden embedding scale, local (sliding) and global layers with their own RoPE θ.
+    Gemma3,
+    /// Phi-3: fused qkv_proj and gate_up_proj.
+    Phi3,
+    /// OLMo 2: norms after each sublayer only, q/k norms over the whole projection.
+    Olmo2,
+    /// GPT-2: its own forward pass ([`Gpt2Model`](crate::model::Gpt2Model)).
     Gpt2,
 }
 
 impl Arch {
+    /// HF's `model_type`.
     pub fn name(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3_text",
+            Arch::Phi3 => "phi3",
+            Arch::Olmo2 => "olmo2",
             Arch::Gpt2 => "gpt2",
         }
+    }
+
+    const ALL: [Arch; 8] = [
+        Arch::Llama,
+        Arch::Mistral,
+        Arch::Qwen2,
+        Arch::Qwen3,
+        Arch::Gemma3,
+        Arch::Phi3,
+        Arch::Olmo2,
+        Arch::Gpt2,
+    ];
+
+    fn from_model_type(t: &str) -> Option<Arch> {
+        Self::ALL.into_iter().find(|a| a.name() == t)
     }
 }
 
@@ -44,19 +80,241 @@ pub struct Config {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub vocab_size: usize,
-    /// RMSNorm epsilon (GPT-2: LayerNorm's `layer_norm_epsilon`).
+    /// The norms' epsilon (GPT-2: LayerNorm's `layer_norm_epsilon`).
     pub rms_norm_eps: f32,
-    /// Unused by GPT-2 (learned position embeddings).
+    /// θ of the global RoPE table (unused by GPT-2's learned positions).
     pub rope_theta: f64,
     /// GPT-2: `n_positions`, the rows of its position-embedding table.
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
-    /// Biases on q_proj, k_proj and v_proj (Qwen2; Llama's `attention_bias`).
-    pub qkv_bias: bool,
-    /// Bias on o_proj (Llama's `attention_bias` also covers it).
-    pub o_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// The block, the same in every layer.
+    pub block: BlockSpec,
+    /// One entry per layer.
+    pub layers: Vec<LayerSpec>,
+    /// The RoPE tables the layers pick from (Gemma 3: global and local).
+    pub ropes: Vec<Rope>,
+    /// `final_logit_softcapping`: logits become cap · tanh(logits / cap).
+    pub final_logit_softcap: Option<f32>,
+    /// The `config.json` this came from, which `merge` writes back unchanged.
+    pub hf_json: Option<Value>,
+}
+
+/// Typed reads of a `config.json` object; every error names the file and the key.
+pub struct HfJson<'a> {
+    pub obj: &'a Map<String, Value>,
+    pub path: &'a Path,
+}
+
+impl HfJson<'_> {
+    /// The value of `key`, treating null as absent.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+
+    pub fn usize(&self, key: &str) -> Result<usize> {
+        self.usize_or(key, None)
+    }
+
+    pub fn usize_or(&self, key: &str, default: Option<usize>) -> Result<usize> {
+        match self.get(key) {
+            None => default.ok_or_else(|| Error::config(self.path, key, "missing")),
+            Some(v) => v
+                .as_u64()
+                .filter(|&n| n > 0 && n < (1 << 32))
+                .map(|n| n as usize)
+                .ok_or_else(|| {
+                    Error::config(
+                        self.path,
+                        key,
+                        format!("expected a positive integer, found {v}"),
+                    )
+                }),
+        }
+    }
+
+    pub fn f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .map(Some)
+                .ok_or_else(|| {
+                    Error::config(self.path, key, format!("expected a number, found {v}"))
+                }),
+        }
+    }
+
+    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| {
+                Error::config(self.path, key, format!("expected true or false, found {v}"))
+            }),
+        }
+    }
+
+    pub fn str(&self, key: &str) -> Result<Option<&str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| {
+                Error::config(self.path, key, format!("expected a string, found {v}"))
+            }),
+        }
+    }
+
+    /// A token id or a list of them (`eos_token_id` may be either).
+    pub fn ids(&self, key: &str) -> Vec<u32> {
+        match self.get(key) {
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
+            Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            None => vec![],
+        }
+    }
+
+    /// The MLP activation named by `key` (an error naming the key for one lorakit lacks).
+    pub fn activation(&self, key: &str, default: &str) -> Result<Activation> {
+        let name = self.str(key)?.unwrap_or(default);
+        match name {
+            "silu" | "swish" => Ok(Activation::Silu),
+            "gelu_pytorch_tanh" | "gelu_new" => Ok(Activation::GeluTanh),
+            other => Err(Error::config(
+                self.path,
+                key,
+                format!(
+                    "activation \"{other}\" is not supported (silu, gelu_pytorch_tanh, gelu_new)"
+                ),
+            )),
+        }
+    }
+
+    /// One RoPE description: an object with `rope_type` (or `type`), `rope_theta` and the
+    /// scaling keys, as transformers ≥ 5 writes under `rope_parameters` (`key` names it in
+    /// errors). `theta` is the fallback θ from the top level (older files).
+    pub fn rope(&self, v: Option<&Value>, key: &str, theta: Option<f64>) -> Result<Rope> {
+        let empty = Map::new();
+        let obj = match v {
+            None => &empty,
+            Some(Value::Object(o)) => o,
+            Some(other) => {
+                return Err(Error::config(
+                    self.path,
+                    key,
+                    format!("expected an object, found {other}"),
+                ))
+            }
+        };
+        let num = |k: &str| -> Result<Option<f64>> {
+            match obj.get(k).filter(|v| !v.is_null()) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|x| x.is_finite() && *x > 0.0)
+                    .map(Some)
+                    .ok_or_else(|| {
+                        Error::config(
+                            self.path,
+                            format!("{key}.{k}"),
+                            format!("expected a positive number, found {v}"),
+                        )
+                    }),
+            }
+        };
+        let need = |k: &str| -> Result<f64> {
+            num(k)?.ok_or_else(|| Error::config(self.path, format!("{key}.{k}"), "missing"))
+        };
+        let theta = match num("rope_theta")? {
+            Some(t) => t,
+            None => theta.unwrap_or(10000.0),
+        };
+        let kind = obj
+            .get("rope_type")
+            .or_else(|| obj.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let scaling = match kind {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear {
+                factor: need("factor")?,
+            },
+            "llama3" => RopeScaling::Llama3 {
+                factor: need("factor")?,
+                low_freq_factor: need("low_freq_factor")?,
+                high_freq_factor: need("high_freq_factor")?,
+                original_max_positions: need("original_max_position_embeddings")?,
+            },
+            other => {
+                return Err(Error::config(
+                    self.path,
+                    format!("{key}.rope_type"),
+                    format!("\"{other}\" is not supported (default, linear, llama3)"),
+                ))
+            }
+        };
+        if let RopeScaling::Llama3 {
+            low_freq_factor,
+            high_freq_factor,
+            ..
+        } = &scaling
+        {
+            if high_freq_factor <= low_freq_factor {
+                return Err(Error::config(
+                    self.path,
+                    format!("{key}.high_freq_factor"),
+                    "must be larger than low_freq_factor",
+                ));
+            }
+        }
+        Ok(Rope { theta, scaling })
+    }
+
+    /// The model's one RoPE table: `rope_parameters` (transformers ≥ 5) or the older top-level
+    /// `rope_theta` + `rope_scaling`.
+    pub fn main_rope(&self) -> Result<Rope> {
+        let theta = self.f64("rope_theta")?;
+        match self.get("rope_parameters") {
+            Some(v) => self.rope(Some(v), "rope_parameters", theta),
+            None => self.rope(self.get("rope_scaling"), "rope_scaling", theta),
+        }
+    }
+
+    /// Per-layer windows from `layer_types` ("full_attention" / "sliding_attention"), or None
+    /// when the file has no such list.
+    pub fn layer_windows(&self, num_layers: usize) -> Result<Option<Vec<Option<usize>>>> {
+        let Some(types) = self.get("layer_types") else {
+            return Ok(None);
+        };
+        let types = types
+            .as_array()
+            .filter(|a| a.len() == num_layers)
+            .ok_or_else(|| {
+                Error::config(
+                    self.path,
+                    "layer_types",
+                    format!("expected a list of {num_layers} layer types"),
+                )
+            })?;
+        types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match t.as_str() {
+                Some("full_attention") => Ok(None),
+                Some("sliding_attention") => self.usize("sliding_window").map(Some),
+                _ => Err(Error::config(
+                    self.path,
+                    format!("layer_types[{i}]"),
+                    format!("{t} is not supported (full_attention, sliding_attention)"),
+                )),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
 }
 
 impl Config {
@@ -68,301 +326,117 @@ impl Config {
         let obj = v
             .as_object()
             .ok_or_else(|| Error::format(path, "expected a JSON object at the top level"))?;
-        let get = |key: &str| obj.get(key).filter(|v| !v.is_null());
-        let usize_of = |key: &str| -> Result<usize> {
-            let v = get(key).ok_or_else(|| Error::config(path, key, "missing"))?;
-            v.as_u64()
-                .filter(|&n| n > 0 && n < (1 << 32))
-                .map(|n| n as usize)
-                .ok_or_else(|| {
-                    Error::config(path, key, format!("expected a positive integer, found {v}"))
-                })
+        let j = HfJson { obj, path };
+        let model_type = j
+            .str("model_type")?
+            .ok_or_else(|| Error::config(path, "model_type", "missing"))?;
+        let supported = Arch::ALL.map(Arch::name).join(", ");
+        let arch = Arch::from_model_type(model_type).ok_or_else(|| {
+            let hint = if model_type == "gemma3" {
+                " (the multimodal Gemma 3; lorakit runs the text model, gemma3_text)"
+            } else {
+                ""
+            };
+            Error::unsupported(
+                path,
+                format!(
+                    "architecture model_type = \"{model_type}\"{hint} (supported: {supported})"
+                ),
+            )
+        })?;
+        let mut cfg = match arch {
+            Arch::Gpt2 => arch::gpt2::hf_config(&j)?,
+            _ => Self::llama_like_from_hf(&j, arch)?,
         };
-        let f64_of = |key: &str| -> Result<Option<f64>> {
-            match get(key) {
-                None => Ok(None),
-                Some(v) => v
-                    .as_f64()
-                    .filter(|x| x.is_finite())
-                    .map(Some)
-                    .ok_or_else(|| {
-                        Error::config(path, key, format!("expected a number, found {v}"))
-                    }),
-            }
-        };
-        let bool_of = |key: &str, default: bool| -> Result<bool> {
-            match get(key) {
-                None => Ok(default),
-                Some(v) => v.as_bool().ok_or_else(|| {
-                    Error::config(path, key, format!("expected true or false, found {v}"))
-                }),
-            }
-        };
-
-        let model_type = get("model_type")
-            .and_then(Value::as_str)
-            .ok_or_else(|| Error::config(path, "model_type", "missing or not a string"))?;
-        let arch = match model_type {
-            "llama" => Arch::Llama,
-            "mistral" => Arch::Mistral,
-            "qwen2" => Arch::Qwen2,
-            "gpt2" => return Self::from_gpt2_json(obj, path),
-            other => {
-                return Err(Error::unsupported(
-                    path,
-                    format!(
-                        "architecture model_type = \"{other}\" (supported: llama, mistral, qwen2, gpt2)"
-                    ),
-                ))
-            }
-        };
-        if let Some(act) = get("hidden_act").and_then(Value::as_str) {
-            if act != "silu" {
-                return Err(Error::unsupported(
-                    path,
-                    format!("hidden_act = \"{act}\" (only silu)"),
-                ));
-            }
+        match arch {
+            Arch::Llama | Arch::Mistral | Arch::Qwen2 | Arch::Gpt2 => {}
+            Arch::Qwen3 => arch::qwen3::hf_block(&j, &mut cfg)?,
+            Arch::Gemma3 => arch::gemma3::hf_block(&j, &mut cfg)?,
+            Arch::Phi3 => arch::phi3::hf_block(&j, &mut cfg)?,
+            Arch::Olmo2 => arch::olmo2::hf_block(&j, &mut cfg)?,
         }
-        // transformers ≥ 5 nests RoPE settings under rope_parameters; older files use
-        // rope_theta + rope_scaling at the top level.
-        let rope = get("rope_parameters").or_else(|| get("rope_scaling"));
-        if let Some(rope) = rope.and_then(Value::as_object) {
-            let kind = rope
-                .get("rope_type")
-                .or_else(|| rope.get("type"))
-                .and_then(Value::as_str)
-                .unwrap_or("default");
-            if kind != "default" {
-                return Err(Error::unsupported(
-                    path,
-                    format!("RoPE scaling rope_type = \"{kind}\""),
-                ));
-            }
-        }
-        let rope_theta = match rope
-            .and_then(|r| r.get("rope_theta"))
-            .and_then(Value::as_f64)
-        {
-            Some(t) => t,
-            None => f64_of("rope_theta")?.unwrap_or(10000.0),
-        };
-
-        let hidden_size = usize_of("hidden_size")?;
-        let num_heads = usize_of("num_attention_heads")?;
-        let num_kv_heads = match get("num_key_value_heads") {
-            None => num_heads,
-            Some(_) => usize_of("num_key_value_heads")?,
-        };
-        let head_dim = match get("head_dim") {
-            None => hidden_size / num_heads,
-            Some(_) => usize_of("head_dim")?,
-        };
-        let attention_bias = bool_of("attention_bias", false)?;
-        let ids = |key: &str| -> Vec<u32> {
-            match get(key) {
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .filter_map(|v| v.as_u64())
-                    .map(|v| v as u32)
-                    .collect(),
-                Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-                None => vec![],
-            }
-        };
-        let cfg = Config {
-            arch,
-            hidden_size,
-            intermediate_size: usize_of("intermediate_size")?,
-            num_layers: usize_of("num_hidden_layers")?,
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            vocab_size: usize_of("vocab_size")?,
-            rms_norm_eps: f64_of("rms_norm_eps")?.unwrap_or(1e-6) as f32,
-            rope_theta,
-            max_position_embeddings: match get("max_position_embeddings") {
-                None => 4096,
-                Some(_) => usize_of("max_position_embeddings")?,
-            },
-            tie_word_embeddings: bool_of("tie_word_embeddings", false)?,
-            qkv_bias: arch == Arch::Qwen2 || attention_bias,
-            o_bias: attention_bias,
-            bos_token_id: ids("bos_token_id").first().copied(),
-            eos_token_ids: ids("eos_token_id"),
-        };
+        cfg.hf_json = Some(v.clone());
         cfg.validate(path)?;
         Ok(cfg)
     }
 
-    /// A GPT-2 `config.json` (HF's `GPT2Config` names and defaults). Options that change the
-    /// math in ways lorakit does not implement are errors naming the key.
-    fn from_gpt2_json(obj: &serde_json::Map<String, Value>, path: &Path) -> Result<Config> {
-        let get = |key: &str| obj.get(key).filter(|v| !v.is_null());
-        let usize_or = |key: &str, default: Option<usize>| -> Result<usize> {
-            match get(key) {
-                None => default.ok_or_else(|| Error::config(path, key, "missing")),
-                Some(v) => v
-                    .as_u64()
-                    .filter(|&n| n > 0 && n < (1 << 32))
-                    .map(|n| n as usize)
-                    .ok_or_else(|| {
-                        Error::config(path, key, format!("expected a positive integer, found {v}"))
-                    }),
-            }
+    /// What the Llama-shaped families (all but GPT-2) share: dimensions, biases, RoPE, windows.
+    /// Family files then change what differs.
+    fn llama_like_from_hf(j: &HfJson, arch: Arch) -> Result<Config> {
+        let hidden_size = j.usize("hidden_size")?;
+        let num_heads = j.usize("num_attention_heads")?;
+        let num_kv_heads = j.usize_or("num_key_value_heads", Some(num_heads))?;
+        let head_dim = j.usize_or("head_dim", Some(hidden_size / num_heads))?;
+        let num_layers = j.usize("num_hidden_layers")?;
+        let attention_bias = j.bool_or("attention_bias", false)?;
+        let rope = j.main_rope()?;
+        let windows = match j.layer_windows(num_layers)? {
+            Some(w) => w,
+            // Files without layer_types: Mistral windows every layer when sliding_window is set;
+            // Qwen2 only with use_sliding_window, from layer max_window_layers on.
+            None => match arch {
+                Arch::Mistral => vec![
+                    j.get("sliding_window")
+                        .map(|_| j.usize("sliding_window"))
+                        .transpose()?;
+                    num_layers
+                ],
+                Arch::Qwen2 if j.bool_or("use_sliding_window", false)? => {
+                    let window = j.usize("sliding_window")?;
+                    let from = j.usize_or("max_window_layers", Some(num_layers))?;
+                    (0..num_layers)
+                        .map(|i| (i >= from).then_some(window))
+                        .collect()
+                }
+                _ => vec![None; num_layers],
+            },
         };
-        let bool_or = |key: &str, default: bool| -> Result<bool> {
-            match get(key) {
-                None => Ok(default),
-                Some(v) => v.as_bool().ok_or_else(|| {
-                    Error::config(path, key, format!("expected true or false, found {v}"))
-                }),
-            }
-        };
-        // GPT2Config's default is gelu_new; gelu_pytorch_tanh is the same tanh formula.
-        match get("activation_function") {
-            None => {}
-            Some(Value::String(s)) if s == "gelu_new" || s == "gelu_pytorch_tanh" => {}
-            Some(v) => {
-                return Err(Error::config(
-                    path,
-                    "activation_function",
-                    format!("{v} is not supported (only \"gelu_new\", the tanh GELU)"),
-                ))
-            }
-        }
-        for (key, default, want) in [
-            ("scale_attn_weights", true, true),
-            ("scale_attn_by_inverse_layer_idx", false, false),
-            ("add_cross_attention", false, false),
-        ] {
-            if bool_or(key, default)? != want {
-                return Err(Error::config(
-                    path,
-                    key,
-                    format!("{} is not supported (only {want})", !want),
-                ));
-            }
-        }
-        let hidden_size = usize_or("n_embd", Some(768))?;
-        let num_heads = usize_or("n_head", Some(12))?;
-        if !hidden_size.is_multiple_of(num_heads) {
-            return Err(Error::config(
-                path,
-                "n_head",
-                format!("n_embd = {hidden_size} is not a multiple of {num_heads} heads"),
-            ));
-        }
-        let eps = match get("layer_norm_epsilon") {
-            None => 1e-5,
-            Some(v) => v
-                .as_f64()
-                .filter(|x| x.is_finite() && *x >= 0.0)
-                .ok_or_else(|| {
-                    Error::config(
-                        path,
-                        "layer_norm_epsilon",
-                        format!("expected a number ≥ 0, found {v}"),
-                    )
-                })?,
-        };
-        let id = |key: &str| get(key).and_then(Value::as_u64).map(|v| v as u32);
         Ok(Config {
-            arch: Arch::Gpt2,
+            arch,
             hidden_size,
-            intermediate_size: usize_or("n_inner", Some(4 * hidden_size))?,
-            num_layers: usize_or("n_layer", Some(12))?,
+            intermediate_size: j.usize("intermediate_size")?,
+            num_layers,
             num_heads,
-            num_kv_heads: num_heads,
-            head_dim: hidden_size / num_heads,
-            vocab_size: usize_or("vocab_size", Some(50257))?,
-            rms_norm_eps: eps as f32,
-            rope_theta: 0.0,
-            max_position_embeddings: usize_or("n_positions", Some(1024))?,
-            tie_word_embeddings: bool_or("tie_word_embeddings", true)?,
-            qkv_bias: true,
-            o_bias: true,
-            bos_token_id: id("bos_token_id"),
-            eos_token_ids: id("eos_token_id").into_iter().collect(),
+            num_kv_heads,
+            head_dim,
+            vocab_size: j.usize("vocab_size")?,
+            rms_norm_eps: j.f64("rms_norm_eps")?.unwrap_or(1e-6) as f32,
+            rope_theta: rope.theta,
+            max_position_embeddings: j.usize_or("max_position_embeddings", Some(4096))?,
+            tie_word_embeddings: j.bool_or("tie_word_embeddings", false)?,
+            bos_token_id: j.ids("bos_token_id").first().copied(),
+            eos_token_ids: j.ids("eos_token_id"),
+            block: BlockSpec {
+                norm: NormKind::Rms { offset: 0.0 },
+                norms: NormPlacement::PRE,
+                qk_norm: QkNorm::None,
+                fused_qkv: false,
+                mlp: Mlp::Gated { fused: false },
+                act: j.activation("hidden_act", "silu")?,
+                qkv_bias: arch == Arch::Qwen2 || attention_bias,
+                o_bias: attention_bias,
+                mlp_bias: j.bool_or("mlp_bias", false)?,
+                // 1/√d in f32, as the engine has always computed it.
+                attn_scale: 1.0 / (head_dim as f32).sqrt(),
+                embed_scale: None,
+                positions: Positions::Rope,
+            },
+            layers: windows
+                .into_iter()
+                .map(|window| LayerSpec { window, rope: 0 })
+                .collect(),
+            ropes: vec![rope],
+            final_logit_softcap: None,
+            hf_json: None,
         })
     }
 
     /// Reads the `{arch}.*` keys of a GGUF file (llama.cpp's names).
     pub fn from_gguf(gguf: &GgufFile) -> Result<Config> {
-        let path = gguf.path();
-        let arch_name = gguf.get_str("general.architecture")?;
-        let arch = match arch_name {
-            "llama" => Arch::Llama,
-            "mistral" => Arch::Mistral,
-            "qwen2" => Arch::Qwen2,
-            other => {
-                return Err(Error::unsupported(
-                    path,
-                    format!("architecture general.architecture = \"{other}\" (supported: llama, mistral, qwen2)"),
-                ))
-            }
-        };
-        let key = |k: &str| format!("{arch_name}.{k}");
-        let usize_of = |k: &str| -> Result<usize> {
-            let n = gguf.get_u64(&key(k))?;
-            if n == 0 || n >= (1 << 32) {
-                return Err(Error::config(
-                    path,
-                    key(k),
-                    format!("implausible value {n}"),
-                ));
-            }
-            Ok(n as usize)
-        };
-        let hidden_size = usize_of("embedding_length")?;
-        let num_heads = usize_of("attention.head_count")?;
-        let num_kv_heads = match gguf.get(&key("attention.head_count_kv")) {
-            Some(_) => usize_of("attention.head_count_kv")?,
-            None => num_heads,
-        };
-        let head_dim = match gguf.get(&key("attention.key_length")) {
-            Some(_) => usize_of("attention.key_length")?,
-            None => hidden_size / num_heads,
-        };
-        let vocab_size = match gguf.get(&key("vocab_size")) {
-            Some(_) => usize_of("vocab_size")?,
-            None => gguf.get_str_array("tokenizer.ggml.tokens")?.len(),
-        };
-        let rope_theta = match gguf.get(&key("rope.freq_base")) {
-            Some(_) => gguf.get_f32(&key("rope.freq_base"))? as f64,
-            None => 10000.0,
-        };
-        let max_position_embeddings = match gguf.get(&key("context_length")) {
-            Some(_) => usize_of("context_length")?,
-            None => 4096,
-        };
-        let tie_word_embeddings = gguf.tensor_info("output.weight").is_none();
-        let qkv_bias = gguf.tensor_info("blk.0.attn_q.bias").is_some();
-        let o_bias = gguf.tensor_info("blk.0.attn_output.bias").is_some();
-        let opt_id = |k: &str| gguf.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
-        let cfg = Config {
-            arch,
-            hidden_size,
-            intermediate_size: usize_of("feed_forward_length")?,
-            num_layers: usize_of("block_count")?,
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            vocab_size,
-            rms_norm_eps: gguf.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
-            rope_theta,
-            max_position_embeddings,
-            tie_word_embeddings,
-            qkv_bias,
-            o_bias,
-            bos_token_id: opt_id("tokenizer.ggml.bos_token_id"),
-            eos_token_ids: opt_id("tokenizer.ggml.eos_token_id").into_iter().collect(),
-        };
-        cfg.validate(path)?;
-        Ok(cfg)
+        arch::gguf_config(gguf)
     }
 
-    fn validate(&self, path: &Path) -> Result<()> {
+    pub(crate) fn validate(&self, path: &Path) -> Result<()> {
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(Error::config(
                 path,
@@ -383,40 +457,71 @@ impl Config {
         if self.rms_norm_eps.is_nan() || self.rms_norm_eps < 0.0 {
             return Err(Error::config(path, "rms_norm_eps", "must be ≥ 0"));
         }
+        if self.layers.len() != self.num_layers
+            || self
+                .layers
+                .iter()
+                .any(|l| l.rope >= self.ropes.len().max(1))
+        {
+            return Err(Error::config(
+                path,
+                "num_hidden_layers",
+                "layer settings do not match the layer count",
+            ));
+        }
         Ok(())
+    }
+
+    /// Rows of a q or k projection: heads · head_dim.
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
     }
 
     /// Parameters of the whole model (embedding, layers, norms, LM head unless tied).
     pub fn parameter_count(&self) -> usize {
-        let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
-        if self.arch == Arch::Gpt2 {
-            // Two LayerNorms (weight + bias), c_attn, attn.c_proj, c_fc, mlp.c_proj (all biased).
-            let layer = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * i + i) + (i * h + h);
-            let head = if self.tie_word_embeddings {
-                0
-            } else {
-                self.vocab_size * h
-            };
-            return (self.vocab_size + self.max_position_embeddings) * h
-                + self.num_layers * layer
-                + 2 * h
-                + head;
-        }
-        let q = self.num_heads * hd;
-        let kv = self.num_kv_heads * hd;
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let b = &self.block;
+        let (q, kv) = (self.q_dim(), self.kv_dim());
+        let norm_size = |n: usize| match b.norm {
+            NormKind::Layer => 2 * n,
+            NormKind::Rms { .. } => n,
+        };
         let mut attn = h * q + 2 * h * kv + q * h;
-        if self.qkv_bias {
+        if b.qkv_bias {
             attn += q + 2 * kv;
         }
-        if self.o_bias {
+        if b.o_bias {
             attn += h;
         }
-        let layer = attn + 3 * h * i + 2 * h;
+        let mlp = match b.mlp {
+            Mlp::Gated { .. } => 3 * h * i + if b.mlp_bias { 2 * i + h } else { 0 },
+            Mlp::Plain => 2 * h * i + if b.mlp_bias { i + h } else { 0 },
+        };
+        let p = b.norms;
+        let norms = [p.attn_in, p.attn_out, p.mlp_in, p.mlp_out]
+            .iter()
+            .filter(|&&on| on)
+            .count()
+            * norm_size(h);
+        let qk = match b.qk_norm {
+            QkNorm::None => 0,
+            QkNorm::PerHead => 2 * self.head_dim,
+            QkNorm::Whole => q + kv,
+        };
+        let layer = attn + mlp + norms + qk;
         let head = if self.tie_word_embeddings {
             0
         } else {
             self.vocab_size * h
         };
-        self.vocab_size * h + self.num_layers * layer + h + head
+        let positions = match b.positions {
+            Positions::Learned => self.max_position_embeddings * h,
+            Positions::Rope => 0,
+        };
+        self.vocab_size * h + positions + self.num_layers * layer + norm_size(h) + head
     }
 }

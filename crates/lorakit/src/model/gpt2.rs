@@ -23,12 +23,12 @@ use crate::io::hf_dir::SafetensorsSet;
 use crate::io::hf_save::write_f32_safetensors;
 use crate::lora::peft::Adapter;
 use crate::lora::{ModuleId, ModuleKind};
+use crate::model::decoder::{store_kv, KvCache, Logits};
+use crate::model::decoder_train::{
+    linear_train_backward, linear_train_forward, Dropout, LoraBackward, LoraGrads,
+};
 use crate::model::linear::{
     check_precision_supported, frozen_forward, head_weight, set_head_precision, Bf16Weight,
-};
-use crate::model::llama::{store_kv, KvCache, Logits};
-use crate::model::llama_train::{
-    linear_train_backward, linear_train_forward, Dropout, LoraBackward, LoraGrads,
 };
 use crate::model::{Arch, Config, Linear, Precision};
 use crate::train::loss::LmHead;
@@ -395,7 +395,19 @@ impl Gpt2Model {
             b.c_attn.forward(&mut qkv, &normed);
             split_qkv(&qkv, &mut q, &mut k, &mut v, h);
             store_kv(kv, &k, &v, nh, hd, cache.capacity, start);
-            attention_forward(&mut attn, &q, kv, cache.capacity, nh, nh, hd, start);
+            let scale = 1.0 / (hd as f32).sqrt();
+            attention_forward(
+                &mut attn,
+                &q,
+                kv,
+                cache.capacity,
+                nh,
+                nh,
+                hd,
+                start,
+                scale,
+                None,
+            );
             b.attn_c_proj.forward(&mut proj, &attn);
             add_inplace(&mut x, &proj);
 
@@ -675,6 +687,8 @@ impl Gpt2Model {
             n_heads: nh,
             n_kv_heads: nh,
             head_dim: c.head_dim,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+            window: None,
         };
         acts.batch = batch;
         acts.seq = seq;
@@ -770,6 +784,8 @@ impl Gpt2Model {
             n_heads: nh,
             n_kv_heads: nh,
             head_dim: c.head_dim,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+            window: None,
         };
         let mut d_act = vec![0.0f32; n * inner];
         let mut d_fc = vec![0.0f32; n * inner];

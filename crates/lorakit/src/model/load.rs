@@ -1,4 +1,5 @@
-//! Loading a model from a GGUF file or an HF directory into a [`LlamaModel`] + [`Tokenizer`].
+//! Loading a model from a GGUF file or an HF directory into a [`LlamaModel`] + [`Tokenizer`],
+//! every architecture through its weight table ([`crate::model::arch`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -8,7 +9,9 @@ use crate::error::{Error, Result};
 use crate::io::gguf::{GgmlType, GgufFile};
 use crate::io::hf_dir::SafetensorsSet;
 use crate::lora::ModuleKind;
-use crate::model::llama::Layer;
+use crate::model::arch::{self, NormSlot, Slot, EMBED, FINAL_NORM, HEAD, HF_LAYERS};
+use crate::model::decoder::{Layer, MlpWeights, QkvWeights};
+use crate::model::spec::{Mlp, QkNorm};
 use crate::model::{Arch, Config, Linear, LlamaModel};
 use crate::tokenize::Tokenizer;
 
@@ -93,14 +96,133 @@ fn expect_finite(path: &Path, name: &str, data: &[f32]) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Layers from a weight table
+
+/// The linear layers and norms a layer of `c` has, from its block description.
+pub(crate) fn layer_slots(c: &Config) -> (Vec<ModuleKind>, Vec<NormSlot>) {
+    let b = &c.block;
+    let mut kinds = if b.fused_qkv {
+        vec![ModuleKind::Qkv]
+    } else {
+        vec![ModuleKind::Q, ModuleKind::K, ModuleKind::V]
+    };
+    kinds.push(ModuleKind::O);
+    kinds.extend(match b.mlp {
+        Mlp::Gated { fused: false } => vec![ModuleKind::Gate, ModuleKind::Up],
+        Mlp::Gated { fused: true } => vec![ModuleKind::GateUp],
+        Mlp::Plain => vec![ModuleKind::Up],
+    });
+    kinds.push(ModuleKind::Down);
+    let p = b.norms;
+    let mut norms: Vec<NormSlot> = [
+        (p.attn_in, NormSlot::AttnIn),
+        (p.attn_out, NormSlot::AttnOut),
+        (p.mlp_in, NormSlot::MlpIn),
+        (p.mlp_out, NormSlot::MlpOut),
+    ]
+    .into_iter()
+    .filter_map(|(on, s)| on.then_some(s))
+    .collect();
+    if b.qk_norm != QkNorm::None {
+        norms.extend([NormSlot::Q, NormSlot::K]);
+    }
+    (kinds, norms)
+}
+
+/// The length of the norm at `slot`.
+fn norm_len(c: &Config, slot: NormSlot) -> usize {
+    match (slot, c.block.qk_norm) {
+        (NormSlot::Q, QkNorm::PerHead) | (NormSlot::K, QkNorm::PerHead) => c.head_dim,
+        (NormSlot::Q, _) => c.q_dim(),
+        (NormSlot::K, _) => c.kv_dim(),
+        _ => c.hidden_size,
+    }
+}
+
+/// Whether the linear `kind` carries a bias.
+fn has_bias(c: &Config, kind: ModuleKind) -> bool {
+    match kind {
+        ModuleKind::Q | ModuleKind::K | ModuleKind::V | ModuleKind::Qkv => c.block.qkv_bias,
+        ModuleKind::O => c.block.o_bias,
+        _ => c.block.mlp_bias,
+    }
+}
+
+/// Builds layer `i` from a tensor source: `linear(name, kind, out, in, bias)` and
+/// `norm(name, slot, len)`, where `name` is the table's name for the slot (HF or GGUF, by
+/// `gguf`), without the layer prefix and `.weight`.
+fn build_layer(
+    c: &Config,
+    gguf: bool,
+    mut linear: impl FnMut(&str, ModuleKind, usize, usize, bool) -> Result<Linear>,
+    mut norm: impl FnMut(&str, usize) -> Result<Vec<f32>>,
+) -> Result<Layer> {
+    let table = arch::weights(c.arch);
+    let (kinds, norm_slots) = layer_slots(c);
+    let name = |slot: Slot| -> Result<&'static str> {
+        table
+            .names(slot)
+            .map(|(hf, g)| if gguf { g } else { hf })
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "the {} weight table has no name for {slot:?}",
+                    c.arch.name()
+                ))
+            })
+    };
+    let mut lin = std::collections::BTreeMap::new();
+    for kind in kinds {
+        let (out, inp) = crate::lora::peft::module_shape(c, kind);
+        lin.insert(
+            kind,
+            linear(name(Slot::Linear(kind))?, kind, out, inp, has_bias(c, kind))?,
+        );
+    }
+    let mut norms = Vec::new();
+    for slot in norm_slots {
+        norms.push((slot, norm(name(Slot::Norm(slot))?, norm_len(c, slot))?));
+    }
+    let mut take = |k: ModuleKind| {
+        lin.remove(&k)
+            .ok_or_else(|| Error::Invalid(format!("layer without {}", k.name())))
+    };
+    let qkv = if c.block.fused_qkv {
+        QkvWeights::Fused(take(ModuleKind::Qkv)?)
+    } else {
+        QkvWeights::Separate {
+            q: take(ModuleKind::Q)?,
+            k: take(ModuleKind::K)?,
+            v: take(ModuleKind::V)?,
+        }
+    };
+    let mlp = match c.block.mlp {
+        Mlp::Gated { fused: false } => MlpWeights::Gated {
+            gate: take(ModuleKind::Gate)?,
+            up: take(ModuleKind::Up)?,
+        },
+        Mlp::Gated { fused: true } => MlpWeights::GatedFused(take(ModuleKind::GateUp)?),
+        Mlp::Plain => MlpWeights::Plain {
+            up: take(ModuleKind::Up)?,
+        },
+    };
+    Ok(Layer {
+        qkv,
+        o_proj: take(ModuleKind::O)?,
+        mlp,
+        down_proj: take(ModuleKind::Down)?,
+        norms,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 // GGUF
 
 fn load_gguf(path: &Path) -> Result<LoadedModel> {
     let gguf = GgufFile::open(path)?;
     let config = Config::from_gguf(&gguf)?;
     let c = &config;
-    let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
-    let (q_dim, kv_dim) = (c.num_heads * hd, c.num_kv_heads * hd);
+    let table = arch::weights(c.arch);
+    let h = c.hidden_size;
 
     let tensor = |name: &str, want: &[usize]| -> Result<Vec<f32>> {
         let (data, shape) = gguf.tensor_f32(name)?;
@@ -114,41 +236,49 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
             None => Ok(None),
         }
     };
-    // llama.cpp's converter interleaves the rows of q and k for Llama-arch models (its RoPE pairs
-    // adjacent elements); HF pairs (i, i + d/2). Undo it so weights equal HF's.
-    let permuted = matches!(c.arch, Arch::Llama | Arch::Mistral);
-    let linear =
-        |base: &str, out: usize, inp: usize, heads_to_unpermute: Option<usize>| -> Result<Linear> {
-            let mut w = tensor(&format!("{base}.weight"), &[out, inp])?;
-            let mut b = opt_tensor(&format!("{base}.bias"), &[out])?;
-            if let Some(n_head) = heads_to_unpermute.filter(|_| permuted) {
-                w = unpermute_rows(&w, n_head, out, inp);
-                b = b.map(|b| unpermute_rows(&b, n_head, out, 1));
-            }
-            Ok(Linear::new(w, out, inp, b))
-        };
+    // llama.cpp stores Gemma's norms as 1 + w; HF (and lorakit) hold w.
+    let norm_tensor = |name: &str, len: usize| -> Result<Vec<f32>> {
+        let mut w = tensor(name, &[len])?;
+        if table.gguf_norms_plus_one {
+            w.iter_mut().for_each(|v| *v -= 1.0);
+        }
+        Ok(w)
+    };
+    let heads_to_unpermute = |kind: ModuleKind| match kind {
+        ModuleKind::Q if table.gguf_permute_qk => Some(c.num_heads),
+        ModuleKind::K if table.gguf_permute_qk => Some(c.num_kv_heads),
+        _ => None,
+    };
 
-    let embed_tokens = tensor("token_embd.weight", &[c.vocab_size, h])?;
+    let embed_tokens = tensor(EMBED.1, &[c.vocab_size, h])?;
     let mut layers = Vec::with_capacity(c.num_layers);
     for i in 0..c.num_layers {
         let p = format!("blk.{i}");
-        layers.push(Layer {
-            attn_norm: tensor(&format!("{p}.attn_norm.weight"), &[h])?,
-            q_proj: linear(&format!("{p}.attn_q"), q_dim, h, Some(c.num_heads))?,
-            k_proj: linear(&format!("{p}.attn_k"), kv_dim, h, Some(c.num_kv_heads))?,
-            v_proj: linear(&format!("{p}.attn_v"), kv_dim, h, None)?,
-            o_proj: linear(&format!("{p}.attn_output"), h, q_dim, None)?,
-            mlp_norm: tensor(&format!("{p}.ffn_norm.weight"), &[h])?,
-            gate_proj: linear(&format!("{p}.ffn_gate"), inter, h, None)?,
-            up_proj: linear(&format!("{p}.ffn_up"), inter, h, None)?,
-            down_proj: linear(&format!("{p}.ffn_down"), h, inter, None)?,
-        });
+        layers.push(build_layer(
+            c,
+            true,
+            |name, kind, out, inp, _bias| {
+                let mut w = tensor(&format!("{p}.{name}.weight"), &[out, inp])?;
+                let mut b = opt_tensor(&format!("{p}.{name}.bias"), &[out])?;
+                if let Some(n_head) = heads_to_unpermute(kind) {
+                    w = unpermute_rows(&w, n_head, out, inp);
+                    b = b.map(|b| unpermute_rows(&b, n_head, out, 1));
+                }
+                Ok(Linear::new(w, out, inp, b))
+            },
+            |name, len| norm_tensor(&format!("{p}.{name}.weight"), len),
+        )?);
     }
-    let norm = tensor("output_norm.weight", &[h])?;
+    let norm = norm_tensor(FINAL_NORM.1, h)?;
     let lm_head = if c.tie_word_embeddings {
         None
     } else {
-        Some(linear("output", c.vocab_size, h, None)?)
+        Some(Linear::new(
+            tensor(HEAD.1, &[c.vocab_size, h])?,
+            c.vocab_size,
+            h,
+            None,
+        ))
     };
     let tokenizer = tokenizer_from_gguf(&gguf)?;
     let chat_template = tokenizer.chat_template().map(str::to_owned);
@@ -171,7 +301,7 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
 pub fn attach_gguf_blocks(model: &mut LlamaModel, path: &Path) -> Result<()> {
     let gguf = GgufFile::open(path)?;
     let c = model.config.clone();
-    let permuted = matches!(c.arch, Arch::Llama | Arch::Mistral);
+    let table = arch::weights(c.arch);
     let quant = |name: &str, rows: usize, cols: usize, n_head: Option<usize>| {
         let info = gguf
             .tensor_info(name)
@@ -191,7 +321,7 @@ pub fn attach_gguf_blocks(model: &mut LlamaModel, path: &Path) -> Result<()> {
             }
         };
         // The row permutation of `unpermute_rows` as an index map.
-        let order: Option<Vec<usize>> = n_head.filter(|_| permuted).map(|n_head| {
+        let order: Option<Vec<usize>> = n_head.filter(|_| table.gguf_permute_qk).map(|n_head| {
             let head_rows = rows / n_head;
             let half = head_rows / 2;
             (0..rows)
@@ -212,27 +342,24 @@ pub fn attach_gguf_blocks(model: &mut LlamaModel, path: &Path) -> Result<()> {
         )
         .map(Box::new)
     };
-    let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
-    let (q_dim, kv_dim) = (c.num_heads * hd, c.num_kv_heads * hd);
     for (i, layer) in model.layers.iter_mut().enumerate() {
-        let p = format!("blk.{i}");
-        let shapes = [
-            (ModuleKind::Q, "attn_q", q_dim, h, Some(c.num_heads)),
-            (ModuleKind::K, "attn_k", kv_dim, h, Some(c.num_kv_heads)),
-            (ModuleKind::V, "attn_v", kv_dim, h, None),
-            (ModuleKind::O, "attn_output", h, q_dim, None),
-            (ModuleKind::Gate, "ffn_gate", inter, h, None),
-            (ModuleKind::Up, "ffn_up", inter, h, None),
-            (ModuleKind::Down, "ffn_down", h, inter, None),
-        ];
-        for (kind, name, rows, cols, heads) in shapes {
-            let q = quant(&format!("{p}.{name}.weight"), rows, cols, heads)?;
-            layer.linear_mut(kind).quant = Some(q);
+        for (kind, lin) in layer.linears_mut() {
+            let Some((_, gguf_name)) = table.names(Slot::Linear(kind)) else {
+                continue;
+            };
+            let heads = match kind {
+                ModuleKind::Q => Some(c.num_heads),
+                ModuleKind::K => Some(c.num_kv_heads),
+                _ => None,
+            };
+            let name = format!("blk.{i}.{gguf_name}.weight");
+            lin.quant = Some(quant(&name, lin.out_features, lin.in_features, heads)?);
         }
     }
+    let h = c.hidden_size;
     match &mut model.lm_head {
-        Some(head) => head.quant = Some(quant("output.weight", c.vocab_size, h, None)?),
-        None => model.head_quant = Some(quant("token_embd.weight", c.vocab_size, h, None)?),
+        Some(head) => head.quant = Some(quant(HEAD.1, c.vocab_size, h, None)?),
+        None => model.head_quant = Some(quant(EMBED.1, c.vocab_size, h, None)?),
     }
     Ok(())
 }
@@ -275,48 +402,8 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
             "a GPT-2 model here: this command runs the Llama family only (the library loads GPT-2 with Gpt2Model::load)",
         ));
     }
+    let model = load_hf_weights(dir, config)?;
     let set = SafetensorsSet::open(dir)?;
-    let c = &config;
-    let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
-    let (q_dim, kv_dim) = (c.num_heads * hd, c.num_kv_heads * hd);
-    let tensor = |name: &str, want: &[usize]| -> Result<Vec<f32>> {
-        let (data, shape) = set.tensor_f32(name)?;
-        expect_shape(set.file_of(name), name, &shape, want)?;
-        expect_finite(set.file_of(name), name, &data)?;
-        Ok(data)
-    };
-    let linear = |base: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-        let w = tensor(&format!("{base}.weight"), &[out, inp])?;
-        let b = if bias {
-            Some(tensor(&format!("{base}.bias"), &[out])?)
-        } else {
-            None
-        };
-        Ok(Linear::new(w, out, inp, b))
-    };
-    let embed_tokens = tensor("model.embed_tokens.weight", &[c.vocab_size, h])?;
-    let mut layers = Vec::with_capacity(c.num_layers);
-    for i in 0..c.num_layers {
-        let p = format!("model.layers.{i}");
-        layers.push(Layer {
-            attn_norm: tensor(&format!("{p}.input_layernorm.weight"), &[h])?,
-            q_proj: linear(&format!("{p}.self_attn.q_proj"), q_dim, h, c.qkv_bias)?,
-            k_proj: linear(&format!("{p}.self_attn.k_proj"), kv_dim, h, c.qkv_bias)?,
-            v_proj: linear(&format!("{p}.self_attn.v_proj"), kv_dim, h, c.qkv_bias)?,
-            o_proj: linear(&format!("{p}.self_attn.o_proj"), h, q_dim, c.o_bias)?,
-            mlp_norm: tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-            gate_proj: linear(&format!("{p}.mlp.gate_proj"), inter, h, false)?,
-            up_proj: linear(&format!("{p}.mlp.up_proj"), inter, h, false)?,
-            down_proj: linear(&format!("{p}.mlp.down_proj"), h, inter, false)?,
-        });
-    }
-    let norm = tensor("model.norm.weight", &[h])?;
-    // Some tied checkpoints still carry an lm_head copy; the config decides.
-    let lm_head = if c.tie_word_embeddings {
-        None
-    } else {
-        Some(linear("lm_head", c.vocab_size, h, false)?)
-    };
     let tokenizer = Tokenizer::from_hf_dir(dir)?;
     let chat_template = tokenizer.chat_template().map(str::to_owned);
     let source = ModelSource::HfDir {
@@ -325,11 +412,57 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
         dtypes: count_types(set.dtypes().into_iter()),
     };
     Ok(LoadedModel {
-        model: LlamaModel::new(config, embed_tokens, layers, norm, lm_head),
+        model,
         tokenizer,
         source,
         chat_template,
     })
+}
+
+/// The weights of an HF directory (`model.safetensors` or shards) for `config`, without the
+/// tokenizer: what the tiny test models of every architecture have.
+pub fn load_hf_weights(dir: &Path, config: Config) -> Result<LlamaModel> {
+    let set = SafetensorsSet::open(dir)?;
+    let c = &config;
+    let h = c.hidden_size;
+    let tensor = |name: &str, want: &[usize]| -> Result<Vec<f32>> {
+        let (data, shape) = set.tensor_f32(name)?;
+        expect_shape(set.file_of(name), name, &shape, want)?;
+        expect_finite(set.file_of(name), name, &data)?;
+        Ok(data)
+    };
+    let embed_tokens = tensor(EMBED.0, &[c.vocab_size, h])?;
+    let mut layers = Vec::with_capacity(c.num_layers);
+    for i in 0..c.num_layers {
+        let p = format!("{HF_LAYERS}.{i}");
+        layers.push(build_layer(
+            c,
+            false,
+            |name, _kind, out, inp, bias| {
+                let w = tensor(&format!("{p}.{name}.weight"), &[out, inp])?;
+                let b = if bias {
+                    Some(tensor(&format!("{p}.{name}.bias"), &[out])?)
+                } else {
+                    None
+                };
+                Ok(Linear::new(w, out, inp, b))
+            },
+            |name, len| tensor(&format!("{p}.{name}.weight"), &[len]),
+        )?);
+    }
+    let norm = tensor(FINAL_NORM.0, &[h])?;
+    // Some tied checkpoints still carry an lm_head copy; the config decides.
+    let lm_head = if c.tie_word_embeddings {
+        None
+    } else {
+        Some(Linear::new(
+            tensor(HEAD.0, &[c.vocab_size, h])?,
+            c.vocab_size,
+            h,
+            None,
+        ))
+    };
+    Ok(LlamaModel::new(config, embed_tokens, layers, norm, lm_head))
 }
 
 /// The tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.

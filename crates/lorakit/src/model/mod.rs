@@ -1,25 +1,28 @@
-//! Model configuration, the Llama-family forward pass and GPT-2's.
+//! Model configuration, the decoder and GPT-2's forward pass.
 //!
-//! One implementation covers Llama, SmolLM/SmolLM2, TinyLlama, Mistral and Qwen2: they differ
-//! only in [`Config`] switches (q/k/v biases, tied LM head, RoPE theta), never in code copies.
+//! One decoder ([`decoder`], [`decoder_train`]) runs every Llama-shaped family: Llama 1–3.x,
+//! SmolLM2, Mistral, Qwen2, Qwen3, Gemma 3, Phi-3 and OLMo 2. They differ only in the block
+//! description of [`spec`] and the weight names of [`arch`], never in code copies.
 
+pub mod arch;
 pub mod config;
+pub mod decoder;
+pub mod decoder_train;
 pub mod gpt2;
 pub mod linear;
-pub mod llama;
-pub mod llama_train;
 pub mod load;
+pub mod spec;
 
 pub use config::{Arch, Config};
+pub use decoder::{KvCache, LlamaModel};
 pub use gpt2::Gpt2Model;
 pub use linear::{Linear, Precision};
-pub use llama::{KvCache, LlamaModel};
 pub use load::{attach_gguf_blocks, load_model, LoadedModel, ModelSource};
 
 use crate::error::Result;
 use crate::lora::peft::Adapter;
-use crate::model::llama::Logits;
-use crate::model::llama_train::{Dropout, LoraGrads};
+use crate::model::decoder::Logits;
+use crate::model::decoder_train::{Dropout, LoraGrads};
 
 /// What scoring and generation need of a decoder: Llama-family or GPT-2.
 pub trait CausalLm {
@@ -88,7 +91,7 @@ pub trait LoraTrainable: CausalLm + crate::train::loss::LmHead {
 }
 
 impl LoraTrainable for LlamaModel {
-    type Acts = llama_train::Activations;
+    type Acts = decoder_train::Activations;
     fn train_forward(
         &self,
         ids: &[u32],

@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
 use crate::io::hf_save::save_hf_dir;
-use crate::model::llama_train::{Activations, Dropout, FullGrads};
+use crate::model::decoder_train::{Activations, Dropout, FullGrads};
 use crate::model::{LoadedModel, Precision};
 use crate::train::loss::{lm_head_loss_with_head_grads, target_positions, HeadGrads};
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};

@@ -6,9 +6,7 @@
 use rayon::prelude::*;
 
 use crate::engine::matmul;
-use crate::engine::ops::{
-    exp_shifted_sum, rms_norm_backward, rms_norm_forward, rms_norm_weight_grad,
-};
+use crate::engine::ops::{exp_shifted_sum, rms_norm_backward, rms_norm_weight_grad};
 use crate::model::linear::{frozen_backward, Bf16Weight};
 use crate::model::LlamaModel;
 
@@ -27,6 +25,10 @@ pub trait LmHead {
     fn head_forward(&self, logits: &mut [f32], x: &[f32], n: usize);
     /// The head's weight [vocab, hidden] and its bf16 packing, if any.
     fn head_weight(&self) -> (&[f32], Option<&Bf16Weight>);
+    /// `head_forward` ends with logits = cap · tanh(z / cap) (Gemma's final soft-capping).
+    fn logit_softcap(&self) -> Option<f32> {
+        None
+    }
 }
 
 impl LmHead for LlamaModel {
@@ -35,11 +37,19 @@ impl LmHead for LlamaModel {
     }
 
     fn final_norm_forward(&self, out: &mut [f32], x: &[f32]) {
-        rms_norm_forward(out, x, &self.norm, self.config.rms_norm_eps);
+        self.rms(out, x, &self.norm);
     }
 
     fn final_norm_backward(&self, dx: &mut [f32], x: &[f32], dy: &[f32]) {
-        rms_norm_backward(dx, x, &self.norm, dy, self.config.rms_norm_eps, false);
+        rms_norm_backward(
+            dx,
+            x,
+            &self.norm,
+            self.norm_offset(),
+            dy,
+            self.config.rms_norm_eps,
+            false,
+        );
     }
 
     fn final_norm_weight_grad(&self, dw: &mut [f32], x: &[f32], dy: &[f32]) {
@@ -52,6 +62,10 @@ impl LmHead for LlamaModel {
 
     fn head_weight(&self) -> (&[f32], Option<&Bf16Weight>) {
         LlamaModel::head_weight(self)
+    }
+
+    fn logit_softcap(&self) -> Option<f32> {
+        self.config.final_logit_softcap
     }
 }
 
@@ -128,6 +142,9 @@ pub fn lm_head_loss_with_head_grads<M: LmHead + ?Sized>(
     let mut logits = vec![0.0f32; CHUNK_ROWS * v];
     let mut d_normed = vec![0.0f32; CHUNK_ROWS * h];
     let mut d_xs = vec![0.0f32; CHUNK_ROWS * h];
+    let softcap = model.logit_softcap();
+    // The capped logits, for the cap's derivative 1 − (z / cap)².
+    let mut capped = vec![0.0f32; if softcap.is_some() { CHUNK_ROWS * v } else { 0 }];
     for chunk in targets.chunks(CHUNK_ROWS) {
         let m = chunk.len();
         for (i, &(row, _)) in chunk.iter().enumerate() {
@@ -135,6 +152,9 @@ pub fn lm_head_loss_with_head_grads<M: LmHead + ?Sized>(
         }
         model.final_norm_forward(&mut normed[..m * h], &xs[..m * h]);
         model.head_forward(&mut logits[..m * v], &normed[..m * h], m);
+        if softcap.is_some() {
+            capped[..m * v].copy_from_slice(&logits[..m * v]);
+        }
         // Per row: loss, and the logits turned into d loss / d logits in place.
         let want_grad = dx_final.is_some();
         let losses: Vec<f64> = logits[..m * v]
@@ -170,6 +190,13 @@ pub fn lm_head_loss_with_head_grads<M: LmHead + ?Sized>(
             })
             .collect();
         total += losses.iter().sum::<f64>();
+        if let (Some(cap), true) = (softcap, want_grad) {
+            // Through the cap: d z_raw = d z · (1 − tanh²), tanh = z / cap.
+            for (d, &z) in logits[..m * v].iter_mut().zip(&capped[..m * v]) {
+                let t = z / cap;
+                *d *= 1.0 - t * t;
+            }
+        }
         if let (Some(g), true) = (head_grads.as_mut(), want_grad) {
             // d head += d logitsᵀ · normed: [vocab, m] · [m, hidden]
             matmul(

@@ -15,7 +15,7 @@ use crate::io::safetensors_file::SafetensorsFile;
 use crate::lora::config::LoraConfig;
 use crate::lora::peft::Adapter;
 use crate::lora::{LoraInit, ModuleId};
-use crate::model::llama_train::{Dropout, LoraGrads};
+use crate::model::decoder_train::{Dropout, LoraGrads};
 use crate::model::{Config, LlamaModel, LoadedModel, LoraTrainable};
 use crate::tokenize::Tokenizer;
 use crate::train::loss::{lm_head_loss, target_positions};
@@ -429,7 +429,7 @@ impl TrainPlan {
         );
         let r_sum: usize =
             self.adapter.modules.values().map(|w| w.r).sum::<usize>() / c.num_layers.max(1);
-        // x_in, x_mid, q, attention output, k, v, gate, up, lse, x·Aᵀ (see llama_train::LayerActs).
+        // x_in, x_mid, q, attention output, k, v, gate, up, lse, x·Aᵀ (see decoder_train::LayerActs).
         let per_token_layer = 2 * h + 2 * q + 2 * kv + 2 * i + c.num_heads + r_sum;
         (n * per_token_layer * c.num_layers + n * h) * 4
     }

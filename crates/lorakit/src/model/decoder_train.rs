@@ -1,5 +1,5 @@
-//! The Llama forward pass for training, which keeps what the backward needs, and the
-//! hand-written backward. For LoRA it produces gradients for the adapter tensors only: frozen
+//! The decoder's forward pass for training, which keeps what the backward needs, and the
+//! hand-written backward, both over the block description of [`crate::model::spec`]. For LoRA it produces gradients for the adapter tensors only: frozen
 //! weights get a dX (to carry the gradient down) but never a dW. For full fine-tuning
 //! ([`FullGrads`]) every weight, norm and the embedding also get their gradient.
 
@@ -8,14 +8,19 @@ use std::collections::BTreeMap;
 use crate::engine::attention::{attention_train_backward, attention_train_forward, AttnShape};
 use crate::engine::matmul;
 use crate::engine::ops::{
-    add_inplace, embedding_backward, embedding_forward, rms_norm_backward, rms_norm_forward,
-    rms_norm_weight_grad, rope_backward, rope_forward, swiglu_backward, swiglu_forward,
+    add_inplace, embedding_backward, rms_norm_backward, rms_norm_weight_grad, rope_backward,
+    rope_forward,
 };
 use crate::error::{Error, Result};
 use crate::lora::peft::Adapter;
 use crate::lora::{LoraWeights, ModuleId, ModuleKind};
+use crate::model::arch::{NormSlot, Slot, EMBED, FINAL_NORM, HEAD, HF_LAYERS};
+use crate::model::decoder::{
+    act_forward, gated_act_backward, gated_act_forward, join_rows, split_rows, Layer, MlpWeights,
+    QkvWeights,
+};
 use crate::model::linear::frozen_backward;
-use crate::model::llama::Layer;
+use crate::model::spec::{Activation, QkNorm};
 use crate::model::{Linear, LlamaModel};
 
 /// LoRA dropout on the adapter path: element i of module (layer, kind)'s input is kept with
@@ -100,10 +105,19 @@ pub struct FullGrads {
 /// One decoder layer's gradients.
 #[derive(Debug, Clone)]
 pub struct LayerGrads {
-    pub attn_norm: Vec<f32>,
-    pub mlp_norm: Vec<f32>,
+    /// The norms' weights, in the layer's order ([`Layer::norms`]).
+    pub norms: Vec<(NormSlot, Vec<f32>)>,
     /// dW [out, in] and db [out] (biased projections only) of each linear layer.
     pub linears: BTreeMap<ModuleKind, (Vec<f32>, Option<Vec<f32>>)>,
+}
+
+impl LayerGrads {
+    pub fn norm(&self, slot: NormSlot) -> Option<&[f32]> {
+        self.norms
+            .iter()
+            .find(|(s, _)| *s == slot)
+            .map(|(_, g)| g.as_slice())
+    }
 }
 
 impl FullGrads {
@@ -117,12 +131,12 @@ impl FullGrads {
                 .layers
                 .iter()
                 .map(|l| LayerGrads {
-                    attn_norm: zeros(l.attn_norm.len()),
-                    mlp_norm: zeros(l.mlp_norm.len()),
-                    linears: ModuleKind::ALL
-                        .iter()
-                        .map(|&k| {
-                            let lin = l.linear(k);
+                    norms: l.norms.iter().map(|(s, w)| (*s, zeros(w.len()))).collect(),
+                    linears: l
+                        .kinds()
+                        .into_iter()
+                        .filter_map(|k| l.linear(k).map(|lin| (k, lin)))
+                        .map(|(k, lin)| {
                             (
                                 k,
                                 (
@@ -141,8 +155,9 @@ impl FullGrads {
     pub fn tensors_mut(&mut self) -> Vec<&mut [f32]> {
         let mut v: Vec<&mut [f32]> = vec![&mut self.embed_tokens];
         for l in &mut self.layers {
-            v.push(&mut l.attn_norm);
-            v.push(&mut l.mlp_norm);
+            for (_, g) in &mut l.norms {
+                v.push(g);
+            }
             for (w, b) in l.linears.values_mut() {
                 v.push(w);
                 if let Some(b) = b {
@@ -181,35 +196,41 @@ impl LlamaModel {
         fn p(name: String, decay: bool, data: &mut [f32]) -> Parameter<'_> {
             Parameter { name, decay, data }
         }
-        // ModuleKind::ALL is in ModuleKind's order, which is FullGrads' BTreeMap order.
-        let mut v = vec![p(
-            "model.embed_tokens.weight".into(),
-            true,
-            &mut self.embed_tokens,
-        )];
+        let table = crate::model::arch::weights(self.config.arch);
+        let mut v = vec![p(EMBED.0.into(), true, &mut self.embed_tokens)];
         for (i, l) in self.layers.iter_mut().enumerate() {
-            let pre = format!("model.layers.{i}");
             let Layer {
-                attn_norm,
-                q_proj,
-                k_proj,
-                v_proj,
+                norms,
+                qkv,
                 o_proj,
-                mlp_norm,
-                gate_proj,
-                up_proj,
+                mlp,
                 down_proj,
             } = l;
-            v.push(p(format!("{pre}.input_layernorm.weight"), false, attn_norm));
-            v.push(p(
-                format!("{pre}.post_attention_layernorm.weight"),
-                false,
-                mlp_norm,
-            ));
-            let linears = [
-                q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj,
-            ];
-            for (k, lin) in ModuleKind::ALL.into_iter().zip(linears) {
+            for (slot, w) in norms {
+                let hf = table.names(Slot::Norm(*slot)).map_or("?", |n| n.0);
+                v.push(p(format!("{HF_LAYERS}.{i}.{hf}.weight"), false, w));
+            }
+            // Rebuild the kind-ordered list from the split borrows.
+            let mut lins: Vec<(ModuleKind, &mut Linear)> =
+                vec![(ModuleKind::O, o_proj), (ModuleKind::Down, down_proj)];
+            match qkv {
+                QkvWeights::Separate { q, k, v: vv } => {
+                    lins.push((ModuleKind::Q, q));
+                    lins.push((ModuleKind::K, k));
+                    lins.push((ModuleKind::V, vv));
+                }
+                QkvWeights::Fused(f) => lins.push((ModuleKind::Qkv, f)),
+            }
+            match mlp {
+                MlpWeights::Gated { gate, up } => {
+                    lins.push((ModuleKind::Gate, gate));
+                    lins.push((ModuleKind::Up, up));
+                }
+                MlpWeights::GatedFused(f) => lins.push((ModuleKind::GateUp, f)),
+                MlpWeights::Plain { up } => lins.push((ModuleKind::Up, up)),
+            }
+            lins.sort_by_key(|(k, _)| *k);
+            for (k, lin) in lins {
                 let path = ModuleId { layer: i, kind: k }.path();
                 let (w, b) = lin.weight_and_bias_mut();
                 v.push(p(format!("{path}.weight"), true, w));
@@ -218,22 +239,25 @@ impl LlamaModel {
                 }
             }
         }
-        v.push(p("model.norm.weight".into(), false, &mut self.norm));
+        v.push(p(FINAL_NORM.0.into(), false, &mut self.norm));
         if let Some(h) = &mut self.lm_head {
-            v.push(p("lm_head.weight".into(), true, h.weight_and_bias_mut().0));
+            v.push(p(HEAD.0.into(), true, h.weight_and_bias_mut().0));
         }
         v
     }
 }
 
 /// What one layer's backward needs from its forward. N = batch · seq rows. The normed inputs of
-/// the projections and silu(gate) ⊙ up are cheap to recompute, so the backward does that
+/// the projections and act(gate) ⊙ up are cheap to recompute, so the backward does that
 /// instead of keeping them (a third less activation memory).
 #[derive(Debug, Default)]
 struct LayerActs {
     /// Residual stream entering the layer, [N, hidden].
     x_in: Vec<f32>,
-    /// After RoPE: [N, heads·hd], [N, kv·hd]; v: [N, kv·hd].
+    /// q and k as projected, before their norm (blocks with a q/k norm only): [N, q_dim], [N, kv_dim].
+    q_raw: Vec<f32>,
+    k_raw: Vec<f32>,
+    /// After the q/k norm and RoPE: [N, heads·hd], [N, kv·hd]; v: [N, kv·hd].
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
@@ -241,10 +265,15 @@ struct LayerActs {
     attn: Vec<f32>,
     /// [batch, heads, seq]
     lse: Vec<f32>,
+    /// o_proj's output, the input of the post-attention norm (blocks with one), [N, hidden].
+    o_out: Vec<f32>,
     /// Residual stream after the attention block, [N, hidden].
     x_mid: Vec<f32>,
+    /// The MLP's projections, [N, intermediate] (a plain MLP keeps its one in `up`).
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// down_proj's output, the input of the post-MLP norm (blocks with one), [N, hidden].
+    d_out: Vec<f32>,
     /// x·Aᵀ (after dropout) of each adapted module, [N, r].
     xa: BTreeMap<ModuleKind, Vec<f32>>,
 }
@@ -269,7 +298,8 @@ impl Activations {
             .iter()
             .map(|a| {
                 [
-                    &a.x_in, &a.q, &a.k, &a.v, &a.attn, &a.lse, &a.x_mid, &a.gate, &a.up,
+                    &a.x_in, &a.q_raw, &a.k_raw, &a.q, &a.k, &a.v, &a.attn, &a.lse, &a.o_out,
+                    &a.x_mid, &a.gate, &a.up, &a.d_out,
                 ]
                 .iter()
                 .map(|v| v.len())
@@ -405,27 +435,28 @@ pub(crate) fn linear_train_backward(
 
 impl LlamaModel {
     fn check_trainable(&self, adapter: Option<&Adapter>) -> Result<()> {
-        if self.layers.iter().any(|l| {
-            ModuleKind::ALL
-                .iter()
-                .any(|&k| !l.linear(k).loras.is_empty())
-        }) {
+        if self.has_adapters() {
             return Err(Error::Invalid(
                 "training needs a model without attached adapters (merge them first, or pass the adapter to train as the initial adapter)".into(),
             ));
         }
         if let Some(a) = adapter {
-            crate::model::llama::check_llama_modules(a)?;
-            for id in a.modules.keys() {
-                if id.layer >= self.layers.len() {
-                    return Err(Error::Invalid(format!(
-                        "adapter module {} is outside this model",
-                        id.path()
-                    )));
-                }
-            }
+            self.check_adapter_modules(a)?;
         }
         Ok(())
+    }
+
+    fn attn_shape(&self, batch: usize, seq: usize, window: Option<usize>) -> AttnShape {
+        let c = &self.config;
+        AttnShape {
+            batch,
+            seq,
+            n_heads: c.num_heads,
+            n_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            scale: c.block.attn_scale,
+            window,
+        }
     }
 
     /// Forward pass of a batch for training; fills `acts` (including `acts.x_final`).
@@ -441,6 +472,7 @@ impl LlamaModel {
         acts: &mut Activations,
     ) -> Result<()> {
         let c = &self.config;
+        let b = &c.block;
         self.check_trainable(adapter)?;
         if ids.len() != batch * seq || ids.is_empty() {
             return Err(Error::Invalid(format!(
@@ -448,28 +480,20 @@ impl LlamaModel {
                 ids.len()
             )));
         }
-        if seq > self.rope.max_positions() {
+        let max_positions = self
+            .ropes
+            .first()
+            .map_or(c.max_position_embeddings, |r| r.max_positions());
+        if seq > max_positions {
             return Err(Error::Invalid(format!(
-                "sequence length {seq} exceeds the model's context of {}",
-                self.rope.max_positions()
+                "sequence length {seq} exceeds the model's context of {max_positions}"
             )));
         }
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
-            return Err(Error::Invalid(format!(
-                "token id {bad} is outside the vocabulary of {} tokens",
-                c.vocab_size
-            )));
-        }
+        self.check_ids(ids)?;
         let n = batch * seq;
         let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
-        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
-        let shape = AttnShape {
-            batch,
-            seq,
-            n_heads: c.num_heads,
-            n_kv_heads: c.num_kv_heads,
-            head_dim: hd,
-        };
+        let (qd, kvd) = (c.q_dim(), c.kv_dim());
+        let qk_norm = b.qk_norm != QkNorm::None;
         acts.batch = batch;
         acts.seq = seq;
         acts.ids.clear();
@@ -477,19 +501,26 @@ impl LlamaModel {
         acts.layers.resize_with(c.num_layers, LayerActs::default);
         let mut x = std::mem::take(&mut acts.x_final);
         set_len(&mut x, n * h);
-        embedding_forward(&mut x, &self.embed_tokens, ids, h);
+        self.embed(&mut x, ids);
         let mut proj = vec![0.0f32; n * h];
         let mut normed = vec![0.0f32; n * h];
         let mut act = vec![0.0f32; n * inter];
+        let mut fused = Vec::new();
         let mut scratch = Vec::new();
 
-        for (li, (layer, a)) in self.layers.iter().zip(acts.layers.iter_mut()).enumerate() {
+        for (li, ((layer, a), spec)) in self
+            .layers
+            .iter()
+            .zip(acts.layers.iter_mut())
+            .zip(&c.layers)
+            .enumerate()
+        {
             let lora = |k: ModuleKind| {
                 adapter.and_then(|ad| ad.modules.get(&ModuleId { layer: li, kind: k }))
             };
             // Prepare the xa slots of this layer's adapted modules.
             a.xa.retain(|k, _| lora(*k).is_some());
-            for k in ModuleKind::ALL {
+            for k in layer.kinds() {
                 if lora(k).is_some() {
                     a.xa.entry(k).or_default();
                 }
@@ -497,14 +528,15 @@ impl LlamaModel {
             // One adapted-or-frozen linear layer of this block, by kind.
             let mut fwd = |kind: ModuleKind, input: &[f32], out: &mut [f32]| {
                 let id = ModuleId { layer: li, kind };
-                let lora = adapter.and_then(|ad| ad.modules.get(&id));
-                let xa = a.xa.get_mut(&kind);
+                let Some(lin) = layer.linear(kind) else {
+                    return;
+                };
                 linear_train_forward(
-                    layer.linear(kind),
-                    lora,
+                    lin,
+                    adapter.and_then(|ad| ad.modules.get(&id)),
                     input,
                     out,
-                    xa,
+                    a.xa.get_mut(&kind),
                     dropout,
                     dropout.key(id),
                     &mut scratch,
@@ -512,45 +544,97 @@ impl LlamaModel {
             };
             a.x_in.clear();
             a.x_in.extend_from_slice(&x);
-            rms_norm_forward(&mut normed, &x, &layer.attn_norm, c.rms_norm_eps);
+            let attn_in: &[f32] = match layer.norm(NormSlot::AttnIn) {
+                Some(w) => {
+                    self.rms(&mut normed, &x, w);
+                    &normed
+                }
+                None => &x,
+            };
             set_len(&mut a.q, n * qd);
             set_len(&mut a.k, n * kvd);
             set_len(&mut a.v, n * kvd);
-            fwd(ModuleKind::Q, &normed, &mut a.q);
-            fwd(ModuleKind::K, &normed, &mut a.k);
-            fwd(ModuleKind::V, &normed, &mut a.v);
-            for b in 0..batch {
+            match &layer.qkv {
+                QkvWeights::Separate { .. } => {
+                    fwd(ModuleKind::Q, attn_in, &mut a.q);
+                    fwd(ModuleKind::K, attn_in, &mut a.k);
+                    fwd(ModuleKind::V, attn_in, &mut a.v);
+                }
+                QkvWeights::Fused(_) => {
+                    set_len(&mut fused, n * (qd + 2 * kvd));
+                    fwd(ModuleKind::Qkv, attn_in, &mut fused);
+                    split_rows(&fused, &[qd, kvd, kvd], &mut [&mut a.q, &mut a.k, &mut a.v]);
+                }
+            }
+            if qk_norm {
+                a.q_raw.clone_from(&a.q);
+                a.k_raw.clone_from(&a.k);
+                if let (Some(wq), Some(wk)) = (layer.norm(NormSlot::Q), layer.norm(NormSlot::K)) {
+                    self.rms(&mut a.q, &a.q_raw, wq);
+                    self.rms(&mut a.k, &a.k_raw, wk);
+                }
+            }
+            let rope = &self.ropes[spec.rope];
+            for bi in 0..batch {
                 rope_forward(
-                    &mut a.q[b * seq * qd..(b + 1) * seq * qd],
+                    &mut a.q[bi * seq * qd..(bi + 1) * seq * qd],
                     c.num_heads,
                     hd,
                     0,
-                    &self.rope,
+                    rope,
                 );
                 rope_forward(
-                    &mut a.k[b * seq * kvd..(b + 1) * seq * kvd],
+                    &mut a.k[bi * seq * kvd..(bi + 1) * seq * kvd],
                     c.num_kv_heads,
                     hd,
                     0,
-                    &self.rope,
+                    rope,
                 );
             }
             set_len(&mut a.attn, n * qd);
             set_len(&mut a.lse, batch * c.num_heads * seq);
+            let shape = self.attn_shape(batch, seq, spec.window);
             attention_train_forward(&mut a.attn, &mut a.lse, &a.q, &a.k, &a.v, shape);
             fwd(ModuleKind::O, &a.attn, &mut proj);
-            add_inplace(&mut x, &proj);
+            if layer.norm(NormSlot::AttnOut).is_some() {
+                a.o_out.clone_from(&proj);
+            }
+            self.residual_add(layer, NormSlot::AttnOut, &mut x, &mut proj, &mut normed);
 
             a.x_mid.clear();
             a.x_mid.extend_from_slice(&x);
-            rms_norm_forward(&mut normed, &x, &layer.mlp_norm, c.rms_norm_eps);
-            set_len(&mut a.gate, n * inter);
+            let mlp_in: &[f32] = match layer.norm(NormSlot::MlpIn) {
+                Some(w) => {
+                    self.rms(&mut normed, &x, w);
+                    &normed
+                }
+                None => &x,
+            };
             set_len(&mut a.up, n * inter);
-            fwd(ModuleKind::Gate, &normed, &mut a.gate);
-            fwd(ModuleKind::Up, &normed, &mut a.up);
-            swiglu_forward(&mut act, &a.gate, &a.up);
+            match &layer.mlp {
+                MlpWeights::Gated { .. } => {
+                    set_len(&mut a.gate, n * inter);
+                    fwd(ModuleKind::Gate, mlp_in, &mut a.gate);
+                    fwd(ModuleKind::Up, mlp_in, &mut a.up);
+                    gated_act_forward(b.act, &mut act, &a.gate, &a.up);
+                }
+                MlpWeights::GatedFused(_) => {
+                    set_len(&mut a.gate, n * inter);
+                    set_len(&mut fused, n * 2 * inter);
+                    fwd(ModuleKind::GateUp, mlp_in, &mut fused);
+                    split_rows(&fused, &[inter, inter], &mut [&mut a.gate, &mut a.up]);
+                    gated_act_forward(b.act, &mut act, &a.gate, &a.up);
+                }
+                MlpWeights::Plain { .. } => {
+                    fwd(ModuleKind::Up, mlp_in, &mut a.up);
+                    act_forward(b.act, &mut act, &a.up);
+                }
+            }
             fwd(ModuleKind::Down, &act, &mut proj);
-            add_inplace(&mut x, &proj);
+            if layer.norm(NormSlot::MlpOut).is_some() {
+                a.d_out.clone_from(&proj);
+            }
+            self.residual_add(layer, NormSlot::MlpOut, &mut x, &mut proj, &mut normed);
         }
         acts.x_final = x;
         Ok(())
@@ -581,6 +665,29 @@ impl LlamaModel {
         self.backward(dx, acts, None, Some(grads), Dropout::NONE)
     }
 
+    /// d_in (+)= ∂/∂x of the norm at `slot` applied to x, given the gradient dy of its output;
+    /// in full fine-tuning also the norm weight's gradient.  x, dy, d_in: [rows, w.len()].
+    #[allow(clippy::too_many_arguments)]
+    fn norm_backward(
+        &self,
+        layer: &Layer,
+        slot: NormSlot,
+        grads: Option<&mut Vec<(NormSlot, Vec<f32>)>>,
+        x: &[f32],
+        dy: &[f32],
+        d_in: &mut [f32],
+        accumulate: bool,
+    ) {
+        let Some(w) = layer.norm(slot) else {
+            return;
+        };
+        let eps = self.config.rms_norm_eps;
+        if let Some((_, g)) = grads.and_then(|g| g.iter_mut().find(|(s, _)| *s == slot)) {
+            rms_norm_weight_grad(g, x, dy, eps);
+        }
+        rms_norm_backward(d_in, x, w, self.norm_offset(), dy, eps, accumulate);
+    }
+
     fn backward(
         &self,
         dx: &mut [f32],
@@ -590,30 +697,27 @@ impl LlamaModel {
         dropout: Dropout,
     ) -> Result<()> {
         let c = &self.config;
+        let b = &c.block;
         let (batch, seq) = (acts.batch, acts.seq);
         let n = batch * seq;
         let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
-        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let (qd, kvd) = (c.q_dim(), c.kv_dim());
         if dx.len() != n * h || acts.layers.len() != c.num_layers {
             return Err(Error::Invalid(
                 "backward called without a matching forward".into(),
             ));
         }
-        let shape = AttnShape {
-            batch,
-            seq,
-            n_heads: c.num_heads,
-            n_kv_heads: c.num_kv_heads,
-            head_dim: hd,
-        };
         let mut d_act = vec![0.0f32; n * inter];
         let mut d_gate = vec![0.0f32; n * inter];
         let mut d_up = vec![0.0f32; n * inter];
         let mut d_n = vec![0.0f32; n * h];
+        let mut d_sub = vec![0.0f32; n * h];
         let mut d_attn = vec![0.0f32; n * qd];
         let mut dq = vec![0.0f32; n * qd];
         let mut dk = vec![0.0f32; n * kvd];
         let mut dv = vec![0.0f32; n * kvd];
+        let mut d_raw = Vec::new();
+        let mut d_fused = Vec::new();
         let mut normed = vec![0.0f32; n * h];
         let mut act = vec![0.0f32; n * inter];
         let mut scratch = Vec::new();
@@ -623,7 +727,14 @@ impl LlamaModel {
             None => (None, None),
         };
         let mut full_layers = full.as_deref_mut().map(|f| f.layers.iter_mut().rev());
-        for (li, (layer, a)) in self.layers.iter().zip(&acts.layers).enumerate().rev() {
+        for (li, ((layer, a), spec)) in self
+            .layers
+            .iter()
+            .zip(&acts.layers)
+            .zip(&c.layers)
+            .enumerate()
+            .rev()
+        {
             let id = |k: ModuleKind| ModuleId { layer: li, kind: k };
             // Split borrows: each module's (weights, saved xa, grads).
             let mut g = lora_grads
@@ -638,21 +749,24 @@ impl LlamaModel {
                 let gr = g.remove(&k)?;
                 Some((w, xa.as_slice(), gr))
             };
-            let layer_grads = full_layers.as_mut().and_then(|it| it.next());
-            let (mut norm_grads, mut weight_grads) = match layer_grads {
-                Some(lg) => (
-                    Some((&mut lg.attn_norm, &mut lg.mlp_norm)),
-                    lg.linears.iter_mut().map(|(k, g)| (*k, g)).collect(),
-                ),
-                None => (None, BTreeMap::new()),
-            };
+            let (mut norm_grads, mut weight_grads) =
+                match full_layers.as_mut().and_then(|it| it.next()) {
+                    Some(LayerGrads { norms, linears }) => (
+                        Some(norms),
+                        linears.iter_mut().map(|(k, g)| (*k, g)).collect(),
+                    ),
+                    None => (None, BTreeMap::new()),
+                };
             // dx (+)= dy·W of this block's linear layer `kind`, plus its adapter's dA, dB (LoRA)
             // or its dW, db (full fine-tuning).
             let mut bwd =
                 |kind: ModuleKind, input: &[f32], dy: &[f32], dx: &mut [f32], accumulate: bool| {
+                    let Some(lin) = layer.linear(kind) else {
+                        return;
+                    };
                     let key = dropout.key(id(kind));
                     linear_train_backward(
-                        layer.linear(kind),
+                        lin,
                         lora(kind),
                         weight_grads.remove(&kind),
                         input,
@@ -665,51 +779,173 @@ impl LlamaModel {
                     );
                 };
 
-            // MLP block: x_out = x_mid + down(silu(gate) ⊙ up). Recompute its inputs first.
-            swiglu_forward(&mut act, &a.gate, &a.up);
-            rms_norm_forward(&mut normed, &a.x_mid, &layer.mlp_norm, c.rms_norm_eps);
-            bwd(ModuleKind::Down, &act, dx, &mut d_act, false);
-            swiglu_backward(&mut d_gate, &mut d_up, &a.gate, &a.up, &d_act);
-            bwd(ModuleKind::Gate, &normed, &d_gate, &mut d_n, false);
-            bwd(ModuleKind::Up, &normed, &d_up, &mut d_n, true);
-            if let Some((_, d_mlp_norm)) = norm_grads.as_mut() {
-                rms_norm_weight_grad(d_mlp_norm, &a.x_mid, &d_n, c.rms_norm_eps);
+            // MLP block: x_out = x_mid + mlp_out_norm(down(act(gate) ⊙ up)).
+            let d_down: &[f32] = if layer.norm(NormSlot::MlpOut).is_some() {
+                self.norm_backward(
+                    layer,
+                    NormSlot::MlpOut,
+                    norm_grads.as_deref_mut(),
+                    &a.d_out,
+                    dx,
+                    &mut d_sub,
+                    false,
+                );
+                &d_sub
+            } else {
+                dx
+            };
+            // Recompute the MLP's input and activation first.
+            match &layer.mlp {
+                MlpWeights::Plain { .. } => act_forward(b.act, &mut act, &a.up),
+                _ => gated_act_forward(b.act, &mut act, &a.gate, &a.up),
             }
-            rms_norm_backward(dx, &a.x_mid, &layer.mlp_norm, &d_n, c.rms_norm_eps, true);
+            let mlp_in: &[f32] = match layer.norm(NormSlot::MlpIn) {
+                Some(w) => {
+                    self.rms(&mut normed, &a.x_mid, w);
+                    &normed
+                }
+                None => &a.x_mid,
+            };
+            bwd(ModuleKind::Down, &act, d_down, &mut d_act, false);
+            match &layer.mlp {
+                MlpWeights::Gated { .. } => {
+                    gated_act_backward(b.act, &mut d_gate, &mut d_up, &a.gate, &a.up, &d_act);
+                    bwd(ModuleKind::Gate, mlp_in, &d_gate, &mut d_n, false);
+                    bwd(ModuleKind::Up, mlp_in, &d_up, &mut d_n, true);
+                }
+                MlpWeights::GatedFused(_) => {
+                    gated_act_backward(b.act, &mut d_gate, &mut d_up, &a.gate, &a.up, &d_act);
+                    set_len(&mut d_fused, n * 2 * inter);
+                    join_rows(&mut d_fused, &[inter, inter], &[&d_gate, &d_up]);
+                    bwd(ModuleKind::GateUp, mlp_in, &d_fused, &mut d_n, false);
+                }
+                MlpWeights::Plain { .. } => {
+                    act_backward(b.act, &mut d_up, &a.up, &d_act);
+                    bwd(ModuleKind::Up, mlp_in, &d_up, &mut d_n, false);
+                }
+            }
+            if layer.norm(NormSlot::MlpIn).is_some() {
+                self.norm_backward(
+                    layer,
+                    NormSlot::MlpIn,
+                    norm_grads.as_deref_mut(),
+                    &a.x_mid,
+                    &d_n,
+                    dx,
+                    true,
+                );
+            } else {
+                add_inplace(dx, &d_n);
+            }
 
-            // Attention block: x_mid = x_in + o(attn(rope(q), rope(k), v)).
-            rms_norm_forward(&mut normed, &a.x_in, &layer.attn_norm, c.rms_norm_eps);
-            bwd(ModuleKind::O, &a.attn, dx, &mut d_attn, false);
+            // Attention block: x_mid = x_in + attn_out_norm(o(attn(rope(qk_norm(q, k)), v))).
+            let d_o: &[f32] = if layer.norm(NormSlot::AttnOut).is_some() {
+                self.norm_backward(
+                    layer,
+                    NormSlot::AttnOut,
+                    norm_grads.as_deref_mut(),
+                    &a.o_out,
+                    dx,
+                    &mut d_sub,
+                    false,
+                );
+                &d_sub
+            } else {
+                dx
+            };
+            bwd(ModuleKind::O, &a.attn, d_o, &mut d_attn, false);
+            let shape = self.attn_shape(batch, seq, spec.window);
             attention_train_backward(
                 &mut dq, &mut dk, &mut dv, &d_attn, &a.q, &a.k, &a.v, &a.attn, &a.lse, shape,
             );
-            for b in 0..batch {
+            let rope = &self.ropes[spec.rope];
+            for bi in 0..batch {
                 rope_backward(
-                    &mut dq[b * seq * qd..(b + 1) * seq * qd],
+                    &mut dq[bi * seq * qd..(bi + 1) * seq * qd],
                     c.num_heads,
                     hd,
                     0,
-                    &self.rope,
+                    rope,
                 );
                 rope_backward(
-                    &mut dk[b * seq * kvd..(b + 1) * seq * kvd],
+                    &mut dk[bi * seq * kvd..(bi + 1) * seq * kvd],
                     c.num_kv_heads,
                     hd,
                     0,
-                    &self.rope,
+                    rope,
                 );
             }
-            bwd(ModuleKind::Q, &normed, &dq, &mut d_n, false);
-            bwd(ModuleKind::K, &normed, &dk, &mut d_n, true);
-            bwd(ModuleKind::V, &normed, &dv, &mut d_n, true);
-            if let Some((d_attn_norm, _)) = norm_grads.as_mut() {
-                rms_norm_weight_grad(d_attn_norm, &a.x_in, &d_n, c.rms_norm_eps);
+            if b.qk_norm != QkNorm::None {
+                for (slot, raw, d) in [
+                    (NormSlot::Q, &a.q_raw, &mut dq),
+                    (NormSlot::K, &a.k_raw, &mut dk),
+                ] {
+                    set_len(&mut d_raw, d.len());
+                    self.norm_backward(
+                        layer,
+                        slot,
+                        norm_grads.as_deref_mut(),
+                        raw,
+                        d,
+                        &mut d_raw,
+                        false,
+                    );
+                    std::mem::swap(d, &mut d_raw);
+                }
             }
-            rms_norm_backward(dx, &a.x_in, &layer.attn_norm, &d_n, c.rms_norm_eps, true);
+            let attn_in: &[f32] = match layer.norm(NormSlot::AttnIn) {
+                Some(w) => {
+                    self.rms(&mut normed, &a.x_in, w);
+                    &normed
+                }
+                None => &a.x_in,
+            };
+            match &layer.qkv {
+                QkvWeights::Separate { .. } => {
+                    bwd(ModuleKind::Q, attn_in, &dq, &mut d_n, false);
+                    bwd(ModuleKind::K, attn_in, &dk, &mut d_n, true);
+                    bwd(ModuleKind::V, attn_in, &dv, &mut d_n, true);
+                }
+                QkvWeights::Fused(_) => {
+                    set_len(&mut d_fused, n * (qd + 2 * kvd));
+                    join_rows(&mut d_fused, &[qd, kvd, kvd], &[&dq, &dk, &dv]);
+                    bwd(ModuleKind::Qkv, attn_in, &d_fused, &mut d_n, false);
+                }
+            }
+            if layer.norm(NormSlot::AttnIn).is_some() {
+                self.norm_backward(
+                    layer,
+                    NormSlot::AttnIn,
+                    norm_grads.as_deref_mut(),
+                    &a.x_in,
+                    &d_n,
+                    dx,
+                    true,
+                );
+            } else {
+                add_inplace(dx, &d_n);
+            }
         }
         if let Some(f) = full {
+            // The embedding's output was scaled (Gemma): so is its gradient.
+            if let Some(s) = b.embed_scale {
+                dx.iter_mut().for_each(|v| *v *= s);
+            }
             embedding_backward(&mut f.embed_tokens, dx, &acts.ids, h);
         }
         Ok(())
+    }
+}
+
+/// dx = dy ⊙ act'(x) (a plain MLP).  x, dy, dx: [N, intermediate].
+fn act_backward(act: Activation, dx: &mut [f32], x: &[f32], dy: &[f32]) {
+    match act {
+        Activation::Silu => {
+            for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+                let sig = 1.0 / (1.0 + (-v).exp());
+                *d = g * sig * (1.0 + v * (1.0 - sig));
+            }
+        }
+        Activation::GeluTanh => crate::engine::ops::gelu_tanh_backward(dx, x, dy),
     }
 }

@@ -1,0 +1,115 @@
+//! GPT-2 (`GPT2LMHeadModel`): LayerNorm with bias, learned positions, fused `c_attn` (rows
+//! [q; k; v], biased), a plain MLP `c_fc` → tanh GELU → `c_proj`, a tied head. HF stores its
+//! Conv1D weights [in, out]. Its forward and backward still live in `model/gpt2.rs`; the block
+//! description here is what the shared code (parameter count, adapters) reads.
+
+use super::WeightTable;
+use crate::error::{Error, Result};
+use crate::model::config::HfJson;
+use crate::model::spec::{
+    Activation, BlockSpec, LayerSpec, Mlp, NormKind, NormPlacement, Positions, QkNorm,
+};
+use crate::model::{Arch, Config};
+
+/// GPT-2's tensors are read by `Gpt2Model::load` for now.
+pub const WEIGHTS: WeightTable = WeightTable {
+    layer: &[],
+    gguf_permute_qk: false,
+    gguf_norms_plus_one: false,
+};
+
+/// A GPT-2 `config.json` (HF's `GPT2Config` names and defaults). Options that change the
+/// math in ways lorakit does not implement are errors naming the key.
+pub(crate) fn hf_config(j: &HfJson) -> Result<Config> {
+    let path = j.path;
+    // GPT2Config's default is gelu_new; gelu_pytorch_tanh is the same tanh formula.
+    match j.get("activation_function") {
+        None => {}
+        Some(serde_json::Value::String(s)) if s == "gelu_new" || s == "gelu_pytorch_tanh" => {}
+        Some(v) => {
+            return Err(Error::config(
+                path,
+                "activation_function",
+                format!("{v} is not supported (only \"gelu_new\", the tanh GELU)"),
+            ))
+        }
+    }
+    for (key, default, want) in [
+        ("scale_attn_weights", true, true),
+        ("scale_attn_by_inverse_layer_idx", false, false),
+        ("add_cross_attention", false, false),
+    ] {
+        if j.bool_or(key, default)? != want {
+            return Err(Error::config(
+                path,
+                key,
+                format!("{} is not supported (only {want})", !want),
+            ));
+        }
+    }
+    let hidden_size = j.usize_or("n_embd", Some(768))?;
+    let num_heads = j.usize_or("n_head", Some(12))?;
+    if !hidden_size.is_multiple_of(num_heads) {
+        return Err(Error::config(
+            path,
+            "n_head",
+            format!("n_embd = {hidden_size} is not a multiple of {num_heads} heads"),
+        ));
+    }
+    let eps = match j.get("layer_norm_epsilon") {
+        None => 1e-5,
+        Some(v) => v
+            .as_f64()
+            .filter(|x| x.is_finite() && *x >= 0.0)
+            .ok_or_else(|| {
+                Error::config(
+                    path,
+                    "layer_norm_epsilon",
+                    format!("expected a number ≥ 0, found {v}"),
+                )
+            })?,
+    };
+    let num_layers = j.usize_or("n_layer", Some(12))?;
+    let head_dim = hidden_size / num_heads;
+    let id = |key: &str| j.get(key).and_then(|v| v.as_u64()).map(|v| v as u32);
+    Ok(Config {
+        arch: Arch::Gpt2,
+        hidden_size,
+        intermediate_size: j.usize_or("n_inner", Some(4 * hidden_size))?,
+        num_layers,
+        num_heads,
+        num_kv_heads: num_heads,
+        head_dim,
+        vocab_size: j.usize_or("vocab_size", Some(50257))?,
+        rms_norm_eps: eps as f32,
+        rope_theta: 0.0,
+        max_position_embeddings: j.usize_or("n_positions", Some(1024))?,
+        tie_word_embeddings: j.bool_or("tie_word_embeddings", true)?,
+        bos_token_id: id("bos_token_id"),
+        eos_token_ids: id("eos_token_id").into_iter().collect(),
+        block: BlockSpec {
+            norm: NormKind::Layer,
+            norms: NormPlacement::PRE,
+            qk_norm: QkNorm::None,
+            fused_qkv: true,
+            mlp: Mlp::Plain,
+            act: Activation::GeluTanh,
+            qkv_bias: true,
+            o_bias: true,
+            mlp_bias: true,
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            embed_scale: None,
+            positions: Positions::Learned,
+        },
+        layers: vec![
+            LayerSpec {
+                window: None,
+                rope: 0
+            };
+            num_layers
+        ],
+        ropes: vec![],
+        final_logit_softcap: None,
+        hf_json: None,
+    })
+}

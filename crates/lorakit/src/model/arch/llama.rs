@@ -1,0 +1,122 @@
+//! Llama 1–3.x (SmolLM2, TinyLlama), Mistral and Qwen2: the plain pre-norm block every other
+//! family starts from. `config.json` is read by the shared code in `model/config.rs`
+//! (`rope_type: "llama3"` included); this file holds the weight names and the GGUF keys.
+
+use super::{GgufKeys, NormSlot, Slot, WeightTable, LLAMA_LINEARS};
+use crate::error::{Error, Result};
+use crate::model::spec::{
+    Activation, BlockSpec, LayerSpec, Mlp, NormKind, NormPlacement, Positions, QkNorm, Rope,
+    RopeScaling,
+};
+
+/// llama.cpp's tensor of RoPE frequency divisors.
+const ROPE_FREQS: &str = "rope_freqs.weight";
+use crate::model::{Arch, Config};
+
+const LAYER: [(Slot, &str, &str); 9] = [
+    LLAMA_LINEARS[0],
+    LLAMA_LINEARS[1],
+    LLAMA_LINEARS[2],
+    LLAMA_LINEARS[3],
+    LLAMA_LINEARS[4],
+    LLAMA_LINEARS[5],
+    LLAMA_LINEARS[6],
+    (Slot::Norm(NormSlot::AttnIn), "input_layernorm", "attn_norm"),
+    (
+        Slot::Norm(NormSlot::MlpIn),
+        "post_attention_layernorm",
+        "ffn_norm",
+    ),
+];
+
+pub const WEIGHTS: WeightTable = WeightTable {
+    layer: &LAYER,
+    gguf_permute_qk: true,
+    gguf_norms_plus_one: false,
+};
+
+/// Qwen2's GGUF keeps HF's row order (llama.cpp runs it with NEOX-style RoPE).
+pub const QWEN2_WEIGHTS: WeightTable = WeightTable {
+    layer: &LAYER,
+    gguf_permute_qk: false,
+    gguf_norms_plus_one: false,
+};
+
+/// The shared `{arch}.*` GGUF keys as a plain pre-norm block; other families adjust it.
+pub(crate) fn gguf_config(k: &GgufKeys, arch: Arch) -> Result<Config> {
+    let gguf = k.gguf;
+    let hidden_size = k.usize("embedding_length")?;
+    let num_heads = k.usize("attention.head_count")?;
+    let num_kv_heads = k.usize_or("attention.head_count_kv", num_heads)?;
+    let head_dim = k.usize_or("attention.key_length", hidden_size / num_heads)?;
+    let vocab_size = match k.has("vocab_size") {
+        true => k.usize("vocab_size")?,
+        false => gguf.get_str_array("tokenizer.ggml.tokens")?.len(),
+    };
+    let rope_theta = k.f32_or("rope.freq_base", 10000.0)? as f64;
+    let num_layers = k.usize("block_count")?;
+    let opt_id = |key: &str| gguf.get(key).and_then(|v| v.as_u64()).map(|v| v as u32);
+    let qkv_bias = gguf.tensor_info("blk.0.attn_q.bias").is_some();
+    // Llama 3's RoPE scaling travels as per-frequency divisors (llama.cpp's `rope_freqs`).
+    let scaling = match gguf.tensor_info(ROPE_FREQS) {
+        None => RopeScaling::None,
+        Some(_) => {
+            let (f, _) = gguf.tensor_f32(ROPE_FREQS)?;
+            if f.len() != head_dim / 2 || f.iter().any(|v| !v.is_finite() || *v <= 0.0) {
+                return Err(Error::tensor(
+                    gguf.path(),
+                    ROPE_FREQS,
+                    format!(
+                        "expected {} positive factors (head_dim / 2), found {}",
+                        head_dim / 2,
+                        f.len()
+                    ),
+                ));
+            }
+            RopeScaling::Factors(f)
+        }
+    };
+    Ok(Config {
+        arch,
+        hidden_size,
+        intermediate_size: k.usize("feed_forward_length")?,
+        num_layers,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        vocab_size,
+        rms_norm_eps: k.f32("attention.layer_norm_rms_epsilon")?,
+        rope_theta,
+        max_position_embeddings: k.usize_or("context_length", 4096)?,
+        tie_word_embeddings: gguf.tensor_info("output.weight").is_none(),
+        bos_token_id: opt_id("tokenizer.ggml.bos_token_id"),
+        eos_token_ids: opt_id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+        block: BlockSpec {
+            norm: NormKind::Rms { offset: 0.0 },
+            norms: NormPlacement::PRE,
+            qk_norm: QkNorm::None,
+            fused_qkv: false,
+            mlp: Mlp::Gated { fused: false },
+            act: Activation::Silu,
+            qkv_bias,
+            o_bias: gguf.tensor_info("blk.0.attn_output.bias").is_some(),
+            mlp_bias: false,
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            embed_scale: None,
+            positions: Positions::Rope,
+        },
+        layers: vec![
+            LayerSpec {
+                window: None,
+                rope: 0
+            };
+            num_layers
+        ],
+        ropes: vec![Rope {
+            theta: rope_theta,
+            scaling,
+        }],
+        final_logit_softcap: None,
+        hf_json: None,
+    })
+}

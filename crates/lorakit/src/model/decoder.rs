@@ -1,0 +1,700 @@
+//! The decoder of every Llama-shaped family (Llama 1–3.x, Mistral, Qwen2, Qwen3, Gemma 3,
+//! Phi-3, OLMo 2): embedding → N × block → final norm → LM head, with a KV cache for decoding.
+//! The block is the one described in [`crate::model::spec`]; this file runs it for inference,
+//! `decoder_train.rs` for training.
+
+use crate::engine::ops::{
+    add_inplace, attention_forward, embedding_forward, gelu_tanh_backward, gelu_tanh_forward,
+    rms_norm_forward, rope_forward, swiglu_forward, KvLayer, RopeTable,
+};
+use crate::engine::quant::QuantMatrix;
+use crate::error::{Error, Result};
+use crate::lora::peft::Adapter;
+use crate::lora::{ModuleId, ModuleKind};
+use crate::model::arch::NormSlot;
+use crate::model::linear::{
+    check_precision_supported, frozen_forward, head_weight, set_head_precision, Bf16Weight,
+};
+use crate::model::spec::{Activation, NormKind, QkNorm};
+use crate::model::{Config, Linear, Precision};
+
+/// The q, k, v projections: three, or one with rows [q; k; v] (Phi-3's `qkv_proj`).
+#[derive(Debug, Clone)]
+pub enum QkvWeights {
+    Separate { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+/// The MLP's input projections: gate and up (Llama), one `gate_up` with rows [gate; up]
+/// (Phi-3), or up alone (a plain MLP).
+#[derive(Debug, Clone)]
+pub enum MlpWeights {
+    Gated { gate: Linear, up: Linear },
+    GatedFused(Linear),
+    Plain { up: Linear },
+}
+
+/// One decoder layer's frozen weights.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub qkv: QkvWeights,
+    pub o_proj: Linear,
+    pub mlp: MlpWeights,
+    pub down_proj: Linear,
+    /// The norms this architecture places (RMSNorm weights: [hidden], q/k: [head_dim] per
+    /// head or [heads·head_dim] over the whole projection).
+    pub norms: Vec<(NormSlot, Vec<f32>)>,
+}
+
+impl Layer {
+    /// The linear layer `kind`, if this layer has it.
+    pub fn linear(&self, kind: ModuleKind) -> Option<&Linear> {
+        use ModuleKind as K;
+        match (kind, &self.qkv, &self.mlp) {
+            (K::Q, QkvWeights::Separate { q, .. }, _) => Some(q),
+            (K::K, QkvWeights::Separate { k, .. }, _) => Some(k),
+            (K::V, QkvWeights::Separate { v, .. }, _) => Some(v),
+            (K::Qkv, QkvWeights::Fused(l), _) => Some(l),
+            (K::O, _, _) => Some(&self.o_proj),
+            (K::Gate, _, MlpWeights::Gated { gate, .. }) => Some(gate),
+            (K::Up, _, MlpWeights::Gated { up, .. } | MlpWeights::Plain { up }) => Some(up),
+            (K::GateUp, _, MlpWeights::GatedFused(l)) => Some(l),
+            (K::Down, _, _) => Some(&self.down_proj),
+            _ => None,
+        }
+    }
+
+    /// The linear layer `kind`, if this layer has it.
+    pub fn linear_mut(&mut self, kind: ModuleKind) -> Option<&mut Linear> {
+        use ModuleKind as K;
+        match (kind, &mut self.qkv, &mut self.mlp) {
+            (K::Q, QkvWeights::Separate { q, .. }, _) => Some(q),
+            (K::K, QkvWeights::Separate { k, .. }, _) => Some(k),
+            (K::V, QkvWeights::Separate { v, .. }, _) => Some(v),
+            (K::Qkv, QkvWeights::Fused(l), _) => Some(l),
+            (K::O, _, _) => Some(&mut self.o_proj),
+            (K::Gate, _, MlpWeights::Gated { gate, .. }) => Some(gate),
+            (K::Up, _, MlpWeights::Gated { up, .. } | MlpWeights::Plain { up }) => Some(up),
+            (K::GateUp, _, MlpWeights::GatedFused(l)) => Some(l),
+            (K::Down, _, _) => Some(&mut self.down_proj),
+            _ => None,
+        }
+    }
+
+    /// The kinds of this layer's linear layers, in [`ModuleKind`] order.
+    pub fn kinds(&self) -> Vec<ModuleKind> {
+        let mut v: Vec<ModuleKind> = [
+            ModuleKind::Q,
+            ModuleKind::K,
+            ModuleKind::V,
+            ModuleKind::O,
+            ModuleKind::Gate,
+            ModuleKind::Up,
+            ModuleKind::Down,
+            ModuleKind::Qkv,
+            ModuleKind::GateUp,
+        ]
+        .into_iter()
+        .filter(|&k| self.linear(k).is_some())
+        .collect();
+        v.sort();
+        v
+    }
+
+    /// Every linear layer with its kind, in [`ModuleKind`] order.
+    pub fn linears_mut(&mut self) -> Vec<(ModuleKind, &mut Linear)> {
+        let mut v: Vec<(ModuleKind, &mut Linear)> = Vec::with_capacity(7);
+        match &mut self.qkv {
+            QkvWeights::Separate { q, k, v: vv } => {
+                v.push((ModuleKind::Q, q));
+                v.push((ModuleKind::K, k));
+                v.push((ModuleKind::V, vv));
+            }
+            QkvWeights::Fused(l) => v.push((ModuleKind::Qkv, l)),
+        }
+        v.push((ModuleKind::O, &mut self.o_proj));
+        match &mut self.mlp {
+            MlpWeights::Gated { gate, up } => {
+                v.push((ModuleKind::Gate, gate));
+                v.push((ModuleKind::Up, up));
+            }
+            MlpWeights::GatedFused(l) => v.push((ModuleKind::GateUp, l)),
+            MlpWeights::Plain { up } => v.push((ModuleKind::Up, up)),
+        }
+        v.push((ModuleKind::Down, &mut self.down_proj));
+        v.sort_by_key(|(k, _)| *k);
+        v
+    }
+
+    /// The norm at `slot`, if this architecture places one there.
+    pub fn norm(&self, slot: NormSlot) -> Option<&[f32]> {
+        self.norms
+            .iter()
+            .find(|(s, _)| *s == slot)
+            .map(|(_, w)| w.as_slice())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LlamaModel {
+    pub config: Config,
+    /// [vocab, hidden]
+    pub embed_tokens: Vec<f32>,
+    pub layers: Vec<Layer>,
+    /// final norm, [hidden]
+    pub norm: Vec<f32>,
+    /// None when tied to `embed_tokens`.
+    pub lm_head: Option<Linear>,
+    /// One table per entry of `config.ropes`.
+    pub ropes: Vec<RopeTable>,
+    /// bf16 packing of the tied LM head (`embed_tokens`) in [`Precision::Bf16`].
+    pub tied_head_bf16: Option<Box<Bf16Weight>>,
+    /// The tied LM head in the GGUF's quantised blocks (`--precision gguf`, inference only).
+    pub head_quant: Option<Box<QuantMatrix>>,
+    pub precision: Precision,
+}
+
+/// Keys and values of every layer for one sequence.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    pub layers: Vec<KvLayer>,
+    pub capacity: usize,
+    /// Positions filled so far.
+    pub len: usize,
+}
+
+impl KvCache {
+    pub fn new(config: &Config, capacity: usize) -> Self {
+        let per_layer = config.num_kv_heads * capacity * config.head_dim;
+        KvCache {
+            layers: (0..config.num_layers)
+                .map(|_| KvLayer {
+                    k: vec![0.0; per_layer],
+                    v: vec![0.0; per_layer],
+                })
+                .collect(),
+            capacity,
+            len: 0,
+        }
+    }
+}
+
+/// Which positions need logits: all of them (scoring) or only the last (generation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    All,
+    Last,
+}
+
+/// out = act(gate) ⊙ up.  gate, up, out: [T, intermediate].
+pub(crate) fn gated_act_forward(act: Activation, out: &mut [f32], gate: &[f32], up: &[f32]) {
+    match act {
+        Activation::Silu => swiglu_forward(out, gate, up),
+        Activation::GeluTanh => {
+            gelu_tanh_forward(out, gate);
+            for (o, &u) in out.iter_mut().zip(up) {
+                *o *= u;
+            }
+        }
+    }
+}
+
+/// d_gate = d_out ⊙ up ⊙ act'(gate), d_up = d_out ⊙ act(gate).  All [T, intermediate].
+pub(crate) fn gated_act_backward(
+    act: Activation,
+    d_gate: &mut [f32],
+    d_up: &mut [f32],
+    gate: &[f32],
+    up: &[f32],
+    d_out: &[f32],
+) {
+    match act {
+        Activation::Silu => crate::engine::ops::swiglu_backward(d_gate, d_up, gate, up, d_out),
+        Activation::GeluTanh => {
+            // d_up holds d_out ⊙ up for a moment, the input of gelu's backward.
+            for ((du, &d), &u) in d_up.iter_mut().zip(d_out).zip(up) {
+                *du = d * u;
+            }
+            gelu_tanh_backward(d_gate, gate, d_up);
+            gelu_tanh_forward(d_up, gate);
+            for (du, &d) in d_up.iter_mut().zip(d_out) {
+                *du *= d;
+            }
+        }
+    }
+}
+
+/// out = act(x) (a plain MLP).  x, out: [T, intermediate].
+pub(crate) fn act_forward(act: Activation, out: &mut [f32], x: &[f32]) {
+    match act {
+        Activation::Silu => {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = crate::engine::ops::silu(v);
+            }
+        }
+        Activation::GeluTanh => gelu_tanh_forward(out, x),
+    }
+}
+
+/// Splits fused rows [T, Σ widths] into parts [T, widths[i]] (qkv → q, k, v; gate_up → gate, up).
+pub(crate) fn split_rows(fused: &[f32], widths: &[usize], parts: &mut [&mut [f32]]) {
+    let row_len: usize = widths.iter().sum();
+    for (r, row) in fused.chunks_exact(row_len).enumerate() {
+        let mut at = 0;
+        for (p, &w) in parts.iter_mut().zip(widths) {
+            p[r * w..(r + 1) * w].copy_from_slice(&row[at..at + w]);
+            at += w;
+        }
+    }
+}
+
+/// The inverse of [`split_rows`]: parts [T, widths[i]] → fused [T, Σ widths].
+pub(crate) fn join_rows(fused: &mut [f32], widths: &[usize], parts: &[&[f32]]) {
+    let row_len: usize = widths.iter().sum();
+    for (r, row) in fused.chunks_exact_mut(row_len).enumerate() {
+        let mut at = 0;
+        for (p, &w) in parts.iter().zip(widths) {
+            row[at..at + w].copy_from_slice(&p[r * w..(r + 1) * w]);
+            at += w;
+        }
+    }
+}
+
+impl LlamaModel {
+    pub fn new(
+        config: Config,
+        embed_tokens: Vec<f32>,
+        layers: Vec<Layer>,
+        norm: Vec<f32>,
+        lm_head: Option<Linear>,
+    ) -> Self {
+        let ropes = config
+            .ropes
+            .iter()
+            .map(|r| {
+                RopeTable::from_inv_freq(
+                    &r.inv_freq(config.head_dim),
+                    config.max_position_embeddings,
+                )
+            })
+            .collect();
+        LlamaModel {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            ropes,
+            tied_head_bf16: None,
+            head_quant: None,
+            precision: Precision::F32,
+        }
+    }
+
+    /// The linear layer of module `id`, or an error naming it if the model has none.
+    pub fn linear(&self, id: ModuleId) -> Result<&Linear> {
+        self.layers
+            .get(id.layer)
+            .and_then(|l| l.linear(id.kind))
+            .ok_or_else(|| self.no_module(id))
+    }
+
+    pub fn linear_mut(&mut self, id: ModuleId) -> Result<&mut Linear> {
+        let err = self.no_module(id);
+        self.layers
+            .get_mut(id.layer)
+            .and_then(|l| l.linear_mut(id.kind))
+            .ok_or(err)
+    }
+
+    fn no_module(&self, id: ModuleId) -> Error {
+        Error::Invalid(format!(
+            "adapter module {} is not a module of this {}-layer {} model",
+            id.path(),
+            self.layers.len(),
+            self.config.arch.name()
+        ))
+    }
+
+    /// The RMSNorm offset (0, or 1 for Gemma's `1 + w`).
+    pub(crate) fn norm_offset(&self) -> f32 {
+        match self.config.block.norm {
+            NormKind::Rms { offset } => offset,
+            NormKind::Layer => 0.0,
+        }
+    }
+
+    /// out = norm(x) with weight w.  x, out: [rows, w.len()].
+    pub(crate) fn rms(&self, out: &mut [f32], x: &[f32], w: &[f32]) {
+        rms_norm_forward(out, x, w, self.norm_offset(), self.config.rms_norm_eps);
+    }
+
+    /// Switches the frozen-weight products to `precision` (bf16 packs every weight once;
+    /// `training` also packs the transposed use of each weight for the backward pass).
+    pub fn set_precision(&mut self, precision: Precision, training: bool) -> Result<()> {
+        check_precision_supported(precision)?;
+        for layer in &mut self.layers {
+            for (_, lin) in layer.linears_mut() {
+                lin.set_precision(precision, training);
+            }
+        }
+        set_head_precision(
+            self.lm_head.as_mut(),
+            &mut self.tied_head_bf16,
+            &self.embed_tokens,
+            self.config.vocab_size,
+            self.config.hidden_size,
+            precision,
+            training,
+        );
+        self.precision = precision;
+        Ok(())
+    }
+
+    /// The LM head's weight [vocab, hidden] and its bf16 packing, if any.
+    pub fn head_weight(&self) -> (&[f32], Option<&Bf16Weight>) {
+        head_weight(
+            self.lm_head.as_ref(),
+            self.tied_head_bf16.as_deref(),
+            &self.embed_tokens,
+        )
+    }
+
+    /// logits = x · headᵀ (soft-capped where the model says so).  x: [n, hidden] → logits:
+    /// [n, vocab].
+    pub fn head_forward(&self, logits: &mut [f32], x: &[f32], n: usize) {
+        let quant = match &self.lm_head {
+            Some(l) => l.quant.as_deref(),
+            None => self.head_quant.as_deref(),
+        };
+        if let Some(q) = quant {
+            q.matmul_nt(logits, x, n);
+        } else {
+            let (w, bf16) = self.head_weight();
+            frozen_forward(
+                logits,
+                x,
+                w,
+                bf16,
+                n,
+                self.config.hidden_size,
+                self.config.vocab_size,
+            );
+        }
+        // Gemma's final soft-capping: cap · tanh(z / cap).
+        if let Some(cap) = self.config.final_logit_softcap {
+            logits.iter_mut().for_each(|z| *z = cap * (*z / cap).tanh());
+        }
+    }
+
+    /// Checks that every module of `adapter` exists in this model, naming the first that
+    /// does not.
+    pub(crate) fn check_adapter_modules(&self, adapter: &Adapter) -> Result<()> {
+        for id in adapter.modules.keys() {
+            self.linear(*id)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches an adapter unmerged, its scale multiplied by `weight` (1.0 = as trained).
+    pub fn attach_adapter(&mut self, adapter: &Adapter, weight: f32) -> Result<()> {
+        self.check_adapter_modules(adapter)?;
+        for (id, w) in &adapter.modules {
+            let mut w = w.clone();
+            w.scale *= weight;
+            self.linear_mut(*id)?.loras.push(w);
+        }
+        Ok(())
+    }
+
+    /// True when any linear layer carries an unmerged adapter.
+    pub fn has_adapters(&self) -> bool {
+        self.layers.iter().any(|l| {
+            l.kinds()
+                .into_iter()
+                .any(|k| l.linear(k).is_some_and(|lin| !lin.loras.is_empty()))
+        })
+    }
+
+    /// Removes every attached adapter (weights untouched).
+    pub fn detach_adapters(&mut self) {
+        for layer in &mut self.layers {
+            for (_, lin) in layer.linears_mut() {
+                lin.loras.clear();
+            }
+        }
+    }
+
+    /// W0 += s·B A for every attached adapter, which are then detached. Refuses (and changes
+    /// nothing) if any merged weight would be NaN or Inf, as PEFT's `safe_merge` does.
+    pub fn merge_adapters(&mut self) -> Result<()> {
+        self.merge_signed(1.0)
+    }
+
+    /// W −= s·B A for the given adapter, undoing an earlier merge of it (up to rounding).
+    pub fn unmerge_adapter(&mut self, adapter: &Adapter, weight: f32) -> Result<()> {
+        self.attach_adapter(adapter, weight)?;
+        self.merge_signed(-1.0)
+    }
+
+    fn merge_signed(&mut self, sign: f32) -> Result<()> {
+        // Check every layer before touching any, so a refused merge leaves the model as it was.
+        for (i, layer) in self.layers.iter().enumerate() {
+            for kind in layer.kinds() {
+                if let Some((at, v)) = layer.linear(kind).and_then(|l| l.check_merge(sign)) {
+                    let id = ModuleId { layer: i, kind };
+                    return Err(Error::Invalid(format!(
+                        "merging would make {} non-finite (element {at} becomes {v}); \
+                         the adapter seems to be broken, nothing was merged",
+                        id.path()
+                    )));
+                }
+            }
+        }
+        for layer in &mut self.layers {
+            for (_, lin) in layer.linears_mut() {
+                lin.merge_loras(sign);
+            }
+        }
+        Ok(())
+    }
+
+    /// A cache for at most `capacity` positions (prompt + generated tokens).
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        if capacity > self.config.max_position_embeddings {
+            return Err(Error::Invalid(format!(
+                "{capacity} positions exceed the model's context of {} tokens",
+                self.config.max_position_embeddings
+            )));
+        }
+        Ok(KvCache::new(&self.config, capacity))
+    }
+
+    /// Checks a batch of token ids against the vocabulary.
+    pub(crate) fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Err(Error::Invalid(
+                "no tokens to run the model on (empty prompt?)".into(),
+            ));
+        }
+        if let Some(&bad) = ids
+            .iter()
+            .find(|&&id| id as usize >= self.config.vocab_size)
+        {
+            return Err(Error::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {} tokens",
+                self.config.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// x = embedding(ids) (· the embedding scale).  x: [T, hidden].
+    pub(crate) fn embed(&self, x: &mut [f32], ids: &[u32]) {
+        embedding_forward(x, &self.embed_tokens, ids, self.config.hidden_size);
+        if let Some(s) = self.config.block.embed_scale {
+            x.iter_mut().for_each(|v| *v *= s);
+        }
+    }
+
+    /// q, k (+ v) from the attention input a: [T, hidden] into q: [T, q_dim], k, v: [T, kv_dim].
+    /// `fused` is the scratch for a fused projection's output, [T, q_dim + 2·kv_dim].
+    pub(crate) fn project_qkv(
+        layer: &Layer,
+        a: &[f32],
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &mut [f32],
+        fused: &mut Vec<f32>,
+    ) {
+        match &layer.qkv {
+            QkvWeights::Separate {
+                q: qp,
+                k: kp,
+                v: vp,
+            } => {
+                qp.forward(q, a);
+                kp.forward(k, a);
+                vp.forward(v, a);
+            }
+            QkvWeights::Fused(l) => {
+                fused.resize(q.len() + k.len() + v.len(), 0.0);
+                l.forward(fused, a);
+                let t = a.len() / l.in_features;
+                let widths = [q.len() / t, k.len() / t, v.len() / t];
+                split_rows(fused, &widths, &mut [q, k, v]);
+            }
+        }
+    }
+
+    /// The q/k norm in place (per head or over the whole projection), if the block has one.
+    /// x: [T, heads·head_dim]; `tmp` is scratch of the same size.
+    pub(crate) fn qk_norm(&self, layer: &Layer, slot: NormSlot, x: &mut [f32], tmp: &mut Vec<f32>) {
+        if self.config.block.qk_norm == QkNorm::None {
+            return;
+        }
+        if let Some(w) = layer.norm(slot) {
+            tmp.clear();
+            tmp.extend_from_slice(x);
+            self.rms(x, tmp, w);
+        }
+    }
+
+    /// Runs `ids` at positions `cache.len ..`, appends their keys/values to the cache and returns
+    /// logits: [T, vocab] for `Logits::All`, [vocab] for `Logits::Last`.
+    pub fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let b = &c.block;
+        self.check_ids(ids)?;
+        let t = ids.len();
+        let start = cache.len;
+        if start + t > cache.capacity || cache.layers.len() != self.layers.len() {
+            return Err(Error::Invalid(format!(
+                "{} tokens exceed the cache capacity of {} positions",
+                start + t,
+                cache.capacity
+            )));
+        }
+        let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+
+        let mut x = vec![0.0f32; t * h];
+        self.embed(&mut x, ids);
+        let mut normed = vec![0.0f32; t * h];
+        let mut q = vec![0.0f32; t * q_dim];
+        let mut k = vec![0.0f32; t * kv_dim];
+        let mut v = vec![0.0f32; t * kv_dim];
+        let mut attn = vec![0.0f32; t * q_dim];
+        let mut proj = vec![0.0f32; t * h];
+        let mut gate = vec![0.0f32; t * inter];
+        let mut up = vec![0.0f32; t * inter];
+        let mut act = vec![0.0f32; t * inter];
+        let (mut fused, mut tmp) = (Vec::new(), Vec::new());
+
+        for ((layer, kv), spec) in self
+            .layers
+            .iter()
+            .zip(cache.layers.iter_mut())
+            .zip(&c.layers)
+        {
+            // Attention block.
+            let a: &[f32] = match layer.norm(NormSlot::AttnIn) {
+                Some(w) => {
+                    self.rms(&mut normed, &x, w);
+                    &normed
+                }
+                None => &x,
+            };
+            Self::project_qkv(layer, a, &mut q, &mut k, &mut v, &mut fused);
+            self.qk_norm(layer, NormSlot::Q, &mut q, &mut tmp);
+            self.qk_norm(layer, NormSlot::K, &mut k, &mut tmp);
+            let rope = &self.ropes[spec.rope];
+            rope_forward(&mut q, c.num_heads, hd, start, rope);
+            rope_forward(&mut k, c.num_kv_heads, hd, start, rope);
+            store_kv(kv, &k, &v, c.num_kv_heads, hd, cache.capacity, start);
+            attention_forward(
+                &mut attn,
+                &q,
+                kv,
+                cache.capacity,
+                c.num_heads,
+                c.num_kv_heads,
+                hd,
+                start,
+                b.attn_scale,
+                spec.window,
+            );
+            layer.o_proj.forward(&mut proj, &attn);
+            self.residual_add(layer, NormSlot::AttnOut, &mut x, &mut proj, &mut normed);
+
+            // MLP block.
+            let m: &[f32] = match layer.norm(NormSlot::MlpIn) {
+                Some(w) => {
+                    self.rms(&mut normed, &x, w);
+                    &normed
+                }
+                None => &x,
+            };
+            match &layer.mlp {
+                MlpWeights::Gated { gate: g, up: u } => {
+                    g.forward(&mut gate, m);
+                    u.forward(&mut up, m);
+                    gated_act_forward(b.act, &mut act, &gate, &up);
+                }
+                MlpWeights::GatedFused(l) => {
+                    fused.resize(2 * t * inter, 0.0);
+                    l.forward(&mut fused, m);
+                    split_rows(&fused, &[inter, inter], &mut [&mut gate, &mut up]);
+                    gated_act_forward(b.act, &mut act, &gate, &up);
+                }
+                MlpWeights::Plain { up: u } => {
+                    u.forward(&mut up, m);
+                    act_forward(b.act, &mut act, &up);
+                }
+            }
+            layer.down_proj.forward(&mut proj, &act);
+            self.residual_add(layer, NormSlot::MlpOut, &mut x, &mut proj, &mut normed);
+        }
+        cache.len = start + t;
+
+        let rows = match which {
+            Logits::All => &x[..],
+            Logits::Last => &x[(t - 1) * h..],
+        };
+        let n = rows.len() / h;
+        let mut final_normed = vec![0.0f32; n * h];
+        self.rms(&mut final_normed, rows, &self.norm);
+        let mut logits = vec![0.0f32; n * c.vocab_size];
+        self.head_forward(&mut logits, &final_normed, n);
+        Ok(logits)
+    }
+
+    /// x += out_norm(y) (or x += y where the block has no norm at `slot`).  x, y, scratch:
+    /// [T, hidden].
+    pub(crate) fn residual_add(
+        &self,
+        layer: &Layer,
+        slot: NormSlot,
+        x: &mut [f32],
+        y: &mut [f32],
+        scratch: &mut [f32],
+    ) {
+        match layer.norm(slot) {
+            Some(w) => {
+                self.rms(scratch, y, w);
+                add_inplace(x, scratch);
+            }
+            None => add_inplace(x, y),
+        }
+    }
+
+    /// Logits for a whole sequence from position 0: [T, vocab].
+    pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let mut cache = self.new_cache(ids.len())?;
+        self.forward(ids, &mut cache, Logits::All)
+    }
+}
+
+/// Copies the new tokens' keys/values k, v: [T, n_kv, head_dim] into the cache layout
+/// [n_kv, capacity, head_dim] at positions start..start+T.
+pub(crate) fn store_kv(
+    kv: &mut KvLayer,
+    k: &[f32],
+    v: &[f32],
+    n_kv: usize,
+    hd: usize,
+    capacity: usize,
+    start: usize,
+) {
+    for (t, (kt, vt)) in k
+        .chunks_exact(n_kv * hd)
+        .zip(v.chunks_exact(n_kv * hd))
+        .enumerate()
+    {
+        for head in 0..n_kv {
+            let dst = (head * capacity + start + t) * hd;
+            kv.k[dst..dst + hd].copy_from_slice(&kt[head * hd..(head + 1) * hd]);
+            kv.v[dst..dst + hd].copy_from_slice(&vt[head * hd..(head + 1) * hd]);
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! Every architecture of the decoder against transformers 5.24 + PEFT 0.21 in float64
+//! (tests/data/arch, made by scripts/make-arch-fixtures.py): per-token logits of the base model,
+//! with a random PEFT adapter unmerged and merged, the LoRA gradients and the full fine-tuning
+//! gradients. Tolerances as that README: logits 1e-4 absolute, loss 1e-5, gradients
+//! max|Δg| / max|g| ≤ 1e-5 per tensor (f32 arithmetic against f64 references; HF's own f32 run
+//! reaches 5.3e-6 on one of them).
+
+use std::path::{Path, PathBuf};
+
+use lorakit::io::safetensors_file::SafetensorsFile;
+use lorakit::lora::peft::{key_a, key_b, Adapter};
+use lorakit::model::decoder_train::{Activations, Dropout, FullGrads, LoraGrads};
+use lorakit::model::load::load_hf_weights;
+use lorakit::model::{Config, LlamaModel};
+use lorakit::train::loss::{
+    lm_head_loss, lm_head_loss_with_head_grads, target_positions, HeadGrads,
+};
+
+use crate::common::*;
+
+fn arch_dir(family: &str) -> PathBuf {
+    repo_root().join("tests/data/arch").join(family)
+}
+
+fn load(family: &str) -> LlamaModel {
+    let dir = arch_dir(family);
+    let config = Config::from_hf_json(&dir.join("config.json")).unwrap();
+    load_hf_weights(&dir, config).unwrap()
+}
+
+/// The batch: ids [2, T] and labels [2, T].
+fn batch(dir: &Path) -> (Vec<Vec<u32>>, Vec<i64>, usize) {
+    let f = SafetensorsFile::open(&dir.join("batch.safetensors")).unwrap();
+    let (ids, shape) = f.tensor_i64("input_ids").unwrap();
+    let (labels, _) = f.tensor_i64("labels").unwrap();
+    let t = shape[1];
+    let rows = ids
+        .chunks(t)
+        .map(|r| r.iter().map(|&i| i as u32).collect())
+        .collect();
+    (rows, labels, t)
+}
+
+fn tensor(dir: &Path, file: &str, key: &str) -> Vec<f32> {
+    SafetensorsFile::open(&dir.join(file))
+        .unwrap()
+        .tensor_f32(key)
+        .unwrap_or_else(|e| panic!("{file}: {e}"))
+        .0
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// max|ours − want| / max|want|.
+fn rel_err(ours: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(ours.len(), want.len());
+    let scale = want.iter().map(|v| v.abs() as f64).fold(0.0, f64::max);
+    let diff = ours
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .fold(0.0, f64::max);
+    diff / scale.max(1e-30)
+}
+
+fn all_logits(model: &LlamaModel, rows: &[Vec<u32>]) -> Vec<f32> {
+    rows.iter().flat_map(|r| model.logits(r).unwrap()).collect()
+}
+
+/// Base, unmerged and merged logits against the float64 references.
+fn check_logits(family: &str) {
+    let dir = arch_dir(family);
+    let model = load(family);
+    let (rows, _, _) = batch(&dir);
+    let base = all_logits(&model, &rows);
+    let want = tensor(&dir, "logits_base.safetensors", "logits");
+    let e = max_abs_diff(&base, &want);
+    assert!(e < 1e-4, "{family}: base logits differ by {e}");
+
+    let adapter = Adapter::load(&dir.join("lora"), &model.config).unwrap();
+    let mut m = model.clone();
+    m.attach_adapter(&adapter, 1.0).unwrap();
+    let unmerged = all_logits(&m, &rows);
+    let want_u = tensor(&dir, "logits_lora.safetensors", "unmerged");
+    let eu = max_abs_diff(&unmerged, &want_u);
+    assert!(
+        eu < 1e-4,
+        "{family}: unmerged adapter logits differ by {eu}"
+    );
+    // The adapter must matter, or the two checks above prove nothing about it.
+    assert!(
+        max_abs_diff(&want_u, &want) > 1.0,
+        "{family}: adapter has no effect"
+    );
+    m.merge_adapters().unwrap();
+    let merged = all_logits(&m, &rows);
+    let want_m = tensor(&dir, "logits_lora.safetensors", "merged");
+    let em = max_abs_diff(&merged, &want_m);
+    assert!(em < 1e-4, "{family}: merged logits differ by {em}");
+}
+
+/// The training forward + backward of LoRA against the float64 gradients.
+fn check_lora_grads(family: &str) {
+    let dir = arch_dir(family);
+    let model = load(family);
+    let (rows, labels, t) = batch(&dir);
+    let ids: Vec<u32> = rows.concat();
+    let b = rows.len();
+    let adapter = Adapter::load(&dir.join("lora"), &model.config).unwrap();
+    let mut acts = Activations::default();
+    model
+        .train_forward(&ids, b, t, Some(&adapter), Dropout::NONE, &mut acts)
+        .unwrap();
+    let targets = target_positions(&labels, b, t);
+    let n = targets.len() as f64;
+    let mut dx = vec![0.0f32; b * t * model.config.hidden_size];
+    let loss = lm_head_loss(&model, &acts.x_final, &targets, 0.0, n, Some(&mut dx)) / n;
+    let mut grads = LoraGrads::zeros_like(&adapter);
+    model
+        .train_backward(&mut dx, &acts, &adapter, Dropout::NONE, &mut grads)
+        .unwrap();
+    let meta = read_json_path(&dir.join("meta.json"));
+    let want_loss = meta["loss"]["lora_f64"].as_f64().unwrap();
+    assert!(
+        (loss - want_loss).abs() < 1e-5,
+        "{family}: LoRA loss {loss} vs {want_loss}"
+    );
+    let want = SafetensorsFile::open(&dir.join("grads_lora.safetensors")).unwrap();
+    assert_eq!(
+        want.names().len(),
+        2 * grads.modules.len(),
+        "{family}: module count"
+    );
+    for (id, (da, db)) in &grads.modules {
+        for (key, g) in [(key_a(id), da), (key_b(id), db)] {
+            let (w, _) = want.tensor_f32(&key).unwrap();
+            let e = rel_err(g, &w);
+            assert!(e <= 1e-5, "{family}: {key}: max|Δg|/max|g| = {e:.3e}");
+        }
+    }
+}
+
+/// Full fine-tuning's gradients of every parameter against the float64 ones.
+fn check_full_grads(family: &str) {
+    let dir = arch_dir(family);
+    let mut model = load(family);
+    let (rows, labels, t) = batch(&dir);
+    let ids: Vec<u32> = rows.concat();
+    let b = rows.len();
+    let mut acts = Activations::default();
+    model
+        .train_forward(&ids, b, t, None, Dropout::NONE, &mut acts)
+        .unwrap();
+    let targets = target_positions(&labels, b, t);
+    let n = targets.len() as f64;
+    let mut grads = FullGrads::zeros_like(&model);
+    let mut dx = vec![0.0f32; b * t * model.config.hidden_size];
+    let FullGrads {
+        embed_tokens,
+        norm,
+        lm_head,
+        ..
+    } = &mut grads;
+    let head = lm_head.as_deref_mut().unwrap_or(embed_tokens);
+    let loss = lm_head_loss_with_head_grads(
+        &model,
+        &acts.x_final,
+        &targets,
+        0.0,
+        n,
+        Some(&mut dx),
+        Some(HeadGrads { norm, head }),
+    ) / n;
+    model
+        .train_backward_full(&mut dx, &acts, &mut grads)
+        .unwrap();
+    let meta = read_json_path(&dir.join("meta.json"));
+    let want_loss = meta["loss"]["base_f64"].as_f64().unwrap();
+    assert!(
+        (loss - want_loss).abs() < 1e-5,
+        "{family}: loss {loss} vs {want_loss}"
+    );
+    let want = SafetensorsFile::open(&dir.join("grads_full.safetensors")).unwrap();
+    let names: Vec<String> = model.parameters_mut().into_iter().map(|p| p.name).collect();
+    assert_eq!(
+        names.len(),
+        want.names().len(),
+        "{family}: parameters {names:?} vs the reference's {:?}",
+        want.names()
+    );
+    for (name, g) in names.iter().zip(grads.tensors_mut()) {
+        let (w, _) = want
+            .tensor_f32(name)
+            .unwrap_or_else(|e| panic!("{family}: {name} has no reference gradient: {e}"));
+        let e = rel_err(g, &w);
+        assert!(e <= 1e-5, "{family}: {name}: max|Δg|/max|g| = {e:.3e}");
+    }
+}
+
+/// The same weights as llama.cpp's converter lays them out (`model.f32.gguf`): lorakit's GGUF
+/// reader (names, q/k row order, rope_freqs, fused tensors) gives the HF logits.
+fn check_gguf_logits(family: &str) {
+    let dir = arch_dir(family);
+    let loaded = lorakit::model::load_model(&dir.join("model.f32.gguf")).unwrap();
+    let (rows, _, _) = batch(&dir);
+    let got = all_logits(&loaded.model, &rows);
+    let want = tensor(&dir, "logits_base.safetensors", "logits");
+    let e = max_abs_diff(&got, &want);
+    assert!(e < 1e-4, "{family}: GGUF logits differ by {e}");
+}
+
+fn read_json_path(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// The GGUF layouts that can say what the HF model computes. Not here: mistral (a GGUF has no
+/// sliding window), gemma3 (no query_pre_attn_scalar nor layer_types: llama.cpp assumes the
+/// 270M-style defaults, tested on the real model), gpt2 (its own loader).
+#[test]
+fn gguf_layouts_match_transformers() {
+    for family in ["llama", "llama3", "qwen2", "qwen3", "phi3", "olmo2"] {
+        check_gguf_logits(family);
+    }
+}
+
+macro_rules! family_tests {
+    ($($name:ident => $family:literal),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn logits_base_unmerged_merged() {
+                    super::check_logits($family);
+                }
+                #[test]
+                fn lora_gradients() {
+                    super::check_lora_grads($family);
+                }
+                #[test]
+                fn full_gradients() {
+                    super::check_full_grads($family);
+                }
+            }
+        )*
+    };
+}
+
+family_tests! {
+    llama => "llama",
+    llama3 => "llama3",
+    qwen2 => "qwen2",
+    mistral => "mistral",
+    qwen3 => "qwen3",
+    gemma3 => "gemma3_text",
+    phi3 => "phi3",
+    olmo2 => "olmo2",
+}
