@@ -260,3 +260,226 @@ family_tests! {
     phi3 => "phi3",
     olmo2 => "olmo2",
 }
+
+// ---------------------------------------------------------------------------------------------
+// The CLI on the new families: bad input, and train → merge → score.
+
+/// A copy of a family's tiny model with a tokenizer beside it (the tiny models have none; the
+/// SmolLM2 tokenizer of tiny-llama serves, since these tests pass ids below 256).
+fn cli_model(family: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = arch_dir(family);
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture("tiny-llama").join(f), tmp.path().join(f)).unwrap();
+    }
+    tmp
+}
+
+/// Rewrites `key` of the copy's config.json with `f`.
+fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let path = dir.join("config.json");
+    let mut v = read_json_path(&path);
+    f(&mut v);
+    std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    path
+}
+
+/// Exit code 1, one line on stderr, naming each of `names`; never a panic.
+fn assert_one_line_error(o: &std::process::Output, names: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for n in names {
+        assert!(err.contains(n), "the error does not name {n}: {err}");
+    }
+}
+
+fn score_ids(model: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "score",
+        "--model",
+        s(model),
+        "--ids",
+        "5,17,200,33,9,41",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    lorakit(&args)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn unknown_rope_type_activation_and_layer_type_name_file_and_key() {
+    let m = cli_model("llama3");
+    let cfg = edit_config(m.path(), |v| {
+        v["rope_parameters"]["rope_type"] = "yarn2".into()
+    });
+    let o = score_ids(m.path(), &[]);
+    assert_one_line_error(&o, &[s(&cfg), "rope_parameters.rope_type", "yarn2"]);
+
+    let m = cli_model("gemma3_text");
+    let cfg = edit_config(m.path(), |v| v["hidden_activation"] = "relu".into());
+    let o = score_ids(m.path(), &[]);
+    assert_one_line_error(&o, &[s(&cfg), "hidden_activation", "relu"]);
+
+    let m = cli_model("qwen3");
+    let cfg = edit_config(m.path(), |v| {
+        v["layer_types"] = serde_json::json!(["full_attention", "chunked_attention"])
+    });
+    let o = score_ids(m.path(), &[]);
+    assert_one_line_error(&o, &[s(&cfg), "layer_types[1]", "chunked_attention"]);
+}
+
+#[test]
+fn gguf_missing_key_names_file_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("no-width.gguf");
+    let mut g = GgufWriter::new();
+    g.kv_str("general.architecture", "qwen3")
+        .kv_u32("qwen3.block_count", 1)
+        .kv_u32("qwen3.attention.head_count", 2)
+        .kv_str("tokenizer.ggml.model", "llama")
+        .kv_str_array("tokenizer.ggml.tokens", &["a", "b"]);
+    g.write(&path);
+    let o = score_ids(&path, &[]);
+    assert_one_line_error(&o, &[s(&path), "qwen3.embedding_length"]);
+}
+
+#[test]
+fn adapter_for_modules_the_architecture_lacks_is_refused() {
+    // A Llama-style adapter (q_proj, gate_proj, ...) on Phi-3, whose projections are fused.
+    let m = cli_model("phi3");
+    let adapter = arch_dir("llama").join("lora");
+    let o = score_ids(m.path(), &["--adapter", s(&adapter)]);
+    assert_one_line_error(&o, &["adapter_config.json", "target_modules", "qkv_proj"]);
+}
+
+/// `lorakit train` on ids, `merge`, and the merged model scores as base + adapter does.
+fn train_merge_score(family: &str) {
+    let m = cli_model(family);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("train.jsonl");
+    let rows: Vec<String> = (0..6)
+        .map(|i| {
+            let ids: Vec<u32> = (0..12).map(|j| (i * 37 + j * 11) % 256).collect();
+            let labels: Vec<i64> = ids
+                .iter()
+                .enumerate()
+                .map(|(j, &t)| if j < 4 { -100 } else { t as i64 })
+                .collect();
+            serde_json::json!({ "input_ids": ids, "labels": labels }).to_string()
+        })
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let run = tmp.path().join("run");
+    // Every linear module, by PEFT's names for this family.
+    let want: Vec<&str> = match family {
+        "phi3" => vec!["down_proj", "gate_up_proj", "o_proj", "qkv_proj"],
+        _ => vec![
+            "down_proj",
+            "gate_proj",
+            "k_proj",
+            "o_proj",
+            "q_proj",
+            "up_proj",
+            "v_proj",
+        ],
+    };
+    let targets = want.join(",");
+    let o = lorakit(&[
+        "train",
+        "--model",
+        s(m.path()),
+        "--data",
+        s(&data),
+        "--out",
+        s(&run),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--r",
+        "4",
+        "--alpha",
+        "8",
+        "--targets",
+        &targets,
+        "--lr",
+        "1e-2",
+        "--precision",
+        "f32",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{family}: train: {}", stderr(&o));
+    let cfg: serde_json::Value = read_json_path(&run.join("adapter_config.json"));
+    let mut got: Vec<String> = cfg["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    got.sort();
+    assert_eq!(got, want, "{family}: PEFT's module names");
+    let merged = tmp.path().join("merged");
+    let o = lorakit(&[
+        "merge",
+        "--model",
+        s(m.path()),
+        "--adapter",
+        s(&run),
+        "--out",
+        s(&merged),
+    ]);
+    assert!(o.status.success(), "{family}: merge: {}", stderr(&o));
+    let logprobs = |o: std::process::Output| -> Vec<f64> {
+        assert!(o.status.success(), "{family}: score: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .skip(1)
+            .map(|t| t["logprob"].as_f64().unwrap())
+            .collect()
+    };
+    let base = logprobs(score_ids(m.path(), &[]));
+    let unmerged = logprobs(score_ids(m.path(), &["--adapter", s(&run)]));
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        assert!(merged.join(f).is_file(), "{family}: merged dir lacks {f}");
+    }
+    let merged_lp = logprobs(score_ids(&merged, &[]));
+    let moved = base
+        .iter()
+        .zip(&unmerged)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        moved > 1e-3,
+        "{family}: 3 steps did not change the model ({moved})"
+    );
+    for (a, b) in unmerged.iter().zip(&merged_lp) {
+        assert!((a - b).abs() < 1e-4, "{family}: merged {b} vs unmerged {a}");
+    }
+    // The merged config.json is the source's, so transformers reads the same architecture.
+    let src = read_json_path(&m.path().join("config.json"));
+    let out = read_json_path(&merged.join("config.json"));
+    assert_eq!(src["model_type"], out["model_type"]);
+    assert_eq!(src["layer_types"], out["layer_types"]);
+}
+
+#[test]
+fn cli_train_merge_score_on_new_families() {
+    for family in ["llama3", "qwen3", "gemma3_text", "phi3", "olmo2"] {
+        train_merge_score(family);
+    }
+}
