@@ -21,7 +21,8 @@ Reads models/gemma-3-270m.Q4_K_M.gguf (sha256 checked) and writes into tests/dat
   transformers derived from the GGUF (`model.config.to_dict()`); and checks of how the loader
   mapped the norm weights.
 
-The script is deterministic; torch runs single-threaded so that reruns give the same floats.
+Apart from `load_seconds` (transformers' tokenizer load time) the output is deterministic: torch runs
+single-threaded so that reruns give the same floats.
 """
 
 import argparse
