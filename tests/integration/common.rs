@@ -35,24 +35,43 @@ pub fn ids_of(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
-/// The real default model, fetched once per test process through the project's own script
-/// (which is itself safe against concurrent runs from other processes).
+/// Runs `scripts/fetch-model.sh ARGS` (safe against concurrent runs from other processes) and
+/// returns `models/FILE`; the real-model tests cannot run, and fail, if it fails.
+fn fetch_model(args: &[&str], file: &str) -> PathBuf {
+    let root = repo_root();
+    let status = Command::new("bash")
+        .arg(root.join("scripts/fetch-model.sh"))
+        .args(args)
+        .status()
+        .expect("run scripts/fetch-model.sh");
+    assert!(
+        status.success(),
+        "scripts/fetch-model.sh {} failed: the real-model tests cannot run",
+        args.join(" ")
+    );
+    root.join("models").join(file)
+}
+
+/// The real default model, fetched once per test process through the project's own script.
 pub fn real_model_path() -> PathBuf {
     static FETCHED: OnceLock<PathBuf> = OnceLock::new();
     FETCHED
-        .get_or_init(|| {
-            let root = repo_root();
-            let status = Command::new("bash")
-                .arg(root.join("scripts/fetch-model.sh"))
-                .status()
-                .expect("run scripts/fetch-model.sh");
-            assert!(
-                status.success(),
-                "scripts/fetch-model.sh failed: the real-model tests cannot run"
-            );
-            root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        })
+        .get_or_init(|| fetch_model(&[], "SmolLM2-135M-Instruct.Q4_1.gguf"))
         .clone()
+}
+
+/// Gemma 3 270M (base, Q4_K_M GGUF), fetched once per test process through the project's own
+/// script (`scripts/fetch-model.sh gemma3-270m`).
+pub fn gemma3_path() -> PathBuf {
+    static FETCHED: OnceLock<PathBuf> = OnceLock::new();
+    FETCHED
+        .get_or_init(|| fetch_model(&["gemma3-270m"], "gemma-3-270m.Q4_K_M.gguf"))
+        .clone()
+}
+
+/// A file under `tests/data/`.
+pub fn data_file(rel: &str) -> PathBuf {
+    repo_root().join("tests/data").join(rel)
 }
 
 /// The real model, loaded once and shared by every test that needs it.

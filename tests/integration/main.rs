@@ -12,6 +12,7 @@ mod e2e;
 mod eval;
 mod full_ft;
 mod fuzz_regressions;
+mod gemma3;
 mod gguf_blocks;
 mod gpt2;
 mod logits;

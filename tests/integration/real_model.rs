@@ -185,3 +185,22 @@ fn inspect_cli_describes_the_real_model() {
         );
     }
 }
+
+#[test]
+fn tokenizer_from_gguf_file_equals_the_loaders_on_smollm2() {
+    // `Tokenizer::from_gguf` (which reads `general.architecture` too) builds the same tokenizer
+    // for SmolLM2 as the model loader does.
+    let f = lorakit::io::gguf::GgufFile::open(&real_model_path()).unwrap();
+    let tok = lorakit::tokenize::Tokenizer::from_gguf(&f).unwrap();
+    let loaded = &real_model().tokenizer;
+    assert_eq!(tok.describe(), loaded.describe());
+    let cases = read_json("tokenizer/tokenizer_cases.json");
+    for case in cases["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(
+            tok.encode(text, true).unwrap(),
+            ids_of(&case["ids"]),
+            "{text:?}"
+        );
+    }
+}

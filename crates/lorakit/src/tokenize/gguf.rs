@@ -8,17 +8,25 @@
 //! * `llama`: SentencePiece-style BPE with byte fallback (`<0xNN>` tokens), `▁` for spaces and a
 //!   space prefix per `add_space_prefix` (default true), as transformers' legacy Llama
 //!   conversion does; merges are derived from the vocabulary and scores when the file has none.
+//! * `llama` in a Gemma file (`general.architecture` `gemma`, `gemma2`, `gemma3`): transformers'
+//!   `gemma_tokenizer` (`integrations/gguf/gguf_tokenizer_mapping.py`) and `GemmaTokenizer`. Tokens
+//!   made only of whitespace with a space in them (`"  "`) are respelled as that many `▁`; the merges
+//!   are rebuilt from the vocabulary in file order (the scores do not follow Gemma's merge order);
+//!   spaces become `▁` with no prefix space (`add_space_prefix` is not consulted, as in
+//!   transformers), byte fallback, BOS added unless `add_bos_token` is false.
 //!
 //! Control (3) and unknown (2) tokens become special added tokens, user-defined (4) tokens plain
 //! added tokens (transformers' special / non-special added tokens; llama.cpp writes them so), so
 //! that their text is parsed as one token.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::io::gguf::GgufFile;
 use crate::{Error, Result};
 
 /// GGUF token types (`tokenizer.ggml.token_type`).
@@ -121,9 +129,85 @@ fn added_token(id: usize, content: &str, special: bool) -> Value {
     })
 }
 
-/// Builds the `tokenizer.json` document for `spec`.
+/// The architectures whose `llama` vocabulary transformers builds as a Gemma tokenizer.
+pub const GEMMA_ARCHITECTURES: [&str; 3] = ["gemma", "gemma2", "gemma3"];
+
+impl GgufTokenizerSpec {
+    /// The tokenizer metadata of an open GGUF file: `tokenizer.ggml.*` and
+    /// `tokenizer.chat_template`. Absent optional keys are `None`; a key of the wrong type is an
+    /// error naming the file and the key.
+    pub fn from_gguf(gguf: &GgufFile) -> Result<GgufTokenizerSpec> {
+        let path = gguf.path();
+        let has = |key: &str| gguf.get(key).is_some();
+        let opt_u32 =
+            |key: &str| -> Result<Option<u32>> { has(key).then(|| gguf.get_u32(key)).transpose() };
+        let opt_bool = |key: &str| -> Result<Option<bool>> {
+            has(key).then(|| gguf.get_bool(key)).transpose()
+        };
+        let opt_strings = |key: &str| -> Result<Option<Vec<String>>> {
+            has(key)
+                .then(|| {
+                    gguf.get_str_array(key)
+                        .map(|v| v.into_iter().map(str::to_owned).collect())
+                })
+                .transpose()
+        };
+        let tokens = opt_strings("tokenizer.ggml.tokens")?.ok_or_else(|| {
+            Error::config(
+                path,
+                "tokenizer.ggml.tokens",
+                "missing: the file has no tokenizer",
+            )
+        })?;
+        let token_types = match has("tokenizer.ggml.token_type") {
+            false => None,
+            true => Some(
+                gguf.get_i64_array("tokenizer.ggml.token_type")?
+                    .into_iter()
+                    .map(|t| {
+                        i32::try_from(t).map_err(|_| {
+                            Error::config(
+                                path,
+                                "tokenizer.ggml.token_type",
+                                format!("token type {t} is out of range"),
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<i32>>>()?,
+            ),
+        };
+        let scores = has("tokenizer.ggml.scores")
+            .then(|| gguf.get_f32_array("tokenizer.ggml.scores"))
+            .transpose()?;
+        let opt_str = |key: &str| -> Result<Option<String>> {
+            has(key)
+                .then(|| gguf.get_str(key).map(str::to_owned))
+                .transpose()
+        };
+        Ok(GgufTokenizerSpec {
+            model: gguf.get_str("tokenizer.ggml.model")?.to_owned(),
+            pre: opt_str("tokenizer.ggml.pre")?,
+            tokens,
+            token_types,
+            scores,
+            merges: opt_strings("tokenizer.ggml.merges")?,
+            bos_id: opt_u32("tokenizer.ggml.bos_token_id")?,
+            eos_id: opt_u32("tokenizer.ggml.eos_token_id")?,
+            unk_id: opt_u32("tokenizer.ggml.unknown_token_id")?,
+            pad_id: opt_u32("tokenizer.ggml.padding_token_id")?,
+            add_bos: opt_bool("tokenizer.ggml.add_bos_token")?,
+            add_space_prefix: opt_bool("tokenizer.ggml.add_space_prefix")?,
+            chat_template: opt_str("tokenizer.chat_template")?,
+        })
+    }
+}
+
+/// Builds the `tokenizer.json` document for `spec`. `architecture` (`general.architecture`)
+/// picks transformers' builder where it has one per architecture (Gemma); `None` builds by
+/// `tokenizer.ggml.model` alone.
 pub(crate) fn tokenizer_json(
     spec: &GgufTokenizerSpec,
+    architecture: Option<&str>,
     source: &Path,
 ) -> Result<(Value, GgufBuildInfo)> {
     let n = spec.tokens.len();
@@ -165,48 +249,19 @@ pub(crate) fn tokenizer_json(
         }
     }
 
-    // Vocabulary: a later duplicate wins, as in transformers' `{tok: i for i, tok in ...}`.
-    let mut vocab = serde_json::Map::with_capacity(n);
-    for (i, t) in spec.tokens.iter().enumerate() {
-        vocab.insert(t.clone(), json!(i));
-    }
-
-    let token_type = |i: usize| {
-        spec.token_types
-            .as_ref()
-            .map(|t| t[i])
-            .unwrap_or(TOKEN_TYPE_NORMAL)
-    };
-    let mut added = Vec::new();
-    for (i, t) in spec.tokens.iter().enumerate() {
-        if t.is_empty() {
-            continue;
-        }
-        match token_type(i) {
-            TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN => added.push(added_token(i, t, true)),
-            TOKEN_TYPE_USER_DEFINED => added.push(added_token(i, t, false)),
-            _ => {}
-        }
-    }
-    // Without token types, at least the declared special ids are special.
-    if spec.token_types.is_none() {
-        let mut ids: Vec<u32> = [spec.bos_id, spec.eos_id, spec.unk_id, spec.pad_id]
-            .into_iter()
-            .flatten()
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        for id in ids {
-            let t = &spec.tokens[id as usize];
-            if !t.is_empty() {
-                added.push(added_token(id as usize, t, true));
-            }
-        }
-    }
-
     let model_name = spec.model.as_str();
+    let gemma =
+        model_name == "llama" && architecture.is_some_and(|a| GEMMA_ARCHITECTURES.contains(&a));
     let (add_bos_default, mut doc, info) = match model_name {
+        "llama" if gemma => (true, gemma_doc(spec)?, GgufBuildInfo {
+            kind: format!(
+                "SentencePiece-BPE with byte fallback (GGUF llama, {} vocabulary, no space prefix)",
+                architecture.unwrap_or("gemma")
+            ),
+            note: Some("merges rebuilt from the vocabulary in file order, as transformers does for Gemma".to_string()),
+        }),
         "gpt2" => {
+            let (vocab, added) = plain_vocab_and_added(spec);
             let merges = parse_merges(spec, source)?;
             let (split, note) = match spec.pre.as_deref() {
                 None => (PreSplit::Gpt2, None),
@@ -273,6 +328,7 @@ pub(crate) fn tokenizer_json(
             (false, doc, info)
         }
         "llama" => {
+            let (vocab, added) = plain_vocab_and_added(spec);
             let merges = match &spec.merges {
                 Some(m) if !m.is_empty() => parse_merges(spec, source)?,
                 _ => derive_spm_merges(spec, source)?,
@@ -353,6 +409,168 @@ pub(crate) fn tokenizer_json(
         }
     }
     Ok((doc, info))
+}
+
+/// The vocabulary as the file spells it and the added tokens (control and unknown tokens
+/// special, user-defined ones plain) of the `gpt2` and `llama` builders.
+fn plain_vocab_and_added(spec: &GgufTokenizerSpec) -> (serde_json::Map<String, Value>, Vec<Value>) {
+    let n = spec.tokens.len();
+    // Vocabulary: a later duplicate wins, as in transformers' `{tok: i for i, tok in ...}`.
+    let mut vocab = serde_json::Map::with_capacity(n);
+    for (i, t) in spec.tokens.iter().enumerate() {
+        vocab.insert(t.clone(), json!(i));
+    }
+
+    let token_type = |i: usize| {
+        spec.token_types
+            .as_ref()
+            .map(|t| t[i])
+            .unwrap_or(TOKEN_TYPE_NORMAL)
+    };
+    let mut added = Vec::new();
+    for (i, t) in spec.tokens.iter().enumerate() {
+        if t.is_empty() {
+            continue;
+        }
+        match token_type(i) {
+            TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN => added.push(added_token(i, t, true)),
+            TOKEN_TYPE_USER_DEFINED => added.push(added_token(i, t, false)),
+            _ => {}
+        }
+    }
+    // Without token types, at least the declared special ids are special.
+    if spec.token_types.is_none() {
+        let mut ids: Vec<u32> = [spec.bos_id, spec.eos_id, spec.unk_id, spec.pad_id]
+            .into_iter()
+            .flatten()
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            let t = &spec.tokens[id as usize];
+            if !t.is_empty() {
+                added.push(added_token(id as usize, t, true));
+            }
+        }
+    }
+    (vocab, added)
+}
+
+/// Python's `str.isspace` (Unicode White_Space plus the separators U+001C..U+001F), for the
+/// respelling rule that transformers writes with `t.strip()`.
+fn py_isspace(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// The `tokenizer.json` of transformers' GGUF Gemma tokenizer: `gemma_tokenizer` (respelled
+/// whitespace tokens, merges in file order), `GemmaTokenizer` (normalizer, pre-tokenizer, decoder,
+/// BPE options) and `add_gguf_special_tokens` (control tokens special, user-defined tokens plain,
+/// each only where the respelled vocabulary has it). Without the post-processor.
+fn gemma_doc(spec: &GgufTokenizerSpec) -> Result<Value> {
+    let n = spec.tokens.len();
+    // "  " is stored as real spaces, but GemmaTokenizer looks it up as "▁▁".
+    let tokens: Vec<Cow<'_, str>> = spec
+        .tokens
+        .iter()
+        .map(|t| {
+            if t.contains(' ') && t.chars().all(py_isspace) {
+                Cow::Owned("▁".repeat(t.chars().count()))
+            } else {
+                Cow::Borrowed(t.as_str())
+            }
+        })
+        .collect();
+    // {token: index}: a later duplicate wins.
+    let mut index: HashMap<&str, usize> = HashMap::with_capacity(n);
+    for (i, t) in tokens.iter().enumerate() {
+        index.insert(t, i);
+    }
+    let mut vocab = serde_json::Map::with_capacity(n);
+    for (i, t) in tokens.iter().enumerate() {
+        vocab.insert(t.to_string(), json!(i));
+    }
+
+    // transformers' `generate_merges(vocab, {token: -index})`: every split of every token into two
+    // tokens, best score first, i.e. the tokens in the order of their (last) index, and within one
+    // token by the length of the left piece, longest first.
+    let mut merges: Vec<[&str; 2]> = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        if index.get(t.as_ref()) != Some(&i) {
+            continue;
+        }
+        let cuts: Vec<usize> = t.char_indices().skip(1).map(|(b, _)| b).collect();
+        for &b in cuts.iter().rev() {
+            let (l, r) = t.split_at(b);
+            if index.contains_key(l) && index.contains_key(r) {
+                merges.push([l, r]);
+            }
+        }
+    }
+
+    // Control tokens are special, user-defined ones plain added tokens, both matched as the
+    // file spells them and only if the (respelled) vocabulary has that spelling; the declared
+    // bos/eos/unk/pad tokens are special too (transformers' special-token attributes).
+    let token_type = |i: usize| {
+        spec.token_types
+            .as_ref()
+            .map(|t| t[i])
+            .unwrap_or(TOKEN_TYPE_NORMAL)
+    };
+    let mut added: std::collections::BTreeMap<usize, Value> = Default::default();
+    for (i, t) in spec.tokens.iter().enumerate() {
+        if t.is_empty() {
+            continue;
+        }
+        let special = match token_type(i) {
+            TOKEN_TYPE_CONTROL => true,
+            TOKEN_TYPE_USER_DEFINED => false,
+            _ => continue,
+        };
+        if let Some(&id) = index.get(t.as_str()) {
+            added
+                .entry(id)
+                .or_insert_with(|| added_token(id, t, special));
+        }
+    }
+    for id in [spec.bos_id, spec.eos_id, spec.unk_id, spec.pad_id]
+        .into_iter()
+        .flatten()
+    {
+        let t = &spec.tokens[id as usize];
+        if let Some(&id) = index.get(t.as_str()).filter(|_| !t.is_empty()) {
+            added.insert(id, added_token(id, t, true));
+        }
+    }
+    let unk = spec
+        .unk_id
+        .map(|id| spec.tokens[id as usize].as_str())
+        .unwrap_or("<unk>");
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added.into_values().collect::<Vec<Value>>(),
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+        ]},
+        "model": {
+            "type": "BPE",
+            "dropout": null,
+            "unk_token": unk,
+            "continuing_subword_prefix": null,
+            "end_of_word_suffix": null,
+            "fuse_unk": true,
+            "byte_fallback": true,
+            "ignore_merges": false,
+            "vocab": vocab,
+            "merges": merges,
+        },
+    }))
 }
 
 fn parse_merges(spec: &GgufTokenizerSpec, source: &Path) -> Result<Vec<[String; 2]>> {

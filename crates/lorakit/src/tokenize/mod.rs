@@ -17,8 +17,8 @@ use minijinja::value::Value;
 use serde::{Deserialize, Serialize};
 
 pub use gguf::{
-    GgufTokenizerSpec, TOKEN_TYPE_BYTE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_NORMAL, TOKEN_TYPE_UNKNOWN,
-    TOKEN_TYPE_UNUSED, TOKEN_TYPE_USER_DEFINED,
+    GgufTokenizerSpec, GEMMA_ARCHITECTURES, TOKEN_TYPE_BYTE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_NORMAL,
+    TOKEN_TYPE_UNKNOWN, TOKEN_TYPE_UNUSED, TOKEN_TYPE_USER_DEFINED,
 };
 
 use crate::{Error, Result};
@@ -273,7 +273,26 @@ impl Tokenizer {
     /// Build from GGUF tokenizer metadata. `source` (the GGUF file) only names the file in
     /// errors.
     pub fn from_gguf_spec(spec: GgufTokenizerSpec, source: &Path) -> Result<Tokenizer> {
-        let (doc, info) = gguf::tokenizer_json(&spec, source)?;
+        Self::from_gguf_spec_for(spec, None, source)
+    }
+
+    /// The tokenizer of an open GGUF file, built as transformers builds it for the file's
+    /// `general.architecture` (Gemma files get Gemma's tokenizer; see [`GgufTokenizerSpec`]).
+    pub fn from_gguf(gguf: &crate::io::gguf::GgufFile) -> Result<Tokenizer> {
+        let spec = GgufTokenizerSpec::from_gguf(gguf)?;
+        let arch = gguf.get("general.architecture").and_then(|v| v.as_str());
+        Self::from_gguf_spec_for(spec, arch, gguf.path())
+    }
+
+    /// [`Tokenizer::from_gguf_spec`] for a file of architecture `architecture`
+    /// (`general.architecture`), which picks transformers' per-architecture builder where it has
+    /// one (`gemma`, `gemma2`, `gemma3`); `None` builds by `tokenizer.ggml.model` alone.
+    pub fn from_gguf_spec_for(
+        spec: GgufTokenizerSpec,
+        architecture: Option<&str>,
+        source: &Path,
+    ) -> Result<Tokenizer> {
+        let (doc, info) = gguf::tokenizer_json(&spec, architecture, source)?;
         let text = serde_json::to_vec(&doc).map_err(|e| Error::Tokenizer(e.to_string()))?;
         drop(doc);
         let inner = tokenizers::Tokenizer::from_bytes(&text).map_err(|e| {

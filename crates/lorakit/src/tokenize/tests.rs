@@ -581,3 +581,101 @@ fn chat_template_list_form_and_json_messages() {
     assert_eq!(out, want);
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// A small Gemma-style vocabulary: control `<pad> <eos> <bos> <unk>`, user-defined runs of
+/// spaces and newlines, the byte tokens, and pieces whose scores contradict their file order.
+fn tiny_gemma_spec() -> GgufTokenizerSpec {
+    let mut tokens: Vec<String> = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>"]
+        .map(String::from)
+        .to_vec();
+    let mut types = vec![TOKEN_TYPE_CONTROL; 5];
+    for t in ["  ", "   ", "\n", "\n\n"] {
+        tokens.push(t.into());
+        types.push(TOKEN_TYPE_USER_DEFINED);
+    }
+    for b in 0..256 {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(TOKEN_TYPE_BYTE);
+    }
+    for p in ["▁", "a", "b", "c", "ab", "bc", "▁a", "▁ab"] {
+        tokens.push(p.into());
+        types.push(TOKEN_TYPE_NORMAL);
+    }
+    // Scores that would put "bc" before "ab": Gemma's merge order is the file order instead.
+    let scores = (0..tokens.len())
+        .map(|i| if tokens[i] == "bc" { 0.0 } else { -1000.0 })
+        .collect();
+    GgufTokenizerSpec {
+        model: "llama".into(),
+        pre: Some("default".into()),
+        tokens,
+        token_types: Some(types),
+        scores: Some(scores),
+        bos_id: Some(2),
+        eos_id: Some(1),
+        unk_id: Some(3),
+        pad_id: Some(0),
+        add_bos: Some(true),
+        // transformers does not consult it for Gemma: no prefix space either way.
+        add_space_prefix: Some(true),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn gguf_gemma_vocabulary_builds_like_transformers() {
+    let tok = Tokenizer::from_gguf_spec_for(tiny_gemma_spec(), Some("gemma3"), Path::new("g.gguf"))
+        .unwrap();
+    let id = |t: &str| tok.token_to_id(t).unwrap();
+    assert!(
+        tok.describe().contains("gemma3 vocabulary"),
+        "{}",
+        tok.describe()
+    );
+    assert!(tok.adds_bos());
+    // File order: "ab" merges before "bc"; no space prefix.
+    assert_eq!(tok.encode("abc", true).unwrap(), vec![2, id("ab"), id("c")]);
+    // "  " is respelled "▁▁" (id 5); the user-defined original is not an added token.
+    assert_eq!(id("▁▁"), 5);
+    assert_eq!(id("▁▁▁"), 6);
+    assert_eq!(tok.token_to_id("  "), None);
+    assert_eq!(
+        tok.encode("a  ab", false).unwrap(),
+        vec![id("a"), 5, id("ab")]
+    );
+    assert_eq!(tok.encode(" ab", false).unwrap(), vec![id("▁ab")]);
+    // User-defined "\n\n" is matched whole; control tokens are special.
+    assert_eq!(
+        tok.encode("<start_of_turn>a\n\n\nb", false).unwrap(),
+        vec![4, id("a"), 8, 7, id("b")]
+    );
+    assert!(tok.is_special(4) && !tok.is_special(8));
+    // Byte fallback, and decode without stripping a leading space.
+    let e = tok.encode(" é", false).unwrap();
+    assert_eq!(e, vec![id("▁"), id("<0xC3>"), id("<0xA9>")]);
+    assert_eq!(tok.decode(&e, false).unwrap(), " é");
+    assert_eq!(
+        tok.decode(&[2, 5, id("ab"), 1], false).unwrap(),
+        "<bos>  ab<eos>"
+    );
+    assert_eq!(tok.decode(&[2, 5, id("ab"), 1], true).unwrap(), "  ab");
+
+    // Without the architecture the same metadata is a plain SentencePiece vocabulary (space
+    // prefix, merges by score), which differs.
+    let plain = Tokenizer::from_gguf_spec(tiny_gemma_spec(), Path::new("g.gguf")).unwrap();
+    assert_ne!(
+        plain.encode("abc", true).unwrap(),
+        vec![2, id("ab"), id("c")]
+    );
+}
+
+#[test]
+fn gguf_file_without_tokenizer_is_named() {
+    let path = fixture_path("../data/gguf/fixture.gguf");
+    let f = crate::io::gguf::GgufFile::open(&path).unwrap();
+    let msg = Tokenizer::from_gguf(&f).unwrap_err().to_string();
+    assert!(
+        msg.contains("fixture.gguf") && msg.contains("tokenizer.ggml.tokens"),
+        "{msg}"
+    );
+}

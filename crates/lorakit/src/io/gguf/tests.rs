@@ -25,8 +25,12 @@ fn open_fixture() -> GgufFile {
 
 /// The expected values: (name, shape, f32 values).
 fn expected() -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let bytes =
-        std::fs::read(fixture_dir().join("fixture.expected.safetensors")).expect("read expected");
+    expected_values(&fixture_dir().join("fixture.expected.safetensors"))
+}
+
+/// (name, shape, f32 values) of every tensor of an f32 safetensors file, by name.
+fn expected_values(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse expected");
     let mut out: Vec<_> = st
         .tensors()
@@ -325,6 +329,24 @@ fn fixture_values_match_python_gguf_bitwise() {
         }
     }
     assert_eq!(covered.len(), 17);
+}
+
+/// Real blocks: the first rows of one tensor of each type in Gemma 3 270M's Q4_K_M file (F32,
+/// Q8_0, Q5_0, Q4_K, Q6_K), copied by `scripts/make-gemma3-fixture.py` (tests/data/gemma3-270m).
+#[test]
+fn gemma3_blocks_match_python_gguf_bitwise() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/gemma3-270m");
+    let f = GgufFile::open(&dir.join("blocks.gguf")).unwrap();
+    let expected = expected_values(&dir.join("blocks.expected.safetensors"));
+    let mut types: Vec<&str> = Vec::new();
+    for (name, shape, want) in &expected {
+        let (got, got_shape) = f.tensor_f32(name).unwrap();
+        assert_eq!(&got_shape, shape, "{name}: shape");
+        assert_bits_eq(name, &got, want);
+        types.push(f.tensor_info(name).unwrap().dtype.name());
+    }
+    types.sort_unstable();
+    assert_eq!(types, ["F32", "Q4_K", "Q5_0", "Q6_K", "Q8_0"]);
 }
 
 #[test]
