@@ -252,3 +252,74 @@ fn gemma3_tokenizer_specials_vocabulary_and_merges_equal_transformers() {
         assert_eq!(got, want[key].as_str().unwrap(), "{key}");
     }
 }
+
+/// The model as `load_model` opens it (shared by the forward tests: 0.5 s to load).
+fn gemma3_model() -> &'static lorakit::model::LoadedModel {
+    static MODEL: std::sync::OnceLock<lorakit::model::LoadedModel> = std::sync::OnceLock::new();
+    MODEL.get_or_init(|| lorakit::model::load_model(&gemma3_path()).expect("load Gemma 3 270M"))
+}
+
+fn ids_at(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Per-token log-probs of a prompt against transformers on the same GGUF (f32, eager), within
+/// 1e-3; the argmax equal wherever transformers' top-2 gap exceeds 2e-3.
+fn check_logprobs(prompt: &str) {
+    let r = gemma3_json("reference.json");
+    let p = &r["prompts"][prompt];
+    let ids = ids_at(&p["ids"]);
+    let m = gemma3_model();
+    let ours = lorakit::generate::token_logprobs(&m.model, &ids).unwrap();
+    let want: Vec<f64> = p["next_token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(ours.len(), want.len() + 1);
+    let worst = ours[1..]
+        .iter()
+        .zip(&want)
+        .map(|(o, w)| (o.unwrap() - w).abs())
+        .fold(0.0, f64::max);
+    eprintln!(
+        "gemma3 {prompt} ({} tokens): max |Δ logprob| = {worst:.2e}",
+        ids.len()
+    );
+    assert!(worst < 1e-3, "{prompt}: log-probs differ by {worst}");
+}
+
+#[test]
+fn gemma3_logprobs_match_transformers_short_prompt() {
+    check_logprobs("short");
+}
+
+#[test]
+fn gemma3_logprobs_match_transformers_past_the_sliding_window() {
+    let r = gemma3_json("reference.json");
+    let window = r["config"]["sliding_window"].as_u64().unwrap() as usize;
+    assert!(ids_at(&r["prompts"]["long"]["ids"]).len() > window);
+    check_logprobs("long");
+}
+
+#[test]
+fn gemma3_greedy_32_tokens_equal_transformers() {
+    let r = gemma3_json("reference.json");
+    let p = &r["prompts"]["short"];
+    let prompt = ids_at(&p["ids"]);
+    let want = ids_at(&p["greedy_new_ids"]);
+    let m = gemma3_model();
+    let params = lorakit::generate::SamplingParams {
+        temperature: 0.0,
+        max_new_tokens: want.len(),
+        stop_ids: vec![],
+        ..Default::default()
+    };
+    let got = lorakit::generate::generate(&m.model, &prompt, &params, |_| Ok(())).unwrap();
+    assert_eq!(got, want, "greedy continuation differs from transformers'");
+}

@@ -146,7 +146,12 @@ pub fn generate<M: CausalLm + ?Sized>(
     Ok(out)
 }
 
+/// Positions run through the model at once when scoring: bounds the [rows, vocab] logits
+/// (Gemma's 262k vocabulary makes a 1000-token text's logits 1 GB).
+const SCORE_CHUNK: usize = 128;
+
 /// log P(ids[t] | ids[..t]) for every t ≥ 1; entry 0 is None (nothing predicts the first token).
+/// The text runs in chunks through one KV cache, each row exactly as in one pass.
 pub fn token_logprobs<M: CausalLm + ?Sized>(model: &M, ids: &[u32]) -> Result<Vec<Option<f64>>> {
     if ids.is_empty() {
         return Err(Error::Invalid(
@@ -154,11 +159,17 @@ pub fn token_logprobs<M: CausalLm + ?Sized>(model: &M, ids: &[u32]) -> Result<Ve
         ));
     }
     let v = model.config().vocab_size;
-    let logits = model.logits(ids)?;
+    let mut cache = model.new_cache(ids.len())?;
     let mut out = vec![None];
-    for t in 1..ids.len() {
-        let row = &logits[(t - 1) * v..t * v];
-        out.push(Some(row[ids[t] as usize] as f64 - logsumexp(row)));
+    for (c, chunk) in ids.chunks(SCORE_CHUNK).enumerate() {
+        let logits = model.forward(chunk, &mut cache, Logits::All)?;
+        let start = c * SCORE_CHUNK;
+        // Row i predicts ids[start + i + 1].
+        for (i, row) in logits.chunks_exact(v).enumerate() {
+            if let Some(&next) = ids.get(start + i + 1) {
+                out.push(Some(row[next as usize] as f64 - logsumexp(row)));
+            }
+        }
     }
     Ok(out)
 }

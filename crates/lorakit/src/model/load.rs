@@ -280,7 +280,7 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
             None,
         ))
     };
-    let tokenizer = tokenizer_from_gguf(&gguf)?;
+    let tokenizer = Tokenizer::from_gguf(&gguf)?;
     let chat_template = tokenizer.chat_template().map(str::to_owned);
     let source = ModelSource::Gguf {
         path: path.to_owned(),
@@ -463,73 +463,6 @@ pub fn load_hf_weights(dir: &Path, config: Config) -> Result<LlamaModel> {
         ))
     };
     Ok(LlamaModel::new(config, embed_tokens, layers, norm, lm_head))
-}
-
-/// The tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
-fn tokenizer_from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
-    use crate::tokenize::GgufTokenizerSpec;
-    let path = gguf.path();
-    let strings = |key: &str| -> Result<Option<Vec<String>>> {
-        match gguf.get(key) {
-            None => Ok(None),
-            Some(_) => Ok(Some(
-                gguf.get_str_array(key)?
-                    .into_iter()
-                    .map(str::to_owned)
-                    .collect(),
-            )),
-        }
-    };
-    let numbers = |key: &str| -> Result<Option<Vec<f64>>> {
-        match gguf.get(key) {
-            None => Ok(None),
-            Some(v) => {
-                let arr = v
-                    .as_array()
-                    .ok_or_else(|| Error::config(path, key, "expected an array"))?;
-                arr.iter()
-                    .map(|x| {
-                        x.as_f64()
-                            .ok_or_else(|| Error::config(path, key, "expected numbers"))
-                    })
-                    .collect::<Result<Vec<f64>>>()
-                    .map(Some)
-            }
-        }
-    };
-    let id = |key: &str| gguf.get(key).and_then(|v| v.as_u64()).map(|v| v as u32);
-    let flag = |key: &str| gguf.get(key).and_then(|v| v.as_bool());
-    let tokens = strings("tokenizer.ggml.tokens")?.ok_or_else(|| {
-        Error::config(
-            path,
-            "tokenizer.ggml.tokens",
-            "missing: the file has no tokenizer",
-        )
-    })?;
-    let spec = GgufTokenizerSpec {
-        model: gguf.get_str("tokenizer.ggml.model")?.to_owned(),
-        pre: gguf
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.as_str())
-            .map(str::to_owned),
-        tokens,
-        token_types: numbers("tokenizer.ggml.token_type")?
-            .map(|v| v.into_iter().map(|x| x as i32).collect()),
-        scores: numbers("tokenizer.ggml.scores")?
-            .map(|v| v.into_iter().map(|x| x as f32).collect()),
-        merges: strings("tokenizer.ggml.merges")?,
-        bos_id: id("tokenizer.ggml.bos_token_id"),
-        eos_id: id("tokenizer.ggml.eos_token_id"),
-        unk_id: id("tokenizer.ggml.unknown_token_id"),
-        pad_id: id("tokenizer.ggml.padding_token_id"),
-        add_bos: flag("tokenizer.ggml.add_bos_token"),
-        add_space_prefix: flag("tokenizer.ggml.add_space_prefix"),
-        chat_template: gguf
-            .get("tokenizer.chat_template")
-            .and_then(|v| v.as_str())
-            .map(str::to_owned),
-    };
-    Tokenizer::from_gguf_spec(spec, path)
 }
 
 #[cfg(test)]
