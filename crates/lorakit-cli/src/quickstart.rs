@@ -17,6 +17,10 @@ use crate::{open_model, repo_root};
 
 #[derive(Args)]
 pub struct QuickstartArgs {
+    /// The model to fine-tune (a .gguf file or an HF directory) [default: the fetched
+    /// SmolLM2-135M-Instruct]. `scripts/fetch-model.sh gemma3-270m` fetches Gemma 3 270M.
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Where the adapter, metrics and loss curve go.
     #[arg(long, default_value = "runs/quickstart")]
     out: PathBuf,
@@ -92,10 +96,12 @@ fn mean_loss(model: &LlamaModel, adapter: Option<&Adapter>, examples: &[Example]
 pub fn cmd_quickstart(a: QuickstartArgs) -> Result<()> {
     let t_start = std::time::Instant::now();
     eprintln!("== 1/5 fetching the model and the E2E NLG data (once) ==");
-    run_script("fetch-model.sh", &[])?;
+    if a.model.is_none() {
+        run_script("fetch-model.sh", &[])?;
+    }
     run_script("fetch-data.sh", &["e2e"])?;
     let data = repo_root().join("data/e2e");
-    let mut loaded = open_model(None)?;
+    let mut loaded = open_model(a.model.clone())?;
     // The fastest precision this CPU has (bf16 with AVX512-BF16), for training and decoding.
     let precision = TrainOptions::default().precision()?;
     loaded.model.set_precision(precision, true)?;

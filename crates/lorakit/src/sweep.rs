@@ -36,8 +36,6 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
 use crate::lora::config::{LoraConfig, TargetModules};
-use crate::lora::peft::module_shape;
-use crate::lora::ModuleKind;
 use crate::model::{Config, LoadedModel};
 use crate::train::trainer::{train, TrainOptions, TrainPlan};
 
@@ -175,7 +173,7 @@ pub fn parameter_count(
         return Err(Error::config(source, key, "a target set is empty"));
     }
     let resolved = lc
-        .resolve_kinds(model.num_layers, ModuleKind::for_arch(model.arch), source)
+        .resolve_kinds(model.num_layers, model.module_kinds(), source)
         .map_err(|e| match e {
             Error::Config { msg, .. } => {
                 Error::config(source, key, format!("\"{targets}\": {msg}"))
@@ -185,7 +183,7 @@ pub fn parameter_count(
     Ok(resolved
         .iter()
         .map(|t| {
-            let (out, inp) = module_shape(model, t.id.kind);
+            let (out, inp) = model.module_shape(t.id.kind);
             t.r * (out + inp)
         })
         .sum())

@@ -106,7 +106,7 @@ pub enum ModuleKind {
 }
 
 impl ModuleKind {
-    /// The Llama family's modules (every architecture of [`LlamaModel`](crate::model::LlamaModel)).
+    /// The Llama family's modules.
     pub const ALL: [ModuleKind; 7] = [
         ModuleKind::Q,
         ModuleKind::K,
@@ -132,15 +132,6 @@ impl ModuleKind {
         ModuleKind::GateUp,
         ModuleKind::Down,
     ];
-
-    /// The modules of a model of architecture `arch`.
-    pub fn for_arch(arch: crate::model::Arch) -> &'static [ModuleKind] {
-        match arch {
-            crate::model::Arch::Gpt2 => &Self::GPT2,
-            crate::model::Arch::Phi3 => &Self::PHI3,
-            _ => &Self::ALL,
-        }
-    }
 
     /// True for GPT-2's Conv1D modules, whose HF weights are stored [in, out].
     pub fn is_gpt2(self) -> bool {
@@ -201,4 +192,37 @@ impl ModuleId {
     pub fn path(&self) -> String {
         self.kind.path(self.layer)
     }
+}
+
+/// What an adapter needs to know of its base model: its linear modules and their shapes. The
+/// model side provides it ([`AdapterBase`]), so that this module knows no architecture.
+#[derive(Debug, Clone)]
+pub struct BaseModules {
+    /// The architecture's name, for messages.
+    pub arch: &'static str,
+    pub num_layers: usize,
+    /// Each linear module of a layer: (kind, out_features, in_features), in path order.
+    pub modules: Vec<(ModuleKind, usize, usize)>,
+    /// The layers are Conv1D (GPT-2), which PEFT records as `fan_in_fan_out`.
+    pub conv1d: bool,
+}
+
+impl BaseModules {
+    pub fn kinds(&self) -> Vec<ModuleKind> {
+        self.modules.iter().map(|m| m.0).collect()
+    }
+
+    /// [out, in] of module `kind` (0 × 0 for a kind the model lacks, which target resolution
+    /// never yields).
+    pub fn shape(&self, kind: ModuleKind) -> (usize, usize) {
+        self.modules
+            .iter()
+            .find(|m| m.0 == kind)
+            .map_or((0, 0), |m| (m.1, m.2))
+    }
+}
+
+/// A base model that adapters can be made for and checked against.
+pub trait AdapterBase {
+    fn base_modules(&self) -> BaseModules;
 }

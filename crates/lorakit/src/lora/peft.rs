@@ -7,11 +7,10 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, TensorView};
 
 use super::config::LoraConfig;
-use super::{LoraWeights, ModuleId, ModuleKind};
+use super::{AdapterBase, LoraWeights, ModuleId};
 use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
 use crate::io::safetensors_file::SafetensorsFile;
-use crate::model::{Arch, Config};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -23,30 +22,6 @@ pub struct Adapter {
     pub modules: BTreeMap<ModuleId, LoraWeights>,
 }
 
-/// [out, in] of a linear layer (GPT-2's Conv1D layers as the [out, in] the LoRA math uses,
-/// not their stored [in, out]).
-pub fn module_shape(c: &Config, kind: ModuleKind) -> (usize, usize) {
-    let (h, q, kv, i) = (
-        c.hidden_size,
-        c.num_heads * c.head_dim,
-        c.num_kv_heads * c.head_dim,
-        c.intermediate_size,
-    );
-    match kind {
-        ModuleKind::Q => (q, h),
-        ModuleKind::K | ModuleKind::V => (kv, h),
-        ModuleKind::O => (h, q),
-        ModuleKind::Gate | ModuleKind::Up => (i, h),
-        ModuleKind::Down => (h, i),
-        ModuleKind::CAttn => (3 * h, h),
-        ModuleKind::AttnCProj => (h, h),
-        ModuleKind::CFc => (i, h),
-        ModuleKind::MlpCProj => (h, i),
-        ModuleKind::Qkv => (q + 2 * kv, h),
-        ModuleKind::GateUp => (2 * i, h),
-    }
-}
-
 pub fn key_a(id: &ModuleId) -> String {
     format!("base_model.model.{}.lora_A.weight", id.path())
 }
@@ -56,26 +31,23 @@ pub fn key_b(id: &ModuleId) -> String {
 }
 
 impl Adapter {
-    /// A fresh adapter for `model_config`: B = 0, A initialised from `seed`.
+    /// A fresh adapter for the model `base`: B = 0, A initialised from `seed`.
     pub fn init(
         mut config: LoraConfig,
-        model_config: &Config,
+        base: &impl AdapterBase,
         seed: u64,
         source: &Path,
     ) -> Result<Adapter> {
         use rand::SeedableRng;
         // PEFT sets fan_in_fan_out for Conv1D targets (GPT-2) and writes it to the config.
-        config.fan_in_fan_out = model_config.arch == Arch::Gpt2;
-        let targets = config.resolve_kinds(
-            model_config.num_layers,
-            ModuleKind::for_arch(model_config.arch),
-            source,
-        )?;
+        let base = base.base_modules();
+        config.fan_in_fan_out = base.conv1d;
+        let targets = config.resolve_kinds(base.num_layers, &base.kinds(), source)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let modules = targets
             .iter()
             .map(|t| {
-                let (out, inp) = module_shape(model_config, t.id.kind);
+                let (out, inp) = base.shape(t.id.kind);
                 (
                     t.id,
                     LoraWeights::init(t.r, t.scale, inp, out, config.init_lora_weights, &mut rng),
@@ -93,7 +65,8 @@ impl Adapter {
     /// Loads a PEFT adapter directory and checks it against the base model: every module the
     /// config targets must have both tensors with the right shapes, and the file must hold
     /// nothing else.
-    pub fn load(dir: &Path, model_config: &Config) -> Result<Adapter> {
+    pub fn load(dir: &Path, base: &impl AdapterBase) -> Result<Adapter> {
+        let base = base.base_modules();
         if !dir.is_dir() {
             return Err(Error::format(dir, "not a directory; an adapter is a directory with adapter_config.json and adapter_model.safetensors"));
         }
@@ -120,26 +93,22 @@ impl Adapter {
         // PEFT forces fan_in_fan_out to match the layer type (with a warning); the tensors'
         // layout is the same either way. lorakit refuses true for nn.Linear models rather than
         // guessing what a writer that set it meant.
-        if config.fan_in_fan_out && model_config.arch != Arch::Gpt2 {
+        if config.fan_in_fan_out && !base.conv1d {
             return Err(Error::config(
                 &config_path,
                 "fan_in_fan_out",
                 format!(
                     "true is for GPT-2's Conv1D layers; this {} model has nn.Linear layers",
-                    model_config.arch.name()
+                    base.arch
                 ),
             ));
         }
         let file = SafetensorsFile::open(&weights_path)?;
-        let targets = config.resolve_kinds(
-            model_config.num_layers,
-            ModuleKind::for_arch(model_config.arch),
-            &config_path,
-        )?;
+        let targets = config.resolve_kinds(base.num_layers, &base.kinds(), &config_path)?;
         let mut expected = BTreeSet::new();
         let mut modules = BTreeMap::new();
         for t in &targets {
-            let (out, inp) = module_shape(model_config, t.id.kind);
+            let (out, inp) = base.shape(t.id.kind);
             let (ka, kb) = (key_a(&t.id), key_b(&t.id));
             let read = |key: &str, want: [usize; 2]| -> Result<Vec<f32>> {
                 if !file.contains(key) {

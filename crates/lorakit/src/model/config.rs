@@ -1,15 +1,15 @@
 //! One [`Config`] for every supported checkpoint, built from an HF `config.json` or from GGUF
 //! metadata: the dimensions, the block description ([`BlockSpec`]), and per-layer settings.
 //! The settings every family shares are read here; each family's own keys are read by its file
-//! in [`crate::model::arch`].
+//! in [`crate::model::arch`], which also holds the entry points (`Config::from_hf_json`,
+//! `Config::from_gguf`).
 
 use std::path::Path;
 
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-use crate::io::gguf::GgufFile;
-use crate::model::arch;
+use crate::lora::{AdapterBase, BaseModules, ModuleKind};
 use crate::model::spec::{
     Activation, BlockSpec, LayerSpec, Mlp, NormKind, NormPlacement, Positions, QkNorm, Rope,
     RopeScaling,
@@ -52,7 +52,7 @@ impl Arch {
         }
     }
 
-    const ALL: [Arch; 8] = [
+    pub(crate) const ALL: [Arch; 8] = [
         Arch::Llama,
         Arch::Mistral,
         Arch::Qwen2,
@@ -63,7 +63,7 @@ impl Arch {
         Arch::Gpt2,
     ];
 
-    fn from_model_type(t: &str) -> Option<Arch> {
+    pub(crate) fn from_model_type(t: &str) -> Option<Arch> {
         Self::ALL.into_iter().find(|a| a.name() == t)
     }
 }
@@ -318,51 +318,9 @@ impl HfJson<'_> {
 }
 
 impl Config {
-    /// Reads an HF `config.json`.
-    pub fn from_hf_json(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| Error::format(path, "expected a JSON object at the top level"))?;
-        let j = HfJson { obj, path };
-        let model_type = j
-            .str("model_type")?
-            .ok_or_else(|| Error::config(path, "model_type", "missing"))?;
-        let supported = Arch::ALL.map(Arch::name).join(", ");
-        let arch = Arch::from_model_type(model_type).ok_or_else(|| {
-            let hint = if model_type == "gemma3" {
-                " (the multimodal Gemma 3; lorakit runs the text model, gemma3_text)"
-            } else {
-                ""
-            };
-            Error::unsupported(
-                path,
-                format!(
-                    "architecture model_type = \"{model_type}\"{hint} (supported: {supported})"
-                ),
-            )
-        })?;
-        let mut cfg = match arch {
-            Arch::Gpt2 => arch::gpt2::hf_config(&j)?,
-            _ => Self::llama_like_from_hf(&j, arch)?,
-        };
-        match arch {
-            Arch::Llama | Arch::Mistral | Arch::Qwen2 | Arch::Gpt2 => {}
-            Arch::Qwen3 => arch::qwen3::hf_block(&j, &mut cfg)?,
-            Arch::Gemma3 => arch::gemma3::hf_block(&j, &mut cfg)?,
-            Arch::Phi3 => arch::phi3::hf_block(&j, &mut cfg)?,
-            Arch::Olmo2 => arch::olmo2::hf_block(&j, &mut cfg)?,
-        }
-        cfg.hf_json = Some(v.clone());
-        cfg.validate(path)?;
-        Ok(cfg)
-    }
-
     /// What the Llama-shaped families (all but GPT-2) share: dimensions, biases, RoPE, windows.
     /// Family files then change what differs.
-    fn llama_like_from_hf(j: &HfJson, arch: Arch) -> Result<Config> {
+    pub(crate) fn llama_like_from_hf(j: &HfJson, arch: Arch) -> Result<Config> {
         let hidden_size = j.usize("hidden_size")?;
         let num_heads = j.usize("num_attention_heads")?;
         let num_kv_heads = j.usize_or("num_key_value_heads", Some(num_heads))?;
@@ -431,11 +389,6 @@ impl Config {
         })
     }
 
-    /// Reads the `{arch}.*` keys of a GGUF file (llama.cpp's names).
-    pub fn from_gguf(gguf: &GgufFile) -> Result<Config> {
-        arch::gguf_config(gguf)
-    }
-
     pub(crate) fn validate(&self, path: &Path) -> Result<()> {
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(Error::config(
@@ -470,6 +423,39 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The linear modules of one layer, in PEFT's path order.
+    pub fn module_kinds(&self) -> &'static [ModuleKind] {
+        match self.arch {
+            Arch::Gpt2 => &ModuleKind::GPT2,
+            Arch::Phi3 => &ModuleKind::PHI3,
+            _ => &ModuleKind::ALL,
+        }
+    }
+
+    /// [out, in] of a linear layer (GPT-2's Conv1D layers as the [out, in] the LoRA math uses,
+    /// not their stored [in, out]).
+    pub fn module_shape(&self, kind: ModuleKind) -> (usize, usize) {
+        let (h, q, kv, i) = (
+            self.hidden_size,
+            self.q_dim(),
+            self.kv_dim(),
+            self.intermediate_size,
+        );
+        match kind {
+            ModuleKind::Q => (q, h),
+            ModuleKind::K | ModuleKind::V => (kv, h),
+            ModuleKind::O => (h, q),
+            ModuleKind::Gate | ModuleKind::Up => (i, h),
+            ModuleKind::Down => (h, i),
+            ModuleKind::CAttn => (3 * h, h),
+            ModuleKind::AttnCProj => (h, h),
+            ModuleKind::CFc => (i, h),
+            ModuleKind::MlpCProj => (h, i),
+            ModuleKind::Qkv => (q + 2 * kv, h),
+            ModuleKind::GateUp => (2 * i, h),
+        }
     }
 
     /// Rows of a q or k projection: heads · head_dim.
@@ -523,5 +509,23 @@ impl Config {
             Positions::Rope => 0,
         };
         self.vocab_size * h + positions + self.num_layers * layer + norm_size(h) + head
+    }
+}
+
+impl AdapterBase for Config {
+    fn base_modules(&self) -> BaseModules {
+        BaseModules {
+            arch: self.arch.name(),
+            num_layers: self.num_layers,
+            modules: self
+                .module_kinds()
+                .iter()
+                .map(|&k| {
+                    let (out, inp) = self.module_shape(k);
+                    (k, out, inp)
+                })
+                .collect(),
+            conv1d: self.arch == Arch::Gpt2,
+        }
     }
 }

@@ -12,11 +12,13 @@ use crate::error::{Error, Result};
 use crate::lora::peft::Adapter;
 use crate::lora::{ModuleId, ModuleKind};
 use crate::model::arch::NormSlot;
+use crate::model::config::Config;
 use crate::model::linear::{
     check_precision_supported, frozen_forward, head_weight, set_head_precision, Bf16Weight,
 };
+use crate::model::linear::{Linear, Precision};
 use crate::model::spec::{Activation, NormKind, QkNorm};
-use crate::model::{Config, Linear, Precision};
+use crate::model::traits::LmHead;
 
 /// The q, k, v projections: three, or one with rows [q; k; v] (Phi-3's `qkv_proj`).
 #[derive(Debug, Clone)]
@@ -672,6 +674,44 @@ impl LlamaModel {
     pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let mut cache = self.new_cache(ids.len())?;
         self.forward(ids, &mut cache, Logits::All)
+    }
+}
+
+impl LmHead for LlamaModel {
+    fn dims(&self) -> (usize, usize) {
+        (self.config.hidden_size, self.config.vocab_size)
+    }
+
+    fn final_norm_forward(&self, out: &mut [f32], x: &[f32]) {
+        self.rms(out, x, &self.norm);
+    }
+
+    fn final_norm_backward(&self, dx: &mut [f32], x: &[f32], dy: &[f32]) {
+        crate::engine::ops::rms_norm_backward(
+            dx,
+            x,
+            &self.norm,
+            self.norm_offset(),
+            dy,
+            self.config.rms_norm_eps,
+            false,
+        );
+    }
+
+    fn final_norm_weight_grad(&self, dw: &mut [f32], x: &[f32], dy: &[f32]) {
+        crate::engine::ops::rms_norm_weight_grad(dw, x, dy, self.config.rms_norm_eps);
+    }
+
+    fn head_forward(&self, logits: &mut [f32], x: &[f32], n: usize) {
+        LlamaModel::head_forward(self, logits, x, n);
+    }
+
+    fn head_weight(&self) -> (&[f32], Option<&Bf16Weight>) {
+        LlamaModel::head_weight(self)
+    }
+
+    fn logit_softcap(&self) -> Option<f32> {
+        self.config.final_logit_softcap
     }
 }
 

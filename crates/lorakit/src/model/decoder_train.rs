@@ -15,13 +15,14 @@ use crate::error::{Error, Result};
 use crate::lora::peft::Adapter;
 use crate::lora::{LoraWeights, ModuleId, ModuleKind};
 use crate::model::arch::{NormSlot, Slot, EMBED, FINAL_NORM, HEAD, HF_LAYERS};
+use crate::model::decoder::LlamaModel;
 use crate::model::decoder::{
     act_forward, gated_act_backward, gated_act_forward, join_rows, split_rows, Layer, MlpWeights,
     QkvWeights,
 };
 use crate::model::linear::frozen_backward;
+use crate::model::linear::Linear;
 use crate::model::spec::{Activation, QkNorm};
-use crate::model::{Linear, LlamaModel};
 
 /// LoRA dropout on the adapter path: element i of module (layer, kind)'s input is kept with
 /// probability 1 − p and scaled by 1/(1 − p). The mask is a hash of (seed, layer, kind, i), so

@@ -23,6 +23,7 @@ use crate::io::hf_dir::SafetensorsSet;
 use crate::io::hf_save::write_f32_safetensors;
 use crate::lora::peft::Adapter;
 use crate::lora::{ModuleId, ModuleKind};
+use crate::model::config::{Arch, Config};
 use crate::model::decoder::{store_kv, KvCache, Logits};
 use crate::model::decoder_train::{
     linear_train_backward, linear_train_forward, Dropout, LoraBackward, LoraGrads,
@@ -30,8 +31,8 @@ use crate::model::decoder_train::{
 use crate::model::linear::{
     check_precision_supported, frozen_forward, head_weight, set_head_precision, Bf16Weight,
 };
-use crate::model::{Arch, Config, Linear, Precision};
-use crate::train::loss::LmHead;
+use crate::model::linear::{Linear, Precision};
+use crate::model::traits::LmHead;
 
 /// A LayerNorm's parameters, each [hidden].
 #[derive(Debug, Clone)]

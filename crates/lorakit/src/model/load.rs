@@ -10,9 +10,11 @@ use crate::io::gguf::{GgmlType, GgufFile};
 use crate::io::hf_dir::SafetensorsSet;
 use crate::lora::ModuleKind;
 use crate::model::arch::{self, NormSlot, Slot, EMBED, FINAL_NORM, HEAD, HF_LAYERS};
+use crate::model::config::{Arch, Config};
+use crate::model::decoder::LlamaModel;
 use crate::model::decoder::{Layer, MlpWeights, QkvWeights};
+use crate::model::linear::Linear;
 use crate::model::spec::{Mlp, QkNorm};
-use crate::model::{Arch, Config, Linear, LlamaModel};
 use crate::tokenize::Tokenizer;
 
 /// Where the weights came from, for `inspect` and error messages.
@@ -95,6 +97,15 @@ fn expect_finite(path: &Path, name: &str, data: &[f32]) -> Result<()> {
     Ok(())
 }
 
+/// True when `path` is a directory whose `config.json` says `model_type: "gpt2"`. Any problem
+/// reading it gives false, so that the usual loader reports it.
+pub fn is_gpt2_dir(path: &Path) -> bool {
+    std::fs::read_to_string(path.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v["model_type"] == "gpt2")
+}
+
 // ---------------------------------------------------------------------------------------------
 // Layers from a weight table
 
@@ -172,7 +183,7 @@ fn build_layer(
     };
     let mut lin = std::collections::BTreeMap::new();
     for kind in kinds {
-        let (out, inp) = crate::lora::peft::module_shape(c, kind);
+        let (out, inp) = c.module_shape(kind);
         lin.insert(
             kind,
             linear(name(Slot::Linear(kind))?, kind, out, inp, has_bias(c, kind))?,

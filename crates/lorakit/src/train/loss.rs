@@ -6,68 +6,10 @@
 use rayon::prelude::*;
 
 use crate::engine::matmul;
-use crate::engine::ops::{exp_shifted_sum, rms_norm_backward, rms_norm_weight_grad};
-use crate::model::linear::{frozen_backward, Bf16Weight};
-use crate::model::LlamaModel;
-
-/// What the loss needs of a model's top: its final norm and its LM head (Llama: RMSNorm;
-/// GPT-2: LayerNorm with bias).
-pub trait LmHead {
-    /// (hidden, vocab)
-    fn dims(&self) -> (usize, usize);
-    /// The final norm.  x, out: [n, hidden].
-    fn final_norm_forward(&self, out: &mut [f32], x: &[f32]);
-    /// dx = ∂/∂x of the final norm given the gradient dy of its output.  x, dy, dx: [n, hidden].
-    fn final_norm_backward(&self, dx: &mut [f32], x: &[f32], dy: &[f32]);
-    /// dw += the final norm weight's gradient (full fine-tuning).  x, dy: [n, hidden], dw: [hidden].
-    fn final_norm_weight_grad(&self, dw: &mut [f32], x: &[f32], dy: &[f32]);
-    /// logits = x · headᵀ.  x: [n, hidden] → logits: [n, vocab].
-    fn head_forward(&self, logits: &mut [f32], x: &[f32], n: usize);
-    /// The head's weight [vocab, hidden] and its bf16 packing, if any.
-    fn head_weight(&self) -> (&[f32], Option<&Bf16Weight>);
-    /// `head_forward` ends with logits = cap · tanh(z / cap) (Gemma's final soft-capping).
-    fn logit_softcap(&self) -> Option<f32> {
-        None
-    }
-}
-
-impl LmHead for LlamaModel {
-    fn dims(&self) -> (usize, usize) {
-        (self.config.hidden_size, self.config.vocab_size)
-    }
-
-    fn final_norm_forward(&self, out: &mut [f32], x: &[f32]) {
-        self.rms(out, x, &self.norm);
-    }
-
-    fn final_norm_backward(&self, dx: &mut [f32], x: &[f32], dy: &[f32]) {
-        rms_norm_backward(
-            dx,
-            x,
-            &self.norm,
-            self.norm_offset(),
-            dy,
-            self.config.rms_norm_eps,
-            false,
-        );
-    }
-
-    fn final_norm_weight_grad(&self, dw: &mut [f32], x: &[f32], dy: &[f32]) {
-        rms_norm_weight_grad(dw, x, dy, self.config.rms_norm_eps);
-    }
-
-    fn head_forward(&self, logits: &mut [f32], x: &[f32], n: usize) {
-        LlamaModel::head_forward(self, logits, x, n);
-    }
-
-    fn head_weight(&self) -> (&[f32], Option<&Bf16Weight>) {
-        LlamaModel::head_weight(self)
-    }
-
-    fn logit_softcap(&self) -> Option<f32> {
-        self.config.final_logit_softcap
-    }
-}
+use crate::engine::ops::exp_shifted_sum;
+use crate::model::linear::frozen_backward;
+/// The trait lives with the models; re-exported where the loss that needs it is.
+pub use crate::model::LmHead;
 
 /// Rows of the LM head evaluated at once: bounds the [rows, vocab] logits buffer.
 const CHUNK_ROWS: usize = 64;

@@ -4,11 +4,11 @@
 //! `query_pre_attn_scalar^-½`, a tied LM head, and two kinds of layers: sliding-window ("local",
 //! RoPE θ `rope_local_base_freq`, 10 000) and full ("global", `rope_theta`, with its scaling).
 
-use super::{GgufKeys, NormSlot, Slot, WeightTable, LLAMA_LINEARS};
+use super::table::{GgufKeys, NormSlot, Slot, WeightTable, LLAMA_LINEARS};
 use crate::error::{Error, Result};
+use crate::model::config::Config;
 use crate::model::config::HfJson;
 use crate::model::spec::{NormKind, NormPlacement, QkNorm, Rope};
-use crate::model::Config;
 
 const LAYER: [(Slot, &str, &str); 13] = [
     LLAMA_LINEARS[0],

@@ -6,10 +6,10 @@
 use super::WeightTable;
 use crate::error::{Error, Result};
 use crate::model::config::HfJson;
+use crate::model::config::{Arch, Config};
 use crate::model::spec::{
     Activation, BlockSpec, LayerSpec, Mlp, NormKind, NormPlacement, Positions, QkNorm,
 };
-use crate::model::{Arch, Config};
 
 /// GPT-2's tensors are read by `Gpt2Model::load` for now.
 pub const WEIGHTS: WeightTable = WeightTable {

@@ -2,7 +2,7 @@
 //! family starts from. `config.json` is read by the shared code in `model/config.rs`
 //! (`rope_type: "llama3"` included); this file holds the weight names and the GGUF keys.
 
-use super::{GgufKeys, NormSlot, Slot, WeightTable, LLAMA_LINEARS};
+use super::table::{GgufKeys, NormSlot, Slot, WeightTable, LLAMA_LINEARS};
 use crate::error::{Error, Result};
 use crate::model::spec::{
     Activation, BlockSpec, LayerSpec, Mlp, NormKind, NormPlacement, Positions, QkNorm, Rope,
@@ -11,7 +11,7 @@ use crate::model::spec::{
 
 /// llama.cpp's tensor of RoPE frequency divisors.
 const ROPE_FREQS: &str = "rope_freqs.weight";
-use crate::model::{Arch, Config};
+use crate::model::config::{Arch, Config};
 
 const LAYER: [(Slot, &str, &str); 9] = [
     LLAMA_LINEARS[0],

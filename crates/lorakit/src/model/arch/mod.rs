@@ -11,58 +11,67 @@ pub mod llama;
 pub mod olmo2;
 pub mod phi3;
 pub mod qwen3;
+pub mod table;
+
+pub use table::{GgufKeys, NormSlot, Slot, WeightTable, EMBED, FINAL_NORM, HEAD, HF_LAYERS};
+
+use std::path::Path;
+
+use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::io::gguf::GgufFile;
-use crate::lora::ModuleKind;
-use crate::model::{Arch, Config};
+use crate::model::config::HfJson;
+use crate::model::config::{Arch, Config};
 
-/// A per-layer norm's place.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum NormSlot {
-    AttnIn,
-    AttnOut,
-    MlpIn,
-    MlpOut,
-    /// The q / k norms (per head or over the whole projection).
-    Q,
-    K,
-}
+impl Config {
+    /// Reads an HF `config.json`.
+    pub fn from_hf_json(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| Error::format(path, "expected a JSON object at the top level"))?;
+        let j = HfJson { obj, path };
+        let model_type = j
+            .str("model_type")?
+            .ok_or_else(|| Error::config(path, "model_type", "missing"))?;
+        let supported = Arch::ALL.map(Arch::name).join(", ");
+        let arch = Arch::from_model_type(model_type).ok_or_else(|| {
+            let hint = if model_type == "gemma3" {
+                " (the multimodal Gemma 3; lorakit runs the text model, gemma3_text)"
+            } else {
+                ""
+            };
+            Error::unsupported(
+                path,
+                format!(
+                    "architecture model_type = \"{model_type}\"{hint} (supported: {supported})"
+                ),
+            )
+        })?;
+        let mut cfg = match arch {
+            Arch::Gpt2 => gpt2::hf_config(&j)?,
+            _ => Config::llama_like_from_hf(&j, arch)?,
+        };
+        match arch {
+            Arch::Llama | Arch::Mistral | Arch::Qwen2 | Arch::Gpt2 => {}
+            Arch::Qwen3 => qwen3::hf_block(&j, &mut cfg)?,
+            Arch::Gemma3 => gemma3::hf_block(&j, &mut cfg)?,
+            Arch::Phi3 => phi3::hf_block(&j, &mut cfg)?,
+            Arch::Olmo2 => olmo2::hf_block(&j, &mut cfg)?,
+        }
+        cfg.hf_json = Some(v.clone());
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
 
-/// One per-layer tensor of an architecture.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Slot {
-    Linear(ModuleKind),
-    Norm(NormSlot),
-}
-
-/// The names of an architecture's tensors. HF names are relative to the layer prefix
-/// (`model.layers.{i}.` + name + `.weight` / `.bias`); GGUF names to `blk.{i}.`.
-#[derive(Debug, Clone, Copy)]
-pub struct WeightTable {
-    pub layer: &'static [(Slot, &'static str, &'static str)],
-    /// llama.cpp's converter interleaves the rows of q and k of Llama-arch models (its RoPE
-    /// pairs adjacent elements; HF pairs (i, i + d/2)); undone at load.
-    pub gguf_permute_qk: bool,
-    /// llama.cpp's converter stores Gemma's norm weights as 1 + w; HF holds w.
-    pub gguf_norms_plus_one: bool,
-}
-
-impl WeightTable {
-    /// The (HF, GGUF) names of `slot`, if the architecture has it.
-    pub fn names(&self, slot: Slot) -> Option<(&'static str, &'static str)> {
-        self.layer
-            .iter()
-            .find(|(s, _, _)| *s == slot)
-            .map(|&(_, hf, gguf)| (hf, gguf))
+    /// Reads the `{arch}.*` keys of a GGUF file (llama.cpp's names).
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Config> {
+        gguf_config(gguf)
     }
 }
-
-/// Model-level tensors, the same in every Llama-shaped family: (HF, GGUF).
-pub const EMBED: (&str, &str) = ("model.embed_tokens.weight", "token_embd.weight");
-pub const FINAL_NORM: (&str, &str) = ("model.norm.weight", "output_norm.weight");
-pub const HEAD: (&str, &str) = ("lm_head.weight", "output.weight");
-pub const HF_LAYERS: &str = "model.layers";
 
 /// The weight table of `arch` (GPT-2 keeps its own loader for now).
 pub fn weights(arch: Arch) -> &'static WeightTable {
@@ -91,71 +100,8 @@ pub fn hf_class(arch: Arch) -> &'static str {
     }
 }
 
-/// The attention and MLP linears of the Llama-shaped families, with llama.cpp's names.
-pub(crate) const LLAMA_LINEARS: [(Slot, &str, &str); 7] = [
-    (Slot::Linear(ModuleKind::Q), "self_attn.q_proj", "attn_q"),
-    (Slot::Linear(ModuleKind::K), "self_attn.k_proj", "attn_k"),
-    (Slot::Linear(ModuleKind::V), "self_attn.v_proj", "attn_v"),
-    (
-        Slot::Linear(ModuleKind::O),
-        "self_attn.o_proj",
-        "attn_output",
-    ),
-    (Slot::Linear(ModuleKind::Gate), "mlp.gate_proj", "ffn_gate"),
-    (Slot::Linear(ModuleKind::Up), "mlp.up_proj", "ffn_up"),
-    (Slot::Linear(ModuleKind::Down), "mlp.down_proj", "ffn_down"),
-];
-
-/// Typed reads of a GGUF file's `{arch}.*` keys; every error names the file and the key.
-pub struct GgufKeys<'a> {
-    pub gguf: &'a GgufFile,
-    pub arch: &'a str,
-}
-
-impl GgufKeys<'_> {
-    pub fn key(&self, k: &str) -> String {
-        format!("{}.{k}", self.arch)
-    }
-
-    pub fn has(&self, k: &str) -> bool {
-        self.gguf.get(&self.key(k)).is_some()
-    }
-
-    pub fn usize(&self, k: &str) -> Result<usize> {
-        let n = self.gguf.get_u64(&self.key(k))?;
-        if n == 0 || n >= (1 << 32) {
-            return Err(Error::config(
-                self.gguf.path(),
-                self.key(k),
-                format!("implausible value {n}"),
-            ));
-        }
-        Ok(n as usize)
-    }
-
-    pub fn usize_or(&self, k: &str, default: usize) -> Result<usize> {
-        if self.has(k) {
-            self.usize(k)
-        } else {
-            Ok(default)
-        }
-    }
-
-    pub fn f32(&self, k: &str) -> Result<f32> {
-        self.gguf.get_f32(&self.key(k))
-    }
-
-    pub fn f32_or(&self, k: &str, default: f32) -> Result<f32> {
-        if self.has(k) {
-            self.f32(k)
-        } else {
-            Ok(default)
-        }
-    }
-}
-
 /// [`Config::from_gguf`]: the shared keys here, the family's own in its file.
-pub fn gguf_config(gguf: &GgufFile) -> Result<Config> {
+fn gguf_config(gguf: &GgufFile) -> Result<Config> {
     let path = gguf.path();
     let arch_name = gguf.get_str("general.architecture")?;
     let arch = match arch_name {

@@ -2,11 +2,11 @@
 //! residual add (`post_attention_layernorm`, `post_feedforward_layernorm`), and RMSNorms over
 //! the whole q and k projections ([heads·head_dim], before the head split and RoPE).
 
-use super::{NormSlot, Slot, WeightTable, LLAMA_LINEARS};
+use super::table::{NormSlot, Slot, WeightTable, LLAMA_LINEARS};
 use crate::error::Result;
+use crate::model::config::Config;
 use crate::model::config::HfJson;
 use crate::model::spec::{NormPlacement, QkNorm};
-use crate::model::Config;
 
 const LAYER: [(Slot, &str, &str); 11] = [
     LLAMA_LINEARS[0],

@@ -4,12 +4,12 @@
 //! (`partial_rotary_factor` 1); the long-context `longrope` scaling is refused by the shared
 //! RoPE reader.
 
-use super::{NormSlot, Slot, WeightTable};
+use super::table::{NormSlot, Slot, WeightTable};
 use crate::error::{Error, Result};
 use crate::lora::ModuleKind;
+use crate::model::config::Config;
 use crate::model::config::HfJson;
 use crate::model::spec::Mlp;
-use crate::model::Config;
 
 const LAYER: [(Slot, &str, &str); 6] = [
     (

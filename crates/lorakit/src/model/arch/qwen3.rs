@@ -2,11 +2,11 @@
 //! and before RoPE (`self_attn.q_norm` / `k_norm`, [head_dim] each). Sliding-window layers come
 //! from `layer_types` through the shared config code.
 
-use super::{NormSlot, Slot, WeightTable, LLAMA_LINEARS};
+use super::table::{NormSlot, Slot, WeightTable, LLAMA_LINEARS};
 use crate::error::Result;
+use crate::model::config::Config;
 use crate::model::config::HfJson;
 use crate::model::spec::QkNorm;
-use crate::model::Config;
 
 const LAYER: [(Slot, &str, &str); 11] = [
     LLAMA_LINEARS[0],

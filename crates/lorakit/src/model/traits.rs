@@ -1,0 +1,154 @@
+//! What the rest of the library needs of a model, whatever its family: scoring and generation
+//! ([`CausalLm`]), the LM head and final norm the loss runs ([`LmHead`]), and the LoRA training
+//! passes ([`LoraTrainable`]).
+
+use crate::error::Result;
+use crate::lora::peft::Adapter;
+use crate::model::config::Config;
+use crate::model::decoder::{KvCache, LlamaModel, Logits};
+use crate::model::decoder_train::{self, Dropout, LoraGrads};
+use crate::model::gpt2::{self, Gpt2Model};
+use crate::model::linear::Bf16Weight;
+
+/// What scoring and generation need of a decoder: Llama-family or GPT-2.
+pub trait CausalLm {
+    fn config(&self) -> &Config;
+    /// A KV cache for at most `capacity` positions.
+    fn new_cache(&self, capacity: usize) -> Result<KvCache>;
+    /// Runs `ids` at positions `cache.len ..`: logits [T, vocab] (`All`) or [vocab] (`Last`).
+    fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>>;
+    /// Logits for a whole sequence from position 0: [T, vocab].
+    fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let mut cache = self.new_cache(ids.len())?;
+        self.forward(ids, &mut cache, Logits::All)
+    }
+}
+
+impl CausalLm for LlamaModel {
+    fn config(&self) -> &Config {
+        &self.config
+    }
+    fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        LlamaModel::new_cache(self, capacity)
+    }
+    fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>> {
+        LlamaModel::forward(self, ids, cache, which)
+    }
+}
+
+impl CausalLm for Gpt2Model {
+    fn config(&self) -> &Config {
+        &self.config
+    }
+    fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        Gpt2Model::new_cache(self, capacity)
+    }
+    fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>> {
+        Gpt2Model::forward(self, ids, cache, which)
+    }
+}
+
+/// What the loss needs of a model's top: its final norm and its LM head (Llama: RMSNorm;
+/// GPT-2: LayerNorm with bias).
+pub trait LmHead {
+    /// (hidden, vocab)
+    fn dims(&self) -> (usize, usize);
+    /// The final norm.  x, out: [n, hidden].
+    fn final_norm_forward(&self, out: &mut [f32], x: &[f32]);
+    /// dx = ∂/∂x of the final norm given the gradient dy of its output.  x, dy, dx: [n, hidden].
+    fn final_norm_backward(&self, dx: &mut [f32], x: &[f32], dy: &[f32]);
+    /// dw += the final norm weight's gradient (full fine-tuning).  x, dy: [n, hidden], dw: [hidden].
+    fn final_norm_weight_grad(&self, dw: &mut [f32], x: &[f32], dy: &[f32]);
+    /// logits = x · headᵀ.  x: [n, hidden] → logits: [n, vocab].
+    fn head_forward(&self, logits: &mut [f32], x: &[f32], n: usize);
+    /// The head's weight [vocab, hidden] and its bf16 packing, if any.
+    fn head_weight(&self) -> (&[f32], Option<&Bf16Weight>);
+    /// `head_forward` ends with logits = cap · tanh(z / cap) (Gemma's final soft-capping).
+    fn logit_softcap(&self) -> Option<f32> {
+        None
+    }
+}
+
+/// What the LoRA trainer needs of a model: a training forward that keeps its activations
+/// (`Acts`), the LM head + loss ([`LmHead`]) and the backward to
+/// the adapter's tensors.
+pub trait LoraTrainable: CausalLm + LmHead {
+    type Acts: Default;
+    /// ids: [batch, seq] row-major; fills `acts`.
+    fn train_forward(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        adapter: Option<&Adapter>,
+        dropout: Dropout,
+        acts: &mut Self::Acts,
+    ) -> Result<()>;
+    /// The residual stream after the last layer, [batch·seq, hidden].
+    fn x_final(acts: &Self::Acts) -> &[f32];
+    /// dx = ∂loss/∂x_final [batch·seq, hidden] (used as a work buffer) → dA, dB into `grads`.
+    fn train_backward(
+        &self,
+        dx: &mut [f32],
+        acts: &Self::Acts,
+        adapter: &Adapter,
+        dropout: Dropout,
+        grads: &mut LoraGrads,
+    ) -> Result<()>;
+}
+
+impl LoraTrainable for LlamaModel {
+    type Acts = decoder_train::Activations;
+    fn train_forward(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        adapter: Option<&Adapter>,
+        dropout: Dropout,
+        acts: &mut Self::Acts,
+    ) -> Result<()> {
+        LlamaModel::train_forward(self, ids, batch, seq, adapter, dropout, acts)
+    }
+    fn x_final(acts: &Self::Acts) -> &[f32] {
+        &acts.x_final
+    }
+    fn train_backward(
+        &self,
+        dx: &mut [f32],
+        acts: &Self::Acts,
+        adapter: &Adapter,
+        dropout: Dropout,
+        grads: &mut LoraGrads,
+    ) -> Result<()> {
+        LlamaModel::train_backward(self, dx, acts, adapter, dropout, grads)
+    }
+}
+
+impl LoraTrainable for Gpt2Model {
+    type Acts = gpt2::Gpt2Activations;
+    fn train_forward(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        adapter: Option<&Adapter>,
+        dropout: Dropout,
+        acts: &mut Self::Acts,
+    ) -> Result<()> {
+        Gpt2Model::train_forward(self, ids, batch, seq, adapter, dropout, acts)
+    }
+    fn x_final(acts: &Self::Acts) -> &[f32] {
+        &acts.x_final
+    }
+    fn train_backward(
+        &self,
+        dx: &mut [f32],
+        acts: &Self::Acts,
+        adapter: &Adapter,
+        dropout: Dropout,
+        grads: &mut LoraGrads,
+    ) -> Result<()> {
+        Gpt2Model::train_backward(self, dx, acts, adapter, dropout, grads)
+    }
+}
