@@ -7,7 +7,8 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::io::atomic::{write_atomic, write_dir_atomic};
+use crate::io::atomic::write_atomic;
+use crate::io::output::OutputDir;
 use crate::lora::ModuleKind;
 use crate::model::{Arch, Config, LlamaModel};
 use crate::tokenize::Tokenizer;
@@ -51,9 +52,10 @@ pub fn hf_config_json(c: &Config) -> serde_json::Value {
     v
 }
 
-/// Writes `model` (adapters must be merged or detached first) and its tokenizer into `dir` as an
-/// HF directory. The directory appears complete or not at all (written beside it, then renamed).
-pub fn save_hf_dir(model: &LlamaModel, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
+/// Writes `model` (adapters must be merged or detached first) and its tokenizer into the checked
+/// output `dir` as an HF directory, replacing only lorakit's files there
+/// ([`OutputDir::write_whole`]: the directory appears complete or not at all).
+pub fn save_hf_dir(model: &LlamaModel, tokenizer: &Tokenizer, dir: &OutputDir) -> Result<()> {
     if model.layers.iter().any(|l| {
         ModuleKind::ALL
             .iter()
@@ -63,7 +65,7 @@ pub fn save_hf_dir(model: &LlamaModel, tokenizer: &Tokenizer, dir: &Path) -> Res
             "save_hf_dir: merge or detach the adapters first".into(),
         ));
     }
-    write_dir_atomic(dir, |tmp| write_contents(model, tokenizer, tmp))
+    dir.write_whole(|tmp| write_contents(model, tokenizer, tmp))
 }
 
 /// Writes f32 tensors (HF name, shape, row-major data) as a safetensors file with PyTorch's
