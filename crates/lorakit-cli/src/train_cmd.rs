@@ -36,7 +36,7 @@ pub struct TrainArgs {
     resume: bool,
     /// Start over in an --out holding an earlier run (only its files are removed), or write into
     /// a directory lorakit did not write (its other files are kept).
-    #[arg(long, conflicts_with = "resume")]
+    #[arg(long)]
     overwrite: bool,
     /// Start from this PEFT adapter (its own config is used).
     #[arg(long)]
