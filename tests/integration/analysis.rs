@@ -124,11 +124,15 @@ fn analyze_subspace_cli_writes_csv_heatmaps_and_summary() {
         assert!(!o.status.success());
         assert!(stderr(&o).contains(needle), "{}", stderr(&o));
     }
+    // An adapter directory without adapter_config.json (not --out's parent: an output may not
+    // lie inside an input).
+    let empty = tmp.path().join("not-an-adapter");
+    std::fs::create_dir(&empty).unwrap();
     let o = lorakit(&[
         "analyze",
         "subspace",
         "--a",
-        tmp.path().to_str().unwrap(),
+        empty.to_str().unwrap(),
         "--b",
         subspace_data("adapter-r6").to_str().unwrap(),
         "--out",

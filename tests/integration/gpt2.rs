@@ -100,7 +100,8 @@ fn merged_conv1d_weight_is_the_transposed_delta_and_saves_in_hf_layout() {
     m.attach_adapter(&a, 1.0).unwrap();
     m.merge_adapters().unwrap();
     let dir = tempfile_dir("gpt2-merged");
-    m.save_hf_dir(&dir, None).unwrap();
+    let out = lorakit::io::output::prepare_output_dir(&dir, "merge", &[], false).unwrap();
+    m.save_hf_dir(&out, None).unwrap();
 
     let st = lorakit::io::safetensors_file::SafetensorsFile::open(&fixture(
         "tiny-gpt2/model.safetensors",

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use lorakit::analysis::{amplification, load_factors, subspace};
 use lorakit::lora::ModuleKind;
 
-use crate::open_model;
+use crate::{open_model, resolve_model};
 
 #[derive(Args)]
 pub struct AnalyzeArgs {
@@ -53,6 +53,9 @@ struct SubspaceArgs {
     label_b: Option<String>,
     #[arg(long)]
     out: PathBuf,
+    /// Write into a directory lorakit did not write (replacing only the files this writes).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Args)]
@@ -74,6 +77,9 @@ struct AmplificationArgs {
     /// Write amplification.csv and amplification.md here (the table is printed either way).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Write into a directory lorakit did not write (replacing only the files this writes).
+    #[arg(long, requires = "out")]
+    overwrite: bool,
 }
 
 pub fn cmd_analyze(a: AnalyzeArgs) -> Result<()> {
@@ -103,6 +109,11 @@ fn label(p: &Path) -> String {
 fn cmd_subspace(a: SubspaceArgs) -> Result<()> {
     let which: subspace::Factor = a.matrix.parse()?;
     let module = module_arg(&a.module)?;
+    let out = subspace::prepare_output(
+        &a.out,
+        &[("--a", a.a.as_path()), ("--b", a.b.as_path())],
+        a.overwrite,
+    )?;
     let f1 =
         load_factors(&a.a).with_context(|| format!("cannot read adapter {}", a.a.display()))?;
     let f2 =
@@ -110,7 +121,7 @@ fn cmd_subspace(a: SubspaceArgs) -> Result<()> {
     let results = subspace::compare(&f1, &f2, module, a.layer, which, a.seed)?;
     let la = a.label_a.clone().unwrap_or_else(|| label(&a.a));
     let lb = a.label_b.clone().unwrap_or_else(|| label(&a.b));
-    let pngs = subspace::write_outputs(&a.out, &results, &la, &lb, which)?;
+    let pngs = subspace::write_outputs(&out, &results, &la, &lb, which)?;
     print!("{}", subspace::summary(&results, &la, &lb, which));
     eprintln!(
         "wrote {}/similarity.csv, similarity_random.csv, summary.txt and {} heatmap(s)",
@@ -122,7 +133,19 @@ fn cmd_subspace(a: SubspaceArgs) -> Result<()> {
 
 fn cmd_amplification(a: AmplificationArgs) -> Result<()> {
     let module = module_arg(&a.module)?;
-    let loaded = open_model(a.model)?;
+    let model = resolve_model(a.model)?;
+    let out = match &a.out {
+        Some(out) => Some(amplification::prepare_output(
+            out,
+            &[
+                ("--adapter", a.adapter.as_path()),
+                ("--model", model.as_path()),
+            ],
+            a.overwrite,
+        )?),
+        None => None,
+    };
+    let loaded = open_model(Some(model))?;
     let mut factors = load_factors(&a.adapter)
         .with_context(|| format!("cannot read adapter {}", a.adapter.display()))?;
     factors.retain(|id, _| {
@@ -135,16 +158,11 @@ fn cmd_amplification(a: AmplificationArgs) -> Result<()> {
     let rows = amplification::analyze(&loaded.model, &factors, a.seed)?;
     let table = amplification::to_table(&rows);
     print!("{table}");
-    if let Some(out) = &a.out {
-        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-        lorakit::io::atomic::write_atomic(
-            &out.join("amplification.csv"),
-            amplification::to_csv(&rows).as_bytes(),
-        )?;
-        lorakit::io::atomic::write_atomic(&out.join("amplification.md"), table.as_bytes())?;
+    if let Some(out) = &out {
+        amplification::write_outputs(out, &rows)?;
         eprintln!(
             "wrote {}/amplification.csv and amplification.md",
-            out.display()
+            out.shown().display()
         );
     }
     Ok(())

@@ -14,6 +14,7 @@ use lorakit::eval::{
     choice_logprobs, example_nll, load_eval_data, load_predictions, newline_ids, predict,
     score_predictions, Decode, EvalItem, Metric, Score,
 };
+use lorakit::io::output::{prepare_output_file, OutputFile};
 use serde_json::json;
 
 use crate::ModelArg;
@@ -41,8 +42,12 @@ pub struct EvalArgs {
     #[arg(long)]
     predictions: Option<PathBuf>,
     /// Write the model's predictions here (one JSON string per line), for --predictions later.
+    /// An existing file is replaced only if it is such a predictions file (or with --overwrite).
     #[arg(long, conflicts_with = "predictions")]
     save_predictions: Option<PathBuf>,
+    /// Let --save-predictions replace a file that is not a predictions file.
+    #[arg(long, requires = "save_predictions")]
+    overwrite: bool,
     /// greedy | beam
     #[arg(long, default_value = "greedy")]
     decode: String,
@@ -98,11 +103,17 @@ pub fn cmd_eval(a: EvalArgs) -> Result<()> {
     if a.limit == Some(0) {
         bail!("--limit 0 leaves nothing to evaluate");
     }
+    // Checked before anything loads: not a directory, not an input, and not a file that eval
+    // did not write (without --overwrite).
+    let save = match &a.save_predictions {
+        Some(p) => Some(predictions_output(&a, p)?),
+        None => None,
+    };
     let start = Instant::now();
     let (score, source) = match &a.predictions {
         Some(p) => (score_file(&a, metric, p)?, json!({ "predictions": p })),
         None => {
-            let s = score_model(&a, metric, &decode)?;
+            let s = score_model(&a, metric, &decode, save.as_ref())?;
             let model = crate::resolve_model(a.model.clone())?;
             (
                 s,
@@ -180,7 +191,40 @@ fn score_file(a: &EvalArgs, metric: Metric, path: &Path) -> Result<Score> {
     Ok(score_predictions(metric, &items, &preds, &a.data)?)
 }
 
-fn score_model(a: &EvalArgs, metric: Metric, decode: &Decode) -> Result<Score> {
+/// Whether `path` is a predictions file as `--save-predictions` writes them (one JSON string
+/// per line; an empty file too).
+fn is_predictions_file(path: &Path) -> bool {
+    // A predictions file of a few thousand lines is kilobytes; a huge file is something else.
+    std::fs::metadata(path).is_ok_and(|m| m.len() <= 1 << 30) && load_predictions(path).is_ok()
+}
+
+fn predictions_output(a: &EvalArgs, path: &Path) -> Result<OutputFile> {
+    let model = crate::resolve_model(a.model.clone()).ok();
+    let adapters = a
+        .adapter
+        .iter()
+        .map(|s| crate::train_cmd::parse_adapter_spec(s).map(|(d, _)| d))
+        .collect::<Result<Vec<_>>>()?;
+    let mut inputs = vec![("--data", a.data.as_path())];
+    if let Some(m) = &model {
+        inputs.push(("--model", m.as_path()));
+    }
+    inputs.extend(adapters.iter().map(|d| ("--adapter", d.as_path())));
+    Ok(prepare_output_file(
+        path,
+        &inputs,
+        a.overwrite,
+        "a predictions file written by lorakit eval (one JSON string per line)",
+        &is_predictions_file,
+    )?)
+}
+
+fn score_model(
+    a: &EvalArgs,
+    metric: Metric,
+    decode: &Decode,
+    save: Option<&OutputFile>,
+) -> Result<Score> {
     // Check the data before the (slower) model load, so that bad input fails fast.
     let items = if metric == Metric::Loss {
         vec![]
@@ -241,7 +285,7 @@ fn score_model(a: &EvalArgs, metric: Metric, decode: &Decode) -> Result<Score> {
                 bar.inc(1);
             }
             bar.finish_and_clear();
-            save_predictions(a, &preds)?;
+            save_predictions(save, &preds)?;
             Ok(score_predictions(metric, &items, &preds, &a.data)?)
         }
         _ => {
@@ -256,17 +300,17 @@ fn score_model(a: &EvalArgs, metric: Metric, decode: &Decode) -> Result<Score> {
                 bar.inc(1);
             }
             bar.finish_and_clear();
-            save_predictions(a, &preds)?;
+            save_predictions(save, &preds)?;
             Ok(score_predictions(metric, &items, &preds, &a.data)?)
         }
     }
 }
 
-fn save_predictions(a: &EvalArgs, preds: &[String]) -> Result<()> {
-    let Some(path) = &a.save_predictions else {
+fn save_predictions(save: Option<&OutputFile>, preds: &[String]) -> Result<()> {
+    let Some(out) = save else {
         return Ok(());
     };
-    lorakit::io::atomic::write_atomic_with(path, |f| {
+    out.write_with(|f| {
         let mut w = std::io::BufWriter::new(f);
         for p in preds {
             writeln!(

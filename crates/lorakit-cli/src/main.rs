@@ -18,7 +18,7 @@ mod sweep_cmd;
 mod train_cmd;
 
 /// The model fetched by `scripts/fetch-model.sh`.
-const DEFAULT_MODEL_FILE: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+pub(crate) const DEFAULT_MODEL_FILE: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 #[derive(Parser)]
 #[command(

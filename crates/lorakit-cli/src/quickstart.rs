@@ -11,9 +11,11 @@ use lorakit::data::{load_jsonl, DataOptions, Example};
 use lorakit::generate::{generate, SamplingParams};
 use lorakit::lora::peft::Adapter;
 use lorakit::model::{LlamaModel, LoadedModel};
-use lorakit::train::trainer::{evaluate_loss, train, Event, TrainOptions, TrainPlan};
+use lorakit::train::trainer::{
+    evaluate_loss, train, EarlierRun, Event, TrainOptions, TrainOutput, TrainPlan,
+};
 
-use crate::{open_model, repo_root};
+use crate::{open_model, repo_root, DEFAULT_MODEL_FILE};
 
 #[derive(Args)]
 pub struct QuickstartArgs {
@@ -32,6 +34,10 @@ pub struct QuickstartArgs {
     /// Held-out examples shown before and after training.
     #[arg(long, default_value_t = 3)]
     show: usize,
+    /// Write into a directory lorakit did not write (its other files are kept). An earlier
+    /// quickstart run there is replaced without it.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 fn run_script(script: &str, args: &[&str]) -> Result<()> {
@@ -95,12 +101,32 @@ fn mean_loss(model: &LlamaModel, adapter: Option<&Adapter>, examples: &[Example]
 
 pub fn cmd_quickstart(a: QuickstartArgs) -> Result<()> {
     let t_start = std::time::Instant::now();
+    let data = repo_root().join("data/e2e");
+    // Checked before anything is fetched: an earlier quickstart run in --out is replaced; an
+    // input, a file or a directory lorakit did not write is refused.
+    let (model_here, model_in_tree) = match &a.model {
+        Some(m) => (m.clone(), m.clone()),
+        None => (
+            PathBuf::from(DEFAULT_MODEL_FILE),
+            repo_root().join(DEFAULT_MODEL_FILE),
+        ),
+    };
+    let output = TrainOutput::prepare(
+        &a.out,
+        "quickstart",
+        &[
+            ("model", model_here.as_path()),
+            ("model", model_in_tree.as_path()),
+            ("E2E data", data.as_path()),
+        ],
+        EarlierRun::Replace,
+        a.overwrite,
+    )?;
     eprintln!("== 1/5 fetching the model and the E2E NLG data (once) ==");
     if a.model.is_none() {
         run_script("fetch-model.sh", &[])?;
     }
     run_script("fetch-data.sh", &["e2e"])?;
-    let data = repo_root().join("data/e2e");
     let mut loaded = open_model(a.model.clone())?;
     // The fastest precision this CPU has (bf16 with AVX512-BF16), for training and decoding.
     let precision = TrainOptions::default().precision()?;
@@ -152,7 +178,7 @@ pub fn cmd_quickstart(a: QuickstartArgs) -> Result<()> {
     );
     let t_train = std::time::Instant::now();
     let mut tokens = 0usize;
-    let summary = train(&loaded, plan, false, |ev| match ev {
+    let summary = train(&loaded, plan, &output, |ev| match ev {
         Event::Step(m) => {
             tokens += m.tokens;
             if m.step % 10 == 0 || m.step == 1 {

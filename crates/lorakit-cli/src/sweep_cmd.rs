@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use lorakit::sweep::{load_config, per_rank_counts, plan_cells, run_sweep, SweepEvent};
+use lorakit::sweep::{
+    load_config, per_rank_counts, plan_cells, prepare_sweep_output, run_sweep, SweepEvent,
+};
 
 use crate::{open_model, resolve_model};
 
@@ -22,6 +24,10 @@ pub struct SweepArgs {
     /// Print the cells and their parameter counts, train nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Start over in an --out holding an earlier sweep (only its files are removed), or write
+    /// into a directory lorakit did not write (its other files are kept). Also a config key.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 pub fn cmd_sweep(a: SweepArgs) -> Result<()> {
@@ -34,6 +40,20 @@ pub fn cmd_sweep(a: SweepArgs) -> Result<()> {
     })?;
     let model_path = resolve_model(a.model.clone().or_else(|| cfg.train.model.clone()))?;
     cfg.train.model = Some(model_path.clone());
+    // Checked before anything loads or trains (an earlier sweep there is continued).
+    let mut inputs = vec![
+        ("--config", a.config.as_path()),
+        ("the model", model_path.as_path()),
+    ];
+    for (what, p) in [
+        ("train.data", &cfg.train.data),
+        ("train.eval_data", &cfg.train.eval_data),
+    ] {
+        if let Some(p) = p {
+            inputs.push((what, p.as_path()));
+        }
+    }
+    let output = prepare_sweep_output(&out, &inputs, a.overwrite || cfg.overwrite)?;
     let mut loaded = open_model(Some(model_path.clone()))?;
     // Everything is checked before the first cell trains.
     let cells = plan_cells(&cfg, &loaded.model.config, &a.config)?;
@@ -57,7 +77,7 @@ pub fn cmd_sweep(a: SweepArgs) -> Result<()> {
         &model_path.display().to_string(),
         &cfg,
         &cells,
-        &out,
+        &output,
         |ev| match ev {
             SweepEvent::Skipped(r) => eprintln!("[done] {} (finished before; skipped)", r.id),
             SweepEvent::Started { index, total, cell } => {

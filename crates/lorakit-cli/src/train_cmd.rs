@@ -6,8 +6,11 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lorakit::io::hf_save::save_hf_dir;
+use lorakit::io::output::prepare_output_dir;
 use lorakit::lora::peft::Adapter;
-use lorakit::train::trainer::{train, train_model, Event, TrainOptions, TrainPlan};
+use lorakit::train::trainer::{
+    train, train_model, EarlierRun, Event, TrainOptions, TrainOutput, TrainPlan,
+};
 
 use crate::{open_model, resolve_model};
 
@@ -31,6 +34,10 @@ pub struct TrainArgs {
     /// Continue from the newest checkpoint under --out.
     #[arg(long)]
     resume: bool,
+    /// Start over in an --out holding an earlier run (only its files are removed), or write into
+    /// a directory lorakit did not write (its other files are kept).
+    #[arg(long)]
+    overwrite: bool,
     /// Start from this PEFT adapter (its own config is used).
     #[arg(long)]
     init_adapter: Option<PathBuf>,
@@ -167,14 +174,43 @@ impl TrainArgs {
         o.no_shuffle |= self.no_shuffle;
         o.skip_nonfinite |= self.skip_nonfinite;
         o.full |= self.full;
+        o.overwrite |= self.overwrite;
         Ok(o)
     }
 }
 
 pub fn cmd_train(a: TrainArgs) -> Result<()> {
     let mut options = a.options()?;
+    anyhow::ensure!(
+        !(options.full && a.resume),
+        "--resume cannot be combined with --full: its --save-every snapshots hold no optimiser state"
+    );
     let model_path = resolve_model(options.model.clone())?;
     options.model = Some(model_path.clone());
+    // The output is checked before anything loads: an --out that is an input, a file, a
+    // directory lorakit did not write or an earlier run (without --resume / --overwrite) is
+    // refused with nothing touched.
+    let out = options
+        .out
+        .clone()
+        .context("no output directory: give --out DIR")?;
+    let mut inputs = vec![("--model", model_path.as_path())];
+    for (flag, p) in [
+        ("--data", &options.data),
+        ("--eval-data", &options.eval_data),
+        ("--init-adapter", &options.init_adapter),
+        ("--config", &a.config),
+    ] {
+        if let Some(p) = p {
+            inputs.push((flag, p.as_path()));
+        }
+    }
+    let earlier = if a.resume {
+        EarlierRun::Resume
+    } else {
+        EarlierRun::Refuse
+    };
+    let output = TrainOutput::prepare(&out, "train", &inputs, earlier, options.overwrite)?;
     let precision = options.precision()?;
     let model_name = model_path.display().to_string();
     let (mut model, plan) = if lorakit::model::is_gpt2_dir(&model_path) {
@@ -201,10 +237,6 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     };
     let total = config.parameter_count();
     let full = plan.options.full;
-    anyhow::ensure!(
-        !(full && a.resume),
-        "--resume cannot be combined with --full: its --save-every snapshots hold no optimiser state"
-    );
     if full {
         eprintln!("trainable parameters: {total} of {total} (100% of the model): full fine-tuning");
     } else {
@@ -262,9 +294,6 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     let bar = ProgressBar::hidden();
     let mut tokens_done = 0usize;
     let start = std::time::Instant::now();
-    // A run that fails before its first checkpoint leaves nothing behind in a directory it made.
-    let out_dir = plan.out.clone();
-    let fresh_out = !out_dir.exists();
     let on_event = |ev: Event| match ev {
         Event::Started {
             total_steps,
@@ -303,23 +332,17 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             bar.suspend(|| eprintln!("step {step}: checkpoint {}", dir.display()));
         }
     };
+    // A run that fails before its first checkpoint leaves nothing behind in a directory it made
+    // (the library removes what it wrote there).
     let result = match &mut model {
         crate::Opened::Llama(loaded) if full => {
-            lorakit::train::full::train_full(loaded, plan, on_event)
+            lorakit::train::full::train_full(loaded, plan, &output, on_event)
         }
-        crate::Opened::Llama(loaded) => train(loaded, plan, a.resume, on_event),
-        crate::Opened::Gpt2(g) => train_model(&g.model, plan, a.resume, on_event),
+        crate::Opened::Llama(loaded) => train(loaded, plan, &output, on_event),
+        crate::Opened::Gpt2(g) => train_model(&g.model, plan, &output, on_event),
     };
     bar.finish_and_clear();
-    let summary = match result {
-        Ok(s) => s,
-        Err(e) => {
-            if fresh_out && !out_dir.join(lorakit::train::trainer::CHECKPOINTS).exists() {
-                let _ = std::fs::remove_dir_all(&out_dir);
-            }
-            return Err(e.into());
-        }
-    };
+    let summary = result?;
     if summary.skipped_steps > 0 {
         eprintln!(
             "warning: {} of {} steps were skipped for a non-finite loss or gradient",
@@ -350,17 +373,30 @@ pub struct MergeArgs {
     /// The HF directory to write (config.json, model.safetensors, tokenizer files).
     #[arg(long)]
     out: PathBuf,
+    /// Write into a directory lorakit did not write (replacing only the files merge writes).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 pub fn cmd_merge(a: MergeArgs) -> Result<()> {
     let path = resolve_model(a.model.clone())?;
+    // Checked before anything loads: --out may not be an input, a file, or a directory that
+    // lorakit did not write (without --overwrite).
+    let adapters = a
+        .adapter
+        .iter()
+        .map(|s| parse_adapter_spec(s).map(|(dir, _)| dir))
+        .collect::<Result<Vec<_>>>()?;
+    let mut inputs = vec![("--model", path.as_path())];
+    inputs.extend(adapters.iter().map(|d| ("--adapter", d.as_path())));
+    let out = prepare_output_dir(&a.out, "merge", &inputs, a.overwrite)?;
     if lorakit::model::is_gpt2_dir(&path) {
-        return merge_gpt2(&path, &a);
+        return merge_gpt2(&path, &a, &out);
     }
-    let mut loaded = open_model(a.model)?;
+    let mut loaded = open_model(Some(path))?;
     crate::attach_adapters(&mut loaded, &a.adapter)?;
     loaded.model.merge_adapters()?;
-    save_hf_dir(&loaded.model, &loaded.tokenizer, &a.out)
+    save_hf_dir(&loaded.model, &loaded.tokenizer, &out)
         .with_context(|| format!("cannot write {}", a.out.display()))?;
     eprintln!("merged model written to {}", a.out.display());
     Ok(())
@@ -368,7 +404,11 @@ pub fn cmd_merge(a: MergeArgs) -> Result<()> {
 
 /// `merge` of a GPT-2 directory: Conv1D weights written back as [in, out]; the tokenizer
 /// files, when present, copied as they are.
-fn merge_gpt2(path: &std::path::Path, a: &MergeArgs) -> Result<()> {
+fn merge_gpt2(
+    path: &std::path::Path,
+    a: &MergeArgs,
+    out: &lorakit::io::output::OutputDir,
+) -> Result<()> {
     let mut g = crate::open_gpt2(path)?;
     for spec in &a.adapter {
         let (adapter, w) = load_adapter(spec, &g.model.config)?;
@@ -376,7 +416,7 @@ fn merge_gpt2(path: &std::path::Path, a: &MergeArgs) -> Result<()> {
     }
     g.model.merge_adapters()?;
     g.model
-        .save_hf_dir(&a.out, Some(path))
+        .save_hf_dir(out, Some(path))
         .with_context(|| format!("cannot write {}", a.out.display()))?;
     eprintln!("merged model written to {}", a.out.display());
     Ok(())

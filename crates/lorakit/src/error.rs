@@ -44,6 +44,11 @@ pub enum Error {
     #[error("chat template: {0}")]
     Template(String),
 
+    /// An output path lorakit refuses to write (an input, a file where a directory is
+    /// expected, a directory holding files lorakit did not write, ...).
+    #[error("{}: {msg}", path.display())]
+    Output { path: PathBuf, msg: String },
+
     /// An argument to a library call is out of range (empty prompt, too long, ...).
     #[error("{0}")]
     Invalid(String),

@@ -35,9 +35,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
+use crate::io::output::{prepare_output_dir_with, OutputDir};
 use crate::lora::config::{LoraConfig, TargetModules};
 use crate::model::{Config, LoadedModel};
-use crate::train::trainer::{train, TrainOptions, TrainPlan};
+use crate::train::trainer::{train, EarlierRun, TrainOptions, TrainOutput, TrainPlan};
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -45,6 +46,10 @@ pub struct SweepConfig {
     /// Output directory (the command line's --out wins).
     #[serde(default)]
     pub out: Option<PathBuf>,
+    /// Start over in an `out` holding an earlier sweep (its cells and tables are removed), or
+    /// use one lorakit did not write (its other files kept), instead of continuing / refusing.
+    #[serde(default)]
+    pub overwrite: bool,
     /// What ranks cells: only `loss` (held-out loss) for now; generation metrics can join here.
     #[serde(default = "default_metric")]
     pub metric: String,
@@ -261,6 +266,7 @@ pub fn plan_cells(cfg: &SweepConfig, model: &Config, source: &Path) -> Result<Ve
     }
     for (key, set) in [
         ("train.out", t.out.is_some()),
+        ("train.overwrite", t.overwrite),
         ("train.init_adapter", t.init_adapter.is_some()),
     ] {
         if set {
@@ -413,6 +419,7 @@ fn run_cell(
     cell: &Cell,
     dir: &Path,
 ) -> Result<CellResult> {
+    // The cell directory is inside the sweep's own `cells/`: all of it is lorakit's.
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
@@ -432,7 +439,8 @@ fn run_cell(
             cell.id, cell.trainable_params
         )));
     }
-    let summary = train(loaded, plan, false, |_| {})?;
+    let output = TrainOutput::prepare(dir, "train", &[], EarlierRun::Refuse, false)?;
+    let summary = train(loaded, plan, &output, |_| {})?;
     let mut res = CellResult::pending(cell, &cfg.metric);
     res.eval_loss = summary.eval_loss;
     res.eval_perplexity = summary.eval_loss.map(f64::exp);
@@ -447,6 +455,35 @@ fn run_cell(
     Ok(res)
 }
 
+/// The top-level names a sweep writes in its output directory.
+pub const SWEEP_OUTPUT_FILES: [&str; 3] = ["cells", "results.csv", "results.md"];
+
+/// A sweep directory from before the output marker: nothing but the sweep's names, with its
+/// `results.csv` (or at least `cells/`).
+pub fn legacy_sweep_output(dir: &Path, entries: &[String]) -> Option<Vec<String>> {
+    if !entries
+        .iter()
+        .all(|n| SWEEP_OUTPUT_FILES.contains(&n.as_str()))
+    {
+        return None;
+    }
+    let header = std::fs::read_to_string(dir.join("results.csv"))
+        .ok()
+        .is_some_and(|t| t.lines().next() == Some(CSV_HEADER));
+    (header || dir.join("cells").is_dir()).then(|| entries.to_vec())
+}
+
+/// Checks `out` as a sweep's output directory (see [`crate::io::output`]): missing, empty or an
+/// earlier sweep (continued: finished cells are skipped; started over with `overwrite`);
+/// anything else is refused unless `overwrite`, which then replaces only the sweep's names.
+pub fn prepare_sweep_output(
+    out: &Path,
+    inputs: &[(&str, &Path)],
+    overwrite: bool,
+) -> Result<OutputDir> {
+    prepare_output_dir_with(out, "sweep", inputs, overwrite, &legacy_sweep_output)
+}
+
 /// Runs every cell not finished yet, in order; rewrites `results.csv` / `results.md` in `out`
 /// after each. A failing cell is recorded (status `failed`) and does not stop the sweep.
 pub fn run_sweep(
@@ -454,9 +491,11 @@ pub fn run_sweep(
     model_name: &str,
     cfg: &SweepConfig,
     cells: &[Cell],
-    out: &Path,
+    out: &OutputDir,
     mut on_event: impl FnMut(SweepEvent),
 ) -> Result<Vec<CellResult>> {
+    out.begin(&SWEEP_OUTPUT_FILES, out.overwrite())?;
+    let out = out.path();
     std::fs::create_dir_all(out.join("cells")).map_err(|e| Error::io(out, e))?;
     let mut results: Vec<CellResult> = cells
         .iter()

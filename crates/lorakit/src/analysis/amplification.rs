@@ -7,11 +7,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::path::Path;
 
 use nalgebra::DMatrix;
 
 use super::{csv_field, gaussian, singular_values, sorted_svd, to_dmatrix, Factors};
 use crate::error::{Error, Result};
+use crate::io::atomic::write_atomic;
+use crate::io::output::{prepare_output_dir_with, OutputDir};
 use crate::lora::ModuleId;
 use crate::model::LlamaModel;
 
@@ -140,6 +143,36 @@ pub fn to_csv(rows: &[Amplification]) -> String {
         );
     }
     s
+}
+
+/// The files [`write_outputs`] writes.
+pub const OUTPUT_FILES: [&str; 2] = ["amplification.csv", "amplification.md"];
+
+/// An output directory from before the output marker: these files only, the CSV in this layout.
+pub fn legacy_output(dir: &Path, entries: &[String]) -> Option<Vec<String>> {
+    let header = std::fs::read_to_string(dir.join("amplification.csv"))
+        .ok()
+        .is_some_and(|t| t.lines().next() == Some(CSV_HEADER));
+    (header && entries.iter().all(|n| OUTPUT_FILES.contains(&n.as_str()))).then(|| entries.to_vec())
+}
+
+/// Checks `out` as the output directory of `analyze amplification` (see [`crate::io::output`]).
+pub fn prepare_output(out: &Path, inputs: &[(&str, &Path)], overwrite: bool) -> Result<OutputDir> {
+    prepare_output_dir_with(
+        out,
+        "analyze amplification",
+        inputs,
+        overwrite,
+        &legacy_output,
+    )
+}
+
+/// Writes `amplification.csv` and `amplification.md` (the table) as the whole output `out`.
+pub fn write_outputs(out: &OutputDir, rows: &[Amplification]) -> Result<()> {
+    out.write_whole(|dir| {
+        write_atomic(&dir.join("amplification.csv"), to_csv(rows).as_bytes())?;
+        write_atomic(&dir.join("amplification.md"), to_table(rows).as_bytes())
+    })
 }
 
 /// A Markdown table (readable as plain text too).

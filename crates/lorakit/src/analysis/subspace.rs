@@ -14,6 +14,7 @@ use nalgebra::DMatrix;
 use super::{csv_field, gaussian, sorted_svd, to_dmatrix, Factors};
 use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
+use crate::io::output::{prepare_output_dir_with, OutputDir};
 use crate::lora::{ModuleId, ModuleKind};
 
 /// Which LoRA factor's singular vectors span the compared subspaces.
@@ -212,53 +213,76 @@ pub fn summary(
     s
 }
 
+/// The files `write_outputs` writes (and the heatmaps, `phi_<module>_<layer>.png`).
+pub const OUTPUT_FILES: [&str; 3] = ["similarity.csv", "similarity_random.csv", "summary.txt"];
+
+/// An output directory from before the output marker: nothing but these files and heatmaps,
+/// with a `similarity.csv` of this layout.
+pub fn legacy_output(dir: &Path, entries: &[String]) -> Option<Vec<String>> {
+    let ours = |n: &String| {
+        OUTPUT_FILES.contains(&n.as_str()) || (n.starts_with("phi_") && n.ends_with(".png"))
+    };
+    let header = std::fs::read_to_string(dir.join("similarity.csv"))
+        .ok()
+        .is_some_and(|t| t.lines().next() == Some("module,layer,i,j,phi"));
+    (header && entries.iter().all(ours)).then(|| entries.to_vec())
+}
+
+/// Checks `out` as the output directory of `analyze subspace` (see [`crate::io::output`]).
+pub fn prepare_output(out: &Path, inputs: &[(&str, &Path)], overwrite: bool) -> Result<OutputDir> {
+    prepare_output_dir_with(out, "analyze subspace", inputs, overwrite, &legacy_output)
+}
+
 /// Writes `similarity.csv`, `similarity_random.csv`, `summary.txt` and one heatmap PNG per
-/// module and layer (`phi_<module>_<layer>.png`: adapters left, random baseline right) into `out`.
+/// module and layer (`phi_<module>_<layer>.png`: adapters left, random baseline right) as the
+/// whole output `out`; returns the heatmaps' paths.
 pub fn write_outputs(
-    out: &Path,
+    out: &OutputDir,
     results: &[ModuleSimilarity],
     label_a: &str,
     label_b: &str,
     which: Factor,
 ) -> Result<Vec<std::path::PathBuf>> {
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    write_atomic(
-        &out.join("similarity.csv"),
-        to_csv(results, false).as_bytes(),
-    )?;
-    write_atomic(
-        &out.join("similarity_random.csv"),
-        to_csv(results, true).as_bytes(),
-    )?;
-    write_atomic(
-        &out.join("summary.txt"),
-        summary(results, label_a, label_b, which).as_bytes(),
-    )?;
-    let mut pngs = Vec::new();
-    for m in results {
-        let path = out.join(format!("phi_{}_{}.png", m.id.kind.name(), m.id.layer));
-        let title = format!("φ of {which:?}, {} layer {}", m.id.kind.name(), m.id.layer);
-        super::heatmap::plot_heatmaps(
-            &path,
-            &title,
-            &[
-                super::heatmap::Panel {
-                    title: format!("{label_a} vs {label_b}"),
-                    rows: m.p1,
-                    cols: m.p2,
-                    values: &m.phi,
-                },
-                super::heatmap::Panel {
-                    title: format!("{label_a} vs random"),
-                    rows: m.p1,
-                    cols: m.p2,
-                    values: &m.phi_random,
-                },
-            ],
+    let mut names = Vec::new();
+    out.write_whole(|dir| {
+        write_atomic(
+            &dir.join("similarity.csv"),
+            to_csv(results, false).as_bytes(),
         )?;
-        pngs.push(path);
-    }
-    Ok(pngs)
+        write_atomic(
+            &dir.join("similarity_random.csv"),
+            to_csv(results, true).as_bytes(),
+        )?;
+        write_atomic(
+            &dir.join("summary.txt"),
+            summary(results, label_a, label_b, which).as_bytes(),
+        )?;
+        for m in results {
+            let name = format!("phi_{}_{}.png", m.id.kind.name(), m.id.layer);
+            let title = format!("φ of {which:?}, {} layer {}", m.id.kind.name(), m.id.layer);
+            super::heatmap::plot_heatmaps(
+                &dir.join(&name),
+                &title,
+                &[
+                    super::heatmap::Panel {
+                        title: format!("{label_a} vs {label_b}"),
+                        rows: m.p1,
+                        cols: m.p2,
+                        values: &m.phi,
+                    },
+                    super::heatmap::Panel {
+                        title: format!("{label_a} vs random"),
+                        rows: m.p1,
+                        cols: m.p2,
+                        values: &m.phi_random,
+                    },
+                ],
+            )?;
+            names.push(name);
+        }
+        Ok(())
+    })?;
+    Ok(names.iter().map(|n| out.path().join(n)).collect())
 }
 
 #[cfg(test)]

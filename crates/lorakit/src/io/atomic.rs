@@ -1,4 +1,4 @@
-//! Atomic file and directory replacement.
+//! Atomic file replacement (whole output directories are written through `io::output`).
 //!
 //! A reader of a path written through this module sees either the old content or the
 //! complete new content, never a partial write: the bytes go to a uniquely named temporary
@@ -77,61 +77,6 @@ pub fn write_atomic_via_path(path: &Path, f: impl FnOnce(&Path) -> Result<()>) -
     commit(&tmp, path)
 }
 
-/// Moves the fully written directory `tmp_dir` to `final_dir`.
-///
-/// Both should live in the same parent directory (a rename cannot cross file systems).
-/// If `final_dir` already exists it is first renamed aside to a unique hidden name, then
-/// `tmp_dir` is renamed into place, then the old one is deleted. A reader therefore sees
-/// the old directory, briefly no directory, or the complete new one, never a mix or a
-/// half-written one. If moving the new directory into place fails, the old one is moved
-/// back. Failing to delete the old directory after a successful swap is not reported
-/// as an error (the new content is in place); the leftover keeps a `.old.` name.
-pub fn replace_dir_atomic(tmp_dir: &Path, final_dir: &Path) -> Result<()> {
-    let meta = fs::metadata(tmp_dir).map_err(|e| Error::io(tmp_dir, e))?;
-    if !meta.is_dir() {
-        return Err(Error::io(
-            tmp_dir,
-            io::Error::new(io::ErrorKind::InvalidInput, "not a directory"),
-        ));
-    }
-    let parent = parent_dir(final_dir);
-    let aside = match fs::symlink_metadata(final_dir) {
-        Ok(_) => {
-            let aside = unique_sibling(final_dir, ".old", "");
-            fs::rename(final_dir, &aside).map_err(|e| {
-                Error::io(
-                    final_dir,
-                    context(e, "moving the old version aside to", &aside),
-                )
-            })?;
-            Some(aside)
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => return Err(Error::io(final_dir, e)),
-    };
-    if let Err(e) = fs::rename(tmp_dir, final_dir) {
-        if let Some(aside) = &aside {
-            let _ = fs::rename(aside, final_dir);
-        }
-        return Err(Error::io(
-            final_dir,
-            context(e, "renaming into place from", tmp_dir),
-        ));
-    }
-    sync_dir(&parent)
-        .map_err(|e| Error::io(&parent, context(e, "syncing the directory", &parent)))?;
-    if let Some(aside) = aside {
-        let removed = match fs::symlink_metadata(&aside) {
-            Ok(m) if m.is_dir() => fs::remove_dir_all(&aside),
-            Ok(_) => fs::remove_file(&aside),
-            Err(e) => Err(e),
-        };
-        // The swap succeeded; a leftover old copy is untidy but not a failure.
-        let _ = removed;
-    }
-    Ok(())
-}
-
 /// Renames the synced temporary file over `path` and syncs the directory.
 fn commit(tmp: &Path, path: &Path) -> Result<()> {
     if let Err(e) = fs::rename(tmp, path) {
@@ -155,7 +100,7 @@ fn create_temp_file(path: &Path, suffix: &str) -> Result<(PathBuf, File)> {
     }
     let mut last_err = None;
     for _ in 0..16 {
-        let tmp = unique_sibling(path, ".tmp", suffix);
+        let tmp = unique_sibling(path, "tmp", suffix);
         match OpenOptions::new().write(true).create_new(true).open(&tmp) {
             Ok(file) => return Ok((tmp, file)),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last_err = Some(e),
@@ -171,8 +116,10 @@ fn create_temp_file(path: &Path, suffix: &str) -> Result<(PathBuf, File)> {
     Err(Error::io(path, e))
 }
 
-/// `<dir>/.<name><tag>.<pid>.<nanos>.<counter><suffix>`: hidden, unique, same directory.
-fn unique_sibling(path: &Path, tag: &str, suffix: &str) -> PathBuf {
+/// `<dir>/.<name>.lorakit-<tag>.<pid>.<nanos>.<counter><suffix>`: hidden, unique, same
+/// directory. Every temporary or set-aside copy lorakit makes has such a name, so that the
+/// leftovers of a killed run can be recognised ([`leftover_pid`]) and removed by the next.
+pub(crate) fn unique_sibling(path: &Path, tag: &str, suffix: &str) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -182,8 +129,31 @@ fn unique_sibling(path: &Path, tag: &str, suffix: &str) -> PathBuf {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let file = format!(".{name}{tag}.{}.{nanos}.{n}{suffix}", std::process::id());
+    let file = format!(
+        ".{name}.lorakit-{tag}.{}.{nanos}.{n}{suffix}",
+        std::process::id()
+    );
     parent_dir(path).join(file)
+}
+
+/// The process id in a name made by [`unique_sibling`] (`None` for any other name).
+pub(crate) fn leftover_pid(name: &str) -> Option<u32> {
+    if !name.starts_with('.') {
+        return None;
+    }
+    let at = ["lorakit-tmp.", "lorakit-old."]
+        .iter()
+        .filter_map(|t| name.rfind(&format!(".{t}")).map(|i| i + 1 + t.len()))
+        .max()?;
+    let mut fields = name[at..].split('.');
+    let pid = fields.next()?.parse().ok()?;
+    for _ in 0..2 {
+        let f = fields.next()?;
+        if f.is_empty() || !f.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+    }
+    Some(pid)
 }
 
 /// The directory holding `path` (`.` for a bare file name).
@@ -196,7 +166,7 @@ fn parent_dir(path: &Path) -> PathBuf {
 
 /// Flushes a directory's entries (the rename) to disk. File systems that cannot sync a
 /// directory (they answer "invalid argument" or "unsupported") are not an error.
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     #[cfg(unix)]
     {
         match File::open(dir).and_then(|d| d.sync_all()) {
@@ -222,31 +192,6 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Adds what we were doing, and with which path, to an I/O error's message.
 fn context(e: io::Error, doing: &str, with: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{doing} {}: {e}", with.display()))
-}
-
-/// Makes directory `dir` in one step: `fill` writes into a fresh temporary sibling, which then
-/// takes `dir`'s place ([`replace_dir_atomic`]). Readers see the old directory or the complete
-/// new one, never a half-written one; on failure the temporary directory is removed.
-pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = fill(&tmp).and_then(|_| replace_dir_atomic(&tmp, dir));
-    if result.is_err() {
-        let _ = fs::remove_dir_all(&tmp);
-    }
-    result
 }
 
 #[cfg(test)]
@@ -353,35 +298,26 @@ mod tests {
     }
 
     #[test]
-    fn replace_dir_new_and_existing() {
-        let dir = scratch("dir");
-        let final_dir = dir.join("adapter");
-        let tmp1 = dir.join("adapter.tmp1");
-        fs::create_dir(&tmp1).unwrap();
-        fs::write(tmp1.join("a.txt"), b"one").unwrap();
-        replace_dir_atomic(&tmp1, &final_dir).unwrap();
-        assert_eq!(fs::read(final_dir.join("a.txt")).unwrap(), b"one");
-
-        let tmp2 = dir.join("adapter.tmp2");
-        fs::create_dir_all(tmp2.join("sub")).unwrap();
-        fs::write(tmp2.join("sub").join("b.txt"), b"two").unwrap();
-        replace_dir_atomic(&tmp2, &final_dir).unwrap();
-        assert!(!final_dir.join("a.txt").exists());
+    fn leftover_names() {
+        let p = unique_sibling(Path::new("/x/out"), "tmp", ".png");
+        let name = p.file_name().unwrap().to_str().unwrap();
+        assert!(name.starts_with(".out.lorakit-tmp."), "{name}");
+        assert_eq!(leftover_pid(name), Some(std::process::id()));
+        let old = unique_sibling(Path::new("out"), "old", "");
         assert_eq!(
-            fs::read(final_dir.join("sub").join("b.txt")).unwrap(),
-            b"two"
+            leftover_pid(old.to_str().unwrap()),
+            Some(std::process::id())
         );
-        assert_eq!(entries(&dir), vec!["adapter"]);
-
-        let missing = dir.join("nope");
-        let msg = replace_dir_atomic(&missing, &final_dir)
-            .unwrap_err()
-            .to_string();
-        assert!(msg.contains("nope"), "{msg}");
-        assert_eq!(
-            fs::read(final_dir.join("sub").join("b.txt")).unwrap(),
-            b"two"
-        );
-        fs::remove_dir_all(&dir).unwrap();
+        for other in [
+            "out",
+            ".out",
+            ".out.lorakit-tmp.",
+            ".out.lorakit-tmp.12",
+            ".out.lorakit-tmp.12.x.3",
+            "a.lorakit-tmp.1.2.3",
+        ] {
+            assert_eq!(leftover_pid(other), None, "{other}");
+        }
+        assert_eq!(leftover_pid(".a.b.lorakit-old.42.7.0.png"), Some(42));
     }
 }

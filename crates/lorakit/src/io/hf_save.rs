@@ -7,7 +7,8 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::io::atomic::{write_atomic, write_dir_atomic};
+use crate::io::atomic::write_atomic;
+use crate::io::output::OutputDir;
 use crate::model::arch::{self, Slot, HF_LAYERS};
 use crate::model::{Arch, Config, LlamaModel};
 use crate::tokenize::Tokenizer;
@@ -60,15 +61,16 @@ pub fn hf_config_json(c: &Config) -> Result<serde_json::Value> {
     Ok(v)
 }
 
-/// Writes `model` (adapters must be merged or detached first) and its tokenizer into `dir` as an
-/// HF directory. The directory appears complete or not at all (written beside it, then renamed).
-pub fn save_hf_dir(model: &LlamaModel, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
+/// Writes `model` (adapters must be merged or detached first) and its tokenizer into the checked
+/// output `dir` as an HF directory, replacing only lorakit's files there
+/// ([`OutputDir::write_whole`]: the directory appears complete or not at all).
+pub fn save_hf_dir(model: &LlamaModel, tokenizer: &Tokenizer, dir: &OutputDir) -> Result<()> {
     if model.has_adapters() {
         return Err(Error::Invalid(
             "save_hf_dir: merge or detach the adapters first".into(),
         ));
     }
-    write_dir_atomic(dir, |tmp| write_contents(model, tokenizer, tmp))
+    dir.write_whole(|tmp| write_contents(model, tokenizer, tmp))
 }
 
 /// Writes f32 tensors (HF name, shape, row-major data) as a safetensors file with PyTorch's

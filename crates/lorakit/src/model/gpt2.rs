@@ -18,9 +18,10 @@ use crate::engine::ops::{
     layer_norm_backward, layer_norm_forward, layer_norm_weight_grad, position_embedding_add,
 };
 use crate::error::{Error, Result};
-use crate::io::atomic::{write_atomic, write_dir_atomic};
+use crate::io::atomic::write_atomic;
 use crate::io::hf_dir::SafetensorsSet;
 use crate::io::hf_save::write_f32_safetensors;
+use crate::io::output::OutputDir;
 use crate::lora::peft::Adapter;
 use crate::lora::{ModuleId, ModuleKind};
 use crate::model::config::{Arch, Config};
@@ -454,8 +455,9 @@ impl Gpt2Model {
     /// Writes the model (adapters merged or detached first) as an HF GPT-2 directory:
     /// `config.json` and `model.safetensors` with `transformer.`-prefixed names and the Conv1D
     /// weights back in their [in, out] layout, plus those of [`Self::TOKENIZER_FILES`] that
-    /// `tokenizer_from` holds, copied as they are. The directory appears complete or not at all.
-    pub fn save_hf_dir(&self, dir: &Path, tokenizer_from: Option<&Path>) -> Result<()> {
+    /// `tokenizer_from` holds, copied as they are, into the checked output `dir` (replacing only
+    /// lorakit's files there). The directory appears complete or not at all.
+    pub fn save_hf_dir(&self, dir: &OutputDir, tokenizer_from: Option<&Path>) -> Result<()> {
         if self.blocks.iter().any(|b| {
             ModuleKind::GPT2
                 .iter()
@@ -465,7 +467,7 @@ impl Gpt2Model {
                 "save_hf_dir: merge or detach the adapters first".into(),
             ));
         }
-        write_dir_atomic(dir, |tmp| {
+        dir.write_whole(|tmp| {
             self.write_contents(tmp)?;
             for name in Self::TOKENIZER_FILES {
                 let Some(src) = tokenizer_from.map(|d| d.join(name)).filter(|p| p.is_file()) else {

@@ -15,30 +15,46 @@ use crate::model::{LoadedModel, Precision};
 use crate::train::loss::{lm_head_loss_with_head_grads, target_positions, HeadGrads};
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::train::trainer::{
-    append_jsonl, check_step_finite, evaluate_loss, prune_checkpoints, BatchStream, Event,
-    StepMetrics, TrainPlan, TrainSummary, CHECKPOINTS,
+    append_jsonl, check_step_finite, checkpoint_dir, evaluate_loss, prune_checkpoints, BatchStream,
+    Event, StepMetrics, TrainOutput, TrainPlan, TrainSummary, FULL_OUTPUT_FILES,
 };
 
 /// Where the fine-tuned model goes inside the output directory.
 pub const MODEL_DIR: &str = "model";
 
 /// Runs `plan` as full fine-tuning of `loaded.model` (changed in place) and writes the result
-/// to `plan.out/model`; with `--save-every N`, also a model snapshot every N steps under
-/// `plan.out/checkpoints/step-N` (HF directories; the newest `--keep-checkpoints` are kept).
-/// `--resume` is not supported (the CLI rejects it).
+/// to `output/model`; with `--save-every N`, also a model snapshot every N steps under
+/// `output/checkpoints/step-N` (HF directories; the newest `--keep-checkpoints` are kept).
+/// `--resume` is not supported.
 pub fn train_full(
     loaded: &mut LoadedModel,
     plan: TrainPlan,
-    mut on_event: impl FnMut(Event),
+    output: &TrainOutput,
+    on_event: impl FnMut(Event),
 ) -> Result<TrainSummary> {
-    let o = &plan.options;
-    let out = &plan.out;
+    if output.resume() {
+        return Err(Error::Invalid(
+            "--resume cannot be combined with --full: its --save-every snapshots hold no optimiser state".into(),
+        ));
+    }
     if loaded.model.precision != Precision::F32 {
         return Err(Error::Invalid(
             "full fine-tuning runs in f32: load the model with --precision f32".into(),
         ));
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    output.run(&FULL_OUTPUT_FILES, || {
+        train_full_inner(loaded, plan, output, on_event)
+    })
+}
+
+fn train_full_inner(
+    loaded: &mut LoadedModel,
+    plan: TrainPlan,
+    output: &TrainOutput,
+    mut on_event: impl FnMut(Event),
+) -> Result<TrainSummary> {
+    let o = &plan.options;
+    let out = output.path();
     let metrics_path = out.join("metrics.jsonl");
     write_atomic(&metrics_path, b"")?;
 
@@ -187,17 +203,17 @@ pub fn train_full(
         // Snapshots of the model (not resumable: no optimiser state, which would triple their
         // size), for choosing a step afterwards, e.g. by validation score.
         if !done && o.save_every > 0 && (step + 1) % o.save_every as u64 == 0 {
-            let dir = out.join(CHECKPOINTS).join(format!("step-{:06}", step + 1));
+            let dir = checkpoint_dir(output.dir(), step + 1);
             save_hf_dir(&loaded.model, &loaded.tokenizer, &dir)?;
-            prune_checkpoints(out, o.keep_checkpoints, &dir);
+            prune_checkpoints(out, o.keep_checkpoints);
             on_event(Event::Checkpoint {
                 step: step + 1,
-                dir: &dir,
+                dir: dir.shown(),
             });
         }
     }
 
-    let model_dir = out.join(MODEL_DIR);
+    let model_dir = output.dir().nested(MODEL_DIR);
     save_hf_dir(&loaded.model, &loaded.tokenizer, &model_dir)?;
     if !(train_curve.is_empty() && eval_curve.is_empty()) {
         crate::train::plot::plot_loss_curve(
@@ -211,7 +227,7 @@ pub fn train_full(
         steps: plan.total_steps,
         final_loss: last_loss,
         eval_loss: last_eval,
-        adapter_dir: model_dir,
+        adapter_dir: model_dir.shown().to_path_buf(),
         trainable_parameters: trainable,
         skipped_steps,
     })

@@ -10,7 +10,8 @@ use serde_json::json;
 
 use crate::data::{load_jsonl, Batch, Batcher, DataOptions, LoadStats};
 use crate::error::{Error, Result};
-use crate::io::atomic::{replace_dir_atomic, write_atomic};
+use crate::io::atomic::{leftover_pid, write_atomic};
+use crate::io::output::{prepare_output_dir_with, OutputDir, State};
 use crate::io::safetensors_file::SafetensorsFile;
 use crate::lora::config::LoraConfig;
 use crate::lora::peft::Adapter;
@@ -30,6 +31,9 @@ pub struct TrainOptions {
     pub data: Option<PathBuf>,
     pub eval_data: Option<PathBuf>,
     pub out: Option<PathBuf>,
+    /// An `out` holding an earlier run is started over (its files removed), and one lorakit
+    /// did not write is used (its other files kept), instead of refusing.
+    pub overwrite: bool,
     /// Start from this PEFT adapter instead of a fresh one (its config is used).
     pub init_adapter: Option<PathBuf>,
     pub r: usize,
@@ -81,6 +85,7 @@ impl Default for TrainOptions {
             data: None,
             eval_data: None,
             out: None,
+            overwrite: false,
             init_adapter: None,
             r: 8,
             alpha: 16.0,
@@ -243,7 +248,6 @@ pub struct TrainSummary {
 /// Everything fixed before the first step: data, the adapter to train, the schedule.
 pub struct TrainPlan {
     pub options: TrainOptions,
-    pub out: PathBuf,
     pub train_stats: LoadStats,
     pub eval_examples: Option<Vec<crate::data::Example>>,
     pub batcher: Batcher,
@@ -271,10 +275,6 @@ impl TrainPlan {
             .data
             .as_deref()
             .ok_or_else(|| Error::Invalid("no training data: give --data FILE".into()))?;
-        let out = o
-            .out
-            .clone()
-            .ok_or_else(|| Error::Invalid("no output directory: give --out DIR".into()))?;
         if o.batch_size == 0 || o.grad_accum == 0 {
             return Err(Error::Invalid(
                 "--batch-size and --grad-accum must be ≥ 1".into(),
@@ -399,7 +399,6 @@ impl TrainPlan {
         options.max_seq_len = Some(max_seq_len);
         Ok(TrainPlan {
             options,
-            out,
             train_stats,
             eval_examples,
             batcher,
@@ -498,6 +497,149 @@ pub fn evaluate_loss<M: LoraTrainable>(
 pub const CHECKPOINTS: &str = "checkpoints";
 const STATE_FILE: &str = "trainer_state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const METRICS_FILE: &str = "metrics.jsonl";
+const LOSS_PLOT: &str = "loss.png";
+
+/// The top-level names a LoRA run writes in its output directory.
+pub const LORA_OUTPUT_FILES: [&str; 5] = [
+    crate::lora::peft::CONFIG_FILE,
+    crate::lora::peft::WEIGHTS_FILE,
+    CHECKPOINTS,
+    METRICS_FILE,
+    LOSS_PLOT,
+];
+/// The top-level names a full fine-tuning run (`--full`) writes in its output directory.
+pub const FULL_OUTPUT_FILES: [&str; 4] = [
+    crate::train::full::MODEL_DIR,
+    CHECKPOINTS,
+    METRICS_FILE,
+    LOSS_PLOT,
+];
+
+/// What training does when its output directory holds an earlier run of the same command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EarlierRun {
+    /// Continue it from its newest checkpoint (`--resume`).
+    Resume,
+    /// Refuse, unless `overwrite` starts over (`lorakit train`).
+    Refuse,
+    /// Start over (`lorakit quickstart`, whose output is its own fixed directory).
+    Replace,
+}
+
+/// A run directory from before the output marker: `checkpoints/step-*` written by lorakit; its
+/// entries with train's names are the run's.
+pub fn legacy_train_output(dir: &Path, entries: &[String]) -> Option<Vec<String>> {
+    checkpoint_dirs(dir).last()?;
+    Some(
+        entries
+            .iter()
+            .filter(|n| {
+                LORA_OUTPUT_FILES.contains(&n.as_str()) || FULL_OUTPUT_FILES.contains(&n.as_str())
+            })
+            .cloned()
+            .collect(),
+    )
+}
+
+/// The output directory of a training run, checked ([`TrainOutput::prepare`]); the training
+/// loops write only through it.
+#[derive(Debug, Clone)]
+pub struct TrainOutput {
+    dir: OutputDir,
+    resume: bool,
+    start_over: bool,
+}
+
+impl TrainOutput {
+    /// Checks `out` as the output of `command` (`train`, `quickstart`) with these `inputs`
+    /// (see [`crate::io::output`]): a missing or empty directory is used; an earlier run of the
+    /// same command is continued, refused or started over as `earlier` says (`overwrite`
+    /// always starts over); a directory lorakit did not write is refused unless `overwrite`.
+    /// Starting over removes only the earlier run's files, and only when training starts.
+    pub fn prepare(
+        out: &Path,
+        command: &str,
+        inputs: &[(&str, &Path)],
+        earlier: EarlierRun,
+        overwrite: bool,
+    ) -> Result<TrainOutput> {
+        if earlier == EarlierRun::Resume && overwrite {
+            return Err(Error::Invalid(
+                "--resume continues the earlier run and --overwrite starts over: give one of them"
+                    .into(),
+            ));
+        }
+        let dir = prepare_output_dir_with(out, command, inputs, overwrite, &legacy_train_output)?;
+        let mut start_over = false;
+        if matches!(dir.state(), State::Own { .. }) && !dir.earlier_files().is_empty() {
+            match (earlier, overwrite) {
+                (_, true) | (EarlierRun::Replace, _) => start_over = true,
+                (EarlierRun::Resume, false) => {}
+                (EarlierRun::Refuse, false) => {
+                    return Err(Error::Output {
+                        path: out.to_path_buf(),
+                        msg: format!(
+                            "holds an earlier training run ({}); pass --resume to continue it or --overwrite to start over",
+                            earlier_progress(dir.path())
+                        ),
+                    })
+                }
+            }
+        }
+        Ok(TrainOutput {
+            dir,
+            resume: earlier == EarlierRun::Resume,
+            start_over,
+        })
+    }
+
+    /// The output directory (symbolic links resolved).
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    /// Whether the run continues from the newest checkpoint.
+    pub fn resume(&self) -> bool {
+        self.resume
+    }
+    pub fn dir(&self) -> &OutputDir {
+        &self.dir
+    }
+
+    /// Runs `f` after creating the directory and its marker (and removing the earlier run's
+    /// files when starting over); if `f` fails and the directory was fresh, what the run wrote
+    /// is removed again unless it got as far as a checkpoint.
+    pub(crate) fn run<T>(&self, files: &[&str], f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.dir.begin(files, self.start_over)?;
+        let result = f();
+        if result.is_err()
+            && matches!(self.dir.state(), State::Fresh { .. })
+            && !self.path().join(CHECKPOINTS).exists()
+        {
+            self.dir.discard(files);
+        }
+        result
+    }
+}
+
+/// "step N" of the newest checkpoint (or the last row of metrics.jsonl) of a run directory.
+fn earlier_progress(dir: &Path) -> String {
+    if let Some((step, _)) = checkpoint_dirs(dir).pop() {
+        return format!("step {step}");
+    }
+    let last = std::fs::read_to_string(dir.join(METRICS_FILE))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter_map(|v| v["step"].as_u64())
+                .max()
+        });
+    match last {
+        Some(step) => format!("step {step}, no checkpoint"),
+        None => "no step finished".into(),
+    }
+}
 
 fn checkpoint_dirs(out: &Path) -> Vec<(u64, PathBuf)> {
     let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(out.join(CHECKPOINTS))
@@ -514,65 +656,65 @@ fn checkpoint_dirs(out: &Path) -> Vec<(u64, PathBuf)> {
     v
 }
 
+/// Where checkpoint `step` goes inside the output directory.
+pub(crate) fn checkpoint_dir(out: &OutputDir, step: u64) -> OutputDir {
+    out.nested(Path::new(CHECKPOINTS).join(format!("step-{step:06}")))
+}
+
 /// Writes adapter + optimiser state + step into `out/checkpoints/step-N`, atomically (a
 /// temporary directory renamed into place), and prunes old checkpoints.
 fn save_checkpoint(
-    out: &Path,
+    out: &OutputDir,
     step: u64,
     adapter: &Adapter,
     adam: &AdamW,
     options: &TrainOptions,
     keep: usize,
 ) -> Result<PathBuf> {
-    let root = out.join(CHECKPOINTS);
-    std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
-    let tmp = root.join(format!(".tmp-step-{step:06}"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    adapter.save(&tmp)?;
-    let (t, m, v) = adam.state();
-    let mut tensors: Vec<(String, Vec<u8>, usize)> = Vec::new();
-    for (i, (mi, vi)) in m.iter().zip(v).enumerate() {
-        tensors.push((
-            format!("exp_avg.{i}"),
-            mi.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            mi.len(),
-        ));
-        tensors.push((
-            format!("exp_avg_sq.{i}"),
-            vi.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            vi.len(),
-        ));
-    }
-    let views = tensors
-        .iter()
-        .map(|(k, b, n)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*n], b)
-                .map(|view| (k.clone(), view))
-                .map_err(|e| Error::format(tmp.join(OPTIMIZER_FILE), e.to_string()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, None)
-        .map_err(|e| Error::format(tmp.join(OPTIMIZER_FILE), e.to_string()))?;
-    write_atomic(&tmp.join(OPTIMIZER_FILE), &bytes)?;
-    let state =
-        json!({ "step": step, "optimizer_step": t, "seed": options.seed, "options": options });
-    write_atomic(
-        &tmp.join(STATE_FILE),
-        serde_json::to_string_pretty(&state)
-            .unwrap_or_default()
-            .as_bytes(),
-    )?;
-    let dir = root.join(format!("step-{step:06}"));
-    replace_dir_atomic(&tmp, &dir)?;
-    prune_checkpoints(out, keep, &tmp);
-    Ok(dir)
+    let dir = checkpoint_dir(out, step);
+    dir.write_whole(|tmp| {
+        adapter.save(tmp)?;
+        let (t, m, v) = adam.state();
+        let mut tensors: Vec<(String, Vec<u8>, usize)> = Vec::new();
+        for (i, (mi, vi)) in m.iter().zip(v).enumerate() {
+            tensors.push((
+                format!("exp_avg.{i}"),
+                mi.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                mi.len(),
+            ));
+            tensors.push((
+                format!("exp_avg_sq.{i}"),
+                vi.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                vi.len(),
+            ));
+        }
+        let views = tensors
+            .iter()
+            .map(|(k, b, n)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*n], b)
+                    .map(|view| (k.clone(), view))
+                    .map_err(|e| Error::format(tmp.join(OPTIMIZER_FILE), e.to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bytes = safetensors::serialize(views, None)
+            .map_err(|e| Error::format(tmp.join(OPTIMIZER_FILE), e.to_string()))?;
+        write_atomic(&tmp.join(OPTIMIZER_FILE), &bytes)?;
+        let state =
+            json!({ "step": step, "optimizer_step": t, "seed": options.seed, "options": options });
+        write_atomic(
+            &tmp.join(STATE_FILE),
+            serde_json::to_string_pretty(&state)
+                .unwrap_or_default()
+                .as_bytes(),
+        )
+    })?;
+    prune_checkpoints(out.path(), keep);
+    Ok(dir.shown().to_path_buf())
 }
 
 /// Keeps the newest `keep` checkpoints under `out/checkpoints` and removes what runs killed while
-/// writing or pruning left behind (except `writing`, the one in progress).
-pub(crate) fn prune_checkpoints(out: &Path, keep: usize, writing: &Path) {
+/// writing or pruning left behind.
+pub(crate) fn prune_checkpoints(out: &Path, keep: usize) {
     let root = out.join(CHECKPOINTS);
     let all = checkpoint_dirs(out);
     for (step, old) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
@@ -583,14 +725,17 @@ pub(crate) fn prune_checkpoints(out: &Path, keep: usize, writing: &Path) {
             let _ = std::fs::remove_dir_all(&aside);
         }
     }
-    // Leftovers of runs killed while writing or pruning.
+    // Leftovers of runs killed while writing or pruning (this process's own are done).
     for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
+        // (`.tmp-step-*` and `.step-*.tmp-*`: the names lorakit used before the output marker.)
         if name.starts_with(".deleting-")
-            || (name.starts_with(".tmp-step-") && e.path() != writing)
+            || name.starts_with(".tmp-step-")
             || (name.starts_with(".step-") && name.contains(".tmp-"))
+            || leftover_pid(&name).is_some()
         {
-            let _ = std::fs::remove_dir_all(e.path());
+            let p = e.path();
+            let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
         }
     }
 }
@@ -669,27 +814,39 @@ pub(crate) fn check_step_finite(
     )))
 }
 
-/// Runs the plan. With `resume`, continues from the newest checkpoint under `out`.
+/// Runs the plan into the checked `output`; with [`TrainOutput::resume`], continues from its
+/// newest checkpoint.
 pub fn train(
     loaded: &LoadedModel,
     plan: TrainPlan,
-    resume: bool,
+    output: &TrainOutput,
     on_event: impl FnMut(Event),
 ) -> Result<TrainSummary> {
-    train_model(&loaded.model, plan, resume, on_event)
+    train_model(&loaded.model, plan, output, on_event)
 }
 
 /// [`train`] for any [`LoraTrainable`] model (Llama family or GPT-2).
 pub fn train_model<M: LoraTrainable>(
     model: &M,
     plan: TrainPlan,
-    resume: bool,
+    output: &TrainOutput,
+    on_event: impl FnMut(Event),
+) -> Result<TrainSummary> {
+    output.run(&LORA_OUTPUT_FILES, || {
+        train_lora(model, plan, output, on_event)
+    })
+}
+
+fn train_lora<M: LoraTrainable>(
+    model: &M,
+    plan: TrainPlan,
+    output: &TrainOutput,
     mut on_event: impl FnMut(Event),
 ) -> Result<TrainSummary> {
     let o = &plan.options;
-    let out = &plan.out;
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let metrics_path = out.join("metrics.jsonl");
+    let out = output.path();
+    let resume = output.resume();
+    let metrics_path = out.join(METRICS_FILE);
     let mut adapter = plan.adapter.clone();
     let mut adam = AdamW::new(plan.adam, &param_sizes(&adapter));
     let mut start_step = 0u64;
@@ -853,7 +1010,14 @@ pub fn train_model<M: LoraTrainable>(
             }
         }
         if done || (o.save_every > 0 && (step + 1) % o.save_every as u64 == 0) {
-            let dir = save_checkpoint(out, step + 1, &adapter, &adam, o, o.keep_checkpoints)?;
+            let dir = save_checkpoint(
+                output.dir(),
+                step + 1,
+                &adapter,
+                &adam,
+                o,
+                o.keep_checkpoints,
+            )?;
             on_event(Event::Checkpoint {
                 step: step + 1,
                 dir: &dir,
@@ -865,7 +1029,7 @@ pub fn train_model<M: LoraTrainable>(
     // With every step skipped (--skip-nonfinite) there is no curve to draw.
     if !(train_curve.is_empty() && eval_curve.is_empty()) {
         crate::train::plot::plot_loss_curve(
-            &out.join("loss.png"),
+            &out.join(LOSS_PLOT),
             &train_curve,
             &eval_curve,
             "lorakit train",
@@ -875,7 +1039,7 @@ pub fn train_model<M: LoraTrainable>(
         steps: plan.total_steps,
         final_loss: last_loss,
         eval_loss: last_eval,
-        adapter_dir: out.clone(),
+        adapter_dir: output.dir().shown().to_path_buf(),
         trainable_parameters: adapter.parameter_count(),
         skipped_steps,
     })
