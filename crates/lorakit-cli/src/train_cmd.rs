@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use lorakit::io::hf_save::save_hf_dir;
 use lorakit::io::output::prepare_output_dir;
 use lorakit::lora::peft::Adapter;
+use lorakit::model::save::save_hf_dir;
 use lorakit::train::trainer::{
     train, train_model, EarlierRun, Event, TrainOptions, TrainOutput, TrainPlan,
 };

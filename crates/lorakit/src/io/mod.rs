@@ -4,6 +4,5 @@
 pub mod atomic;
 pub mod gguf;
 pub mod hf_dir;
-pub mod hf_save;
 pub mod output;
 pub mod safetensors_file;

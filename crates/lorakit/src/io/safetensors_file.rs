@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use memmap2::Mmap;
-use safetensors::tensor::{Dtype, Metadata};
+use safetensors::tensor::{Dtype, Metadata, TensorView};
 use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
+use crate::io::atomic::write_atomic;
 
 pub struct SafetensorsFile {
     path: PathBuf,
@@ -189,4 +190,35 @@ fn check_header(path: &Path, bytes: &[u8]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Writes f32 tensors (HF name, shape, row-major data) as a safetensors file with PyTorch's
+/// `format: pt` metadata, atomically.
+pub fn write_f32_safetensors<D: AsRef<[f32]>>(
+    path: &Path,
+    tensors: Vec<(String, Vec<usize>, D)>,
+) -> Result<()> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(k, s, d)| {
+            let d = d.as_ref();
+            (k, s, d.iter().flat_map(|v| v.to_le_bytes()).collect())
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(k, s, b)| {
+            TensorView::new(Dtype::F32, s.clone(), b)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| Error::tensor(path, k, e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
+    let data =
+        safetensors::serialize(views, metadata).map_err(|e| Error::format(path, e.to_string()))?;
+    drop(bytes);
+    write_atomic(path, &data)
 }

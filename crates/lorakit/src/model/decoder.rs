@@ -5,7 +5,7 @@
 
 use crate::engine::ops::{
     add_inplace, attention_forward, embedding_forward, gelu_tanh_backward, gelu_tanh_forward,
-    rms_norm_forward, rope_forward, swiglu_forward, KvLayer, RopeTable,
+    rms_norm_forward, rope_forward, swiglu_forward, RopeTable,
 };
 use crate::engine::quant::QuantMatrix;
 use crate::error::{Error, Result};
@@ -13,12 +13,14 @@ use crate::lora::peft::Adapter;
 use crate::lora::{ModuleId, ModuleKind};
 use crate::model::arch::NormSlot;
 use crate::model::config::Config;
+use crate::model::kv_cache::store_kv;
+pub use crate::model::kv_cache::{KvCache, Logits};
 use crate::model::linear::{
     check_precision_supported, frozen_forward, head_weight, set_head_precision, Bf16Weight,
 };
 use crate::model::linear::{Linear, Precision};
 use crate::model::spec::{Activation, NormKind, QkNorm};
-use crate::model::traits::LmHead;
+use crate::model::traits::{CausalLm, LmHead};
 
 /// The q, k, v projections: three, or one with rows [q; k; v] (Phi-3's `qkv_proj`).
 #[derive(Debug, Clone)]
@@ -154,38 +156,6 @@ pub struct LlamaModel {
     /// The tied LM head in the GGUF's quantised blocks (`--precision gguf`, inference only).
     pub head_quant: Option<Box<QuantMatrix>>,
     pub precision: Precision,
-}
-
-/// Keys and values of every layer for one sequence.
-#[derive(Debug, Clone)]
-pub struct KvCache {
-    pub layers: Vec<KvLayer>,
-    pub capacity: usize,
-    /// Positions filled so far.
-    pub len: usize,
-}
-
-impl KvCache {
-    pub fn new(config: &Config, capacity: usize) -> Self {
-        let per_layer = config.num_kv_heads * capacity * config.head_dim;
-        KvCache {
-            layers: (0..config.num_layers)
-                .map(|_| KvLayer {
-                    k: vec![0.0; per_layer],
-                    v: vec![0.0; per_layer],
-                })
-                .collect(),
-            capacity,
-            len: 0,
-        }
-    }
-}
-
-/// Which positions need logits: all of them (scoring) or only the last (generation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Logits {
-    All,
-    Last,
 }
 
 /// out = act(gate) ⊙ up.  gate, up, out: [T, intermediate].
@@ -715,26 +685,14 @@ impl LmHead for LlamaModel {
     }
 }
 
-/// Copies the new tokens' keys/values k, v: [T, n_kv, head_dim] into the cache layout
-/// [n_kv, capacity, head_dim] at positions start..start+T.
-pub(crate) fn store_kv(
-    kv: &mut KvLayer,
-    k: &[f32],
-    v: &[f32],
-    n_kv: usize,
-    hd: usize,
-    capacity: usize,
-    start: usize,
-) {
-    for (t, (kt, vt)) in k
-        .chunks_exact(n_kv * hd)
-        .zip(v.chunks_exact(n_kv * hd))
-        .enumerate()
-    {
-        for head in 0..n_kv {
-            let dst = (head * capacity + start + t) * hd;
-            kv.k[dst..dst + hd].copy_from_slice(&kt[head * hd..(head + 1) * hd]);
-            kv.v[dst..dst + hd].copy_from_slice(&vt[head * hd..(head + 1) * hd]);
-        }
+impl CausalLm for LlamaModel {
+    fn config(&self) -> &Config {
+        &self.config
+    }
+    fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        LlamaModel::new_cache(self, capacity)
+    }
+    fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>> {
+        LlamaModel::forward(self, ids, cache, which)
     }
 }

@@ -20,20 +20,20 @@ use crate::engine::ops::{
 use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
 use crate::io::hf_dir::SafetensorsSet;
-use crate::io::hf_save::write_f32_safetensors;
 use crate::io::output::OutputDir;
+use crate::io::safetensors_file::write_f32_safetensors;
 use crate::lora::peft::Adapter;
 use crate::lora::{ModuleId, ModuleKind};
 use crate::model::config::{Arch, Config};
-use crate::model::decoder::{store_kv, KvCache, Logits};
-use crate::model::decoder_train::{
-    linear_train_backward, linear_train_forward, Dropout, LoraBackward, LoraGrads,
-};
+use crate::model::kv_cache::{store_kv, KvCache, Logits};
 use crate::model::linear::{
     check_precision_supported, frozen_forward, head_weight, set_head_precision, Bf16Weight,
 };
 use crate::model::linear::{Linear, Precision};
-use crate::model::traits::LmHead;
+use crate::model::linear_train::{
+    linear_train_backward, linear_train_forward, Dropout, LoraBackward, LoraGrads,
+};
+use crate::model::traits::{CausalLm, LmHead, LoraTrainable};
 
 /// A LayerNorm's parameters, each [hidden].
 #[derive(Debug, Clone)]
@@ -915,5 +915,45 @@ impl LmHead for Gpt2Model {
 
     fn head_weight(&self) -> (&[f32], Option<&Bf16Weight>) {
         Gpt2Model::head_weight(self)
+    }
+}
+
+impl CausalLm for Gpt2Model {
+    fn config(&self) -> &Config {
+        &self.config
+    }
+    fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        Gpt2Model::new_cache(self, capacity)
+    }
+    fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>> {
+        Gpt2Model::forward(self, ids, cache, which)
+    }
+}
+
+impl LoraTrainable for Gpt2Model {
+    type Acts = Gpt2Activations;
+    fn train_forward(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        adapter: Option<&Adapter>,
+        dropout: Dropout,
+        acts: &mut Self::Acts,
+    ) -> Result<()> {
+        Gpt2Model::train_forward(self, ids, batch, seq, adapter, dropout, acts)
+    }
+    fn x_final(acts: &Self::Acts) -> &[f32] {
+        &acts.x_final
+    }
+    fn train_backward(
+        &self,
+        dx: &mut [f32],
+        acts: &Self::Acts,
+        adapter: &Adapter,
+        dropout: Dropout,
+        grads: &mut LoraGrads,
+    ) -> Result<()> {
+        Gpt2Model::train_backward(self, dx, acts, adapter, dropout, grads)
     }
 }

@@ -9,8 +9,11 @@ pub mod config;
 pub mod decoder;
 pub mod decoder_train;
 pub mod gpt2;
+pub mod kv_cache;
 pub mod linear;
+pub mod linear_train;
 pub mod load;
+pub mod save;
 pub mod spec;
 pub mod traits;
 

@@ -5,10 +5,9 @@
 use crate::error::Result;
 use crate::lora::peft::Adapter;
 use crate::model::config::Config;
-use crate::model::decoder::{KvCache, LlamaModel, Logits};
-use crate::model::decoder_train::{self, Dropout, LoraGrads};
-use crate::model::gpt2::{self, Gpt2Model};
+use crate::model::kv_cache::{KvCache, Logits};
 use crate::model::linear::Bf16Weight;
+use crate::model::linear_train::{Dropout, LoraGrads};
 
 /// What scoring and generation need of a decoder: Llama-family or GPT-2.
 pub trait CausalLm {
@@ -21,30 +20,6 @@ pub trait CausalLm {
     fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let mut cache = self.new_cache(ids.len())?;
         self.forward(ids, &mut cache, Logits::All)
-    }
-}
-
-impl CausalLm for LlamaModel {
-    fn config(&self) -> &Config {
-        &self.config
-    }
-    fn new_cache(&self, capacity: usize) -> Result<KvCache> {
-        LlamaModel::new_cache(self, capacity)
-    }
-    fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>> {
-        LlamaModel::forward(self, ids, cache, which)
-    }
-}
-
-impl CausalLm for Gpt2Model {
-    fn config(&self) -> &Config {
-        &self.config
-    }
-    fn new_cache(&self, capacity: usize) -> Result<KvCache> {
-        Gpt2Model::new_cache(self, capacity)
-    }
-    fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>> {
-        Gpt2Model::forward(self, ids, cache, which)
     }
 }
 
@@ -95,60 +70,4 @@ pub trait LoraTrainable: CausalLm + LmHead {
         dropout: Dropout,
         grads: &mut LoraGrads,
     ) -> Result<()>;
-}
-
-impl LoraTrainable for LlamaModel {
-    type Acts = decoder_train::Activations;
-    fn train_forward(
-        &self,
-        ids: &[u32],
-        batch: usize,
-        seq: usize,
-        adapter: Option<&Adapter>,
-        dropout: Dropout,
-        acts: &mut Self::Acts,
-    ) -> Result<()> {
-        LlamaModel::train_forward(self, ids, batch, seq, adapter, dropout, acts)
-    }
-    fn x_final(acts: &Self::Acts) -> &[f32] {
-        &acts.x_final
-    }
-    fn train_backward(
-        &self,
-        dx: &mut [f32],
-        acts: &Self::Acts,
-        adapter: &Adapter,
-        dropout: Dropout,
-        grads: &mut LoraGrads,
-    ) -> Result<()> {
-        LlamaModel::train_backward(self, dx, acts, adapter, dropout, grads)
-    }
-}
-
-impl LoraTrainable for Gpt2Model {
-    type Acts = gpt2::Gpt2Activations;
-    fn train_forward(
-        &self,
-        ids: &[u32],
-        batch: usize,
-        seq: usize,
-        adapter: Option<&Adapter>,
-        dropout: Dropout,
-        acts: &mut Self::Acts,
-    ) -> Result<()> {
-        Gpt2Model::train_forward(self, ids, batch, seq, adapter, dropout, acts)
-    }
-    fn x_final(acts: &Self::Acts) -> &[f32] {
-        &acts.x_final
-    }
-    fn train_backward(
-        &self,
-        dx: &mut [f32],
-        acts: &Self::Acts,
-        adapter: &Adapter,
-        dropout: Dropout,
-        grads: &mut LoraGrads,
-    ) -> Result<()> {
-        Gpt2Model::train_backward(self, dx, acts, adapter, dropout, grads)
-    }
 }

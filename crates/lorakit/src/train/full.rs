@@ -9,8 +9,8 @@ use serde_json::json;
 
 use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
-use crate::io::hf_save::save_hf_dir;
 use crate::model::decoder_train::{Activations, Dropout, FullGrads};
+use crate::model::save::save_hf_dir;
 use crate::model::{LoadedModel, Precision};
 use crate::train::loss::{lm_head_loss_with_head_grads, target_positions, HeadGrads};
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
@@ -19,8 +19,7 @@ use crate::train::trainer::{
     Event, StepMetrics, TrainOutput, TrainPlan, TrainSummary, FULL_OUTPUT_FILES,
 };
 
-/// Where the fine-tuned model goes inside the output directory.
-pub const MODEL_DIR: &str = "model";
+pub use crate::train::trainer::MODEL_DIR;
 
 /// Runs `plan` as full fine-tuning of `loaded.model` (changed in place) and writes the result
 /// to `output/model`; with `--save-every N`, also a model snapshot every N steps under

@@ -508,13 +508,10 @@ pub const LORA_OUTPUT_FILES: [&str; 5] = [
     METRICS_FILE,
     LOSS_PLOT,
 ];
+/// Where full fine-tuning (`--full`) puts the fine-tuned model inside the output directory.
+pub const MODEL_DIR: &str = "model";
 /// The top-level names a full fine-tuning run (`--full`) writes in its output directory.
-pub const FULL_OUTPUT_FILES: [&str; 4] = [
-    crate::train::full::MODEL_DIR,
-    CHECKPOINTS,
-    METRICS_FILE,
-    LOSS_PLOT,
-];
+pub const FULL_OUTPUT_FILES: [&str; 4] = [MODEL_DIR, CHECKPOINTS, METRICS_FILE, LOSS_PLOT];
 
 /// What training does when its output directory holds an earlier run of the same command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,14 +3,15 @@
 
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
 
 use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
 use crate::io::output::OutputDir;
+use crate::io::safetensors_file::write_f32_safetensors;
 use crate::model::arch::{self, Slot, HF_LAYERS};
-use crate::model::{Arch, Config, LlamaModel};
+use crate::model::config::{Arch, Config};
+use crate::model::decoder::LlamaModel;
 use crate::tokenize::Tokenizer;
 
 /// HF `config.json` for a [`Config`]: the one the model was loaded from (its dtype set to
@@ -71,37 +72,6 @@ pub fn save_hf_dir(model: &LlamaModel, tokenizer: &Tokenizer, dir: &OutputDir) -
         ));
     }
     dir.write_whole(|tmp| write_contents(model, tokenizer, tmp))
-}
-
-/// Writes f32 tensors (HF name, shape, row-major data) as a safetensors file with PyTorch's
-/// `format: pt` metadata, atomically.
-pub(crate) fn write_f32_safetensors<D: AsRef<[f32]>>(
-    path: &Path,
-    tensors: Vec<(String, Vec<usize>, D)>,
-) -> Result<()> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .into_iter()
-        .map(|(k, s, d)| {
-            let d = d.as_ref();
-            (k, s, d.iter().flat_map(|v| v.to_le_bytes()).collect())
-        })
-        .collect();
-    let views = bytes
-        .iter()
-        .map(|(k, s, b)| {
-            TensorView::new(Dtype::F32, s.clone(), b)
-                .map(|v| (k.clone(), v))
-                .map_err(|e| Error::tensor(path, k, e.to_string()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let metadata = Some(std::collections::HashMap::from([(
-        "format".to_string(),
-        "pt".to_string(),
-    )]));
-    let data =
-        safetensors::serialize(views, metadata).map_err(|e| Error::format(path, e.to_string()))?;
-    drop(bytes);
-    write_atomic(path, &data)
 }
 
 fn write_contents(model: &LlamaModel, tokenizer: &Tokenizer, tmp: &Path) -> Result<()> {
