@@ -23,6 +23,8 @@ use crate::model::spec::{Activation, NormKind, QkNorm};
 use crate::model::traits::{CausalLm, LmHead};
 
 /// The q, k, v projections: three, or one with rows [q; k; v] (Phi-3's `qkv_proj`).
+// One per layer, so the size difference costs nothing worth a Box's indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum QkvWeights {
     Separate { q: Linear, k: Linear, v: Linear },

@@ -728,15 +728,7 @@ impl LlamaModel {
                 }
             }
             if layer.norm(NormSlot::AttnIn).is_some() {
-                self.norm_backward(
-                    layer,
-                    NormSlot::AttnIn,
-                    norm_grads.as_deref_mut(),
-                    &a.x_in,
-                    &d_n,
-                    dx,
-                    true,
-                );
+                self.norm_backward(layer, NormSlot::AttnIn, norm_grads, &a.x_in, &d_n, dx, true);
             } else {
                 add_inplace(dx, &d_n);
             }
