@@ -33,18 +33,7 @@ model="$root/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-python3 - "$root/tests/fixtures/smollm2-peft-r8-qv/training/batches.safetensors" "$work/data.jsonl" <<'PY'
-import json, struct, sys, array
-b = open(sys.argv[1], "rb").read()
-n = struct.unpack("<Q", b[:8])[0]
-h = json.loads(b[8:8 + n])
-s, e = h["input_ids"]["data_offsets"]
-ids = array.array("q"); ids.frombytes(b[8 + n + s:8 + n + e])
-ids = ids.tolist()
-with open(sys.argv[2], "w") as f:
-    for r in range(len(ids) // 256):
-        f.write(json.dumps({"input_ids": ids[r * 256:(r + 1) * 256]}) + "\n")
-PY
+python3 "$root/bench/train_rows.py" "$work/data.jsonl"
 
 precisions="f32"
 if grep -q avx512_bf16 /proc/cpuinfo; then precisions="bf16 f32"; fi

@@ -15,18 +15,7 @@ bin="$root/target/release/lorakit"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 # 4 × 256-token rows from the reference fixture's token stream (real SmolLM2 tokens).
-python3 - "$root/tests/fixtures/smollm2-peft-r8-qv/training/batches.safetensors" "$work/data.jsonl" <<'PY'
-import json, struct, sys, array
-b = open(sys.argv[1], "rb").read()
-n = struct.unpack("<Q", b[:8])[0]
-h = json.loads(b[8:8 + n])
-s, e = h["input_ids"]["data_offsets"]
-ids = array.array("q"); ids.frombytes(b[8 + n + s:8 + n + e])
-ids = ids.tolist()
-with open(sys.argv[2], "w") as f:
-    for r in range(len(ids) // 256):
-        f.write(json.dumps({"input_ids": ids[r * 256:(r + 1) * 256]}) + "\n")
-PY
+python3 "$root/bench/train_rows.py" "$work/data.jsonl"
 for i in $(seq "$runs"); do
   rm -rf "$work/out"
   /usr/bin/time -f "%M" -o "$work/rss" "$bin" train --data "$work/data.jsonl" --out "$work/out" \
