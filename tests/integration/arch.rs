@@ -164,6 +164,7 @@ fn check_full_grads(family: &str) {
     let FullGrads {
         embed_tokens,
         norm,
+        norm_bias,
         lm_head,
         ..
     } = &mut grads;
@@ -175,7 +176,11 @@ fn check_full_grads(family: &str) {
         0.0,
         n,
         Some(&mut dx),
-        Some(HeadGrads { norm, head }),
+        Some(HeadGrads {
+            norm,
+            norm_bias: norm_bias.as_deref_mut(),
+            head,
+        }),
     ) / n;
     model
         .train_backward_full(&mut dx, &acts, &mut grads)
@@ -195,9 +200,16 @@ fn check_full_grads(family: &str) {
         want.names()
     );
     for (name, g) in names.iter().zip(grads.tensors_mut()) {
-        let (w, _) = want
+        let (w, shape) = want
             .tensor_f32(name)
             .unwrap_or_else(|e| panic!("{family}: {name} has no reference gradient: {e}"));
+        // GPT-2's Conv1D layers are [in, out] in HF, [out, in] here.
+        let conv1d = lorakit::model::arch::model_names(model.config.arch).conv1d;
+        let w = if conv1d && shape.len() == 2 && name.contains(".h.") {
+            lorakit::model::load::transpose(&w, shape[0], shape[1])
+        } else {
+            w
+        };
         let e = rel_err(g, &w);
         assert!(e <= 1e-5, "{family}: {name}: max|Δg|/max|g| = {e:.3e}");
     }
@@ -259,6 +271,7 @@ family_tests! {
     gemma3 => "gemma3_text",
     phi3 => "phi3",
     olmo2 => "olmo2",
+    gpt2 => "gpt2",
 }
 
 // ---------------------------------------------------------------------------------------------

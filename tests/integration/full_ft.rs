@@ -42,6 +42,7 @@ fn full_gradients_match_pytorch_float64() {
     let FullGrads {
         embed_tokens,
         norm,
+        norm_bias,
         lm_head,
         ..
     } = &mut grads;
@@ -53,7 +54,11 @@ fn full_gradients_match_pytorch_float64() {
         0.0,
         targets.len() as f64,
         Some(&mut dx),
-        Some(HeadGrads { norm, head }),
+        Some(HeadGrads {
+            norm,
+            norm_bias: norm_bias.as_deref_mut(),
+            head,
+        }),
     ) / targets.len() as f64;
     model
         .train_backward_full(&mut dx, &acts, &mut grads)

@@ -6,13 +6,14 @@ use std::sync::OnceLock;
 
 use lorakit::lora::peft::Adapter;
 use lorakit::lora::{ModuleId, ModuleKind};
-use lorakit::model::Gpt2Model;
+use lorakit::model::load_hf_model;
+use lorakit::model::LlamaModel as Gpt2Model;
 
 use crate::common::*;
 
 fn tiny_gpt2() -> &'static Gpt2Model {
     static MODEL: OnceLock<Gpt2Model> = OnceLock::new();
-    MODEL.get_or_init(|| Gpt2Model::load(&fixture("tiny-gpt2")).expect("load tiny-gpt2"))
+    MODEL.get_or_init(|| load_hf_model(&fixture("tiny-gpt2")).expect("load tiny-gpt2"))
 }
 
 /// Logits of both fixture rows, [2·12, vocab].
@@ -56,7 +57,7 @@ fn tiny_gpt2_adapter_unmerged_and_merged_match_peft() {
     compare_logits(&unmerged, 512, &want, 1e-4, "tiny-gpt2 adapter (unmerged)");
 
     m.merge_adapters().unwrap();
-    assert!(m.blocks[0].c_attn.loras.is_empty());
+    assert!(m.layers[0].linear(ModuleKind::Qkv).unwrap().loras.is_empty());
     let merged = batch_logits(&m);
     let want = logits_record(
         "tiny-gpt2/lora-r4-c_attn/logits_merged.safetensors",
@@ -81,8 +82,8 @@ fn tiny_gpt2_adapter_unmerged_and_merged_match_peft() {
 
     // Unmerge restores W0.
     m.unmerge_adapter(&a, 1.0).unwrap();
-    let w0 = tiny_gpt2().blocks[1].c_attn.weight_f32();
-    let back = m.blocks[1].c_attn.weight_f32();
+    let w0 = tiny_gpt2().layers[1].linear(ModuleKind::Qkv).unwrap().weight_f32();
+    let back = m.layers[1].linear(ModuleKind::Qkv).unwrap().weight_f32();
     let d = back
         .iter()
         .zip(w0)
@@ -101,7 +102,7 @@ fn merged_conv1d_weight_is_the_transposed_delta_and_saves_in_hf_layout() {
     m.merge_adapters().unwrap();
     let dir = tempfile_dir("gpt2-merged");
     let out = lorakit::io::output::prepare_output_dir(&dir, "merge", &[], false).unwrap();
-    m.save_hf_dir(&out, None).unwrap();
+    lorakit::model::save::save_hf_dir_copying(&m, &out, None).unwrap();
 
     let st = lorakit::io::safetensors_file::SafetensorsFile::open(&fixture(
         "tiny-gpt2/model.safetensors",
@@ -137,7 +138,7 @@ fn merged_conv1d_weight_is_the_transposed_delta_and_saves_in_hf_layout() {
     }
     assert!(max < 1e-5, "saved merged Conv1D weight off by {max}");
     // The saved directory loads back and gives the merged logits.
-    let back = Gpt2Model::load(&dir).unwrap();
+    let back = load_hf_model(&dir).unwrap();
     let want = logits_record(
         "tiny-gpt2/lora-r4-c_attn/logits_merged.safetensors",
         "batch",
@@ -204,7 +205,7 @@ fn tempfile_dir(name: &str) -> std::path::PathBuf {
 #[test]
 fn unknown_activation_is_an_error_naming_the_key() {
     let dir = copy_with_config("gpt2-relu", |c| c["activation_function"] = "relu".into());
-    let e = Gpt2Model::load(&dir).unwrap_err().to_string();
+    let e = load_hf_model(&dir).unwrap_err().to_string();
     assert!(
         e.contains("activation_function") && e.contains("relu") && e.contains("config.json"),
         "{e}"
@@ -245,7 +246,7 @@ fn missing_tensor_is_an_error_naming_tensor_and_file() {
         safetensors::serialize(views, None).unwrap(),
     )
     .unwrap();
-    let e = Gpt2Model::load(&dir).unwrap_err().to_string();
+    let e = load_hf_model(&dir).unwrap_err().to_string();
     assert!(e.contains(drop) && e.contains("model.safetensors"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -282,7 +283,7 @@ fn bare_hub_names_load_like_prefixed_ones() {
         safetensors::serialize(views, None).unwrap(),
     )
     .unwrap();
-    let m = Gpt2Model::load(&dir).unwrap();
+    let m = load_hf_model(&dir).unwrap();
     let want = logits_record("tiny-gpt2/logits_base.safetensors", "batch");
     compare_logits(&batch_logits(&m), 512, &want, 1e-4, "tiny-gpt2 bare names");
     let _ = std::fs::remove_dir_all(&dir);
@@ -372,7 +373,7 @@ fn read_json_abs(p: &Path) -> serde_json::Value {
 /// Loss and LoRA gradients of tiny-gpt2 with `adapter` on the `tests/data/gpt2-grads` batch.
 fn gpt2_grads(adapter: &Adapter) -> (f64, lorakit::model::decoder_train::LoraGrads) {
     use lorakit::model::decoder_train::{Dropout, LoraGrads};
-    use lorakit::model::gpt2::Gpt2Activations;
+    use lorakit::model::decoder_train::Activations as Gpt2Activations;
     use lorakit::train::loss::{lm_head_loss, target_positions};
     let m = tiny_gpt2();
     let batch = lorakit::io::safetensors_file::SafetensorsFile::open(
@@ -546,8 +547,10 @@ fn merge_cli_on_gpt2_writes_a_directory_with_the_merged_logits() {
         out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let m = Gpt2Model::load(&out).unwrap();
-    assert!(m.blocks.iter().all(|b| b.c_attn.loras.is_empty()));
+    let m = load_hf_model(&out).unwrap();
+    assert!(m.layers
+        .iter()
+        .all(|b| b.linear(ModuleKind::Qkv).unwrap().loras.is_empty()));
     let want = logits_record(
         "tiny-gpt2/lora-r4-c_attn/logits_merged.safetensors",
         "batch",

@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use lorakit::generate::{generate, token_logprobs, SamplingParams};
-use lorakit::model::{is_gpt2_dir, load_model, CausalLm, Gpt2Model, LoadedModel, ModelSource};
+use lorakit::model::{
+    is_gpt2_dir, load_hf_model, load_model, CausalLm, LlamaModel, LoadedModel, ModelSource,
+};
 use lorakit::tokenize::{ChatMessage, StreamDecoder, Tokenizer};
 
 mod analyze_cmd;
@@ -91,7 +93,7 @@ impl ModelArg {
 
 /// A GPT-2 HF directory as the CLI uses it; its tokenizer is optional (tokenizer.json).
 pub(crate) struct Gpt2Loaded {
-    pub model: Gpt2Model,
+    pub model: LlamaModel,
     pub tokenizer: Option<Tokenizer>,
 }
 
@@ -114,7 +116,7 @@ impl Opened {
 /// Loads a GPT-2 HF directory (weights, config, and tokenizer.json when present).
 pub(crate) fn open_gpt2(path: &Path) -> Result<Gpt2Loaded> {
     let model =
-        Gpt2Model::load(path).with_context(|| format!("cannot load model {}", path.display()))?;
+        load_hf_model(path).with_context(|| format!("cannot load model {}", path.display()))?;
     let tokenizer = if path.join("tokenizer.json").is_file() {
         Some(Tokenizer::from_hf_dir(path)?)
     } else {

@@ -434,6 +434,36 @@ impl Config {
         }
     }
 
+    /// The adapter module kind (PEFT's name) of the decoder layer's linear `role` (Qkv, O, Up,
+    /// Down, ...): GPT-2 names its fused qkv, o, up and down c_attn, attn.c_proj, c_fc,
+    /// mlp.c_proj; every other family uses the role's own name.
+    pub fn adapter_kind(&self, role: ModuleKind) -> ModuleKind {
+        match (self.arch, role) {
+            (Arch::Gpt2, ModuleKind::Qkv) => ModuleKind::CAttn,
+            (Arch::Gpt2, ModuleKind::O) => ModuleKind::AttnCProj,
+            (Arch::Gpt2, ModuleKind::Up) => ModuleKind::CFc,
+            (Arch::Gpt2, ModuleKind::Down) => ModuleKind::MlpCProj,
+            _ => role,
+        }
+    }
+
+    /// The decoder layer's role of adapter module `kind` (the inverse of
+    /// [`Config::adapter_kind`]); None when this architecture has no module of that name.
+    pub fn layer_role(&self, kind: ModuleKind) -> Option<ModuleKind> {
+        let gpt2 = self.arch == Arch::Gpt2;
+        match kind {
+            ModuleKind::CAttn if gpt2 => Some(ModuleKind::Qkv),
+            ModuleKind::AttnCProj if gpt2 => Some(ModuleKind::O),
+            ModuleKind::CFc if gpt2 => Some(ModuleKind::Up),
+            ModuleKind::MlpCProj if gpt2 => Some(ModuleKind::Down),
+            ModuleKind::CAttn | ModuleKind::AttnCProj | ModuleKind::CFc | ModuleKind::MlpCProj => {
+                None
+            }
+            _ if gpt2 => None,
+            k => Some(k),
+        }
+    }
+
     /// [out, in] of a linear layer (GPT-2's Conv1D layers as the [out, in] the LoRA math uses,
     /// not their stored [in, out]).
     pub fn module_shape(&self, kind: ModuleKind) -> (usize, usize) {

@@ -5,7 +5,8 @@
 
 use crate::engine::ops::{
     add_inplace, attention_forward, embedding_forward, gelu_tanh_backward, gelu_tanh_forward,
-    rms_norm_forward, rope_forward, swiglu_forward, RopeTable,
+    layer_norm_forward, position_embedding_add, rms_norm_forward, rope_forward, swiglu_forward,
+    RopeTable,
 };
 use crate::engine::quant::QuantMatrix;
 use crate::error::{Error, Result};
@@ -19,7 +20,7 @@ use crate::model::linear::{
     check_precision_supported, frozen_forward, head_weight, set_head_precision, Bf16Weight,
 };
 use crate::model::linear::{Linear, Precision};
-use crate::model::spec::{Activation, NormKind, QkNorm};
+use crate::model::spec::{Activation, NormKind, Positions, QkNorm};
 use crate::model::traits::{CausalLm, LmHead};
 
 /// The q, k, v projections: three, or one with rows [q; k; v] (Phi-3's `qkv_proj`).
@@ -40,6 +41,29 @@ pub enum MlpWeights {
     Plain { up: Linear },
 }
 
+/// A norm's parameters: weight [n] and, for LayerNorm, bias [n].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Norm {
+    pub weight: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
+}
+
+impl Norm {
+    pub fn as_ref(&self) -> NormRef<'_> {
+        NormRef {
+            weight: &self.weight,
+            bias: self.bias.as_deref(),
+        }
+    }
+}
+
+/// A borrowed [`Norm`].
+#[derive(Debug, Clone, Copy)]
+pub struct NormRef<'a> {
+    pub weight: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+}
+
 /// One decoder layer's frozen weights.
 #[derive(Debug, Clone)]
 pub struct Layer {
@@ -47,9 +71,9 @@ pub struct Layer {
     pub o_proj: Linear,
     pub mlp: MlpWeights,
     pub down_proj: Linear,
-    /// The norms this architecture places (RMSNorm weights: [hidden], q/k: [head_dim] per
-    /// head or [heads·head_dim] over the whole projection).
-    pub norms: Vec<(NormSlot, Vec<f32>)>,
+    /// The norms this architecture places (weights [hidden], q/k: [head_dim] per head or
+    /// [heads·head_dim] over the whole projection; LayerNorm also a bias).
+    pub norms: Vec<(NormSlot, Norm)>,
 }
 
 impl Layer {
@@ -133,11 +157,11 @@ impl Layer {
     }
 
     /// The norm at `slot`, if this architecture places one there.
-    pub fn norm(&self, slot: NormSlot) -> Option<&[f32]> {
+    pub fn norm(&self, slot: NormSlot) -> Option<NormRef<'_>> {
         self.norms
             .iter()
             .find(|(s, _)| *s == slot)
-            .map(|(_, w)| w.as_slice())
+            .map(|(_, n)| n.as_ref())
     }
 }
 
@@ -149,6 +173,10 @@ pub struct LlamaModel {
     pub layers: Vec<Layer>,
     /// final norm, [hidden]
     pub norm: Vec<f32>,
+    /// The final norm's bias (LayerNorm), [hidden].
+    pub norm_bias: Option<Vec<f32>>,
+    /// Learned positions (GPT-2's wpe), [max_positions, hidden].
+    pub wpe: Option<Vec<f32>>,
     /// None when tied to `embed_tokens`.
     pub lm_head: Option<Linear>,
     /// One table per entry of `config.ropes`.
@@ -257,6 +285,8 @@ impl LlamaModel {
             embed_tokens,
             layers,
             norm,
+            norm_bias: None,
+            wpe: None,
             lm_head,
             ropes,
             tied_head_bf16: None,
@@ -267,21 +297,29 @@ impl LlamaModel {
 
     /// The linear layer of module `id`, or an error naming it if the model has none.
     pub fn linear(&self, id: ModuleId) -> Result<&Linear> {
+        let role = self.config.layer_role(id.kind);
         self.layers
             .get(id.layer)
-            .and_then(|l| l.linear(id.kind))
+            .and_then(|l| l.linear(role?))
             .ok_or_else(|| self.no_module(id))
     }
 
     pub fn linear_mut(&mut self, id: ModuleId) -> Result<&mut Linear> {
         let err = self.no_module(id);
+        let role = self.config.layer_role(id.kind);
         self.layers
             .get_mut(id.layer)
-            .and_then(|l| l.linear_mut(id.kind))
+            .and_then(|l| l.linear_mut(role?))
             .ok_or(err)
     }
 
     fn no_module(&self, id: ModuleId) -> Error {
+        if self.config.arch == crate::model::config::Arch::Gpt2 && id.layer < self.layers.len() {
+            return Error::Invalid(format!(
+                "adapter module {} is not a GPT-2 module (GPT-2 has c_attn, c_proj, c_fc)",
+                id.path()
+            ));
+        }
         Error::Invalid(format!(
             "adapter module {} is not a module of this {}-layer {} model",
             id.path(),
@@ -290,17 +328,24 @@ impl LlamaModel {
         ))
     }
 
-    /// The RMSNorm offset (0, or 1 for Gemma's `1 + w`).
-    pub(crate) fn norm_offset(&self) -> f32 {
+    /// out = norm(x) (RMSNorm or LayerNorm, by the block).  x, out: [rows, n.weight.len()].
+    pub(crate) fn rms(&self, out: &mut [f32], x: &[f32], n: NormRef) {
+        let eps = self.config.rms_norm_eps;
         match self.config.block.norm {
-            NormKind::Rms { offset } => offset,
-            NormKind::Layer => 0.0,
+            NormKind::Rms { offset } => rms_norm_forward(out, x, n.weight, offset, eps),
+            NormKind::Layer => match n.bias {
+                Some(b) => layer_norm_forward(out, x, n.weight, b, eps),
+                None => layer_norm_forward(out, x, n.weight, &vec![0.0; n.weight.len()], eps),
+            },
         }
     }
 
-    /// out = norm(x) with weight w.  x, out: [rows, w.len()].
-    pub(crate) fn rms(&self, out: &mut [f32], x: &[f32], w: &[f32]) {
-        rms_norm_forward(out, x, w, self.norm_offset(), self.config.rms_norm_eps);
+    /// The final norm.
+    pub fn final_norm(&self) -> NormRef<'_> {
+        NormRef {
+            weight: &self.norm,
+            bias: self.norm_bias.as_deref(),
+        }
     }
 
     /// Switches the frozen-weight products to `precision` (bf16 packs every weight once;
@@ -416,7 +461,10 @@ impl LlamaModel {
         for (i, layer) in self.layers.iter().enumerate() {
             for kind in layer.kinds() {
                 if let Some((at, v)) = layer.linear(kind).and_then(|l| l.check_merge(sign)) {
-                    let id = ModuleId { layer: i, kind };
+                    let id = ModuleId {
+                        layer: i,
+                        kind: self.config.adapter_kind(kind),
+                    };
                     return Err(Error::Invalid(format!(
                         "merging would make {} non-finite (element {at} becomes {v}); \
                          the adapter seems to be broken, nothing was merged",
@@ -436,8 +484,12 @@ impl LlamaModel {
     /// A cache for at most `capacity` positions (prompt + generated tokens).
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
         if capacity > self.config.max_position_embeddings {
+            let table = match self.config.block.positions {
+                Positions::Learned => " (n_positions)",
+                Positions::Rope => "",
+            };
             return Err(Error::Invalid(format!(
-                "{capacity} positions exceed the model's context of {} tokens",
+                "{capacity} positions exceed the model's context of {} tokens{table}",
                 self.config.max_position_embeddings
             )));
         }
@@ -463,11 +515,18 @@ impl LlamaModel {
         Ok(())
     }
 
-    /// x = embedding(ids) (· the embedding scale).  x: [T, hidden].
-    pub(crate) fn embed(&self, x: &mut [f32], ids: &[u32]) {
-        embedding_forward(x, &self.embed_tokens, ids, self.config.hidden_size);
+    /// x = embedding(ids) (· the embedding scale) (+ learned positions start.. in each row of
+    /// `seq` tokens).  x: [T, hidden].
+    pub(crate) fn embed(&self, x: &mut [f32], ids: &[u32], start: usize, seq: usize) {
+        let h = self.config.hidden_size;
+        embedding_forward(x, &self.embed_tokens, ids, h);
         if let Some(s) = self.config.block.embed_scale {
             x.iter_mut().for_each(|v| *v *= s);
+        }
+        if let Some(wpe) = &self.wpe {
+            for row in x.chunks_exact_mut(seq * h) {
+                position_embedding_add(row, wpe, start, h);
+            }
         }
     }
 
@@ -533,7 +592,7 @@ impl LlamaModel {
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
 
         let mut x = vec![0.0f32; t * h];
-        self.embed(&mut x, ids);
+        self.embed(&mut x, ids, start, t);
         let mut normed = vec![0.0f32; t * h];
         let mut q = vec![0.0f32; t * q_dim];
         let mut k = vec![0.0f32; t * kv_dim];
@@ -562,9 +621,10 @@ impl LlamaModel {
             Self::project_qkv(layer, a, &mut q, &mut k, &mut v, &mut fused);
             self.qk_norm(layer, NormSlot::Q, &mut q, &mut tmp);
             self.qk_norm(layer, NormSlot::K, &mut k, &mut tmp);
-            let rope = &self.ropes[spec.rope];
-            rope_forward(&mut q, c.num_heads, hd, start, rope);
-            rope_forward(&mut k, c.num_kv_heads, hd, start, rope);
+            if let Some(rope) = self.ropes.get(spec.rope) {
+                rope_forward(&mut q, c.num_heads, hd, start, rope);
+                rope_forward(&mut k, c.num_kv_heads, hd, start, rope);
+            }
             store_kv(kv, &k, &v, c.num_kv_heads, hd, cache.capacity, start);
             attention_forward(
                 &mut attn,
@@ -617,7 +677,7 @@ impl LlamaModel {
         };
         let n = rows.len() / h;
         let mut final_normed = vec![0.0f32; n * h];
-        self.rms(&mut final_normed, rows, &self.norm);
+        self.rms(&mut final_normed, rows, self.final_norm());
         let mut logits = vec![0.0f32; n * c.vocab_size];
         self.head_forward(&mut logits, &final_normed, n);
         Ok(logits)
@@ -655,23 +715,27 @@ impl LmHead for LlamaModel {
     }
 
     fn final_norm_forward(&self, out: &mut [f32], x: &[f32]) {
-        self.rms(out, x, &self.norm);
+        self.rms(out, x, self.final_norm());
     }
 
     fn final_norm_backward(&self, dx: &mut [f32], x: &[f32], dy: &[f32]) {
-        crate::engine::ops::rms_norm_backward(
-            dx,
-            x,
-            &self.norm,
-            self.norm_offset(),
-            dy,
-            self.config.rms_norm_eps,
-            false,
-        );
+        let eps = self.config.rms_norm_eps;
+        match self.config.block.norm {
+            NormKind::Rms { offset } => crate::engine::ops::rms_norm_backward(
+                dx, x, &self.norm, offset, dy, eps, false,
+            ),
+            NormKind::Layer => {
+                crate::engine::ops::layer_norm_backward(dx, x, &self.norm, dy, eps, false)
+            }
+        }
     }
 
     fn final_norm_weight_grad(&self, dw: &mut [f32], x: &[f32], dy: &[f32]) {
-        crate::engine::ops::rms_norm_weight_grad(dw, x, dy, self.config.rms_norm_eps);
+        let eps = self.config.rms_norm_eps;
+        match self.config.block.norm {
+            NormKind::Rms { .. } => crate::engine::ops::rms_norm_weight_grad(dw, x, dy, eps),
+            NormKind::Layer => crate::engine::ops::layer_norm_weight_grad(dw, x, dy, eps),
+        }
     }
 
     fn head_forward(&self, logits: &mut [f32], x: &[f32], n: usize) {

@@ -7,24 +7,24 @@ use std::collections::BTreeMap;
 
 use crate::engine::attention::{attention_train_backward, attention_train_forward, AttnShape};
 use crate::engine::ops::{
-    add_inplace, embedding_backward, rms_norm_backward, rms_norm_weight_grad, rope_backward,
-    rope_forward,
+    add_inplace, embedding_backward, layer_norm_backward, layer_norm_weight_grad, rms_norm_backward,
+    rms_norm_weight_grad, rope_backward, rope_forward,
 };
 use crate::error::{Error, Result};
 use crate::lora::peft::Adapter;
 use crate::lora::{ModuleId, ModuleKind};
-use crate::model::arch::{NormSlot, Slot, EMBED, FINAL_NORM, HEAD, HF_LAYERS};
+use crate::model::arch::{self, NormSlot, Slot};
 use crate::model::decoder::LlamaModel;
 use crate::model::decoder::{
     act_forward, gated_act_backward, gated_act_forward, join_rows, split_rows, Layer, MlpWeights,
-    QkvWeights,
+    Norm, QkvWeights,
 };
 use crate::model::linear::Linear;
 use crate::model::linear_train::{
     linear_train_backward, linear_train_forward, set_len, LoraBackward,
 };
 pub use crate::model::linear_train::{Dropout, LoraGrads};
-use crate::model::spec::{Activation, QkNorm};
+use crate::model::spec::{Activation, NormKind, QkNorm};
 use crate::model::traits::LoraTrainable;
 
 /// Gradients of every parameter of the model (full fine-tuning), in the model's own layouts.
@@ -34,6 +34,10 @@ pub struct FullGrads {
     pub embed_tokens: Vec<f32>,
     /// Final norm, [hidden].
     pub norm: Vec<f32>,
+    /// The final norm's bias (LayerNorm), [hidden].
+    pub norm_bias: Option<Vec<f32>>,
+    /// Learned positions, [max_positions, hidden].
+    pub wpe: Option<Vec<f32>>,
     /// [vocab, hidden], when the head is not tied to the embedding.
     pub lm_head: Option<Vec<f32>>,
     pub layers: Vec<LayerGrads>,
@@ -42,8 +46,8 @@ pub struct FullGrads {
 /// One decoder layer's gradients.
 #[derive(Debug, Clone)]
 pub struct LayerGrads {
-    /// The norms' weights, in the layer's order ([`Layer::norms`]).
-    pub norms: Vec<(NormSlot, Vec<f32>)>,
+    /// The norms' weights (and biases), in the layer's order ([`Layer::norms`]).
+    pub norms: Vec<(NormSlot, Norm)>,
     /// dW [out, in] and db [out] (biased projections only) of each linear layer.
     pub linears: BTreeMap<ModuleKind, (Vec<f32>, Option<Vec<f32>>)>,
 }
@@ -53,7 +57,7 @@ impl LayerGrads {
         self.norms
             .iter()
             .find(|(s, _)| *s == slot)
-            .map(|(_, g)| g.as_slice())
+            .map(|(_, g)| g.weight.as_slice())
     }
 }
 
@@ -63,12 +67,22 @@ impl FullGrads {
         FullGrads {
             embed_tokens: zeros(model.embed_tokens.len()),
             norm: zeros(model.norm.len()),
+            norm_bias: model.norm_bias.as_ref().map(|b| zeros(b.len())),
+            wpe: model.wpe.as_ref().map(|w| zeros(w.len())),
             lm_head: model.lm_head.as_ref().map(|l| zeros(l.weight_f32().len())),
             layers: model
                 .layers
                 .iter()
                 .map(|l| LayerGrads {
-                    norms: l.norms.iter().map(|(s, w)| (*s, zeros(w.len()))).collect(),
+                    norms: l
+                        .norms
+                        .iter()
+                        .map(|(s, n)| {
+                            let weight = zeros(n.weight.len());
+                            let bias = n.bias.as_ref().map(|b| zeros(b.len()));
+                            (*s, Norm { weight, bias })
+                        })
+                        .collect(),
                     linears: l
                         .kinds()
                         .into_iter()
@@ -91,9 +105,15 @@ impl FullGrads {
     /// Every gradient tensor, in [`LlamaModel::parameters_mut`] order.
     pub fn tensors_mut(&mut self) -> Vec<&mut [f32]> {
         let mut v: Vec<&mut [f32]> = vec![&mut self.embed_tokens];
+        if let Some(w) = &mut self.wpe {
+            v.push(w);
+        }
         for l in &mut self.layers {
             for (_, g) in &mut l.norms {
-                v.push(g);
+                v.push(&mut g.weight);
+                if let Some(b) = &mut g.bias {
+                    v.push(b);
+                }
             }
             for (w, b) in l.linears.values_mut() {
                 v.push(w);
@@ -103,6 +123,9 @@ impl FullGrads {
             }
         }
         v.push(&mut self.norm);
+        if let Some(b) = &mut self.norm_bias {
+            v.push(b);
+        }
         if let Some(h) = &mut self.lm_head {
             v.push(h);
         }
@@ -133,8 +156,13 @@ impl LlamaModel {
         fn p(name: String, decay: bool, data: &mut [f32]) -> Parameter<'_> {
             Parameter { name, decay, data }
         }
-        let table = crate::model::arch::weights(self.config.arch);
-        let mut v = vec![p(EMBED.0.into(), true, &mut self.embed_tokens)];
+        let table = arch::weights(self.config.arch);
+        let names = arch::model_names(self.config.arch);
+        let cfg = &self.config;
+        let mut v = vec![p(names.embed.into(), true, &mut self.embed_tokens)];
+        if let (Some(w), Some(name)) = (&mut self.wpe, names.positions) {
+            v.push(p(name.into(), true, w));
+        }
         for (i, l) in self.layers.iter_mut().enumerate() {
             let Layer {
                 norms,
@@ -143,9 +171,13 @@ impl LlamaModel {
                 mlp,
                 down_proj,
             } = l;
-            for (slot, w) in norms {
+            for (slot, n) in norms {
                 let hf = table.names(Slot::Norm(*slot)).map_or("?", |n| n.0);
-                v.push(p(format!("{HF_LAYERS}.{i}.{hf}.weight"), false, w));
+                let base = format!("{}.{i}.{hf}", names.layers);
+                v.push(p(format!("{base}.weight"), false, &mut n.weight));
+                if let Some(b) = &mut n.bias {
+                    v.push(p(format!("{base}.bias"), false, b));
+                }
             }
             // Rebuild the kind-ordered list from the split borrows.
             let mut lins: Vec<(ModuleKind, &mut Linear)> =
@@ -168,7 +200,11 @@ impl LlamaModel {
             }
             lins.sort_by_key(|(k, _)| *k);
             for (k, lin) in lins {
-                let path = ModuleId { layer: i, kind: k }.path();
+                let path = ModuleId {
+                    layer: i,
+                    kind: cfg.adapter_kind(k),
+                }
+                .path();
                 let (w, b) = lin.weight_and_bias_mut();
                 v.push(p(format!("{path}.weight"), true, w));
                 if let Some(b) = b {
@@ -176,9 +212,13 @@ impl LlamaModel {
                 }
             }
         }
-        v.push(p(FINAL_NORM.0.into(), false, &mut self.norm));
+        let final_norm = names.final_norm;
+        v.push(p(format!("{final_norm}.weight"), false, &mut self.norm));
+        if let Some(b) = &mut self.norm_bias {
+            v.push(p(format!("{final_norm}.bias"), false, b));
+        }
         if let Some(h) = &mut self.lm_head {
-            v.push(p(HEAD.0.into(), true, h.weight_and_bias_mut().0));
+            v.push(p(names.head.into(), true, h.weight_and_bias_mut().0));
         }
         v
     }
@@ -316,7 +356,7 @@ impl LlamaModel {
         acts.layers.resize_with(c.num_layers, LayerActs::default);
         let mut x = std::mem::take(&mut acts.x_final);
         set_len(&mut x, n * h);
-        self.embed(&mut x, ids);
+        self.embed(&mut x, ids, 0, seq);
         let mut proj = vec![0.0f32; n * h];
         let mut normed = vec![0.0f32; n * h];
         let mut act = vec![0.0f32; n * inter];
@@ -331,7 +371,11 @@ impl LlamaModel {
             .enumerate()
         {
             let lora = |k: ModuleKind| {
-                adapter.and_then(|ad| ad.modules.get(&ModuleId { layer: li, kind: k }))
+                let id = ModuleId {
+                    layer: li,
+                    kind: c.adapter_kind(k),
+                };
+                adapter.and_then(|ad| ad.modules.get(&id))
             };
             // Prepare the xa slots of this layer's adapted modules.
             a.xa.retain(|k, _| lora(*k).is_some());
@@ -342,7 +386,10 @@ impl LlamaModel {
             }
             // One adapted-or-frozen linear layer of this block, by kind.
             let mut fwd = |kind: ModuleKind, input: &[f32], out: &mut [f32]| {
-                let id = ModuleId { layer: li, kind };
+                let id = ModuleId {
+                    layer: li,
+                    kind: c.adapter_kind(kind),
+                };
                 let Some(lin) = layer.linear(kind) else {
                     return;
                 };
@@ -389,8 +436,10 @@ impl LlamaModel {
                     self.rms(&mut a.k, &a.k_raw, wk);
                 }
             }
-            let rope = &self.ropes[spec.rope];
             for bi in 0..batch {
+                let Some(rope) = self.ropes.get(spec.rope) else {
+                    break;
+                };
                 rope_forward(
                     &mut a.q[bi * seq * qd..(bi + 1) * seq * qd],
                     c.num_heads,
@@ -487,7 +536,7 @@ impl LlamaModel {
         &self,
         layer: &Layer,
         slot: NormSlot,
-        grads: Option<&mut Vec<(NormSlot, Vec<f32>)>>,
+        grads: Option<&mut Vec<(NormSlot, Norm)>>,
         x: &[f32],
         dy: &[f32],
         d_in: &mut [f32],
@@ -497,10 +546,24 @@ impl LlamaModel {
             return;
         };
         let eps = self.config.rms_norm_eps;
-        if let Some((_, g)) = grads.and_then(|g| g.iter_mut().find(|(s, _)| *s == slot)) {
-            rms_norm_weight_grad(g, x, dy, eps);
+        let g = grads.and_then(|g| g.iter_mut().find(|(s, _)| *s == slot));
+        match self.config.block.norm {
+            NormKind::Rms { offset } => {
+                if let Some((_, g)) = g {
+                    rms_norm_weight_grad(&mut g.weight, x, dy, eps);
+                }
+                rms_norm_backward(d_in, x, w.weight, offset, dy, eps, accumulate);
+            }
+            NormKind::Layer => {
+                if let Some((_, g)) = g {
+                    layer_norm_weight_grad(&mut g.weight, x, dy, eps);
+                    if let Some(db) = &mut g.bias {
+                        bias_grad(db, dy);
+                    }
+                }
+                layer_norm_backward(d_in, x, w.weight, dy, eps, accumulate);
+            }
         }
-        rms_norm_backward(d_in, x, w, self.norm_offset(), dy, eps, accumulate);
     }
 
     fn backward(
@@ -550,7 +613,10 @@ impl LlamaModel {
             .enumerate()
             .rev()
         {
-            let id = |k: ModuleKind| ModuleId { layer: li, kind: k };
+            let id = |k: ModuleKind| ModuleId {
+                layer: li,
+                kind: c.adapter_kind(k),
+            };
             // Split borrows: each module's (weights, saved xa, grads).
             let mut g = lora_grads
                 .iter_mut()
@@ -561,7 +627,7 @@ impl LlamaModel {
             let mut lora = |k: ModuleKind| -> LoraBackward<'_> {
                 let w = adapter?.modules.get(&id(k))?;
                 let xa = a.xa.get(&k)?;
-                let gr = g.remove(&k)?;
+                let gr = g.remove(&id(k).kind)?;
                 Some((w, xa.as_slice(), gr))
             };
             let (mut norm_grads, mut weight_grads) =
@@ -673,8 +739,10 @@ impl LlamaModel {
             attention_train_backward(
                 &mut dq, &mut dk, &mut dv, &d_attn, &a.q, &a.k, &a.v, &a.attn, &a.lse, shape,
             );
-            let rope = &self.ropes[spec.rope];
             for bi in 0..batch {
+                let Some(rope) = self.ropes.get(spec.rope) else {
+                    break;
+                };
                 rope_backward(
                     &mut dq[bi * seq * qd..(bi + 1) * seq * qd],
                     c.num_heads,
@@ -739,8 +807,29 @@ impl LlamaModel {
                 dx.iter_mut().for_each(|v| *v *= s);
             }
             embedding_backward(&mut f.embed_tokens, dx, &acts.ids, h);
+            if let Some(wpe) = &mut f.wpe {
+                for row in dx.chunks_exact(seq * h) {
+                    for (g, &d) in wpe.iter_mut().zip(row) {
+                        *g += d;
+                    }
+                }
+            }
         }
         Ok(())
+    }
+}
+
+/// db += Σ_rows dy (a bias's gradient).  dy: [rows, db.len()].
+pub fn bias_grad(db: &mut [f32], dy: &[f32]) {
+    let n = db.len();
+    let mut acc = vec![0.0f64; n];
+    for row in dy.chunks_exact(n) {
+        for (a, &d) in acc.iter_mut().zip(row) {
+            *a += d as f64;
+        }
+    }
+    for (g, a) in db.iter_mut().zip(acc) {
+        *g += a as f32;
     }
 }
 

@@ -9,12 +9,12 @@ use crate::error::{Error, Result};
 use crate::io::gguf::{GgmlType, GgufFile};
 use crate::io::hf_dir::SafetensorsSet;
 use crate::lora::ModuleKind;
-use crate::model::arch::{self, NormSlot, Slot, EMBED, FINAL_NORM, HEAD, HF_LAYERS};
+use crate::model::arch::{self, NormSlot, Slot, EMBED, FINAL_NORM, HEAD};
 use crate::model::config::{Arch, Config};
 use crate::model::decoder::LlamaModel;
-use crate::model::decoder::{Layer, MlpWeights, QkvWeights};
+use crate::model::decoder::{Layer, MlpWeights, Norm, QkvWeights};
 use crate::model::linear::Linear;
-use crate::model::spec::{Mlp, QkNorm};
+use crate::model::spec::{Mlp, NormKind, QkNorm};
 use crate::tokenize::Tokenizer;
 
 /// Where the weights came from, for `inspect` and error messages.
@@ -166,7 +166,7 @@ fn build_layer(
     c: &Config,
     gguf: bool,
     mut linear: impl FnMut(&str, ModuleKind, usize, usize, bool) -> Result<Linear>,
-    mut norm: impl FnMut(&str, usize) -> Result<Vec<f32>>,
+    mut norm: impl FnMut(&str, usize) -> Result<Norm>,
 ) -> Result<Layer> {
     let table = arch::weights(c.arch);
     let (kinds, norm_slots) = layer_slots(c);
@@ -277,7 +277,12 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
                 }
                 Ok(Linear::new(w, out, inp, b))
             },
-            |name, len| norm_tensor(&format!("{p}.{name}.weight"), len),
+            |name, len| {
+                Ok(Norm {
+                    weight: norm_tensor(&format!("{p}.{name}.weight"), len)?,
+                    bias: None,
+                })
+            },
         )?);
     }
     let norm = norm_tensor(FINAL_NORM.1, h)?;
@@ -407,12 +412,6 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
         ));
     }
     let config = Config::from_hf_json(&config_path)?;
-    if config.arch == Arch::Gpt2 {
-        return Err(Error::unsupported(
-            &config_path,
-            "a GPT-2 model here: this command runs the Llama family only (the library loads GPT-2 with Gpt2Model::load)",
-        ));
-    }
     let model = load_hf_weights(dir, config)?;
     let set = SafetensorsSet::open(dir)?;
     let tokenizer = Tokenizer::from_hf_dir(dir)?;
@@ -430,27 +429,81 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
     })
 }
 
+/// Opens an HF directory's `config.json` and weights (no tokenizer: a GPT-2 directory may
+/// have none).
+pub fn load_hf_model(dir: &Path) -> Result<LlamaModel> {
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(Error::format(
+            dir,
+            "directory has no config.json; expected an HF model directory (config.json, model.safetensors)",
+        ));
+    }
+    let config = Config::from_hf_json(&config_path)?;
+    load_hf_weights(dir, config)
+}
+
+/// w: [rows, cols] → [cols, rows].
+pub fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; w.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = w[r * cols + c];
+        }
+    }
+    out
+}
+
 /// The weights of an HF directory (`model.safetensors` or shards) for `config`, without the
-/// tokenizer: what the tiny test models of every architecture have.
+/// tokenizer: what the tiny test models of every architecture have. Names come from the
+/// architecture's tables; GPT-2's may lack the `transformer.` prefix (the `gpt2` hub repo), and
+/// its Conv1D weights, stored [in, out], are transposed to [out, in].
 pub fn load_hf_weights(dir: &Path, config: Config) -> Result<LlamaModel> {
     let set = SafetensorsSet::open(dir)?;
     let c = &config;
     let h = c.hidden_size;
+    let names = arch::model_names(c.arch);
+    // A checkpoint without the `transformer.` prefix: strip it from every name.
+    let strip = names
+        .embed
+        .split_once('.')
+        .map(|(p, rest)| (format!("{p}."), rest))
+        .filter(|(_, rest)| {
+            c.arch == Arch::Gpt2 && !set.contains(names.embed) && set.contains(rest)
+        })
+        .map(|(p, _)| p);
+    let name_of = |n: &str| -> String {
+        match &strip {
+            Some(p) => n.strip_prefix(p.as_str()).unwrap_or(n).to_owned(),
+            None => n.to_owned(),
+        }
+    };
     let tensor = |name: &str, want: &[usize]| -> Result<Vec<f32>> {
-        let (data, shape) = set.tensor_f32(name)?;
-        expect_shape(set.file_of(name), name, &shape, want)?;
-        expect_finite(set.file_of(name), name, &data)?;
+        let name = name_of(name);
+        let (data, shape) = set.tensor_f32(&name)?;
+        expect_shape(set.file_of(&name), &name, &shape, want)?;
+        expect_finite(set.file_of(&name), &name, &data)?;
         Ok(data)
     };
-    let embed_tokens = tensor(EMBED.0, &[c.vocab_size, h])?;
+    let layer_norm = c.block.norm == NormKind::Layer;
+    let embed_tokens = tensor(names.embed, &[c.vocab_size, h])?;
+    let wpe = match names.positions {
+        Some(n) => Some(tensor(n, &[c.max_position_embeddings, h])?),
+        None => None,
+    };
     let mut layers = Vec::with_capacity(c.num_layers);
     for i in 0..c.num_layers {
-        let p = format!("{HF_LAYERS}.{i}");
+        let p = format!("{}.{i}", names.layers);
         layers.push(build_layer(
             c,
             false,
             |name, _kind, out, inp, bias| {
-                let w = tensor(&format!("{p}.{name}.weight"), &[out, inp])?;
+                let w = if names.conv1d {
+                    let w = tensor(&format!("{p}.{name}.weight"), &[inp, out])?;
+                    transpose(&w, inp, out)
+                } else {
+                    tensor(&format!("{p}.{name}.weight"), &[out, inp])?
+                };
                 let b = if bias {
                     Some(tensor(&format!("{p}.{name}.bias"), &[out])?)
                 } else {
@@ -458,22 +511,36 @@ pub fn load_hf_weights(dir: &Path, config: Config) -> Result<LlamaModel> {
                 };
                 Ok(Linear::new(w, out, inp, b))
             },
-            |name, len| tensor(&format!("{p}.{name}.weight"), &[len]),
+            |name, len| {
+                Ok(Norm {
+                    weight: tensor(&format!("{p}.{name}.weight"), &[len])?,
+                    bias: match layer_norm {
+                        true => Some(tensor(&format!("{p}.{name}.bias"), &[len])?),
+                        false => None,
+                    },
+                })
+            },
         )?);
     }
-    let norm = tensor(FINAL_NORM.0, &[h])?;
-    // Some tied checkpoints still carry an lm_head copy; the config decides.
+    let norm = tensor(&format!("{}.weight", names.final_norm), &[h])?;
+    let norm_bias = match layer_norm {
+        true => Some(tensor(&format!("{}.bias", names.final_norm), &[h])?),
+        false => None,
+    };
+    // Some tied checkpoints still carry an lm_head copy; the config decides. An untied GPT-2
+    // head is an nn.Linear ([vocab, hidden]) outside `transformer.`.
     let lm_head = if c.tie_word_embeddings {
         None
     } else {
-        Some(Linear::new(
-            tensor(HEAD.0, &[c.vocab_size, h])?,
-            c.vocab_size,
-            h,
-            None,
-        ))
+        let (w, shape) = set.tensor_f32(names.head)?;
+        expect_shape(set.file_of(names.head), names.head, &shape, &[c.vocab_size, h])?;
+        expect_finite(set.file_of(names.head), names.head, &w)?;
+        Some(Linear::new(w, c.vocab_size, h, None))
     };
-    Ok(LlamaModel::new(config, embed_tokens, layers, norm, lm_head))
+    let mut model = LlamaModel::new(config, embed_tokens, layers, norm, lm_head);
+    model.norm_bias = norm_bias;
+    model.wpe = wpe;
+    Ok(model)
 }
 
 #[cfg(test)]

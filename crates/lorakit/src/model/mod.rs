@@ -1,14 +1,13 @@
-//! Model configuration, the decoder and GPT-2's forward pass.
+//! Model configuration and the decoder.
 //!
 //! One decoder ([`decoder`], [`decoder_train`]) runs every Llama-shaped family: Llama 1–3.x,
-//! SmolLM2, Mistral, Qwen2, Qwen3, Gemma 3, Phi-3 and OLMo 2. They differ only in the block
+//! SmolLM2, Mistral, Qwen2, Qwen3, Gemma 3, Phi-3, OLMo 2 and GPT-2. They differ only in the block
 //! description of [`spec`] and the weight names of [`arch`], never in code copies.
 
 pub mod arch;
 pub mod config;
 pub mod decoder;
 pub mod decoder_train;
-pub mod gpt2;
 pub mod kv_cache;
 pub mod linear;
 pub mod linear_train;
@@ -19,9 +18,8 @@ pub mod traits;
 
 pub use config::{Arch, Config};
 pub use decoder::{KvCache, LlamaModel};
-pub use gpt2::Gpt2Model;
 pub use linear::{Linear, Precision};
-pub use load::{attach_gguf_blocks, load_model, LoadedModel, ModelSource};
+pub use load::{attach_gguf_blocks, load_hf_model, load_model, LoadedModel, ModelSource};
 pub use traits::{CausalLm, LmHead, LoraTrainable};
 
 pub use load::is_gpt2_dir;

@@ -9,9 +9,10 @@ use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
 use crate::io::output::OutputDir;
 use crate::io::safetensors_file::write_f32_safetensors;
-use crate::model::arch::{self, Slot, HF_LAYERS};
+use crate::model::arch::{self, Slot};
 use crate::model::config::{Arch, Config};
 use crate::model::decoder::LlamaModel;
+use crate::model::load::transpose;
 use crate::tokenize::Tokenizer;
 
 /// HF `config.json` for a [`Config`]: the one the model was loaded from (its dtype set to
@@ -62,6 +63,105 @@ pub fn hf_config_json(c: &Config) -> Result<serde_json::Value> {
     Ok(v)
 }
 
+/// Every tensor of `model` under its HF name, f32, in the HF layout (GPT-2's Conv1D weights
+/// back as [in, out]).
+fn hf_tensors(model: &LlamaModel) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    let c = &model.config;
+    let names = arch::model_names(c.arch);
+    let h = c.hidden_size;
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = vec![(
+        names.embed.into(),
+        vec![c.vocab_size, h],
+        model.embed_tokens.clone(),
+    )];
+    if let (Some(w), Some(name)) = (&model.wpe, names.positions) {
+        tensors.push((name.into(), vec![w.len() / h, h], w.clone()));
+    }
+    let table = arch::weights(c.arch);
+    for (i, layer) in model.layers.iter().enumerate() {
+        for (slot, n) in &layer.norms {
+            let Some((hf, _)) = table.names(Slot::Norm(*slot)) else {
+                return Err(Error::Invalid(format!("no HF name for the {slot:?} norm")));
+            };
+            let base = format!("{}.{i}.{hf}", names.layers);
+            tensors.push((format!("{base}.weight"), vec![n.weight.len()], n.weight.clone()));
+            if let Some(b) = &n.bias {
+                tensors.push((format!("{base}.bias"), vec![b.len()], b.clone()));
+            }
+        }
+        for kind in layer.kinds() {
+            let Some(lin) = layer.linear(kind) else {
+                continue;
+            };
+            let path = c.adapter_kind(kind).path(i);
+            let (out, inp) = (lin.out_features, lin.in_features);
+            let (shape, w) = if names.conv1d {
+                (vec![inp, out], transpose(lin.weight_f32(), out, inp))
+            } else {
+                (vec![out, inp], lin.weight_f32().to_vec())
+            };
+            tensors.push((format!("{path}.weight"), shape, w));
+            if let Some(b) = &lin.bias {
+                tensors.push((format!("{path}.bias"), vec![out], b.clone()));
+            }
+        }
+    }
+    let final_norm = names.final_norm;
+    tensors.push((format!("{final_norm}.weight"), vec![h], model.norm.clone()));
+    if let Some(b) = &model.norm_bias {
+        tensors.push((format!("{final_norm}.bias"), vec![h], b.clone()));
+    }
+    if let Some(head) = &model.lm_head {
+        tensors.push((
+            names.head.into(),
+            vec![head.out_features, head.in_features],
+            head.weight_f32().to_vec(),
+        ));
+    }
+    Ok(tensors)
+}
+
+/// The tokenizer files [`save_hf_dir_copying`] copies from the source directory.
+pub const TOKENIZER_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+];
+
+/// Writes `model` (adapters merged or detached first) as an HF directory without a loaded
+/// tokenizer (GPT-2, whose directory may have none): `config.json` and `model.safetensors`,
+/// plus those of [`TOKENIZER_FILES`] that `tokenizer_from` holds, copied as they are, into the
+/// checked output `dir` (replacing only lorakit's files there; complete or not at all).
+pub fn save_hf_dir_copying(
+    model: &LlamaModel,
+    dir: &OutputDir,
+    tokenizer_from: Option<&Path>,
+) -> Result<()> {
+    if model.has_adapters() {
+        return Err(Error::Invalid(
+            "save_hf_dir: merge or detach the adapters first".into(),
+        ));
+    }
+    dir.write_whole(|tmp| {
+        write_f32_safetensors(&tmp.join("model.safetensors"), hf_tensors(model)?)?;
+        let cfg = match model.config.arch {
+            Arch::Gpt2 => arch::gpt2::hf_config_out(&model.config),
+            _ => hf_config_json(&model.config)?,
+        };
+        let text = serde_json::to_string_pretty(&cfg)
+            .map_err(|e| Error::format(tmp.join("config.json"), e.to_string()))?;
+        write_atomic(&tmp.join("config.json"), text.as_bytes())?;
+        for name in TOKENIZER_FILES {
+            let Some(src) = tokenizer_from.map(|d| d.join(name)).filter(|p| p.is_file()) else {
+                continue;
+            };
+            std::fs::copy(&src, tmp.join(name)).map_err(|e| Error::io(&src, e))?;
+        }
+        Ok(())
+    })
+}
+
 /// Writes `model` (adapters must be merged or detached first) and its tokenizer into the checked
 /// output `dir` as an HF directory, replacing only lorakit's files there
 /// ([`OutputDir::write_whole`]: the directory appears complete or not at all).
@@ -86,44 +186,7 @@ fn write_contents(model: &LlamaModel, tokenizer: &Tokenizer, tmp: &Path) -> Resu
             .as_bytes(),
     )?;
 
-    // Tensors under HF names, f32.
-    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = vec![(
-        "model.embed_tokens.weight".into(),
-        vec![c.vocab_size, c.hidden_size],
-        &model.embed_tokens,
-    )];
-    let table = arch::weights(c.arch);
-    for (i, layer) in model.layers.iter().enumerate() {
-        for (slot, w) in &layer.norms {
-            let Some((hf, _)) = table.names(Slot::Norm(*slot)) else {
-                return Err(Error::Invalid(format!("no HF name for the {slot:?} norm")));
-            };
-            tensors.push((format!("{HF_LAYERS}.{i}.{hf}.weight"), vec![w.len()], w));
-        }
-        for kind in layer.kinds() {
-            let Some(lin) = layer.linear(kind) else {
-                continue;
-            };
-            let path = kind.path(i);
-            tensors.push((
-                format!("{path}.weight"),
-                vec![lin.out_features, lin.in_features],
-                lin.weight_f32(),
-            ));
-            if let Some(b) = &lin.bias {
-                tensors.push((format!("{path}.bias"), vec![lin.out_features], b));
-            }
-        }
-    }
-    tensors.push(("model.norm.weight".into(), vec![c.hidden_size], &model.norm));
-    if let Some(head) = &model.lm_head {
-        tensors.push((
-            "lm_head.weight".into(),
-            vec![head.out_features, head.in_features],
-            head.weight_f32(),
-        ));
-    }
-    write_f32_safetensors(&tmp.join("model.safetensors"), tensors)?;
+    write_f32_safetensors(&tmp.join("model.safetensors"), hf_tensors(model)?)?;
 
     // Tokenizer files.
     let tok_json = tokenizer

@@ -115,6 +115,7 @@ fn train_full_inner(
             let FullGrads {
                 embed_tokens,
                 norm,
+                norm_bias,
                 lm_head,
                 ..
             } = &mut grads;
@@ -127,7 +128,11 @@ fn train_full_inner(
                 o.label_smoothing,
                 normalizer.max(1) as f64,
                 Some(&mut dx),
-                Some(HeadGrads { norm, head }),
+                Some(HeadGrads {
+            norm,
+            norm_bias: norm_bias.as_deref_mut(),
+            head,
+        }),
             );
             model.train_backward_full(&mut dx, &acts, &mut grads)?;
             tokens += batch.lengths.iter().sum::<usize>();

@@ -56,6 +56,8 @@ pub fn lm_head_loss<M: LmHead + ?Sized>(
 pub struct HeadGrads<'a> {
     /// d loss / d final-norm weight, [hidden] (accumulated).
     pub norm: &'a mut [f32],
+    /// d loss / d final-norm bias (LayerNorm), [hidden] (accumulated).
+    pub norm_bias: Option<&'a mut [f32]>,
     /// d loss / d head weight, [vocab, hidden] (accumulated; the embedding's gradient when the
     /// head is tied).
     pub head: &'a mut [f32],
@@ -167,6 +169,9 @@ pub fn lm_head_loss_with_head_grads<M: LmHead + ?Sized>(
             );
             if let Some(g) = head_grads.as_mut() {
                 model.final_norm_weight_grad(g.norm, &xs[..m * h], &d_normed[..m * h]);
+                if let Some(db) = g.norm_bias.as_deref_mut() {
+                    crate::model::decoder_train::bias_grad(db, &d_normed[..m * h]);
+                }
             }
             model.final_norm_backward(&mut d_xs[..m * h], &xs[..m * h], &d_normed[..m * h]);
             for (i, &(row, _)) in chunk.iter().enumerate() {

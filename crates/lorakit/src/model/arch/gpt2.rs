@@ -1,9 +1,11 @@
 //! GPT-2 (`GPT2LMHeadModel`): LayerNorm with bias, learned positions, fused `c_attn` (rows
 //! [q; k; v], biased), a plain MLP `c_fc` → tanh GELU → `c_proj`, a tied head. HF stores its
-//! Conv1D weights [in, out]. Its forward and backward still live in `model/gpt2.rs`; the block
-//! description here is what the shared code (parameter count, adapters) reads.
+//! Conv1D weights [in, out] (transposed at load and save). The decoder's roles Qkv, O, Up, Down
+//! are PEFT's c_attn, attn.c_proj, c_fc, mlp.c_proj ([`Config::adapter_kind`]).
 
+use super::table::{ModelNames, NormSlot, Slot};
 use super::WeightTable;
+use crate::lora::ModuleKind;
 use crate::error::{Error, Result};
 use crate::model::config::HfJson;
 use crate::model::config::{Arch, Config};
@@ -11,11 +13,30 @@ use crate::model::spec::{
     Activation, BlockSpec, LayerSpec, Mlp, NormKind, NormPlacement, Positions, QkNorm,
 };
 
-/// GPT-2's tensors are read by `Gpt2Model::load` for now.
+const LAYER: [(Slot, &str, &str); 6] = [
+    (Slot::Norm(NormSlot::AttnIn), "ln_1", "attn_norm"),
+    (Slot::Linear(ModuleKind::Qkv), "attn.c_attn", "attn_qkv"),
+    (Slot::Linear(ModuleKind::O), "attn.c_proj", "attn_output"),
+    (Slot::Norm(NormSlot::MlpIn), "ln_2", "ffn_norm"),
+    (Slot::Linear(ModuleKind::Up), "mlp.c_fc", "ffn_up"),
+    (Slot::Linear(ModuleKind::Down), "mlp.c_proj", "ffn_down"),
+];
+
 pub const WEIGHTS: WeightTable = WeightTable {
-    layer: &[],
+    layer: &LAYER,
     gguf_permute_qk: false,
     gguf_norms_plus_one: false,
+};
+
+/// `GPT2LMHeadModel`'s names; a checkpoint without the `transformer.` prefix (the `gpt2` hub
+/// repo) is read too (`model/load.rs`).
+pub const NAMES: ModelNames = ModelNames {
+    embed: "transformer.wte.weight",
+    positions: Some("transformer.wpe.weight"),
+    final_norm: "transformer.ln_f",
+    head: "lm_head.weight",
+    layers: "transformer.h",
+    conv1d: true,
 };
 
 /// A GPT-2 `config.json` (HF's `GPT2Config` names and defaults). Options that change the
@@ -111,5 +132,26 @@ pub(crate) fn hf_config(j: &HfJson) -> Result<Config> {
         ropes: vec![],
         final_logit_softcap: None,
         hf_json: None,
+    })
+}
+
+/// The `config.json` a saved GPT-2 directory gets: GPT2Config's keys for `c`.
+pub(crate) fn hf_config_out(c: &Config) -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "n_embd": c.hidden_size,
+        "n_head": c.num_heads,
+        "n_layer": c.num_layers,
+        "n_inner": c.intermediate_size,
+        "n_positions": c.max_position_embeddings,
+        "vocab_size": c.vocab_size,
+        "layer_norm_epsilon": c.rms_norm_eps,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "scale_attn_weights": true,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": c.eos_token_ids.first(),
+        "torch_dtype": "float32",
     })
 }

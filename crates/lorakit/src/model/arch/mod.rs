@@ -13,7 +13,10 @@ pub mod phi3;
 pub mod qwen3;
 pub mod table;
 
-pub use table::{GgufKeys, NormSlot, Slot, WeightTable, EMBED, FINAL_NORM, HEAD, HF_LAYERS};
+pub use table::{
+    GgufKeys, ModelNames, NormSlot, Slot, WeightTable, EMBED, FINAL_NORM, HEAD, HF_LAYERS,
+    LLAMA_NAMES,
+};
 
 use std::path::Path;
 
@@ -73,7 +76,15 @@ impl Config {
     }
 }
 
-/// The weight table of `arch` (GPT-2 keeps its own loader for now).
+/// The HF names of `arch`'s model-level tensors and its layer prefix.
+pub fn model_names(arch: Arch) -> &'static ModelNames {
+    match arch {
+        Arch::Gpt2 => &gpt2::NAMES,
+        _ => &LLAMA_NAMES,
+    }
+}
+
+/// The weight table of `arch`.
 pub fn weights(arch: Arch) -> &'static WeightTable {
     match arch {
         Arch::Llama | Arch::Mistral => &llama::WEIGHTS,

@@ -47,6 +47,31 @@ impl WeightTable {
     }
 }
 
+/// An architecture's HF names outside the layers, and how its linears are stored.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelNames {
+    pub embed: &'static str,
+    /// The learned position table, where the architecture has one.
+    pub positions: Option<&'static str>,
+    /// The final norm, without `.weight` / `.bias`.
+    pub final_norm: &'static str,
+    pub head: &'static str,
+    /// The layer prefix: `{layers}.{i}.` + the table's name.
+    pub layers: &'static str,
+    /// Linear weights stored [in, out] (GPT-2's Conv1D), transposed at load and save.
+    pub conv1d: bool,
+}
+
+/// The Llama-shaped families' names.
+pub const LLAMA_NAMES: ModelNames = ModelNames {
+    embed: EMBED.0,
+    positions: None,
+    final_norm: "model.norm",
+    head: HEAD.0,
+    layers: HF_LAYERS,
+    conv1d: false,
+};
+
 /// Model-level tensors, the same in every Llama-shaped family: (HF, GGUF).
 pub const EMBED: (&str, &str) = ("model.embed_tokens.weight", "token_embd.weight");
 pub const FINAL_NORM: (&str, &str) = ("model.norm.weight", "output_norm.weight");
