@@ -57,7 +57,11 @@ fn tiny_gpt2_adapter_unmerged_and_merged_match_peft() {
     compare_logits(&unmerged, 512, &want, 1e-4, "tiny-gpt2 adapter (unmerged)");
 
     m.merge_adapters().unwrap();
-    assert!(m.layers[0].linear(ModuleKind::Qkv).unwrap().loras.is_empty());
+    assert!(m.layers[0]
+        .linear(ModuleKind::Qkv)
+        .unwrap()
+        .loras
+        .is_empty());
     let merged = batch_logits(&m);
     let want = logits_record(
         "tiny-gpt2/lora-r4-c_attn/logits_merged.safetensors",
@@ -82,7 +86,10 @@ fn tiny_gpt2_adapter_unmerged_and_merged_match_peft() {
 
     // Unmerge restores W0.
     m.unmerge_adapter(&a, 1.0).unwrap();
-    let w0 = tiny_gpt2().layers[1].linear(ModuleKind::Qkv).unwrap().weight_f32();
+    let w0 = tiny_gpt2().layers[1]
+        .linear(ModuleKind::Qkv)
+        .unwrap()
+        .weight_f32();
     let back = m.layers[1].linear(ModuleKind::Qkv).unwrap().weight_f32();
     let d = back
         .iter()
@@ -372,8 +379,8 @@ fn read_json_abs(p: &Path) -> serde_json::Value {
 
 /// Loss and LoRA gradients of tiny-gpt2 with `adapter` on the `tests/data/gpt2-grads` batch.
 fn gpt2_grads(adapter: &Adapter) -> (f64, lorakit::model::decoder_train::LoraGrads) {
-    use lorakit::model::decoder_train::{Dropout, LoraGrads};
     use lorakit::model::decoder_train::Activations as Gpt2Activations;
+    use lorakit::model::decoder_train::{Dropout, LoraGrads};
     use lorakit::train::loss::{lm_head_loss, target_positions};
     let m = tiny_gpt2();
     let batch = lorakit::io::safetensors_file::SafetensorsFile::open(
@@ -548,7 +555,8 @@ fn merge_cli_on_gpt2_writes_a_directory_with_the_merged_logits() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let m = load_hf_model(&out).unwrap();
-    assert!(m.layers
+    assert!(m
+        .layers
         .iter()
         .all(|b| b.linear(ModuleKind::Qkv).unwrap().loras.is_empty()));
     let want = logits_record(

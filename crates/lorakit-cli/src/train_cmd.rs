@@ -415,7 +415,8 @@ fn merge_gpt2(
         g.model.attach_adapter(&adapter, w)?;
     }
     g.model.merge_adapters()?;
-    lorakit::model::save::save_hf_dir_copying(&g.model, out, Some(path)).with_context(|| format!("cannot write {}", a.out.display()))?;
+    lorakit::model::save::save_hf_dir_copying(&g.model, out, Some(path))
+        .with_context(|| format!("cannot write {}", a.out.display()))?;
     eprintln!("merged model written to {}", a.out.display());
     Ok(())
 }

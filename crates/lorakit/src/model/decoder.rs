@@ -721,9 +721,9 @@ impl LmHead for LlamaModel {
     fn final_norm_backward(&self, dx: &mut [f32], x: &[f32], dy: &[f32]) {
         let eps = self.config.rms_norm_eps;
         match self.config.block.norm {
-            NormKind::Rms { offset } => crate::engine::ops::rms_norm_backward(
-                dx, x, &self.norm, offset, dy, eps, false,
-            ),
+            NormKind::Rms { offset } => {
+                crate::engine::ops::rms_norm_backward(dx, x, &self.norm, offset, dy, eps, false)
+            }
             NormKind::Layer => {
                 crate::engine::ops::layer_norm_backward(dx, x, &self.norm, dy, eps, false)
             }

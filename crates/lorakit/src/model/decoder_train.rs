@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 
 use crate::engine::attention::{attention_train_backward, attention_train_forward, AttnShape};
 use crate::engine::ops::{
-    add_inplace, embedding_backward, layer_norm_backward, layer_norm_weight_grad, rms_norm_backward,
-    rms_norm_weight_grad, rope_backward, rope_forward,
+    add_inplace, embedding_backward, layer_norm_backward, layer_norm_weight_grad,
+    rms_norm_backward, rms_norm_weight_grad, rope_backward, rope_forward,
 };
 use crate::error::{Error, Result};
 use crate::lora::peft::Adapter;

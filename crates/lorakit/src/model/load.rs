@@ -533,7 +533,12 @@ pub fn load_hf_weights(dir: &Path, config: Config) -> Result<LlamaModel> {
         None
     } else {
         let (w, shape) = set.tensor_f32(names.head)?;
-        expect_shape(set.file_of(names.head), names.head, &shape, &[c.vocab_size, h])?;
+        expect_shape(
+            set.file_of(names.head),
+            names.head,
+            &shape,
+            &[c.vocab_size, h],
+        )?;
         expect_finite(set.file_of(names.head), names.head, &w)?;
         Some(Linear::new(w, c.vocab_size, h, None))
     };

@@ -63,13 +63,16 @@ pub fn hf_config_json(c: &Config) -> Result<serde_json::Value> {
     Ok(v)
 }
 
+/// (HF name, shape, data).
+type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// Every tensor of `model` under its HF name, f32, in the HF layout (GPT-2's Conv1D weights
 /// back as [in, out]).
-fn hf_tensors(model: &LlamaModel) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+fn hf_tensors(model: &LlamaModel) -> Result<Vec<NamedTensor>> {
     let c = &model.config;
     let names = arch::model_names(c.arch);
     let h = c.hidden_size;
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = vec![(
+    let mut tensors: Vec<NamedTensor> = vec![(
         names.embed.into(),
         vec![c.vocab_size, h],
         model.embed_tokens.clone(),
@@ -84,7 +87,11 @@ fn hf_tensors(model: &LlamaModel) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>>
                 return Err(Error::Invalid(format!("no HF name for the {slot:?} norm")));
             };
             let base = format!("{}.{i}.{hf}", names.layers);
-            tensors.push((format!("{base}.weight"), vec![n.weight.len()], n.weight.clone()));
+            tensors.push((
+                format!("{base}.weight"),
+                vec![n.weight.len()],
+                n.weight.clone(),
+            ));
             if let Some(b) = &n.bias {
                 tensors.push((format!("{base}.bias"), vec![b.len()], b.clone()));
             }

@@ -129,10 +129,10 @@ fn train_full_inner(
                 normalizer.max(1) as f64,
                 Some(&mut dx),
                 Some(HeadGrads {
-            norm,
-            norm_bias: norm_bias.as_deref_mut(),
-            head,
-        }),
+                    norm,
+                    norm_bias: norm_bias.as_deref_mut(),
+                    head,
+                }),
             );
             model.train_backward_full(&mut dx, &acts, &mut grads)?;
             tokens += batch.lengths.iter().sum::<usize>();

@@ -5,8 +5,8 @@
 
 use super::table::{ModelNames, NormSlot, Slot};
 use super::WeightTable;
-use crate::lora::ModuleKind;
 use crate::error::{Error, Result};
+use crate::lora::ModuleKind;
 use crate::model::config::HfJson;
 use crate::model::config::{Arch, Config};
 use crate::model::spec::{
