@@ -233,7 +233,7 @@ fn read_json_path(p: &Path) -> serde_json::Value {
 
 /// The GGUF layouts that can say what the HF model computes. Not here: mistral (a GGUF has no
 /// sliding window), gemma3 (no query_pre_attn_scalar nor layer_types: llama.cpp assumes the
-/// 270M-style defaults, tested on the real model), gpt2 (its own loader).
+/// 270M-style defaults, tested on the real model), gpt2 (read from HF directories only).
 #[test]
 fn gguf_layouts_match_transformers() {
     for family in ["llama", "llama3", "qwen2", "qwen3", "phi3", "olmo2"] {

@@ -33,7 +33,7 @@ pub enum Arch {
     Phi3,
     /// OLMo 2: norms after each sublayer only, q/k norms over the whole projection.
     Olmo2,
-    /// GPT-2: its own forward pass ([`Gpt2Model`](crate::model::Gpt2Model)).
+    /// GPT-2: LayerNorm, learned positions, Conv1D weights (PEFT names c_attn, c_proj, c_fc).
     Gpt2,
 }
 

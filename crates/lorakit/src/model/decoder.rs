@@ -1,5 +1,5 @@
-//! The decoder of every Llama-shaped family (Llama 1–3.x, Mistral, Qwen2, Qwen3, Gemma 3,
-//! Phi-3, OLMo 2): embedding → N × block → final norm → LM head, with a KV cache for decoding.
+//! The decoder of every family (Llama 1–3.x, Mistral, Qwen2, Qwen3, Gemma 3, Phi-3, OLMo 2,
+//! GPT-2): embedding → N × block → final norm → LM head, with a KV cache for decoding.
 //! The block is the one described in [`crate::model::spec`]; this file runs it for inference,
 //! `decoder_train.rs` for training.
 

@@ -9,7 +9,7 @@ use crate::model::kv_cache::{KvCache, Logits};
 use crate::model::linear::Bf16Weight;
 use crate::model::linear_train::{Dropout, LoraGrads};
 
-/// What scoring and generation need of a decoder: Llama-family or GPT-2.
+/// What scoring and generation need of a decoder.
 pub trait CausalLm {
     fn config(&self) -> &Config;
     /// A KV cache for at most `capacity` positions.
