@@ -11,7 +11,7 @@ use lorakit::io::safetensors_file::SafetensorsFile;
 use lorakit::lora::peft::{key_a, key_b, Adapter};
 use lorakit::model::decoder_train::{Activations, Dropout, FullGrads, LoraGrads};
 use lorakit::model::load::load_hf_weights;
-use lorakit::model::{Config, LlamaModel};
+use lorakit::model::{Config, Decoder};
 use lorakit::train::loss::{
     lm_head_loss, lm_head_loss_with_head_grads, target_positions, HeadGrads,
 };
@@ -22,7 +22,7 @@ fn arch_dir(family: &str) -> PathBuf {
     repo_root().join("tests/data/arch").join(family)
 }
 
-fn load(family: &str) -> LlamaModel {
+fn load(family: &str) -> Decoder {
     let dir = arch_dir(family);
     let config = Config::from_hf_json(&dir.join("config.json")).unwrap();
     load_hf_weights(&dir, config).unwrap()
@@ -69,7 +69,7 @@ fn rel_err(ours: &[f32], want: &[f32]) -> f64 {
     diff / scale.max(1e-30)
 }
 
-fn all_logits(model: &LlamaModel, rows: &[Vec<u32>]) -> Vec<f32> {
+fn all_logits(model: &Decoder, rows: &[Vec<u32>]) -> Vec<f32> {
     rows.iter().flat_map(|r| model.logits(r).unwrap()).collect()
 }
 

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use lorakit::lora::peft::Adapter;
 use lorakit::lora::{ModuleId, ModuleKind};
 use lorakit::model::load_hf_model;
-use lorakit::model::LlamaModel as Gpt2Model;
+use lorakit::model::Decoder as Gpt2Model;
 
 use crate::common::*;
 

@@ -228,7 +228,7 @@ fn gradients_match_finite_differences() {
 }
 
 /// Layer 0's q_proj weight [out, in].
-fn q_weight(model: &lorakit::model::LlamaModel) -> &[f32] {
+fn q_weight(model: &lorakit::model::Decoder) -> &[f32] {
     model.layers[0]
         .linear(lorakit::lora::ModuleKind::Q)
         .expect("a Llama layer has q_proj")

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use lorakit::generate::{generate, token_logprobs, SamplingParams};
 use lorakit::model::{
-    is_gpt2_dir, load_hf_model, load_model, CausalLm, LlamaModel, LoadedModel, ModelSource,
+    is_gpt2_dir, load_hf_model, load_model, CausalLm, Decoder, LoadedModel, ModelSource,
 };
 use lorakit::tokenize::{ChatMessage, StreamDecoder, Tokenizer};
 
@@ -93,7 +93,7 @@ impl ModelArg {
 
 /// A GPT-2 HF directory as the CLI uses it; its tokenizer is optional (tokenizer.json).
 pub(crate) struct Gpt2Loaded {
-    pub model: LlamaModel,
+    pub model: Decoder,
     pub tokenizer: Option<Tokenizer>,
 }
 

@@ -10,7 +10,7 @@ use clap::Args;
 use lorakit::data::{load_jsonl, DataOptions, Example};
 use lorakit::generate::{generate, SamplingParams};
 use lorakit::lora::peft::Adapter;
-use lorakit::model::{LlamaModel, LoadedModel};
+use lorakit::model::{Decoder, LoadedModel};
 use lorakit::train::trainer::{
     evaluate_loss, train, EarlierRun, Event, TrainOptions, TrainOutput, TrainPlan,
 };
@@ -79,7 +79,7 @@ fn read_prompts(path: &Path, n: usize) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-fn complete(model: &LlamaModel, loaded: &LoadedModel, prompt: &str) -> Result<String> {
+fn complete(model: &Decoder, loaded: &LoadedModel, prompt: &str) -> Result<String> {
     let tok = &loaded.tokenizer;
     let ids = tok.encode(prompt, true)?;
     let mut stop = tok.eos_ids().to_vec();
@@ -95,7 +95,7 @@ fn complete(model: &LlamaModel, loaded: &LoadedModel, prompt: &str) -> Result<St
     Ok(tok.decode(&new, true)?.trim().to_owned())
 }
 
-fn mean_loss(model: &LlamaModel, adapter: Option<&Adapter>, examples: &[Example]) -> Result<f64> {
+fn mean_loss(model: &Decoder, adapter: Option<&Adapter>, examples: &[Example]) -> Result<f64> {
     Ok(evaluate_loss(model, adapter, examples, 8)?)
 }
 

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
 use crate::io::output::{prepare_output_dir_with, OutputDir};
 use crate::lora::ModuleId;
-use crate::model::LlamaModel;
+use crate::model::Decoder;
 
 /// One adapted module's row of the table.
 #[derive(Debug, Clone)]
@@ -73,7 +73,7 @@ fn random_directions(n: usize, r: usize, seed: u64) -> DMatrix<f64> {
 
 /// One row per module of `factors`, with W0 taken from `model`.
 pub fn analyze(
-    model: &LlamaModel,
+    model: &Decoder,
     factors: &BTreeMap<ModuleId, Factors>,
     seed: u64,
 ) -> Result<Vec<Amplification>> {

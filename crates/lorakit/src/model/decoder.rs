@@ -165,8 +165,9 @@ impl Layer {
     }
 }
 
+/// A model of any supported family: its config (with the block description) and its weights.
 #[derive(Debug, Clone)]
-pub struct LlamaModel {
+pub struct Decoder {
     pub config: Config,
     /// [vocab, hidden]
     pub embed_tokens: Vec<f32>,
@@ -262,7 +263,7 @@ pub(crate) fn join_rows(fused: &mut [f32], widths: &[usize], parts: &[&[f32]]) {
     }
 }
 
-impl LlamaModel {
+impl Decoder {
     pub fn new(
         config: Config,
         embed_tokens: Vec<f32>,
@@ -280,7 +281,7 @@ impl LlamaModel {
                 )
             })
             .collect();
-        LlamaModel {
+        Decoder {
             config,
             embed_tokens,
             layers,
@@ -709,7 +710,7 @@ impl LlamaModel {
     }
 }
 
-impl LmHead for LlamaModel {
+impl LmHead for Decoder {
     fn dims(&self) -> (usize, usize) {
         (self.config.hidden_size, self.config.vocab_size)
     }
@@ -739,11 +740,11 @@ impl LmHead for LlamaModel {
     }
 
     fn head_forward(&self, logits: &mut [f32], x: &[f32], n: usize) {
-        LlamaModel::head_forward(self, logits, x, n);
+        Decoder::head_forward(self, logits, x, n);
     }
 
     fn head_weight(&self) -> (&[f32], Option<&Bf16Weight>) {
-        LlamaModel::head_weight(self)
+        Decoder::head_weight(self)
     }
 
     fn logit_softcap(&self) -> Option<f32> {
@@ -751,14 +752,14 @@ impl LmHead for LlamaModel {
     }
 }
 
-impl CausalLm for LlamaModel {
+impl CausalLm for Decoder {
     fn config(&self) -> &Config {
         &self.config
     }
     fn new_cache(&self, capacity: usize) -> Result<KvCache> {
-        LlamaModel::new_cache(self, capacity)
+        Decoder::new_cache(self, capacity)
     }
     fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>> {
-        LlamaModel::forward(self, ids, cache, which)
+        Decoder::forward(self, ids, cache, which)
     }
 }

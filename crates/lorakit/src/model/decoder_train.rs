@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::lora::peft::Adapter;
 use crate::lora::{ModuleId, ModuleKind};
 use crate::model::arch::{self, NormSlot, Slot};
-use crate::model::decoder::LlamaModel;
+use crate::model::decoder::Decoder;
 use crate::model::decoder::{
     act_forward, gated_act_backward, gated_act_forward, join_rows, split_rows, Layer, MlpWeights,
     Norm, QkvWeights,
@@ -62,7 +62,7 @@ impl LayerGrads {
 }
 
 impl FullGrads {
-    pub fn zeros_like(model: &LlamaModel) -> Self {
+    pub fn zeros_like(model: &Decoder) -> Self {
         let zeros = |n: usize| vec![0.0f32; n];
         FullGrads {
             embed_tokens: zeros(model.embed_tokens.len()),
@@ -102,7 +102,7 @@ impl FullGrads {
         }
     }
 
-    /// Every gradient tensor, in [`LlamaModel::parameters_mut`] order.
+    /// Every gradient tensor, in [`Decoder::parameters_mut`] order.
     pub fn tensors_mut(&mut self) -> Vec<&mut [f32]> {
         let mut v: Vec<&mut [f32]> = vec![&mut self.embed_tokens];
         if let Some(w) = &mut self.wpe {
@@ -148,7 +148,7 @@ pub struct Parameter<'a> {
     pub data: &'a mut [f32],
 }
 
-impl LlamaModel {
+impl Decoder {
     /// Every trainable tensor, in the order of [`FullGrads::tensors_mut`].
     pub fn parameters_mut(&mut self) -> Vec<Parameter<'_>> {
         // Quantised copies would go stale once the weights move.
@@ -288,7 +288,7 @@ impl Activations {
     }
 }
 
-impl LlamaModel {
+impl Decoder {
     fn check_trainable(&self, adapter: Option<&Adapter>) -> Result<()> {
         if self.has_adapters() {
             return Err(Error::Invalid(
@@ -846,7 +846,7 @@ fn act_backward(act: Activation, dx: &mut [f32], x: &[f32], dy: &[f32]) {
     }
 }
 
-impl LoraTrainable for LlamaModel {
+impl LoraTrainable for Decoder {
     type Acts = Activations;
     fn train_forward(
         &self,
@@ -857,7 +857,7 @@ impl LoraTrainable for LlamaModel {
         dropout: Dropout,
         acts: &mut Self::Acts,
     ) -> Result<()> {
-        LlamaModel::train_forward(self, ids, batch, seq, adapter, dropout, acts)
+        Decoder::train_forward(self, ids, batch, seq, adapter, dropout, acts)
     }
     fn x_final(acts: &Self::Acts) -> &[f32] {
         &acts.x_final
@@ -870,6 +870,6 @@ impl LoraTrainable for LlamaModel {
         dropout: Dropout,
         grads: &mut LoraGrads,
     ) -> Result<()> {
-        LlamaModel::train_backward(self, dx, acts, adapter, dropout, grads)
+        Decoder::train_backward(self, dx, acts, adapter, dropout, grads)
     }
 }

@@ -1,4 +1,4 @@
-//! Loading a model from a GGUF file or an HF directory into a [`LlamaModel`] + [`Tokenizer`],
+//! Loading a model from a GGUF file or an HF directory into a [`Decoder`] + [`Tokenizer`],
 //! every architecture through its weight table ([`crate::model::arch`]).
 
 use std::collections::HashMap;
@@ -11,7 +11,7 @@ use crate::io::hf_dir::SafetensorsSet;
 use crate::lora::ModuleKind;
 use crate::model::arch::{self, NormSlot, Slot, EMBED, FINAL_NORM, HEAD};
 use crate::model::config::{Arch, Config};
-use crate::model::decoder::LlamaModel;
+use crate::model::decoder::Decoder;
 use crate::model::decoder::{Layer, MlpWeights, Norm, QkvWeights};
 use crate::model::linear::Linear;
 use crate::model::spec::{Mlp, NormKind, QkNorm};
@@ -32,7 +32,7 @@ pub enum ModelSource {
 }
 
 pub struct LoadedModel {
-    pub model: LlamaModel,
+    pub model: Decoder,
     pub tokenizer: Tokenizer,
     pub source: ModelSource,
     /// The model's own chat template text, if it has one.
@@ -303,7 +303,7 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
         tensor_types: count_types(gguf.tensors().iter().map(|t| t.dtype.name().to_string())),
     };
     Ok(LoadedModel {
-        model: LlamaModel::new(config, embed_tokens, layers, norm, lm_head),
+        model: Decoder::new(config, embed_tokens, layers, norm, lm_head),
         tokenizer,
         source,
         chat_template,
@@ -314,7 +314,7 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
 /// quantised blocks from that file (`--precision gguf`), so inference multiplies with them
 /// directly. Only Q4_1 and Q8_0 blocks are supported; any other type is an error naming the
 /// tensor. Rows of q and k get the same reordering as at load.
-pub fn attach_gguf_blocks(model: &mut LlamaModel, path: &Path) -> Result<()> {
+pub fn attach_gguf_blocks(model: &mut Decoder, path: &Path) -> Result<()> {
     let gguf = GgufFile::open(path)?;
     let c = model.config.clone();
     let table = arch::weights(c.arch);
@@ -431,7 +431,7 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
 
 /// Opens an HF directory's `config.json` and weights (no tokenizer: a GPT-2 directory may
 /// have none).
-pub fn load_hf_model(dir: &Path) -> Result<LlamaModel> {
+pub fn load_hf_model(dir: &Path) -> Result<Decoder> {
     let config_path = dir.join("config.json");
     if !config_path.is_file() {
         return Err(Error::format(
@@ -458,7 +458,7 @@ pub fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 /// tokenizer: what the tiny test models of every architecture have. Names come from the
 /// architecture's tables; GPT-2's may lack the `transformer.` prefix (the `gpt2` hub repo), and
 /// its Conv1D weights, stored [in, out], are transposed to [out, in].
-pub fn load_hf_weights(dir: &Path, config: Config) -> Result<LlamaModel> {
+pub fn load_hf_weights(dir: &Path, config: Config) -> Result<Decoder> {
     let set = SafetensorsSet::open(dir)?;
     let c = &config;
     let h = c.hidden_size;
@@ -542,7 +542,7 @@ pub fn load_hf_weights(dir: &Path, config: Config) -> Result<LlamaModel> {
         expect_finite(set.file_of(names.head), names.head, &w)?;
         Some(Linear::new(w, c.vocab_size, h, None))
     };
-    let mut model = LlamaModel::new(config, embed_tokens, layers, norm, lm_head);
+    let mut model = Decoder::new(config, embed_tokens, layers, norm, lm_head);
     model.norm_bias = norm_bias;
     model.wpe = wpe;
     Ok(model)

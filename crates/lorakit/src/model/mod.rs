@@ -17,7 +17,7 @@ pub mod spec;
 pub mod traits;
 
 pub use config::{Arch, Config};
-pub use decoder::{KvCache, LlamaModel};
+pub use decoder::{Decoder, KvCache};
 pub use linear::{Linear, Precision};
 pub use load::{attach_gguf_blocks, load_hf_model, load_model, LoadedModel, ModelSource};
 pub use traits::{CausalLm, LmHead, LoraTrainable};

@@ -11,7 +11,7 @@ use crate::io::output::OutputDir;
 use crate::io::safetensors_file::write_f32_safetensors;
 use crate::model::arch::{self, Slot};
 use crate::model::config::{Arch, Config};
-use crate::model::decoder::LlamaModel;
+use crate::model::decoder::Decoder;
 use crate::model::load::transpose;
 use crate::tokenize::Tokenizer;
 
@@ -68,7 +68,7 @@ type NamedTensor = (String, Vec<usize>, Vec<f32>);
 
 /// Every tensor of `model` under its HF name, f32, in the HF layout (GPT-2's Conv1D weights
 /// back as [in, out]).
-fn hf_tensors(model: &LlamaModel) -> Result<Vec<NamedTensor>> {
+fn hf_tensors(model: &Decoder) -> Result<Vec<NamedTensor>> {
     let c = &model.config;
     let names = arch::model_names(c.arch);
     let h = c.hidden_size;
@@ -141,7 +141,7 @@ pub const TOKENIZER_FILES: [&str; 4] = [
 /// plus those of [`TOKENIZER_FILES`] that `tokenizer_from` holds, copied as they are, into the
 /// checked output `dir` (replacing only lorakit's files there; complete or not at all).
 pub fn save_hf_dir_copying(
-    model: &LlamaModel,
+    model: &Decoder,
     dir: &OutputDir,
     tokenizer_from: Option<&Path>,
 ) -> Result<()> {
@@ -172,7 +172,7 @@ pub fn save_hf_dir_copying(
 /// Writes `model` (adapters must be merged or detached first) and its tokenizer into the checked
 /// output `dir` as an HF directory, replacing only lorakit's files there
 /// ([`OutputDir::write_whole`]: the directory appears complete or not at all).
-pub fn save_hf_dir(model: &LlamaModel, tokenizer: &Tokenizer, dir: &OutputDir) -> Result<()> {
+pub fn save_hf_dir(model: &Decoder, tokenizer: &Tokenizer, dir: &OutputDir) -> Result<()> {
     if model.has_adapters() {
         return Err(Error::Invalid(
             "save_hf_dir: merge or detach the adapters first".into(),
@@ -181,7 +181,7 @@ pub fn save_hf_dir(model: &LlamaModel, tokenizer: &Tokenizer, dir: &OutputDir) -
     dir.write_whole(|tmp| write_contents(model, tokenizer, tmp))
 }
 
-fn write_contents(model: &LlamaModel, tokenizer: &Tokenizer, tmp: &Path) -> Result<()> {
+fn write_contents(model: &Decoder, tokenizer: &Tokenizer, tmp: &Path) -> Result<()> {
     let c = &model.config;
     let cfg = serde_json::to_string_pretty(&hf_config_json(c)?).unwrap_or_default();
     write_atomic(&tmp.join("config.json"), cfg.as_bytes())?;

@@ -17,7 +17,7 @@ use crate::lora::config::LoraConfig;
 use crate::lora::peft::Adapter;
 use crate::lora::{LoraInit, ModuleId};
 use crate::model::decoder_train::{Dropout, LoraGrads};
-use crate::model::{Config, LlamaModel, LoadedModel, LoraTrainable};
+use crate::model::{Config, Decoder, LoadedModel, LoraTrainable};
 use crate::tokenize::Tokenizer;
 use crate::train::loss::{lm_head_loss, target_positions};
 use crate::train::optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
@@ -410,7 +410,7 @@ impl TrainPlan {
     }
 
     /// Saved-activation bytes for the largest batch this plan can produce.
-    pub fn activation_bytes_estimate(&self, model: &LlamaModel) -> usize {
+    pub fn activation_bytes_estimate(&self, model: &Decoder) -> usize {
         let c = &model.config;
         let longest = self
             .batcher
