@@ -330,7 +330,7 @@ impl Decoder {
     }
 
     /// out = norm(x) (RMSNorm or LayerNorm, by the block).  x, out: [rows, n.weight.len()].
-    pub(crate) fn rms(&self, out: &mut [f32], x: &[f32], n: NormRef) {
+    pub(crate) fn norm_forward(&self, out: &mut [f32], x: &[f32], n: NormRef) {
         let eps = self.config.rms_norm_eps;
         match self.config.block.norm {
             NormKind::Rms { offset } => rms_norm_forward(out, x, n.weight, offset, eps),
@@ -570,7 +570,7 @@ impl Decoder {
         if let Some(w) = layer.norm(slot) {
             tmp.clear();
             tmp.extend_from_slice(x);
-            self.rms(x, tmp, w);
+            self.norm_forward(x, tmp, w);
         }
     }
 
@@ -614,7 +614,7 @@ impl Decoder {
             // Attention block.
             let a: &[f32] = match layer.norm(NormSlot::AttnIn) {
                 Some(w) => {
-                    self.rms(&mut normed, &x, w);
+                    self.norm_forward(&mut normed, &x, w);
                     &normed
                 }
                 None => &x,
@@ -645,7 +645,7 @@ impl Decoder {
             // MLP block.
             let m: &[f32] = match layer.norm(NormSlot::MlpIn) {
                 Some(w) => {
-                    self.rms(&mut normed, &x, w);
+                    self.norm_forward(&mut normed, &x, w);
                     &normed
                 }
                 None => &x,
@@ -678,7 +678,7 @@ impl Decoder {
         };
         let n = rows.len() / h;
         let mut final_normed = vec![0.0f32; n * h];
-        self.rms(&mut final_normed, rows, self.final_norm());
+        self.norm_forward(&mut final_normed, rows, self.final_norm());
         let mut logits = vec![0.0f32; n * c.vocab_size];
         self.head_forward(&mut logits, &final_normed, n);
         Ok(logits)
@@ -696,7 +696,7 @@ impl Decoder {
     ) {
         match layer.norm(slot) {
             Some(w) => {
-                self.rms(scratch, y, w);
+                self.norm_forward(scratch, y, w);
                 add_inplace(x, scratch);
             }
             None => add_inplace(x, y),
@@ -716,7 +716,7 @@ impl LmHead for Decoder {
     }
 
     fn final_norm_forward(&self, out: &mut [f32], x: &[f32]) {
-        self.rms(out, x, self.final_norm());
+        self.norm_forward(out, x, self.final_norm());
     }
 
     fn final_norm_backward(&self, dx: &mut [f32], x: &[f32], dy: &[f32]) {

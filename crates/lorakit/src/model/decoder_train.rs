@@ -408,7 +408,7 @@ impl Decoder {
             a.x_in.extend_from_slice(&x);
             let attn_in: &[f32] = match layer.norm(NormSlot::AttnIn) {
                 Some(w) => {
-                    self.rms(&mut normed, &x, w);
+                    self.norm_forward(&mut normed, &x, w);
                     &normed
                 }
                 None => &x,
@@ -432,8 +432,8 @@ impl Decoder {
                 a.q_raw.clone_from(&a.q);
                 a.k_raw.clone_from(&a.k);
                 if let (Some(wq), Some(wk)) = (layer.norm(NormSlot::Q), layer.norm(NormSlot::K)) {
-                    self.rms(&mut a.q, &a.q_raw, wq);
-                    self.rms(&mut a.k, &a.k_raw, wk);
+                    self.norm_forward(&mut a.q, &a.q_raw, wq);
+                    self.norm_forward(&mut a.k, &a.k_raw, wk);
                 }
             }
             for bi in 0..batch {
@@ -469,7 +469,7 @@ impl Decoder {
             a.x_mid.extend_from_slice(&x);
             let mlp_in: &[f32] = match layer.norm(NormSlot::MlpIn) {
                 Some(w) => {
-                    self.rms(&mut normed, &x, w);
+                    self.norm_forward(&mut normed, &x, w);
                     &normed
                 }
                 None => &x,
@@ -682,7 +682,7 @@ impl Decoder {
             }
             let mlp_in: &[f32] = match layer.norm(NormSlot::MlpIn) {
                 Some(w) => {
-                    self.rms(&mut normed, &a.x_mid, w);
+                    self.norm_forward(&mut normed, &a.x_mid, w);
                     &normed
                 }
                 None => &a.x_mid,
@@ -778,7 +778,7 @@ impl Decoder {
             }
             let attn_in: &[f32] = match layer.norm(NormSlot::AttnIn) {
                 Some(w) => {
-                    self.rms(&mut normed, &a.x_in, w);
+                    self.norm_forward(&mut normed, &a.x_in, w);
                     &normed
                 }
                 None => &a.x_in,

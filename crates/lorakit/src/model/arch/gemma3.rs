@@ -10,14 +10,7 @@ use crate::model::config::Config;
 use crate::model::config::HfJson;
 use crate::model::spec::{NormKind, NormPlacement, QkNorm, Rope};
 
-const LAYER: [(Slot, &str, &str); 13] = [
-    LLAMA_LINEARS[0],
-    LLAMA_LINEARS[1],
-    LLAMA_LINEARS[2],
-    LLAMA_LINEARS[3],
-    LLAMA_LINEARS[4],
-    LLAMA_LINEARS[5],
-    LLAMA_LINEARS[6],
+const NORMS: [(Slot, &str, &str); 6] = [
     (Slot::Norm(NormSlot::AttnIn), "input_layernorm", "attn_norm"),
     (
         Slot::Norm(NormSlot::AttnOut),
@@ -39,7 +32,8 @@ const LAYER: [(Slot, &str, &str); 13] = [
 ];
 
 pub const WEIGHTS: WeightTable = WeightTable {
-    layer: &LAYER,
+    linears: &LLAMA_LINEARS,
+    norms: &NORMS,
     gguf_permute_qk: false,
     gguf_norms_plus_one: true,
 };

@@ -13,17 +13,21 @@ use crate::model::spec::{
     Activation, BlockSpec, LayerSpec, Mlp, NormKind, NormPlacement, Positions, QkNorm,
 };
 
-const LAYER: [(Slot, &str, &str); 6] = [
-    (Slot::Norm(NormSlot::AttnIn), "ln_1", "attn_norm"),
+const LINEARS: [(Slot, &str, &str); 4] = [
     (Slot::Linear(ModuleKind::Qkv), "attn.c_attn", "attn_qkv"),
     (Slot::Linear(ModuleKind::O), "attn.c_proj", "attn_output"),
-    (Slot::Norm(NormSlot::MlpIn), "ln_2", "ffn_norm"),
     (Slot::Linear(ModuleKind::Up), "mlp.c_fc", "ffn_up"),
     (Slot::Linear(ModuleKind::Down), "mlp.c_proj", "ffn_down"),
 ];
 
+const NORMS: [(Slot, &str, &str); 2] = [
+    (Slot::Norm(NormSlot::AttnIn), "ln_1", "attn_norm"),
+    (Slot::Norm(NormSlot::MlpIn), "ln_2", "ffn_norm"),
+];
+
 pub const WEIGHTS: WeightTable = WeightTable {
-    layer: &LAYER,
+    linears: &LINEARS,
+    norms: &NORMS,
     gguf_permute_qk: false,
     gguf_norms_plus_one: false,
 };

@@ -13,14 +13,7 @@ use crate::model::spec::{
 const ROPE_FREQS: &str = "rope_freqs.weight";
 use crate::model::config::{Arch, Config};
 
-const LAYER: [(Slot, &str, &str); 9] = [
-    LLAMA_LINEARS[0],
-    LLAMA_LINEARS[1],
-    LLAMA_LINEARS[2],
-    LLAMA_LINEARS[3],
-    LLAMA_LINEARS[4],
-    LLAMA_LINEARS[5],
-    LLAMA_LINEARS[6],
+const NORMS: [(Slot, &str, &str); 2] = [
     (Slot::Norm(NormSlot::AttnIn), "input_layernorm", "attn_norm"),
     (
         Slot::Norm(NormSlot::MlpIn),
@@ -30,14 +23,16 @@ const LAYER: [(Slot, &str, &str); 9] = [
 ];
 
 pub const WEIGHTS: WeightTable = WeightTable {
-    layer: &LAYER,
+    linears: &LLAMA_LINEARS,
+    norms: &NORMS,
     gguf_permute_qk: true,
     gguf_norms_plus_one: false,
 };
 
 /// Qwen2's GGUF keeps HF's row order (llama.cpp runs it with NEOX-style RoPE).
 pub const QWEN2_WEIGHTS: WeightTable = WeightTable {
-    layer: &LAYER,
+    linears: &LLAMA_LINEARS,
+    norms: &NORMS,
     gguf_permute_qk: false,
     gguf_norms_plus_one: false,
 };

@@ -11,7 +11,7 @@ use crate::model::config::Config;
 use crate::model::config::HfJson;
 use crate::model::spec::Mlp;
 
-const LAYER: [(Slot, &str, &str); 6] = [
+const LINEARS: [(Slot, &str, &str); 4] = [
     (
         Slot::Linear(ModuleKind::Qkv),
         "self_attn.qkv_proj",
@@ -28,6 +28,9 @@ const LAYER: [(Slot, &str, &str); 6] = [
         "ffn_up",
     ),
     (Slot::Linear(ModuleKind::Down), "mlp.down_proj", "ffn_down"),
+];
+
+const NORMS: [(Slot, &str, &str); 2] = [
     (Slot::Norm(NormSlot::AttnIn), "input_layernorm", "attn_norm"),
     (
         Slot::Norm(NormSlot::MlpIn),
@@ -37,7 +40,8 @@ const LAYER: [(Slot, &str, &str); 6] = [
 ];
 
 pub const WEIGHTS: WeightTable = WeightTable {
-    layer: &LAYER,
+    linears: &LINEARS,
+    norms: &NORMS,
     gguf_permute_qk: false,
     gguf_norms_plus_one: false,
 };

@@ -8,14 +8,7 @@ use crate::model::config::Config;
 use crate::model::config::HfJson;
 use crate::model::spec::QkNorm;
 
-const LAYER: [(Slot, &str, &str); 11] = [
-    LLAMA_LINEARS[0],
-    LLAMA_LINEARS[1],
-    LLAMA_LINEARS[2],
-    LLAMA_LINEARS[3],
-    LLAMA_LINEARS[4],
-    LLAMA_LINEARS[5],
-    LLAMA_LINEARS[6],
+const NORMS: [(Slot, &str, &str); 4] = [
     (Slot::Norm(NormSlot::AttnIn), "input_layernorm", "attn_norm"),
     (
         Slot::Norm(NormSlot::MlpIn),
@@ -27,7 +20,8 @@ const LAYER: [(Slot, &str, &str); 11] = [
 ];
 
 pub const WEIGHTS: WeightTable = WeightTable {
-    layer: &LAYER,
+    linears: &LLAMA_LINEARS,
+    norms: &NORMS,
     gguf_permute_qk: false,
     gguf_norms_plus_one: false,
 };

@@ -29,7 +29,10 @@ pub enum Slot {
 /// (`model.layers.{i}.` + name + `.weight` / `.bias`); GGUF names to `blk.{i}.`.
 #[derive(Debug, Clone, Copy)]
 pub struct WeightTable {
-    pub layer: &'static [(Slot, &'static str, &'static str)],
+    /// The layer's linear modules (the Llama-shaped families share [`LLAMA_LINEARS`]).
+    pub linears: &'static [(Slot, &'static str, &'static str)],
+    /// The layer's norms.
+    pub norms: &'static [(Slot, &'static str, &'static str)],
     /// llama.cpp's converter interleaves the rows of q and k of Llama-arch models (its RoPE
     /// pairs adjacent elements; HF pairs (i, i + d/2)); undone at load.
     pub gguf_permute_qk: bool,
@@ -40,8 +43,9 @@ pub struct WeightTable {
 impl WeightTable {
     /// The (HF, GGUF) names of `slot`, if the architecture has it.
     pub fn names(&self, slot: Slot) -> Option<(&'static str, &'static str)> {
-        self.layer
+        self.linears
             .iter()
+            .chain(self.norms)
             .find(|(s, _, _)| *s == slot)
             .map(|&(_, hf, gguf)| (hf, gguf))
     }
