@@ -192,19 +192,21 @@ fn check_full_grads(family: &str) {
         "{family}: loss {loss} vs {want_loss}"
     );
     let want = SafetensorsFile::open(&dir.join("grads_full.safetensors")).unwrap();
-    let names: Vec<String> = model.parameters_mut().into_iter().map(|p| p.name).collect();
+    let conv1d = lorakit::model::arch::model_names(model.config.arch).conv1d;
+    let params = model.params_with_grads(&mut grads).unwrap();
+    let names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(
         names.len(),
         want.names().len(),
         "{family}: parameters {names:?} vs the reference's {:?}",
         want.names()
     );
-    for (name, g) in names.iter().zip(grads.tensors_mut()) {
+    for p in &params {
+        let (name, g) = (&p.name, &*p.grad);
         let (w, shape) = want
             .tensor_f32(name)
             .unwrap_or_else(|e| panic!("{family}: {name} has no reference gradient: {e}"));
         // GPT-2's Conv1D layers are [in, out] in HF, [out, in] here.
-        let conv1d = lorakit::model::arch::model_names(model.config.arch).conv1d;
         let w = if conv1d && shape.len() == 2 && name.contains(".h.") {
             lorakit::model::load::transpose(&w, shape[0], shape[1])
         } else {

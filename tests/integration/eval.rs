@@ -287,7 +287,7 @@ fn bad_eval_input_is_a_one_line_error() {
 }
 
 fn e2e_prompts(n: usize) -> Vec<Vec<u32>> {
-    let tok = &real_model().tokenizer;
+    let tok = real_model().tokenizer().unwrap();
     let text = std::fs::read_to_string(data_dir("e2e").join("test.jsonl")).unwrap();
     let mut seen = Vec::new();
     for l in text.lines() {
@@ -308,7 +308,7 @@ fn e2e_prompts(n: usize) -> Vec<Vec<u32>> {
 #[test]
 fn beam_search_with_one_beam_is_greedy() {
     let m = real_model();
-    let eos = m.tokenizer.eos_ids().to_vec();
+    let eos = m.tokenizer().unwrap().eos_ids().to_vec();
     for (i, prompt) in e2e_prompts(3).iter().enumerate() {
         // Stopping at EOS (length penalty 0: the finished hypothesis cannot be beaten), and
         // running to the token limit with the HF default length penalty 1.
@@ -482,7 +482,8 @@ fn loss_metric_matches_the_mean_target_token_loss() {
     let loss = v["score"].as_f64().unwrap();
     // The trainer's batched evaluation on the same 4 examples.
     let m = real_model();
-    let (exs, _) = lorakit::data::load_jsonl(&test, &m.tokenizer, &Default::default()).unwrap();
+    let (exs, _) =
+        lorakit::data::load_jsonl(&test, m.tokenizer().unwrap(), &Default::default()).unwrap();
     let want = lorakit::train::trainer::evaluate_loss(&m.model, None, &exs[..4], 4).unwrap();
     assert!(
         (loss - want).abs() < 1e-3,

@@ -686,8 +686,42 @@ fn train_cli_on_gpt2_starts_at_the_reference_loss_and_learns() {
     assert_eq!(cfg["target_modules"], serde_json::json!(["c_attn"]));
     let trained = Adapter::load(&out, &tiny_gpt2().config).unwrap();
     assert_ne!(trained, adapter());
+}
 
-    // --full is refused for GPT-2 by name.
+/// Full fine-tuning of GPT-2 through the CLI: the first step's loss and gradient norm are the
+/// float64 transformers reference's (tests/data/arch/gpt2: loss and every parameter's
+/// gradient), the loss falls, and the result is an HF GPT-2 directory (Conv1D weights [in, out])
+/// whose weights moved.
+#[test]
+fn train_full_cli_on_gpt2_matches_the_reference_first_step_and_writes_an_hf_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let arch = repo_root().join("tests/data/arch/gpt2");
+    let model = tmp.path().join("gpt2");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(arch.join(f), model.join(f)).unwrap();
+    }
+    // Pre-tokenised data: any tokenizer the loader accepts will do.
+    std::fs::copy(
+        fixture("smollm2/tokenizer.json"),
+        model.join("tokenizer.json"),
+    )
+    .unwrap();
+    let batch =
+        lorakit::io::safetensors_file::SafetensorsFile::open(&arch.join("batch.safetensors"))
+            .unwrap();
+    let (ids, shape) = batch.tensor_i64("input_ids").unwrap();
+    let (labels, _) = batch.tensor_i64("labels").unwrap();
+    let t = shape[1];
+    let data = tmp.path().join("data.jsonl");
+    let lines: Vec<String> = (0..shape[0])
+        .map(|b| {
+            serde_json::json!({"input_ids": ids[b * t..(b + 1) * t], "labels": labels[b * t..(b + 1) * t]})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let out = tmp.path().join("full");
     let o = lorakit(&[
         "train",
         "--model",
@@ -695,13 +729,73 @@ fn train_cli_on_gpt2_starts_at_the_reference_loss_and_learns() {
         "--data",
         data.to_str().unwrap(),
         "--out",
-        tmp.path().join("full").to_str().unwrap(),
+        out.to_str().unwrap(),
         "--full",
-        "--precision",
-        "f32",
+        "--no-shuffle",
+        "--batch-size",
+        &shape[0].to_string(),
+        "--steps",
+        "4",
+        "--lr",
+        "1e-3",
+        "--quiet",
     ]);
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("GPT-2"), "{}", stderr(&o));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let meta = read_json_abs(&arch.join("meta.json"));
+    let want_loss = meta["loss"]["base_f64"].as_f64().unwrap();
+    let first = rows[0]["loss"].as_f64().unwrap();
+    assert!(
+        (first - want_loss).abs() < 1e-5,
+        "step-1 loss {first} vs {want_loss}"
+    );
+    let grads =
+        lorakit::io::safetensors_file::SafetensorsFile::open(&arch.join("grads_full.safetensors"))
+            .unwrap();
+    let want_norm = grads
+        .names()
+        .iter()
+        .map(|n| {
+            grads
+                .tensor_f32(n)
+                .unwrap()
+                .0
+                .iter()
+                .map(|&g| f64::from(g).powi(2))
+                .sum::<f64>()
+        })
+        .sum::<f64>()
+        .sqrt();
+    let norm = rows[0]["grad_norm"].as_f64().unwrap();
+    assert!(
+        (norm - want_norm).abs() <= 1e-5 * want_norm,
+        "step-1 gradient norm {norm} vs {want_norm}"
+    );
+    let last = rows.last().unwrap()["loss"].as_f64().unwrap();
+    assert!(last < first - 0.1, "loss {first} → {last}");
+    let saved = out.join("model");
+    assert_eq!(
+        read_json_abs(&saved.join("config.json"))["model_type"],
+        "gpt2"
+    );
+    let st = lorakit::io::safetensors_file::SafetensorsFile::open(&saved.join("model.safetensors"))
+        .unwrap();
+    let src =
+        lorakit::io::safetensors_file::SafetensorsFile::open(&model.join("model.safetensors"))
+            .unwrap();
+    let name = "transformer.h.0.attn.c_attn.weight";
+    let (w, w_shape) = st.tensor_f32(name).unwrap();
+    let (w0, w0_shape) = src.tensor_f32(name).unwrap();
+    assert_eq!(w_shape, w0_shape, "{name} keeps HF's Conv1D layout");
+    assert!(
+        w.iter().zip(&w0).any(|(a, b)| a != b),
+        "{name} did not change"
+    );
+    assert!(saved.join("tokenizer.json").is_file());
 }
 
 #[test]
@@ -710,7 +804,15 @@ fn inspect_cli_describes_a_gpt2_directory() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     // 512·64 + 64·64 (wte, wpe) + 2 × 49 984 per block + 128 (ln_f) = 136 960.
-    for needle in ["gpt2", "136960", "2 layers", "n_embd 64", "absent"] {
+    for needle in [
+        "gpt2",
+        "136960",
+        "2 layers",
+        "hidden 64",
+        "learned",
+        "LayerNorm",
+        "absent",
+    ] {
         assert!(out.contains(needle), "{needle}: {out}");
     }
 }

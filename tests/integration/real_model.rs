@@ -39,7 +39,7 @@ fn smollm2_greedy_continuations_match_transformers() {
 
 #[test]
 fn gguf_tokenizer_matches_hf_on_every_fixture_string() {
-    let tok = &real_model().tokenizer;
+    let tok = real_model().tokenizer().unwrap();
     let cases = read_json("tokenizer/tokenizer_cases.json");
     let cases = cases["cases"]
         .as_array()
@@ -70,10 +70,14 @@ fn gguf_chat_template_renders_like_transformers() {
     let cases = read_json("tokenizer/chat_template_cases.json");
     let main = &cases["main"];
     let messages: Vec<ChatMessage> = serde_json::from_value(main["messages"].clone()).unwrap();
-    let text = m.tokenizer.apply_chat_template(&messages, true).unwrap();
+    let text = m
+        .tokenizer()
+        .unwrap()
+        .apply_chat_template(&messages, true)
+        .unwrap();
     assert_eq!(text, main["text"].as_str().unwrap());
     assert_eq!(
-        m.tokenizer.encode(&text, true).unwrap(),
+        m.tokenizer().unwrap().encode(&text, true).unwrap(),
         ids_of(&main["ids"])
     );
 }
@@ -192,7 +196,7 @@ fn tokenizer_from_gguf_file_equals_the_loaders_on_smollm2() {
     // for SmolLM2 as the model loader does.
     let f = lorakit::io::gguf::GgufFile::open(&real_model_path()).unwrap();
     let tok = lorakit::tokenize::Tokenizer::from_gguf(&f).unwrap();
-    let loaded = &real_model().tokenizer;
+    let loaded = real_model().tokenizer().unwrap();
     assert_eq!(tok.describe(), loaded.describe());
     let cases = read_json("tokenizer/tokenizer_cases.json");
     for case in cases["cases"].as_array().unwrap() {

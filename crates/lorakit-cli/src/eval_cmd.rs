@@ -231,21 +231,19 @@ fn score_model(
     } else {
         limited(load_eval_data(&a.data, metric)?, a.limit)
     };
-    // Either family (Llama or GPT-2), adapters attached unmerged, in the chosen precision.
+    // Any architecture, adapters attached unmerged, in the chosen precision.
     let opened = ModelArg {
         model: a.model.clone(),
         adapter: a.adapter.clone(),
         precision: a.precision.clone(),
     }
-    .open_any()?;
-    let (model, tok) = opened.parts();
-    let Some(tok) = tok else {
-        bail!("eval needs the model's tokenizer (tokenizer.json in the model directory)");
-    };
+    .open()?;
+    let model = &opened.model;
+    let tok = opened.tokenizer().context("eval reads its data as text")?;
     match metric {
         Metric::Loss => {
             let opts = DataOptions {
-                max_seq_len: model.config().max_position_embeddings,
+                max_seq_len: model.config.max_position_embeddings,
                 add_eos: true,
             };
             let (mut examples, _) = load_jsonl(&a.data, tok, &opts)?;

@@ -8,10 +8,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use lorakit::generate::{generate, token_logprobs, SamplingParams};
-use lorakit::model::{
-    is_gpt2_dir, load_hf_model, load_model, CausalLm, Decoder, LoadedModel, ModelSource,
-};
-use lorakit::tokenize::{ChatMessage, StreamDecoder, Tokenizer};
+use lorakit::model::{load_model, LoadedModel, ModelSource};
+use lorakit::tokenize::{ChatMessage, StreamDecoder};
 
 mod analyze_cmd;
 mod eval_cmd;
@@ -88,61 +86,6 @@ impl ModelArg {
             lorakit::model::attach_gguf_blocks(&mut m.model, &path)?;
         }
         Ok(m)
-    }
-}
-
-/// A GPT-2 HF directory as the CLI uses it; its tokenizer is optional (tokenizer.json).
-pub(crate) struct Gpt2Loaded {
-    pub model: Decoder,
-    pub tokenizer: Option<Tokenizer>,
-}
-
-/// A model of either family, for the commands that accept both (score, generate, merge, train).
-pub(crate) enum Opened {
-    Llama(LoadedModel),
-    Gpt2(Gpt2Loaded),
-}
-
-impl Opened {
-    /// The model for scoring / generation, and its tokenizer if it has one.
-    fn parts(&self) -> (&dyn CausalLm, Option<&Tokenizer>) {
-        match self {
-            Opened::Llama(m) => (&m.model, Some(&m.tokenizer)),
-            Opened::Gpt2(g) => (&g.model, g.tokenizer.as_ref()),
-        }
-    }
-}
-
-/// Loads a GPT-2 HF directory (weights, config, and tokenizer.json when present).
-pub(crate) fn open_gpt2(path: &Path) -> Result<Gpt2Loaded> {
-    let model =
-        load_hf_model(path).with_context(|| format!("cannot load model {}", path.display()))?;
-    let tokenizer = if path.join("tokenizer.json").is_file() {
-        Some(Tokenizer::from_hf_dir(path)?)
-    } else {
-        None
-    };
-    Ok(Gpt2Loaded { model, tokenizer })
-}
-
-impl ModelArg {
-    /// [`ModelArg::open`], or the GPT-2 path when `--model` is a GPT-2 HF directory.
-    fn open_any(self) -> Result<Opened> {
-        let path = resolve_model(self.model.clone())?;
-        if !is_gpt2_dir(&path) {
-            return self.open().map(Opened::Llama);
-        }
-        if self.precision == "gguf" {
-            bail!("--precision gguf needs a .gguf model (this one is an HF directory)");
-        }
-        let precision: lorakit::model::Precision = self.precision.parse()?;
-        let mut g = open_gpt2(&path)?;
-        for spec in &self.adapter {
-            let (adapter, w) = train_cmd::load_adapter(spec, &g.model.config)?;
-            g.model.attach_adapter(&adapter, w)?;
-        }
-        g.model.set_precision(precision, false)?;
-        Ok(Opened::Gpt2(g))
     }
 }
 
@@ -259,11 +202,8 @@ pub(crate) fn open_model(arg: Option<PathBuf>) -> Result<LoadedModel> {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let opened = a.model.open_any()?;
-    let (lm, tok) = opened.parts();
-    let tok = tok.context(
-        "this model directory has no tokenizer.json; generate needs one to read the prompt",
-    )?;
+    let m = a.model.open()?;
+    let (lm, tok) = (&m.model, m.tokenizer()?);
     let (ids, echo) = match (&a.prompt, &a.chat) {
         (Some(p), _) => {
             if p.is_empty() {
@@ -343,14 +283,15 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn cmd_score(a: ScoreArgs) -> Result<()> {
-    let opened = a.model.open_any()?;
-    let (lm, tok) = opened.parts();
+    let m = a.model.open()?;
+    let (lm, tok) = (&m.model, m.tokenizer_opt());
     let ids = match (&a.text, &a.ids) {
         (Some(t), _) => {
             if t.is_empty() {
                 bail!("--text is empty: nothing to score");
             }
-            tok.context("this model directory has no tokenizer.json; score token ids with --ids")?
+            m.tokenizer()
+                .context("score the model's token ids with --ids instead")?
                 .encode(t, false)?
         }
         (None, Some(ids)) => ids.clone(),
@@ -366,7 +307,7 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
         .map(|(&id, lp)| {
             serde_json::json!({
                 "id": id,
-                // Without a tokenizer (a bare GPT-2 directory) there is no text: null.
+                // Without a tokenizer (a bare test model) there is no text: null.
                 "text": tok.map(|t| t.decode(&[id], false).unwrap_or_default()),
                 "logprob": lp,
             })
@@ -389,11 +330,7 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
 }
 
 fn cmd_inspect(a: InspectArgs) -> Result<()> {
-    let path = resolve_model(a.path)?;
-    if is_gpt2_dir(&path) {
-        return inspect_gpt2(&path);
-    }
-    let m = open_model(Some(path))?;
+    let m = open_model(a.path)?;
     let c = &m.model.config;
     match &m.source {
         ModelSource::Gguf { path, tensor_types } => {
@@ -425,45 +362,31 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         c.head_dim,
         c.vocab_size
     );
+    let positions = match c.block.positions {
+        lorakit::model::spec::Positions::Learned => "learned".to_string(),
+        lorakit::model::spec::Positions::Rope => format!("RoPE theta {}", c.rope_theta),
+    };
+    let norm = match c.block.norm {
+        lorakit::model::spec::NormKind::Layer => "LayerNorm",
+        lorakit::model::spec::NormKind::Rms { .. } => "RMSNorm",
+    };
     println!(
-        "context:       {} positions, rope_theta {}, rms_norm_eps {:e}, tied embeddings: {}",
-        c.max_position_embeddings, c.rope_theta, c.rms_norm_eps, c.tie_word_embeddings
+        "context:       {} positions ({positions}), {norm} eps {:e}, tied embeddings: {}",
+        c.max_position_embeddings, c.rms_norm_eps, c.tie_word_embeddings
     );
     println!("compute dtype: f32 (weights dequantised on load)");
-    println!("tokenizer:     {}", m.tokenizer.describe());
+    println!(
+        "tokenizer:     {}",
+        match m.tokenizer_opt() {
+            Some(t) => t.describe(),
+            None => "absent (no tokenizer.json: token ids only)".into(),
+        }
+    );
     println!(
         "chat template: {}",
         match &m.chat_template {
             Some(t) => format!("present ({} bytes)", t.len()),
             None => "absent".into(),
-        }
-    );
-    Ok(())
-}
-
-fn inspect_gpt2(path: &Path) -> Result<()> {
-    let g = open_gpt2(path)?;
-    let c = &g.model.config;
-    println!("source:        HF directory {}", path.display());
-    println!("architecture:  gpt2");
-    println!(
-        "parameters:    {} ({:.1} M)",
-        c.parameter_count(),
-        c.parameter_count() as f64 / 1e6
-    );
-    println!(
-        "shape:         {} layers, n_embd {}, n_inner {}, {} heads of {}, vocab {}",
-        c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.head_dim, c.vocab_size
-    );
-    println!(
-        "context:       {} positions (learned), layer_norm_epsilon {:e}, tied embeddings: {}",
-        c.max_position_embeddings, c.rms_norm_eps, c.tie_word_embeddings
-    );
-    println!(
-        "tokenizer:     {}",
-        match &g.tokenizer {
-            Some(t) => t.describe(),
-            None => "absent (no tokenizer.json: token ids only)".into(),
         }
     );
     Ok(())

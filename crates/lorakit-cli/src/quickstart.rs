@@ -80,7 +80,7 @@ fn read_prompts(path: &Path, n: usize) -> Result<Vec<(String, String)>> {
 }
 
 fn complete(model: &Decoder, loaded: &LoadedModel, prompt: &str) -> Result<String> {
-    let tok = &loaded.tokenizer;
+    let tok = loaded.tokenizer()?;
     let ids = tok.encode(prompt, true)?;
     let mut stop = tok.eos_ids().to_vec();
     // A description is one line: stop at the first newline token too.
@@ -137,7 +137,7 @@ pub fn cmd_quickstart(a: QuickstartArgs) -> Result<()> {
         max_seq_len: 1024,
         add_eos: true,
     };
-    let (test, _) = load_jsonl(&data.join("test.jsonl"), &loaded.tokenizer, &test_opts)?;
+    let (test, _) = load_jsonl(&data.join("test.jsonl"), loaded.tokenizer()?, &test_opts)?;
 
     eprintln!("== 2/5 the base model on held-out meaning representations ==");
     let mut before = Vec::new();
@@ -167,10 +167,11 @@ pub fn cmd_quickstart(a: QuickstartArgs) -> Result<()> {
         ..Default::default()
     };
     let plan = TrainPlan::new(options, &loaded, "HuggingFaceTB/SmolLM2-135M-Instruct")?;
+    let trainable = plan.trainable_parameters(&loaded.model.config);
     eprintln!(
         "trainable parameters: {} ({:.3}% of {}); {} examples, {} steps",
-        plan.adapter.parameter_count(),
-        100.0 * plan.adapter.parameter_count() as f64
+        trainable,
+        100.0 * trainable as f64
             / loaded.model.config.parameter_count() as f64,
         loaded.model.config.parameter_count(),
         plan.train_stats.examples,

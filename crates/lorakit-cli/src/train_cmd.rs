@@ -7,10 +7,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lorakit::io::output::prepare_output_dir;
 use lorakit::lora::peft::Adapter;
-use lorakit::model::save::save_hf_dir;
-use lorakit::train::trainer::{
-    train, train_model, EarlierRun, Event, TrainOptions, TrainOutput, TrainPlan,
-};
+use lorakit::train::trainer::{train, EarlierRun, Event, TrainOptions, TrainOutput, TrainPlan};
 
 use crate::{open_model, resolve_model};
 
@@ -213,39 +210,24 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     let output = TrainOutput::prepare(&out, "train", &inputs, earlier, options.overwrite)?;
     let precision = options.precision()?;
     let model_name = model_path.display().to_string();
-    let (mut model, plan) = if lorakit::model::is_gpt2_dir(&model_path) {
-        anyhow::ensure!(
-            !options.full,
-            "--full (full fine-tuning) is not implemented for GPT-2 models; train a LoRA adapter"
-        );
-        let mut g = crate::open_gpt2(&model_path)?;
-        g.model.set_precision(precision, true)?;
-        let tok = g.tokenizer.as_ref().context(
-            "this GPT-2 directory has no tokenizer.json; train reads its data through one (pre-tokenised input_ids too)",
-        )?;
-        let plan = TrainPlan::for_model(options, &g.model.config, tok, &model_name)?;
-        (crate::Opened::Gpt2(g), plan)
-    } else {
-        let mut loaded = open_model(Some(model_path.clone()))?;
-        loaded.model.set_precision(precision, true)?;
-        let plan = TrainPlan::new(options, &loaded, &model_name)?;
-        (crate::Opened::Llama(loaded), plan)
-    };
-    let config = match &model {
-        crate::Opened::Llama(l) => l.model.config.clone(),
-        crate::Opened::Gpt2(g) => g.model.config.clone(),
-    };
+    let mut loaded = open_model(Some(model_path.clone()))?;
+    loaded.model.set_precision(precision, true)?;
+    let plan = TrainPlan::new(options, &loaded, &model_name)?;
+    let config = loaded.model.config.clone();
     let total = config.parameter_count();
     let full = plan.options.full;
-    if full {
-        eprintln!("trainable parameters: {total} of {total} (100% of the model): full fine-tuning");
-    } else {
-        let trainable = plan.adapter.parameter_count();
-        eprintln!(
-            "trainable parameters: {trainable} of {total} ({:.4}% of the model), {} adapted modules",
-            100.0 * trainable as f64 / total as f64,
-            plan.adapter.modules.len()
-        );
+    match &plan.adapter {
+        None => eprintln!(
+            "trainable parameters: {total} of {total} (100% of the model): full fine-tuning"
+        ),
+        Some(adapter) => {
+            let trainable = adapter.parameter_count();
+            eprintln!(
+                "trainable parameters: {trainable} of {total} ({:.4}% of the model), {} adapted modules",
+                100.0 * trainable as f64 / total as f64,
+                adapter.modules.len()
+            );
+        }
     }
     eprintln!(
         "data: {} examples, {} target tokens, {} batches per epoch; {} optimiser steps",
@@ -275,21 +257,17 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     } else {
         format!("{weights_mb:.0} MB frozen weights ({precision:?}: f32 + bf16 copies for forward and backward)")
     };
-    match &model {
-        crate::Opened::Llama(loaded) => eprintln!(
-            "memory estimate: {what} + {:.0} MB saved activations (batch {} × up to {} tokens)",
-            plan.activation_bytes_estimate(&loaded.model) as f64 / 1e6,
-            plan.options.batch_size,
-            plan.batcher
-                .examples()
-                .iter()
-                .map(|e| e.len())
-                .max()
-                .unwrap_or(0)
-        ),
-        // The activation estimate follows the Llama layer layout.
-        crate::Opened::Gpt2(_) => eprintln!("memory estimate: {what} + saved activations"),
-    }
+    eprintln!(
+        "memory estimate: {what} + {:.0} MB saved activations (batch {} × up to {} tokens)",
+        plan.activation_bytes_estimate(&loaded.model) as f64 / 1e6,
+        plan.options.batch_size,
+        plan.batcher
+            .examples()
+            .iter()
+            .map(|e| e.len())
+            .max()
+            .unwrap_or(0)
+    );
     let quiet = a.quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let bar = ProgressBar::hidden();
     let mut tokens_done = 0usize;
@@ -334,12 +312,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     };
     // A run that fails before its first checkpoint leaves nothing behind in a directory it made
     // (the library removes what it wrote there).
-    let result = match &mut model {
-        crate::Opened::Llama(loaded) if full => {
-            lorakit::train::full::train_full(loaded, plan, &output, on_event)
-        }
-        crate::Opened::Llama(loaded) => train(loaded, plan, &output, on_event),
-        crate::Opened::Gpt2(g) => train_model(&g.model, plan, &output, on_event),
+    let result = match full {
+        true => lorakit::train::full::train_full(&mut loaded, plan, &output, on_event),
+        false => train(&loaded, plan, &output, on_event),
     };
     bar.finish_and_clear();
     let summary = result?;
@@ -390,32 +365,11 @@ pub fn cmd_merge(a: MergeArgs) -> Result<()> {
     let mut inputs = vec![("--model", path.as_path())];
     inputs.extend(adapters.iter().map(|d| ("--adapter", d.as_path())));
     let out = prepare_output_dir(&a.out, "merge", &inputs, a.overwrite)?;
-    if lorakit::model::is_gpt2_dir(&path) {
-        return merge_gpt2(&path, &a, &out);
-    }
     let mut loaded = open_model(Some(path))?;
     crate::attach_adapters(&mut loaded, &a.adapter)?;
     loaded.model.merge_adapters()?;
-    save_hf_dir(&loaded.model, &loaded.tokenizer, &out)
-        .with_context(|| format!("cannot write {}", a.out.display()))?;
-    eprintln!("merged model written to {}", a.out.display());
-    Ok(())
-}
-
-/// `merge` of a GPT-2 directory: Conv1D weights written back as [in, out]; the tokenizer
-/// files, when present, copied as they are.
-fn merge_gpt2(
-    path: &std::path::Path,
-    a: &MergeArgs,
-    out: &lorakit::io::output::OutputDir,
-) -> Result<()> {
-    let mut g = crate::open_gpt2(path)?;
-    for spec in &a.adapter {
-        let (adapter, w) = load_adapter(spec, &g.model.config)?;
-        g.model.attach_adapter(&adapter, w)?;
-    }
-    g.model.merge_adapters()?;
-    lorakit::model::save::save_hf_dir_copying(&g.model, out, Some(path))
+    loaded
+        .save_hf_dir(&out)
         .with_context(|| format!("cannot write {}", a.out.display()))?;
     eprintln!("merged model written to {}", a.out.display());
     Ok(())

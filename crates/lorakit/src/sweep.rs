@@ -432,7 +432,7 @@ fn run_cell(
     o.out = Some(dir.to_path_buf());
     let start = Instant::now();
     let plan = TrainPlan::new(o, loaded, model_name)?;
-    let actual = plan.adapter.parameter_count();
+    let actual = plan.trainable_parameters(&loaded.model.config);
     if actual != cell.trainable_params {
         return Err(Error::Invalid(format!(
             "cell {}: the adapter has {actual} trainable parameters, the plan expected {}",

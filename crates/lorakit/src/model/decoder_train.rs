@@ -24,8 +24,8 @@ use crate::model::linear_train::{
     linear_train_backward, linear_train_forward, set_len, LoraBackward,
 };
 pub use crate::model::linear_train::{Dropout, LoraGrads};
+use crate::model::param::Param;
 use crate::model::spec::{Activation, NormKind, QkNorm};
-use crate::model::traits::LoraTrainable;
 
 /// Gradients of every parameter of the model (full fine-tuning), in the model's own layouts.
 #[derive(Debug, Clone)]
@@ -102,68 +102,77 @@ impl FullGrads {
         }
     }
 
-    /// Every gradient tensor, in [`Decoder::parameters_mut`] order.
-    pub fn tensors_mut(&mut self) -> Vec<&mut [f32]> {
-        let mut v: Vec<&mut [f32]> = vec![&mut self.embed_tokens];
-        if let Some(w) = &mut self.wpe {
-            v.push(w);
-        }
-        for l in &mut self.layers {
-            for (_, g) in &mut l.norms {
-                v.push(&mut g.weight);
-                if let Some(b) = &mut g.bias {
-                    v.push(b);
-                }
+    pub fn zero(&mut self) {
+        let FullGrads {
+            embed_tokens,
+            norm,
+            norm_bias,
+            wpe,
+            lm_head,
+            layers,
+        } = self;
+        let mut all: Vec<&mut Vec<f32>> = vec![embed_tokens, norm];
+        all.extend(norm_bias.as_mut());
+        all.extend(wpe.as_mut());
+        all.extend(lm_head.as_mut());
+        for l in layers {
+            for (_, n) in &mut l.norms {
+                all.push(&mut n.weight);
+                all.extend(n.bias.as_mut());
             }
             for (w, b) in l.linears.values_mut() {
-                v.push(w);
-                if let Some(b) = b {
-                    v.push(b);
-                }
+                all.push(w);
+                all.extend(b.as_mut());
             }
         }
-        v.push(&mut self.norm);
-        if let Some(b) = &mut self.norm_bias {
-            v.push(b);
-        }
-        if let Some(h) = &mut self.lm_head {
-            v.push(h);
-        }
-        v
-    }
-
-    pub fn zero(&mut self) {
-        for t in self.tensors_mut() {
+        for t in all {
             t.fill(0.0);
         }
     }
 }
 
-/// One parameter tensor of the model, for the optimiser of full fine-tuning.
-pub struct Parameter<'a> {
-    /// The HF name (`model.layers.0.self_attn.q_proj.weight`).
-    pub name: String,
-    /// Weight decay applies (matrices and embeddings; not norms or biases, as HF's Trainer).
-    pub decay: bool,
-    pub data: &'a mut [f32],
-}
-
 impl Decoder {
-    /// Every trainable tensor, in the order of [`FullGrads::tensors_mut`].
-    pub fn parameters_mut(&mut self) -> Vec<Parameter<'_>> {
+    /// Every trainable tensor beside its gradient in `grads` (made by
+    /// [`FullGrads::zeros_like`] for this model), named as in the HF checkpoint, in a fixed
+    /// order: embedding, positions, per layer its norms then its linears by kind, final norm,
+    /// head. A tied head has no entry of its own (its gradient is the embedding's).
+    pub fn params_with_grads<'a>(&'a mut self, grads: &'a mut FullGrads) -> Result<Vec<Param<'a>>> {
         // Quantised copies would go stale once the weights move.
         self.head_quant = None;
-        fn p(name: String, decay: bool, data: &mut [f32]) -> Parameter<'_> {
-            Parameter { name, decay, data }
-        }
         let table = arch::weights(self.config.arch);
         let names = arch::model_names(self.config.arch);
-        let cfg = &self.config;
-        let mut v = vec![p(names.embed.into(), true, &mut self.embed_tokens)];
-        if let (Some(w), Some(name)) = (&mut self.wpe, names.positions) {
-            v.push(p(name.into(), true, w));
+        let mismatch =
+            |what: String| Error::Invalid(format!("gradients do not match the model: {what}"));
+        let Decoder {
+            config: cfg,
+            embed_tokens,
+            wpe,
+            layers,
+            norm,
+            norm_bias,
+            lm_head,
+            ..
+        } = self;
+        let cfg = &*cfg;
+        let mut v = vec![Param::new(
+            names.embed.into(),
+            true,
+            embed_tokens,
+            &mut grads.embed_tokens,
+        )?];
+        match (wpe, &mut grads.wpe, names.positions) {
+            (Some(w), Some(g), Some(name)) => v.push(Param::new(name.into(), true, w, g)?),
+            (None, None, _) => {}
+            _ => return Err(mismatch("learned positions".into())),
         }
-        for (i, l) in self.layers.iter_mut().enumerate() {
+        if layers.len() != grads.layers.len() {
+            return Err(mismatch(format!(
+                "{} layers, {} in the gradients",
+                layers.len(),
+                grads.layers.len()
+            )));
+        }
+        for (i, (l, g)) in layers.iter_mut().zip(&mut grads.layers).enumerate() {
             let Layer {
                 norms,
                 qkv,
@@ -171,15 +180,30 @@ impl Decoder {
                 mlp,
                 down_proj,
             } = l;
-            for (slot, n) in norms {
+            if norms.len() != g.norms.len() {
+                return Err(mismatch(format!("layer {i}'s norms")));
+            }
+            for ((slot, n), (g_slot, gn)) in norms.iter_mut().zip(&mut g.norms) {
+                if slot != g_slot {
+                    return Err(mismatch(format!("layer {i}: norm {slot:?} vs {g_slot:?}")));
+                }
                 let hf = table.names(Slot::Norm(*slot)).map_or("?", |n| n.0);
                 let base = format!("{}.{i}.{hf}", names.layers);
-                v.push(p(format!("{base}.weight"), false, &mut n.weight));
-                if let Some(b) = &mut n.bias {
-                    v.push(p(format!("{base}.bias"), false, b));
+                v.push(Param::new(
+                    format!("{base}.weight"),
+                    false,
+                    &mut n.weight,
+                    &mut gn.weight,
+                )?);
+                match (&mut n.bias, &mut gn.bias) {
+                    (Some(b), Some(gb)) => {
+                        v.push(Param::new(format!("{base}.bias"), false, b, gb)?)
+                    }
+                    (None, None) => {}
+                    _ => return Err(mismatch(format!("layer {i}: the {slot:?} norm's bias"))),
                 }
             }
-            // Rebuild the kind-ordered list from the split borrows.
+            // The layer's linears in kind order, the order of the gradients' map.
             let mut lins: Vec<(ModuleKind, &mut Linear)> =
                 vec![(ModuleKind::O, o_proj), (ModuleKind::Down, down_proj)];
             match qkv {
@@ -199,28 +223,56 @@ impl Decoder {
                 MlpWeights::Plain { up } => lins.push((ModuleKind::Up, up)),
             }
             lins.sort_by_key(|(k, _)| *k);
-            for (k, lin) in lins {
+            if lins.len() != g.linears.len() {
+                return Err(mismatch(format!("layer {i}'s linear layers")));
+            }
+            for ((k, lin), (gk, (gw, gb))) in lins.into_iter().zip(&mut g.linears) {
+                if k != *gk {
+                    return Err(mismatch(format!(
+                        "layer {i}: {} vs {}",
+                        k.name(),
+                        gk.name()
+                    )));
+                }
                 let path = ModuleId {
                     layer: i,
                     kind: cfg.adapter_kind(k),
                 }
                 .path();
                 let (w, b) = lin.weight_and_bias_mut();
-                v.push(p(format!("{path}.weight"), true, w));
-                if let Some(b) = b {
-                    v.push(p(format!("{path}.bias"), false, b));
+                v.push(Param::new(format!("{path}.weight"), true, w, gw)?);
+                match (b, gb) {
+                    (Some(b), Some(gb)) => {
+                        v.push(Param::new(format!("{path}.bias"), false, b, gb)?)
+                    }
+                    (None, None) => {}
+                    _ => return Err(mismatch(format!("layer {i}: {}'s bias", k.name()))),
                 }
             }
         }
         let final_norm = names.final_norm;
-        v.push(p(format!("{final_norm}.weight"), false, &mut self.norm));
-        if let Some(b) = &mut self.norm_bias {
-            v.push(p(format!("{final_norm}.bias"), false, b));
+        v.push(Param::new(
+            format!("{final_norm}.weight"),
+            false,
+            norm,
+            &mut grads.norm,
+        )?);
+        match (norm_bias, &mut grads.norm_bias) {
+            (Some(b), Some(g)) => v.push(Param::new(format!("{final_norm}.bias"), false, b, g)?),
+            (None, None) => {}
+            _ => return Err(mismatch("the final norm's bias".into())),
         }
-        if let Some(h) = &mut self.lm_head {
-            v.push(p(names.head.into(), true, h.weight_and_bias_mut().0));
+        match (lm_head, &mut grads.lm_head) {
+            (Some(h), Some(g)) => v.push(Param::new(
+                names.head.into(),
+                true,
+                h.weight_and_bias_mut().0,
+                g,
+            )?),
+            (None, None) => {}
+            _ => return Err(mismatch("the LM head".into())),
         }
-        v
+        Ok(v)
     }
 }
 
@@ -843,33 +895,5 @@ fn act_backward(act: Activation, dx: &mut [f32], x: &[f32], dy: &[f32]) {
             }
         }
         Activation::GeluTanh => crate::engine::ops::gelu_tanh_backward(dx, x, dy),
-    }
-}
-
-impl LoraTrainable for Decoder {
-    type Acts = Activations;
-    fn train_forward(
-        &self,
-        ids: &[u32],
-        batch: usize,
-        seq: usize,
-        adapter: Option<&Adapter>,
-        dropout: Dropout,
-        acts: &mut Self::Acts,
-    ) -> Result<()> {
-        Decoder::train_forward(self, ids, batch, seq, adapter, dropout, acts)
-    }
-    fn x_final(acts: &Self::Acts) -> &[f32] {
-        &acts.x_final
-    }
-    fn train_backward(
-        &self,
-        dx: &mut [f32],
-        acts: &Self::Acts,
-        adapter: &Adapter,
-        dropout: Dropout,
-        grads: &mut LoraGrads,
-    ) -> Result<()> {
-        Decoder::train_backward(self, dx, acts, adapter, dropout, grads)
     }
 }

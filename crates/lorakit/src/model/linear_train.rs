@@ -5,9 +5,11 @@
 use std::collections::BTreeMap;
 
 use crate::engine::matmul;
+use crate::error::{Error, Result};
 use crate::lora::peft::Adapter;
 use crate::lora::{LoraWeights, ModuleId};
 use crate::model::linear::{frozen_backward, lora_forward, Linear};
+use crate::model::param::Param;
 
 /// LoRA dropout on the adapter path: element i of a module's input is kept with probability
 /// 1 − p and scaled by 1/(1 − p). The mask is a hash of (seed, module path, i), so the backward
@@ -79,6 +81,43 @@ impl LoraGrads {
             a.fill(0.0);
             b.fill(0.0);
         }
+    }
+
+    /// Each of `adapter`'s tensors beside its gradient here (made by [`LoraGrads::zeros_like`]
+    /// for it): A then B of every module, in module order (the order of checkpointed optimiser
+    /// state), named as in PEFT's file.
+    pub fn params_with<'a>(&'a mut self, adapter: &'a mut Adapter) -> Result<Vec<Param<'a>>> {
+        if adapter.modules.len() != self.modules.len() {
+            return Err(Error::Invalid(format!(
+                "gradients for {} adapted modules, the adapter has {}",
+                self.modules.len(),
+                adapter.modules.len()
+            )));
+        }
+        let mut v = Vec::with_capacity(2 * self.modules.len());
+        for ((id, w), (gid, (ga, gb))) in adapter.modules.iter_mut().zip(&mut self.modules) {
+            if id != gid {
+                return Err(Error::Invalid(format!(
+                    "gradients for {}, the adapter's module is {}",
+                    gid.path(),
+                    id.path()
+                )));
+            }
+            let path = id.path();
+            v.push(Param::new(
+                format!("{path}.lora_A.weight"),
+                true,
+                &mut w.a,
+                ga,
+            )?);
+            v.push(Param::new(
+                format!("{path}.lora_B.weight"),
+                true,
+                &mut w.b,
+                gb,
+            )?);
+        }
+        Ok(v)
     }
 }
 

@@ -31,12 +31,51 @@ pub enum ModelSource {
     },
 }
 
+/// A model opened from a path: the decoder, its tokenizer (an HF directory may have none, as
+/// the tiny test models; GGUF files always carry one) and where it came from.
 pub struct LoadedModel {
     pub model: Decoder,
-    pub tokenizer: Tokenizer,
+    tokenizer: Option<Tokenizer>,
     pub source: ModelSource,
     /// The model's own chat template text, if it has one.
     pub chat_template: Option<String>,
+}
+
+impl LoadedModel {
+    /// The tokenizer, or an error naming the model directory that lacks `tokenizer.json`.
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            let at = match &self.source {
+                ModelSource::HfDir { dir, .. } | ModelSource::Gguf { path: dir, .. } => dir,
+            };
+            Error::format(
+                at,
+                "the model has no tokenizer.json, which reading or writing text needs",
+            )
+        })
+    }
+
+    /// The tokenizer, if the model has one.
+    pub fn tokenizer_opt(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    /// Writes the model (adapters merged or detached first) as an HF directory into the checked
+    /// output `dir`, with the tokenizer: from an HF directory its tokenizer files are copied as
+    /// they are; from a GGUF file they are written from the tokenizer its metadata describes.
+    pub fn save_hf_dir(&self, dir: &crate::io::output::OutputDir) -> Result<()> {
+        match (&self.source, &self.tokenizer) {
+            (ModelSource::HfDir { dir: src, .. }, _) => {
+                crate::model::save::save_hf_dir_copying(&self.model, dir, Some(src))
+            }
+            (ModelSource::Gguf { .. }, Some(tok)) => {
+                crate::model::save::save_hf_dir(&self.model, tok, dir)
+            }
+            (ModelSource::Gguf { .. }, None) => {
+                crate::model::save::save_hf_dir_copying(&self.model, dir, None)
+            }
+        }
+    }
 }
 
 /// Opens `path`: a GGUF file, or an HF directory with `config.json`, `model.safetensors` (or a
@@ -95,15 +134,6 @@ fn expect_finite(path: &Path, name: &str, data: &[f32]) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// True when `path` is a directory whose `config.json` says `model_type: "gpt2"`. Any problem
-/// reading it gives false, so that the usual loader reports it.
-pub fn is_gpt2_dir(path: &Path) -> bool {
-    std::fs::read_to_string(path.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| v["model_type"] == "gpt2")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -304,7 +334,7 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
     };
     Ok(LoadedModel {
         model: Decoder::new(config, embed_tokens, layers, norm, lm_head),
-        tokenizer,
+        tokenizer: Some(tokenizer),
         source,
         chat_template,
     })
@@ -408,14 +438,20 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
     if !config_path.is_file() {
         return Err(Error::format(
             dir,
-            "directory has no config.json; expected an HF model directory (config.json, model.safetensors, tokenizer.json) or a .gguf file",
+            "directory has no config.json; expected an HF model directory (config.json, model.safetensors, and tokenizer.json for text) or a .gguf file",
         ));
     }
     let config = Config::from_hf_json(&config_path)?;
     let model = load_hf_weights(dir, config)?;
     let set = SafetensorsSet::open(dir)?;
-    let tokenizer = Tokenizer::from_hf_dir(dir)?;
-    let chat_template = tokenizer.chat_template().map(str::to_owned);
+    let tokenizer = match dir.join("tokenizer.json").is_file() {
+        true => Some(Tokenizer::from_hf_dir(dir)?),
+        false => None,
+    };
+    let chat_template = tokenizer
+        .as_ref()
+        .and_then(|t| t.chat_template())
+        .map(str::to_owned);
     let source = ModelSource::HfDir {
         dir: dir.to_owned(),
         files: set.files().to_vec(),

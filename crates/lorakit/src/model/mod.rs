@@ -12,6 +12,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod linear_train;
 pub mod load;
+pub mod param;
 pub mod save;
 pub mod spec;
 pub mod traits;
@@ -20,6 +21,4 @@ pub use config::{Arch, Config};
 pub use decoder::{Decoder, KvCache};
 pub use linear::{Linear, Precision};
 pub use load::{attach_gguf_blocks, load_hf_model, load_model, LoadedModel, ModelSource};
-pub use traits::{CausalLm, LmHead, LoraTrainable};
-
-pub use load::is_gpt2_dir;
+pub use traits::{CausalLm, LmHead};

@@ -128,18 +128,24 @@ fn hf_tensors(model: &Decoder) -> Result<Vec<NamedTensor>> {
     Ok(tensors)
 }
 
-/// The tokenizer files [`save_hf_dir_copying`] copies from the source directory.
-pub const TOKENIZER_FILES: [&str; 4] = [
+/// The files beside the weights that [`save_hf_dir_copying`] copies from the source directory
+/// when it has them: the tokenizer (fast and slow forms), its special tokens, the chat template
+/// and the generation defaults, byte for byte as transformers wrote them.
+pub const TOKENIZER_FILES: [&str; 8] = [
     "tokenizer.json",
     "tokenizer_config.json",
+    "special_tokens_map.json",
     "vocab.json",
     "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "generation_config.json",
 ];
 
-/// Writes `model` (adapters merged or detached first) as an HF directory without a loaded
-/// tokenizer (GPT-2, whose directory may have none): `config.json` and `model.safetensors`,
-/// plus those of [`TOKENIZER_FILES`] that `tokenizer_from` holds, copied as they are, into the
-/// checked output `dir` (replacing only lorakit's files there; complete or not at all).
+/// Writes `model` (adapters merged or detached first) as an HF directory of an HF source:
+/// `config.json` and `model.safetensors`, plus those of [`TOKENIZER_FILES`] that
+/// `tokenizer_from` holds, copied as they are, into the checked output `dir` (replacing only
+/// lorakit's files there; complete or not at all).
 pub fn save_hf_dir_copying(
     model: &Decoder,
     dir: &OutputDir,
@@ -169,8 +175,9 @@ pub fn save_hf_dir_copying(
     })
 }
 
-/// Writes `model` (adapters must be merged or detached first) and its tokenizer into the checked
-/// output `dir` as an HF directory, replacing only lorakit's files there
+/// Writes `model` (adapters must be merged or detached first) and its tokenizer (written from
+/// the loaded one: a GGUF source has no tokenizer files) into the checked output `dir` as an HF
+/// directory, replacing only lorakit's files there
 /// ([`OutputDir::write_whole`]: the directory appears complete or not at all).
 pub fn save_hf_dir(model: &Decoder, tokenizer: &Tokenizer, dir: &OutputDir) -> Result<()> {
     if model.has_adapters() {

@@ -1,13 +1,10 @@
 //! What the rest of the library needs of a model, whatever its family: scoring and generation
-//! ([`CausalLm`]), the LM head and final norm the loss runs ([`LmHead`]), and the LoRA training
-//! passes ([`LoraTrainable`]).
+//! ([`CausalLm`]) and the LM head and final norm the loss runs ([`LmHead`]).
 
 use crate::error::Result;
-use crate::lora::peft::Adapter;
 use crate::model::config::Config;
 use crate::model::kv_cache::{KvCache, Logits};
 use crate::model::linear::Bf16Weight;
-use crate::model::linear_train::{Dropout, LoraGrads};
 
 /// What scoring and generation need of a decoder.
 pub trait CausalLm {
@@ -42,32 +39,4 @@ pub trait LmHead {
     fn logit_softcap(&self) -> Option<f32> {
         None
     }
-}
-
-/// What the LoRA trainer needs of a model: a training forward that keeps its activations
-/// (`Acts`), the LM head + loss ([`LmHead`]) and the backward to
-/// the adapter's tensors.
-pub trait LoraTrainable: CausalLm + LmHead {
-    type Acts: Default;
-    /// ids: [batch, seq] row-major; fills `acts`.
-    fn train_forward(
-        &self,
-        ids: &[u32],
-        batch: usize,
-        seq: usize,
-        adapter: Option<&Adapter>,
-        dropout: Dropout,
-        acts: &mut Self::Acts,
-    ) -> Result<()>;
-    /// The residual stream after the last layer, [batch·seq, hidden].
-    fn x_final(acts: &Self::Acts) -> &[f32];
-    /// dx = ∂loss/∂x_final [batch·seq, hidden] (used as a work buffer) → dA, dB into `grads`.
-    fn train_backward(
-        &self,
-        dx: &mut [f32],
-        acts: &Self::Acts,
-        adapter: &Adapter,
-        dropout: Dropout,
-        grads: &mut LoraGrads,
-    ) -> Result<()>;
 }

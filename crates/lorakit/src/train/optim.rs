@@ -25,6 +25,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::model::param::Param;
 
 /// AdamW hyper-parameters (`torch.optim.AdamW` names; defaults as used for LoRA training).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -138,34 +139,57 @@ impl AdamW {
     }
 
     /// One AdamW update of every parameter tensor with learning rate `lr` (from the
-    /// schedule; `config.lr` is not used here). `params[i]` and `grads[i]` must have the
-    /// size given for tensor `i` at construction.
+    /// schedule; `config.lr` is not used here), weight decay on all of them. `params[i]` and
+    /// `grads[i]` must have the size given for tensor `i` at construction.
     ///
     /// # Panics
     /// If the number or sizes of `params` / `grads` differ from the construction sizes
     /// (a programming error in the caller; nothing is modified in that case).
     pub fn step(&mut self, lr: f64, params: &mut [&mut [f32]], grads: &[&[f32]]) {
         assert_eq!(
-            params.len(),
-            self.m.len(),
-            "AdamW::step: number of parameter tensors"
-        );
-        assert_eq!(
             grads.len(),
-            self.m.len(),
+            params.len(),
             "AdamW::step: number of gradient tensors"
         );
-        for (i, m) in self.m.iter().enumerate() {
-            assert_eq!(
-                params[i].len(),
-                m.len(),
-                "AdamW::step: size of parameter tensor {i}"
-            );
-            assert_eq!(
-                grads[i].len(),
-                m.len(),
-                "AdamW::step: size of gradient tensor {i}"
-            );
+        let tensors = params
+            .iter_mut()
+            .zip(grads)
+            .map(|(p, g)| (&mut **p, *g, true))
+            .collect();
+        if let Err(e) = self.update(lr, tensors) {
+            panic!("AdamW::step: {e}");
+        }
+    }
+
+    /// One AdamW update of each parameter with its own gradient, with weight decay where
+    /// [`Param::decay`] says. `params` must be the list this state was built for (same count and
+    /// sizes, in order); otherwise an error and nothing is modified.
+    pub fn step_params(&mut self, lr: f64, params: &mut [Param<'_>]) -> Result<()> {
+        let tensors = params
+            .iter_mut()
+            .map(|p| (&mut *p.value, &*p.grad, p.decay))
+            .collect();
+        self.update(lr, tensors)
+    }
+
+    /// (value, gradient, decay) of every tensor, in construction order.
+    fn update(&mut self, lr: f64, tensors: Vec<(&mut [f32], &[f32], bool)>) -> Result<()> {
+        if tensors.len() != self.m.len() {
+            return Err(Error::Invalid(format!(
+                "AdamW: {} parameter tensors, the optimiser state has {}",
+                tensors.len(),
+                self.m.len()
+            )));
+        }
+        for (i, ((p, g, _), m)) in tensors.iter().zip(&self.m).enumerate() {
+            if p.len() != m.len() || g.len() != m.len() {
+                return Err(Error::Invalid(format!(
+                    "AdamW: parameter tensor {i} has {} values and {} gradient entries, the optimiser state {}",
+                    p.len(),
+                    g.len(),
+                    m.len()
+                )));
+            }
         }
 
         self.step += 1;
@@ -185,21 +209,17 @@ impl AdamW {
         let eps = c.eps as f32;
         let neg_step_size = (-step_size) as f32;
 
-        let k = AdamConsts {
-            decay: apply_decay.then_some(decay),
-            w1,
-            b2,
-            w2,
-            bias_correction2_sqrt,
-            eps,
-            neg_step_size,
-        };
-        for (((p, g), m), v) in params
-            .iter_mut()
-            .zip(grads)
-            .zip(&mut self.m)
-            .zip(&mut self.v)
+        for ((p, g, decays), (m, v)) in tensors.into_iter().zip(self.m.iter_mut().zip(&mut self.v))
         {
+            let k = AdamConsts {
+                decay: (apply_decay && decays).then_some(decay),
+                w1,
+                b2,
+                w2,
+                bias_correction2_sqrt,
+                eps,
+                neg_step_size,
+            };
             // Element-wise, so splitting across threads changes no result; worth it only for
             // the large tensors of full fine-tuning.
             const CHUNK: usize = 1 << 16;
@@ -209,6 +229,7 @@ impl AdamW {
                 .zip(v.par_chunks_mut(CHUNK))
                 .for_each(|(((p, g), m), v)| adam_update(p, g, m, v, &k));
         }
+        Ok(())
     }
 }
 
@@ -424,11 +445,40 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "size of gradient tensor 0")]
+    #[should_panic(expected = "parameter tensor 0 has 2 values and 1 gradient entries")]
     fn mismatched_sizes_panic() {
         let mut opt = AdamW::new(AdamWConfig::default(), &[2]);
         let mut p = [1.0f32, -2.0];
         opt.step(0.1, &mut [&mut p], &[&[0.5]]);
+    }
+
+    #[test]
+    fn step_params_refuses_a_list_it_was_not_built_for_and_changes_nothing() {
+        let mut opt = AdamW::new(AdamWConfig::default(), &[2, 3]);
+        let (mut v, mut g) = ([1.0f32, -2.0], [0.5f32, 0.5]);
+        let mut params = vec![Param::new("w".into(), true, &mut v, &mut g).unwrap()];
+        let e = opt.step_params(0.1, &mut params).unwrap_err().to_string();
+        assert!(e.contains("1 parameter tensors") && e.contains("has 2"), "{e}");
+        assert_eq!(opt.step_count(), 0);
+        assert_eq!(v, [1.0, -2.0]);
+    }
+
+    #[test]
+    fn step_params_decays_only_the_tensors_marked_for_it() {
+        // Two tensors with zero gradients: AdamW moves them only through the weight decay.
+        let config = AdamWConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(config, &[1, 1]);
+        let (mut w, mut gw, mut n, mut gn) = ([2.0f32], [0.0f32], [2.0f32], [0.0f32]);
+        let mut params = vec![
+            Param::new("w".into(), true, &mut w, &mut gw).unwrap(),
+            Param::new("norm".into(), false, &mut n, &mut gn).unwrap(),
+        ];
+        opt.step_params(0.5, &mut params).unwrap();
+        assert_eq!(w, [2.0 * (1.0 - 0.5 * 0.1) as f32]);
+        assert_eq!(n, [2.0]);
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! The LoRA training loop: data → batches → forward / loss / backward → AdamW, with
-//! evaluation, metrics, checkpoints (atomic, resumable) and the final PEFT adapter.
+//! The training loop, one for LoRA and full fine-tuning ([`run_steps`] over a [`Trainee`]):
+//! data → batches → forward / loss / backward → clipping → AdamW, with evaluation, metrics,
+//! checkpoints (atomic, resumable for LoRA) and the result; and LoRA's trainee, whose result
+//! is the PEFT adapter.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,8 +18,9 @@ use crate::io::safetensors_file::SafetensorsFile;
 use crate::lora::config::LoraConfig;
 use crate::lora::peft::Adapter;
 use crate::lora::{LoraInit, ModuleId};
-use crate::model::decoder_train::{Dropout, LoraGrads};
-use crate::model::{Config, Decoder, LoadedModel, LoraTrainable};
+use crate::model::decoder_train::{Activations, Dropout, LoraGrads};
+use crate::model::param::Param;
+use crate::model::{Config, Decoder, LoadedModel};
 use crate::tokenize::Tokenizer;
 use crate::train::loss::{lm_head_loss, target_positions};
 use crate::train::optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
@@ -251,7 +254,8 @@ pub struct TrainPlan {
     pub train_stats: LoadStats,
     pub eval_examples: Option<Vec<crate::data::Example>>,
     pub batcher: Batcher,
-    pub adapter: Adapter,
+    /// The adapter to train (its initial state); `None` for full fine-tuning.
+    pub adapter: Option<Adapter>,
     pub total_steps: u64,
     pub schedule: Schedule,
     pub adam: AdamWConfig,
@@ -260,7 +264,12 @@ pub struct TrainPlan {
 impl TrainPlan {
     /// Validates every option and loads the data before anything trains.
     pub fn new(options: TrainOptions, loaded: &LoadedModel, model_name: &str) -> Result<TrainPlan> {
-        Self::for_model(options, &loaded.model.config, &loaded.tokenizer, model_name)
+        Self::for_model(
+            options,
+            &loaded.model.config,
+            loaded.tokenizer()?,
+            model_name,
+        )
     }
 
     /// [`TrainPlan::new`] for any model with this `config` (GPT-2 too) and `tokenizer`.
@@ -309,6 +318,7 @@ impl TrainPlan {
             o.check_full()?;
         }
         let adapter = match &o.init_adapter {
+            _ if o.full => None,
             Some(dir) => {
                 // The adapter's own config decides; a LoRA option given beside it would be ignored.
                 let d = TrainOptions::default();
@@ -326,9 +336,9 @@ impl TrainPlan {
                         "--{name} cannot be combined with --init-adapter: the adapter's own adapter_config.json decides its LoRA settings"
                     )));
                 }
-                Adapter::load(dir, model_config)?
+                Some(Adapter::load(dir, model_config)?)
             }
-            None => Adapter::init(
+            None => Some(Adapter::init(
                 o.lora_config(model_name)?,
                 model_config,
                 o.seed,
@@ -348,7 +358,7 @@ impl TrainPlan {
                     Error::Invalid(format!("{flag} ('{key}'): {msg}"))
                 }
                 other => other,
-            })?,
+            })?),
         };
         let data_opts = DataOptions {
             max_seq_len,
@@ -409,6 +419,14 @@ impl TrainPlan {
         })
     }
 
+    /// The number of parameters the run trains: the adapter's, or every one of the model's.
+    pub fn trainable_parameters(&self, model_config: &Config) -> usize {
+        match &self.adapter {
+            Some(a) => a.parameter_count(),
+            None => model_config.parameter_count(),
+        }
+    }
+
     /// Saved-activation bytes for the largest batch this plan can produce.
     pub fn activation_bytes_estimate(&self, model: &Decoder) -> usize {
         let c = &model.config;
@@ -426,8 +444,13 @@ impl TrainPlan {
             c.num_kv_heads * c.head_dim,
             c.intermediate_size,
         );
-        let r_sum: usize =
-            self.adapter.modules.values().map(|w| w.r).sum::<usize>() / c.num_layers.max(1);
+        let r_sum: usize = self
+            .adapter
+            .iter()
+            .flat_map(|a| a.modules.values())
+            .map(|w| w.r)
+            .sum::<usize>()
+            / c.num_layers.max(1);
         // x_in, x_mid, q, attention output, k, v, gate, up, lse, x·Aᵀ (see decoder_train::LayerActs).
         let per_token_layer = 2 * h + 2 * q + 2 * kv + 2 * i + c.num_heads + r_sum;
         (n * per_token_layer * c.num_layers + n * h) * 4
@@ -463,14 +486,14 @@ impl<'a> BatchStream<'a> {
 }
 
 /// Mean loss of `model` + `adapter` over examples (token-level mean), in batches of `batch_size`.
-pub fn evaluate_loss<M: LoraTrainable>(
-    model: &M,
+pub fn evaluate_loss(
+    model: &Decoder,
     adapter: Option<&Adapter>,
     examples: &[crate::data::Example],
     batch_size: usize,
 ) -> Result<f64> {
     let batcher = Batcher::new(examples.to_vec(), batch_size, false, 0)?;
-    let mut acts = M::Acts::default();
+    let mut acts = Activations::default();
     let (mut sum, mut count) = (0.0, 0usize);
     for batch in batcher.epoch(0) {
         model.train_forward(
@@ -482,7 +505,7 @@ pub fn evaluate_loss<M: LoraTrainable>(
             &mut acts,
         )?;
         let targets = target_positions(&batch.labels, batch.batch_size, batch.seq_len);
-        sum += lm_head_loss(model, M::x_final(&acts), &targets, 0.0, 1.0, None);
+        sum += lm_head_loss(model, &acts.x_final, &targets, 0.0, 1.0, None);
         count += targets.len();
     }
     if count == 0 {
@@ -811,84 +834,84 @@ pub(crate) fn check_step_finite(
     )))
 }
 
-/// Runs the plan into the checked `output`; with [`TrainOutput::resume`], continues from its
-/// newest checkpoint.
-pub fn train(
-    loaded: &LoadedModel,
-    plan: TrainPlan,
-    output: &TrainOutput,
-    on_event: impl FnMut(Event),
-) -> Result<TrainSummary> {
-    train_model(&loaded.model, plan, output, on_event)
+/// What one run trains, as the training loop ([`run_steps`]) sees it: LoRA's adapter over a
+/// frozen model ([`LoraRun`]) or every weight of the model ([`crate::train::full`]). The loop
+/// (data order, accumulation, clipping, the non-finite guard, AdamW, metrics, evaluation,
+/// checkpoints) is written once over this.
+pub(crate) trait Trainee {
+    /// What a non-finite step would have written ("adapter", "model").
+    const WHAT: &'static str;
+    /// The loss plot's title.
+    const TITLE: &'static str;
+    /// Forward, loss and backward of one micro-batch, adding to the gradients; returns the
+    /// loss summed over its target tokens, each divided by `normalizer` (the step's target
+    /// tokens). `micro_index` is the batch's global index (it seeds LoRA dropout).
+    fn accumulate(
+        &mut self,
+        batch: &Batch,
+        micro_index: u64,
+        options: &TrainOptions,
+        normalizer: f64,
+    ) -> Result<f64>;
+    fn zero_grads(&mut self);
+    /// Every trainable tensor beside its gradient, in the same order every time (the order of
+    /// the optimiser state).
+    fn params(&mut self) -> Result<Vec<Param<'_>>>;
+    /// Mean loss over held-out examples.
+    fn eval_loss(&self, examples: &[crate::data::Example], batch_size: usize) -> Result<f64>;
+    /// The checkpoint after `step` (`last`: the run's final step), with the optimiser state
+    /// `adam`; returns its directory, or `None` when this trainee writes none at that step.
+    fn checkpoint(
+        &self,
+        out: &OutputDir,
+        step: u64,
+        last: bool,
+        adam: &AdamW,
+        options: &TrainOptions,
+    ) -> Result<Option<PathBuf>>;
+    /// Writes the trained result into `output`; returns where it went.
+    fn save(&self, output: &TrainOutput) -> Result<PathBuf>;
 }
 
-/// [`train`] for any [`LoraTrainable`] model (Llama family or GPT-2).
-pub fn train_model<M: LoraTrainable>(
-    model: &M,
-    plan: TrainPlan,
-    output: &TrainOutput,
-    on_event: impl FnMut(Event),
-) -> Result<TrainSummary> {
-    output.run(&LORA_OUTPUT_FILES, || {
-        train_lora(model, plan, output, on_event)
-    })
+/// Where a run starts: a fresh optimiser at step 0, or a checkpoint's state (`--resume`) with
+/// the metrics rows its steps produced.
+pub(crate) struct Start {
+    pub step: u64,
+    pub adam: AdamW,
+    pub history: Vec<serde_json::Value>,
 }
 
-fn train_lora<M: LoraTrainable>(
-    model: &M,
-    plan: TrainPlan,
+/// The training loop, for LoRA and full fine-tuning alike: steps `start.step ..` of `plan`,
+/// writing metrics, evaluations and checkpoints into `output`, then the result.
+pub(crate) fn run_steps<T: Trainee>(
+    trainee: &mut T,
+    plan: &TrainPlan,
     output: &TrainOutput,
+    start: Start,
     mut on_event: impl FnMut(Event),
 ) -> Result<TrainSummary> {
     let o = &plan.options;
     let out = output.path();
-    let resume = output.resume();
     let metrics_path = out.join(METRICS_FILE);
-    let mut adapter = plan.adapter.clone();
-    let mut adam = AdamW::new(plan.adam, &param_sizes(&adapter));
-    let mut start_step = 0u64;
-    let mut history: Vec<serde_json::Value> = Vec::new();
-    if resume {
-        match load_checkpoint(out, model.config(), plan.adam)? {
-            Some((step, a, opt)) => {
-                start_step = step;
-                adapter = a;
-                adam = opt;
-                // Keep the metrics of the steps the checkpoint covers; later rows are redone.
-                if let Ok(text) = std::fs::read_to_string(&metrics_path) {
-                    history = text
-                        .lines()
-                        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                        .filter(|v| v["step"].as_u64().is_some_and(|s| s <= step))
-                        .collect();
-                }
-            }
-            None => {
-                return Err(Error::Invalid(format!(
-                    "--resume: no checkpoint under {}",
-                    out.join(CHECKPOINTS).display()
-                )))
-            }
-        }
-    }
+    let Start {
+        step: start_step,
+        mut adam,
+        history,
+    } = start;
     let mut rewritten = String::new();
     for row in &history {
         rewritten.push_str(&row.to_string());
         rewritten.push('\n');
     }
     write_atomic(&metrics_path, rewritten.as_bytes())?;
+    let trainable: usize = trainee.params()?.iter().map(|p| p.value.len()).sum();
 
     on_event(Event::Started {
         total_steps: plan.total_steps,
         start_step,
     });
-    let dropout_p = adapter.config.lora_dropout;
-    let mut acts = M::Acts::default();
-    let mut grads = LoraGrads::zeros_like(&adapter);
     let mut stream = BatchStream::new(&plan.batcher);
-    let mut dx = Vec::new();
-    let mut last_loss = None;
-    let mut last_eval = None;
+    let (mut last_loss, mut last_eval) = (None, None);
     let mut train_curve: Vec<(u64, f64)> = history
         .iter()
         .filter_map(|r| Some((r["step"].as_u64()?, r["loss"].as_f64()?)))
@@ -897,12 +920,11 @@ fn train_lora<M: LoraTrainable>(
         .iter()
         .filter_map(|r| Some((r["step"].as_u64()?, r["eval_loss"].as_f64()?)))
         .collect();
-    let h = model.config().hidden_size;
     let mut skipped_steps = 0u64;
 
     for step in start_step..plan.total_steps {
         let t0 = Instant::now();
-        grads.zero();
+        trainee.zero_grads();
         let first = step * o.grad_accum as u64;
         let normalizer: usize = (0..o.grad_accum as u64)
             .map(|i| stream.micro_batch(first + i).target_tokens)
@@ -913,63 +935,30 @@ fn train_lora<M: LoraTrainable>(
             if batch.target_tokens == 0 {
                 continue;
             }
-            let dropout = Dropout {
-                p: dropout_p,
-                seed: o.seed ^ (first + i).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            };
-            model.train_forward(
-                &batch.input_ids,
-                batch.batch_size,
-                batch.seq_len,
-                Some(&adapter),
-                dropout,
-                &mut acts,
-            )?;
-            let targets = target_positions(&batch.labels, batch.batch_size, batch.seq_len);
-            dx.clear();
-            dx.resize(batch.batch_size * batch.seq_len * h, 0.0);
-            loss_sum += lm_head_loss(
-                model,
-                M::x_final(&acts),
-                &targets,
-                o.label_smoothing,
-                normalizer.max(1) as f64,
-                Some(&mut dx),
-            );
-            model.train_backward(&mut dx, &acts, &adapter, dropout, &mut grads)?;
+            loss_sum += trainee.accumulate(batch, first + i, o, normalizer.max(1) as f64)?;
             tokens += batch.lengths.iter().sum::<usize>();
         }
         let loss = loss_sum / normalizer.max(1) as f64;
-        let mut grad_refs: Vec<&mut [f32]> = grads
-            .modules
-            .values_mut()
-            .flat_map(|(a, b)| [a.as_mut_slice(), b.as_mut_slice()])
-            .collect();
-        let grad_norm = if !loss.is_finite() {
-            f64::NAN
-        } else if o.max_grad_norm > 0.0 {
-            clip_grad_norm(&mut grad_refs, o.max_grad_norm)
-        } else {
-            global_grad_norm(&grad_refs.iter().map(|g| &**g).collect::<Vec<_>>())
-        };
         let lr = plan.schedule.lr_at(step);
-        let skipped = check_step_finite(step, loss, grad_norm, o.skip_nonfinite, "adapter")?;
+        let mut params = trainee.params()?;
+        let grad_norm = {
+            let mut grads: Vec<&mut [f32]> = params.iter_mut().map(|p| &mut *p.grad).collect();
+            if !loss.is_finite() {
+                f64::NAN
+            } else if o.max_grad_norm > 0.0 {
+                clip_grad_norm(&mut grads, o.max_grad_norm)
+            } else {
+                global_grad_norm(&grads.iter().map(|g| &**g).collect::<Vec<_>>())
+            }
+        };
+        let skipped = check_step_finite(step, loss, grad_norm, o.skip_nonfinite, T::WHAT)?;
         skipped_steps += skipped.is_some() as u64;
         // A skipped step (like torch.amp's GradScaler) consumes its batch and leaves parameters
         // and optimiser state as they were.
         if skipped.is_none() {
-            let grad_views: Vec<&[f32]> = grads
-                .modules
-                .values()
-                .flat_map(|(a, b)| [a.as_slice(), b.as_slice()])
-                .collect();
-            let mut params: Vec<&mut [f32]> = adapter
-                .modules
-                .values_mut()
-                .flat_map(|w| [w.a.as_mut_slice(), w.b.as_mut_slice()])
-                .collect();
-            adam.step(lr, &mut params, &grad_views);
+            adam.step_params(lr, &mut params)?;
         }
+        drop(params);
         let metrics = StepMetrics {
             step: step + 1,
             loss,
@@ -993,7 +982,7 @@ fn train_lora<M: LoraTrainable>(
         let done = step + 1 == plan.total_steps;
         if let Some(eval) = &plan.eval_examples {
             if done || (o.eval_every > 0 && (step + 1) % o.eval_every as u64 == 0) {
-                let eval_loss = evaluate_loss(model, Some(&adapter), eval, o.batch_size)?;
+                let eval_loss = trainee.eval_loss(eval, o.batch_size)?;
                 append_jsonl(
                     &metrics_path,
                     &json!({ "step": step + 1, "eval_loss": eval_loss }),
@@ -1007,38 +996,186 @@ fn train_lora<M: LoraTrainable>(
             }
         }
         if done || (o.save_every > 0 && (step + 1) % o.save_every as u64 == 0) {
-            let dir = save_checkpoint(
-                output.dir(),
-                step + 1,
-                &adapter,
-                &adam,
-                o,
-                o.keep_checkpoints,
-            )?;
-            on_event(Event::Checkpoint {
-                step: step + 1,
-                dir: &dir,
-            });
+            if let Some(dir) = trainee.checkpoint(output.dir(), step + 1, done, &adam, o)? {
+                on_event(Event::Checkpoint {
+                    step: step + 1,
+                    dir: &dir,
+                });
+            }
         }
     }
 
-    adapter.save(out)?;
+    let saved = trainee.save(output)?;
     // With every step skipped (--skip-nonfinite) there is no curve to draw.
     if !(train_curve.is_empty() && eval_curve.is_empty()) {
         crate::train::plot::plot_loss_curve(
             &out.join(LOSS_PLOT),
             &train_curve,
             &eval_curve,
-            "lorakit train",
+            T::TITLE,
         )?;
     }
     Ok(TrainSummary {
         steps: plan.total_steps,
         final_loss: last_loss,
         eval_loss: last_eval,
-        adapter_dir: output.dir().shown().to_path_buf(),
-        trainable_parameters: adapter.parameter_count(),
+        adapter_dir: saved,
+        trainable_parameters: trainable,
         skipped_steps,
+    })
+}
+
+/// A LoRA run: the adapter and its gradients over a frozen model.
+struct LoraRun<'m> {
+    model: &'m Decoder,
+    adapter: Adapter,
+    grads: LoraGrads,
+    acts: Activations,
+    /// ∂loss/∂x_final, [batch·seq, hidden] (a work buffer of the backward).
+    dx: Vec<f32>,
+}
+
+impl Trainee for LoraRun<'_> {
+    const WHAT: &'static str = "adapter";
+    const TITLE: &'static str = "lorakit train";
+
+    fn accumulate(
+        &mut self,
+        batch: &Batch,
+        micro_index: u64,
+        o: &TrainOptions,
+        normalizer: f64,
+    ) -> Result<f64> {
+        let dropout = Dropout {
+            p: self.adapter.config.lora_dropout,
+            seed: o.seed ^ micro_index.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        };
+        let (model, acts) = (self.model, &mut self.acts);
+        model.train_forward(
+            &batch.input_ids,
+            batch.batch_size,
+            batch.seq_len,
+            Some(&self.adapter),
+            dropout,
+            acts,
+        )?;
+        let targets = target_positions(&batch.labels, batch.batch_size, batch.seq_len);
+        self.dx.clear();
+        self.dx.resize(
+            batch.batch_size * batch.seq_len * model.config.hidden_size,
+            0.0,
+        );
+        let loss = lm_head_loss(
+            model,
+            &acts.x_final,
+            &targets,
+            o.label_smoothing,
+            normalizer,
+            Some(&mut self.dx),
+        );
+        model.train_backward(&mut self.dx, acts, &self.adapter, dropout, &mut self.grads)?;
+        Ok(loss)
+    }
+
+    fn zero_grads(&mut self) {
+        self.grads.zero();
+    }
+
+    fn params(&mut self) -> Result<Vec<Param<'_>>> {
+        self.grads.params_with(&mut self.adapter)
+    }
+
+    fn eval_loss(&self, examples: &[crate::data::Example], batch_size: usize) -> Result<f64> {
+        evaluate_loss(self.model, Some(&self.adapter), examples, batch_size)
+    }
+
+    fn checkpoint(
+        &self,
+        out: &OutputDir,
+        step: u64,
+        _last: bool,
+        adam: &AdamW,
+        options: &TrainOptions,
+    ) -> Result<Option<PathBuf>> {
+        save_checkpoint(
+            out,
+            step,
+            &self.adapter,
+            adam,
+            options,
+            options.keep_checkpoints,
+        )
+        .map(Some)
+    }
+
+    fn save(&self, output: &TrainOutput) -> Result<PathBuf> {
+        self.adapter.save(output.path())?;
+        Ok(output.dir().shown().to_path_buf())
+    }
+}
+
+/// Runs the plan's LoRA training of `loaded` into the checked `output`; with
+/// [`TrainOutput::resume`], continues from its newest checkpoint.
+pub fn train(
+    loaded: &LoadedModel,
+    plan: TrainPlan,
+    output: &TrainOutput,
+    on_event: impl FnMut(Event),
+) -> Result<TrainSummary> {
+    train_model(&loaded.model, plan, output, on_event)
+}
+
+/// [`train`] for a bare decoder (a test model without a tokenizer, for instance).
+pub fn train_model(
+    model: &Decoder,
+    plan: TrainPlan,
+    output: &TrainOutput,
+    on_event: impl FnMut(Event),
+) -> Result<TrainSummary> {
+    output.run(&LORA_OUTPUT_FILES, || {
+        let out = output.path();
+        let Some(mut adapter) = plan.adapter.clone() else {
+            return Err(Error::Invalid(
+                "the plan is for full fine-tuning (--full); it has no adapter to train".into(),
+            ));
+        };
+        let mut start = Start {
+            step: 0,
+            adam: AdamW::new(plan.adam, &param_sizes(&adapter)),
+            history: Vec::new(),
+        };
+        if output.resume() {
+            let Some((step, a, adam)) = load_checkpoint(out, &model.config, plan.adam)? else {
+                return Err(Error::Invalid(format!(
+                    "--resume: no checkpoint under {}",
+                    out.join(CHECKPOINTS).display()
+                )));
+            };
+            adapter = a;
+            // Keep the metrics of the steps the checkpoint covers; later rows are redone.
+            let history = std::fs::read_to_string(out.join(METRICS_FILE))
+                .map(|text| {
+                    text.lines()
+                        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                        .filter(|v| v["step"].as_u64().is_some_and(|s| s <= step))
+                        .collect()
+                })
+                .unwrap_or_default();
+            start = Start {
+                step,
+                adam,
+                history,
+            };
+        }
+        let grads = LoraGrads::zeros_like(&adapter);
+        let mut run = LoraRun {
+            model,
+            adapter,
+            grads,
+            acts: Activations::default(),
+            dx: Vec::new(),
+        };
+        run_steps(&mut run, &plan, output, start, on_event)
     })
 }
 
