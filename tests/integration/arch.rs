@@ -233,6 +233,87 @@ fn read_json_path(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
+/// `expected ⊇ got` up to float rounding: every key `got` has that `expected` also has holds the
+/// same value (numbers within 1e-6 relative: GGUF keeps some as f32). Returns the keys compared.
+fn json_agrees(got: &serde_json::Value, expected: &serde_json::Value, at: &str) -> usize {
+    use serde_json::Value;
+    match (got, expected) {
+        (Value::Object(g), Value::Object(e)) => g
+            .iter()
+            .filter(|(k, _)| e.contains_key(*k))
+            .map(|(k, v)| json_agrees(v, &e[k], &format!("{at}.{k}")))
+            .sum(),
+        (Value::Number(g), Value::Number(e)) => {
+            let (g, e) = (g.as_f64().unwrap(), e.as_f64().unwrap());
+            assert!(
+                (g - e).abs() <= 1e-6 * e.abs(),
+                "{at}: {g} vs transformers' {e}"
+            );
+            1
+        }
+        _ => {
+            assert_eq!(got, expected, "{at}");
+            1
+        }
+    }
+}
+
+/// A model read from GGUF and written as an HF directory (`merge`'s output when no config.json
+/// came with the model): the config.json agrees with the one transformers wrote for the same
+/// model, and the directory computes transformers' logits.
+#[test]
+fn gguf_models_write_the_config_json_transformers_wrote() {
+    for family in ["llama", "qwen2", "qwen3", "phi3", "olmo2"] {
+        let dir = arch_dir(family);
+        let loaded = lorakit::model::load_model(&dir.join("model.f32.gguf")).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let hf = tmp.path().join("hf");
+        let out = lorakit::io::output::prepare_output_dir(&hf, "merge", &[], false).unwrap();
+        loaded.save_hf_dir(&out).unwrap();
+        let ours = read_json_path(&hf.join("config.json"));
+        let theirs = read_json_path(&dir.join("config.json"));
+        let n = json_agrees(&ours, &theirs, family);
+        for key in [
+            "model_type",
+            "hidden_size",
+            "num_key_value_heads",
+            "head_dim",
+            "rms_norm_eps",
+            "tie_word_embeddings",
+        ] {
+            assert!(
+                ours.get(key).is_some() || theirs.get(key).is_none(),
+                "{family}: no {key}"
+            );
+        }
+        eprintln!("{family}: {n} config values agree with transformers'");
+        let back = lorakit::model::load_model(&hf).unwrap();
+        let (rows, _, _) = batch(&dir);
+        let e = max_abs_diff(
+            &all_logits(&back.model, &rows),
+            &tensor(&dir, "logits_base.safetensors", "logits"),
+        );
+        assert!(
+            e < 1e-4,
+            "{family}: the written directory's logits differ by {e}"
+        );
+    }
+}
+
+/// Llama 3's RoPE scaling reaches a GGUF only as llama.cpp's table of divisors, which
+/// config.json cannot state: writing that model as an HF directory is refused by name, and
+/// nothing is left behind.
+#[test]
+fn gguf_llama3_rope_table_is_refused_for_config_json() {
+    let loaded = lorakit::model::load_model(&arch_dir("llama3").join("model.f32.gguf")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tmp.path().join("hf");
+    let out = lorakit::io::output::prepare_output_dir(&hf, "merge", &[], false).unwrap();
+    let e = loaded.save_hf_dir(&out).unwrap_err().to_string();
+    assert!(e.contains("rope_freqs"), "{e}");
+    assert!(!hf.join("config.json").exists());
+}
+
 /// The GGUF layouts that can say what the HF model computes. Not here: mistral (a GGUF has no
 /// sliding window), gemma3 (no query_pre_attn_scalar nor layer_types: llama.cpp assumes the
 /// 270M-style defaults, tested on the real model), gpt2 (read from HF directories only).

@@ -270,11 +270,14 @@ fn ids_at(v: &serde_json::Value) -> Vec<u32> {
 /// Per-token log-probs of a prompt against transformers on the same GGUF (f32, eager), within
 /// 1e-3; the argmax equal wherever transformers' top-2 gap exceeds 2e-3.
 fn check_logprobs(prompt: &str) {
+    check_logprobs_of(&gemma3_model().model, prompt);
+}
+
+fn check_logprobs_of(model: &lorakit::model::Decoder, prompt: &str) {
     let r = gemma3_json("reference.json");
     let p = &r["prompts"][prompt];
     let ids = ids_at(&p["ids"]);
-    let m = gemma3_model();
-    let ours = lorakit::generate::token_logprobs(&m.model, &ids).unwrap();
+    let ours = lorakit::generate::token_logprobs(model, &ids).unwrap();
     let want: Vec<f64> = p["next_token_logprobs"]
         .as_array()
         .unwrap()
@@ -292,6 +295,35 @@ fn check_logprobs(prompt: &str) {
         ids.len()
     );
     assert!(worst < 1e-3, "{prompt}: log-probs differ by {worst}");
+}
+
+/// Gemma 3 270M written as an HF directory (what `merge` writes from this GGUF: a config.json
+/// built from the GGUF metadata, f32 safetensors, the tokenizer) computes transformers' log-probs
+/// on both prompts, the one past the sliding window included: the local/global layer types,
+/// `query_pre_attn_scalar`, both RoPE tables and the stored-as-(1 + w) norms survive the trip.
+#[test]
+fn gemma3_written_as_an_hf_directory_keeps_transformers_logprobs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("hf");
+    let out = lorakit::io::output::prepare_output_dir(&dir, "merge", &[], false).unwrap();
+    gemma3_model().save_hf_dir(&out).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "gemma3_text");
+    assert_eq!(cfg["query_pre_attn_scalar"], 256);
+    let hf = lorakit::model::load_model(&dir).unwrap();
+    assert_eq!(hf.model.config.layers, gemma3_model().model.config.layers);
+    check_logprobs_of(&hf.model, "short");
+    check_logprobs_of(&hf.model, "long");
+    let text = "The capital of France is";
+    assert_eq!(
+        hf.tokenizer().unwrap().encode(text, true).unwrap(),
+        gemma3_model()
+            .tokenizer()
+            .unwrap()
+            .encode(text, true)
+            .unwrap()
+    );
 }
 
 #[test]

@@ -171,8 +171,7 @@ pub fn cmd_quickstart(a: QuickstartArgs) -> Result<()> {
     eprintln!(
         "trainable parameters: {} ({:.3}% of {}); {} examples, {} steps",
         trainable,
-        100.0 * trainable as f64
-            / loaded.model.config.parameter_count() as f64,
+        100.0 * trainable as f64 / loaded.model.config.parameter_count() as f64,
         loaded.model.config.parameter_count(),
         plan.train_stats.examples,
         plan.total_steps

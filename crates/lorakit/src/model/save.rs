@@ -27,40 +27,7 @@ pub fn hf_config_json(c: &Config) -> Result<serde_json::Value> {
         }
         return Ok(v);
     }
-    if !matches!(c.arch, Arch::Llama | Arch::Mistral | Arch::Qwen2) {
-        return Err(Error::Invalid(format!(
-            "writing an HF config.json for a {} model read from GGUF is not supported yet",
-            c.arch.name()
-        )));
-    }
-    let mut v = json!({
-        "architectures": [arch::hf_class(c.arch)],
-        "model_type": c.arch.name(),
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads,
-        "num_key_value_heads": c.num_kv_heads,
-        "head_dim": c.head_dim,
-        "vocab_size": c.vocab_size,
-        "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope_theta,
-        "max_position_embeddings": c.max_position_embeddings,
-        "tie_word_embeddings": c.tie_word_embeddings,
-        "hidden_act": "silu",
-        "torch_dtype": "float32",
-        "bos_token_id": c.bos_token_id,
-        "eos_token_id": match c.eos_token_ids.as_slice() {
-            [] => serde_json::Value::Null,
-            [one] => json!(one),
-            many => json!(many),
-        },
-    });
-    if c.arch == Arch::Llama || c.arch == Arch::Mistral {
-        v["attention_bias"] = json!(c.block.qkv_bias);
-        v["mlp_bias"] = json!(false);
-    }
-    Ok(v)
+    arch::hf_config_out(c)
 }
 
 /// (HF name, shape, data).

@@ -458,7 +458,10 @@ mod tests {
         let (mut v, mut g) = ([1.0f32, -2.0], [0.5f32, 0.5]);
         let mut params = vec![Param::new("w".into(), true, &mut v, &mut g).unwrap()];
         let e = opt.step_params(0.1, &mut params).unwrap_err().to_string();
-        assert!(e.contains("1 parameter tensors") && e.contains("has 2"), "{e}");
+        assert!(
+            e.contains("1 parameter tensors") && e.contains("has 2"),
+            "{e}"
+        );
         assert_eq!(opt.step_count(), 0);
         assert_eq!(v, [1.0, -2.0]);
     }

@@ -338,27 +338,29 @@ impl TrainPlan {
                 }
                 Some(Adapter::load(dir, model_config)?)
             }
-            None => Some(Adapter::init(
-                o.lora_config(model_name)?,
-                model_config,
-                o.seed,
-                Path::new("LoRA options"),
-            )
-            .map_err(|e| match e {
-                // Name the option the user set (flag or TOML key), not PEFT's field.
-                Error::Config { key, msg, .. } => {
-                    let flag = match key.as_str() {
-                        "r" => "--r",
-                        "lora_alpha" => "--alpha",
-                        "lora_dropout" => "--dropout",
-                        "target_modules" => "--targets",
-                        "layers_to_transform" => "--layers",
-                        other => other,
-                    };
-                    Error::Invalid(format!("{flag} ('{key}'): {msg}"))
-                }
-                other => other,
-            })?),
+            None => Some(
+                Adapter::init(
+                    o.lora_config(model_name)?,
+                    model_config,
+                    o.seed,
+                    Path::new("LoRA options"),
+                )
+                .map_err(|e| match e {
+                    // Name the option the user set (flag or TOML key), not PEFT's field.
+                    Error::Config { key, msg, .. } => {
+                        let flag = match key.as_str() {
+                            "r" => "--r",
+                            "lora_alpha" => "--alpha",
+                            "lora_dropout" => "--dropout",
+                            "target_modules" => "--targets",
+                            "layers_to_transform" => "--layers",
+                            other => other,
+                        };
+                        Error::Invalid(format!("{flag} ('{key}'): {msg}"))
+                    }
+                    other => other,
+                })?,
+            ),
         };
         let data_opts = DataOptions {
             max_seq_len,

@@ -129,3 +129,44 @@ pub(crate) fn gguf_block(k: &GgufKeys, c: &mut Config) -> Result<()> {
     }
     Ok(())
 }
+
+/// Gemma 3's own `config.json` keys on top of the shared ones ([`super::llama::hf_config_out`]):
+/// the activation's name, the attention scale as `query_pre_attn_scalar`, the two RoPE tables
+/// keyed by layer type, the final soft-capping.
+pub(crate) fn hf_config_out(c: &Config, v: &mut serde_json::Value) -> Result<()> {
+    use serde_json::json;
+    let Some(obj) = v.as_object_mut() else {
+        return Ok(());
+    };
+    let act = obj
+        .remove("hidden_act")
+        .unwrap_or(json!("gelu_pytorch_tanh"));
+    obj.insert("hidden_activation".into(), act);
+    // attn_scale = query_pre_attn_scalar^-½, held in f32: round back to the integer it was.
+    let qpas = (c.block.attn_scale as f64).powi(-2);
+    obj.insert(
+        "query_pre_attn_scalar".into(),
+        match (qpas - qpas.round()).abs() < 1e-3 * qpas {
+            true => json!(qpas.round() as u64),
+            false => json!(qpas),
+        },
+    );
+    let (global, local) = (
+        &c.ropes[GLOBAL],
+        c.ropes.get(LOCAL).unwrap_or(&c.ropes[GLOBAL]),
+    );
+    obj.insert(
+        "rope_parameters".into(),
+        json!({
+            "full_attention": super::llama::rope_json(global)?,
+            "sliding_attention": super::llama::rope_json(local)?,
+        }),
+    );
+    obj.insert("rope_local_base_freq".into(), json!(local.theta));
+    obj.insert(
+        "final_logit_softcapping".into(),
+        json!(c.final_logit_softcap),
+    );
+    obj.insert("attn_logit_softcapping".into(), serde_json::Value::Null);
+    Ok(())
+}

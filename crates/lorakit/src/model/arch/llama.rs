@@ -115,3 +115,99 @@ pub(crate) fn gguf_config(k: &GgufKeys, arch: Arch) -> Result<Config> {
         hf_json: None,
     })
 }
+
+/// One RoPE table as transformers' `rope_parameters` (also what `rope_scaling` held before
+/// transformers 5). llama.cpp's per-frequency divisors (`rope_freqs`) have no such form.
+pub(crate) fn rope_json(r: &Rope) -> Result<serde_json::Value> {
+    use serde_json::json;
+    Ok(match &r.scaling {
+        RopeScaling::None => json!({"rope_type": "default", "rope_theta": r.theta}),
+        RopeScaling::Linear { factor } => {
+            json!({"rope_type": "linear", "rope_theta": r.theta, "factor": factor})
+        }
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_positions,
+        } => json!({
+            "rope_type": "llama3",
+            "rope_theta": r.theta,
+            "factor": factor,
+            "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": original_max_positions,
+        }),
+        RopeScaling::Factors(_) => {
+            return Err(Error::Invalid(format!(
+                "the model's RoPE scaling is a table of per-frequency divisors (the GGUF's {ROPE_FREQS}), which config.json cannot state; write the merged model as GGUF, or merge from the HF checkpoint"
+            )))
+        }
+    })
+}
+
+/// The `config.json` of a Llama-shaped model that came without one (from GGUF): the keys every
+/// family shares, in transformers 5's form with the older `rope_theta` / `rope_scaling` beside
+/// it for older readers; sliding-window layers as `layer_types`. Families add their own keys.
+pub(crate) fn hf_config_out(c: &Config) -> Result<serde_json::Value> {
+    use serde_json::json;
+    let rope = rope_json(&c.ropes[0])?;
+    // GGUF holds epsilon as f32: write its shortest decimal form (1e-6, not 9.99999997e-7).
+    let eps: f64 = c.rms_norm_eps.to_string().parse().unwrap_or(c.rms_norm_eps as f64);
+    let mut v = json!({
+        "architectures": [super::hf_class(c.arch)],
+        "model_type": c.arch.name(),
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+        "rms_norm_eps": eps,
+        "rope_theta": c.ropes[0].theta,
+        "rope_parameters": rope,
+        "max_position_embeddings": c.max_position_embeddings,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "hidden_act": match c.block.act {
+            Activation::Silu => "silu",
+            Activation::GeluTanh => "gelu_pytorch_tanh",
+        },
+        "torch_dtype": "float32",
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": match c.eos_token_ids.as_slice() {
+            [] => serde_json::Value::Null,
+            [one] => json!(one),
+            many => json!(many),
+        },
+    });
+    if rope["rope_type"] != "default" {
+        v["rope_scaling"] = rope;
+    }
+    match c.arch {
+        // Qwen2 always has q/k/v biases; Phi-3 none.
+        Arch::Qwen2 | Arch::Phi3 | Arch::Gpt2 => {}
+        _ => {
+            v["attention_bias"] = json!(c.block.qkv_bias);
+            v["mlp_bias"] = json!(c.block.mlp_bias);
+        }
+    }
+    let windows: Vec<usize> = c.layers.iter().filter_map(|l| l.window).collect();
+    if let Some(&w) = windows.first() {
+        if windows.iter().any(|&x| x != w) {
+            return Err(Error::Invalid(format!(
+                "the layers' sliding windows differ ({windows:?}); config.json has one sliding_window"
+            )));
+        }
+        v["sliding_window"] = json!(w);
+        v["layer_types"] = c
+            .layers
+            .iter()
+            .map(|l| match l.window {
+                Some(_) => "sliding_attention",
+                None => "full_attention",
+            })
+            .collect();
+    }
+    Ok(v)
+}

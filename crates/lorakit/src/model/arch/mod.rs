@@ -97,6 +97,19 @@ pub fn weights(arch: Arch) -> &'static WeightTable {
     }
 }
 
+/// The `config.json` for a model that came without one (from GGUF), as transformers reads it.
+pub fn hf_config_out(c: &Config) -> Result<serde_json::Value> {
+    match c.arch {
+        Arch::Gpt2 => Ok(gpt2::hf_config_out(c)),
+        Arch::Gemma3 => {
+            let mut v = llama::hf_config_out(c)?;
+            gemma3::hf_config_out(c, &mut v)?;
+            Ok(v)
+        }
+        _ => llama::hf_config_out(c),
+    }
+}
+
 /// The HF class name written into `architectures` of a saved config.json.
 pub fn hf_class(arch: Arch) -> &'static str {
     match arch {
