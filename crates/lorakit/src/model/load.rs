@@ -59,23 +59,6 @@ impl LoadedModel {
     pub fn tokenizer_opt(&self) -> Option<&Tokenizer> {
         self.tokenizer.as_ref()
     }
-
-    /// Writes the model (adapters merged or detached first) as an HF directory into the checked
-    /// output `dir`, with the tokenizer: from an HF directory its tokenizer files are copied as
-    /// they are; from a GGUF file they are written from the tokenizer its metadata describes.
-    pub fn save_hf_dir(&self, dir: &crate::io::output::OutputDir) -> Result<()> {
-        match (&self.source, &self.tokenizer) {
-            (ModelSource::HfDir { dir: src, .. }, _) => {
-                crate::model::save::save_hf_dir_copying(&self.model, dir, Some(src))
-            }
-            (ModelSource::Gguf { .. }, Some(tok)) => {
-                crate::model::save::save_hf_dir(&self.model, tok, dir)
-            }
-            (ModelSource::Gguf { .. }, None) => {
-                crate::model::save::save_hf_dir_copying(&self.model, dir, None)
-            }
-        }
-    }
 }
 
 /// Opens `path`: a GGUF file, or an HF directory with `config.json`, `model.safetensors` (or a

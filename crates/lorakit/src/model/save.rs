@@ -12,8 +12,23 @@ use crate::io::safetensors_file::write_f32_safetensors;
 use crate::model::arch::{self, Slot};
 use crate::model::config::{Arch, Config};
 use crate::model::decoder::Decoder;
-use crate::model::load::transpose;
+use crate::model::load::{transpose, LoadedModel, ModelSource};
 use crate::tokenize::Tokenizer;
+
+impl LoadedModel {
+    /// Writes the model (adapters merged or detached first) as an HF directory into the checked
+    /// output `dir`, with the tokenizer: from an HF directory its tokenizer files are copied as
+    /// they are; from a GGUF file they are written from the tokenizer its metadata describes.
+    pub fn save_hf_dir(&self, dir: &OutputDir) -> Result<()> {
+        match (&self.source, self.tokenizer_opt()) {
+            (ModelSource::HfDir { dir: src, .. }, _) => {
+                save_hf_dir_copying(&self.model, dir, Some(src.as_path()))
+            }
+            (ModelSource::Gguf { .. }, Some(tok)) => save_hf_dir(&self.model, tok, dir),
+            (ModelSource::Gguf { .. }, None) => save_hf_dir_copying(&self.model, dir, None),
+        }
+    }
+}
 
 /// HF `config.json` for a [`Config`]: the one the model was loaded from (its dtype set to
 /// float32, what `save_hf_dir` writes), or, for a model from GGUF, one built from the config.

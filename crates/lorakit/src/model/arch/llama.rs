@@ -153,7 +153,11 @@ pub(crate) fn hf_config_out(c: &Config) -> Result<serde_json::Value> {
     use serde_json::json;
     let rope = rope_json(&c.ropes[0])?;
     // GGUF holds epsilon as f32: write its shortest decimal form (1e-6, not 9.99999997e-7).
-    let eps: f64 = c.rms_norm_eps.to_string().parse().unwrap_or(c.rms_norm_eps as f64);
+    let eps: f64 = c
+        .rms_norm_eps
+        .to_string()
+        .parse()
+        .unwrap_or(c.rms_norm_eps as f64);
     let mut v = json!({
         "architectures": [super::hf_class(c.arch)],
         "model_type": c.arch.name(),
