@@ -17,6 +17,7 @@ mod gguf_blocks;
 mod gpt2;
 mod logits;
 mod lora;
+mod mpi;
 mod outputs;
 mod real_model;
 mod sweep;

@@ -2,12 +2,15 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lorakit::io::output::prepare_output_dir;
 use lorakit::lora::peft::Adapter;
-use lorakit::train::trainer::{train, EarlierRun, Event, TrainOptions, TrainOutput, TrainPlan};
+use lorakit::train::parallel::{check_agreement, Collective, SingleProcess};
+use lorakit::train::trainer::{
+    train, train_model_on_rank, EarlierRun, Event, TrainOptions, TrainOutput, TrainPlan,
+};
 
 use crate::{open_model, resolve_model};
 
@@ -176,6 +179,26 @@ impl TrainArgs {
     }
 }
 
+/// The ranks this process is one of: MPI's when `mpirun` started it (in a build with the `mpi`
+/// feature), otherwise this process alone.
+fn ranks() -> Result<Box<dyn Collective>> {
+    // OpenMPI sets OMPI_COMM_WORLD_SIZE, MPICH and Slurm's PMI set PMI_SIZE.
+    let launched_size = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok()?.parse::<usize>().ok());
+    #[cfg(feature = "mpi")]
+    if launched_size.is_some() {
+        let world = lorakit::train::parallel::mpi::MpiWorld::init()
+            .context("MPI is already initialised in this process")?;
+        return Ok(Box::new(world));
+    }
+    #[cfg(not(feature = "mpi"))]
+    if let Some(n) = launched_size.filter(|&n| n > 1) {
+        bail!("started by mpirun as one of {n} ranks, but this lorakit was built without MPI: build it with `cargo build --release -p lorakit-cli --features mpi` (scripts/install-mpi.sh installs OpenMPI)");
+    }
+    Ok(Box::new(SingleProcess))
+}
+
 pub fn cmd_train(a: TrainArgs) -> Result<()> {
     let mut options = a.options()?;
     anyhow::ensure!(
@@ -191,28 +214,81 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         .out
         .clone()
         .context("no output directory: give --out DIR")?;
-    let mut inputs = vec![("--model", model_path.as_path())];
-    for (flag, p) in [
+    let input_paths: Vec<(&str, PathBuf)> = [
         ("--data", &options.data),
         ("--eval-data", &options.eval_data),
         ("--init-adapter", &options.init_adapter),
         ("--config", &a.config),
-    ] {
-        if let Some(p) = p {
-            inputs.push((flag, p.as_path()));
-        }
-    }
+    ]
+    .into_iter()
+    .filter_map(|(flag, p)| Some((flag, p.clone()?)))
+    .collect();
+    let mut inputs = vec![("--model", model_path.as_path())];
+    inputs.extend(input_paths.iter().map(|(flag, p)| (*flag, p.as_path())));
     let earlier = if a.resume {
         EarlierRun::Resume
     } else {
         EarlierRun::Refuse
     };
-    let output = TrainOutput::prepare(&out, "train", &inputs, earlier, options.overwrite)?;
-    let precision = options.precision()?;
-    let model_name = model_path.display().to_string();
-    let mut loaded = open_model(Some(model_path.clone()))?;
-    loaded.model.set_precision(precision, true)?;
-    let plan = TrainPlan::new(options, &loaded, &model_name)?;
+    // Under mpirun only rank 0 touches the output; every rank loads the model and data, and all
+    // check that they agree (or that one of them failed) before the first step.
+    let comm = ranks()?;
+    let root = comm.rank() == 0;
+    // Refused on every rank alike, before anything loads, so that each one says why.
+    if comm.size() > 1 {
+        anyhow::ensure!(
+            !options.full,
+            "--full cannot run on several ranks: data-parallel training shares LoRA adapters only"
+        );
+        anyhow::ensure!(
+            options.grad_accum.is_multiple_of(comm.size()),
+            "--grad-accum {} micro-batches per step cannot be shared by {} ranks: give a multiple of {}",
+            options.grad_accum,
+            comm.size(),
+            comm.size()
+        );
+    }
+    let prepared = (|| -> Result<_> {
+        let output = match root {
+            true => Some(TrainOutput::prepare(
+                &out,
+                "train",
+                &inputs,
+                earlier,
+                options.overwrite,
+            )?),
+            false => None,
+        };
+        let precision = options.precision()?;
+        let model_name = model_path.display().to_string();
+        let mut loaded = open_model(Some(model_path.clone()))?;
+        loaded.model.set_precision(precision, true)?;
+        let plan = TrainPlan::new(options, &loaded, &model_name)?;
+        Ok((output, loaded, plan, precision))
+    })();
+    if comm.size() > 1 {
+        let hash = prepared
+            .as_ref()
+            .map_or(0, |(_, loaded, plan, _)| plan.fingerprint(&loaded.model));
+        let agreed = check_agreement(
+            &*comm,
+            hash,
+            prepared.is_ok(),
+            "the model, data and options",
+        );
+        if let Err(e) = &prepared {
+            bail!("rank {}: {e:#}", comm.rank());
+        }
+        agreed?;
+    }
+    let (output, mut loaded, plan, precision) = prepared?;
+    if !root {
+        let summary =
+            train_model_on_rank(&loaded.model, plan, None, &out, a.resume, &*comm, |_| {})?;
+        eprintln!("rank {}: {} steps done", comm.rank(), summary.steps);
+        return Ok(());
+    }
+    let output = output.context("rank 0 holds the output")?;
     let config = loaded.model.config.clone();
     let total = config.parameter_count();
     let full = plan.options.full;
@@ -313,7 +389,20 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     // A run that fails before its first checkpoint leaves nothing behind in a directory it made
     // (the library removes what it wrote there).
     let result = match full {
+        true if comm.size() > 1 => Err(lorakit::Error::Invalid(
+            "--full cannot run on several ranks: data-parallel training shares LoRA adapters only"
+                .into(),
+        )),
         true => lorakit::train::full::train_full(&mut loaded, plan, &output, on_event),
+        false if comm.size() > 1 => train_model_on_rank(
+            &loaded.model,
+            plan,
+            Some(&output),
+            &out,
+            a.resume,
+            &*comm,
+            on_event,
+        ),
         false => train(&loaded, plan, &output, on_event),
     };
     bar.finish_and_clear();

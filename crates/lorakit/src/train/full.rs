@@ -14,6 +14,7 @@ use crate::model::param::Param;
 use crate::model::{LoadedModel, Precision};
 use crate::train::loss::{lm_head_loss_with_head_grads, target_positions, HeadGrads};
 use crate::train::optim::AdamW;
+use crate::train::parallel::SingleProcess;
 use crate::train::trainer::{
     checkpoint_dir, evaluate_loss, prune_checkpoints, run_steps, Event, Start, TrainOptions,
     TrainOutput, TrainPlan, TrainSummary, Trainee, FULL_OUTPUT_FILES,
@@ -55,7 +56,14 @@ pub fn train_full(
             adam: AdamW::new(plan.adam, &sizes),
             history: Vec::new(),
         };
-        run_steps(&mut run, &plan, output, start, on_event)
+        run_steps(
+            &mut run,
+            &plan,
+            Some(output),
+            &SingleProcess,
+            start,
+            on_event,
+        )
     })
 }
 
@@ -71,6 +79,7 @@ struct FullRun<'m> {
 impl Trainee for FullRun<'_> {
     const WHAT: &'static str = "model";
     const TITLE: &'static str = "lorakit train --full";
+    const GRADIENT_PER_MICRO_BATCH: bool = false;
 
     fn accumulate(
         &mut self,

@@ -24,6 +24,7 @@ use crate::model::{Config, Decoder, LoadedModel};
 use crate::tokenize::Tokenizer;
 use crate::train::loss::{lm_head_loss, target_positions};
 use crate::train::optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
+use crate::train::parallel::{Collective, SingleProcess};
 use crate::train::schedule::{Schedule, ScheduleKind};
 
 /// Every knob of `lorakit train`; each is a command-line flag and a key of the TOML config.
@@ -224,6 +225,9 @@ pub struct StepMetrics {
     pub grad_norm: f64,
     /// Wall time of the step.
     pub seconds: f64,
+    /// Of which waiting for and receiving the other ranks' gradients (data-parallel runs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gather_seconds: Option<f64>,
     /// Why the step made no update (`--skip-nonfinite`); absent for normal steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
@@ -419,6 +423,35 @@ impl TrainPlan {
             schedule,
             adam,
         })
+    }
+
+    /// A hash of what every rank of a data-parallel run must agree on
+    /// ([`crate::train::parallel::check_agreement`]): the options (the output directory aside),
+    /// every example's tokens and labels, and the model (its configuration, embedding and final
+    /// norm: enough to tell two different files apart).
+    pub fn fingerprint(&self, model: &Decoder) -> u64 {
+        use crate::train::parallel::{fnv1a, FNV_START};
+        let mut o = self.options.clone();
+        o.out = None;
+        let mut h = fnv1a(
+            FNV_START,
+            serde_json::to_string(&o).unwrap_or_default().as_bytes(),
+        );
+        for e in self.batcher.examples() {
+            for &id in &e.input_ids {
+                h = fnv1a(h, &id.to_le_bytes());
+            }
+            for &l in &e.labels {
+                h = fnv1a(h, &l.to_le_bytes());
+            }
+        }
+        h = fnv1a(h, format!("{:?}", model.config.block).as_bytes());
+        for w in [&model.embed_tokens, &model.norm] {
+            for v in w.iter() {
+                h = fnv1a(h, &v.to_le_bytes());
+            }
+        }
+        h
     }
 
     /// The number of parameters the run trains: the adapter's, or every one of the model's.
@@ -845,6 +878,10 @@ pub(crate) trait Trainee {
     const WHAT: &'static str;
     /// The loss plot's title.
     const TITLE: &'static str;
+    /// Whether the loop may keep one gradient per micro-batch and add them in order afterwards
+    /// (needed to share a step between ranks, [`crate::train::parallel`]); a trainee whose
+    /// gradients are as large as the model (full fine-tuning) accumulates in place instead.
+    const GRADIENT_PER_MICRO_BATCH: bool;
     /// Forward, loss and backward of one micro-batch, adding to the gradients; returns the
     /// loss summed over its target tokens, each divided by `normalizer` (the step's target
     /// tokens). `micro_index` is the batch's global index (it seeds LoRA dropout).
@@ -884,28 +921,47 @@ pub(crate) struct Start {
 }
 
 /// The training loop, for LoRA and full fine-tuning alike: steps `start.step ..` of `plan`,
-/// writing metrics, evaluations and checkpoints into `output`, then the result.
+/// writing metrics, evaluations and checkpoints into `output`, then the result. With several
+/// ranks (`comm`), each computes its share of every step's micro-batches and only the rank
+/// given an `output` (rank 0) evaluates and writes; every rank ends each step with the same
+/// parameters.
 pub(crate) fn run_steps<T: Trainee>(
     trainee: &mut T,
     plan: &TrainPlan,
-    output: &TrainOutput,
+    output: Option<&TrainOutput>,
+    comm: &dyn Collective,
     start: Start,
     mut on_event: impl FnMut(Event),
 ) -> Result<TrainSummary> {
     let o = &plan.options;
-    let out = output.path();
-    let metrics_path = out.join(METRICS_FILE);
+    let metrics_path = output.map(|out| out.path().join(METRICS_FILE));
     let Start {
         step: start_step,
         mut adam,
         history,
     } = start;
-    let mut rewritten = String::new();
-    for row in &history {
-        rewritten.push_str(&row.to_string());
-        rewritten.push('\n');
+    if !o.grad_accum.is_multiple_of(comm.size()) {
+        return Err(Error::Invalid(format!(
+            "--grad-accum {} micro-batches per step cannot be shared by {} ranks: give a multiple of {}",
+            o.grad_accum,
+            comm.size(),
+            comm.size()
+        )));
     }
-    write_atomic(&metrics_path, rewritten.as_bytes())?;
+    if comm.size() > 1 && !T::GRADIENT_PER_MICRO_BATCH {
+        return Err(Error::Invalid(format!(
+            "{} cannot be trained on several ranks (only LoRA adapters are)",
+            T::WHAT
+        )));
+    }
+    if let Some(path) = &metrics_path {
+        let mut rewritten = String::new();
+        for row in &history {
+            rewritten.push_str(&row.to_string());
+            rewritten.push('\n');
+        }
+        write_atomic(path, rewritten.as_bytes())?;
+    }
     let trainable: usize = trainee.params()?.iter().map(|p| p.value.len()).sum();
 
     on_event(Event::Started {
@@ -926,20 +982,31 @@ pub(crate) fn run_steps<T: Trainee>(
 
     for step in start_step..plan.total_steps {
         let t0 = Instant::now();
-        trainee.zero_grads();
         let first = step * o.grad_accum as u64;
         let normalizer: usize = (0..o.grad_accum as u64)
             .map(|i| stream.micro_batch(first + i).target_tokens)
             .sum();
-        let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
-        for i in 0..o.grad_accum as u64 {
-            let batch = stream.micro_batch(first + i);
-            if batch.target_tokens == 0 {
-                continue;
+        let mut gather_seconds = None;
+        let (loss_sum, tokens) = if T::GRADIENT_PER_MICRO_BATCH
+            && (o.grad_accum > 1 || comm.size() > 1)
+        {
+            let (loss_sum, tokens, gather) =
+                shared_step_gradients(trainee, &mut stream, first, o, normalizer, comm)?;
+            gather_seconds = (comm.size() > 1).then_some(gather);
+            (loss_sum, tokens)
+        } else {
+            trainee.zero_grads();
+            let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
+            for i in 0..o.grad_accum as u64 {
+                let batch = stream.micro_batch(first + i);
+                if batch.target_tokens == 0 {
+                    continue;
+                }
+                loss_sum += trainee.accumulate(batch, first + i, o, normalizer.max(1) as f64)?;
+                tokens += batch.lengths.iter().sum::<usize>();
             }
-            loss_sum += trainee.accumulate(batch, first + i, o, normalizer.max(1) as f64)?;
-            tokens += batch.lengths.iter().sum::<usize>();
-        }
+            (loss_sum, tokens)
+        };
         let loss = loss_sum / normalizer.max(1) as f64;
         let lr = plan.schedule.lr_at(step);
         let mut params = trainee.params()?;
@@ -969,12 +1036,12 @@ pub(crate) fn run_steps<T: Trainee>(
             target_tokens: normalizer,
             grad_norm,
             seconds: t0.elapsed().as_secs_f64(),
+            gather_seconds,
             skipped,
         };
-        append_jsonl(
-            &metrics_path,
-            &serde_json::to_value(&metrics).unwrap_or_default(),
-        )?;
+        if let Some(path) = &metrics_path {
+            append_jsonl(path, &serde_json::to_value(&metrics).unwrap_or_default())?;
+        }
         if metrics.skipped.is_none() {
             train_curve.push((metrics.step, loss));
             last_loss = Some(loss);
@@ -982,13 +1049,13 @@ pub(crate) fn run_steps<T: Trainee>(
         on_event(Event::Step(&metrics));
 
         let done = step + 1 == plan.total_steps;
-        if let Some(eval) = &plan.eval_examples {
+        let Some(output) = output else {
+            continue;
+        };
+        if let (Some(eval), Some(path)) = (&plan.eval_examples, &metrics_path) {
             if done || (o.eval_every > 0 && (step + 1) % o.eval_every as u64 == 0) {
                 let eval_loss = trainee.eval_loss(eval, o.batch_size)?;
-                append_jsonl(
-                    &metrics_path,
-                    &json!({ "step": step + 1, "eval_loss": eval_loss }),
-                )?;
+                append_jsonl(path, &json!({ "step": step + 1, "eval_loss": eval_loss }))?;
                 eval_curve.push((step + 1, eval_loss));
                 last_eval = Some(eval_loss);
                 on_event(Event::Eval {
@@ -1007,16 +1074,22 @@ pub(crate) fn run_steps<T: Trainee>(
         }
     }
 
-    let saved = trainee.save(output)?;
-    // With every step skipped (--skip-nonfinite) there is no curve to draw.
-    if !(train_curve.is_empty() && eval_curve.is_empty()) {
-        crate::train::plot::plot_loss_curve(
-            &out.join(LOSS_PLOT),
-            &train_curve,
-            &eval_curve,
-            T::TITLE,
-        )?;
-    }
+    let saved = match output {
+        None => PathBuf::new(),
+        Some(output) => {
+            let saved = trainee.save(output)?;
+            // With every step skipped (--skip-nonfinite) there is no curve to draw.
+            if !(train_curve.is_empty() && eval_curve.is_empty()) {
+                crate::train::plot::plot_loss_curve(
+                    &output.path().join(LOSS_PLOT),
+                    &train_curve,
+                    &eval_curve,
+                    T::TITLE,
+                )?;
+            }
+            saved
+        }
+    };
     Ok(TrainSummary {
         steps: plan.total_steps,
         final_loss: last_loss,
@@ -1025,6 +1098,63 @@ pub(crate) fn run_steps<T: Trainee>(
         trainable_parameters: trainable,
         skipped_steps,
     })
+}
+
+/// One step's gradients when they are kept per micro-batch: this rank computes the micro-batches
+/// `i` of the step with `i % ranks == rank`, each from zero gradients; every rank then receives
+/// all of them and adds them into the trainee's gradients in the order `i = 0, 1, …`, so the sum
+/// is the same on any number of ranks. Returns (the step's summed loss, its tokens, the seconds
+/// spent in the gathers).
+fn shared_step_gradients<T: Trainee>(
+    trainee: &mut T,
+    stream: &mut BatchStream,
+    first: u64,
+    o: &TrainOptions,
+    normalizer: usize,
+    comm: &dyn Collective,
+) -> Result<(f64, usize, f64)> {
+    let (ranks, rank) = (comm.size(), comm.rank());
+    let width: usize = trainee.params()?.iter().map(|p| p.grad.len()).sum();
+    let mine: Vec<u64> = (0..o.grad_accum as u64)
+        .filter(|i| *i as usize % ranks == rank)
+        .collect();
+    let mut grads = Vec::with_capacity(mine.len() * width);
+    let mut stats = Vec::with_capacity(2 * mine.len());
+    for &i in &mine {
+        trainee.zero_grads();
+        let batch = stream.micro_batch(first + i);
+        let (loss, tokens) = match batch.target_tokens {
+            0 => (0.0, 0),
+            _ => (
+                trainee.accumulate(batch, first + i, o, normalizer.max(1) as f64)?,
+                batch.lengths.iter().sum::<usize>(),
+            ),
+        };
+        for p in trainee.params()? {
+            grads.extend_from_slice(p.grad);
+        }
+        stats.extend([loss, tokens as f64]);
+    }
+    let t = Instant::now();
+    let (all_grads, all_stats) = (comm.all_gather_f32(&grads)?, comm.all_gather_f64(&stats)?);
+    let gather_seconds = t.elapsed().as_secs_f64();
+    let per_rank = mine.len();
+    trainee.zero_grads();
+    let mut params = trainee.params()?;
+    let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
+    for i in 0..o.grad_accum {
+        // Micro-batch i went to rank i % ranks, its slot (i / ranks) there.
+        let at = (i % ranks) * per_rank + i / ranks;
+        let mut g = &all_grads[at * width..(at + 1) * width];
+        for p in params.iter_mut() {
+            let (head, rest) = g.split_at(p.grad.len());
+            p.grad.iter_mut().zip(head).for_each(|(acc, x)| *acc += x);
+            g = rest;
+        }
+        loss_sum += all_stats[2 * at];
+        tokens += all_stats[2 * at + 1] as usize;
+    }
+    Ok((loss_sum, tokens, gather_seconds))
 }
 
 /// A LoRA run: the adapter and its gradients over a frozen model.
@@ -1040,6 +1170,7 @@ struct LoraRun<'m> {
 impl Trainee for LoraRun<'_> {
     const WHAT: &'static str = "adapter";
     const TITLE: &'static str = "lorakit train";
+    const GRADIENT_PER_MICRO_BATCH: bool = true;
 
     fn accumulate(
         &mut self,
@@ -1135,50 +1266,90 @@ pub fn train_model(
     on_event: impl FnMut(Event),
 ) -> Result<TrainSummary> {
     output.run(&LORA_OUTPUT_FILES, || {
-        let out = output.path();
-        let Some(mut adapter) = plan.adapter.clone() else {
-            return Err(Error::Invalid(
-                "the plan is for full fine-tuning (--full); it has no adapter to train".into(),
-            ));
-        };
-        let mut start = Start {
-            step: 0,
-            adam: AdamW::new(plan.adam, &param_sizes(&adapter)),
-            history: Vec::new(),
-        };
-        if output.resume() {
-            let Some((step, a, adam)) = load_checkpoint(out, &model.config, plan.adam)? else {
-                return Err(Error::Invalid(format!(
-                    "--resume: no checkpoint under {}",
-                    out.join(CHECKPOINTS).display()
-                )));
-            };
-            adapter = a;
-            // Keep the metrics of the steps the checkpoint covers; later rows are redone.
-            let history = std::fs::read_to_string(out.join(METRICS_FILE))
-                .map(|text| {
-                    text.lines()
-                        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                        .filter(|v| v["step"].as_u64().is_some_and(|s| s <= step))
-                        .collect()
-                })
-                .unwrap_or_default();
-            start = Start {
-                step,
-                adam,
-                history,
-            };
-        }
-        let grads = LoraGrads::zeros_like(&adapter);
-        let mut run = LoraRun {
+        train_lora(
             model,
-            adapter,
-            grads,
-            acts: Activations::default(),
-            dx: Vec::new(),
-        };
-        run_steps(&mut run, &plan, output, start, on_event)
+            &plan,
+            Some(output),
+            output.path(),
+            output.resume(),
+            &SingleProcess,
+            on_event,
+        )
     })
+}
+
+/// [`train_model`] as one rank of a data-parallel run ([`crate::train::parallel`]): rank 0
+/// passes the checked `output` and writes everything; the other ranks pass `None` and, with
+/// `resume`, read the checkpoint from `out`, which must then be a directory every rank sees.
+/// Every rank returns the same summary; the adapter it names is rank 0's.
+pub fn train_model_on_rank(
+    model: &Decoder,
+    plan: TrainPlan,
+    output: Option<&TrainOutput>,
+    out: &Path,
+    resume: bool,
+    comm: &dyn Collective,
+    on_event: impl FnMut(Event),
+) -> Result<TrainSummary> {
+    match output {
+        Some(output) => output.run(&LORA_OUTPUT_FILES, || {
+            train_lora(model, &plan, Some(output), out, resume, comm, on_event)
+        }),
+        None => train_lora(model, &plan, None, out, resume, comm, on_event),
+    }
+}
+
+fn train_lora(
+    model: &Decoder,
+    plan: &TrainPlan,
+    output: Option<&TrainOutput>,
+    out: &Path,
+    resume: bool,
+    comm: &dyn Collective,
+    on_event: impl FnMut(Event),
+) -> Result<TrainSummary> {
+    let Some(mut adapter) = plan.adapter.clone() else {
+        return Err(Error::Invalid(
+            "the plan is for full fine-tuning (--full); it has no adapter to train".into(),
+        ));
+    };
+    let mut start = Start {
+        step: 0,
+        adam: AdamW::new(plan.adam, &param_sizes(&adapter)),
+        history: Vec::new(),
+    };
+    if resume {
+        let Some((step, a, adam)) = load_checkpoint(out, &model.config, plan.adam)? else {
+            return Err(Error::Invalid(format!(
+                "--resume: no checkpoint under {}",
+                out.join(CHECKPOINTS).display()
+            )));
+        };
+        adapter = a;
+        // Keep the metrics of the steps the checkpoint covers; later rows are redone.
+        let history = std::fs::read_to_string(out.join(METRICS_FILE))
+            .map(|text| {
+                text.lines()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .filter(|v| v["step"].as_u64().is_some_and(|s| s <= step))
+                    .collect()
+            })
+            .unwrap_or_default();
+        start = Start {
+            step,
+            adam,
+            history,
+        };
+    }
+    let grads = LoraGrads::zeros_like(&adapter);
+    let mut run = LoraRun {
+        model,
+        adapter,
+        grads,
+        acts: Activations::default(),
+        dx: Vec::new(),
+    };
+    run_steps(&mut run, plan, output, comm, start, on_event)
 }
 
 /// Used by tests and tools: module ids of an adapter, in parameter order.

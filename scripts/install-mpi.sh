@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what `--features mpi` needs: OpenMPI (library, headers, mpirun) and libclang (the
+# `mpi` crate generates its bindings with bindgen). Debian/Ubuntu packages; once per machine.
+set -euo pipefail
+have() {
+    command -v mpirun >/dev/null && command -v mpicc >/dev/null &&
+        compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null
+}
+have && exit 0
+sudo=""
+[ "$(id -u)" = 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends libopenmpi-dev openmpi-bin libclang-dev >/dev/null
+have
+mpirun --version | head -1
