@@ -332,6 +332,69 @@ fn steps_the_ranks_cannot_share_and_full_fine_tuning_are_refused_by_name() {
     );
 }
 
+/// mpirun's multiple-program form: one `lorakit-mpi train` per rank, each with its own arguments.
+fn run_per_rank(per_rank: &[Vec<&str>]) -> Output {
+    let _one = RUNS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = Command::new("mpirun");
+    c.args(["--oversubscribe", "--mca", "btl", "self,vader"]);
+    for (i, args) in per_rank.iter().enumerate() {
+        if i > 0 {
+            c.arg(":");
+        }
+        c.args(["-np", "1", "-x", "RAYON_NUM_THREADS"])
+            .arg(mpi_binary())
+            .arg("train")
+            .args(args);
+    }
+    c.current_dir(repo_root())
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .expect("start mpirun")
+}
+
+#[test]
+fn ranks_that_disagree_or_fail_before_training_stop_every_rank_with_a_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(tmp.path());
+    let other = tmp.path().join("other.jsonl");
+    let text = std::fs::read_to_string(&d).unwrap();
+    std::fs::write(&other, text.replacen("red", "crimson", 1)).unwrap();
+    let out = tmp.path().join("run");
+    let (d, other, out_s) = (
+        d.to_str().unwrap(),
+        other.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    // Rank 1 reads a different data file.
+    let o = run_per_rank(&[args(d, out_s, "4"), args(other, out_s, "4")]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("rank(s) [1] disagree with rank 0 on the model, data and options"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.join("adapter_model.safetensors").exists());
+
+    // Rank 0 refuses its output (a directory lorakit did not write); rank 1 says it stopped
+    // because of rank 0 instead of waiting for it.
+    let foreign = tmp.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
+    let o = run(2, &args(d, foreign.to_str().unwrap(), "4"));
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("rank 1: stopping because rank(s) [0] failed"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(foreign.join("notes.txt")).unwrap(),
+        "mine"
+    );
+}
+
 #[test]
 fn a_plain_build_started_by_mpirun_says_it_has_no_mpi() {
     // mpirun starting the binary built without the feature: each rank refuses instead of
