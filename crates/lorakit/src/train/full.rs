@@ -12,12 +12,12 @@ use crate::io::output::OutputDir;
 use crate::model::decoder_train::{Activations, Dropout, FullGrads};
 use crate::model::param::Param;
 use crate::model::{LoadedModel, Precision};
-use crate::train::loss::{lm_head_loss_with_head_grads, target_positions, HeadGrads};
+use crate::train::loss::{lm_head_loss_with_head_grads, HeadGrads};
 use crate::train::optim::AdamW;
 use crate::train::parallel::SingleProcess;
 use crate::train::trainer::{
-    checkpoint_dir, evaluate_loss, prune_checkpoints, run_steps, Event, Start, TrainOptions,
-    TrainOutput, TrainPlan, TrainSummary, Trainee, FULL_OUTPUT_FILES,
+    checkpoint_dir, evaluate_loss, micro_batch_forward, prune_checkpoints, run_steps, Event, Start,
+    TrainOptions, TrainOutput, TrainPlan, TrainSummary, Trainee, FULL_OUTPUT_FILES,
 };
 
 pub use crate::train::trainer::MODEL_DIR;
@@ -89,20 +89,14 @@ impl Trainee for FullRun<'_> {
         normalizer: f64,
     ) -> Result<f64> {
         let model = &self.loaded.model;
-        model.train_forward(
-            &batch.input_ids,
-            batch.batch_size,
-            batch.seq_len,
+        let targets = micro_batch_forward(
+            model,
+            batch,
             None,
             Dropout::NONE,
             &mut self.acts,
+            &mut self.dx,
         )?;
-        let targets = target_positions(&batch.labels, batch.batch_size, batch.seq_len);
-        self.dx.clear();
-        self.dx.resize(
-            batch.batch_size * batch.seq_len * model.config.hidden_size,
-            0.0,
-        );
         let FullGrads {
             embed_tokens,
             norm,

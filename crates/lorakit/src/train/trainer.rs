@@ -1157,6 +1157,23 @@ fn shared_step_gradients<T: Trainee>(
     Ok((loss_sum, tokens, gather_seconds))
 }
 
+/// The training forward of one micro-batch into `acts`, with `dx` sized (and zeroed) for the
+/// gradient of its final hidden states, [batch·seq, hidden]; returns the target positions.
+pub(crate) fn micro_batch_forward(
+    model: &Decoder,
+    batch: &Batch,
+    adapter: Option<&Adapter>,
+    dropout: Dropout,
+    acts: &mut Activations,
+    dx: &mut Vec<f32>,
+) -> Result<Vec<(usize, u32)>> {
+    let (b, t) = (batch.batch_size, batch.seq_len);
+    model.train_forward(&batch.input_ids, b, t, adapter, dropout, acts)?;
+    dx.clear();
+    dx.resize(b * t * model.config.hidden_size, 0.0);
+    Ok(target_positions(&batch.labels, b, t))
+}
+
 /// A LoRA run: the adapter and its gradients over a frozen model.
 struct LoraRun<'m> {
     model: &'m Decoder,
@@ -1184,20 +1201,14 @@ impl Trainee for LoraRun<'_> {
             seed: o.seed ^ micro_index.wrapping_mul(0x9E37_79B9_7F4A_7C15),
         };
         let (model, acts) = (self.model, &mut self.acts);
-        model.train_forward(
-            &batch.input_ids,
-            batch.batch_size,
-            batch.seq_len,
+        let targets = micro_batch_forward(
+            model,
+            batch,
             Some(&self.adapter),
             dropout,
             acts,
+            &mut self.dx,
         )?;
-        let targets = target_positions(&batch.labels, batch.batch_size, batch.seq_len);
-        self.dx.clear();
-        self.dx.resize(
-            batch.batch_size * batch.seq_len * model.config.hidden_size,
-            0.0,
-        );
         let loss = lm_head_loss(
             model,
             &acts.x_final,
