@@ -19,6 +19,7 @@ mod logits;
 mod lora;
 mod outputs;
 mod real_model;
+mod serve;
 mod sweep;
 mod train;
 mod train_errors;
