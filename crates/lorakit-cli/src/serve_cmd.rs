@@ -47,7 +47,7 @@ pub struct ServeArgs {
     /// Requests decoded together at most.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
-    /// Requests waiting for a batch slot at most; more are answered 429.
+    /// Requests not yet in the batch at most (at least 1); more are answered 429.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
     /// The base model's name in `model` fields [default: the model file's name without extension].
@@ -72,8 +72,9 @@ struct App {
 }
 
 pub fn cmd_serve(a: ServeArgs) -> Result<()> {
-    if a.max_batch == 0 {
-        bail!("--max-batch must be at least 1");
+    if a.max_batch == 0 || a.max_queue == 0 {
+        // Every request passes through the queue on its way into the batch.
+        bail!("--max-batch and --max-queue must be at least 1");
     }
     let path = crate::resolve_model(a.model.clone())?;
     let (model, tok) = if lorakit::model::is_gpt2_dir(&path) {
