@@ -715,3 +715,121 @@ fn serve_official_openai_client() {
     eprintln!("openai client: {summary}");
     assert!(summary["chat"].as_str().is_some_and(|s| !s.is_empty()));
 }
+
+/// Batch invariance at the level of the bits: each row of `decode_step` over a batch of mixed
+/// adapters and positions gives logits bit for bit equal to `Decoder::forward` (the call
+/// `lorakit generate` makes) on that sequence alone with its adapter attached, step after step.
+/// (The greedy-text check above would not see a last-bit difference that leaves the argmax.)
+#[test]
+fn serve_decode_step_rows_equal_single_sequence_forward_bitwise() {
+    use lorakit::model::decoder::Logits;
+    use lorakit::serve::step::{decode_step, StepRow};
+    use lorakit::serve::ServeAdapter;
+
+    let dir = temp_dir("bitwise");
+    let rand_dir = dir.join("rand");
+    random_adapter(
+        &rand_dir,
+        &[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        8,
+        3,
+    );
+    let mut model = real_model().model.clone();
+    let peft = ServeAdapter::load(
+        "peft",
+        &fixture("smollm2-peft-r8-qv/adapter"),
+        &model.config,
+    )
+    .unwrap();
+    let rnd = ServeAdapter::load("rand", &rand_dir, &model.config).unwrap();
+    let tok = &real_model().tokenizer;
+    let seqs: Vec<(&str, Option<&ServeAdapter>)> = vec![
+        ("The capital of France is", None),
+        (
+            "Write a haiku about the sea, the wind and the rain.",
+            Some(&peft),
+        ),
+        ("def f(x):", Some(&rnd)),
+        (
+            "Once upon a time, in a small village, there lived",
+            Some(&peft),
+        ),
+        ("1, 2, 3,", None),
+        ("List three uses of copper.", Some(&rnd)),
+    ];
+    const STEPS: usize = 6;
+    let vocab = model.config.vocab_size;
+    // Alone: prefill, then one token at a time, as generate() does; logits of every step.
+    let mut alone: Vec<Vec<Vec<f32>>> = Vec::new();
+    let mut prefills = Vec::new();
+    for (prompt, adapter) in &seqs {
+        let ids = tok.encode(prompt, true).unwrap();
+        let mut cache = model.new_cache(ids.len() + STEPS + 1).unwrap();
+        if let Some(a) = adapter {
+            model.attach_adapter(&a.adapter, 1.0).unwrap();
+        }
+        let mut logits = model.forward(&ids, &mut cache, Logits::Last).unwrap();
+        prefills.push((cache.clone(), logits.clone()));
+        let mut steps = Vec::new();
+        for _ in 0..STEPS {
+            let next = lorakit::engine::ops::argmax(&logits) as u32;
+            logits = model.forward(&[next], &mut cache, Logits::Last).unwrap();
+            steps.push(logits.clone());
+        }
+        model.detach_adapters();
+        alone.push(steps);
+    }
+    // Together: the same prefills, then every step in one batch.
+    let mut caches: Vec<_> = prefills.iter().map(|(c, _)| c.clone()).collect();
+    let mut last: Vec<Vec<f32>> = prefills.iter().map(|(_, l)| l.clone()).collect();
+    for step in 0..STEPS {
+        let tokens: Vec<u32> = last
+            .iter()
+            .map(|l| lorakit::engine::ops::argmax(l) as u32)
+            .collect();
+        let mut rows: Vec<StepRow> = caches
+            .iter_mut()
+            .zip(&seqs)
+            .zip(&tokens)
+            .map(|((cache, (_, adapter)), &token)| StepRow {
+                token,
+                cache,
+                adapter: *adapter,
+            })
+            .collect();
+        let logits = decode_step(&model, &mut rows).unwrap();
+        for (i, want) in alone.iter().enumerate() {
+            let got = &logits[i * vocab..(i + 1) * vocab];
+            let diff = got
+                .iter()
+                .zip(&want[step])
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(
+                diff, 0,
+                "step {step}, sequence {i} ({:?}): {diff} logits differ from the sequence run alone",
+                seqs[i].0
+            );
+            last[i] = got.to_vec();
+        }
+    }
+    // The adapters matter (else a row given the wrong adapter could pass): without its adapter
+    // each adapted sequence's prefill logits differ.
+    for (i, (prompt, adapter)) in seqs.iter().enumerate() {
+        if adapter.is_some() {
+            let ids = tok.encode(prompt, true).unwrap();
+            let mut cache = model.new_cache(ids.len()).unwrap();
+            let base = model.forward(&ids, &mut cache, Logits::Last).unwrap();
+            assert!(base != prefills[i].1, "adapter of sequence {i} changes nothing");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
