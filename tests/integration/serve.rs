@@ -828,7 +828,10 @@ fn serve_decode_step_rows_equal_single_sequence_forward_bitwise() {
             let ids = tok.encode(prompt, true).unwrap();
             let mut cache = model.new_cache(ids.len()).unwrap();
             let base = model.forward(&ids, &mut cache, Logits::Last).unwrap();
-            assert!(base != prefills[i].1, "adapter of sequence {i} changes nothing");
+            assert!(
+                base != prefills[i].1,
+                "adapter of sequence {i} changes nothing"
+            );
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
