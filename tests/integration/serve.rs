@@ -478,6 +478,8 @@ fn serve_errors_queue_disconnect_and_sigterm() {
         "1",
         "--max-queue",
         "1",
+        "--kv-budget-mib",
+        "200",
         "--adapter",
         &format!("peft={}", fixture("smollm2-peft-r8-qv/adapter").display()),
     ]);
@@ -583,6 +585,19 @@ fn serve_errors_queue_disconnect_and_sigterm() {
     assert_eq!(
         (e["code"].as_str(), e["param"].as_str()),
         (Some("context_length_exceeded"), Some("max_tokens"))
+    );
+    // A request whose KV cache alone exceeds --kv-budget-mib (200 MiB = 4551 positions).
+    let e = error_of(
+        callj(
+            "/v1/completions",
+            json!({"model": "smollm2", "prompt": "hi", "max_tokens": 5000}),
+        ),
+        400,
+    );
+    assert_eq!(e["param"], "max_tokens", "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("--kv-budget-mib"),
+        "{e}"
     );
     // An adapter for another base (the tiny Llama's) is refused; an unknown one cannot be
     // unloaded; an adapter cannot take a loaded name.
@@ -835,4 +850,148 @@ fn serve_decode_step_rows_equal_single_sequence_forward_bitwise() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// 200 simultaneous connections: each gets either an answer or a 429 with an error body
+/// (`--max-queue 32`), none is dropped; a client that does not read its stream for a while holds
+/// up nobody and still gets its whole answer; the server is healthy afterwards.
+#[test]
+fn serve_200_connections_and_a_slow_reader() {
+    let server = Server::start(&["--max-batch", "8", "--max-queue", "32"]);
+    let addr = server.addr.clone();
+    // The slow reader: a stream it leaves unread while the others run.
+    let slow = post(
+        &addr,
+        "/v1/completions",
+        &json!({"model": "smollm2", "prompt": "Count: 1, 2, 3,", "max_tokens": 48,
+                "temperature": 0, "ignore_eos": true, "stream": true}),
+    );
+    let go = Arc::new(std::sync::Barrier::new(200));
+    let handles: Vec<_> = (0..200)
+        .map(|i| {
+            let (addr, go) = (addr.clone(), go.clone());
+            std::thread::spawn(move || {
+                go.wait();
+                let resp = post(
+                    &addr,
+                    "/v1/completions",
+                    &json!({"model": "smollm2", "prompt": format!("Number {i} is"),
+                            "max_tokens": 2, "temperature": 0}),
+                );
+                let status = resp.status;
+                let v = resp.json();
+                match status {
+                    200 => assert_eq!(v["usage"]["completion_tokens"], 2, "{v}"),
+                    429 => assert_eq!(v["error"]["code"], "queue_full", "{v}"),
+                    s => panic!("status {s}: {v}"),
+                }
+                status
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let ok = statuses.iter().filter(|&&s| s == 200).count();
+    eprintln!(
+        "200 connections: {ok} answered, {} refused with 429",
+        200 - ok
+    );
+    assert!(ok >= 32, "only {ok} of 200 were answered");
+    let (text, last) = stream_text(slow);
+    assert_eq!(last["usage"]["completion_tokens"], 48, "{last}");
+    assert!(!text.is_empty());
+    let h = send(&addr, "GET", "/health", &[], b"").json();
+    assert_eq!(h["status"], "ok");
+    assert_eq!(
+        (h["running"].as_u64(), h["queued"].as_u64()),
+        (Some(0), Some(0)),
+        "{h}"
+    );
+}
+
+/// Records a request's events, tagged with the request's number, in one shared log.
+struct LogSink(usize, Arc<Mutex<Vec<(usize, lorakit::serve::Event)>>>);
+
+impl lorakit::serve::Sink for LogSink {
+    fn send(&mut self, ev: lorakit::serve::Event) -> bool {
+        self.1.lock().unwrap().push((self.0, ev));
+        true
+    }
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+/// The KV budget holds a request back until the running ones leave room: with room for one
+/// request only, the second starts after the first is done; without a budget they interleave.
+#[test]
+fn serve_scheduler_waits_for_kv_budget() {
+    use lorakit::generate::SamplingParams;
+    use lorakit::serve::{kv_bytes_for, Event, Request, Scheduler, SchedulerOptions};
+
+    let tiny = crate::common::tiny_llama();
+    let prompt: Vec<u32> = vec![1, 5, 9, 12];
+    let max_tokens = 40;
+    let need = kv_bytes_for(&tiny.model.config, prompt.len(), max_tokens);
+    let run = |budget: Option<usize>| -> Vec<(usize, Event)> {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sched = Scheduler::start(
+            tiny.model.clone(),
+            Arc::new(lorakit::tokenize::Tokenizer::from_hf_dir(&fixture("tiny-llama")).unwrap()),
+            SchedulerOptions {
+                kv_budget_bytes: budget,
+                ..Default::default()
+            },
+        );
+        for i in 0..2 {
+            let params = SamplingParams {
+                max_new_tokens: max_tokens,
+                ..Default::default()
+            };
+            sched
+                .submit(Request {
+                    prompt: prompt.clone(),
+                    adapter: None,
+                    params,
+                    stop: vec![],
+                    sink: Box::new(LogSink(i, log.clone())),
+                })
+                .unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, e)| matches!(e, Event::Done { .. }))
+            .count()
+            < 2
+        {
+            assert!(Instant::now() < deadline, "the requests did not finish");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        sched.begin_shutdown(Duration::from_secs(1));
+        sched.join();
+        let v = log.lock().unwrap().clone();
+        assert!(
+            v.iter().all(|(_, e)| !matches!(e, Event::Error(_))),
+            "{v:?}"
+        );
+        v
+    };
+    let first_done = |log: &[(usize, Event)]| {
+        log.iter()
+            .position(|(i, e)| *i == 0 && matches!(e, Event::Done { .. }))
+            .unwrap()
+    };
+    let second_starts = |log: &[(usize, Event)]| log.iter().position(|(i, _)| *i == 1).unwrap();
+    let together = run(None);
+    assert!(
+        second_starts(&together) < first_done(&together),
+        "without a budget the two requests should run together"
+    );
+    let one_at_a_time = run(Some(need + need / 2));
+    assert!(
+        second_starts(&one_at_a_time) > first_done(&one_at_a_time),
+        "the second request started before the budget had room for it"
+    );
 }

@@ -19,8 +19,8 @@ use axum::Router;
 use clap::Args;
 use lorakit::generate::SamplingParams;
 use lorakit::serve::{
-    kv_bytes_per_position, Event, Registry, Request, Scheduler, SchedulerOptions, ServeAdapter,
-    Sink, SubmitError,
+    kv_bytes_for, kv_bytes_per_position, Event, Registry, Request, Scheduler, SchedulerOptions,
+    ServeAdapter, Sink, SubmitError,
 };
 use lorakit::tokenize::{ChatMessage, Tokenizer};
 use serde_json::{json, Value};
@@ -50,6 +50,10 @@ pub struct ServeArgs {
     /// Requests not yet in the batch at most (at least 1); more are answered 429.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
+    /// MiB of KV cache the running requests may reserve together (each reserves its prompt +
+    /// max_tokens positions); requests wait for room, and one that alone needs more is refused.
+    #[arg(long, default_value_t = 2048)]
+    kv_budget_mib: usize,
     /// The base model's name in `model` fields [default: the model file's name without extension].
     #[arg(long)]
     served_model_name: Option<String>,
@@ -69,6 +73,7 @@ struct App {
     base_name: String,
     api_key: Option<String>,
     created: u64,
+    kv_budget_bytes: usize,
 }
 
 pub fn cmd_serve(a: ServeArgs) -> Result<()> {
@@ -107,7 +112,6 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         registry.insert(ad)?;
     }
     let config = model.config.clone();
-    let ctx = config.max_position_embeddings;
     let kv = kv_bytes_per_position(&config);
     let tok = Arc::new(tok);
     let sched = Scheduler::start(
@@ -116,6 +120,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         SchedulerOptions {
             max_batch: a.max_batch,
             max_queue: a.max_queue,
+            kv_budget_bytes: Some(a.kv_budget_mib << 20),
             ..Default::default()
         },
     );
@@ -130,6 +135,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        kv_budget_bytes: a.kv_budget_mib << 20,
     });
     eprintln!(
         "lorakit serve: model '{}' ({}), adapters: {}",
@@ -141,10 +147,11 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         }
     );
     eprintln!(
-        "KV cache budget: {} running requests × {ctx} positions × {:.1} KiB = {:.2} GiB at most; queue {}",
-        a.max_batch,
+        "KV cache budget: {} MiB (--kv-budget-mib) = {} positions of {:.1} KiB, over at most {} running requests; queue {}",
+        a.kv_budget_mib,
+        (a.kv_budget_mib << 20) / kv,
         kv as f64 / 1024.0,
-        (a.max_batch * ctx * kv) as f64 / (1u64 << 30) as f64,
+        a.max_batch,
         a.max_queue
     );
 
@@ -461,6 +468,18 @@ fn prepare(app: &App, o: &serde_json::Map<String, Value>, ep: Endpoint) -> ApiRe
             ),
         )
         .code("context_length_exceeded"));
+    }
+    let need = kv_bytes_for(&app.config, prompt.len(), max_tokens);
+    if need > app.kv_budget_bytes {
+        return Err(ApiError::field(
+            keys[0],
+            format!(
+                "{} prompt tokens + {max_tokens} max tokens need {} MiB of KV cache; the server's budget is {} MiB (--kv-budget-mib)",
+                prompt.len(),
+                need.div_ceil(1 << 20),
+                app.kv_budget_bytes >> 20
+            ),
+        ));
     }
     Ok(Prepared {
         common,

@@ -106,6 +106,11 @@ pub fn kv_bytes_per_position(c: &Config) -> usize {
     2 * c.num_layers * c.num_kv_heads * c.head_dim * std::mem::size_of::<f32>()
 }
 
+/// Bytes of KV cache a request of `prompt_len` tokens and `max_tokens` reserves.
+pub fn kv_bytes_for(c: &Config, prompt_len: usize, max_tokens: usize) -> usize {
+    (prompt_len + max_tokens).min(c.max_position_embeddings) * kv_bytes_per_position(c)
+}
+
 /// Why a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
@@ -180,6 +185,11 @@ pub struct SchedulerOptions {
     /// Prompt tokens prefilled between two decode steps (at least one prompt): bounds how long
     /// new prompts hold up the running requests.
     pub prefill_tokens_per_step: usize,
+    /// Bytes of KV cache the running requests may reserve together (each reserves prompt +
+    /// max_tokens positions when it joins); a request waits until its reservation fits. None:
+    /// no limit beyond `max_batch`. A request larger than the whole budget should be refused
+    /// before it is submitted ([`kv_bytes_for`]); alone in the batch it still runs.
+    pub kv_budget_bytes: Option<usize>,
 }
 
 impl Default for SchedulerOptions {
@@ -188,6 +198,7 @@ impl Default for SchedulerOptions {
             max_batch: 16,
             max_queue: 64,
             prefill_tokens_per_step: 512,
+            kv_budget_bytes: None,
         }
     }
 }
@@ -399,9 +410,28 @@ fn run(
 
         // Admit waiting requests into free slots, prefilling each alone.
         let mut prefilled = 0;
+        let mut reserved: usize = active
+            .iter()
+            .map(|a| a.capacity * kv_bytes_per_position(&model.config))
+            .sum();
         while active.len() < max_batch
             && (prefilled == 0 || prefilled < opts.prefill_tokens_per_step)
         {
+            let Some(front) = waiting.front() else {
+                break;
+            };
+            let need = kv_bytes_for(
+                &model.config,
+                front.prompt.len(),
+                front.params.max_new_tokens,
+            );
+            if opts
+                .kv_budget_bytes
+                .is_some_and(|b| !active.is_empty() && reserved + need > b)
+            {
+                break;
+            }
+            reserved += need;
             let Some(req) = waiting.pop_front() else {
                 break;
             };
