@@ -660,6 +660,34 @@ fn serve_errors_queue_disconnect_and_sigterm() {
         "{h}"
     );
 
+    // The same for a request that is not streamed: its client leaves while it runs.
+    {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        let body =
+            json!({"model": "smollm2", "prompt": "Tell me a long story.", "max_tokens": 2000,
+                          "temperature": 0, "ignore_eos": true})
+            .to_string();
+        write!(
+            s,
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sekrit\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while send(&addr, "GET", "/health", &[], b"").json()["running"] != 1 {
+            assert!(Instant::now() < deadline, "the request never ran");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while send(&addr, "GET", "/health", &[], b"").json()["running"] != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a non-streamed request ran on after its client left"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     // SIGTERM while a request runs: it finishes, the process exits 0.
     let mut server = server;
     let mut c = Events::new(callj("/v1/completions", long_stream(24)));
