@@ -793,7 +793,7 @@ fn serve_decode_step_rows_equal_single_sequence_forward_bitwise() {
     )
     .unwrap();
     let rnd = ServeAdapter::load("rand", &rand_dir, &model.config).unwrap();
-    let tok = &real_model().tokenizer;
+    let tok = real_model().tokenizer().unwrap();
     let seqs: Vec<(&str, Option<&ServeAdapter>)> = vec![
         ("The capital of France is", None),
         (

@@ -82,16 +82,13 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         bail!("--max-batch and --max-queue must be at least 1");
     }
     let path = crate::resolve_model(a.model.clone())?;
-    let (model, tok) = if lorakit::model::is_gpt2_dir(&path) {
-        let g = crate::open_gpt2(&path)?;
-        let tok = g.tokenizer.context(
-            "this model directory has no tokenizer.json; serve needs one to read prompts",
-        )?;
-        (g.model, tok)
-    } else {
-        let m = crate::open_model(Some(path.clone()))?;
-        (m.model, m.tokenizer)
-    };
+    let (model, tok) = crate::open_model(Some(path.clone()))?.into_parts();
+    let tok = tok.with_context(|| {
+        format!(
+            "{}: the model has no tokenizer.json; serve needs one to read prompts",
+            path.display()
+        )
+    })?;
     let base_name = match &a.served_model_name {
         Some(n) => n.clone(),
         None => path
