@@ -20,6 +20,7 @@ mod lora;
 mod mpi;
 mod outputs;
 mod real_model;
+mod serve;
 mod sweep;
 mod train;
 mod train_errors;

@@ -16,6 +16,8 @@ use lorakit::tokenize::{ChatMessage, StreamDecoder};
 mod analyze_cmd;
 mod eval_cmd;
 mod quickstart;
+mod serve_api;
+mod serve_cmd;
 mod sweep_cmd;
 mod train_cmd;
 
@@ -53,6 +55,8 @@ enum Command {
     Analyze(analyze_cmd::AnalyzeArgs),
     /// Score a model or a predictions file on evaluation data (loss, exact, accuracy, BLEU, ROUGE-L, SQL).
     Eval(Box<eval_cmd::EvalArgs>),
+    /// An OpenAI-compatible HTTP server for the model and its adapters (continuous batching).
+    Serve(serve_cmd::ServeArgs),
 }
 
 #[derive(Args)]
@@ -167,6 +171,7 @@ pub fn run() -> ExitCode {
         Command::Sweep(a) => sweep_cmd::cmd_sweep(a),
         Command::Analyze(a) => analyze_cmd::cmd_analyze(a),
         Command::Eval(a) => eval_cmd::cmd_eval(*a),
+        Command::Serve(a) => serve_cmd::cmd_serve(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,6 +21,7 @@ pub mod generate;
 pub mod io;
 pub mod lora;
 pub mod model;
+pub mod serve;
 pub mod sweep;
 pub mod tokenize;
 pub mod train;

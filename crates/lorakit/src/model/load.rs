@@ -59,6 +59,12 @@ impl LoadedModel {
     pub fn tokenizer_opt(&self) -> Option<&Tokenizer> {
         self.tokenizer.as_ref()
     }
+
+    /// The model and its tokenizer, owned apart (a server's model thread owns the model while
+    /// requests share the tokenizer).
+    pub fn into_parts(self) -> (Decoder, Option<Tokenizer>) {
+        (self.model, self.tokenizer)
+    }
 }
 
 /// Opens `path`: a GGUF file, or an HF directory with `config.json`, `model.safetensors` (or a
