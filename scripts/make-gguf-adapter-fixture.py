@@ -5,18 +5,19 @@
     scripts/fetch-model.sh
     bench/.venv/bin/python scripts/make-gguf-adapter-fixture.py
 
-Writes tests/fixtures/smollm2-gguf-adapter/:
+Writes tests/data/gguf-adapter/ (see its README.md):
 
 * `allmods/`: a PEFT adapter (PEFT 0.21) on SmolLM2-135M's seven linear modules of layers 0, 1
   and 29, r = 4 with rank_pattern {down_proj: 2}, lora_alpha 8; A as PEFT initialises it, B
   random (seeded), so that it changes the output.
 * `qv.f32.gguf`, `qv.q8_0.gguf`: `convert_lora_to_gguf.py` (llama.cpp as vendored in
-  llama-cpp-python 0.3.36) on the trained q/v adapter `../smollm2-peft-r8-qv/adapter`.
+  llama-cpp-python 0.3.36) on the trained q/v adapter
+  `tests/fixtures/smollm2-peft-r8-qv/adapter`.
 * `allmods.f32.gguf`, `allmods.f16.gguf`, `allmods.bf16.gguf`: the same converter on `allmods/`.
-  The converter needs only the base model's config.json (`--base ../smollm2`).
+  The converter needs only the base model's config.json (`--base tests/fixtures/smollm2`).
 * `allmods_logits.safetensors`: float32 logits of transformers 5.24 + PEFT on the SmolLM2 Q4_1
   GGUF (transformers dequantises it with gguf-py) with `allmods/` unmerged, for the prompt
-  `plain` of ../smollm2/meta.json, as the records the tests read (`plain.strided16`, `.lse`,
+  `plain` of tests/fixtures/smollm2/meta.json, as the records the tests read (`plain.strided16`, `.lse`,
   `.argmax`, `.top2gap`).
 * `quantize.gguf` (written by gguf-py's GGUFWriter): `x`, F32 rows [8, 64] (random, plus an
   all-zero block, a block whose largest magnitude is negative and values on rounding ties),
@@ -34,7 +35,7 @@ from safetensors.torch import save_file
 
 root = Path(__file__).resolve().parent.parent
 fixtures = root / "tests/fixtures"
-out = fixtures / "smollm2-gguf-adapter"
+out = root / "tests/data/gguf-adapter"
 llama_src = root / "tools/llama.cpp/src-0.3.36"
 converter = llama_src / "convert_lora_to_gguf.py"
 model_file = root / "models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,6 +71,8 @@ def make_allmods(model):
     # Recorded, never followed (the converter gets --base); not this machine's path.
     peft_model.peft_config["default"].base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     peft_model.save_pretrained(out / "allmods")
+    # PEFT's generated model card names the local base path; the adapter needs none.
+    (out / "allmods/README.md").unlink()
     return peft_model
 
 

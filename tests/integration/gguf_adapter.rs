@@ -1,7 +1,7 @@
 //! GGUF LoRA adapters and merged GGUF models, judged by llama.cpp itself.
 //!
 //! References: adapters written by llama.cpp's own `convert_lora_to_gguf.py` and PEFT's logits
-//! (`tests/fixtures/smollm2-gguf-adapter/`, `scripts/make-gguf-adapter-fixture.py`), and
+//! (`tests/data/gguf-adapter/`, `scripts/make-gguf-adapter-fixture.py`), and
 //! llama.cpp's library run on the files (`scripts/build-llama-cpp.sh` builds it and
 //! `scripts/llama-judge.cpp`, once per machine; a test that needs it fails if the build does).
 
@@ -19,10 +19,9 @@ use lorakit::model::Decoder;
 use crate::common::*;
 
 const QV: &str = "smollm2-peft-r8-qv/adapter";
-const ALLMODS: &str = "smollm2-gguf-adapter/allmods";
-
+const ALLMODS: &str = "allmods";
 fn gfix(name: &str) -> PathBuf {
-    fixture(&format!("smollm2-gguf-adapter/{name}"))
+    repo_root().join("tests/data/gguf-adapter").join(name)
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -31,14 +30,28 @@ fn scratch(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// The PEFT adapter `rel`: `QV` (tests/fixtures/) or `ALLMODS` (tests/data/gguf-adapter/).
+fn adapter_dir(rel: &str) -> PathBuf {
+    if rel == ALLMODS {
+        gfix("allmods")
+    } else {
+        fixture(rel)
+    }
+}
+
 fn peft(rel: &str) -> Adapter {
-    Adapter::load(&fixture(rel), &real_model().model.config).expect("load the PEFT fixture")
+    Adapter::load(&adapter_dir(rel), &real_model().model.config).expect("load the PEFT fixture")
 }
 
 /// lorakit's GGUF adapter for the PEFT fixture `rel`, written to a scratch file.
 fn export(rel: &str, dtype: GgmlType, name: &str) -> PathBuf {
-    let (bytes, _) =
-        gguf_adapter_bytes(&peft(rel), &real_model().model.config, dtype, &fixture(rel)).unwrap();
+    let (bytes, _) = gguf_adapter_bytes(
+        &peft(rel),
+        &real_model().model.config,
+        dtype,
+        &adapter_dir(rel),
+    )
+    .unwrap();
     let p = scratch(name);
     std::fs::write(&p, bytes).unwrap();
     p
@@ -120,7 +133,7 @@ fn gguf_adapter_from_llama_cpp_converter_gives_peft_logits() {
         (
             ALLMODS,
             "allmods.f32.gguf",
-            "smollm2-gguf-adapter/allmods_logits.safetensors",
+            "../data/gguf-adapter/allmods_logits.safetensors",
         ),
     ] {
         let from_gguf = load_gguf_adapter(&gfix(file), &real_model().model.config).unwrap();
@@ -159,7 +172,7 @@ fn gguf_adapter_round_trips_peft_bit_exactly() {
             reread.modules, original.modules,
             "{rel}: PEFT → GGUF → PEFT"
         );
-        let a = safetensors_tensors(&fixture(rel).join("adapter_model.safetensors"));
+        let a = safetensors_tensors(&adapter_dir(rel).join("adapter_model.safetensors"));
         let b = safetensors_tensors(&dir.join("adapter_model.safetensors"));
         assert!(a == b, "{rel}: adapter_model.safetensors tensors differ");
     }
@@ -529,6 +542,8 @@ fn gguf_adapter_llama_cpp_on_f32_base_matches_lorakit() {
             );
         }
     }
+    // The F32 model is 540 MB; nothing else uses it in this process.
+    let _ = std::fs::remove_file(&base);
 }
 
 #[test]
@@ -594,6 +609,7 @@ fn gguf_adapter_merged_gguf_runs_in_llama_cpp() {
                 );
             }
         }
+        let _ = std::fs::remove_file(&p);
     }
 }
 
@@ -611,7 +627,7 @@ fn gguf_adapter_cli_export_then_score_equals_the_peft_directory() {
     let tmp = tempfile::tempdir().unwrap();
     let model = real_model_path();
     let m = model.to_str().unwrap();
-    let dir = fixture(ALLMODS);
+    let dir = gfix("allmods");
     let file = tmp.path().join("a.gguf");
     let f = file.to_str().unwrap();
     for t in ["f32", "q8_0"] {
