@@ -13,6 +13,7 @@ mod eval;
 mod full_ft;
 mod fuzz_regressions;
 mod gemma3;
+mod gguf_adapter;
 mod gguf_blocks;
 mod gpt2;
 mod logits;

@@ -15,6 +15,7 @@ use lorakit::tokenize::{ChatMessage, StreamDecoder};
 
 mod analyze_cmd;
 mod eval_cmd;
+mod export_cmd;
 mod quickstart;
 mod serve_api;
 mod serve_cmd;
@@ -47,6 +48,8 @@ enum Command {
     Train(Box<train_cmd::TrainArgs>),
     /// Merge adapters into the base weights and write an HF model directory.
     Merge(train_cmd::MergeArgs),
+    /// Convert a PEFT adapter to llama.cpp's GGUF LoRA format.
+    Export(export_cmd::ExportArgs),
     /// Fetch the default model and E2E data, fine-tune LoRA for a few minutes, show before/after.
     Quickstart(quickstart::QuickstartArgs),
     /// Train and evaluate a grid of LoRA runs (rank, targets, alpha, lr, seed) on one task.
@@ -64,7 +67,8 @@ struct ModelArg {
     /// A .gguf file or an HF model directory [default: the fetched SmolLM2-135M-Instruct]
     #[arg(long)]
     model: Option<PathBuf>,
-    /// A PEFT adapter applied unmerged: DIR or DIR:WEIGHT (repeatable).
+    /// An adapter applied unmerged: a PEFT directory or a GGUF adapter file, PATH or
+    /// PATH:WEIGHT (repeatable).
     #[arg(long)]
     adapter: Vec<String>,
     /// Frozen-weight arithmetic: f32 (exact, default), bf16 (AVX512-BF16, faster), or gguf
@@ -167,6 +171,7 @@ pub fn run() -> ExitCode {
         Command::Inspect(a) => cmd_inspect(a),
         Command::Train(a) => train_cmd::cmd_train(*a),
         Command::Merge(a) => train_cmd::cmd_merge(a),
+        Command::Export(a) => export_cmd::cmd_export(a),
         Command::Quickstart(a) => quickstart::cmd_quickstart(a),
         Command::Sweep(a) => sweep_cmd::cmd_sweep(a),
         Command::Analyze(a) => analyze_cmd::cmd_analyze(a),

@@ -108,6 +108,10 @@ pub struct TrainArgs {
     /// No progress bar (one line per step on stderr instead).
     #[arg(long)]
     quiet: bool,
+    /// Also write the adapter as llama.cpp's GGUF LoRA, OUT/adapter_model.gguf, in this type
+    /// (f32, f16, bf16 or q8_0).
+    #[arg(long, value_name = "TYPE")]
+    gguf_adapter: Option<String>,
 }
 
 impl TrainArgs {
@@ -230,6 +234,15 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     } else {
         EarlierRun::Refuse
     };
+    let gguf_type = a
+        .gguf_adapter
+        .as_deref()
+        .map(crate::export_cmd::adapter_type)
+        .transpose()?;
+    anyhow::ensure!(
+        !(gguf_type.is_some() && options.full),
+        "--gguf-adapter writes a LoRA adapter; --full trains the whole model (merge it to GGUF instead)"
+    );
     // Under mpirun only rank 0 touches the output; every rank loads the model and data, and all
     // check that they agree (or that one of them failed) before the first step.
     let comm = ranks()?;
@@ -407,6 +420,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     };
     bar.finish_and_clear();
     let summary = result?;
+    if let Some(t) = gguf_type {
+        crate::export_cmd::write_train_gguf(&output, &config, t)?;
+    }
     if summary.skipped_steps > 0 {
         eprintln!(
             "warning: {} of {} steps were skipped for a non-finite loss or gradient",
@@ -434,9 +450,13 @@ pub struct MergeArgs {
     /// A PEFT adapter directory, optionally with a weight: DIR or DIR:0.5 (repeatable).
     #[arg(long, required = true)]
     adapter: Vec<String>,
-    /// The HF directory to write (config.json, model.safetensors, tokenizer files).
+    /// The HF directory to write (config.json, model.safetensors, tokenizer files), or a
+    /// FILE.gguf (from a .gguf base: its metadata, tokenizer and chat template kept).
     #[arg(long)]
     out: PathBuf,
+    /// Tensor type of a .gguf output: f32, f16, bf16, q8_0 or q4_0.
+    #[arg(long = "type", default_value = "f32")]
+    dtype: String,
     /// Write into a directory lorakit did not write (replacing only the files merge writes).
     #[arg(long)]
     overwrite: bool,
@@ -444,6 +464,9 @@ pub struct MergeArgs {
 
 pub fn cmd_merge(a: MergeArgs) -> Result<()> {
     let path = resolve_model(a.model.clone())?;
+    if a.out.extension().is_some_and(|e| e == "gguf") {
+        return crate::export_cmd::merge_gguf(&path, &a.adapter, &a.out, &a.dtype, a.overwrite);
+    }
     // Checked before anything loads: --out may not be an input, a file, or a directory that
     // lorakit did not write (without --overwrite).
     let adapters = a
@@ -477,7 +500,8 @@ pub fn parse_adapter_spec(spec: &str) -> Result<(PathBuf, f32)> {
 
 pub fn load_adapter(spec: &str, config: &lorakit::model::Config) -> Result<(Adapter, f32)> {
     let (dir, w) = parse_adapter_spec(spec)?;
-    let adapter = Adapter::load(&dir, config)
+    // A PEFT directory or a GGUF adapter file.
+    let adapter = lorakit::model::gguf_adapter::load_adapter(&dir, config)
         .with_context(|| format!("cannot load adapter {}", dir.display()))?;
     Ok((adapter, w))
 }

@@ -586,6 +586,24 @@ impl OutputDir {
         Ok(())
     }
 
+    /// Writes one more file `name` into an output that [`OutputDir::begin`] started (atomically)
+    /// and lists it in the marker, so that a later run recognises it as its own (`train
+    /// --gguf-adapter`).
+    pub fn add_file(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let dir = &self.path;
+        write_atomic(&dir.join(name), bytes)?;
+        if self.state != State::Nested {
+            let mut listed: BTreeSet<String> = read_marker(dir)
+                .ok()
+                .flatten()
+                .map(|m| m.files.into_iter().collect())
+                .unwrap_or_default();
+            listed.insert(name.to_owned());
+            write_atomic(&dir.join(MARKER), &marker_bytes(&self.command, &listed))?;
+        }
+        sync_dir(dir).map_err(|e| Error::io(dir, e))
+    }
+
     /// Undoes [`OutputDir::begin`] of a fresh output after a failure: removes `files` and the
     /// marker, and the directory itself if it was created and is now empty.
     pub fn discard(&self, files: &[&str]) {

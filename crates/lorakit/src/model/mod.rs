@@ -8,6 +8,8 @@ pub mod arch;
 pub mod config;
 pub mod decoder;
 pub mod decoder_train;
+pub mod gguf_adapter;
+pub mod gguf_model;
 pub mod kv_cache;
 pub mod linear;
 pub mod linear_train;

@@ -1,0 +1,152 @@
+//! `lorakit export` (a PEFT adapter as llama.cpp's GGUF LoRA), `train --gguf-adapter`, and
+//! `merge --out FILE.gguf` (a merged model as a GGUF llama.cpp runs).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lorakit::io::gguf::{GgmlType, GgufFile};
+use lorakit::io::output::prepare_output_file;
+use lorakit::model::gguf_adapter::{
+    gguf_adapter_bytes, is_lorakit_gguf, load_adapter, ADAPTER_TYPES,
+};
+use lorakit::model::gguf_model::{parse_type, save_gguf_model};
+use lorakit::model::Config;
+use lorakit::train::trainer::TrainOutput;
+
+use crate::resolve_model;
+
+/// The file `train --gguf-adapter` writes beside the PEFT files.
+pub const TRAIN_GGUF_FILE: &str = "adapter_model.gguf";
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// The base model the adapter belongs to (its architecture and GGUF tensor names): a .gguf
+    /// file or HF directory [default: the fetched SmolLM2-135M-Instruct]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The adapter to convert: a PEFT directory (or a GGUF adapter, to change its type).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// The GGUF adapter file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Tensor type: f32, f16, bf16 or q8_0 (q8_0 tensors whose rows are not whole 32-value
+    /// blocks, lora_b of rank < 32, are written in f16, as llama.cpp's converter does).
+    #[arg(long = "type", default_value = "f32")]
+    dtype: String,
+    /// Replace an existing file lorakit did not write.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// `f32` / `f16` / `bf16` / `q8_0` as an adapter's tensor type.
+pub fn adapter_type(s: &str) -> Result<GgmlType> {
+    match parse_type(s) {
+        Some(t) if ADAPTER_TYPES.contains(&t) => Ok(t),
+        _ => bail!("unknown GGUF adapter type '{s}' (f32, f16, bf16, q8_0)"),
+    }
+}
+
+/// The model's config without loading its weights.
+fn model_config(path: &Path) -> Result<Config> {
+    let c = if path.is_dir() {
+        Config::from_hf_json(&path.join("config.json"))?
+    } else {
+        Config::from_gguf(&GgufFile::open(path)?)?
+    };
+    Ok(c)
+}
+
+pub fn cmd_export(a: ExportArgs) -> Result<()> {
+    let dtype = adapter_type(&a.dtype)?;
+    let model = resolve_model(a.model.clone())?;
+    let inputs = [
+        ("--model", model.as_path()),
+        ("--adapter", a.adapter.as_path()),
+    ];
+    let out = prepare_output_file(
+        &a.out,
+        &inputs,
+        a.overwrite,
+        "a GGUF file lorakit wrote",
+        &is_lorakit_gguf,
+    )?;
+    let config = model_config(&model)?;
+    let adapter = load_adapter(&a.adapter, &config)
+        .with_context(|| format!("cannot load adapter {}", a.adapter.display()))?;
+    let (bytes, info) = gguf_adapter_bytes(&adapter, &config, dtype, &a.adapter)?;
+    out.write(&bytes)?;
+    eprintln!(
+        "GGUF adapter written to {} ({} modules, {}, adapter.lora.alpha {}{})",
+        a.out.display(),
+        info.modules,
+        dtype.name(),
+        info.alpha,
+        if info.folded {
+            "; each module's scale folded into lora_b, which llama.cpp's alpha / r cannot express"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+/// `train --gguf-adapter`: the trained adapter (read back from the PEFT files just written) as
+/// OUT/adapter_model.gguf, listed in the output's marker.
+pub fn write_train_gguf(output: &TrainOutput, config: &Config, dtype: GgmlType) -> Result<()> {
+    let dir = output.path();
+    let adapter = lorakit::lora::peft::Adapter::load(dir, config)?;
+    let (bytes, _) = gguf_adapter_bytes(&adapter, config, dtype, dir)?;
+    output.dir().add_file(TRAIN_GGUF_FILE, &bytes)?;
+    eprintln!(
+        "GGUF adapter written to {}",
+        dir.join(TRAIN_GGUF_FILE).display()
+    );
+    Ok(())
+}
+
+/// `merge --out FILE.gguf`: the merged model as a GGUF file of `dtype`, from a GGUF base whose
+/// metadata (architecture, tokenizer, chat template) it keeps.
+pub fn merge_gguf(
+    model: &Path,
+    adapters: &[String],
+    out: &Path,
+    dtype: &str,
+    overwrite: bool,
+) -> Result<()> {
+    let Some(dtype) = parse_type(dtype) else {
+        bail!("unknown --type '{dtype}' for a merged GGUF (f32, f16, bf16, q8_0, q4_0)");
+    };
+    let specs = adapters
+        .iter()
+        .map(|s| crate::train_cmd::parse_adapter_spec(s).map(|(d, _)| d))
+        .collect::<Result<Vec<_>>>()?;
+    let mut inputs = vec![("--model", model)];
+    inputs.extend(specs.iter().map(|d| ("--adapter", d.as_path())));
+    let out_file = prepare_output_file(
+        out,
+        &inputs,
+        overwrite,
+        "a GGUF file lorakit wrote",
+        &is_lorakit_gguf,
+    )?;
+    if model.is_dir() {
+        bail!(
+            "merge --out FILE.gguf needs a .gguf base model, whose tokenizer and metadata it keeps ({} is an HF directory; merge into a directory instead)",
+            model.display()
+        );
+    }
+    let mut loaded = crate::open_model(Some(model.to_path_buf()))?;
+    crate::attach_adapters(&mut loaded, adapters)?;
+    loaded.model.merge_adapters()?;
+    let source = GgufFile::open(model)?;
+    save_gguf_model(&loaded.model, &source, dtype, &out_file)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!(
+        "merged model written to {} ({})",
+        out.display(),
+        dtype.name()
+    );
+    Ok(())
+}

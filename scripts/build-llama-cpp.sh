@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Builds llama.cpp (CPU only) as the tests' judge: the llama.cpp vendored in the PyPI sdist of
+# llama-cpp-python (pinned, sha256-checked, fetched with pip), its `llama` library and
+# scripts/llama-judge.cpp linked against it, into the git-ignored tools/llama.cpp/. Also unpacks
+# the sdist's convert_lora_to_gguf.py and gguf-py (used by scripts/make-gguf-adapter-fixture.py).
+# Does nothing when the build is there and current; safe to run from several processes at once.
+# Installs cmake with apt-get when it is missing (as root).
+#
+#   scripts/build-llama-cpp.sh        prints the path of the judge binary on stdout
+#
+# Only what the tests need is compiled (no common/, tools, examples or server): about 5 minutes
+# on 2 cores.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+out="${LORAKIT_LLAMA_CPP_DIR:-$root/tools/llama.cpp}"
+version="0.3.36"
+sdist="llama_cpp_python-$version.tar.gz"
+sdist_sha256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+judge_src="$root/scripts/llama-judge.cpp"
+judge="$out/bin/llama-judge"
+# The build is current when it was made from this version and this judge source.
+stamp_want="$version $(sha256sum "$judge_src" | cut -d' ' -f1)"
+
+current() { [[ -x "$judge" && -f "$out/stamp" && "$(cat "$out/stamp")" == "$stamp_want" ]]; }
+if current; then
+  echo "$judge"
+  exit 0
+fi
+mkdir -p "$out"
+exec 9>"$out/.build.lock"
+flock 9
+if current; then
+  echo "$judge"
+  exit 0
+fi
+start=$SECONDS
+
+if ! command -v cmake >/dev/null; then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    echo "installing cmake (apt-get) ..." >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake) >&2
+  else
+    echo "error: cmake is missing; install it (apt-get install cmake) and rerun $0" >&2
+    exit 1
+  fi
+fi
+for tool in g++ python3 tar; do
+  command -v "$tool" >/dev/null || { echo "error: $tool is missing" >&2; exit 1; }
+done
+
+src="$out/src-$version"
+if [[ ! -f "$src/.unpacked" ]]; then
+  tmp="$(mktemp -d "$out/.fetch.XXXXXX")"
+  trap 'rm -rf "$tmp"' EXIT
+  echo "fetching llama.cpp (pip download --no-deps --no-binary llama-cpp-python llama-cpp-python==$version) ..." >&2
+  # --no-binary for this package only: pip then builds the sdist's metadata with wheels of its
+  # build tools instead of compiling cmake from source.
+  python3 -m pip download --quiet --no-deps --disable-pip-version-check \
+    --no-binary llama-cpp-python "llama-cpp-python==$version" -d "$tmp" >&2
+  echo "$sdist_sha256  $tmp/$sdist" | sha256sum -c --quiet - >&2
+  tar -xzf "$tmp/$sdist" -C "$tmp"
+  rm -rf "$src"
+  mv "$tmp/llama_cpp_python-$version/vendor/llama.cpp" "$src"
+  touch "$src/.unpacked"
+  rm -rf "$tmp"
+  trap - EXIT
+fi
+
+jobs="$(nproc)"
+build="$out/build-$version"
+echo "building llama.cpp $version (CPU, the llama library only, $jobs jobs) ..." >&2
+cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+  -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
+  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+  -DLLAMA_OPENSSL=OFF -DGGML_OPENMP=OFF -DGGML_NATIVE=ON >&2
+cmake --build "$build" --target llama -j "$jobs" >&2
+
+mkdir -p "$out/bin"
+libs=$(find "$build" -name 'libllama.a' -o -name 'libggml.a' -o -name 'libggml-cpu.a' -o -name 'libggml-base.a' | sort)
+g++ -O2 -std=c++17 -I "$src/include" -I "$src/ggml/include" "$judge_src" -o "$judge.tmp" \
+  -Wl,--start-group $libs -Wl,--end-group -lpthread -ldl -lm
+mv "$judge.tmp" "$judge"
+echo "$stamp_want" > "$out/stamp"
+echo "llama.cpp built in $((SECONDS - start)) s" >&2
+echo "$judge"

@@ -1,0 +1,138 @@
+// lorakit's window into llama.cpp for the tests: loads a GGUF model (and optional LoRA adapter
+// GGUFs) through llama.cpp's own library, evaluates a token sequence and writes what llama.cpp
+// computed, so that tests compare lorakit against llama.cpp itself. Built by
+// scripts/build-llama-cpp.sh.
+//
+//   llama-judge MODEL.gguf [--lora FILE [--lora-scale S]]... --ids 1,2,3 [--logits OUT.f32]
+//               [--greedy N]
+//
+// --logits writes the logits of every position, [n_ids, n_vocab] little-endian f32.
+// --greedy N continues the sequence greedily (argmax, first index on ties) for N tokens and
+// prints them on stdout as `greedy: id id ...` (all N: end-of-generation tokens do not stop it).
+// Weights stay as the file stores them (no repacking), K/V caches are f32 and flash attention is off, so llama.cpp's only roundings are its own
+// weight formats and its quantised-activation products.
+#include "llama.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+static void die(const char *msg) {
+    fprintf(stderr, "llama-judge: %s\n", msg);
+    exit(1);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) die("usage: llama-judge MODEL.gguf [--lora FILE [--lora-scale S]]... --ids 1,2,3 [--logits OUT] [--greedy N]");
+    std::string model_path = argv[1];
+    std::vector<std::string> loras;
+    std::vector<float> scales;
+    std::vector<llama_token> ids;
+    std::string logits_path;
+    int greedy = 0;
+    for (int i = 2; i < argc; i++) {
+        std::string a = argv[i];
+        auto next = [&]() -> const char * {
+            if (i + 1 >= argc) die(("missing value after " + a).c_str());
+            return argv[++i];
+        };
+        if (a == "--lora") { loras.push_back(next()); scales.push_back(1.0f); }
+        else if (a == "--lora-scale") { if (scales.empty()) die("--lora-scale before --lora"); scales.back() = strtof(next(), nullptr); }
+        else if (a == "--ids") {
+            std::string s = next();
+            size_t p = 0;
+            while (p < s.size()) {
+                size_t q = s.find(',', p);
+                if (q == std::string::npos) q = s.size();
+                ids.push_back((llama_token) atoi(s.substr(p, q - p).c_str()));
+                p = q + 1;
+            }
+        }
+        else if (a == "--logits") logits_path = next();
+        else if (a == "--greedy") greedy = atoi(next());
+        else die(("unknown argument " + a).c_str());
+    }
+    if (ids.empty()) die("--ids is required");
+
+    llama_backend_init();
+    llama_model_params mp = llama_model_default_params();
+    // No repacked weights or AMX tiles: the plain CPU kernels, the same on every machine (AMX
+    // tiles also need a permission some kernels do not grant: SIGILL).
+    mp.use_extra_bufts = false;
+    llama_model *model = llama_model_load_from_file(model_path.c_str(), mp);
+    if (!model) die("cannot load the model");
+    std::vector<llama_adapter_lora *> adapters;
+    for (auto &p : loras) {
+        llama_adapter_lora *ad = llama_adapter_lora_init(model, p.c_str());
+        if (!ad) die(("cannot load the adapter " + p).c_str());
+        adapters.push_back(ad);
+    }
+
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = (uint32_t) (ids.size() + greedy + 8);
+    cp.n_batch = cp.n_ctx;
+    cp.n_ubatch = cp.n_ctx;
+    cp.n_threads = 2;
+    cp.n_threads_batch = 2;
+    cp.type_k = GGML_TYPE_F32;
+    cp.type_v = GGML_TYPE_F32;
+    cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    cp.no_perf = true;
+    llama_context *ctx = llama_init_from_model(model, cp);
+    if (!ctx) die("cannot create a context");
+    if (!adapters.empty() &&
+        llama_set_adapters_lora(ctx, adapters.data(), adapters.size(), scales.data()) != 0)
+        die("cannot set the adapters");
+
+    const llama_vocab *vocab = llama_model_get_vocab(model);
+    const int n_vocab = llama_vocab_n_tokens(vocab);
+    const int n = (int) ids.size();
+    llama_batch batch = llama_batch_init(n, 0, 1);
+    for (int i = 0; i < n; i++) {
+        batch.token[i] = ids[i];
+        batch.pos[i] = i;
+        batch.n_seq_id[i] = 1;
+        batch.seq_id[i][0] = 0;
+        batch.logits[i] = 1;
+    }
+    batch.n_tokens = n;
+    if (llama_decode(ctx, batch) != 0) die("llama_decode failed");
+
+    if (!logits_path.empty()) {
+        FILE *f = fopen(logits_path.c_str(), "wb");
+        if (!f) die("cannot open the logits file");
+        for (int i = 0; i < n; i++) {
+            const float *l = llama_get_logits_ith(ctx, i);
+            if (fwrite(l, sizeof(float), n_vocab, f) != (size_t) n_vocab) die("write failed");
+        }
+        fclose(f);
+    }
+
+    if (greedy > 0) {
+        auto argmax = [&](const float *l) {
+            int best = 0;
+            for (int v = 1; v < n_vocab; v++) if (l[v] > l[best]) best = v;
+            return best;
+        };
+        printf("greedy:");
+        llama_token tok = argmax(llama_get_logits_ith(ctx, n - 1));
+        int pos = n;
+        for (int k = 0; k < greedy; k++) {
+            printf(" %d", tok);
+            llama_batch one = llama_batch_get_one(&tok, 1);
+            (void) pos;
+            if (llama_decode(ctx, one) != 0) die("llama_decode failed");
+            pos++;
+            tok = argmax(llama_get_logits_ith(ctx, -1));
+        }
+        printf("\n");
+    }
+    llama_batch_free(batch);
+    llama_free(ctx);
+    for (auto *ad : adapters) llama_adapter_lora_free(ad);
+    llama_model_free(model);
+    llama_backend_free();
+    return 0;
+}
