@@ -776,13 +776,22 @@ fn gguf_adapter_train_writes_one_beside_the_peft_files() {
 
 #[test]
 fn gguf_adapter_cli_merge_to_gguf_runs_in_llama_cpp() {
-    // merge --out FILE.gguf through the CLI, with the adapter given as a GGUF file: the metadata
-    // (tokenizer, chat template, architecture keys) kept, and llama.cpp's perplexity on the q8_0
-    // result within 1% of lorakit's on the same file.
+    check_cli_merge_to_gguf("q8_0", GgmlType::Q8_0);
+}
+
+#[test]
+fn gguf_adapter_cli_merge_to_q4_0_gguf_runs_in_llama_cpp() {
+    check_cli_merge_to_gguf("q4_0", GgmlType::Q4_0);
+}
+
+/// merge --out FILE.gguf --type `dtype` through the CLI, with the adapter given as a GGUF file:
+/// the metadata (tokenizer, chat template, architecture keys) kept, the matrices in `want`, and
+/// llama.cpp's perplexity on the result within 1% of lorakit's on the same file.
+fn check_cli_merge_to_gguf(dtype: &str, want: GgmlType) {
     let tmp = tempfile::tempdir().unwrap();
     let model = real_model_path();
     let adapter = gfix("allmods.f32.gguf");
-    let out = tmp.path().join("merged.q8_0.gguf");
+    let out = tmp.path().join(format!("merged.{dtype}.gguf"));
     let o = lorakit(&[
         "merge",
         "--model",
@@ -792,7 +801,7 @@ fn gguf_adapter_cli_merge_to_gguf_runs_in_llama_cpp() {
         "--out",
         out.to_str().unwrap(),
         "--type",
-        "q8_0",
+        dtype,
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let g = GgufFile::open(&out).unwrap();
@@ -806,10 +815,7 @@ fn gguf_adapter_cli_merge_to_gguf_runs_in_llama_cpp() {
     ] {
         assert_eq!(g.get(key), src.get(key), "{key} kept");
     }
-    assert_eq!(
-        g.tensor_info("blk.0.ffn_down.weight").unwrap().dtype,
-        GgmlType::Q8_0
-    );
+    assert_eq!(g.tensor_info("blk.0.ffn_down.weight").unwrap().dtype, want);
     // 512 tokens of E2E-style text (the long prompt of the Gemma 3 reference).
     let reference: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(repo_root().join("tests/data/gemma3-270m/reference.json"))
@@ -837,7 +843,7 @@ fn gguf_adapter_cli_merge_to_gguf_runs_in_llama_cpp() {
     let (p_ours, p_theirs) = (nll(&lp_ours).exp(), nll(&lp_theirs).exp());
     // Per token llama.cpp's 8-bit activations move log-probs by up to a few tenths; over 511
     // tokens the perplexities must agree within 1%.
-    eprintln!("merged q8_0: perplexity over {} tokens lorakit {p_ours:.4}, llama.cpp {p_theirs:.4}; max |log-prob diff| {d:.2e}", lp_ours.len());
+    eprintln!("merged {dtype}: perplexity over {} tokens lorakit {p_ours:.4}, llama.cpp {p_theirs:.4}; max |log-prob diff| {d:.2e}", lp_ours.len());
     assert!(
         (p_ours / p_theirs - 1.0).abs() <= 0.01,
         "perplexity {p_ours} vs {p_theirs}"
