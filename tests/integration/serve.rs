@@ -969,7 +969,8 @@ fn serve_scheduler_waits_for_kv_budget() {
                 kv_budget_bytes: budget,
                 ..Default::default()
             },
-        );
+        )
+        .unwrap();
         for i in 0..2 {
             let params = SamplingParams {
                 max_new_tokens: max_tokens,

@@ -203,7 +203,7 @@ fn predictions_output(a: &EvalArgs, path: &Path) -> Result<OutputFile> {
     let adapters = a
         .adapter
         .iter()
-        .map(|s| crate::train_cmd::parse_adapter_spec(s).map(|(d, _)| d))
+        .map(|s| crate::adapter_arg::parse_adapter_spec(s).map(|(d, _)| d))
         .collect::<Result<Vec<_>>>()?;
     let mut inputs = vec![("--data", a.data.as_path())];
     if let Some(m) = &model {

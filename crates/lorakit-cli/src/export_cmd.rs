@@ -120,7 +120,7 @@ pub fn merge_gguf(
     };
     let specs = adapters
         .iter()
-        .map(|s| crate::train_cmd::parse_adapter_spec(s).map(|(d, _)| d))
+        .map(|s| crate::adapter_arg::parse_adapter_spec(s).map(|(d, _)| d))
         .collect::<Result<Vec<_>>>()?;
     let mut inputs = vec![("--model", model)];
     inputs.extend(specs.iter().map(|d| ("--adapter", d.as_path())));

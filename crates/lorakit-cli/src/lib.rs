@@ -13,6 +13,7 @@ use lorakit::generate::{generate, token_logprobs, SamplingParams};
 use lorakit::model::{load_model, LoadedModel, ModelSource};
 use lorakit::tokenize::{ChatMessage, StreamDecoder};
 
+mod adapter_arg;
 mod analyze_cmd;
 mod eval_cmd;
 mod export_cmd;
@@ -102,7 +103,7 @@ impl ModelArg {
 /// Loads each `DIR[:WEIGHT]` adapter and attaches it unmerged.
 fn attach_adapters(m: &mut LoadedModel, specs: &[String]) -> Result<()> {
     for spec in specs {
-        let (adapter, w) = train_cmd::load_adapter(spec, &m.model.config)?;
+        let (adapter, w) = adapter_arg::load_adapter(spec, &m.model.config)?;
         m.model.attach_adapter(&adapter, w)?;
     }
     Ok(())

@@ -120,7 +120,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
             kv_budget_bytes: Some(a.kv_budget_mib << 20),
             ..Default::default()
         },
-    );
+    )?;
     let app = Arc::new(App {
         sched,
         registry,

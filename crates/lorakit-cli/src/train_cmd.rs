@@ -6,12 +6,12 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lorakit::io::output::prepare_output_dir;
-use lorakit::lora::peft::Adapter;
 use lorakit::train::parallel::{check_agreement, Collective, SingleProcess};
 use lorakit::train::trainer::{
     train, train_model_on_rank, EarlierRun, Event, TrainOptions, TrainOutput, TrainPlan,
 };
 
+use crate::adapter_arg::parse_adapter_spec;
 use crate::{open_model, resolve_model};
 
 #[derive(Args)]
@@ -485,23 +485,4 @@ pub fn cmd_merge(a: MergeArgs) -> Result<()> {
         .with_context(|| format!("cannot write {}", a.out.display()))?;
     eprintln!("merged model written to {}", a.out.display());
     Ok(())
-}
-
-/// `DIR` or `DIR:WEIGHT`.
-pub fn parse_adapter_spec(spec: &str) -> Result<(PathBuf, f32)> {
-    if let Some((dir, w)) = spec.rsplit_once(':') {
-        if let Ok(w) = w.parse::<f32>() {
-            anyhow::ensure!(w.is_finite(), "adapter weight in '{spec}' is not finite");
-            return Ok((PathBuf::from(dir), w));
-        }
-    }
-    Ok((PathBuf::from(spec), 1.0))
-}
-
-pub fn load_adapter(spec: &str, config: &lorakit::model::Config) -> Result<(Adapter, f32)> {
-    let (dir, w) = parse_adapter_spec(spec)?;
-    // A PEFT directory or a GGUF adapter file.
-    let adapter = lorakit::model::gguf_adapter::load_adapter(&dir, config)
-        .with_context(|| format!("cannot load adapter {}", dir.display()))?;
-    Ok((adapter, w))
 }

@@ -215,7 +215,11 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Starts the model thread. It owns the model (adapters are attached to it for prefills).
-    pub fn start(model: Decoder, tokenizer: Arc<Tokenizer>, opts: SchedulerOptions) -> Scheduler {
+    pub fn start(
+        model: Decoder,
+        tokenizer: Arc<Tokenizer>,
+        opts: SchedulerOptions,
+    ) -> Result<Scheduler> {
         let (tx, rx) = mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let running = Arc::new(AtomicUsize::new(0));
@@ -224,15 +228,15 @@ impl Scheduler {
         let thread = std::thread::Builder::new()
             .name("lorakit-model".into())
             .spawn(move || run(model, &tokenizer, rx, q, r, opts))
-            .expect("spawning the model thread");
-        Scheduler {
+            .map_err(|e| Error::Invalid(format!("cannot start the model thread: {e}")))?;
+        Ok(Scheduler {
             tx,
             queued,
             max_queue,
             closing: AtomicBool::new(false),
             running,
             thread: std::sync::Mutex::new(Some(thread)),
-        }
+        })
     }
 
     /// Queues a request, or refuses it when the queue is full or the server is closing.
