@@ -29,7 +29,7 @@ use crate::lora::peft::Adapter;
 use crate::lora::{LoraConfig, LoraWeights, ModuleId, ModuleKind, TargetModules};
 use crate::model::arch::{self, Slot};
 use crate::model::config::{Arch, Config};
-use crate::model::load::unpermute_rows;
+use crate::model::load::{permute_rows, unpermute_rows};
 
 /// The metadata key lorakit adds to the GGUF files it writes, so that it recognises them as its
 /// own outputs (llama.cpp ignores unknown keys).
@@ -66,27 +66,6 @@ pub fn file_type(dtype: GgmlType) -> u32 {
 /// The types an adapter can be written in.
 pub const ADAPTER_TYPES: [GgmlType; 4] =
     [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0];
-
-/// Inverse of [`unpermute_rows`]: llama.cpp order from HF order, as the converter's
-/// `permute(w, n_head, n_head_kv)`: `w.reshape(n_head, 2, rows/n_head/2, cols).swapaxes(1, 2)`.
-///
-/// w: [rows, cols] → [rows, cols]; within each head, row `2i + j` of the result is row
-/// `j·half + i` of the input.
-pub fn permute_rows(w: &[f32], n_head: usize, rows: usize, cols: usize) -> Vec<f32> {
-    let head_rows = rows / n_head;
-    let half = head_rows / 2;
-    let mut out = vec![0.0f32; w.len()];
-    for head in 0..n_head {
-        for j in 0..2 {
-            for i in 0..half {
-                let src = head * head_rows + j * half + i;
-                let dst = head * head_rows + 2 * i + j;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
-}
 
 /// The number of heads whose q/k rows the GGUF interleaves, for module `kind` of `c`.
 fn permuted_heads(c: &Config, kind: ModuleKind) -> Option<usize> {

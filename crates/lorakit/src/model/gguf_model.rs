@@ -17,7 +17,8 @@ use crate::io::output::OutputFile;
 use crate::lora::ModuleKind;
 use crate::model::arch::{self, Slot, EMBED, FINAL_NORM, HEAD};
 use crate::model::decoder::Decoder;
-use crate::model::gguf_adapter::{file_type, permute_rows, LORAKIT_KEY};
+use crate::model::gguf_adapter::{file_type, LORAKIT_KEY};
+use crate::model::load::permute_rows;
 
 /// The types a merged model can be written in.
 pub const MODEL_TYPES: [GgmlType; 5] = [

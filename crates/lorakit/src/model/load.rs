@@ -404,14 +404,36 @@ pub fn attach_gguf_blocks(model: &mut Decoder, path: &Path) -> Result<()> {
 /// w: [rows, cols] → [rows, cols]; within each head, row `j·half + i` of the result is row
 /// `2i + j` of the input.
 pub fn unpermute_rows(w: &[f32], n_head: usize, rows: usize, cols: usize) -> Vec<f32> {
+    reorder_head_rows(w, n_head, rows, cols, false)
+}
+
+/// Inverse of [`unpermute_rows`]: llama.cpp order from HF order, as the converter's
+/// `permute(w, n_head, n_head_kv)`: `w.reshape(n_head, 2, rows/n_head/2, cols).swapaxes(1, 2)`.
+///
+/// w: [rows, cols] → [rows, cols]; within each head, row `2i + j` of the result is row
+/// `j·half + i` of the input.
+pub fn permute_rows(w: &[f32], n_head: usize, rows: usize, cols: usize) -> Vec<f32> {
+    reorder_head_rows(w, n_head, rows, cols, true)
+}
+
+/// Within each head, HF's row `j·half + i` ↔ llama.cpp's row `2i + j`; `to_gguf` picks the
+/// direction.  w: [rows, cols] → [rows, cols].
+fn reorder_head_rows(
+    w: &[f32],
+    n_head: usize,
+    rows: usize,
+    cols: usize,
+    to_gguf: bool,
+) -> Vec<f32> {
     let head_rows = rows / n_head;
     let half = head_rows / 2;
     let mut out = vec![0.0f32; w.len()];
     for head in 0..n_head {
         for j in 0..2 {
             for i in 0..half {
-                let dst = head * head_rows + j * half + i;
-                let src = head * head_rows + 2 * i + j;
+                let hf = head * head_rows + j * half + i;
+                let gguf = head * head_rows + 2 * i + j;
+                let (src, dst) = if to_gguf { (hf, gguf) } else { (gguf, hf) };
                 out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
             }
         }
@@ -583,5 +605,14 @@ mod tests {
         let w: Vec<f32> = (0..8).map(|i| i as f32).collect();
         let out = unpermute_rows(&w, 2, 8, 1);
         assert_eq!(out, vec![0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
+    }
+
+    #[test]
+    fn permute_undoes_unpermute() {
+        // 3 heads of 4 rows, 2 columns.
+        let w: Vec<f32> = (0..24).map(|i| i as f32).collect();
+        let there = permute_rows(&w, 3, 12, 2);
+        assert_ne!(there, w);
+        assert_eq!(unpermute_rows(&there, 3, 12, 2), w);
     }
 }
