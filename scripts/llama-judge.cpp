@@ -6,16 +6,27 @@
 //   llama-judge MODEL.gguf [--lora FILE [--lora-scale S]]... --ids 1,2,3 [--logits OUT.f32]
 //               [--greedy N]
 //
+//   llama-judge MODEL.gguf --chat ROLE TEXT [--chat ROLE TEXT]...
+//   llama-judge --quantize TYPE ROW IN.f32 OUT
+//
 // --logits writes the logits of every position, [n_ids, n_vocab] little-endian f32.
 // --greedy N continues the sequence greedily (argmax, first index on ties) for N tokens and
 // prints them on stdout as `greedy: id id ...` (all N: end-of-generation tokens do not stop it).
+// --chat builds the prompt from the model's own chat template with llama.cpp's
+// llama_chat_apply_template (generation prompt added) and prints `chat-ids: id id ...` (the
+// prompt tokenised with the vocabulary's special-token rules, as llama.cpp's chat tools do) and
+// `eog: id id ...` (every token llama.cpp ends generation at).
+// --quantize quantises IN (rows of ROW little-endian f32) to TYPE (a ggml type name such as q4_K)
+// with ggml_quantize_chunk, the quantiser llama-quantize runs, and writes the blocks to OUT.
 // Weights stay as the file stores them (no repacking), K/V caches are f32 and flash attention is off, so llama.cpp's only roundings are its own
 // weight formats and its quantised-activation products.
+#include "ggml.h"
 #include "llama.h"
 
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <strings.h>
 #include <string>
 #include <vector>
 
@@ -24,7 +35,40 @@ static void die(const char *msg) {
     exit(1);
 }
 
+static std::vector<char> read_file(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die((std::string("cannot open ") + path).c_str());
+    std::vector<char> data;
+    char buf[1 << 16];
+    size_t got;
+    while ((got = fread(buf, 1, sizeof buf, f)) > 0) data.insert(data.end(), buf, buf + got);
+    fclose(f);
+    return data;
+}
+
+static int quantize_main(int argc, char **argv) {
+    if (argc != 6) die("usage: llama-judge --quantize TYPE ROW IN.f32 OUT");
+    int type = -1;
+    for (int t = 0; t < GGML_TYPE_COUNT; t++) {
+        const char *name = ggml_type_name((enum ggml_type) t);
+        if (name && strcasecmp(name, argv[2]) == 0) type = t;
+    }
+    if (type < 0) die("unknown type");
+    const int64_t row = atoll(argv[3]);
+    std::vector<char> in = read_file(argv[4]);
+    if (row <= 0 || in.size() % (4 * row) != 0) die("the input is not whole rows of f32");
+    const int64_t rows = (int64_t) in.size() / (4 * row);
+    std::vector<char> out(ggml_row_size((enum ggml_type) type, row) * rows);
+    const size_t n = ggml_quantize_chunk((enum ggml_type) type, (const float *) in.data(),
+                                         out.data(), 0, rows, row, nullptr);
+    FILE *f = fopen(argv[5], "wb");
+    if (!f || fwrite(out.data(), 1, n, f) != n) die("cannot write the output");
+    fclose(f);
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc >= 2 && std::string(argv[1]) == "--quantize") return quantize_main(argc, argv);
     if (argc < 2) die("usage: llama-judge MODEL.gguf [--lora FILE [--lora-scale S]]... --ids 1,2,3 [--logits OUT] [--greedy N]");
     std::string model_path = argv[1];
     std::vector<std::string> loras;
@@ -32,6 +76,7 @@ int main(int argc, char **argv) {
     std::vector<llama_token> ids;
     std::string logits_path;
     int greedy = 0;
+    std::vector<std::pair<std::string, std::string>> chat;
     for (int i = 2; i < argc; i++) {
         std::string a = argv[i];
         auto next = [&]() -> const char * {
@@ -51,10 +96,14 @@ int main(int argc, char **argv) {
             }
         }
         else if (a == "--logits") logits_path = next();
+        else if (a == "--chat") {
+            std::string role = next();
+            chat.emplace_back(role, next());
+        }
         else if (a == "--greedy") greedy = atoi(next());
         else die(("unknown argument " + a).c_str());
     }
-    if (ids.empty()) die("--ids is required");
+    if (ids.empty() && chat.empty()) die("--ids or --chat is required");
 
     llama_backend_init();
     llama_model_params mp = llama_model_default_params();
@@ -63,6 +112,29 @@ int main(int argc, char **argv) {
     mp.use_extra_bufts = false;
     llama_model *model = llama_model_load_from_file(model_path.c_str(), mp);
     if (!model) die("cannot load the model");
+    if (!chat.empty()) {
+        const char *tmpl = llama_model_chat_template(model, nullptr);
+        if (!tmpl) die("the model has no chat template");
+        std::vector<llama_chat_message> msgs;
+        for (auto &m : chat) msgs.push_back({m.first.c_str(), m.second.c_str()});
+        std::vector<char> text(1 << 16);
+        int len = llama_chat_apply_template(tmpl, msgs.data(), msgs.size(), true, text.data(), (int32_t) text.size());
+        if (len < 0) die("llama.cpp does not support this chat template");
+        if (len > (int) text.size()) die("the chat prompt is too long");
+        const llama_vocab *vocab = llama_model_get_vocab(model);
+        std::vector<llama_token> toks(len + 8);
+        int nt = llama_tokenize(vocab, text.data(), len, toks.data(), (int32_t) toks.size(), true, true);
+        if (nt < 0) die("tokenisation failed");
+        printf("chat-ids:");
+        for (int i = 0; i < nt; i++) printf(" %d", toks[i]);
+        printf("\neog:");
+        for (int t = 0; t < llama_vocab_n_tokens(vocab); t++)
+            if (llama_vocab_is_eog(vocab, t)) printf(" %d", t);
+        printf("\n");
+        llama_model_free(model);
+        llama_backend_free();
+        return 0;
+    }
     std::vector<llama_adapter_lora *> adapters;
     for (auto &p : loras) {
         llama_adapter_lora *ad = llama_adapter_lora_init(model, p.c_str());

@@ -867,3 +867,76 @@ fn gguf_adapter_quantiser_equals_gguf_py() {
         );
     }
 }
+
+/// Rows that exercise every branch of ggml's quantisers: Gaussian rows of several scales, all
+/// zeros, a constant, one outlier, all negative, tiny values, values on rounding ties.
+fn quantiser_rows(row: usize) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(20261201);
+    let mut x = Vec::new();
+    for r in 0..24 {
+        let scale = [1.0f32, 0.02, 30.0, 1e-4][r % 4];
+        let mut v: Vec<f32> = (0..row)
+            .map(|_| {
+                // Box–Muller: a normal value from two uniforms.
+                let (u1, u2): (f32, f32) = (rng.random::<f32>().max(1e-7), rng.random());
+                scale * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+            })
+            .collect();
+        match r {
+            4 => v.fill(0.0),
+            5 => v.fill(0.75),
+            6 => v[row / 3] = 50.0,
+            7 => v.iter_mut().for_each(|e| *e = -e.abs() - 0.1),
+            8 => v.iter_mut().for_each(|e| *e = e.abs()),
+            9 => v.iter_mut().enumerate().for_each(|(i, e)| *e = (i % 17) as f32 * 0.5 - 4.0),
+            10 => v[..row / 2].fill(0.0),
+            _ => {}
+        }
+        x.extend(v);
+    }
+    x
+}
+
+#[test]
+fn gguf_adapter_quantisers_equal_ggml() {
+    // Every block type lorakit writes, byte for byte the blocks of ggml's own quantiser
+    // (ggml_quantize_chunk, what llama-quantize runs without an importance matrix).
+    use lorakit::io::gguf::{quantize, WRITABLE};
+    let row = 512;
+    let x = quantiser_rows(row);
+    let input = scratch("quantiser-rows.f32");
+    std::fs::write(&input, x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    let mut checked = Vec::new();
+    for t in WRITABLE {
+        if matches!(t, GgmlType::F32) {
+            continue;
+        }
+        let out = scratch(&format!("quantiser-{}.bin", t.name()));
+        let o = Command::new(llama_judge())
+            .arg("--quantize")
+            .arg(t.name())
+            .arg(row.to_string())
+            .arg(&input)
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let theirs = std::fs::read(&out).unwrap();
+        let ours = quantize(t, &x, row).unwrap();
+        assert_eq!(ours.len(), theirs.len(), "{t}: size");
+        let bs = t.type_size();
+        let differing: Vec<usize> = (0..ours.len() / bs)
+            .filter(|&b| ours[b * bs..(b + 1) * bs] != theirs[b * bs..(b + 1) * bs])
+            .collect();
+        assert!(
+            differing.is_empty(),
+            "{t}: {} of {} blocks differ from ggml's (first: block {})",
+            differing.len(),
+            ours.len() / bs,
+            differing[0]
+        );
+        checked.push(t.name());
+    }
+    eprintln!("byte-identical to ggml: {}", checked.join(", "));
+}

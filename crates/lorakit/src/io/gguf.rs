@@ -18,7 +18,8 @@
 //! [`Error`] that names the path and what is wrong; it never panics, and no allocation is sized by
 //! a count before that count has been checked against the file size.
 //!
-//! [`GgufWriter`] (in `gguf/writer.rs`) writes files in the same format, [`quantize`] the data.
+//! [`GgufWriter`] (in `gguf/writer.rs`) writes files in the same format, [`quantize`] (in
+//! `gguf/quantize.rs`) the data.
 //!
 //! Dequantisation ([`dequantize`], [`GgufFile::tensor_f32`]) is bit-identical to ggml's
 //! `dequantize_row_*` and the Python `gguf` package (kernels in `gguf/quants.rs`).
@@ -29,13 +30,15 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+mod quantize;
 mod quants;
 #[cfg(test)]
 mod tests;
 pub mod writer;
 
 pub use quants::{dequantize, DequantError};
-pub use writer::{quantize, GgufWriter, QuantizeError};
+pub use quantize::{can_quantize, quantize, QuantizeError, WRITABLE};
+pub use writer::GgufWriter;
 
 /// The GGUF magic, the first four bytes of every file.
 pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::io::gguf::writer::can_quantize;
+use crate::io::gguf::can_quantize;
 use crate::io::gguf::{quantize, GgmlType, GgufFile, GgufValue, GgufWriter};
 use crate::io::output::OutputFile;
 use crate::lora::peft::Adapter;

@@ -11,7 +11,7 @@
 //! written in F16, as llama.cpp's converter does.
 
 use crate::error::{Error, Result};
-use crate::io::gguf::writer::can_quantize;
+use crate::io::gguf::can_quantize;
 use crate::io::gguf::{quantize, GgmlType, GgufFile, GgufValue, GgufWriter};
 use crate::io::output::OutputFile;
 use crate::lora::ModuleKind;

@@ -1,11 +1,9 @@
-//! GGUF v3 writer and the quantisers for the types lorakit writes.
+//! GGUF v3 writer.
 //!
 //! [`GgufWriter`] collects metadata and tensors and lays them out as llama.cpp's `gguf_write`
 //! and the Python `gguf` package do: header, key/value pairs in insertion order, the tensor
 //! directory, padding to `general.alignment` (32), each tensor's data padded to 32 bytes.
-//! [`quantize`] turns f32 rows into F32 / F16 / BF16 / Q8_0 / Q4_0 data, value for value as
-//! ggml's `quantize_row_*_ref` and gguf-py's `gguf.quants.quantize` (round to nearest even for
-//! the floats; `roundf` on the scaled values for the blocks).
+//! The tensor data comes from [`quantize`](super::quantize) (in `gguf/quantize.rs`).
 
 use std::io::{self, Write};
 
@@ -152,102 +150,4 @@ impl GgufWriter {
     pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
         w.write_all(&self.to_bytes())
     }
-}
-
-/// Why [`quantize`] refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum QuantizeError {
-    /// lorakit writes F32, F16, BF16, Q8_0 and Q4_0 only.
-    Unsupported(GgmlType),
-    /// A block type needs rows that are whole blocks.
-    RowLength { dtype: GgmlType, row: usize },
-}
-
-impl std::fmt::Display for QuantizeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match *self {
-            QuantizeError::Unsupported(t) => {
-                write!(
-                    f,
-                    "lorakit cannot write tensor type {t} (F32, F16, BF16, Q8_0, Q4_0)"
-                )
-            }
-            QuantizeError::RowLength { dtype, row } => write!(
-                f,
-                "rows of {row} values are not whole {dtype} blocks of {}",
-                dtype.block_size()
-            ),
-        }
-    }
-}
-
-impl std::error::Error for QuantizeError {}
-
-/// Whether `dtype` can hold rows of `row` values (block types need whole blocks per row).
-pub fn can_quantize(dtype: GgmlType, row: usize) -> bool {
-    quantize(dtype, &[], row).is_ok()
-}
-
-/// x: rows of `row` values (x.len() a multiple of `row`) -> `dtype` data.
-pub fn quantize(dtype: GgmlType, x: &[f32], row: usize) -> Result<Vec<u8>, QuantizeError> {
-    let blocks = |b: usize| {
-        if !row.is_multiple_of(b) {
-            Err(QuantizeError::RowLength { dtype, row })
-        } else {
-            Ok(())
-        }
-    };
-    Ok(match dtype {
-        GgmlType::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        GgmlType::F16 => x
-            .iter()
-            .flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes())
-            .collect(),
-        GgmlType::BF16 => x.iter().flat_map(|&v| bf16_bits(v).to_le_bytes()).collect(),
-        GgmlType::Q8_0 => {
-            blocks(32)?;
-            let mut out = Vec::with_capacity(x.len() / 32 * 34);
-            for b in x.chunks_exact(32) {
-                // d = amax / 127; q = roundf(x / d), computed as x * (1 / d)
-                let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                out.extend(half::f16::from_f32(d).to_bits().to_le_bytes());
-                out.extend(b.iter().map(|&v| (v * id).round() as i8 as u8));
-            }
-            out
-        }
-        GgmlType::Q4_0 => {
-            blocks(32)?;
-            let mut out = Vec::with_capacity(x.len() / 32 * 18);
-            for b in x.chunks_exact(32) {
-                // The value of largest magnitude, with its sign, maps to -8: d = max / -8.
-                let mut max = 0.0f32;
-                for &v in b {
-                    if v.abs() > max.abs() {
-                        max = v;
-                    }
-                }
-                let d = max / -8.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                out.extend(half::f16::from_f32(d).to_bits().to_le_bytes());
-                let q = |v: f32| ((v * id + 8.5) as i32).min(15) as u8;
-                for j in 0..16 {
-                    out.push(q(b[j]) | (q(b[j + 16]) << 4));
-                }
-            }
-            out
-        }
-        other => return Err(QuantizeError::Unsupported(other)),
-    })
-}
-
-/// f32 -> bf16 bits, round to nearest even; NaN stays a (quiet) NaN. As ggml's
-/// `ggml_compute_fp32_to_bf16` and gguf-py.
-fn bf16_bits(v: f32) -> u16 {
-    let u = v.to_bits();
-    if u & 0x7fff_ffff > 0x7f80_0000 {
-        return ((u >> 16) | 64) as u16;
-    }
-    ((u + (0x7fff + ((u >> 16) & 1))) >> 16) as u16
 }
