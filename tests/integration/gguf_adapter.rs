@@ -784,6 +784,30 @@ fn gguf_adapter_cli_merge_to_q4_0_gguf_runs_in_llama_cpp() {
     check_cli_merge_to_gguf("q4_0", GgmlType::Q4_0);
 }
 
+#[test]
+fn gguf_adapter_cli_merge_to_q4_k_m_gguf_runs_in_llama_cpp() {
+    // Layer 0's ffn_down is one of the Q4_K_M mix's Q6_K tensors.
+    check_cli_merge_to_gguf("q4_k_m", GgmlType::Q6_K);
+}
+
+#[test]
+fn gguf_adapter_q4_k_m_mix_chooses_llama_quantize_types() {
+    // The tensor types of the Q4_K_M mix, tensor by tensor those llama-quantize chose for the
+    // Gemma 3 270M Q4_K_M file (tied output; rows of 640 and 256 that fall back to Q5_0 / Q8_0;
+    // Q6_K in 9 of 18 layers for attn_v and ffn_down).
+    use lorakit::model::gguf_model::FileType;
+    let g = GgufFile::open(&gemma3_path()).unwrap();
+    let tied = g.tensor_info("output.weight").is_none();
+    let mut counts = std::collections::BTreeMap::new();
+    for info in g.tensors() {
+        let ours = FileType::Q4KM.tensor_type(&info.name, &info.shape(), 18, tied);
+        assert_eq!(ours, info.dtype, "{}", info.name);
+        *counts.entry(info.dtype.name()).or_insert(0) += 1;
+    }
+    eprintln!("Gemma 3 270M Q4_K_M, tensors per type: {counts:?}");
+    assert!(counts.len() >= 5, "{counts:?}");
+}
+
 /// merge --out FILE.gguf --type `dtype` through the CLI, with the adapter given as a GGUF file:
 /// the metadata (tokenizer, chat template, architecture keys) kept, the matrices in `want`, and
 /// llama.cpp's perplexity on the result within 1% of lorakit's on the same file.
@@ -816,6 +840,16 @@ fn check_cli_merge_to_gguf(dtype: &str, want: GgmlType) {
         assert_eq!(g.get(key), src.get(key), "{key} kept");
     }
     assert_eq!(g.tensor_info("blk.0.ffn_down.weight").unwrap().dtype, want);
+    assert_eq!(
+        g.get("general.file_type"),
+        Some(&lorakit::io::gguf::GgufValue::U32(match dtype {
+            "q8_0" => 7,
+            "q4_0" => 2,
+            "q4_k_m" => 15,
+            _ => unreachable!(),
+        })),
+        "llama.cpp's file type"
+    );
     // 512 tokens of E2E-style text (the long prompt of the Gemma 3 reference).
     let reference: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(repo_root().join("tests/data/gemma3-270m/reference.json"))

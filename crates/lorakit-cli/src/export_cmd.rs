@@ -10,7 +10,7 @@ use lorakit::io::output::prepare_output_file;
 use lorakit::model::gguf_adapter::{
     gguf_adapter_bytes, is_lorakit_gguf, load_adapter, ADAPTER_TYPES,
 };
-use lorakit::model::gguf_model::{parse_type, save_gguf_model};
+use lorakit::model::gguf_model::{parse_type, save_gguf_model, FileType, FILE_TYPE_NAMES};
 use lorakit::model::Config;
 use lorakit::train::trainer::TrainOutput;
 
@@ -115,8 +115,8 @@ pub fn merge_gguf(
     dtype: &str,
     overwrite: bool,
 ) -> Result<()> {
-    let Some(dtype) = parse_type(dtype) else {
-        bail!("unknown --type '{dtype}' for a merged GGUF (f32, f16, bf16, q8_0, q4_0)");
+    let Some(file_type) = FileType::parse(dtype) else {
+        bail!("unknown --type '{dtype}' for a merged GGUF ({FILE_TYPE_NAMES})");
     };
     let specs = adapters
         .iter()
@@ -141,12 +141,12 @@ pub fn merge_gguf(
     crate::attach_adapters(&mut loaded, adapters)?;
     loaded.model.merge_adapters()?;
     let source = GgufFile::open(model)?;
-    save_gguf_model(&loaded.model, &source, dtype, &out_file)
+    save_gguf_model(&loaded.model, &source, file_type, &out_file)
         .with_context(|| format!("cannot write {}", out.display()))?;
     eprintln!(
         "merged model written to {} ({})",
         out.display(),
-        dtype.name()
+        dtype.to_lowercase()
     );
     Ok(())
 }

@@ -454,7 +454,8 @@ pub struct MergeArgs {
     /// FILE.gguf (from a .gguf base: its metadata, tokenizer and chat template kept).
     #[arg(long)]
     out: PathBuf,
-    /// Tensor type of a .gguf output: f32, f16, bf16, q8_0 or q4_0.
+    /// Tensor type of a .gguf output: f32, f16, bf16, q8_0, q6_k, q5_k, q5_1, q5_0, q4_k,
+    /// q4_1, q4_0, or llama.cpp's mixes q4_k_m and q5_k_m.
     #[arg(long = "type", default_value = "f32")]
     dtype: String,
     /// Write into a directory lorakit did not write (replacing only the files merge writes).

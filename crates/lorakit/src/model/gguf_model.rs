@@ -12,28 +12,136 @@
 
 use crate::error::{Error, Result};
 use crate::io::gguf::can_quantize;
-use crate::io::gguf::{quantize, GgmlType, GgufFile, GgufValue, GgufWriter};
+use crate::io::gguf::{quantize, GgmlType, GgufFile, GgufValue, GgufWriter, WRITABLE};
 use crate::io::output::OutputFile;
 use crate::lora::ModuleKind;
 use crate::model::arch::{self, Slot, EMBED, FINAL_NORM, HEAD};
 use crate::model::decoder::Decoder;
-use crate::model::gguf_adapter::{file_type, LORAKIT_KEY};
+use crate::model::gguf_adapter::LORAKIT_KEY;
 use crate::model::load::permute_rows;
 
-/// The types a merged model can be written in.
-pub const MODEL_TYPES: [GgmlType; 5] = [
-    GgmlType::F32,
-    GgmlType::F16,
-    GgmlType::BF16,
-    GgmlType::Q8_0,
-    GgmlType::Q4_0,
-];
+/// What a merged GGUF model is written in: one type for every matrix, or one of llama.cpp's
+/// K-quant mixes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileType {
+    /// Every matrix in this type (F16 where its rows are not whole blocks); norms in F32.
+    Uniform(GgmlType),
+    /// llama.cpp's Q4_K_M: Q4_K, with Q6_K for the output and for half of attn_v / ffn_down.
+    Q4KM,
+    /// llama.cpp's Q5_K_M: Q5_K, with Q6_K for the output and for half of attn_v / ffn_down.
+    Q5KM,
+}
 
-/// `f32`, `f16`, `bf16`, `q8_0`, `q4_0` → the type.
+impl From<GgmlType> for FileType {
+    fn from(t: GgmlType) -> Self {
+        FileType::Uniform(t)
+    }
+}
+
+/// The names `--type` accepts for a merged model.
+pub const FILE_TYPE_NAMES: &str =
+    "f32, f16, bf16, q8_0, q6_k, q5_k_m, q5_k, q5_1, q5_0, q4_k_m, q4_k, q4_1, q4_0";
+
+/// A tensor type lorakit writes, by its ggml name (`f16`, `q8_0`, `q4_k`, …, any case).
 pub fn parse_type(s: &str) -> Option<GgmlType> {
-    MODEL_TYPES
+    WRITABLE
         .into_iter()
         .find(|t| t.name().eq_ignore_ascii_case(s))
+}
+
+impl FileType {
+    /// `q4_k_m`, `q5_k_m` or a tensor type lorakit writes.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "q4_k_m" => Some(FileType::Q4KM),
+            "q5_k_m" => Some(FileType::Q5KM),
+            _ => parse_type(s).map(FileType::Uniform),
+        }
+    }
+
+    /// llama.cpp's `llama_ftype` (`general.file_type`).
+    fn llama_ftype(self) -> u32 {
+        use GgmlType::*;
+        match self {
+            FileType::Q4KM => 15,
+            FileType::Q5KM => 17,
+            FileType::Uniform(t) => match t {
+                F16 => 1,
+                Q4_0 => 2,
+                Q4_1 => 3,
+                Q8_0 => 7,
+                Q5_0 => 8,
+                Q5_1 => 9,
+                Q4_K => 14, // MOSTLY_Q4_K_S, the uniform Q4_K file
+                Q5_K => 16, // MOSTLY_Q5_K_S
+                Q6_K => 18,
+                BF16 => 32,
+                _ => 0,
+            },
+        }
+    }
+
+    /// The type of tensor `name` (row-major `shape`) of a model with `n_layers` layers.
+    ///
+    /// The mixes follow llama.cpp's `llama_tensor_get_type` for dense models (not its Falcon,
+    /// 70B or mixture-of-experts rules): the output matrix (the token embedding when the output
+    /// is tied to it) in Q6_K; `attn_v` and `ffn_down` in Q6_K in the layers where
+    /// `use_more_bits` holds (the first and last eighth and every third between); a fused
+    /// `attn_qkv` one step up (Q5_K / Q6_K); everything else in the mix's base type. A matrix
+    /// whose rows are not whole 256-value blocks falls back as llama.cpp's does (Q4_K → Q5_0,
+    /// Q5_K → Q5_1, Q6_K → Q8_0, and F16 if still not whole blocks). 1-D tensors are F32.
+    pub fn tensor_type(self, name: &str, shape: &[usize], n_layers: usize, tied: bool) -> GgmlType {
+        if shape.len() < 2 {
+            return GgmlType::F32;
+        }
+        let row = *shape.last().unwrap_or(&1);
+        let (base, qkv) = match self {
+            FileType::Uniform(t) => {
+                return if can_quantize(t, row) { t } else { GgmlType::F16 };
+            }
+            FileType::Q4KM => (GgmlType::Q4_K, GgmlType::Q5_K),
+            FileType::Q5KM => (GgmlType::Q5_K, GgmlType::Q6_K),
+        };
+        let layer = name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(l, _)| l.parse::<usize>().ok());
+        let more_bits = |i: usize| {
+            let n = n_layers as i64;
+            let i = i as i64;
+            i < n / 8 || i >= 7 * n / 8 || (i - n / 8).rem_euclid(3) == 2
+        };
+        let is_output = name == HEAD.1 || (tied && name == EMBED.1);
+        let wanted = if is_output {
+            if row % 256 != 0 {
+                GgmlType::Q8_0
+            } else {
+                GgmlType::Q6_K
+            }
+        } else if name.ends_with(".attn_qkv.weight") {
+            qkv
+        } else if (name.ends_with(".attn_v.weight") || name.ends_with(".ffn_down.weight"))
+            && layer.is_some_and(more_bits)
+        {
+            GgmlType::Q6_K
+        } else {
+            base
+        };
+        if can_quantize(wanted, row) {
+            return wanted;
+        }
+        let fallback = match wanted {
+            GgmlType::Q4_K => GgmlType::Q5_0,
+            GgmlType::Q5_K => GgmlType::Q5_1,
+            GgmlType::Q6_K => GgmlType::Q8_0,
+            t => t,
+        };
+        if can_quantize(fallback, row) {
+            fallback
+        } else {
+            GgmlType::F16
+        }
+    }
 }
 
 /// The f32 values of the tensor `name` of `source` as `model` holds them now, in the GGUF's
@@ -114,14 +222,22 @@ fn tensor_from_model(
     Err(unknown())
 }
 
-/// The GGUF file of `model` (loaded from `source`), its 2-D weights in `dtype`.
-pub fn gguf_model_bytes(model: &Decoder, source: &GgufFile, dtype: GgmlType) -> Result<Vec<u8>> {
-    if !MODEL_TYPES.contains(&dtype) {
-        return Err(Error::Invalid(format!(
-            "a merged GGUF is written in f32, f16, bf16, q8_0 or q4_0, not {}",
-            dtype.name().to_lowercase()
-        )));
+/// The GGUF file of `model` (loaded from `source`), its 2-D weights in `file_type`.
+pub fn gguf_model_bytes(
+    model: &Decoder,
+    source: &GgufFile,
+    file_type: impl Into<FileType>,
+) -> Result<Vec<u8>> {
+    let file_type = file_type.into();
+    if let FileType::Uniform(t) = file_type {
+        if !WRITABLE.contains(&t) {
+            return Err(Error::Invalid(format!(
+                "a merged GGUF is written in {FILE_TYPE_NAMES}, not {}",
+                t.name().to_lowercase()
+            )));
+        }
     }
+    let tied = source.tensor_info(HEAD.1).is_none();
     let mut g = GgufWriter::new();
     for (k, v) in source.metadata() {
         // The reader keeps general.alignment; lorakit writes the default alignment.
@@ -130,7 +246,7 @@ pub fn gguf_model_bytes(model: &Decoder, source: &GgufFile, dtype: GgmlType) -> 
         }
         g.kv(k, v.clone());
     }
-    g.kv("general.file_type", GgufValue::U32(file_type(dtype)));
+    g.kv("general.file_type", GgufValue::U32(file_type.llama_ftype()));
     g.kv("general.quantization_version", GgufValue::U32(2));
     g.kv_str(LORAKIT_KEY, "model");
     for info in source.tensors() {
@@ -159,13 +275,7 @@ pub fn gguf_model_bytes(model: &Decoder, source: &GgufFile, dtype: GgmlType) -> 
             ));
         }
         let row = *shape.last().unwrap_or(&1);
-        let t = if shape.len() < 2 {
-            GgmlType::F32
-        } else if can_quantize(dtype, row) {
-            dtype
-        } else {
-            GgmlType::F16
-        };
+        let t = file_type.tensor_type(name, &shape, model.config.num_layers, tied);
         let bytes = quantize(t, &data, row)
             .map_err(|e| Error::tensor(source.path(), name, e.to_string()))?;
         g.tensor(name, &shape, t, bytes);
@@ -177,9 +287,9 @@ pub fn gguf_model_bytes(model: &Decoder, source: &GgufFile, dtype: GgmlType) -> 
 pub fn save_gguf_model(
     model: &Decoder,
     source: &GgufFile,
-    dtype: GgmlType,
+    file_type: FileType,
     out: &OutputFile,
 ) -> Result<()> {
-    let bytes = gguf_model_bytes(model, source, dtype)?;
+    let bytes = gguf_model_bytes(model, source, file_type)?;
     out.write(&bytes)
 }
