@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Builds llama.cpp (CPU only) as the tests' judge: the llama.cpp vendored in the PyPI sdist of
-# llama-cpp-python (pinned, sha256-checked, fetched with pip), its `llama` library and
-# scripts/llama-judge.cpp linked against it, into the git-ignored tools/llama.cpp/. Also unpacks
+# llama-cpp-python (pinned, sha256-checked, fetched with pip), its `llama` and `llama-common`
+# libraries and scripts/llama-judge.cpp linked against them, into the git-ignored tools/llama.cpp/. Also unpacks
 # the sdist's convert_lora_to_gguf.py and gguf-py (used by scripts/make-gguf-adapter-fixture.py).
 # Does nothing when the build is there and current; safe to run from several processes at once.
 # Installs cmake with apt-get when it is missing (as root).
 #
 #   scripts/build-llama-cpp.sh        prints the path of the judge binary on stdout
 #
-# Only what the tests need is compiled (no common/, tools, examples or server): about 5 minutes
-# on 2 cores.
+# Only what the tests need is compiled (the libraries, common/ for llama.cpp's Jinja chat
+# templates; no tools, examples or server): about 6 minutes on 2 cores.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,7 +20,7 @@ sdist_sha256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 judge_src="$root/scripts/llama-judge.cpp"
 judge="$out/bin/llama-judge"
 # The build is current when it was made from this version and this judge source.
-stamp_want="$version $(sha256sum "$judge_src" | cut -d' ' -f1)"
+stamp_want="$version $(cat "$judge_src" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)"
 
 current() { [[ -x "$judge" && -f "$out/stamp" && "$(cat "$out/stamp")" == "$stamp_want" ]]; }
 if current; then
@@ -69,16 +69,17 @@ fi
 
 jobs="$(nproc)"
 build="$out/build-$version"
-echo "building llama.cpp $version (CPU, the llama library only, $jobs jobs) ..." >&2
+echo "building llama.cpp $version (CPU, the llama and common libraries only, $jobs jobs) ..." >&2
 cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
-  -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
+  -DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
   -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
   -DLLAMA_OPENSSL=OFF -DGGML_OPENMP=OFF -DGGML_NATIVE=ON >&2
-cmake --build "$build" --target llama -j "$jobs" >&2
+cmake --build "$build" --target llama llama-common -j "$jobs" >&2
 
 mkdir -p "$out/bin"
-libs=$(find "$build" -name 'libllama.a' -o -name 'libggml.a' -o -name 'libggml-cpu.a' -o -name 'libggml-base.a' | sort)
-g++ -O2 -std=c++17 -I "$src/include" -I "$src/ggml/include" "$judge_src" -o "$judge.tmp" \
+libs=$(find "$build" -name '*.a' | sort)
+g++ -O2 -std=c++17 -I "$src/include" -I "$src/ggml/include" -I "$src/common" -I "$src/vendor" \
+  "$judge_src" -o "$judge.tmp" \
   -Wl,--start-group $libs -Wl,--end-group -lpthread -ldl -lm
 mv "$judge.tmp" "$judge"
 echo "$stamp_want" > "$out/stamp"

@@ -923,7 +923,10 @@ fn quantiser_rows(row: usize) -> Vec<f32> {
             6 => v[row / 3] = 50.0,
             7 => v.iter_mut().for_each(|e| *e = -e.abs() - 0.1),
             8 => v.iter_mut().for_each(|e| *e = e.abs()),
-            9 => v.iter_mut().enumerate().for_each(|(i, e)| *e = (i % 17) as f32 * 0.5 - 4.0),
+            9 => v
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, e)| *e = (i % 17) as f32 * 0.5 - 4.0),
             10 => v[..row / 2].fill(0.0),
             _ => {}
         }
@@ -940,7 +943,11 @@ fn gguf_adapter_quantisers_equal_ggml() {
     let row = 512;
     let x = quantiser_rows(row);
     let input = scratch("quantiser-rows.f32");
-    std::fs::write(&input, x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    std::fs::write(
+        &input,
+        x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+    )
+    .unwrap();
     let mut checked = Vec::new();
     for t in WRITABLE {
         if matches!(t, GgmlType::F32) {
@@ -973,4 +980,101 @@ fn gguf_adapter_quantisers_equal_ggml() {
         checked.push(t.name());
     }
     eprintln!("byte-identical to ggml: {}", checked.join(", "));
+}
+
+/// llama.cpp's chat prompt for `messages` from the model file's own template (token ids) and
+/// its end-of-generation tokens.
+fn judge_chat(model: &Path, messages: &[(&str, &str)]) -> (Vec<u32>, Vec<u32>) {
+    let mut cmd = Command::new(llama_judge());
+    cmd.arg(model);
+    for (role, content) in messages {
+        cmd.args(["--chat", role, content]);
+    }
+    let out = cmd.output().expect("run llama-judge");
+    assert!(
+        out.status.success(),
+        "llama-judge --chat failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ids = |prefix: &str| -> Vec<u32> {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in {stdout}"))
+            .split_whitespace()
+            .map(|t| t.parse().unwrap())
+            .collect()
+    };
+    (ids("chat-ids:"), ids("eog:"))
+}
+
+#[test]
+fn gguf_adapter_merged_gguf_chat_prompt_and_eos_equal_llama_cpp() {
+    // The merged GGUF's own chat template, rendered and tokenised by llama.cpp
+    // (llama_chat_apply_template), gives the prompt tokens lorakit's `--chat` builds; greedy
+    // generation from it ends at a token llama.cpp also ends at, at the same place.
+    use lorakit::tokenize::ChatMessage;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged.q8_0.gguf");
+    let mut merged = model_with(&peft(QV));
+    merged.merge_adapters().unwrap();
+    let source = GgufFile::open(&real_model_path()).unwrap();
+    std::fs::write(
+        &out,
+        gguf_model_bytes(&merged, &source, GgmlType::Q8_0).unwrap(),
+    )
+    .unwrap();
+    let ours = lorakit::model::load_model(&out).unwrap();
+    let tok = ours.tokenizer().unwrap();
+    let conversations: [&[(&str, &str)]; 3] = [
+        &[("user", "What is the capital of France?")],
+        &[
+            ("system", "You are a terse assistant."),
+            ("user", "Name a prime number above 10.\nOnly the number."),
+        ],
+        &[
+            ("user", "Hi!"),
+            ("assistant", "Hello! How can I help?"),
+            ("user", "Say 'done' — nothing else. ünïcödé 😀"),
+        ],
+    ];
+    for conv in conversations {
+        let messages: Vec<ChatMessage> = conv
+            .iter()
+            .map(|(r, c)| ChatMessage {
+                role: r.to_string(),
+                content: c.to_string(),
+            })
+            .collect();
+        let text = tok.apply_chat_template(&messages, true).unwrap();
+        let our_ids = tok.encode(&text, false).unwrap();
+        let (their_ids, eog) = judge_chat(&out, conv);
+        assert_eq!(our_ids, their_ids, "chat prompt tokens for {conv:?}");
+        for id in tok.eos_ids() {
+            assert!(
+                eog.contains(id),
+                "lorakit stops at {id}, llama.cpp's end-of-generation tokens are {eog:?}"
+            );
+        }
+        // Greedy from the chat prompt: lorakit's stop is where llama.cpp's continuation reaches
+        // an end-of-generation token.
+        let params = SamplingParams {
+            max_new_tokens: 48,
+            stop_ids: tok.eos_ids().to_vec(),
+            ..Default::default()
+        };
+        let new = generate(&ours.model, &our_ids, &params, |_| Ok(())).unwrap();
+        let (_, their_greedy) = judge(&out, &[], &our_ids, new.len());
+        eprintln!("chat {conv:?}: lorakit {new:?}, llama.cpp {their_greedy:?}, eog {eog:?}");
+        let stop = new.iter().position(|t| tok.eos_ids().contains(t));
+        let their_stop = their_greedy.iter().position(|t| eog.contains(t));
+        assert!(stop.is_some(), "lorakit did not stop within 48 tokens");
+        assert_eq!(stop, their_stop, "where generation ends");
+        assert_eq!(
+            new,
+            their_greedy[..new.len()],
+            "greedy tokens up to the end"
+        );
+    }
 }

@@ -10,7 +10,9 @@ use lorakit::io::output::prepare_output_file;
 use lorakit::model::gguf_adapter::{
     gguf_adapter_bytes, is_lorakit_gguf, load_adapter, ADAPTER_TYPES,
 };
-use lorakit::model::gguf_model::{parse_type, save_gguf_model, FileType, FILE_TYPE_NAMES};
+use lorakit::model::gguf_model::{
+    parse_type, save_gguf_model, FileType, GgufSource, FILE_TYPE_NAMES,
+};
 use lorakit::model::Config;
 use lorakit::train::trainer::TrainOutput;
 
@@ -107,7 +109,8 @@ pub fn write_train_gguf(output: &TrainOutput, config: &Config, dtype: GgmlType) 
 }
 
 /// `merge --out FILE.gguf`: the merged model as a GGUF file of `dtype`, from a GGUF base whose
-/// metadata (architecture, tokenizer, chat template) it keeps.
+/// metadata (architecture, tokenizer, chat template) it keeps, or from an HF directory (metadata
+/// built as llama.cpp's converter builds it).
 pub fn merge_gguf(
     model: &Path,
     adapters: &[String],
@@ -131,18 +134,27 @@ pub fn merge_gguf(
         "a GGUF file lorakit wrote",
         &is_lorakit_gguf,
     )?;
-    if model.is_dir() {
-        bail!(
-            "merge --out FILE.gguf needs a .gguf base model, whose tokenizer and metadata it keeps ({} is an HF directory; merge into a directory instead)",
-            model.display()
-        );
-    }
     let mut loaded = crate::open_model(Some(model.to_path_buf()))?;
     crate::attach_adapters(&mut loaded, adapters)?;
     loaded.model.merge_adapters()?;
-    let source = GgufFile::open(model)?;
-    save_gguf_model(&loaded.model, &source, file_type, &out_file)
-        .with_context(|| format!("cannot write {}", out.display()))?;
+    let written = if model.is_dir() {
+        let tok = loaded.tokenizer()?;
+        save_gguf_model(
+            &loaded.model,
+            GgufSource::HfDir(model, tok),
+            file_type,
+            &out_file,
+        )
+    } else {
+        let source = GgufFile::open(model)?;
+        save_gguf_model(
+            &loaded.model,
+            GgufSource::Gguf(&source),
+            file_type,
+            &out_file,
+        )
+    };
+    written.with_context(|| format!("cannot write {}", out.display()))?;
     eprintln!(
         "merged model written to {} ({})",
         out.display(),

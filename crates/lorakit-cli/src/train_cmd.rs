@@ -451,7 +451,8 @@ pub struct MergeArgs {
     #[arg(long, required = true)]
     adapter: Vec<String>,
     /// The HF directory to write (config.json, model.safetensors, tokenizer files), or a
-    /// FILE.gguf (from a .gguf base: its metadata, tokenizer and chat template kept).
+    /// FILE.gguf llama.cpp runs (from a .gguf base its metadata, tokenizer and chat template
+    /// kept; from an HF directory built as llama.cpp's converter builds them).
     #[arg(long)]
     out: PathBuf,
     /// Tensor type of a .gguf output: f32, f16, bf16, q8_0, q6_k, q5_k, q5_1, q5_0, q4_k,

@@ -36,8 +36,8 @@ mod quants;
 mod tests;
 pub mod writer;
 
-pub use quants::{dequantize, DequantError};
 pub use quantize::{can_quantize, quantize, QuantizeError, WRITABLE};
+pub use quants::{dequantize, DequantError};
 pub use writer::GgufWriter;
 
 /// The GGUF magic, the first four bytes of every file.

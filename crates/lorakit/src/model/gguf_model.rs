@@ -1,14 +1,17 @@
 //! A model written as a GGUF file llama.cpp runs: `merge --out FILE.gguf`, and F32 bases for the
 //! tests.
 //!
-//! The base must itself be a GGUF file: its metadata (architecture keys, the tokenizer's tokens,
-//! scores, merges, token types and special ids, the chat template) is copied as it is, and every
-//! tensor of its directory is written, in its order, from the model's current weights (merged
-//! adapters included): linears and the embedding quantised to the chosen type, norms and other
+//! From a GGUF base, its metadata (architecture keys, the tokenizer's tokens, scores, merges,
+//! token types and special ids, the chat template) is copied as it is, and every tensor of its
+//! directory is written, in its order, from the model's current weights (merged adapters
+//! included). From an HF directory the metadata and directory are built as llama.cpp's converter
+//! builds them (`model/gguf_from_hf.rs`). Either way: linears and the embedding quantised to the chosen type, norms and other
 //! 1-D tensors in F32, as llama.cpp's own converter and quantiser do. Where the GGUF stores
 //! weights differently from HF, the load's changes are undone (q/k rows interleaved again,
 //! Gemma's norms as 1 + w). A 2-D tensor whose rows are not whole blocks of the chosen type is
 //! written in F16, as llama.cpp's converter does.
+
+use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::io::gguf::can_quantize;
@@ -18,7 +21,9 @@ use crate::lora::ModuleKind;
 use crate::model::arch::{self, Slot, EMBED, FINAL_NORM, HEAD};
 use crate::model::decoder::Decoder;
 use crate::model::gguf_adapter::LORAKIT_KEY;
+use crate::model::gguf_from_hf::{gguf_tensor_list, hf_gguf_metadata};
 use crate::model::load::permute_rows;
+use crate::tokenize::Tokenizer;
 
 /// What a merged GGUF model is written in: one type for every matrix, or one of llama.cpp's
 /// K-quant mixes.
@@ -97,7 +102,11 @@ impl FileType {
         let row = *shape.last().unwrap_or(&1);
         let (base, qkv) = match self {
             FileType::Uniform(t) => {
-                return if can_quantize(t, row) { t } else { GgmlType::F16 };
+                return if can_quantize(t, row) {
+                    t
+                } else {
+                    GgmlType::F16
+                };
             }
             FileType::Q4KM => (GgmlType::Q4_K, GgmlType::Q5_K),
             FileType::Q5KM => (GgmlType::Q5_K, GgmlType::Q6_K),
@@ -146,11 +155,7 @@ impl FileType {
 
 /// The f32 values of the tensor `name` of `source` as `model` holds them now, in the GGUF's
 /// layout, with its row-major shape.
-fn tensor_from_model(
-    model: &Decoder,
-    source: &GgufFile,
-    name: &str,
-) -> Result<(Vec<f32>, Vec<usize>)> {
+fn tensor_from_model(model: &Decoder, source: &Path, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
     let c = &model.config;
     let table = arch::weights(c.arch);
     let h = c.hidden_size;
@@ -163,7 +168,7 @@ fn tensor_from_model(
     };
     let unknown = || {
         Error::tensor(
-            source.path(),
+            source,
             name,
             "lorakit does not know where this tensor comes from in the model; cannot write it",
         )
@@ -222,13 +227,26 @@ fn tensor_from_model(
     Err(unknown())
 }
 
+/// Where a merged GGUF's metadata and tensor directory come from.
+pub enum GgufSource<'a> {
+    /// The GGUF file the model was loaded from: its metadata and tensor order kept.
+    Gguf(&'a GgufFile),
+    /// The HF directory the model was loaded from, with its tokenizer: metadata as llama.cpp's
+    /// converter writes it ([`crate::model::gguf_from_hf`]).
+    HfDir(&'a Path, &'a Tokenizer),
+}
+
 /// The GGUF file of `model` (loaded from `source`), its 2-D weights in `file_type`.
 pub fn gguf_model_bytes(
     model: &Decoder,
     source: &GgufFile,
     file_type: impl Into<FileType>,
 ) -> Result<Vec<u8>> {
-    let file_type = file_type.into();
+    gguf_bytes(model, GgufSource::Gguf(source), file_type.into())
+}
+
+/// [`gguf_model_bytes`] from either kind of source.
+pub fn gguf_bytes(model: &Decoder, source: GgufSource, file_type: FileType) -> Result<Vec<u8>> {
     if let FileType::Uniform(t) = file_type {
         if !WRITABLE.contains(&t) {
             return Err(Error::Invalid(format!(
@@ -237,36 +255,51 @@ pub fn gguf_model_bytes(
             )));
         }
     }
-    let tied = source.tensor_info(HEAD.1).is_none();
+    let (path, metadata, tensors): (&Path, Vec<(String, GgufValue)>, Vec<(String, Vec<usize>)>) =
+        match source {
+            GgufSource::Gguf(g) => (
+                g.path(),
+                g.metadata()
+                    .iter()
+                    // The reader keeps general.alignment; lorakit writes the default alignment.
+                    .filter(|(k, _)| k.as_str() != "general.alignment")
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                g.tensors()
+                    .iter()
+                    .map(|t| (t.name.clone(), t.shape()))
+                    .collect(),
+            ),
+            GgufSource::HfDir(dir, tok) => (
+                dir,
+                hf_gguf_metadata(model, dir, tok)?,
+                gguf_tensor_list(model),
+            ),
+        };
+    let tied = !tensors.iter().any(|(n, _)| n == HEAD.1);
     let mut g = GgufWriter::new();
-    for (k, v) in source.metadata() {
-        // The reader keeps general.alignment; lorakit writes the default alignment.
-        if k == "general.alignment" {
-            continue;
-        }
-        g.kv(k, v.clone());
+    for (k, v) in metadata {
+        g.kv(&k, v);
     }
     g.kv("general.file_type", GgufValue::U32(file_type.llama_ftype()));
     g.kv("general.quantization_version", GgufValue::U32(2));
     g.kv_str(LORAKIT_KEY, "model");
-    for info in source.tensors() {
-        let name = &info.name;
+    for (name, want_shape) in &tensors {
         // llama.cpp's RoPE frequency table is not a weight of the model; copy it.
-        let (data, shape) = if name == "rope_freqs.weight" {
-            source.tensor_f32(name)?
-        } else {
-            tensor_from_model(model, source, name)?
+        let (data, shape) = match source {
+            GgufSource::Gguf(g) if name == "rope_freqs.weight" => g.tensor_f32(name)?,
+            _ => tensor_from_model(model, path, name)?,
         };
-        if shape != info.shape() {
+        if &shape != want_shape {
             return Err(Error::tensor(
-                source.path(),
+                path,
                 name,
-                format!("the model holds {shape:?}, the file {:?}", info.shape()),
+                format!("the model holds {shape:?}, the file {want_shape:?}"),
             ));
         }
         if let Some(i) = data.iter().position(|v| !v.is_finite()) {
             return Err(Error::tensor(
-                source.path(),
+                path,
                 name,
                 format!(
                     "element {i} is {}; refusing to write a non-finite model",
@@ -276,8 +309,8 @@ pub fn gguf_model_bytes(
         }
         let row = *shape.last().unwrap_or(&1);
         let t = file_type.tensor_type(name, &shape, model.config.num_layers, tied);
-        let bytes = quantize(t, &data, row)
-            .map_err(|e| Error::tensor(source.path(), name, e.to_string()))?;
+        let bytes =
+            quantize(t, &data, row).map_err(|e| Error::tensor(path, name, e.to_string()))?;
         g.tensor(name, &shape, t, bytes);
     }
     Ok(g.to_bytes())
@@ -286,10 +319,10 @@ pub fn gguf_model_bytes(
 /// Writes [`gguf_model_bytes`] to `out` atomically.
 pub fn save_gguf_model(
     model: &Decoder,
-    source: &GgufFile,
+    source: GgufSource,
     file_type: FileType,
     out: &OutputFile,
 ) -> Result<()> {
-    let bytes = gguf_model_bytes(model, source, file_type)?;
+    let bytes = gguf_bytes(model, source, file_type)?;
     out.write(&bytes)
 }

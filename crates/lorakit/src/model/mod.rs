@@ -9,6 +9,7 @@ pub mod config;
 pub mod decoder;
 pub mod decoder_train;
 pub mod gguf_adapter;
+pub mod gguf_from_hf;
 pub mod gguf_model;
 pub mod kv_cache;
 pub mod linear;
