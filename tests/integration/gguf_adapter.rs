@@ -1078,3 +1078,191 @@ fn gguf_adapter_merged_gguf_chat_prompt_and_eos_equal_llama_cpp() {
         );
     }
 }
+
+#[test]
+fn gguf_adapter_cli_merge_hf_directory_to_gguf_runs_in_llama_cpp() {
+    // merge --out FILE.gguf from an HF directory (tiny-llama as transformers wrote it, with
+    // SmolLM2's tokenizer and chat template) and a PEFT adapter:
+    // - the tokenizer keys equal those llama.cpp's converter wrote into the SmolLM2 GGUF, whose
+    //   vocabulary this tokenizer.json is (tokens, token types, merges, special ids, BOS rule),
+    //   and the chat template is kept;
+    // - llama.cpp tokenises the 45 hard strings as transformers does;
+    // - llama.cpp's logits on the f32 file are transformers' merged logits (PEFT fixture) within
+    //   1e-4, and its greedy tokens lorakit's;
+    // - llama.cpp builds lorakit's --chat prompt from the file's chat template.
+    use lorakit::io::gguf::GgufValue;
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("tiny-llama-chat");
+    std::fs::create_dir(&base).unwrap();
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(fixture("tiny-llama").join(f), base.join(f)).unwrap();
+    }
+    std::fs::copy(
+        fixture("smollm2/chat_template.jinja"),
+        base.join("chat_template.jinja"),
+    )
+    .unwrap();
+    let adapter = fixture("tiny-llama/lora-a-r4-qv");
+    let out = tmp.path().join("tiny.f32.gguf");
+    let o = lorakit(&[
+        "merge",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let g = GgufFile::open(&out).unwrap();
+    let converter = GgufFile::open(&real_model_path()).unwrap();
+    for key in [
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.unknown_token_id",
+        "tokenizer.ggml.padding_token_id",
+        "tokenizer.ggml.add_bos_token",
+        "tokenizer.ggml.add_space_prefix",
+        "tokenizer.chat_template",
+    ] {
+        assert!(g.get(key).is_some(), "{key} missing");
+        assert_eq!(g.get(key), converter.get(key), "{key}");
+    }
+    assert_eq!(
+        g.get("general.architecture"),
+        Some(&GgufValue::String("llama".into()))
+    );
+
+    // Tokenisation: llama.cpp on our file vs transformers.
+    let cases = read_json("tokenizer/tokenizer_cases.json");
+    let cases = cases["cases"].as_array().unwrap();
+    let texts = tmp.path().join("texts.bin");
+    let mut buf = Vec::new();
+    for c in cases {
+        buf.extend(c["text"].as_str().unwrap().as_bytes());
+        buf.push(0);
+    }
+    std::fs::write(&texts, buf).unwrap();
+    let o = Command::new(llama_judge())
+        .arg(&out)
+        .arg("--tokenize")
+        .arg(&texts)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<Vec<u32>> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("ids:"))
+        .map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(lines.len(), cases.len());
+    for (c, theirs) in cases.iter().zip(&lines) {
+        assert_eq!(&ids_of(&c["ids"]), theirs, "tokens of {:?}", c["text"]);
+    }
+
+    // Logits: transformers' merged model (PEFT fixture) vs llama.cpp on our file, both rows of
+    // the fixture's batch.
+    let meta = read_json("tiny-llama/meta.json");
+    let rows: Vec<Vec<u32>> = meta["batch"]["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids_of)
+        .collect();
+    let mut theirs = Vec::new();
+    let mut their_greedy = Vec::new();
+    for (i, ids) in rows.iter().enumerate() {
+        let (l, g) = judge(&out, &[], ids, if i == 0 { 16 } else { 0 });
+        theirs.extend(l);
+        if i == 0 {
+            their_greedy = g;
+        }
+    }
+    let want = logits_record("tiny-llama/lora-a-r4-qv/logits_merged.safetensors", "batch");
+    compare_logits(
+        &theirs,
+        49152,
+        &want,
+        1e-4,
+        "tiny-llama merged from HF, llama.cpp vs transformers",
+    );
+    let ids = &rows[0];
+    let ours = lorakit::model::load_model(&out).unwrap();
+    let params = SamplingParams {
+        max_new_tokens: 16,
+        ..Default::default()
+    };
+    let new = generate(&ours.model, ids, &params, |_| Ok(())).unwrap();
+    assert_eq!(new, their_greedy, "greedy 16 tokens");
+
+    // Chat prompt from the file's own template.
+    let tok = ours.tokenizer().unwrap();
+    let msgs = [lorakit::tokenize::ChatMessage {
+        role: "user".into(),
+        content: "Hello there".into(),
+    }];
+    let our_ids = tok
+        .encode(&tok.apply_chat_template(&msgs, true).unwrap(), false)
+        .unwrap();
+    let (their_ids, _) = judge_chat(&out, &[("user", "Hello there")]);
+    assert_eq!(our_ids, their_ids, "chat prompt tokens");
+}
+
+#[test]
+fn gguf_adapter_cli_merge_hf_to_gguf_refuses_what_it_cannot_write() {
+    // An architecture without an HF → GGUF path here (GPT-2) and a tokenizer that is not
+    // byte-level BPE: one error line naming the file, nothing written.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x.gguf");
+    let o = lorakit(&[
+        "merge",
+        "--model",
+        fixture("tiny-gpt2").to_str().unwrap(),
+        "--adapter",
+        fixture("tiny-gpt2/lora-r4-c_attn").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("config.json") && e.contains("gpt2"), "{e}");
+    assert!(!out.exists());
+
+    let base = tmp.path().join("spm");
+    std::fs::create_dir(&base).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer_config.json"] {
+        std::fs::copy(fixture("tiny-llama").join(f), base.join(f)).unwrap();
+    }
+    let mut tj: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tiny-llama/tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    tj["model"]["byte_fallback"] = serde_json::Value::Bool(true);
+    std::fs::write(base.join("tokenizer.json"), tj.to_string()).unwrap();
+    let o = lorakit(&[
+        "merge",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        fixture("tiny-llama/lora-a-r4-qv").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("tokenizer.json") && e.contains("byte-level BPE"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}

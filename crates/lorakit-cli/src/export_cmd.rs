@@ -138,6 +138,7 @@ pub fn merge_gguf(
     crate::attach_adapters(&mut loaded, adapters)?;
     loaded.model.merge_adapters()?;
     let written = if model.is_dir() {
+        lorakit::model::gguf_from_hf::check_convertible(&loaded.model.config, model)?;
         let tok = loaded.tokenizer()?;
         save_gguf_model(
             &loaded.model,
