@@ -1266,3 +1266,100 @@ fn gguf_adapter_cli_merge_hf_to_gguf_refuses_what_it_cannot_write() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn gguf_adapter_cli_export_writes_an_ollama_modelfile() {
+    // export --modelfile: FROM the base, ADAPTER the adapter just written (absolute paths), the
+    // chat template as a Go TEMPLATE over .Messages with SmolLM2's default system prompt as
+    // SYSTEM, and PARAMETER stop for the end-of-turn tokens. (scripts/check-ollama-modelfile.py
+    // runs the TEMPLATE in Go's text/template against transformers' rendering.)
+    let tmp = tempfile::tempdir().unwrap();
+    let model = real_model_path();
+    let out = tmp.path().join("adapter.gguf");
+    let mf = tmp.path().join("Modelfile");
+    let o = lorakit(&[
+        "export",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        fixture(QV).to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--modelfile",
+        mf.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&mf).unwrap();
+    let line = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in {text}"))
+            .to_owned()
+    };
+    assert_eq!(
+        line("FROM "),
+        std::fs::canonicalize(&model).unwrap().to_str().unwrap()
+    );
+    assert_eq!(line("ADAPTER "), out.to_str().unwrap());
+    assert!(std::path::Path::new(&line("ADAPTER ")).is_file());
+    assert_eq!(
+        line("SYSTEM "),
+        "\"\"\"You are a helpful AI assistant named SmolLM, trained by Hugging Face\"\"\""
+    );
+    assert!(text.contains("PARAMETER stop \"<|im_end|>\""), "{text}");
+    assert!(
+        text.contains(
+            "{{ else if eq .Role \"user\" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n"
+        ),
+        "{text}"
+    );
+    // A second export into the same Modelfile is its own; a foreign file is refused.
+    let foreign = tmp.path().join("Foreign");
+    std::fs::write(&foreign, "FROM llama3\n").unwrap();
+    let o = lorakit(&[
+        "export",
+        "--adapter",
+        fixture(QV).to_str().unwrap(),
+        "--out",
+        tmp.path().join("b.gguf").to_str().unwrap(),
+        "--modelfile",
+        foreign.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("Foreign"), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&foreign).unwrap(), "FROM llama3\n");
+    assert!(!tmp.path().join("b.gguf").exists());
+
+    // A template that folds the system prompt into the first user turn cannot be cut into
+    // Ollama turns: one error, nothing written.
+    let base = tmp.path().join("folded");
+    std::fs::create_dir(&base).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(fixture("tiny-llama").join(f), base.join(f)).unwrap();
+    }
+    std::fs::write(
+        base.join("chat_template.jinja"),
+        "{% set sys = '' %}{% for m in messages %}{% if m['role'] == 'system' %}{% set sys = m['content'] + '\n\n' %}{% else %}<|im_start|>{{ m['role'] }}\n{% if loop.index0 == 1 %}{{ sys }}{% endif %}{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    )
+    .unwrap();
+    let (a2, m2) = (tmp.path().join("c.gguf"), tmp.path().join("M2"));
+    let o = lorakit(&[
+        "export",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        fixture("tiny-llama/lora-a-r4-qv").to_str().unwrap(),
+        "--out",
+        a2.to_str().unwrap(),
+        "--modelfile",
+        m2.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("for Ollama"), "{}", stderr(&o));
+    assert!(!a2.exists() && !m2.exists());
+}

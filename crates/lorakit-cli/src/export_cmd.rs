@@ -37,10 +37,18 @@ pub struct ExportArgs {
     /// blocks, lora_b of rank < 32, are written in f16, as llama.cpp's converter does).
     #[arg(long = "type", default_value = "f32")]
     dtype: String,
+    /// Also write an Ollama Modelfile here: FROM the base model, ADAPTER the GGUF adapter, the
+    /// chat template as TEMPLATE (with SYSTEM for its default system prompt) and PARAMETER stop
+    /// for each end-of-turn token. `ollama create NAME -f PATH` then builds the model.
+    #[arg(long)]
+    modelfile: Option<PathBuf>,
     /// Replace an existing file lorakit did not write.
     #[arg(long)]
     overwrite: bool,
 }
+
+/// The first line lorakit writes into a Modelfile (how it recognises its own).
+const MODELFILE_HEADER: &str = "# Ollama Modelfile written by lorakit export";
 
 /// `f32` / `f16` / `bf16` / `q8_0` as an adapter's tensor type.
 pub fn adapter_type(s: &str) -> Result<GgmlType> {
@@ -74,6 +82,31 @@ pub fn cmd_export(a: ExportArgs) -> Result<()> {
         "a GGUF file lorakit wrote",
         &is_lorakit_gguf,
     )?;
+    // The Modelfile is checked and built before anything is written.
+    let modelfile = match &a.modelfile {
+        None => None,
+        Some(path) => {
+            let file = prepare_output_file(
+                path,
+                &inputs,
+                a.overwrite,
+                "a Modelfile lorakit wrote",
+                &|p: &Path| {
+                    std::fs::read_to_string(p).is_ok_and(|t| t.starts_with(MODELFILE_HEADER))
+                },
+            )?;
+            let tok = if model.is_dir() {
+                lorakit::tokenize::Tokenizer::from_hf_dir(&model)
+            } else {
+                lorakit::tokenize::Tokenizer::from_gguf(&GgufFile::open(&model)?)
+            }
+            .with_context(|| format!("cannot read the tokenizer of {}", model.display()))?;
+            let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+            let text =
+                lorakit::tokenize::ollama::modelfile(&abs(&model), Some(&abs(&a.out)), &tok)?;
+            Some((file, format!("{MODELFILE_HEADER}\n{text}"), path.clone()))
+        }
+    };
     let config = model_config(&model)?;
     let adapter = load_adapter(&a.adapter, &config)
         .with_context(|| format!("cannot load adapter {}", a.adapter.display()))?;
@@ -91,6 +124,14 @@ pub fn cmd_export(a: ExportArgs) -> Result<()> {
             ""
         }
     );
+    if let Some((file, text, path)) = modelfile {
+        file.write(text.as_bytes())?;
+        eprintln!(
+            "Ollama Modelfile written to {} (ollama create NAME -f {})",
+            path.display(),
+            path.display()
+        );
+    }
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 //! transformers renders them (see [`template`]).
 
 mod gguf;
+pub mod ollama;
 mod template;
 
 use std::collections::BTreeMap;
