@@ -18,7 +18,7 @@ use lorakit::train::loss::{
 
 use crate::common::*;
 
-fn arch_dir(family: &str) -> PathBuf {
+pub(crate) fn arch_dir(family: &str) -> PathBuf {
     repo_root().join("tests/data/arch").join(family)
 }
 
@@ -29,7 +29,7 @@ fn load(family: &str) -> Decoder {
 }
 
 /// The batch: ids [2, T] and labels [2, T].
-fn batch(dir: &Path) -> (Vec<Vec<u32>>, Vec<i64>, usize) {
+pub(crate) fn batch(dir: &Path) -> (Vec<Vec<u32>>, Vec<i64>, usize) {
     let f = SafetensorsFile::open(&dir.join("batch.safetensors")).unwrap();
     let (ids, shape) = f.tensor_i64("input_ids").unwrap();
     let (labels, _) = f.tensor_i64("labels").unwrap();
@@ -41,7 +41,7 @@ fn batch(dir: &Path) -> (Vec<Vec<u32>>, Vec<i64>, usize) {
     (rows, labels, t)
 }
 
-fn tensor(dir: &Path, file: &str, key: &str) -> Vec<f32> {
+pub(crate) fn tensor(dir: &Path, file: &str, key: &str) -> Vec<f32> {
     SafetensorsFile::open(&dir.join(file))
         .unwrap()
         .tensor_f32(key)

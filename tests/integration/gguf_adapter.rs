@@ -1412,7 +1412,10 @@ fn gguf_adapter_gemma3_adapter_and_merged_gguf_run_in_llama_cpp() {
     let theirs = perplexity(&theirs, vocab, &ids);
     eprintln!("Gemma 3 270M + adapter: perplexity lorakit {ours:.4}, llama.cpp --lora {theirs:.4} (base {base_ppl:.4})");
     assert!((ours / theirs - 1.0).abs() <= 0.01, "{ours} vs {theirs}");
-    assert!((ours / base_ppl - 1.0).abs() >= 0.05, "the adapter must matter");
+    assert!(
+        (ours / base_ppl - 1.0).abs() >= 0.05,
+        "the adapter must matter"
+    );
 
     model.merge_adapters().unwrap();
     let source = GgufFile::open(&path).unwrap();
@@ -1431,4 +1434,54 @@ fn gguf_adapter_gemma3_adapter_and_merged_gguf_run_in_llama_cpp() {
     assert!((ours / theirs - 1.0).abs() <= 0.01, "{ours} vs {theirs}");
     let _ = std::fs::remove_file(&merged);
     let _ = std::fs::remove_file(&ad);
+}
+
+#[test]
+fn gguf_adapter_tiny_architectures_run_in_llama_cpp() {
+    // Every family with a llama.cpp-layout fixture (tiny random models, tests/data/arch/): the
+    // PEFT adapter as lorakit's GGUF adapter with llama.cpp's --lora, and the model merged into
+    // an f32 GGUF, give transformers' LoRA logits within 1e-4 in llama.cpp (the q/k row
+    // interleave, Qwen3's and OLMo 2's norms, llama3's
+    // rope_freqs all as llama.cpp reads them). Not Phi-3: llama.cpp refuses the fixture's own
+    // synthetic vocabulary before it reads a weight (its Phi-3 loader looks up tokens such as
+    // <|end|> by text, "unordered_map::at"), so the fixture cannot judge lorakit's files there.
+    use crate::arch::{arch_dir, batch, tensor};
+    for family in ["llama", "llama3", "qwen2", "qwen3", "olmo2"] {
+        let dir = arch_dir(family);
+        let base = dir.join("model.f32.gguf");
+        let loaded = lorakit::model::load_model(&base).unwrap();
+        let c = &loaded.model.config;
+        let adapter = Adapter::load(&dir.join("lora"), c).unwrap();
+        let (bytes, _) = gguf_adapter_bytes(&adapter, c, GgmlType::F32, &dir.join("lora")).unwrap();
+        let ad = scratch(&format!("{family}-adapter.gguf"));
+        std::fs::write(&ad, bytes).unwrap();
+        let mut model = loaded.model;
+        model.attach_adapter(&adapter, 1.0).unwrap();
+        model.merge_adapters().unwrap();
+        let merged = scratch(&format!("{family}-merged.gguf"));
+        let source = GgufFile::open(&base).unwrap();
+        std::fs::write(
+            &merged,
+            gguf_model_bytes(&model, &source, GgmlType::F32).unwrap(),
+        )
+        .unwrap();
+        let (rows, _, _) = batch(&dir);
+        let want = tensor(&dir, "logits_lora.safetensors", "unmerged");
+        let (mut with_lora, mut from_merged) = (Vec::new(), Vec::new());
+        for ids in &rows {
+            with_lora.extend(judge(&base, &[&ad], ids, 0).0);
+            from_merged.extend(judge(&merged, &[], ids, 0).0);
+        }
+        let (d1, d2) = (
+            max_abs_diff(&with_lora, &want),
+            max_abs_diff(&from_merged, &want),
+        );
+        eprintln!("{family}: llama.cpp vs transformers, --lora {d1:.2e}, merged {d2:.2e}");
+        assert!(
+            d1 <= 1e-4 && d2 <= 1e-4,
+            "{family}: --lora {d1}, merged {d2}"
+        );
+        let _ = std::fs::remove_file(&ad);
+        let _ = std::fs::remove_file(&merged);
+    }
 }
