@@ -1267,12 +1267,63 @@ fn gguf_adapter_cli_merge_hf_to_gguf_refuses_what_it_cannot_write() {
     assert!(!out.exists());
 }
 
+/// Each conversation rendered by Ollama's TEMPLATE `template` in Go's text/template, with the
+/// Modelfile's SYSTEM added first where a conversation has no system message
+/// (scripts/ollama-template.go; scripts/install-go.sh installs Go when it is missing).
+fn go_template_render(
+    template: &str,
+    system: &str,
+    conversations: &[serde_json::Value],
+) -> Vec<String> {
+    use std::io::Write;
+    let out = Command::new("bash")
+        .arg(repo_root().join("scripts/install-go.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let go = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let input = serde_json::json!({
+        "template": template,
+        "system": system,
+        "conversations": conversations,
+    });
+    let cache = std::env::temp_dir().join("lorakit-go-cache");
+    let mut child = Command::new(go)
+        .arg("run")
+        .arg(repo_root().join("scripts/ollama-template.go"))
+        .env("GOCACHE", &cache)
+        .env("HOME", std::env::temp_dir())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "go run scripts/ollama-template.go: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn gguf_adapter_cli_export_writes_an_ollama_modelfile() {
     // export --modelfile: FROM the base, ADAPTER the adapter just written (absolute paths), the
     // chat template as a Go TEMPLATE over .Messages with SmolLM2's default system prompt as
-    // SYSTEM, and PARAMETER stop for the end-of-turn tokens. (scripts/check-ollama-modelfile.py
-    // runs the TEMPLATE in Go's text/template against transformers' rendering.)
+    // SYSTEM, and PARAMETER stop for the end-of-turn tokens. The TEMPLATE, run by Go's
+    // text/template (Ollama's engine) with SYSTEM added as Ollama adds it, gives transformers'
+    // renderings of the chat fixture's conversations.
     let tmp = tempfile::tempdir().unwrap();
     let model = real_model_path();
     let out = tmp.path().join("adapter.gguf");
