@@ -1,8 +1,10 @@
-//! `--precision gguf`: inference multiplies with the GGUF file's own Q4_1/Q8_0 blocks. Every
+//! `--precision gguf`: inference multiplies with the GGUF file's own blocks (Q4_1/Q8_0 for SmolLM2,
+//! Q4_K/Q5_0/Q6_K/Q8_0 for Gemma 3 270M's Q4_K_M file). Every
 //! weight is used exactly as dequantised, so the result must equal the f32 path (and
 //! transformers on the dequantised model) up to summation order.
 
 use lorakit::generate::{generate, SamplingParams};
+use lorakit::lora::ModuleKind;
 use lorakit::model::attach_gguf_blocks;
 
 use crate::common::*;
@@ -69,4 +71,64 @@ fn gguf_precision_needs_a_gguf_model() {
         err.contains("--precision gguf needs a .gguf model"),
         "{err}"
     );
+}
+
+#[test]
+fn gguf_k_quant_blocks_give_transformers_greedy_text_on_gemma3() {
+    // Gemma 3 270M's Q4_K_M file (Q4_K, Q5_0, Q6_K and Q8_0 tensors) with --precision gguf:
+    // log-probs of the 13-token prompt within the f32 path's 1e-3 of transformers', and the
+    // greedy 32 tokens transformers gives.
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(data_file("gemma3-270m/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let p = &r["prompts"]["short"];
+    let prompt = ids_of(&p["ids"]);
+    let want = ids_of(&p["greedy_new_ids"]);
+    let mut model = lorakit::model::load_model(&gemma3_path()).unwrap().model;
+    attach_gguf_blocks(&mut model, &gemma3_path()).unwrap();
+    let types: std::collections::BTreeSet<&str> = model
+        .layers
+        .iter()
+        .flat_map(|l| {
+            [
+                ModuleKind::Q,
+                ModuleKind::V,
+                ModuleKind::O,
+                ModuleKind::Down,
+            ]
+            .map(|k| {
+                let lin = l.linear(k).unwrap();
+                lin.quant.as_ref().expect("blocks attached").dtype.name()
+            })
+        })
+        .collect();
+    assert_eq!(
+        types.into_iter().collect::<Vec<_>>(),
+        ["Q4_K", "Q5_0", "Q6_K", "Q8_0"]
+    );
+    let logits = model.logits(&prompt).unwrap();
+    let vocab = model.config.vocab_size;
+    let lp: Vec<f64> = p["next_token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let mut max_diff = 0.0f64;
+    for (t, want_lp) in lp.iter().enumerate() {
+        let row = &logits[t * vocab..(t + 1) * vocab];
+        let m = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
+        let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+        let got = row[prompt[t + 1] as usize] as f64 - lse;
+        max_diff = max_diff.max((got - want_lp).abs());
+    }
+    eprintln!("Gemma 3 gguf blocks: max |log-prob diff| vs transformers {max_diff:.2e}");
+    assert!(max_diff <= 1e-3, "{max_diff}");
+    let params = SamplingParams {
+        max_new_tokens: want.len(),
+        ..Default::default()
+    };
+    let got = generate(&model, &prompt, &params, |_| Ok(())).unwrap();
+    assert_eq!(got, want, "greedy continuation");
 }

@@ -1,38 +1,59 @@
 //! Products with weights kept in the GGUF's own quantised blocks (`--precision gguf`), for
 //! decoding: a 135M model's Q4_1 weights are a third of its bf16 bytes, and decode is bound by
-//! memory bandwidth. Each weight is used exactly as `dequantize` defines it (w = d·q + m for
-//! Q4_1, w = d·q for Q8_0, in f32), so results differ from the f32 path only by summation order.
+//! memory bandwidth.
 //!
-//! The blocks are re-laid out once at load: scales and minimums as f32 arrays beside the packed
-//! quants, so the kernel does no f16 conversion.
+//! Every block type of llama.cpp's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K_M and Q5_K_M files is one
+//! of two shapes: groups of 32 (or 16) integer levels with an f32 scale and, for some, an f32
+//! minimum, w = scale·q + min. At load each block is re-laid out as such groups (K-quants' 6-bit
+//! sub-block scales multiplied out, exactly as `dequantize` multiplies them), in one of two
+//! layouts the kernels read: 4-bit levels two per byte (Q4_1, Q4_K) or one signed byte per level
+//! (Q4_0, Q5_0, Q5_1, Q8_0, Q5_K, and Q6_K in groups of 16). [`QuantMatrix::dequantize_row`] is
+//! bit for bit `io::gguf::dequantize`; a product differs from the f32 product of the dequantised
+//! weights only in rounding order (Σ scale·(Σ q·x) + min·Σx instead of Σ w·x).
 
 use rayon::prelude::*;
 
 use crate::engine::matmul::dot;
 use crate::error::{Error, Result};
+use crate::io::gguf::GgmlType;
 
-/// Weights per block (both formats).
-pub const BLOCK: usize = 32;
-
+/// How the levels are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QuantKind {
-    /// 32 weights: f16 d, f16 m, 16 bytes of nibbles (element j low, j+16 high).
-    Q4_1,
-    /// 32 weights: f16 d, 32 int8.
-    Q8_0,
+pub enum Levels {
+    /// 0..=15, groups of 32 in 16 bytes: element j in the low nibble of byte j, j + 16 in the
+    /// high nibble.
+    Nibbles,
+    /// One i8 per level.
+    Bytes,
 }
 
-/// A [rows, cols] matrix in quantised blocks along each row.
+/// The block types [`QuantMatrix::from_gguf_blocks`] takes.
+pub const GGUF_TYPES: [GgmlType; 8] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
+/// A [rows, cols] matrix as groups of quantised levels along each row.
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
-    pub kind: QuantKind,
+    /// The GGUF type it was read from.
+    pub dtype: GgmlType,
+    pub levels: Levels,
+    /// Levels per group: 32, or 16 (Q6_K).
+    pub group: usize,
     pub rows: usize,
     pub cols: usize,
-    /// [rows, cols / 32]
+    /// [rows, cols / group]
     scales: Vec<f32>,
-    /// [rows, cols / 32] (Q4_1 only; empty for Q8_0)
+    /// [rows, cols / group], or empty when every minimum is 0.
     mins: Vec<f32>,
-    /// Q4_1: [rows, cols / 32, 16] bytes; Q8_0: [rows, cols / 32, 32] bytes.
+    /// Nibbles: [rows, cols / 2] bytes; Bytes: [rows, cols].
     quants: Vec<u8>,
 }
 
@@ -40,55 +61,216 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
+/// The layout, group size and whether there are minimums, for `dtype`.
+fn layout(dtype: GgmlType) -> Option<(Levels, usize, bool)> {
+    use GgmlType::*;
+    Some(match dtype {
+        Q4_1 => (Levels::Nibbles, 32, true),
+        Q4_K => (Levels::Nibbles, 32, true),
+        Q4_0 | Q5_0 | Q8_0 => (Levels::Bytes, 32, false),
+        Q5_1 | Q5_K => (Levels::Bytes, 32, true),
+        Q6_K => (Levels::Bytes, 16, false),
+        _ => return None,
+    })
+}
+
+/// Where the groups of one GGUF block go.
+struct Groups<'a> {
+    scales: &'a mut Vec<f32>,
+    mins: &'a mut Vec<f32>,
+    /// Levels of the whole block, in element order.
+    levels: &'a mut Vec<i8>,
+}
+
+impl Groups<'_> {
+    fn push(&mut self, scale: f32, min: Option<f32>) {
+        self.scales.push(scale);
+        if let Some(m) = min {
+            self.mins.push(m);
+        }
+    }
+}
+
+/// The 5-bit values of a Q5_0 / Q5_1 block: nibbles `qs` and fifth bits `qh`.
+fn five_bit(qs: &[u8], qh: u32) -> [i32; 32] {
+    std::array::from_fn(|j| {
+        let (nibble, bit) = if j < 16 {
+            (qs[j] & 0x0f, (qh >> j) & 1)
+        } else {
+            (qs[j - 16] >> 4, (qh >> j) & 1)
+        };
+        (nibble as u32 | (bit << 4)) as i32
+    })
+}
+
+/// Splits one GGUF block into groups: w = scale·level + min, with scale and min computed exactly
+/// as `io::gguf::dequantize` computes them.
+fn split_block(dtype: GgmlType, b: &[u8], g: &mut Groups) {
+    use crate::io::gguf::scale_min_k4;
+    use GgmlType::*;
+    match dtype {
+        Q4_0 => {
+            g.push(f16_at(b, 0), None);
+            let qs = &b[2..18];
+            g.levels.extend((0..32).map(|j| {
+                let q = if j < 16 {
+                    qs[j] & 0x0f
+                } else {
+                    qs[j - 16] >> 4
+                };
+                q as i8 - 8
+            }));
+        }
+        Q4_1 => {
+            g.push(f16_at(b, 0), Some(f16_at(b, 2)));
+            let qs = &b[4..20];
+            g.levels
+                .extend((0..32).map(|j| if j < 16 { qs[j] & 0x0f } else { qs[j - 16] >> 4 } as i8));
+        }
+        Q5_0 => {
+            g.push(f16_at(b, 0), None);
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            g.levels
+                .extend(five_bit(&b[6..22], qh).iter().map(|&q| (q - 16) as i8));
+        }
+        Q5_1 => {
+            g.push(f16_at(b, 0), Some(f16_at(b, 2)));
+            let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+            g.levels
+                .extend(five_bit(&b[8..24], qh).iter().map(|&q| q as i8));
+        }
+        Q8_0 => {
+            g.push(f16_at(b, 0), None);
+            g.levels.extend(b[2..34].iter().map(|&q| q as i8));
+        }
+        Q4_K | Q5_K => {
+            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+            let scales = &b[4..16];
+            let (qh, ql) = if dtype == Q5_K {
+                (Some(&b[16..48]), &b[48..176])
+            } else {
+                (None, &b[16..144])
+            };
+            for k in 0..4 {
+                let q = &ql[32 * k..32 * k + 32];
+                for half in 0..2 {
+                    let (sc, m) = scale_min_k4(2 * k + half, scales);
+                    // y = (d·sc)·q - (dmin·m): the minimum stored negated.
+                    g.push(d * sc as f32, Some(-(dmin * m as f32)));
+                    g.levels.extend((0..32).map(|l| {
+                        let nibble = if half == 0 { q[l] & 0x0f } else { q[l] >> 4 };
+                        let high = qh.map_or(0, |h| {
+                            if h[l] & (1 << (2 * k + half)) != 0 {
+                                16
+                            } else {
+                                0
+                            }
+                        });
+                        (nibble + high) as i8
+                    }));
+                }
+            }
+        }
+        Q6_K => {
+            let d = f16_at(b, 208);
+            let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+            let mut levels = [0i8; 256];
+            for n in 0..2 {
+                let (ql, qh) = (&ql[64 * n..64 * n + 64], &qh[32 * n..32 * n + 32]);
+                for l in 0..32 {
+                    let e = 128 * n + l;
+                    levels[e] = (((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32) as i8;
+                    levels[e + 32] =
+                        (((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32) as i8;
+                    levels[e + 64] = (((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32) as i8;
+                    levels[e + 96] =
+                        (((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32) as i8;
+                }
+            }
+            // Element e's scale is sc[e / 16].
+            for &s in sc {
+                g.push(d * (s as i8) as f32, None);
+            }
+            g.levels.extend(levels);
+        }
+        _ => unreachable!("layout() admits only the types above"),
+    }
+}
+
 impl QuantMatrix {
-    /// From GGUF block bytes, rows in `row_order` (row i of the result is stored row
+    /// From GGUF block bytes of `dtype`, rows in `row_order` (row i of the result is stored row
     /// `row_order[i]`; the identity when None). `what` names the tensor in errors.
     pub fn from_gguf_blocks(
-        kind: QuantKind,
+        dtype: GgmlType,
         bytes: &[u8],
         rows: usize,
         cols: usize,
         row_order: Option<&[usize]>,
         what: &str,
     ) -> Result<QuantMatrix> {
-        let (block_bytes, q_bytes) = match kind {
-            QuantKind::Q4_1 => (20, 16),
-            QuantKind::Q8_0 => (34, 32),
-        };
-        let nb = cols / BLOCK;
-        if !cols.is_multiple_of(BLOCK) || bytes.len() != rows * nb * block_bytes {
+        let Some((levels, group, has_mins)) = layout(dtype) else {
+            let names: Vec<&str> = GGUF_TYPES.iter().map(|t| t.name()).collect();
             return Err(Error::Invalid(format!(
-                "{what}: {} bytes do not hold [{rows}, {cols}] in {kind:?} blocks",
-                bytes.len()
+                "{what} is {}; --precision gguf computes with {} blocks (use f32 or bf16)",
+                dtype.name(),
+                names.join(", ")
+            )));
+        };
+        let (block, block_bytes) = (dtype.block_size(), dtype.type_size());
+        let nb = cols / block;
+        if !cols.is_multiple_of(block) || bytes.len() != rows * nb * block_bytes {
+            return Err(Error::Invalid(format!(
+                "{what}: {} bytes do not hold [{rows}, {cols}] in {} blocks",
+                bytes.len(),
+                dtype.name()
             )));
         }
-        let mut m = QuantMatrix {
-            kind,
-            rows,
-            cols,
-            scales: Vec::with_capacity(rows * nb),
-            mins: Vec::with_capacity(if kind == QuantKind::Q4_1 {
-                rows * nb
-            } else {
-                0
-            }),
-            quants: Vec::with_capacity(rows * nb * q_bytes),
-        };
+        let groups = rows * cols / group;
+        let mut scales = Vec::with_capacity(groups);
+        let mut mins = Vec::with_capacity(if has_mins { groups } else { 0 });
+        let mut quants = Vec::with_capacity(match levels {
+            Levels::Nibbles => rows * cols / 2,
+            Levels::Bytes => rows * cols,
+        });
+        let mut row_levels = Vec::with_capacity(cols);
         for i in 0..rows {
             let r = row_order.map_or(i, |o| o[i]);
-            let row = &bytes[r * nb * block_bytes..(r + 1) * nb * block_bytes];
-            for blk in row.chunks_exact(block_bytes) {
-                m.scales.push(f16_at(blk, 0));
-                match kind {
-                    QuantKind::Q4_1 => {
-                        m.mins.push(f16_at(blk, 2));
-                        m.quants.extend_from_slice(&blk[4..20]);
+            row_levels.clear();
+            let mut g = Groups {
+                scales: &mut scales,
+                mins: &mut mins,
+                levels: &mut row_levels,
+            };
+            for blk in
+                bytes[r * nb * block_bytes..(r + 1) * nb * block_bytes].chunks_exact(block_bytes)
+            {
+                split_block(dtype, blk, &mut g);
+            }
+            match levels {
+                Levels::Bytes => quants.extend(row_levels.iter().map(|&q| q as u8)),
+                Levels::Nibbles => {
+                    for c in row_levels.chunks_exact(32) {
+                        quants.extend((0..16).map(|j| c[j] as u8 | ((c[j + 16] as u8) << 4)));
                     }
-                    QuantKind::Q8_0 => m.quants.extend_from_slice(&blk[2..34]),
                 }
             }
         }
-        Ok(m)
+        // Non-finite scales would poison every product silently.
+        if let Some(i) = scales.iter().chain(&mins).position(|v| !v.is_finite()) {
+            return Err(Error::Invalid(format!(
+                "{what}: block scale or minimum {i} is not finite"
+            )));
+        }
+        Ok(QuantMatrix {
+            dtype,
+            levels,
+            group,
+            rows,
+            cols,
+            scales,
+            mins,
+            quants,
+        })
     }
 
     /// Bytes held.
@@ -96,23 +278,29 @@ impl QuantMatrix {
         (self.scales.len() + self.mins.len()) * 4 + self.quants.len()
     }
 
-    /// Row `r` dequantised (tests and reference).  → [cols]
+    /// Row `r` dequantised (tests and the portable path).  → [cols]
     pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
-        let nb = self.cols / BLOCK;
+        let ng = self.cols / self.group;
         let mut out = Vec::with_capacity(self.cols);
-        for b in 0..nb {
-            let d = self.scales[r * nb + b];
-            match self.kind {
-                QuantKind::Q4_1 => {
-                    let q = &self.quants[(r * nb + b) * 16..][..16];
-                    let m = self.mins[r * nb + b];
-                    out.extend(q.iter().map(|&v| d * (v & 0xF) as f32 + m));
-                    out.extend(q.iter().map(|&v| d * (v >> 4) as f32 + m));
+        for gi in 0..ng {
+            let d = self.scales[r * ng + gi];
+            let m = self.mins.get(r * ng + gi).copied();
+            let level = |j: usize| -> f32 {
+                let e = r * self.cols + gi * self.group + j;
+                match self.levels {
+                    Levels::Bytes => self.quants[e] as i8 as f32,
+                    Levels::Nibbles => {
+                        let byte = self.quants[e / 32 * 16 + (e % 32) % 16];
+                        (if e % 32 < 16 { byte & 0x0f } else { byte >> 4 }) as f32
+                    }
                 }
-                QuantKind::Q8_0 => {
-                    let q = &self.quants[(r * nb + b) * 32..][..32];
-                    out.extend(q.iter().map(|&v| d * (v as i8) as f32));
-                }
+            };
+            for j in 0..self.group {
+                // The products and sums dequantize computes: level·scale (+ min).
+                out.push(match m {
+                    Some(m) => level(j) * d + m,
+                    None => level(j) * d,
+                });
             }
         }
         out
@@ -121,52 +309,69 @@ impl QuantMatrix {
     /// y = x Wᵀ.  x: [t, cols], y: [t, rows]. Each token is one matrix-vector product, split
     /// over threads by rows (decode has t = 1; a prompt runs token by token).
     pub fn matmul_nt(&self, y: &mut [f32], x: &[f32], t: usize) {
-        let nb = self.cols / BLOCK;
         for (yt, xt) in y
             .chunks_exact_mut(self.rows)
             .zip(x.chunks_exact(self.cols))
             .take(t)
         {
-            // Σ x over each block: the Q4_1 minimum's share of every row's dot product.
-            let xsum: Vec<f32> = xt.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
+            // Σ x over each group: the minimum's share of every row's dot product.
+            let xsum: Vec<f32> = if self.mins.is_empty() {
+                Vec::new()
+            } else {
+                xt.chunks_exact(self.group)
+                    .map(|c| c.iter().sum())
+                    .collect()
+            };
             yt.par_chunks_mut(64).enumerate().for_each(|(ci, ys)| {
                 for (i, yi) in ys.iter_mut().enumerate() {
-                    let r = ci * 64 + i;
-                    *yi = self.row_dot(r, xt, &xsum, nb);
+                    *yi = self.row_dot(ci * 64 + i, xt, &xsum);
                 }
             });
         }
     }
 
-    fn row_dot(&self, r: usize, x: &[f32], xsum: &[f32], nb: usize) -> f32 {
-        let scales = &self.scales[r * nb..(r + 1) * nb];
+    fn row_dot(&self, r: usize, x: &[f32], xsum: &[f32]) -> f32 {
+        let ng = self.cols / self.group;
+        let scales = &self.scales[r * ng..(r + 1) * ng];
+        let min_part = || {
+            if self.mins.is_empty() {
+                0.0
+            } else {
+                dot(&self.mins[r * ng..(r + 1) * ng], xsum)
+            }
+        };
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the feature was detected at run time; slices have the lengths the
-                // kernels read (nb blocks of quants, nb·32 of x).
-                return unsafe {
-                    match self.kind {
-                        QuantKind::Q4_1 => {
-                            let q = &self.quants[r * nb * 16..(r + 1) * nb * 16];
-                            q4_1_dot_avx512(q, scales, x)
-                                + dot(&self.mins[r * nb..(r + 1) * nb], xsum)
+                // SAFETY: the feature was detected at run time; the slices hold the row's
+                // levels (cols of them) and x holds cols values.
+                let main = unsafe {
+                    match (self.levels, self.group) {
+                        (Levels::Nibbles, _) => {
+                            let q = &self.quants[r * self.cols / 2..(r + 1) * self.cols / 2];
+                            nibbles_dot_avx512(q, scales, x)
                         }
-                        QuantKind::Q8_0 => {
-                            q8_0_dot_avx512(&self.quants[r * nb * 32..(r + 1) * nb * 32], scales, x)
+                        (Levels::Bytes, 32) => {
+                            let q = &self.quants[r * self.cols..(r + 1) * self.cols];
+                            bytes32_dot_avx512(q, scales, x)
+                        }
+                        (Levels::Bytes, _) => {
+                            let q = &self.quants[r * self.cols..(r + 1) * self.cols];
+                            bytes16_dot_avx512(q, scales, x)
                         }
                     }
                 };
+                return main + min_part();
             }
         }
         dot(&self.dequantize_row(r), x)
     }
 }
 
-/// Σ_b d_b · Σ_j q_bj x_bj over one Q4_1 row (the minimums' share is added by the caller).
+/// Σ_g d_g · Σ_j q_gj x_gj over one row of 4-bit groups of 32 (minimums added by the caller).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn q4_1_dot_avx512(q: &[u8], scales: &[f32], x: &[f32]) -> f32 {
+unsafe fn nibbles_dot_avx512(q: &[u8], scales: &[f32], x: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     let low = _mm512_set1_epi32(0xF);
     let mut acc = _mm512_setzero_ps();
@@ -183,10 +388,10 @@ unsafe fn q4_1_dot_avx512(q: &[u8], scales: &[f32], x: &[f32]) -> f32 {
     _mm512_reduce_add_ps(acc)
 }
 
-/// Σ_b d_b · Σ_j q_bj x_bj over one Q8_0 row.
+/// Σ_g d_g · Σ_j q_gj x_gj over one row of i8 groups of 32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn q8_0_dot_avx512(q: &[u8], scales: &[f32], x: &[f32]) -> f32 {
+unsafe fn bytes32_dot_avx512(q: &[u8], scales: &[f32], x: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     let mut acc = _mm512_setzero_ps();
     for (b, &d) in scales.iter().enumerate() {
@@ -202,72 +407,118 @@ unsafe fn q8_0_dot_avx512(q: &[u8], scales: &[f32], x: &[f32]) -> f32 {
     _mm512_reduce_add_ps(acc)
 }
 
+/// Σ_g d_g · Σ_j q_gj x_gj over one row of i8 groups of 16 (Q6_K).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn bytes16_dot_avx512(q: &[u8], scales: &[f32], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = _mm512_setzero_ps();
+    for (b, &d) in scales.iter().enumerate() {
+        let q0 = _mm_loadu_si128(q.as_ptr().add(b * 16) as *const __m128i);
+        let f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0));
+        let x0 = _mm512_loadu_ps(x.as_ptr().add(b * 16));
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_mul_ps(f0, x0), acc);
+    }
+    _mm512_reduce_add_ps(acc)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::gguf::{dequantize, quantize};
 
-    /// Random blocks of `kind` for a [rows, cols] matrix (scales as f16 bytes).
-    fn random_blocks(kind: QuantKind, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    /// A [rows, cols] matrix of `dtype` from lorakit's quantiser (ggml's own blocks), over
+    /// values with varied scales and signs.
+    fn blocks(dtype: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
         let mut s = seed;
-        let mut next = || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 33) as u32
-        };
-        let mut out = Vec::new();
-        for _ in 0..rows * cols / BLOCK {
-            let d = half::f16::from_f32((next() % 1000) as f32 / 1e4 + 1e-3);
-            out.extend(d.to_le_bytes());
-            match kind {
-                QuantKind::Q4_1 => {
-                    let m = half::f16::from_f32(-((next() % 1000) as f32) / 1e4);
-                    out.extend(m.to_le_bytes());
-                    out.extend((0..16).map(|_| next() as u8));
-                }
-                QuantKind::Q8_0 => out.extend((0..32).map(|_| next() as u8)),
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let u = (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                u * [1.0, 0.1, 3.0, 0.01][(i / cols) % 4]
+            })
+            .collect();
+        quantize(dtype, &x, cols).unwrap()
+    }
+
+    #[test]
+    fn rows_dequantise_bit_for_bit_as_the_gguf_reader() {
+        for dtype in GGUF_TYPES {
+            let (rows, cols) = (5, 512);
+            let bytes = blocks(dtype, rows, cols, 3);
+            let m = QuantMatrix::from_gguf_blocks(dtype, &bytes, rows, cols, None, "w").unwrap();
+            let mut want = vec![0.0f32; rows * cols];
+            dequantize(dtype, &bytes, &mut want).unwrap();
+            for r in 0..rows {
+                let got = m.dequantize_row(r);
+                let w = &want[r * cols..(r + 1) * cols];
+                assert!(
+                    got.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{dtype}: row {r} differs from dequantize"
+                );
             }
         }
-        out
     }
 
     #[test]
     fn quantised_products_equal_the_dequantised_ones() {
-        for kind in [QuantKind::Q4_1, QuantKind::Q8_0] {
-            let (rows, cols, t) = (130, 96, 3);
-            let bytes = random_blocks(kind, rows, cols, 7);
-            let order: Vec<usize> = (0..rows).rev().collect();
-            let m =
-                QuantMatrix::from_gguf_blocks(kind, &bytes, rows, cols, Some(&order), "w").unwrap();
-            let plain = QuantMatrix::from_gguf_blocks(kind, &bytes, rows, cols, None, "w").unwrap();
-            assert_eq!(m.dequantize_row(0), plain.dequantize_row(rows - 1));
-            let x: Vec<f32> = (0..t * cols)
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
-                .collect();
-            let mut y = vec![0.0f32; t * rows];
-            m.matmul_nt(&mut y, &x, t);
-            for ti in 0..t {
-                for r in 0..rows {
-                    let w = m.dequantize_row(r);
-                    let want: f64 = w
-                        .iter()
-                        .zip(&x[ti * cols..(ti + 1) * cols])
-                        .map(|(&a, &b)| a as f64 * b as f64)
-                        .sum();
-                    let got = y[ti * rows + r] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{kind:?} t {ti} row {r}: {got} vs {want}"
-                    );
+        // Rows not a multiple of the 64-row tile, a single row, reordered rows. The bound:
+        // the kernels sum d·(Σ q·x) + m·Σx in f32 where the reference sums w·x in f64; over
+        // 512 terms of |w·x| ≤ 2 that is within 1e-5 relative to the row's Σ|w·x| plus 1.
+        for dtype in GGUF_TYPES {
+            for (rows, t) in [(130, 3), (1, 1)] {
+                let cols = 512;
+                let bytes = blocks(dtype, rows, cols, 7);
+                let order: Vec<usize> = (0..rows).rev().collect();
+                let m = QuantMatrix::from_gguf_blocks(dtype, &bytes, rows, cols, Some(&order), "w")
+                    .unwrap();
+                let plain =
+                    QuantMatrix::from_gguf_blocks(dtype, &bytes, rows, cols, None, "w").unwrap();
+                assert_eq!(m.dequantize_row(0), plain.dequantize_row(rows - 1));
+                let x: Vec<f32> = (0..t * cols)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                    .collect();
+                let mut y = vec![0.0f32; t * rows];
+                m.matmul_nt(&mut y, &x, t);
+                for ti in 0..t {
+                    for r in 0..rows {
+                        let w = m.dequantize_row(r);
+                        let xs = &x[ti * cols..(ti + 1) * cols];
+                        let want: f64 = w.iter().zip(xs).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        let mag: f64 = w
+                            .iter()
+                            .zip(xs)
+                            .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                            .sum();
+                        let got = y[ti * rows + r] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + mag),
+                            "{dtype} t {ti} row {r}: {got} vs {want}"
+                        );
+                    }
                 }
             }
         }
     }
 
     #[test]
-    fn wrong_byte_count_is_an_error() {
-        let e = QuantMatrix::from_gguf_blocks(QuantKind::Q4_1, &[0; 19], 1, 32, None, "blk.0.x")
+    fn bad_blocks_are_errors_naming_the_tensor() {
+        let e = QuantMatrix::from_gguf_blocks(GgmlType::Q4_1, &[0; 19], 1, 32, None, "blk.0.x")
             .unwrap_err();
         assert!(e.to_string().contains("blk.0.x"), "{e}");
+        let e = QuantMatrix::from_gguf_blocks(GgmlType::Q3_K, &[0; 110], 1, 256, None, "blk.1.y")
+            .unwrap_err();
+        assert!(e.to_string().contains("blk.1.y is Q3_K"), "{e}");
+        // A Q8_0 block whose f16 scale is infinite.
+        let mut b = vec![0u8; 34];
+        b[..2].copy_from_slice(&half::f16::INFINITY.to_le_bytes());
+        let e =
+            QuantMatrix::from_gguf_blocks(GgmlType::Q8_0, &b, 1, 32, None, "blk.2.z").unwrap_err();
+        assert!(
+            e.to_string().contains("blk.2.z") && e.to_string().contains("finite"),
+            "{e}"
+        );
     }
 }

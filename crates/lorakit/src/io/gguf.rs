@@ -37,7 +37,7 @@ mod tests;
 pub mod writer;
 
 pub use quantize::{can_quantize, quantize, QuantizeError, WRITABLE};
-pub use quants::{dequantize, DequantError};
+pub use quants::{dequantize, scale_min_k4, DequantError};
 pub use writer::GgufWriter;
 
 /// The GGUF magic, the first four bytes of every file.

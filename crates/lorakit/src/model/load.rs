@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::engine::quant::{QuantKind, QuantMatrix};
+use crate::engine::quant::QuantMatrix;
 use crate::error::{Error, Result};
-use crate::io::gguf::{GgmlType, GgufFile};
+use crate::io::gguf::GgufFile;
 use crate::io::hf_dir::SafetensorsSet;
 use crate::lora::ModuleKind;
 use crate::model::arch::{self, NormSlot, Slot, EMBED, FINAL_NORM, HEAD};
@@ -331,8 +331,8 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
 
 /// Gives every linear layer and the LM head of a model loaded from the GGUF at `path` its
 /// quantised blocks from that file (`--precision gguf`), so inference multiplies with them
-/// directly. Only Q4_1 and Q8_0 blocks are supported; any other type is an error naming the
-/// tensor. Rows of q and k get the same reordering as at load.
+/// directly. The block types of `engine::quant::GGUF_TYPES` are supported; any other type is an
+/// error naming the tensor. Rows of q and k get the same reordering as at load.
 pub fn attach_gguf_blocks(model: &mut Decoder, path: &Path) -> Result<()> {
     let gguf = GgufFile::open(path)?;
     let c = model.config.clone();
@@ -341,20 +341,6 @@ pub fn attach_gguf_blocks(model: &mut Decoder, path: &Path) -> Result<()> {
         let info = gguf
             .tensor_info(name)
             .ok_or_else(|| Error::tensor(path, name, "not found in file"))?;
-        let kind = match info.dtype {
-            GgmlType::Q4_1 => QuantKind::Q4_1,
-            GgmlType::Q8_0 => QuantKind::Q8_0,
-            other => {
-                return Err(Error::tensor(
-                    path,
-                    name,
-                    format!(
-                        "is {}; --precision gguf computes with Q4_1 and Q8_0 blocks only (use f32 or bf16)",
-                        other.name()
-                    ),
-                ))
-            }
-        };
         // The row permutation of `unpermute_rows` as an index map.
         let order: Option<Vec<usize>> = n_head.filter(|_| table.gguf_permute_qk).map(|n_head| {
             let head_rows = rows / n_head;
@@ -368,7 +354,7 @@ pub fn attach_gguf_blocks(model: &mut Decoder, path: &Path) -> Result<()> {
                 .collect()
         });
         QuantMatrix::from_gguf_blocks(
-            kind,
+            info.dtype,
             gguf.tensor_bytes(info),
             rows,
             cols,

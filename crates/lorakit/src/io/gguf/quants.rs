@@ -308,7 +308,7 @@ fn dq_q3_k(src: &[u8], dst: &mut [f32]) {
 
 /// The 6-bit scale and min `j` (0..8) of a Q4_K/Q5_K block (ggml's `get_scale_min_k4`).
 #[inline(always)]
-pub(super) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
