@@ -1358,12 +1358,21 @@ fn gguf_adapter_cli_export_writes_an_ollama_modelfile() {
         "\"\"\"You are a helpful AI assistant named SmolLM, trained by Hugging Face\"\"\""
     );
     assert!(text.contains("PARAMETER stop \"<|im_end|>\""), "{text}");
-    assert!(
-        text.contains(
-            "{{ else if eq .Role \"user\" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n"
-        ),
-        "{text}"
+    let directive = |name: &str| {
+        let start = text.find(&format!("{name} \"\"\"")).unwrap() + name.len() + 4;
+        let len = text[start..].find("\"\"\"").unwrap();
+        text[start..start + len].to_owned()
+    };
+    let cases = read_json("tokenizer/chat_template_cases.json");
+    let convs = ["main", "extra_user_only_default_system"];
+    let rendered = go_template_render(
+        &directive("TEMPLATE"),
+        &directive("SYSTEM"),
+        &convs.map(|c| cases[c]["messages"].clone()),
     );
+    for (c, got) in convs.iter().zip(&rendered) {
+        assert_eq!(got, cases[*c]["text"].as_str().unwrap(), "{c}");
+    }
     // A second export into the same Modelfile is its own; a foreign file is refused.
     let foreign = tmp.path().join("Foreign");
     std::fs::write(&foreign, "FROM llama3\n").unwrap();

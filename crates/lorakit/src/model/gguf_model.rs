@@ -122,7 +122,7 @@ impl FileType {
         };
         let is_output = name == HEAD.1 || (tied && name == EMBED.1);
         let wanted = if is_output {
-            if row % 256 != 0 {
+            if !row.is_multiple_of(256) {
                 GgmlType::Q8_0
             } else {
                 GgmlType::Q6_K
@@ -255,27 +255,27 @@ pub fn gguf_bytes(model: &Decoder, source: GgufSource, file_type: FileType) -> R
             )));
         }
     }
-    let (path, metadata, tensors): (&Path, Vec<(String, GgufValue)>, Vec<(String, Vec<usize>)>) =
-        match source {
-            GgufSource::Gguf(g) => (
-                g.path(),
-                g.metadata()
-                    .iter()
-                    // The reader keeps general.alignment; lorakit writes the default alignment.
-                    .filter(|(k, _)| k.as_str() != "general.alignment")
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-                g.tensors()
-                    .iter()
-                    .map(|t| (t.name.clone(), t.shape()))
-                    .collect(),
-            ),
-            GgufSource::HfDir(dir, tok) => (
-                dir,
-                hf_gguf_metadata(model, dir, tok)?,
-                gguf_tensor_list(model),
-            ),
-        };
+    type Directory = Vec<(String, Vec<usize>)>;
+    let (path, metadata, tensors): (&Path, Vec<(String, GgufValue)>, Directory) = match source {
+        GgufSource::Gguf(g) => (
+            g.path(),
+            g.metadata()
+                .iter()
+                // The reader keeps general.alignment; lorakit writes the default alignment.
+                .filter(|(k, _)| k.as_str() != "general.alignment")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            g.tensors()
+                .iter()
+                .map(|t| (t.name.clone(), t.shape()))
+                .collect(),
+        ),
+        GgufSource::HfDir(dir, tok) => (
+            dir,
+            hf_gguf_metadata(model, dir, tok)?,
+            gguf_tensor_list(model),
+        ),
+    };
     let tied = !tensors.iter().any(|(n, _)| n == HEAD.1);
     let mut g = GgufWriter::new();
     for (k, v) in metadata {

@@ -454,13 +454,17 @@ fn q6_k(x: &[f32], out: &mut Vec<u8>) {
     let d_bytes = f16_bytes(1.0 / iscale);
     let d = f16_round(1.0 / iscale);
     let sc: [i8; 16] = std::array::from_fn(|ib| nearest_int(iscale * scales[ib]).min(127) as i8);
-    for j in 0..16 {
-        let dj = d * sc[j] as f32;
+    for ((&s, lv), xs) in sc
+        .iter()
+        .zip(levels.chunks_exact_mut(16))
+        .zip(x.chunks_exact(16))
+    {
+        let dj = d * s as f32;
         if dj == 0.0 {
             continue;
         }
-        for i in 16 * j..16 * j + 16 {
-            levels[i] = (nearest_int(x[i] / dj).clamp(-32, 31) + 32) as i8;
+        for (l, &v) in lv.iter_mut().zip(xs) {
+            *l = (nearest_int(v / dj).clamp(-32, 31) + 32) as i8;
         }
     }
     let l = |i: usize| levels[i] as u8;
