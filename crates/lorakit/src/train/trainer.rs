@@ -73,7 +73,8 @@ pub struct TrainOptions {
     /// Write a checkpoint every N steps (0 = only at the end).
     pub save_every: usize,
     pub keep_checkpoints: usize,
-    /// Frozen-weight products: `bf16` (AVX512-BF16, the default where the CPU has it) or `f32`.
+    /// Frozen-weight products: `bf16` (the default where the CPU has AVX512-BF16; emulated with the
+    /// same rounding elsewhere) or `f32`.
     pub precision: Option<String>,
     /// A step whose loss or gradient norm is NaN/Inf is skipped (no update, recorded in
     /// metrics.jsonl) instead of stopping the run.
@@ -148,12 +149,14 @@ impl TrainOptions {
         Ok(o)
     }
 
-    /// The precision asked for, or the fastest this CPU supports.
+    /// The precision asked for, or the fastest on this CPU: bf16 where it multiplies bf16
+    /// natively (AVX512-BF16, unless `LORAKIT_DISABLE_AVX512BF16` is set), f32 elsewhere (the
+    /// emulated bf16 products are no faster than f32 ones); f32 for full fine-tuning.
     pub fn precision(&self) -> Result<crate::model::Precision> {
         match &self.precision {
             None if self.full => Ok(crate::model::Precision::F32),
             Some(p) => p.parse(),
-            None if crate::engine::bf16::bf16_supported() => Ok(crate::model::Precision::Bf16),
+            None if crate::engine::bf16::bf16_native() => Ok(crate::model::Precision::Bf16),
             None => Ok(crate::model::Precision::F32),
         }
     }
