@@ -239,9 +239,9 @@ pub fn matmul_bf16_with(
             unsafe {
                 match kernel {
                     #[cfg(target_arch = "x86_64")]
-                    Bf16Kernel::Avx512Bf16 => micro_kernel(
-                        a_rows, lda, rows, panel, b.k_pairs, c, n, cols, accumulate,
-                    ),
+                    Bf16Kernel::Avx512Bf16 => {
+                        micro_kernel(a_rows, lda, rows, panel, b.k_pairs, c, n, cols, accumulate)
+                    }
                     #[cfg(target_arch = "x86_64")]
                     Bf16Kernel::Avx2 => emulated_kernel_avx2(
                         a_rows, lda, rows, panel, b.k_pairs, c, n, cols, accumulate,
@@ -475,7 +475,9 @@ mod tests {
         let mut z = seed;
         (0..len)
             .map(|_| {
-                z = z.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                z = z
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let u = (z >> 40) as u32;
                 let mant = (u & 0xffff) as f32 / 65536.0 + 0.5;
                 let exp = ((u >> 16) % 24) as i32 - 12;
@@ -497,7 +499,13 @@ mod tests {
             .into_iter()
             .filter(|k| *k != Bf16Kernel::Avx512Bf16)
             .collect();
-        for &(m, k, n) in &[(1, 1, 1), (5, 7, 5), (7, 33, 70), (13, 64, 129), (97, 576, 200)] {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (5, 7, 5),
+            (7, 33, 70),
+            (13, 64, 129),
+            (97, 576, 200),
+        ] {
             for seed in 0..3u64 {
                 let x = wide_data(m * k, 2 * seed + 1);
                 let w = wide_data(n * k, 2 * seed + 2);
@@ -505,7 +513,14 @@ mod tests {
                 let start = wide_data(m * n, 99);
                 for accumulate in [false, true] {
                     let mut want = start.clone();
-                    matmul_bf16_with(Bf16Kernel::Avx512Bf16, &mut want, &x, m, &packed, accumulate);
+                    matmul_bf16_with(
+                        Bf16Kernel::Avx512Bf16,
+                        &mut want,
+                        &x,
+                        m,
+                        &packed,
+                        accumulate,
+                    );
                     for &kernel in &emulated {
                         let mut got = start.clone();
                         matmul_bf16_with(kernel, &mut got, &x, m, &packed, accumulate);
