@@ -104,7 +104,8 @@ pub struct TrainArgs {
     save_every: Option<usize>,
     #[arg(long)]
     keep_checkpoints: Option<usize>,
-    /// Frozen-weight arithmetic: bf16 (default where the CPU has AVX512-BF16) or f32 (exact).
+    /// Frozen-weight arithmetic: bf16 (default where the CPU has AVX512-BF16; emulated elsewhere)
+    /// or f32 (exact).
     #[arg(long)]
     precision: Option<String>,
     /// Full fine-tuning: every weight trainable (the baseline LoRA replaces); writes OUT/model.
