@@ -20,6 +20,7 @@ mod logits;
 mod lora;
 mod mpi;
 mod outputs;
+mod packing;
 mod real_model;
 mod serve;
 mod sweep;

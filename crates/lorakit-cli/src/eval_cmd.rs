@@ -27,8 +27,8 @@ pub struct EvalArgs {
     /// A PEFT adapter applied unmerged: DIR or DIR:WEIGHT (repeatable).
     #[arg(long, conflicts_with = "predictions")]
     adapter: Vec<String>,
-    /// Frozen-weight arithmetic: f32 (exact, default), bf16 (AVX512-BF16, faster), or gguf (the
-    /// GGUF file's own Q4_1/Q8_0 blocks).
+    /// Frozen-weight arithmetic: f32 (exact, default), bf16 (faster with AVX512-BF16, emulated
+    /// elsewhere), or gguf (the GGUF file's own Q4_1/Q8_0 blocks).
     #[arg(long, default_value = "f32")]
     precision: String,
     /// Evaluation data: JSONL with "prompt" and the keys the metric needs ("references",

@@ -72,8 +72,9 @@ struct ModelArg {
     /// PATH:WEIGHT (repeatable).
     #[arg(long)]
     adapter: Vec<String>,
-    /// Frozen-weight arithmetic: f32 (exact, default), bf16 (AVX512-BF16, faster), or gguf
-    /// (multiply with the GGUF file's own Q4_1/Q8_0 blocks: the fastest decode).
+    /// Frozen-weight arithmetic: f32 (exact, default), bf16 (faster with AVX512-BF16, emulated
+    /// elsewhere), or gguf (multiply with the GGUF file's own Q4_1/Q8_0 blocks: the fastest
+    /// decode).
     #[arg(long, default_value = "f32")]
     precision: String,
 }

@@ -62,10 +62,18 @@ pub struct TrainArgs {
     epochs: Option<usize>,
     #[arg(long)]
     steps: Option<usize>,
+    /// Examples per micro-batch (with --packing: rows of packed examples).
     #[arg(long)]
     batch_size: Option<usize>,
     #[arg(long)]
     grad_accum: Option<usize>,
+    /// Several whole examples per row of --max-seq-len tokens (best-fit decreasing), each
+    /// attending only to itself: less padding, fewer optimiser steps per epoch.
+    #[arg(long)]
+    packing: bool,
+    /// Micro-batches of at most N tokens, padding included, instead of --batch-size examples.
+    #[arg(long, value_name = "N")]
+    max_tokens_per_batch: Option<usize>,
     #[arg(long)]
     lr: Option<f64>,
     #[arg(long)]
@@ -96,7 +104,8 @@ pub struct TrainArgs {
     save_every: Option<usize>,
     #[arg(long)]
     keep_checkpoints: Option<usize>,
-    /// Frozen-weight arithmetic: bf16 (default where the CPU has AVX512-BF16) or f32 (exact).
+    /// Frozen-weight arithmetic: bf16 (default where the CPU has AVX512-BF16; emulated elsewhere)
+    /// or f32 (exact).
     #[arg(long)]
     precision: Option<String>,
     /// Full fine-tuning: every weight trainable (the baseline LoRA replaces); writes OUT/model.
@@ -145,6 +154,9 @@ impl TrainArgs {
         if self.max_seq_len.is_some() {
             o.max_seq_len = self.max_seq_len;
         }
+        if self.max_tokens_per_batch.is_some() {
+            o.max_tokens_per_batch = self.max_tokens_per_batch;
+        }
         if self.model.is_some() {
             o.model = self.model.clone();
         }
@@ -176,6 +188,7 @@ impl TrainArgs {
         }
         o.use_rslora |= self.use_rslora;
         o.no_shuffle |= self.no_shuffle;
+        o.packing |= self.packing;
         o.skip_nonfinite |= self.skip_nonfinite;
         o.full |= self.full;
         o.overwrite |= self.overwrite;
@@ -325,6 +338,12 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         plan.batcher.batches_per_epoch(),
         plan.total_steps
     );
+    if let lorakit::data::Grouping::Packed { row_len, rows } = plan.batcher.grouping() {
+        eprintln!(
+            "packing: {} rows of up to {row_len} tokens, {rows} per micro-batch",
+            plan.batcher.packed_rows().len()
+        );
+    }
     for w in plan
         .train_stats
         .warnings(plan.options.max_seq_len.unwrap_or_default())
@@ -347,15 +366,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         format!("{weights_mb:.0} MB frozen weights ({precision:?}: f32 + bf16 copies for forward and backward)")
     };
     eprintln!(
-        "memory estimate: {what} + {:.0} MB saved activations (batch {} × up to {} tokens)",
+        "memory estimate: {what} + {:.0} MB saved activations (up to {} tokens per micro-batch)",
         plan.activation_bytes_estimate(&loaded.model) as f64 / 1e6,
-        plan.options.batch_size,
-        plan.batcher
-            .examples()
-            .iter()
-            .map(|e| e.len())
-            .max()
-            .unwrap_or(0)
+        plan.batcher.max_batch_tokens()
     );
     let quiet = a.quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let bar = ProgressBar::hidden();

@@ -14,7 +14,7 @@
 
 use std::time::Instant;
 
-use lorakit::engine::bf16::{bf16_supported, matmul_bf16, PackedBf16};
+use lorakit::engine::bf16::{bf16_native, matmul_bf16, PackedBf16};
 use lorakit::engine::matmul_nt;
 use rayon::prelude::*;
 
@@ -84,8 +84,8 @@ fn best_of(reps: usize, m: usize, k: usize, n: usize, mut f: impl FnMut()) -> f6
 }
 
 fn main() {
-    if !(std::arch::is_x86_feature_detected!("avx512f") && bf16_supported()) {
-        eprintln!("error: this benchmark needs AVX-512 and AVX512-BF16");
+    if !(std::arch::is_x86_feature_detected!("avx512f") && bf16_native()) {
+        eprintln!("error: this benchmark needs AVX-512 and AVX512-BF16 (not disabled by LORAKIT_DISABLE_AVX512BF16)");
         std::process::exit(1);
     }
     let threads = rayon::current_num_threads();

@@ -15,7 +15,7 @@ mod batch;
 mod chat;
 mod jsonl;
 
-pub use batch::{Batch, Batcher, MEGA_BATCH};
+pub use batch::{pack_best_fit_decreasing, Batch, Batcher, Grouping, MEGA_BATCH};
 pub use jsonl::{encode_messages, encode_prompt_completion, encode_text, load_jsonl};
 
 use std::fmt;

@@ -499,3 +499,124 @@ fn shuffle_is_deterministic_and_groups_by_length() {
         );
     }
 }
+
+#[test]
+fn best_fit_decreasing_packs_like_trl_bfd() {
+    // Longest first, each into the fullest row that still holds it.
+    let lens = [3, 8, 5, 2, 6, 4, 1, 7];
+    let bins = pack_best_fit_decreasing(&lens, 10);
+    // 8 → row 0 (2 left); 7 → row 1 (3 left); 6 → row 2 (4 left); 5 → row 3 (5 left);
+    // 4 → row 2 (full); 3 → row 1 (full); 2 → row 0 (full); 1 → row 3 (4 left).
+    assert_eq!(bins, vec![vec![1, 3], vec![7, 0], vec![4, 5], vec![2, 6]]);
+    // Equal lengths keep file order, row after row.
+    assert_eq!(
+        pack_best_fit_decreasing(&[4; 7], 12),
+        vec![vec![0, 1, 2], vec![3, 4, 5], vec![6]]
+    );
+}
+
+#[test]
+fn packed_batches_keep_every_example_whole_and_mask_their_first_label() {
+    let exs: Vec<Example> = (0..9).map(|i| ex(2 + (i * 5) % 7, i as u32)).collect();
+    let b = Batcher::new(exs.clone(), 2, true, 7)
+        .unwrap()
+        .with_pad_id(IM_END)
+        .with_grouping(Grouping::Packed {
+            row_len: 10,
+            rows: 2,
+        })
+        .unwrap();
+    let rows = b.packed_rows().to_vec();
+    assert_eq!(b.batches_per_epoch(), rows.len().div_ceil(2));
+    let mut seen: Vec<usize> = rows.iter().flatten().copied().collect();
+    seen.sort();
+    assert_eq!(seen, (0..9).collect::<Vec<_>>());
+    for row in &rows {
+        assert!(row.iter().map(|&i| exs[i].len()).sum::<usize>() <= 10);
+    }
+    // Epochs visit the same rows in another order, reproducibly.
+    assert_eq!(b.epoch(1), b.epoch(1));
+    let mut e0 = b.epoch_rows(0).concat();
+    let mut e1 = b.epoch_rows(1).concat();
+    assert_ne!(e0, e1);
+    e0.sort();
+    e1.sort();
+    assert_eq!(e0, e1);
+    for batch in b.epoch(0) {
+        assert_eq!(batch.segments.rows().len(), batch.batch_size);
+        let mut targets = 0;
+        let mut k = 0;
+        for r in 0..batch.batch_size {
+            let (ids, labels) = (batch.row_ids(r), batch.row_labels(r));
+            let mut at = 0;
+            for &len in &batch.segments.rows()[r] {
+                let e = &exs[batch.indices[k]];
+                assert_eq!(len, e.len());
+                assert_eq!(&ids[at..at + len], &e.input_ids[..]);
+                // The first label never counts (the previous example must not predict it).
+                assert_eq!(labels[at], -100);
+                assert_eq!(&labels[at + 1..at + len], &e.labels[1..]);
+                targets += e.target_tokens();
+                at += len;
+                k += 1;
+            }
+            assert_eq!(batch.lengths[r], at);
+            assert!(ids[at..].iter().all(|&x| x == IM_END));
+            assert!(labels[at..].iter().all(|&x| x == -100));
+        }
+        assert_eq!(k, batch.indices.len());
+        assert_eq!(batch.target_tokens, targets);
+    }
+}
+
+#[test]
+fn token_budget_batches_hold_at_most_the_budget_padding_included() {
+    let exs: Vec<Example> = (0..60).map(|i| ex(2 + (i * 37) % 20, i as u32)).collect();
+    for shuffle in [false, true] {
+        let b = Batcher::new(exs.clone(), 4, shuffle, 3)
+            .unwrap()
+            .with_grouping(Grouping::Tokens { max_tokens: 48 })
+            .unwrap();
+        let batches = b.epoch(0);
+        assert_eq!(batches.len(), b.batches_per_epoch());
+        let mut seen: Vec<usize> = batches.iter().flat_map(|x| x.indices.clone()).collect();
+        seen.sort();
+        assert_eq!(seen, (0..60).collect::<Vec<_>>());
+        for x in &batches {
+            assert!(
+                x.batch_size * x.seq_len <= 48,
+                "{} × {}",
+                x.batch_size,
+                x.seq_len
+            );
+            assert!(!x.segments.is_packed());
+        }
+        assert!(b.max_batch_tokens() <= 48);
+    }
+}
+
+#[test]
+fn an_example_longer_than_the_row_or_budget_is_an_error() {
+    let exs: Vec<Example> = vec![ex(5, 0), ex(12, 1)];
+    for g in [
+        Grouping::Packed {
+            row_len: 10,
+            rows: 1,
+        },
+        Grouping::Tokens { max_tokens: 10 },
+    ] {
+        let err = Batcher::new(exs.clone(), 2, false, 0)
+            .unwrap()
+            .with_grouping(g)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("example 1 has 12 tokens, more than"), "{err}");
+    }
+    assert!(Batcher::new(exs, 2, false, 0)
+        .unwrap()
+        .with_grouping(Grouping::Packed {
+            row_len: 12,
+            rows: 1
+        })
+        .is_ok());
+}

@@ -6,6 +6,10 @@
 //! Layouts: q, dq, out: [B·T, n_heads·head_dim]; k, v, dk, dv: [B·T, n_kv_heads·head_dim];
 //! lse: [B, n_heads, T]. Query head h reads KV head h / (n_heads / n_kv_heads). Right padding
 //! needs no mask: a real token never attends to a later position.
+//!
+//! A packed row ([`Segments`]) holds several sequences one after the other; each is computed as
+//! its own causal block (the mask is block-diagonal), with the same products it would get alone,
+//! so no score across two sequences is ever formed. An unpacked row is one segment.
 
 use rayon::prelude::*;
 
@@ -33,6 +37,86 @@ impl AttnShape {
     }
     fn group(&self) -> usize {
         self.n_heads / self.n_kv_heads
+    }
+}
+
+/// How the rows of a batch are cut into independent sequences (packing): row b holds the
+/// sequences `lengths[b]`, in order, each attending only to itself; what is left of the row after
+/// them (right padding) is one more segment. No rows given: every row is one sequence.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Segments {
+    rows: Vec<Vec<usize>>,
+}
+
+impl Segments {
+    /// Every row one sequence (the unpacked batch).
+    pub fn unpacked() -> Self {
+        Segments::default()
+    }
+
+    /// Row b holds sequences of lengths `rows[b]`.
+    pub fn packed(rows: Vec<Vec<usize>>) -> Self {
+        Segments { rows }
+    }
+
+    pub fn is_packed(&self) -> bool {
+        !self.rows.is_empty()
+    }
+
+    /// The sequence lengths of each row (empty when unpacked).
+    pub fn rows(&self) -> &[Vec<usize>] {
+        &self.rows
+    }
+
+    /// Why these segments do not fit a batch of `batch` rows of `seq` tokens, if they do not.
+    pub fn check(&self, batch: usize, seq: usize) -> Result<(), String> {
+        if !self.is_packed() {
+            return Ok(());
+        }
+        if self.rows.len() != batch {
+            return Err(format!(
+                "segments for {} rows, the batch has {batch}",
+                self.rows.len()
+            ));
+        }
+        for (b, r) in self.rows.iter().enumerate() {
+            if r.contains(&0) {
+                return Err(format!("row {b} has an empty segment"));
+            }
+            let used: usize = r.iter().sum();
+            if used > seq {
+                return Err(format!(
+                    "row {b}'s segments hold {used} tokens, more than its {seq}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The longest segment of a batch of rows of `seq` tokens (padding included).
+    pub fn longest(&self, seq: usize) -> usize {
+        if !self.is_packed() {
+            return seq;
+        }
+        (0..self.rows.len())
+            .flat_map(|b| self.row(b, seq).map(|(_, len)| len))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// (start, length) of each segment of row `b`, in a row of `seq` tokens.
+    pub fn row(&self, b: usize, seq: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let lens: &[usize] = self.rows.get(b).map_or(&[], Vec::as_slice);
+        let used: usize = lens.iter().sum();
+        let mut start = 0;
+        lens.iter()
+            .copied()
+            .chain((used < seq).then(|| seq - used))
+            .map(move |len| {
+                let s = start;
+                start += len;
+                (s, len)
+            })
     }
 }
 
@@ -94,18 +178,28 @@ unsafe fn gemm_strided(
     )
 }
 
-/// S = scale · Q_h K_hᵀ for one (batch, head): [T, hd] · [hd, T] → [T, T] in `dst`.
+/// S = scale · Q_h K_hᵀ for one segment of `len` rows of one (batch, head): [len, hd] · [hd, len]
+/// → [len, len] in `dst`.
 ///
 /// # Safety
-/// q0 / kv0 must be the offsets of that head's first row in q / k, with T rows after them.
-unsafe fn head_scores(dst: &mut [f32], q: &[f32], k: &[f32], q0: usize, kv0: usize, s: AttnShape) {
+/// q0 / kv0 must be the offsets of the segment's first row of that head in q / k, with `len` rows
+/// after them, and `dst` must hold len² elements.
+unsafe fn head_scores(
+    dst: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    q0: usize,
+    kv0: usize,
+    len: usize,
+    s: AttnShape,
+) {
     let scale = s.scale;
     gemm_strided(
-        s.seq,
-        s.seq,
+        len,
+        len,
         s.head_dim,
         dst.as_mut_ptr(),
-        s.seq,
+        len,
         false,
         q.as_ptr().add(q0),
         s.q_row(),
@@ -148,7 +242,8 @@ fn causal_exp_rows(
     }
 }
 
-/// out = softmax(scale · q kᵀ + causal (sliding-window) mask) v, per (batch, head); lse[b, h, t] = log Σ_j exp(s_tj).
+/// out = softmax(scale · q kᵀ + causal (sliding-window) mask) v, per (batch, head) and per
+/// segment of each row (`segs`); lse[b, h, t] = log Σ_j exp(s_tj).
 pub fn attention_train_forward(
     out: &mut [f32],
     lse: &mut [f32],
@@ -156,6 +251,7 @@ pub fn attention_train_forward(
     k: &[f32],
     v: &[f32],
     s: AttnShape,
+    segs: &Segments,
 ) {
     let (t_len, hd) = (s.seq, s.head_dim);
     assert_eq!(q.len(), s.batch * t_len * s.q_row());
@@ -163,36 +259,44 @@ pub fn attention_train_forward(
     assert_eq!(v.len(), k.len());
     assert_eq!(out.len(), q.len());
     assert_eq!(lse.len(), s.batch * s.n_heads * t_len);
+    if let Err(e) = segs.check(s.batch, t_len) {
+        panic!("attention_train_forward: {e}");
+    }
+    let longest = segs.longest(t_len);
     let out_ptr = SharedMut(out.as_mut_ptr());
     // One task per (batch, head): it owns out[b, :, h, :] and lse[b, h, :].
     lse.par_chunks_mut(t_len).enumerate().for_each_init(
-        || vec![0.0f32; t_len * t_len],
+        || vec![0.0f32; longest * longest],
         |scores, (bh, lse_row)| {
             let (b, h) = (bh / s.n_heads, bh % s.n_heads);
             let kvh = h / s.group();
-            let q0 = b * t_len * s.q_row() + h * hd;
-            let kv0 = b * t_len * s.kv_row() + kvh * hd;
-            // SAFETY: the asserts above bound the views; this task alone writes out[b, :, h, :].
-            unsafe {
-                // S = scale · Q Kᵀ: [T, hd] · [hd, T]
-                head_scores(scores, q, k, q0, kv0, s);
-                causal_exp_rows(scores, t_len, s.window, None, lse_row);
-                // O = P V: [T, T] · [T, hd]
-                gemm_strided(
-                    t_len,
-                    hd,
-                    t_len,
-                    out_ptr.at(q0),
-                    s.q_row(),
-                    false,
-                    scores.as_ptr(),
-                    t_len,
-                    1,
-                    v.as_ptr().add(kv0),
-                    s.kv_row(),
-                    1,
-                    1.0,
-                );
+            for (start, len) in segs.row(b, t_len) {
+                let q0 = (b * t_len + start) * s.q_row() + h * hd;
+                let kv0 = (b * t_len + start) * s.kv_row() + kvh * hd;
+                let sc = &mut scores[..len * len];
+                // SAFETY: the asserts above bound the views (the segments lie inside the row);
+                // this task alone writes out[b, :, h, :].
+                unsafe {
+                    // S = scale · Q Kᵀ: [L, hd] · [hd, L]
+                    head_scores(sc, q, k, q0, kv0, len, s);
+                    causal_exp_rows(sc, len, s.window, None, &mut lse_row[start..start + len]);
+                    // O = P V: [L, L] · [L, hd]
+                    gemm_strided(
+                        len,
+                        hd,
+                        len,
+                        out_ptr.at(q0),
+                        s.q_row(),
+                        false,
+                        sc.as_ptr(),
+                        len,
+                        1,
+                        v.as_ptr().add(kv0),
+                        s.kv_row(),
+                        1,
+                        1.0,
+                    );
+                }
             }
         },
     );
@@ -214,6 +318,7 @@ pub fn attention_train_backward(
     out: &[f32],
     lse: &[f32],
     s: AttnShape,
+    segs: &Segments,
 ) {
     let (t_len, hd) = (s.seq, s.head_dim);
     let scale = s.scale;
@@ -229,6 +334,10 @@ pub fn attention_train_backward(
     }
     assert_eq!(q.len(), s.batch * t_len * s.q_row());
     assert_eq!(k.len(), s.batch * t_len * s.kv_row());
+    if let Err(e) = segs.check(s.batch, t_len) {
+        panic!("attention_train_backward: {e}");
+    }
+    let longest = segs.longest(t_len);
     let (dq_ptr, dk_ptr, dv_ptr) = (
         SharedMut(dq.as_mut_ptr()),
         SharedMut(dk.as_mut_ptr()),
@@ -237,97 +346,103 @@ pub fn attention_train_backward(
     // One task per (batch, KV head): it owns dk/dv of that head and dq of the query heads
     // that share it, so no two tasks write the same element.
     (0..s.batch * s.n_kv_heads).into_par_iter().for_each_init(
-        || (vec![0.0f32; t_len * t_len], vec![0.0f32; t_len * t_len]),
-        |(p, dp), bk| {
+        || {
+            (
+                vec![0.0f32; longest * longest],
+                vec![0.0f32; longest * longest],
+            )
+        },
+        |(p_buf, dp_buf), bk| {
             let (b, kvh) = (bk / s.n_kv_heads, bk % s.n_kv_heads);
-            let kv0 = b * t_len * s.kv_row() + kvh * hd;
             for (i, h) in (kvh * s.group()..(kvh + 1) * s.group()).enumerate() {
-                let q0 = b * t_len * s.q_row() + h * hd;
                 let first = i == 0;
-                // SAFETY: the asserts above bound every view; dk/dv rows of (b, kvh) and dq rows
-                // of (b, h) belong to this task only.
-                unsafe {
-                    head_scores(p, q, k, q0, kv0, s);
-                    let lse_row = &lse[(b * s.n_heads + h) * t_len..][..t_len];
-                    causal_exp_rows(p, t_len, s.window, Some(lse_row), &mut []);
-                    // dV (+)= Pᵀ dO
-                    gemm_strided(
-                        t_len,
-                        hd,
-                        t_len,
-                        dv_ptr.at(kv0),
-                        s.kv_row(),
-                        !first,
-                        p.as_ptr(),
-                        1,
-                        t_len,
-                        d_out.as_ptr().add(q0),
-                        s.q_row(),
-                        1,
-                        1.0,
-                    );
-                    // dP = dO Vᵀ
-                    gemm_strided(
-                        t_len,
-                        t_len,
-                        hd,
-                        dp.as_mut_ptr(),
-                        t_len,
-                        false,
-                        d_out.as_ptr().add(q0),
-                        s.q_row(),
-                        1,
-                        v.as_ptr().add(kv0),
-                        1,
-                        s.kv_row(),
-                        1.0,
-                    );
-                }
-                // dS = P ⊙ (dP − D), D_t = dO_t · O_t (0 above the diagonal, where P is 0).
-                for t in 0..t_len {
-                    let row = q0 + t * s.q_row();
-                    let d_t = dot(&d_out[row..row + hd], &out[row..row + hd]);
-                    let (pr, dpr) = (
-                        &p[t * t_len..(t + 1) * t_len],
-                        &mut dp[t * t_len..(t + 1) * t_len],
-                    );
-                    for (x, &pv) in dpr.iter_mut().zip(pr) {
-                        *x = pv * (*x - d_t);
+                for (start, len) in segs.row(b, t_len) {
+                    let kv0 = (b * t_len + start) * s.kv_row() + kvh * hd;
+                    let q0 = (b * t_len + start) * s.q_row() + h * hd;
+                    let (p, dp) = (&mut p_buf[..len * len], &mut dp_buf[..len * len]);
+                    // SAFETY: the asserts above bound every view (the segments lie inside the
+                    // row); dk/dv rows of (b, kvh) and dq rows of (b, h) belong to this task only.
+                    unsafe {
+                        head_scores(p, q, k, q0, kv0, len, s);
+                        let lse_row = &lse[(b * s.n_heads + h) * t_len + start..][..len];
+                        causal_exp_rows(p, len, s.window, Some(lse_row), &mut []);
+                        // dV (+)= Pᵀ dO
+                        gemm_strided(
+                            len,
+                            hd,
+                            len,
+                            dv_ptr.at(kv0),
+                            s.kv_row(),
+                            !first,
+                            p.as_ptr(),
+                            1,
+                            len,
+                            d_out.as_ptr().add(q0),
+                            s.q_row(),
+                            1,
+                            1.0,
+                        );
+                        // dP = dO Vᵀ
+                        gemm_strided(
+                            len,
+                            len,
+                            hd,
+                            dp.as_mut_ptr(),
+                            len,
+                            false,
+                            d_out.as_ptr().add(q0),
+                            s.q_row(),
+                            1,
+                            v.as_ptr().add(kv0),
+                            1,
+                            s.kv_row(),
+                            1.0,
+                        );
                     }
-                }
-                unsafe {
-                    // dQ = scale · dS K
-                    gemm_strided(
-                        t_len,
-                        hd,
-                        t_len,
-                        dq_ptr.at(q0),
-                        s.q_row(),
-                        false,
-                        dp.as_ptr(),
-                        t_len,
-                        1,
-                        k.as_ptr().add(kv0),
-                        s.kv_row(),
-                        1,
-                        scale,
-                    );
-                    // dK (+)= scale · dSᵀ Q
-                    gemm_strided(
-                        t_len,
-                        hd,
-                        t_len,
-                        dk_ptr.at(kv0),
-                        s.kv_row(),
-                        !first,
-                        dp.as_ptr(),
-                        1,
-                        t_len,
-                        q.as_ptr().add(q0),
-                        s.q_row(),
-                        1,
-                        scale,
-                    );
+                    // dS = P ⊙ (dP − D), D_t = dO_t · O_t (0 above the diagonal, where P is 0).
+                    for t in 0..len {
+                        let row = q0 + t * s.q_row();
+                        let d_t = dot(&d_out[row..row + hd], &out[row..row + hd]);
+                        let (pr, dpr) =
+                            (&p[t * len..(t + 1) * len], &mut dp[t * len..(t + 1) * len]);
+                        for (x, &pv) in dpr.iter_mut().zip(pr) {
+                            *x = pv * (*x - d_t);
+                        }
+                    }
+                    unsafe {
+                        // dQ = scale · dS K
+                        gemm_strided(
+                            len,
+                            hd,
+                            len,
+                            dq_ptr.at(q0),
+                            s.q_row(),
+                            false,
+                            dp.as_ptr(),
+                            len,
+                            1,
+                            k.as_ptr().add(kv0),
+                            s.kv_row(),
+                            1,
+                            scale,
+                        );
+                        // dK (+)= scale · dSᵀ Q
+                        gemm_strided(
+                            len,
+                            hd,
+                            len,
+                            dk_ptr.at(kv0),
+                            s.kv_row(),
+                            !first,
+                            dp.as_ptr(),
+                            1,
+                            len,
+                            q.as_ptr().add(q0),
+                            s.q_row(),
+                            1,
+                            scale,
+                        );
+                    }
                 }
             }
         },

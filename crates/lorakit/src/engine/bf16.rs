@@ -5,6 +5,19 @@
 //! reduction dimension, `NR × 2` bf16 values. The activation side is converted to bf16 on
 //! every call (m·k work against m·k·n multiply-adds). Each `vdpbf16ps` does 32 multiply-adds,
 //! twice an f32 FMA, which is what `--precision bf16` buys on CPUs without AMX.
+//!
+//! On CPUs without the instruction (or with [`DISABLE_ENV`] set) the same products are emulated
+//! ([`Bf16Kernel::Avx2`], [`Bf16Kernel::Portable`]) with the instruction's arithmetic: both
+//! inputs rounded to bf16 (nearest even; bf16 subnormals read as zero, as the instruction's
+//! DAZ), each product exact in f32, and for every output element the running f32 sum taken
+//! pair by pair in the instruction's order (odd element of the pair, then even; each addition
+//! rounded to nearest even), starting from zero, the old output added last when accumulating.
+//! The results are those of the instruction bit for bit (tested on a CPU that has it) except
+//! where a product or a partial sum falls below f32's smallest normal (2⁻¹²⁶), which the
+//! instruction flushes to zero. The emulation is no faster than f32 products, so the default
+//! precision is bf16 only where [`bf16_native`] holds.
+
+use std::sync::OnceLock;
 
 use half::bf16;
 use rayon::prelude::*;
@@ -41,7 +54,7 @@ impl PackedBf16 {
                         for e in 0..2 {
                             let kk = 2 * p + e;
                             if nn < n && kk < k {
-                                panel[(p * NR + c) * 2 + e] = bf16::from_f32(b(kk, nn)).to_bits();
+                                panel[(p * NR + c) * 2 + e] = to_bf16_bits(b(kk, nn));
                             }
                         }
                     }
@@ -72,8 +85,24 @@ impl PackedBf16 {
     }
 }
 
-/// Whether this CPU runs the bf16 kernels.
-pub fn bf16_supported() -> bool {
+/// The environment variable that, set to anything but `0` or nothing, keeps the AVX512-BF16
+/// kernel off even where the CPU has it: the emulated kernels run instead (to exercise them on
+/// any machine) and the default training precision becomes f32.
+pub const DISABLE_ENV: &str = "LORAKIT_DISABLE_AVX512BF16";
+
+/// The kernels that compute [`matmul_bf16`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// The `vdpbf16ps` instruction (AVX512-BF16).
+    Avx512Bf16,
+    /// Emulated with AVX2 + FMA f32 arithmetic.
+    Avx2,
+    /// Emulated in plain Rust (any CPU).
+    Portable,
+}
+
+/// Whether this CPU has AVX512-BF16, whatever [`DISABLE_ENV`] says.
+pub fn cpu_has_avx512bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -82,6 +111,45 @@ pub fn bf16_supported() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
+    }
+}
+
+/// Whether [`DISABLE_ENV`] is set (to anything but `0` or nothing).
+pub fn avx512bf16_disabled() -> bool {
+    std::env::var_os(DISABLE_ENV).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// The kernel [`matmul_bf16`] uses on this CPU: the instruction when the CPU has it and
+/// [`DISABLE_ENV`] is not set, else the emulation (AVX2 + FMA where present). Decided once.
+pub fn bf16_kernel() -> Bf16Kernel {
+    static KERNEL: OnceLock<Bf16Kernel> = OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        if cpu_has_avx512bf16() && !avx512bf16_disabled() {
+            return Bf16Kernel::Avx512Bf16;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Bf16Kernel::Avx2;
+        }
+        Bf16Kernel::Portable
+    })
+}
+
+/// Whether bf16 products run natively here (faster than f32 ones): the default precision rule.
+pub fn bf16_native() -> bool {
+    bf16_kernel() == Bf16Kernel::Avx512Bf16
+}
+
+/// f32 → bf16 bits, rounded to nearest even; a bf16 subnormal becomes a zero of its sign (the
+/// instruction reads them as zero, so the emulation must too).
+#[inline]
+fn to_bf16_bits(v: f32) -> u16 {
+    let b = bf16::from_f32(v).to_bits();
+    if b & 0x7f80 == 0 {
+        b & 0x8000
+    } else {
+        b
     }
 }
 
@@ -94,7 +162,7 @@ fn convert_rows(x: &[f32], m: usize, k: usize, k_pairs: usize) -> Vec<u16> {
         .with_min_len(16)
         .for_each(|(o, r)| {
             for (oi, &v) in o.iter_mut().zip(r) {
-                *oi = bf16::from_f32(v).to_bits();
+                *oi = to_bf16_bits(v);
             }
         });
     out
@@ -110,8 +178,20 @@ impl OutPtr {
     }
 }
 
-/// out[m, n] (+)= x[m, k] · B[k, n] with B packed in bf16; f32 accumulation.
+/// out[m, n] (+)= x[m, k] · B[k, n] with B packed in bf16; f32 accumulation (on [`bf16_kernel`]).
 pub fn matmul_bf16(out: &mut [f32], x: &[f32], m: usize, b: &PackedBf16, accumulate: bool) {
+    matmul_bf16_with(bf16_kernel(), out, x, m, b, accumulate)
+}
+
+/// [`matmul_bf16`] on the given kernel (the instruction's needs a CPU with it: panics otherwise).
+pub fn matmul_bf16_with(
+    kernel: Bf16Kernel,
+    out: &mut [f32],
+    x: &[f32],
+    m: usize,
+    b: &PackedBf16,
+    accumulate: bool,
+) {
     let (k, n) = (b.k, b.n);
     assert_eq!(
         x.len(),
@@ -126,8 +206,15 @@ pub fn matmul_bf16(out: &mut [f32], x: &[f32], m: usize, b: &PackedBf16, accumul
         out.len()
     );
     assert!(
-        bf16_supported(),
-        "matmul_bf16 needs AVX512-BF16; callers check bf16_supported()"
+        kernel != Bf16Kernel::Avx512Bf16 || cpu_has_avx512bf16(),
+        "the AVX512-BF16 kernel needs a CPU with AVX512-BF16"
+    );
+    #[cfg(target_arch = "x86_64")]
+    assert!(
+        kernel != Bf16Kernel::Avx2
+            || (std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")),
+        "the AVX2 bf16 kernel needs a CPU with AVX2 and FMA"
     );
     if m == 0 || n == 0 {
         return;
@@ -145,25 +232,108 @@ pub fn matmul_bf16(out: &mut [f32], x: &[f32], m: usize, b: &PackedBf16, accumul
         let mut r0 = g * MR * BLOCKS_PER_TASK;
         while r0 < row_end {
             let rows = MR.min(row_end - r0);
-            // SAFETY: AVX512-BF16 was asserted above; this task alone writes rows
-            // r0..r0+rows, columns j·NR..j·NR+cols of out, all inside its m × n bounds.
+            let a_rows = &a[r0 * 2 * b.k_pairs..];
+            let (lda, c) = (2 * b.k_pairs, out_ptr.get().wrapping_add(r0 * n + j * NR));
+            // SAFETY: the kernel's CPU features were asserted above; this task alone writes
+            // rows r0..r0+rows, columns j·NR..j·NR+cols of out, all inside its m × n bounds.
             unsafe {
-                #[cfg(target_arch = "x86_64")]
-                micro_kernel(
-                    &a[r0 * 2 * b.k_pairs..],
-                    2 * b.k_pairs,
-                    rows,
-                    panel,
-                    b.k_pairs,
-                    out_ptr.get().add(r0 * n + j * NR),
-                    n,
-                    cols,
-                    accumulate,
-                );
+                match kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    Bf16Kernel::Avx512Bf16 => {
+                        micro_kernel(a_rows, lda, rows, panel, b.k_pairs, c, n, cols, accumulate)
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    Bf16Kernel::Avx2 => emulated_kernel_avx2(
+                        a_rows, lda, rows, panel, b.k_pairs, c, n, cols, accumulate,
+                    ),
+                    _ => emulated_kernel::<false>(
+                        a_rows, lda, rows, panel, b.k_pairs, c, n, cols, accumulate,
+                    ),
+                }
             }
             r0 += rows;
         }
     });
+}
+
+/// Columns of a panel the emulated kernel sums at once.
+const EMU_COLS: usize = 16;
+
+/// bf16 bits → the f32 they stand for (exact).
+#[inline(always)]
+fn bf16_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// [`micro_kernel`]'s arithmetic in f32 (see the module documentation): per output element,
+/// acc = 0, then for each pair p: acc += a[2p+1]·b[2p+1]; acc += a[2p]·b[2p] (exact products, so
+/// `FMA` or a multiply and an add give the same bits); out = acc (+ out).
+///
+/// # Safety
+/// As [`micro_kernel`]: `c` must be valid for rows × cols elements at stride `ldc`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn emulated_kernel<const FMA: bool>(
+    a: &[u16],
+    lda: usize,
+    rows: usize,
+    panel: &[u16],
+    k_pairs: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    let madd = |acc: f32, x: f32, y: f32| if FMA { x.mul_add(y, acc) } else { acc + x * y };
+    for q0 in (0..cols).step_by(EMU_COLS) {
+        let live = EMU_COLS.min(cols - q0);
+        let mut acc = [[0.0f32; EMU_COLS]; MR];
+        for p in 0..k_pairs {
+            let bq = &panel[(p * NR + q0) * 2..(p * NR + q0 + EMU_COLS) * 2];
+            let mut b_even = [0.0f32; EMU_COLS];
+            let mut b_odd = [0.0f32; EMU_COLS];
+            for cc in 0..EMU_COLS {
+                b_even[cc] = bf16_f32(bq[2 * cc]);
+                b_odd[cc] = bf16_f32(bq[2 * cc + 1]);
+            }
+            for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
+                let a_even = bf16_f32(a[r * lda + 2 * p]);
+                let a_odd = bf16_f32(a[r * lda + 2 * p + 1]);
+                for cc in 0..EMU_COLS {
+                    let t = madd(acc_r[cc], a_odd, b_odd[cc]);
+                    acc_r[cc] = madd(t, a_even, b_even[cc]);
+                }
+            }
+        }
+        for (r, acc_r) in acc.iter().enumerate().take(rows) {
+            let crow = c.add(r * ldc + q0);
+            for (cc, &v) in acc_r.iter().enumerate().take(live) {
+                let dst = crow.add(cc);
+                *dst = if accumulate { v + *dst } else { v };
+            }
+        }
+    }
+}
+
+/// [`emulated_kernel`] compiled for AVX2 + FMA.
+///
+/// # Safety
+/// As [`emulated_kernel`], on a CPU with AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn emulated_kernel_avx2(
+    a: &[u16],
+    lda: usize,
+    rows: usize,
+    panel: &[u16],
+    k_pairs: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    emulated_kernel::<true>(a, lda, rows, panel, k_pairs, c, ldc, cols, accumulate)
 }
 
 /// C[rows ≤ MR, cols ≤ NR] (+)= A[rows, 2·k_pairs] · panel, A bf16 row-major with stride `lda`.
@@ -250,11 +420,31 @@ mod tests {
         out
     }
 
+    /// Every kernel this CPU runs.
+    fn kernels() -> Vec<Bf16Kernel> {
+        let mut v = vec![Bf16Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            v.push(Bf16Kernel::Avx2);
+        }
+        if cpu_has_avx512bf16() {
+            v.push(Bf16Kernel::Avx512Bf16);
+        }
+        v
+    }
+
     #[test]
     fn bf16_matmul_equals_the_product_of_rounded_inputs() {
-        if !bf16_supported() {
-            panic!("this test needs AVX512-BF16, which the project's machines have");
+        for kernel in kernels() {
+            check_against_reference(kernel);
         }
+    }
+
+    fn check_against_reference(kernel: Bf16Kernel) {
+        let matmul_bf16 = |out: &mut [f32], x: &[f32], m, b: &PackedBf16, acc| {
+            matmul_bf16_with(kernel, out, x, m, b, acc)
+        };
         for &(m, k, n) in &[(1, 7, 5), (7, 33, 70), (13, 64, 129), (100, 576, 64)] {
             let x = data(m * k, 1);
             let w = data(n * k, 2);
@@ -275,6 +465,74 @@ mod tests {
             matmul_bf16(&mut out, &x, m, &PackedBf16::for_x_w(&wt, k, n), true);
             for (a, b) in out.iter().zip(&want) {
                 assert!((*a as f64 - 2.0 * b).abs() < 2.0 * tol);
+            }
+        }
+    }
+
+    /// Values spread over many binades (and signs), so that the sums' roundings differ with the
+    /// order of the additions.
+    fn wide_data(len: usize, seed: u64) -> Vec<f32> {
+        let mut z = seed;
+        (0..len)
+            .map(|_| {
+                z = z
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let u = (z >> 40) as u32;
+                let mant = (u & 0xffff) as f32 / 65536.0 + 0.5;
+                let exp = ((u >> 16) % 24) as i32 - 12;
+                let sign = if u & (1 << 23) != 0 { -1.0 } else { 1.0 };
+                sign * mant * 2f32.powi(exp)
+            })
+            .collect()
+    }
+
+    /// The emulation against the instruction, bit for bit, on a CPU that has it (even with
+    /// LORAKIT_DISABLE_AVX512BF16 set, which only keeps the library's own dispatch off it).
+    #[test]
+    fn emulated_bf16_matmul_matches_the_instruction_bit_for_bit() {
+        if !cpu_has_avx512bf16() {
+            eprintln!("no AVX512-BF16 on this CPU: nothing to compare the emulation with");
+            return;
+        }
+        let emulated: Vec<Bf16Kernel> = kernels()
+            .into_iter()
+            .filter(|k| *k != Bf16Kernel::Avx512Bf16)
+            .collect();
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (5, 7, 5),
+            (7, 33, 70),
+            (13, 64, 129),
+            (97, 576, 200),
+        ] {
+            for seed in 0..3u64 {
+                let x = wide_data(m * k, 2 * seed + 1);
+                let w = wide_data(n * k, 2 * seed + 2);
+                let packed = PackedBf16::for_x_wt(&w, n, k);
+                let start = wide_data(m * n, 99);
+                for accumulate in [false, true] {
+                    let mut want = start.clone();
+                    matmul_bf16_with(
+                        Bf16Kernel::Avx512Bf16,
+                        &mut want,
+                        &x,
+                        m,
+                        &packed,
+                        accumulate,
+                    );
+                    for &kernel in &emulated {
+                        let mut got = start.clone();
+                        matmul_bf16_with(kernel, &mut got, &x, m, &packed, accumulate);
+                        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                g.to_bits(),
+                                w.to_bits(),
+                                "{kernel:?} {m}x{k}x{n} seed {seed} accumulate {accumulate} [{i}]: {g} vs {w}"
+                            );
+                        }
+                    }
+                }
             }
         }
     }

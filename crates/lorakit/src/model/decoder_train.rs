@@ -5,7 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::engine::attention::{attention_train_backward, attention_train_forward, AttnShape};
+use crate::engine::attention::{
+    attention_train_backward, attention_train_forward, AttnShape, Segments,
+};
 use crate::engine::ops::{
     add_inplace, embedding_backward, layer_norm_backward, layer_norm_weight_grad,
     rms_norm_backward, rms_norm_weight_grad, rope_backward, rope_forward,
@@ -317,6 +319,8 @@ pub struct Activations {
     ids: Vec<u32>,
     pub batch: usize,
     pub seq: usize,
+    /// The sequences packed into each row (unpacked: one per row).
+    segments: Segments,
 }
 
 impl Activations {
@@ -378,6 +382,24 @@ impl Decoder {
         dropout: Dropout,
         acts: &mut Activations,
     ) -> Result<()> {
+        let segs = Segments::unpacked();
+        self.train_forward_packed(ids, batch, seq, &segs, adapter, dropout, acts)
+    }
+
+    /// [`Decoder::train_forward`] of a packed batch: each row holds the sequences `segs` says,
+    /// one after the other, and each is computed as if it were alone (attention within itself
+    /// only, positions from 0); the backward follows the same segments.
+    #[allow(clippy::too_many_arguments)]
+    pub fn train_forward_packed(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        segs: &Segments,
+        adapter: Option<&Adapter>,
+        dropout: Dropout,
+        acts: &mut Activations,
+    ) -> Result<()> {
         let c = &self.config;
         let b = &c.block;
         self.check_trainable(adapter)?;
@@ -391,9 +413,12 @@ impl Decoder {
             .ropes
             .first()
             .map_or(c.max_position_embeddings, |r| r.max_positions());
-        if seq > max_positions {
+        segs.check(batch, seq)
+            .map_err(|e| Error::Invalid(format!("packed batch: {e}")))?;
+        let longest = segs.longest(seq);
+        if longest > max_positions {
             return Err(Error::Invalid(format!(
-                "sequence length {seq} exceeds the model's context of {max_positions}"
+                "sequence length {longest} exceeds the model's context of {max_positions}"
             )));
         }
         self.check_ids(ids)?;
@@ -406,9 +431,16 @@ impl Decoder {
         acts.ids.clear();
         acts.ids.extend_from_slice(ids);
         acts.layers.resize_with(c.num_layers, LayerActs::default);
+        acts.segments.clone_from(segs);
         let mut x = std::mem::take(&mut acts.x_final);
         set_len(&mut x, n * h);
-        self.embed(&mut x, ids, 0, seq);
+        // Each sequence is embedded at positions 0.. (learned positions restart with it).
+        for bi in 0..batch {
+            for (start, len) in segs.row(bi, seq) {
+                let at = bi * seq + start;
+                self.embed(&mut x[at * h..(at + len) * h], &ids[at..at + len], 0, len);
+            }
+        }
         let mut proj = vec![0.0f32; n * h];
         let mut normed = vec![0.0f32; n * h];
         let mut act = vec![0.0f32; n * inter];
@@ -488,29 +520,22 @@ impl Decoder {
                     self.norm_forward(&mut a.k, &a.k_raw, wk);
                 }
             }
-            for bi in 0..batch {
-                let Some(rope) = self.ropes.get(spec.rope) else {
-                    break;
-                };
-                rope_forward(
-                    &mut a.q[bi * seq * qd..(bi + 1) * seq * qd],
-                    c.num_heads,
-                    hd,
-                    0,
-                    rope,
-                );
-                rope_forward(
-                    &mut a.k[bi * seq * kvd..(bi + 1) * seq * kvd],
-                    c.num_kv_heads,
-                    hd,
-                    0,
-                    rope,
-                );
+            if let Some(rope) = self.ropes.get(spec.rope) {
+                for bi in 0..batch {
+                    // Positions restart at 0 with every sequence of the row.
+                    for (start, len) in segs.row(bi, seq) {
+                        let rows = bi * seq + start..bi * seq + start + len;
+                        let q = &mut a.q[rows.start * qd..rows.end * qd];
+                        rope_forward(q, c.num_heads, hd, 0, rope);
+                        let k = &mut a.k[rows.start * kvd..rows.end * kvd];
+                        rope_forward(k, c.num_kv_heads, hd, 0, rope);
+                    }
+                }
             }
             set_len(&mut a.attn, n * qd);
             set_len(&mut a.lse, batch * c.num_heads * seq);
             let shape = self.attn_shape(batch, seq, spec.window);
-            attention_train_forward(&mut a.attn, &mut a.lse, &a.q, &a.k, &a.v, shape);
+            attention_train_forward(&mut a.attn, &mut a.lse, &a.q, &a.k, &a.v, shape, segs);
             fwd(ModuleKind::O, &a.attn, &mut proj);
             if layer.norm(NormSlot::AttnOut).is_some() {
                 a.o_out.clone_from(&proj);
@@ -629,6 +654,7 @@ impl Decoder {
         let c = &self.config;
         let b = &c.block;
         let (batch, seq) = (acts.batch, acts.seq);
+        let segs = &acts.segments;
         let n = batch * seq;
         let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let (qd, kvd) = (c.q_dim(), c.kv_dim());
@@ -789,26 +815,18 @@ impl Decoder {
             bwd(ModuleKind::O, &a.attn, d_o, &mut d_attn, false);
             let shape = self.attn_shape(batch, seq, spec.window);
             attention_train_backward(
-                &mut dq, &mut dk, &mut dv, &d_attn, &a.q, &a.k, &a.v, &a.attn, &a.lse, shape,
+                &mut dq, &mut dk, &mut dv, &d_attn, &a.q, &a.k, &a.v, &a.attn, &a.lse, shape, segs,
             );
-            for bi in 0..batch {
-                let Some(rope) = self.ropes.get(spec.rope) else {
-                    break;
-                };
-                rope_backward(
-                    &mut dq[bi * seq * qd..(bi + 1) * seq * qd],
-                    c.num_heads,
-                    hd,
-                    0,
-                    rope,
-                );
-                rope_backward(
-                    &mut dk[bi * seq * kvd..(bi + 1) * seq * kvd],
-                    c.num_kv_heads,
-                    hd,
-                    0,
-                    rope,
-                );
+            if let Some(rope) = self.ropes.get(spec.rope) {
+                for bi in 0..batch {
+                    for (start, len) in segs.row(bi, seq) {
+                        let rows = bi * seq + start..bi * seq + start + len;
+                        let dq = &mut dq[rows.start * qd..rows.end * qd];
+                        rope_backward(dq, c.num_heads, hd, 0, rope);
+                        let dk = &mut dk[rows.start * kvd..rows.end * kvd];
+                        rope_backward(dk, c.num_kv_heads, hd, 0, rope);
+                    }
+                }
             }
             if b.qk_norm != QkNorm::None {
                 for (slot, raw, d) in [
@@ -860,9 +878,12 @@ impl Decoder {
             }
             embedding_backward(&mut f.embed_tokens, dx, &acts.ids, h);
             if let Some(wpe) = &mut f.wpe {
-                for row in dx.chunks_exact(seq * h) {
-                    for (g, &d) in wpe.iter_mut().zip(row) {
-                        *g += d;
+                for bi in 0..batch {
+                    for (start, len) in segs.row(bi, seq) {
+                        let at = (bi * seq + start) * h;
+                        for (g, &d) in wpe.iter_mut().zip(&dx[at..at + len * h]) {
+                            *g += d;
+                        }
                     }
                 }
             }

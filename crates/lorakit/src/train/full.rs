@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use crate::data::Batch;
+use crate::data::{Batch, Grouping};
 use crate::error::{Error, Result};
 use crate::io::output::OutputDir;
 use crate::model::decoder_train::{Activations, Dropout, FullGrads};
@@ -16,8 +16,8 @@ use crate::train::loss::{lm_head_loss_with_head_grads, HeadGrads};
 use crate::train::optim::AdamW;
 use crate::train::parallel::SingleProcess;
 use crate::train::trainer::{
-    checkpoint_dir, evaluate_loss, micro_batch_forward, prune_checkpoints, run_steps, Event, Start,
-    TrainOptions, TrainOutput, TrainPlan, TrainSummary, Trainee, FULL_OUTPUT_FILES,
+    checkpoint_dir, evaluate_loss_grouped, micro_batch_forward, prune_checkpoints, run_steps,
+    Event, Start, TrainOptions, TrainOutput, TrainPlan, TrainSummary, Trainee, FULL_OUTPUT_FILES,
 };
 
 pub use crate::train::trainer::MODEL_DIR;
@@ -131,8 +131,13 @@ impl Trainee for FullRun<'_> {
         self.loaded.model.params_with_grads(&mut self.grads)
     }
 
-    fn eval_loss(&self, examples: &[crate::data::Example], batch_size: usize) -> Result<f64> {
-        evaluate_loss(&self.loaded.model, None, examples, batch_size)
+    fn eval_loss(
+        &self,
+        examples: &[crate::data::Example],
+        batch_size: usize,
+        grouping: Grouping,
+    ) -> Result<f64> {
+        evaluate_loss_grouped(&self.loaded.model, None, examples, batch_size, grouping)
     }
 
     /// Snapshots of the model (not resumable: no optimiser state, which would triple their

@@ -10,7 +10,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::data::{load_jsonl, Batch, Batcher, DataOptions, LoadStats};
+use crate::data::{load_jsonl, Batch, Batcher, DataOptions, Grouping, LoadStats};
 use crate::error::{Error, Result};
 use crate::io::atomic::{leftover_pid, write_atomic};
 use crate::io::output::{prepare_output_dir_with, OutputDir, State};
@@ -51,8 +51,15 @@ pub struct TrainOptions {
     pub init: String,
     pub epochs: Option<usize>,
     pub steps: Option<usize>,
+    /// Examples per micro-batch (rows of packed examples with `packing`).
     pub batch_size: usize,
     pub grad_accum: usize,
+    /// Several whole examples per row (best-fit decreasing into rows of `max_seq_len` tokens),
+    /// each attending only to itself, positions restarting with it.
+    pub packing: bool,
+    /// Micro-batches of at most this many tokens (padding included) instead of `batch_size`
+    /// examples (packed: `max_tokens_per_batch / max_seq_len` rows).
+    pub max_tokens_per_batch: Option<usize>,
     pub lr: f64,
     pub weight_decay: f64,
     pub beta1: f64,
@@ -73,7 +80,8 @@ pub struct TrainOptions {
     /// Write a checkpoint every N steps (0 = only at the end).
     pub save_every: usize,
     pub keep_checkpoints: usize,
-    /// Frozen-weight products: `bf16` (AVX512-BF16, the default where the CPU has it) or `f32`.
+    /// Frozen-weight products: `bf16` (the default where the CPU has AVX512-BF16; emulated with the
+    /// same rounding elsewhere) or `f32`.
     pub precision: Option<String>,
     /// A step whose loss or gradient norm is NaN/Inf is skipped (no update, recorded in
     /// metrics.jsonl) instead of stopping the run.
@@ -102,6 +110,8 @@ impl Default for TrainOptions {
             steps: None,
             batch_size: 4,
             grad_accum: 1,
+            packing: false,
+            max_tokens_per_batch: None,
             lr: 2e-4,
             weight_decay: 0.01,
             beta1: 0.9,
@@ -148,14 +158,41 @@ impl TrainOptions {
         Ok(o)
     }
 
-    /// The precision asked for, or the fastest this CPU supports.
+    /// The precision asked for, or the fastest on this CPU: bf16 where it multiplies bf16
+    /// natively (AVX512-BF16, unless `LORAKIT_DISABLE_AVX512BF16` is set), f32 elsewhere (the
+    /// emulated bf16 products are no faster than f32 ones); f32 for full fine-tuning.
     pub fn precision(&self) -> Result<crate::model::Precision> {
         match &self.precision {
             None if self.full => Ok(crate::model::Precision::F32),
             Some(p) => p.parse(),
-            None if crate::engine::bf16::bf16_supported() => Ok(crate::model::Precision::Bf16),
+            None if crate::engine::bf16::bf16_native() => Ok(crate::model::Precision::Bf16),
             None => Ok(crate::model::Precision::F32),
         }
+    }
+
+    /// How the examples become micro-batches, with examples truncated to `max_seq_len`: packed
+    /// rows of `max_seq_len` tokens (of the token budget, when it is smaller), `batch_size` rows
+    /// per micro-batch or as many as the budget holds; or by token budget; or `batch_size`
+    /// examples.
+    pub fn grouping(&self, max_seq_len: usize) -> Result<Grouping> {
+        if self.max_tokens_per_batch == Some(0) {
+            return Err(Error::Invalid("--max-tokens-per-batch must be ≥ 1".into()));
+        }
+        Ok(match (self.packing, self.max_tokens_per_batch) {
+            (false, None) => Grouping::Examples,
+            (false, Some(max_tokens)) => Grouping::Tokens { max_tokens },
+            (true, None) => Grouping::Packed {
+                row_len: max_seq_len,
+                rows: self.batch_size,
+            },
+            (true, Some(n)) => {
+                let row_len = max_seq_len.min(n);
+                Grouping::Packed {
+                    row_len,
+                    rows: n / row_len,
+                }
+            }
+        })
     }
 
     /// Options that mean nothing, or are not implemented, for full fine-tuning are errors
@@ -380,6 +417,7 @@ impl TrainPlan {
                 ),
             ));
         }
+        let grouping = o.grouping(max_seq_len)?;
         let eval_examples = match &o.eval_data {
             Some(p) => {
                 let (ex, stats) = load_jsonl(p, tokenizer, &data_opts)?;
@@ -392,12 +430,18 @@ impl TrainPlan {
                         ),
                     ));
                 }
+                // A token budget smaller than an eval example is an error now, not at the first eval.
+                Batcher::new(ex.clone(), o.batch_size, false, 0)?
+                    .with_grouping(grouping)
+                    .map_err(|e| Error::format(p, e.to_string()))?;
                 Some(ex)
             }
             None => None,
         };
         let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
-        let batcher = Batcher::new(examples, o.batch_size, !o.no_shuffle, o.seed)?.with_pad_id(pad);
+        let batcher = Batcher::new(examples, o.batch_size, !o.no_shuffle, o.seed)?
+            .with_pad_id(pad)
+            .with_grouping(grouping)?;
         let per_epoch = batcher.batches_per_epoch().div_ceil(o.grad_accum) as u64;
         let total_steps = match (o.steps, o.epochs) {
             (Some(s), None) => s as u64,
@@ -465,14 +509,7 @@ impl TrainPlan {
     /// Saved-activation bytes for the largest batch this plan can produce.
     pub fn activation_bytes_estimate(&self, model: &Decoder) -> usize {
         let c = &model.config;
-        let longest = self
-            .batcher
-            .examples()
-            .iter()
-            .map(|e| e.len())
-            .max()
-            .unwrap_or(0);
-        let n = self.options.batch_size * longest;
+        let n = self.batcher.max_batch_tokens();
         let (h, q, kv, i) = (
             c.hidden_size,
             c.num_heads * c.head_dim,
@@ -527,14 +564,27 @@ pub fn evaluate_loss(
     examples: &[crate::data::Example],
     batch_size: usize,
 ) -> Result<f64> {
-    let batcher = Batcher::new(examples.to_vec(), batch_size, false, 0)?;
+    evaluate_loss_grouped(model, adapter, examples, batch_size, Grouping::Examples)
+}
+
+/// [`evaluate_loss`] with the batches formed as `grouping` says (packed rows, token budget): the
+/// same mean, up to the order of the sums.
+pub fn evaluate_loss_grouped(
+    model: &Decoder,
+    adapter: Option<&Adapter>,
+    examples: &[crate::data::Example],
+    batch_size: usize,
+    grouping: Grouping,
+) -> Result<f64> {
+    let batcher = Batcher::new(examples.to_vec(), batch_size, false, 0)?.with_grouping(grouping)?;
     let mut acts = Activations::default();
     let (mut sum, mut count) = (0.0, 0usize);
     for batch in batcher.epoch(0) {
-        model.train_forward(
+        model.train_forward_packed(
             &batch.input_ids,
             batch.batch_size,
             batch.seq_len,
+            &batch.segments,
             adapter,
             Dropout::NONE,
             &mut acts,
@@ -897,7 +947,12 @@ pub(crate) trait Trainee {
     /// the optimiser state).
     fn params(&mut self) -> Result<Vec<Param<'_>>>;
     /// Mean loss over held-out examples.
-    fn eval_loss(&self, examples: &[crate::data::Example], batch_size: usize) -> Result<f64>;
+    fn eval_loss(
+        &self,
+        examples: &[crate::data::Example],
+        batch_size: usize,
+        grouping: Grouping,
+    ) -> Result<f64>;
     /// The checkpoint after `step` (`last`: the run's final step), with the optimiser state
     /// `adam`; returns its directory, or `None` when this trainee writes none at that step.
     fn checkpoint(
@@ -1054,7 +1109,7 @@ pub(crate) fn run_steps<T: Trainee>(
         };
         if let (Some(eval), Some(path)) = (&plan.eval_examples, &metrics_path) {
             if done || (o.eval_every > 0 && (step + 1) % o.eval_every as u64 == 0) {
-                let eval_loss = trainee.eval_loss(eval, o.batch_size)?;
+                let eval_loss = trainee.eval_loss(eval, o.batch_size, plan.batcher.grouping())?;
                 append_jsonl(path, &json!({ "step": step + 1, "eval_loss": eval_loss }))?;
                 eval_curve.push((step + 1, eval_loss));
                 last_eval = Some(eval_loss);
@@ -1168,7 +1223,8 @@ pub(crate) fn micro_batch_forward(
     dx: &mut Vec<f32>,
 ) -> Result<Vec<(usize, u32)>> {
     let (b, t) = (batch.batch_size, batch.seq_len);
-    model.train_forward(&batch.input_ids, b, t, adapter, dropout, acts)?;
+    let segs = &batch.segments;
+    model.train_forward_packed(&batch.input_ids, b, t, segs, adapter, dropout, acts)?;
     dx.clear();
     dx.resize(b * t * model.config.hidden_size, 0.0);
     Ok(target_positions(&batch.labels, b, t))
@@ -1229,8 +1285,19 @@ impl Trainee for LoraRun<'_> {
         self.grads.params_with(&mut self.adapter)
     }
 
-    fn eval_loss(&self, examples: &[crate::data::Example], batch_size: usize) -> Result<f64> {
-        evaluate_loss(self.model, Some(&self.adapter), examples, batch_size)
+    fn eval_loss(
+        &self,
+        examples: &[crate::data::Example],
+        batch_size: usize,
+        grouping: Grouping,
+    ) -> Result<f64> {
+        evaluate_loss_grouped(
+            self.model,
+            Some(&self.adapter),
+            examples,
+            batch_size,
+            grouping,
+        )
     }
 
     fn checkpoint(
