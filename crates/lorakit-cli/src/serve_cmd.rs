@@ -54,6 +54,12 @@ pub struct ServeArgs {
     /// max_tokens positions); requests wait for room, and one that alone needs more is refused.
     #[arg(long, default_value_t = 2048)]
     kv_budget_mib: usize,
+    /// Prompt tokens prefilled per step beside the running decodes (at least 1): a long prompt
+    /// runs in chunks of this many tokens, each step also giving every running request its next
+    /// token, so it does not stall them. Smaller: steadier time between tokens while prompts
+    /// arrive; larger: prompts finish prefilling sooner. Outputs do not depend on it.
+    #[arg(long, default_value_t = lorakit::serve::DEFAULT_PREFILL_CHUNK)]
+    prefill_chunk: usize,
     /// The base model's name in `model` fields [default: the model file's name without extension].
     #[arg(long)]
     served_model_name: Option<String>,
@@ -80,6 +86,9 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     if a.max_batch == 0 || a.max_queue == 0 {
         // Every request passes through the queue on its way into the batch.
         bail!("--max-batch and --max-queue must be at least 1");
+    }
+    if a.prefill_chunk == 0 {
+        bail!("--prefill-chunk must be at least 1");
     }
     let path = crate::resolve_model(a.model.clone())?;
     let (model, tok) = crate::open_model(Some(path.clone()))?.into_parts();
@@ -118,7 +127,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
             max_batch: a.max_batch,
             max_queue: a.max_queue,
             kv_budget_bytes: Some(a.kv_budget_mib << 20),
-            ..Default::default()
+            prefill_chunk: a.prefill_chunk,
         },
     )?;
     let app = Arc::new(App {

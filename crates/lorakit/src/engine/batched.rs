@@ -29,9 +29,10 @@ pub fn matmul_rows_dot(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize
         return;
     }
     // About 16 KB of weights per task as in `matvec_rows`, times m/4 so that a task's m dot
-    // products outweigh rayon's cost per task. (The split never changes a result: each element
-    // is one whole dot product.)
-    let rows_per_task = (4096 / k.max(1)).max(8) * m.div_ceil(4);
+    // products outweigh rayon's cost per task, at most about 128 KB (prefill chunks: many rows
+    // of x, and enough tasks for every thread). (The split never changes a result: each
+    // element is one whole dot product.)
+    let rows_per_task = ((4096 / k.max(1)).max(8) * m.div_ceil(4)).min((32768 / k.max(1)).max(8));
     // Transposed result [n, m]: each task owns a contiguous block of it.
     let mut out_t = vec![0.0f32; n * m];
     out_t
