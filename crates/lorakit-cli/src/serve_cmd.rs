@@ -19,8 +19,8 @@ use axum::Router;
 use clap::Args;
 use lorakit::generate::SamplingParams;
 use lorakit::serve::{
-    kv_bytes_for, kv_bytes_per_position, Event, Registry, Request, Scheduler, SchedulerOptions,
-    ServeAdapter, Sink, SubmitError,
+    kv_bytes_for, kv_bytes_per_position, step_scratch_bytes, Event, Registry, Request, Scheduler,
+    SchedulerOptions, ServeAdapter, Sink, SubmitError,
 };
 use lorakit::tokenize::{ChatMessage, Tokenizer};
 use serde_json::{json, Value};
@@ -161,6 +161,21 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         a.max_queue
     );
 
+    // What the process may hold: what it holds now (model, adapters given at start, tokenizer,
+    // runtime) + the KV budget + one step's buffers (max_batch decodes + a prefill chunk).
+    if let Some(now) = resident_bytes() {
+        let kv_budget = a.kv_budget_mib << 20;
+        let scratch = step_scratch_bytes(&app.config, a.max_batch + a.prefill_chunk, a.max_batch);
+        let mib = |b: usize| b.div_ceil(1 << 20);
+        eprintln!(
+            "memory budget: {} MiB resident after loading + {} MiB KV cache budget + {} MiB step buffers = {} MiB",
+            mib(now),
+            mib(kv_budget),
+            mib(scratch),
+            mib(now) + mib(kv_budget) + mib(scratch)
+        );
+    }
+
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -186,6 +201,14 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     app.sched.join();
     eprintln!("stopped");
     Ok(())
+}
+
+/// This process's resident memory (Linux: VmRSS of /proc/self/status).
+fn resident_bytes() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
 }
 
 async fn shutdown_signal() {

@@ -117,6 +117,21 @@ pub fn kv_bytes_for(c: &Config, prompt_len: usize, max_tokens: usize) -> usize {
     (prompt_len + max_tokens).min(c.max_position_embeddings) * kv_bytes_per_position(c)
 }
 
+/// Bytes of the buffers one step allocates for `rows` token rows (decodes + prefill chunk)
+/// of which `logit_rows` produce logits: activations, products' transposed outputs, logits;
+/// an upper bound (each product's transposed output counted at the widest layer).
+pub fn step_scratch_bytes(c: &Config, rows: usize, logit_rows: usize) -> usize {
+    let (h, q, kv, inter) = (
+        c.hidden_size,
+        c.q_dim(),
+        c.kv_dim(),
+        c.intermediate_size,
+    );
+    let widest = (q + 2 * kv).max(2 * inter).max(h);
+    let per_row = 5 * h + 2 * q + 2 * kv + 3 * inter + (q + 2 * kv).max(2 * inter) + widest;
+    (rows * per_row + 2 * logit_rows * c.vocab_size) * std::mem::size_of::<f32>()
+}
+
 /// Why a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
