@@ -4,12 +4,15 @@
 # and long prompts, some clients disconnecting mid-stream), sampling the server's RSS every
 # second from /proc; reports the peak against the memory budget the server prints at start.
 # RSS does not need a quiet machine.
-# Usage: bench/serve_soak.sh [SECONDS=600] [CLIENTS=6]
+# Usage: bench/serve_soak.sh [SECONDS=600] [CLIENTS=6] [KV_BUDGET_MIB=256]
+# (a KV budget small enough that the load fills it: requests then wait for room, and the
+# budget the peak is held to is tight)
 # LORAKIT=path/to/lorakit skips the release build. Exits 1 if the peak exceeds the budget.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 seconds="${1:-600}"
 clients="${2:-6}"
+kv_mib="${3:-256}"
 "$root/scripts/fetch-model.sh"
 bin="${LORAKIT:-}"
 if [ -z "$bin" ]; then
@@ -18,7 +21,7 @@ if [ -z "$bin" ]; then
 fi
 ad="$root/tests/fixtures/smollm2-peft-r8-qv/adapter"
 log="$(mktemp)"
-"$bin" serve --port 0 --served-model-name base --max-batch 16 \
+"$bin" serve --port 0 --served-model-name base --max-batch 16 --kv-budget-mib "$kv_mib" \
   --adapter a1="$ad" --adapter a2="$ad" 2>"$log" &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null || true; rm -f "$log"' EXIT

@@ -1028,8 +1028,8 @@ fn serve_scheduler_waits_for_kv_budget() {
 /// A prompt of about `words` words (about 1.3 tokens each with SmolLM2's tokenizer).
 fn long_prompt(words: usize) -> String {
     let vocab = [
-        "the", "river", "ran", "past", "an", "old", "mill", "where", "children", "played",
-        "every", "summer", "and", "counted", "boats",
+        "the", "river", "ran", "past", "an", "old", "mill", "where", "children", "played", "every",
+        "summer", "and", "counted", "boats",
     ];
     let mut s = String::from("Summarise this story.");
     for i in 0..words {
@@ -1054,7 +1054,15 @@ fn serve_chunked_prefill_equals_whole_prefill_bitwise() {
     let rand_dir = dir.join("rand");
     random_adapter(
         &rand_dir,
-        &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        &[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
         8,
         7,
     );
@@ -1233,7 +1241,10 @@ fn serve_scheduler_chunked_prefill_keeps_decodes_running() {
         .iter()
         .position(|(i, e)| *i == 0 && matches!(e, Event::Done { .. }))
         .unwrap();
-    assert!(a_done > b_first, "request 0 ended before the prompt was prefilled");
+    assert!(
+        a_done > b_first,
+        "request 0 ended before the prompt was prefilled"
+    );
 
     // Each answer is generate()'s alone.
     let text_of = |i| -> String {
@@ -1342,7 +1353,10 @@ fn serve_long_prompt_does_not_stall_a_running_stream() {
         "the running stream got {a_during} tokens while a prompt of {chunks} chunks was prefilled"
     );
     assert!(
-        log.iter().position(|(i, t)| *i == 0 && t.is_none()).unwrap() > b_first,
+        log.iter()
+            .position(|(i, t)| *i == 0 && t.is_none())
+            .unwrap()
+            > b_first,
         "stream 0 ended before the long prompt's first token"
     );
 
@@ -1365,7 +1379,10 @@ fn serve_long_prompt_does_not_stall_a_running_stream() {
             .unwrap()
             .strip_prefix(prompt)
             .unwrap();
-        assert_eq!(got, want, "prompt {prompt:?}: the server's answer differs from lorakit generate");
+        assert_eq!(
+            got, want,
+            "prompt {prompt:?}: the server's answer differs from lorakit generate"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -121,12 +121,7 @@ pub fn kv_bytes_for(c: &Config, prompt_len: usize, max_tokens: usize) -> usize {
 /// of which `logit_rows` produce logits: activations, products' transposed outputs, logits;
 /// an upper bound (each product's transposed output counted at the widest layer).
 pub fn step_scratch_bytes(c: &Config, rows: usize, logit_rows: usize) -> usize {
-    let (h, q, kv, inter) = (
-        c.hidden_size,
-        c.q_dim(),
-        c.kv_dim(),
-        c.intermediate_size,
-    );
+    let (h, q, kv, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
     let widest = (q + 2 * kv).max(2 * inter).max(h);
     let per_row = 5 * h + 2 * q + 2 * kv + 3 * inter + (q + 2 * kv).max(2 * inter) + widest;
     (rows * per_row + 2 * logit_rows * c.vocab_size) * std::mem::size_of::<f32>()
@@ -405,6 +400,8 @@ fn run(
     let mut deadline: Option<Instant> = None;
     let max_batch = opts.max_batch.max(1);
     let prefill_chunk = opts.prefill_chunk.max(1);
+    // f32 models prefill in chunks inside the steps; others whole, when a request joins.
+    let chunked = model.all_f32();
     loop {
         running.store(active.len(), Ordering::SeqCst);
         // Take in what arrived; block only when there is nothing to do.
@@ -446,14 +443,12 @@ fn run(
         // Admit waiting requests into free slots: chunked (f32 models) they only get their
         // cache here and are prefilled chunk by chunk in the steps; otherwise each is prefilled
         // whole now.
-        let chunked = model.all_f32();
         let mut prefilled = 0;
         let mut reserved: usize = active
             .iter()
             .map(|a| a.capacity * kv_bytes_per_position(&model.config))
             .sum();
-        while active.len() < max_batch && (chunked || prefilled == 0 || prefilled < prefill_chunk)
-        {
+        while active.len() < max_batch && (chunked || prefilled == 0 || prefilled < prefill_chunk) {
             let Some(front) = waiting.front() else {
                 break;
             };
