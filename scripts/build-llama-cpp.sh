@@ -12,8 +12,8 @@
 #
 # Only what the tests need is compiled (no common/, tools, examples or server): about 5 minutes
 # on 2 cores. --server is opt-in (CI never builds it): a second CMake tree, build-server-VERSION,
-# with common/, mtmd and the server (no web UI, no download of one, no OpenSSL), about 15
-# more minutes on 2 cores; bin/llama-server is the result.
+# with common/, mtmd and the server (no web UI, no download of one, no OpenSSL): 32 more
+# minutes on 2 cores shared with other compilations; bin/llama-server is the result.
 set -euo pipefail
 
 with_server=0
