@@ -1312,8 +1312,9 @@ fn serve_long_prompt_does_not_stall_a_running_stream() {
     let a_prompt = "1, 2, 3,";
 
     // Events of both streams in the order they were read: (stream, Some(text) | None = end).
-    let log: Arc<Mutex<Vec<(usize, Option<String>)>>> = Arc::new(Mutex::new(Vec::new()));
-    let reader = |i: usize, resp: Response, log: Arc<Mutex<Vec<(usize, Option<String>)>>>| {
+    type StreamLog = Arc<Mutex<Vec<(usize, Option<String>)>>>;
+    let log: StreamLog = Arc::new(Mutex::new(Vec::new()));
+    let reader = |i: usize, resp: Response, log: StreamLog| {
         std::thread::spawn(move || {
             assert_eq!(resp.status, 200);
             let mut ev = Events::new(resp);
