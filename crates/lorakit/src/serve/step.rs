@@ -9,13 +9,16 @@
 //! Batch and chunk invariance (every row identical to `lorakit generate` alone, greedy or
 //! seeded, whatever the batch and however a prompt is cut into chunks):
 //! - products: `matmul_rows_dot` computes each element with the `dot` call that the one-row
-//!   decode path (`matmul_nt` with m = 1 → `matvec_rows`) makes; adapter products x·Aᵀ and
+//!   decode path (`matmul_nt` with m = 1 → `matvec_rows`) makes (`dot4`, four rows sharing the
+//!   weight loads, keeps each element's `dot` order); adapter products x·Aᵀ and
 //!   (s·x·Aᵀ)·Bᵀ go through the same kernel, and the bias and adapter terms are added in
 //!   `Linear::forward`'s order (base, bias, then y + s·(x·Aᵀ)·Bᵀ);
 //! - everything else (norms, q/k norms, RoPE, attention, activations, residuals, the final norm)
 //!   is called on one row's slice at a time: the element-wise kernels vectorise in 16-lane blocks
 //!   with a scalar tail and split work into tasks by element count, so on a [B, n] buffer an
 //!   element's arithmetic could depend on where its row starts;
+//! - attention is one task per (token, head): a query row's scores, softmax and weighted sum
+//!   read the keys and values of positions ..= its own, whichever chunk stored them;
 //! - the bf16 and GGUF-block paths have no batched kernel here and run row by row.
 
 use crate::engine::batched::matmul_rows_dot;
