@@ -222,7 +222,7 @@ impl Default for SchedulerOptions {
 
 /// Prompt tokens per prefill chunk unless told otherwise. A step with a chunk costs each running
 /// request the chunk's prefill time on top of its decode step: for SmolLM2-135M on 2 busy cores
-/// about 6 ms per prompt token (a 101-token prompt: 0.6 s), so about 0.8 s for 128 — the gap
+/// about 6–8 ms per prompt token (a 101-token prompt: 0.6–1 s), so up to 1 s for 128 — the gap
 /// a running stream sees at worst while a prompt arrives, against a whole long prompt's prefill
 /// unchunked — while each weight pass is still shared by 128 rows.
 pub const DEFAULT_PREFILL_CHUNK: usize = 128;
