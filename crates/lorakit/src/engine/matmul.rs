@@ -278,6 +278,8 @@ pub fn dot4(w: &[f32], x: &[f32], out: &mut [f32; 4]) {
     }
 }
 
+// Indexed loops: `acc[b][j]` is row b's accumulator j, each named as in `dot_avx512`.
+#[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn dot4_avx512(w: &[f32], x: &[f32], out: &mut [f32; 4]) {
