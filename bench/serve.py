@@ -4,7 +4,12 @@ given, in turn (mixed adapters), and the script prints aggregate generated token
 p50 / p99 time to first token and time between tokens.
 
 usage: bench/serve.py --url http://127.0.0.1:8080 --models base,a1,a2 [--concurrency 1,4,8,16]
-                      [--tokens 64] [--requests 2] [--api-key KEY]
+                      [--tokens 64] [--requests 2] [--api-key KEY] [--llama-lora] [--json-out F]
+
+--llama-lora: the server is llama.cpp's llama-server, started with one `--lora` per adapter and
+`--lora-init-without-apply`: the first model name is the base (request field "lora": []), the
+i-th adapter after it is selected by "lora": [{"id": i - 1, "scale": 1.0}]; prompt caching is
+turned off per request ("cache_prompt": false) so that both servers prefill every prompt.
 """
 
 import argparse
@@ -30,12 +35,16 @@ def percentile(xs, p):
     return xs[k]
 
 
-def stream_one(url, model, prompt, tokens, api_key):
-    """One streamed completion: (time to first token, gaps between tokens, tokens)."""
+def stream_one(url, model, prompt, tokens, api_key, lora=None):
+    """One streamed completion: (time to first token, gaps between tokens, tokens).
+    `lora`: llama-server's per-request adapter list (then `model` is only a label)."""
     u = urllib.parse.urlparse(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
-                       "ignore_eos": True, "stream": True})
+    req = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+           "ignore_eos": True, "stream": True}
+    if lora is not None:
+        req.update({"lora": lora, "cache_prompt": False})
+    body = json.dumps(req)
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
@@ -44,7 +53,7 @@ def stream_one(url, model, prompt, tokens, api_key):
     resp = conn.getresponse()
     if resp.status != 200:
         raise RuntimeError(f"{resp.status}: {resp.read()[:300]!r}")
-    first, last, gaps, n = None, None, [], 0
+    first, last, gaps, n, pieces = None, None, [], 0, 0
     for raw in resp:
         line = raw.decode().strip()
         if not line.startswith("data:"):
@@ -57,6 +66,7 @@ def stream_one(url, model, prompt, tokens, api_key):
             raise RuntimeError(chunk["error"])
         now = time.perf_counter()
         if chunk["choices"] and chunk["choices"][0].get("text"):
+            pieces += 1
             if first is None:
                 first = now - t0
             else:
@@ -65,7 +75,7 @@ def stream_one(url, model, prompt, tokens, api_key):
         if chunk.get("usage"):
             n = chunk["usage"]["completion_tokens"]
     conn.close()
-    return first, gaps, n
+    return first, gaps, n or pieces
 
 
 def run_level(args, models, level):
@@ -76,8 +86,12 @@ def run_level(args, models, level):
         for r in range(args.requests):
             k = i * args.requests + r
             try:
-                f, g, n = stream_one(args.url, models[k % len(models)], PROMPTS[k % len(PROMPTS)],
-                                     args.tokens, args.api_key)
+                m = k % len(models)
+                lora = None
+                if args.llama_lora:
+                    lora = [] if m == 0 else [{"id": m - 1, "scale": 1.0}]
+                f, g, n = stream_one(args.url, models[m], PROMPTS[k % len(PROMPTS)],
+                                     args.tokens, args.api_key, lora)
             except Exception as e:  # noqa: BLE001 - reported below
                 with lock:
                     errors.append(str(e))
@@ -112,6 +126,9 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=2, help="requests per stream")
     ap.add_argument("--api-key")
+    ap.add_argument("--llama-lora", action="store_true",
+                    help="llama-server: select adapters with the per-request lora field")
+    ap.add_argument("--json-out", help="also write the rows as JSON to this file")
     args = ap.parse_args()
     models = args.models.split(",")
     rows = [run_level(args, models, int(c)) for c in args.concurrency.split(",")]
@@ -124,6 +141,9 @@ def main():
               f"{r['tokens_per_s'] / base:.2f} | {r['ttft_p50_ms']} / {r['ttft_p99_ms']} | "
               f"{r['itl_p50_ms']} / {r['itl_p99_ms']} | {r['errors']} |")
     print(json.dumps(rows))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(rows, f)
 
 
 if __name__ == "__main__":

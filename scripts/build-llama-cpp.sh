@@ -6,11 +6,23 @@
 # Does nothing when the build is there and current; safe to run from several processes at once.
 # Installs cmake with apt-get when it is missing (as root).
 #
-#   scripts/build-llama-cpp.sh        prints the path of the judge binary on stdout
+#   scripts/build-llama-cpp.sh           prints the path of the judge binary on stdout
+#   scripts/build-llama-cpp.sh --server  also builds llama-server (for bench/serve_vs_llama.sh)
+#                                        and prints its path instead
 #
 # Only what the tests need is compiled (the libraries, common/ for llama.cpp's Jinja chat
-# templates; no tools, examples or server): about 6 minutes on 2 cores.
+# templates; no tools, examples or server): about 6 minutes on 2 cores. --server is opt-in (CI
+# never builds it): a second CMake tree, build-server-VERSION, with common/, mtmd and the server
+# (no web UI, no download of one, no OpenSSL): 32 more minutes on 2 cores shared with other
+# compilations; bin/llama-server is the result.
 set -euo pipefail
+
+with_server=0
+case "${1:-}" in
+  "") ;;
+  --server) with_server=1 ;;
+  *) echo "usage: $0 [--server]" >&2; exit 2 ;;
+esac
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${LORAKIT_LLAMA_CPP_DIR:-$root/tools/llama.cpp}"
@@ -23,15 +35,18 @@ judge="$out/bin/llama-judge"
 stamp_want="$version $(cat "$judge_src" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)"
 
 current() { [[ -x "$judge" && -f "$out/stamp" && "$(cat "$out/stamp")" == "$stamp_want" ]]; }
-if current; then
-  echo "$judge"
+server="$out/bin/llama-server"
+server_current() { [[ -x "$server" && -f "$out/stamp-server" && "$(cat "$out/stamp-server")" == "$version" ]]; }
+done_() { if [[ $with_server == 1 ]]; then echo "$server"; else echo "$judge"; fi; }
+if current && { [[ $with_server == 0 ]] || server_current; }; then
+  done_
   exit 0
 fi
 mkdir -p "$out"
 exec 9>"$out/.build.lock"
 flock 9
-if current; then
-  echo "$judge"
+if current && { [[ $with_server == 0 ]] || server_current; }; then
+  done_
   exit 0
 fi
 start=$SECONDS
@@ -68,6 +83,25 @@ if [[ ! -f "$src/.unpacked" ]]; then
 fi
 
 jobs="$(nproc)"
+if [[ $with_server == 1 ]] && ! server_current; then
+  sbuild="$out/build-server-$version"
+  echo "building llama-server $version (CPU, $jobs jobs) ..." >&2
+  cmake -S "$src" -B "$sbuild" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+    -DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=ON \
+    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+    -DLLAMA_OPENSSL=OFF -DGGML_OPENMP=OFF -DGGML_NATIVE=ON >&2
+  cmake --build "$sbuild" --target llama-server -j "$jobs" >&2
+  mkdir -p "$out/bin"
+  cp "$(find "$sbuild" -type f -name llama-server -perm -u+x | head -n1)" "$server.tmp"
+  mv "$server.tmp" "$server"
+  echo "$version" > "$out/stamp-server"
+  echo "llama-server built in $((SECONDS - start)) s" >&2
+  if current; then
+    done_
+    exit 0
+  fi
+fi
 build="$out/build-$version"
 echo "building llama.cpp $version (CPU, the llama and common libraries only, $jobs jobs) ..." >&2
 cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
@@ -84,4 +118,4 @@ g++ -O2 -std=c++17 -I "$src/include" -I "$src/ggml/include" -I "$src/common" -I 
 mv "$judge.tmp" "$judge"
 echo "$stamp_want" > "$out/stamp"
 echo "llama.cpp built in $((SECONDS - start)) s" >&2
-echo "$judge"
+done_

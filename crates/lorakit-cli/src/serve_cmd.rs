@@ -19,8 +19,8 @@ use axum::Router;
 use clap::Args;
 use lorakit::generate::SamplingParams;
 use lorakit::serve::{
-    kv_bytes_for, kv_bytes_per_position, Event, Registry, Request, Scheduler, SchedulerOptions,
-    ServeAdapter, Sink, SubmitError,
+    kv_bytes_for, kv_bytes_per_position, step_scratch_bytes, Event, Registry, Request, Scheduler,
+    SchedulerOptions, ServeAdapter, Sink, SubmitError,
 };
 use lorakit::tokenize::{ChatMessage, Tokenizer};
 use serde_json::{json, Value};
@@ -54,6 +54,12 @@ pub struct ServeArgs {
     /// max_tokens positions); requests wait for room, and one that alone needs more is refused.
     #[arg(long, default_value_t = 2048)]
     kv_budget_mib: usize,
+    /// Prompt tokens prefilled per step beside the running decodes (at least 1): a long prompt
+    /// runs in chunks of this many tokens, each step also giving every running request its next
+    /// token, so it does not stall them. Smaller: steadier time between tokens while prompts
+    /// arrive; larger: prompts finish prefilling sooner. Outputs do not depend on it.
+    #[arg(long, default_value_t = lorakit::serve::DEFAULT_PREFILL_CHUNK)]
+    prefill_chunk: usize,
     /// The base model's name in `model` fields [default: the model file's name without extension].
     #[arg(long)]
     served_model_name: Option<String>,
@@ -80,6 +86,9 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     if a.max_batch == 0 || a.max_queue == 0 {
         // Every request passes through the queue on its way into the batch.
         bail!("--max-batch and --max-queue must be at least 1");
+    }
+    if a.prefill_chunk == 0 {
+        bail!("--prefill-chunk must be at least 1");
     }
     let path = crate::resolve_model(a.model.clone())?;
     let (model, tok) = crate::open_model(Some(path.clone()))?.into_parts();
@@ -118,7 +127,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
             max_batch: a.max_batch,
             max_queue: a.max_queue,
             kv_budget_bytes: Some(a.kv_budget_mib << 20),
-            ..Default::default()
+            prefill_chunk: a.prefill_chunk,
         },
     )?;
     let app = Arc::new(App {
@@ -152,6 +161,21 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         a.max_queue
     );
 
+    // What the process may hold: what it holds now (model, adapters given at start, tokenizer,
+    // runtime) + the KV budget + one step's buffers (max_batch decodes + a prefill chunk).
+    if let Some(now) = resident_bytes() {
+        let kv_budget = a.kv_budget_mib << 20;
+        let scratch = step_scratch_bytes(&app.config, a.max_batch + a.prefill_chunk, a.max_batch);
+        let mib = |b: usize| b.div_ceil(1 << 20);
+        eprintln!(
+            "memory budget: {} MiB resident after loading + {} MiB KV cache budget + {} MiB step buffers = {} MiB",
+            mib(now),
+            mib(kv_budget),
+            mib(scratch),
+            mib(now) + mib(kv_budget) + mib(scratch)
+        );
+    }
+
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -177,6 +201,14 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     app.sched.join();
     eprintln!("stopped");
     Ok(())
+}
+
+/// This process's resident memory (Linux: VmRSS of /proc/self/status).
+fn resident_bytes() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
 }
 
 async fn shutdown_signal() {

@@ -113,7 +113,7 @@ pub fn beam_search<M: CausalLm + ?Sized>(
     let lp = params.length_penalty;
     let capacity = (prompt.len() + params.max_new_tokens).min(ctx);
     let mut cache = model.new_cache(capacity)?;
-    let logits = model.forward(prompt, &mut cache, Logits::Last)?;
+    let logits = model.prefill(prompt, &mut cache)?;
     let mut live = vec![Beam {
         tokens: vec![],
         sum_logprob: 0.0,

@@ -133,7 +133,7 @@ pub fn generate<M: CausalLm + ?Sized>(
     let mut cache = model.new_cache(capacity)?;
     let mut sampler = Sampler::new(params.clone());
     let mut out = Vec::new();
-    let mut logits = model.forward(prompt, &mut cache, Logits::Last)?;
+    let mut logits = model.prefill(prompt, &mut cache)?;
     while out.len() < params.max_new_tokens {
         let next = sampler.sample(&logits);
         out.push(next);

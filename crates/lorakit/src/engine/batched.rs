@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use super::matmul::{dot, matvec_rows};
+use super::matmul::{dot, dot4, matvec_rows};
 
 /// out[b, j] = dot(w[j, :], x[b, :]).  x: [m, k], w: [n, k] (a linear layer's `[out, in]`),
 /// out: [m, n].
@@ -29,17 +29,26 @@ pub fn matmul_rows_dot(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize
         return;
     }
     // About 16 KB of weights per task as in `matvec_rows`, times m/4 so that a task's m dot
-    // products outweigh rayon's cost per task. (The split never changes a result: each element
-    // is one whole dot product.)
-    let rows_per_task = (4096 / k.max(1)).max(8) * m.div_ceil(4);
+    // products outweigh rayon's cost per task, at most about 128 KB (prefill chunks: many rows
+    // of x, and enough tasks for every thread). (The split never changes a result: each
+    // element is one whole dot product.)
+    let rows_per_task = ((4096 / k.max(1)).max(8) * m.div_ceil(4)).min((32768 / k.max(1)).max(8));
     // Transposed result [n, m]: each task owns a contiguous block of it.
     let mut out_t = vec![0.0f32; n * m];
     out_t
         .par_chunks_mut(rows_per_task * m)
         .zip(w.par_chunks(rows_per_task * k))
         .for_each(|(o, wr)| {
+            // Four rows of x at a time share each load of the weight row (`dot4`: each element
+            // still exactly `dot`'s), the rest one by one.
+            let quads = m / 4;
+            let mut four = [0.0f32; 4];
             for (oj, row) in o.chunks_exact_mut(m).zip(wr.chunks_exact(k)) {
-                for (b, ob) in oj.iter_mut().enumerate() {
+                for q in 0..quads {
+                    dot4(row, &x[4 * q * k..4 * (q + 1) * k], &mut four);
+                    oj[4 * q..4 * q + 4].copy_from_slice(&four);
+                }
+                for (b, ob) in oj.iter_mut().enumerate().skip(4 * quads) {
                     *ob = dot(row, &x[b * k..(b + 1) * k]);
                 }
             }
@@ -69,7 +78,14 @@ mod tests {
     /// and widths that exercise the dot tails and the task blocks.
     #[test]
     fn rows_equal_single_row_products_bitwise() {
-        for &(m, k, n) in &[(2, 7, 5), (3, 576, 300), (16, 576, 1536), (5, 1536, 64)] {
+        for &(m, k, n) in &[
+            (2, 7, 5),
+            (3, 576, 300),
+            (16, 576, 1536),
+            (5, 1536, 64),
+            (7, 100, 33),
+            (137, 576, 192),
+        ] {
             let x = data(m * k, 1);
             let w = data(n * k, 2);
             let mut out = vec![0.0; m * n];

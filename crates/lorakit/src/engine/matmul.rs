@@ -257,6 +257,75 @@ unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
     _mm512_reduce_add_ps(s)
 }
 
+/// out[b] = dot(w, x[b]) for four rows x[0..4] of one x matrix (x: 4 rows of w.len(), back to
+/// back), each bit for bit what [`dot`] gives on that pair: the same accumulators, the same
+/// fused multiply-adds in the same order, the same final sums. Only the loads of `w` are shared
+/// by the four (the batched and prefill products read each weight row once per four rows).
+#[inline]
+pub fn dot4(w: &[f32], x: &[f32], out: &mut [f32; 4]) {
+    let k = w.len();
+    debug_assert_eq!(x.len(), 4 * k);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected at run time; the slices bound every load.
+            unsafe { dot4_avx512(w, x, out) };
+            return;
+        }
+    }
+    for (b, o) in out.iter_mut().enumerate() {
+        *o = dot(w, &x[b * k..(b + 1) * k]);
+    }
+}
+
+// Indexed loops: `acc[b][j]` is row b's accumulator j, each named as in `dot_avx512`.
+#[allow(clippy::needless_range_loop)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot4_avx512(w: &[f32], x: &[f32], out: &mut [f32; 4]) {
+    use std::arch::x86_64::*;
+    let n = w.len();
+    let pw = w.as_ptr();
+    let px = [
+        x.as_ptr(),
+        x.as_ptr().add(n),
+        x.as_ptr().add(2 * n),
+        x.as_ptr().add(3 * n),
+    ];
+    // acc[b][j]: dot_avx512's accumulator j for row b.
+    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+    let mut i = 0;
+    while i + 64 <= n {
+        for j in 0..4 {
+            let wv = _mm512_loadu_ps(pw.add(i + 16 * j));
+            for b in 0..4 {
+                acc[b][j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(px[b].add(i + 16 * j)), acc[b][j]);
+            }
+        }
+        i += 64;
+    }
+    while i + 16 <= n {
+        let wv = _mm512_loadu_ps(pw.add(i));
+        for b in 0..4 {
+            acc[b][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(px[b].add(i)), acc[b][0]);
+        }
+        i += 16;
+    }
+    if i < n {
+        // n - i < 16 here, so the mask keeps only the lanes inside the slices.
+        let mask: __mmask16 = ((1u32 << (n - i)) - 1) as u16;
+        let wv = _mm512_maskz_loadu_ps(mask, pw.add(i));
+        for b in 0..4 {
+            acc[b][1] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, px[b].add(i)), acc[b][1]);
+        }
+    }
+    for b in 0..4 {
+        let [a0, a1, a2, a3] = acc[b];
+        let s = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+        out[b] = _mm512_reduce_add_ps(s);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +403,20 @@ mod tests {
             matmul(&mut out, &aa, a_t, &bb, b_t, m, k, n, false);
             for (x, y) in out.iter().zip(&want) {
                 assert!((x - y).abs() < 1e-5, "a_t {a_t} b_t {b_t}: {x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn dot4_equals_four_dots_bitwise() {
+        for len in [0, 1, 7, 16, 17, 63, 64, 65, 100, 576, 1536] {
+            let w = data(len, 3);
+            let x = data(4 * len, 4);
+            let mut out = [0.0; 4];
+            dot4(&w, &x, &mut out);
+            for b in 0..4 {
+                let one = dot(&w, &x[b * len..(b + 1) * len]);
+                assert_eq!(out[b].to_bits(), one.to_bits(), "len {len}, row {b}");
             }
         }
     }

@@ -13,6 +13,12 @@ pub trait CausalLm {
     fn new_cache(&self, capacity: usize) -> Result<KvCache>;
     /// Runs `ids` at positions `cache.len ..`: logits [T, vocab] (`All`) or [vocab] (`Last`).
     fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>>;
+    /// Runs a prompt at positions `cache.len ..`: the logits of its last token [vocab], as
+    /// generation starts. A model may compute it differently from `forward` (see
+    /// `Decoder::prefill`: the same bits however the prompt is chunked).
+    fn prefill(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        self.forward(ids, cache, Logits::Last)
+    }
     /// Logits for a whole sequence from position 0: [T, vocab].
     fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let mut cache = self.new_cache(ids.len())?;

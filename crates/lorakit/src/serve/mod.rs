@@ -1,14 +1,20 @@
 //! Serving one base model with many LoRA adapters: continuous batching across adapters.
 //!
 //! The HTTP face lives in the CLI (`lorakit serve`); this module is the part that touches the
-//! model. Requests are queued ([`Scheduler::submit`]) and one model thread runs them:
-//! - a new request is prefilled alone with its adapter attached, through [`Decoder::forward`],
-//!   the very call `lorakit generate` makes, and its first token is sampled from those logits;
-//! - every running request then advances one token per step in one [`step::decode_step`]: one
-//!   pass over each base weight for the whole batch plus per-adapter products, each row
-//!   computed exactly as a batch of one (see `step.rs` for how that is kept);
+//! model. Requests are queued ([`Scheduler::submit`]) and one model thread runs them in steps
+//! ([`step::forward_rows`]): one pass over each base weight for every token row of the step,
+//! plus per-adapter products, each row computed exactly as a one-token decode alone (see
+//! `step.rs` for how that is kept):
+//! - every decoding request advances one token per step;
+//! - a new request's prompt is prefilled in chunks of at most `prefill_chunk` tokens, one chunk
+//!   per step beside the decodes, so a long prompt does not stall the running requests; its
+//!   first token is sampled from the logits of its last chunk. The chunking does not change a
+//!   bit: [`Decoder::prefill`], what `lorakit generate` runs, computes the same rows;
 //! - requests join between steps (when a slot is free) and leave as soon as they finish, are
 //!   cancelled (the client went away: [`Sink::is_closed`]) or fail.
+//!
+//! A model with bf16 or GGUF-block weights has no chunk-invariant prefill ([`Decoder::all_f32`]):
+//! its prompts are prefilled whole with [`Decoder::forward`] when they join, as `generate` does.
 //!
 //! Each request has its own KV cache for prompt + max_tokens positions; `max_batch` running
 //! requests bound the KV memory ([`kv_bytes_per_position`]).
@@ -111,6 +117,16 @@ pub fn kv_bytes_for(c: &Config, prompt_len: usize, max_tokens: usize) -> usize {
     (prompt_len + max_tokens).min(c.max_position_embeddings) * kv_bytes_per_position(c)
 }
 
+/// Bytes of the buffers one step allocates for `rows` token rows (decodes + prefill chunk)
+/// of which `logit_rows` produce logits: activations, products' transposed outputs, logits;
+/// an upper bound (each product's transposed output counted at the widest layer).
+pub fn step_scratch_bytes(c: &Config, rows: usize, logit_rows: usize) -> usize {
+    let (h, q, kv, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+    let widest = (q + 2 * kv).max(2 * inter).max(h);
+    let per_row = 5 * h + 2 * q + 2 * kv + 3 * inter + (q + 2 * kv).max(2 * inter) + widest;
+    (rows * per_row + 2 * logit_rows * c.vocab_size) * std::mem::size_of::<f32>()
+}
+
 /// Why a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
@@ -182,9 +198,10 @@ pub struct SchedulerOptions {
     pub max_batch: usize,
     /// Requests waiting for a slot at most; more get [`SubmitError::QueueFull`].
     pub max_queue: usize,
-    /// Prompt tokens prefilled between two decode steps (at least one prompt): bounds how long
-    /// new prompts hold up the running requests.
-    pub prefill_tokens_per_step: usize,
+    /// Prompt tokens prefilled per step, beside the decodes (at least 1): bounds how long new
+    /// prompts hold up the running requests. (bf16 / GGUF-block models: prompts are prefilled
+    /// whole when they join, this many tokens of prompts at most per step, at least one.)
+    pub prefill_chunk: usize,
     /// Bytes of KV cache the running requests may reserve together (each reserves prompt +
     /// max_tokens positions when it joins); a request waits until its reservation fits. None:
     /// no limit beyond `max_batch`. A request larger than the whole budget should be refused
@@ -197,11 +214,18 @@ impl Default for SchedulerOptions {
         SchedulerOptions {
             max_batch: 16,
             max_queue: 64,
-            prefill_tokens_per_step: 512,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
             kv_budget_bytes: None,
         }
     }
 }
+
+/// Prompt tokens per prefill chunk unless told otherwise. A step with a chunk costs each running
+/// request the chunk's prefill time on top of its decode step: for SmolLM2-135M on 2 busy cores
+/// about 6–8 ms per prompt token (a 101-token prompt: 0.6–1 s), so up to 1 s for 128 — the gap
+/// a running stream sees at worst while a prompt arrives, against a whole long prompt's prefill
+/// unchunked — while each weight pass is still shared by 128 rows.
+pub const DEFAULT_PREFILL_CHUNK: usize = 128;
 
 /// The handle to the model thread.
 pub struct Scheduler {
@@ -290,6 +314,8 @@ impl Scheduler {
 /// A request in the running batch.
 struct Active<'t> {
     adapter: Option<Arc<ServeAdapter>>,
+    /// The prompt; `cache.len` of its tokens are prefilled (all of them once it decodes).
+    prompt: Vec<u32>,
     cache: KvCache,
     sampler: Sampler,
     params: SamplingParams,
@@ -374,6 +400,9 @@ fn run(
     let mut active: Vec<Active<'_>> = Vec::new();
     let mut deadline: Option<Instant> = None;
     let max_batch = opts.max_batch.max(1);
+    let prefill_chunk = opts.prefill_chunk.max(1);
+    // f32 models prefill in chunks inside the steps; others whole, when a request joins.
+    let chunked = model.all_f32();
     loop {
         running.store(active.len(), Ordering::SeqCst);
         // Take in what arrived; block only when there is nothing to do.
@@ -412,15 +441,15 @@ fn run(
             return;
         }
 
-        // Admit waiting requests into free slots, prefilling each alone.
+        // Admit waiting requests into free slots: chunked (f32 models) they only get their
+        // cache here and are prefilled chunk by chunk in the steps; otherwise each is prefilled
+        // whole now.
         let mut prefilled = 0;
         let mut reserved: usize = active
             .iter()
             .map(|a| a.capacity * kv_bytes_per_position(&model.config))
             .sum();
-        while active.len() < max_batch
-            && (prefilled == 0 || prefilled < opts.prefill_tokens_per_step)
-        {
+        while active.len() < max_batch && (chunked || prefilled == 0 || prefilled < prefill_chunk) {
             let Some(front) = waiting.front() else {
                 break;
             };
@@ -444,7 +473,7 @@ fn run(
                 continue;
             }
             prefilled += req.prompt.len();
-            if let Some(a) = admit(&mut model, tok, *req) {
+            if let Some(a) = admit(&mut model, tok, *req, !chunked) {
                 active.push(a);
             }
         }
@@ -455,17 +484,43 @@ fn run(
             continue;
         }
 
-        // One decode step for every running request.
+        // One step: a token for every decoding request, and the next prompt chunks (up to
+        // `prefill_chunk` tokens, oldest request first) of the prefilling ones.
+        let mut budget = prefill_chunk;
+        // Per request: the tokens it runs in this step (0: none) and whether it samples.
+        let plan: Vec<(usize, bool)> = active
+            .iter()
+            .map(|a| {
+                let left = a.prompt.len().saturating_sub(a.cache.len);
+                if left == 0 {
+                    (1, true)
+                } else {
+                    let take = left.min(budget);
+                    budget -= take;
+                    (take, take == left)
+                }
+            })
+            .collect();
         let logits = {
-            let mut rows: Vec<step::StepRow<'_>> = active
+            let mut seqs: Vec<step::SeqChunk<'_>> = active
                 .iter_mut()
-                .map(|a| step::StepRow {
-                    token: a.next,
-                    cache: &mut a.cache,
-                    adapter: a.adapter.as_deref(),
+                .zip(&plan)
+                .filter(|(_, &(t, _))| t > 0)
+                .map(|(a, &(t, sample))| {
+                    let at = a.cache.len;
+                    step::SeqChunk {
+                        tokens: if at < a.prompt.len() {
+                            &a.prompt[at..at + t]
+                        } else {
+                            std::slice::from_ref(&a.next)
+                        },
+                        cache: &mut a.cache,
+                        adapter: a.adapter.as_deref(),
+                        logits: sample,
+                    }
                 })
                 .collect();
-            step::decode_step(&model, &mut rows)
+            step::forward_rows(&model, &mut seqs)
         };
         let logits = match logits {
             Ok(l) => l,
@@ -478,7 +533,12 @@ fn run(
         };
         let vocab = model.config.vocab_size;
         let mut i = 0;
+        let mut p = plan.iter();
         active.retain_mut(|a| {
+            let &(_, sample) = p.next().expect("a plan entry per request");
+            if !sample {
+                return true;
+            }
             let row = &logits[i * vocab..(i + 1) * vocab];
             i += 1;
             advance(a, row)
@@ -486,10 +546,15 @@ fn run(
     }
 }
 
-/// Prefills a request alone (its adapter attached to the model for this one call, exactly as
-/// `lorakit generate --adapter` runs it), samples its first token, and returns it as a running
-/// request unless it is already finished or failed.
-fn admit<'t>(model: &mut Decoder, tok: &'t Tokenizer, mut req: Request) -> Option<Active<'t>> {
+/// Makes a request a running one: its cache, and with `whole` its prefill alone (its adapter
+/// attached to the model for this one call, as `lorakit generate --adapter` runs it) and its
+/// first token; None if it failed or is already finished. Without `whole` the steps prefill it.
+fn admit<'t>(
+    model: &mut Decoder,
+    tok: &'t Tokenizer,
+    mut req: Request,
+    whole: bool,
+) -> Option<Active<'t>> {
     let ctx = model.config.max_position_embeddings;
     let fail = |sink: &mut Box<dyn Sink>, msg: String| {
         sink.send(Event::Error(msg));
@@ -506,6 +571,29 @@ fn admit<'t>(model: &mut Decoder, tok: &'t Tokenizer, mut req: Request) -> Optio
     }
     // As generate(): room for the prompt and max_tokens, at most the context.
     let capacity = (req.prompt.len() + req.params.max_new_tokens).min(ctx);
+    if !whole {
+        let cache = match model.new_cache(capacity) {
+            Ok(c) => c,
+            Err(e) => {
+                fail(&mut req.sink, format!("the model failed: {e}"));
+                return None;
+            }
+        };
+        return Some(Active {
+            adapter: req.adapter,
+            cache,
+            sampler: Sampler::new(req.params.clone()),
+            params: req.params,
+            capacity,
+            next: 0,
+            generated: 0,
+            prompt_tokens: req.prompt.len(),
+            decoder: StreamDecoder::new(tok, &req.prompt),
+            stop: StopFilter::new(req.stop),
+            sink: req.sink,
+            prompt: req.prompt,
+        });
+    }
     let prefill = (|| -> Result<(KvCache, Vec<f32>)> {
         let mut cache = model.new_cache(capacity)?;
         if let Some(a) = &req.adapter {
@@ -525,6 +613,7 @@ fn admit<'t>(model: &mut Decoder, tok: &'t Tokenizer, mut req: Request) -> Optio
     let mut a = Active {
         adapter: req.adapter,
         cache,
+        prompt: req.prompt.clone(),
         sampler: Sampler::new(req.params.clone()),
         params: req.params,
         capacity,

@@ -1,18 +1,24 @@
-//! One decode step for a batch of sequences, each with its own KV cache, position and adapter.
+//! One step for a batch of sequences, each with its own KV cache, position and adapter, and each
+//! running one token (a decode) or a chunk of its prompt (a prefill): [`forward_rows`].
 //!
-//! It runs the decoder's block exactly as [`Decoder::forward`] runs it for one new token, with
-//! one change: the frozen-weight products take all rows at once ([`matmul_rows_dot`], one pass
-//! over each weight per step), and the adapter products take the rows of each adapter at once.
+//! It runs the decoder's block exactly as [`Decoder::forward`] runs it for one new token, on
+//! every token row, with one change: the frozen-weight products take all token rows at once
+//! ([`matmul_rows_dot`], one pass over each weight per step), and the adapter products take the
+//! rows of each adapter at once.
 //!
-//! Batch invariance (every row identical to `lorakit generate` alone, greedy or seeded):
+//! Batch and chunk invariance (every row identical to `lorakit generate` alone, greedy or
+//! seeded, whatever the batch and however a prompt is cut into chunks):
 //! - products: `matmul_rows_dot` computes each element with the `dot` call that the one-row
-//!   decode path (`matmul_nt` with m = 1 → `matvec_rows`) makes; adapter products x·Aᵀ and
+//!   decode path (`matmul_nt` with m = 1 → `matvec_rows`) makes (`dot4`, four rows sharing the
+//!   weight loads, keeps each element's `dot` order); adapter products x·Aᵀ and
 //!   (s·x·Aᵀ)·Bᵀ go through the same kernel, and the bias and adapter terms are added in
 //!   `Linear::forward`'s order (base, bias, then y + s·(x·Aᵀ)·Bᵀ);
 //! - everything else (norms, q/k norms, RoPE, attention, activations, residuals, the final norm)
 //!   is called on one row's slice at a time: the element-wise kernels vectorise in 16-lane blocks
 //!   with a scalar tail and split work into tasks by element count, so on a [B, n] buffer an
 //!   element's arithmetic could depend on where its row starts;
+//! - attention is one task per (token, head): a query row's scores, softmax and weighted sum
+//!   read the keys and values of positions ..= its own, whichever chunk stored them;
 //! - the bf16 and GGUF-block paths have no batched kernel here and run row by row.
 
 use crate::engine::batched::matmul_rows_dot;
@@ -36,32 +42,80 @@ pub struct StepRow<'a> {
     pub adapter: Option<&'a ServeAdapter>,
 }
 
+/// One sequence in a [`forward_rows`] step: some of its tokens (one for a decode, a chunk of
+/// the prompt for a prefill), run at positions `cache.len ..`, with its adapter (None = the
+/// base model); `logits`: whether the step returns the logits of its last token.
+pub struct SeqChunk<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub adapter: Option<&'a ServeAdapter>,
+    pub logits: bool,
+}
+
 /// Runs one token for every row and appends its keys/values to the row's cache.
 /// Returns logits [rows, vocab].
 pub fn decode_step(model: &Decoder, rows: &mut [StepRow<'_>]) -> Result<Vec<f32>> {
+    let mut seqs: Vec<SeqChunk<'_>> = rows
+        .iter_mut()
+        .map(|r| SeqChunk {
+            tokens: std::slice::from_ref(&r.token),
+            cache: &mut *r.cache,
+            adapter: r.adapter,
+            logits: true,
+        })
+        .collect();
+    forward_rows(model, &mut seqs)
+}
+
+/// Runs every sequence's tokens (decodes and prefill chunks together, one pass over each base
+/// weight for all their token rows), appends their keys/values to each sequence's cache, and
+/// returns the logits of the last token of each sequence that asks for them, in order:
+/// [asking sequences, vocab].
+///
+/// Chunk invariance: every token row is computed exactly as a one-token decode at its position
+/// computes it (the products are one `dot` per element, the row-wise ops run on one token's
+/// slice, attention reads the keys of positions ..= its own, which earlier chunks or this one
+/// stored with the same arithmetic). So a prompt gives the same bits whether it runs in one
+/// chunk, in chunks of any size, or one token at a time, and whatever else shares the step;
+/// [`Decoder::prefill`] (what `lorakit generate` runs) is this function on the whole prompt.
+pub fn forward_rows(model: &Decoder, seqs: &mut [SeqChunk<'_>]) -> Result<Vec<f32>> {
     let c = &model.config;
-    let n = rows.len();
-    if n == 0 {
+    if seqs.is_empty() {
         return Ok(Vec::new());
     }
-    let ids: Vec<u32> = rows.iter().map(|r| r.token).collect();
-    model.check_ids(&ids)?;
-    for r in rows.iter() {
-        if r.cache.len + 1 > r.cache.capacity || r.cache.layers.len() != model.layers.len() {
+    for s in seqs.iter() {
+        model.check_ids(s.tokens)?;
+        let end = s.cache.len + s.tokens.len();
+        if end > s.cache.capacity || s.cache.layers.len() != model.layers.len() {
             return Err(Error::Invalid(format!(
-                "{} tokens exceed the cache capacity of {} positions",
-                r.cache.len + 1,
-                r.cache.capacity
+                "{end} tokens exceed the cache capacity of {} positions",
+                s.cache.capacity
             )));
         }
     }
     let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
     let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
-    let starts: Vec<usize> = rows.iter().map(|r| r.cache.len).collect();
+    // Token rows: sequence s owns rows offs[s] .. offs[s + 1], at positions starts[s] ...
+    let starts: Vec<usize> = seqs.iter().map(|s| s.cache.len).collect();
+    let mut offs = Vec::with_capacity(seqs.len() + 1);
+    offs.push(0);
+    for s in seqs.iter() {
+        offs.push(offs[offs.len() - 1] + s.tokens.len());
+    }
+    let n = offs[seqs.len()];
+    // The position of each token row.
+    let pos: Vec<usize> = seqs
+        .iter()
+        .zip(&starts)
+        .flat_map(|(s, &at)| at..at + s.tokens.len())
+        .collect();
 
     let mut x = vec![0.0f32; n * h];
-    for (i, &id) in ids.iter().enumerate() {
-        model.embed(&mut x[i * h..(i + 1) * h], &[id], starts[i], 1);
+    for (i, s) in seqs.iter().enumerate() {
+        for (j, &id) in s.tokens.iter().enumerate() {
+            let r = offs[i] + j;
+            model.embed(&mut x[r * h..(r + 1) * h], &[id], starts[i] + j, 1);
+        }
     }
     let mut normed = vec![0.0f32; n * h];
     let mut q = vec![0.0f32; n * q_dim];
@@ -73,7 +127,7 @@ pub fn decode_step(model: &Decoder, rows: &mut [StepRow<'_>]) -> Result<Vec<f32>
     let mut up = vec![0.0f32; n * inter];
     let mut act = vec![0.0f32; n * inter];
     let (mut fused, mut tmp) = (Vec::new(), Vec::new());
-    let groups = adapter_groups(rows);
+    let groups = adapter_groups(seqs, &offs);
 
     for (li, (layer, spec)) in model.layers.iter().zip(&c.layers).enumerate() {
         let lin = |l: &Linear, role: ModuleKind, y: &mut [f32], x: &[f32]| {
@@ -109,22 +163,34 @@ pub fn decode_step(model: &Decoder, rows: &mut [StepRow<'_>]) -> Result<Vec<f32>
                 );
             }
         }
-        for (i, row) in rows.iter_mut().enumerate() {
-            let qi = &mut q[i * q_dim..(i + 1) * q_dim];
-            let ki = &mut k[i * kv_dim..(i + 1) * kv_dim];
-            let vi = &v[i * kv_dim..(i + 1) * kv_dim];
+        for (r, &p) in pos.iter().enumerate() {
+            let qi = &mut q[r * q_dim..(r + 1) * q_dim];
+            let ki = &mut k[r * kv_dim..(r + 1) * kv_dim];
             model.qk_norm(layer, NormSlot::Q, qi, &mut tmp);
             model.qk_norm(layer, NormSlot::K, ki, &mut tmp);
             if let Some(rope) = model.ropes.get(spec.rope) {
-                rope_forward(qi, c.num_heads, hd, starts[i], rope);
-                rope_forward(ki, c.num_kv_heads, hd, starts[i], rope);
+                rope_forward(qi, c.num_heads, hd, p, rope);
+                rope_forward(ki, c.num_kv_heads, hd, p, rope);
             }
-            let cap = row.cache.capacity;
-            let kv = &mut row.cache.layers[li];
-            store_kv(kv, ki, vi, c.num_kv_heads, hd, cap, starts[i]);
+        }
+        for (i, s) in seqs.iter_mut().enumerate() {
+            let rows = offs[i]..offs[i + 1];
+            let cap = s.cache.capacity;
+            let kv = &mut s.cache.layers[li];
+            store_kv(
+                kv,
+                &k[rows.start * kv_dim..rows.end * kv_dim],
+                &v[rows.start * kv_dim..rows.end * kv_dim],
+                c.num_kv_heads,
+                hd,
+                cap,
+                starts[i],
+            );
+            // One task per (token, head): each query row's scores, softmax and sum depend only
+            // on its own position, not on how many tokens run with it.
             attention_forward(
-                &mut attn[i * q_dim..(i + 1) * q_dim],
-                qi,
+                &mut attn[rows.start * q_dim..rows.end * q_dim],
+                &q[rows.start * q_dim..rows.end * q_dim],
                 kv,
                 cap,
                 c.num_heads,
@@ -193,27 +259,36 @@ pub fn decode_step(model: &Decoder, rows: &mut [StepRow<'_>]) -> Result<Vec<f32>
             h,
         );
     }
-    for r in rows.iter_mut() {
-        r.cache.len += 1;
+    for s in seqs.iter_mut() {
+        s.cache.len += s.tokens.len();
     }
 
-    let mut final_normed = vec![0.0f32; n * h];
-    for i in 0..n {
+    // The last token row of each sequence that asks for logits.
+    let last: Vec<usize> = (0..seqs.len())
+        .filter(|&i| seqs[i].logits && offs[i + 1] > offs[i])
+        .map(|i| offs[i + 1] - 1)
+        .collect();
+    let nl = last.len();
+    let mut final_normed = vec![0.0f32; nl * h];
+    for (o, &r) in last.iter().enumerate() {
         model.norm_forward(
-            &mut final_normed[i * h..(i + 1) * h],
-            &x[i * h..(i + 1) * h],
+            &mut final_normed[o * h..(o + 1) * h],
+            &x[r * h..(r + 1) * h],
             model.final_norm(),
         );
     }
     let vocab = c.vocab_size;
-    let mut logits = vec![0.0f32; n * vocab];
+    let mut logits = vec![0.0f32; nl * vocab];
+    if nl == 0 {
+        return Ok(logits);
+    }
     let quant = match &model.lm_head {
         Some(l) => l.quant.is_some(),
         None => model.head_quant.is_some(),
     };
     let (w, bf16) = model.head_weight();
     if quant || bf16.is_some() {
-        for i in 0..n {
+        for i in 0..nl {
             model.head_forward(
                 &mut logits[i * vocab..(i + 1) * vocab],
                 &final_normed[i * h..(i + 1) * h],
@@ -221,7 +296,7 @@ pub fn decode_step(model: &Decoder, rows: &mut [StepRow<'_>]) -> Result<Vec<f32>
             );
         }
     } else {
-        matmul_rows_dot(&mut logits, &final_normed, w, n, h, vocab);
+        matmul_rows_dot(&mut logits, &final_normed, w, nl, h, vocab);
         // As Decoder::head_forward: Gemma's final soft-capping, cap · tanh(z / cap).
         if let Some(cap) = c.final_logit_softcap {
             logits.iter_mut().for_each(|z| *z = cap * (*z / cap).tanh());
@@ -233,17 +308,19 @@ pub fn decode_step(model: &Decoder, rows: &mut [StepRow<'_>]) -> Result<Vec<f32>
 /// Rows grouped by adapter: (the adapter, the indices of its rows), base rows (None) included.
 type Groups<'a> = Vec<(Option<&'a ServeAdapter>, Vec<usize>)>;
 
-fn adapter_groups<'a>(rows: &[StepRow<'a>]) -> Groups<'a> {
+/// The token rows of each adapter: sequence s owns rows `offs[s] .. offs[s + 1]`.
+fn adapter_groups<'a>(seqs: &[SeqChunk<'a>], offs: &[usize]) -> Groups<'a> {
     let mut groups: Groups<'a> = Vec::new();
-    for (i, r) in rows.iter().enumerate() {
-        let same = |g: &Option<&ServeAdapter>| match (g, r.adapter) {
+    for (i, s) in seqs.iter().enumerate() {
+        let same = |g: &Option<&ServeAdapter>| match (g, s.adapter) {
             (None, None) => true,
             (Some(a), Some(b)) => std::ptr::eq(*a, b),
             _ => false,
         };
+        let rows = offs[i]..offs[i + 1];
         match groups.iter_mut().find(|(g, _)| same(g)) {
-            Some((_, idx)) => idx.push(i),
-            None => groups.push((r.adapter, vec![i])),
+            Some((_, idx)) => idx.extend(rows),
+            None => groups.push((s.adapter, rows.collect())),
         }
     }
     groups
