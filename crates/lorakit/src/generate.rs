@@ -151,7 +151,8 @@ pub fn generate<M: CausalLm + ?Sized>(
 const SCORE_CHUNK: usize = 128;
 
 /// log P(ids[t] | ids[..t]) for every t ≥ 1; entry 0 is None (nothing predicts the first token).
-/// The text runs in chunks through one KV cache, each row exactly as in one pass.
+/// The text runs in chunks of SCORE_CHUNK positions through one KV cache: the same computation
+/// as one pass up to rounding (the products' blocking depends on the chunk's rows).
 pub fn token_logprobs<M: CausalLm + ?Sized>(model: &M, ids: &[u32]) -> Result<Vec<Option<f64>>> {
     if ids.is_empty() {
         return Err(Error::Invalid(
