@@ -840,7 +840,7 @@ fn serve_decode_step_rows_equal_single_sequence_forward_bitwise() {
             .map(|((cache, (_, adapter)), &token)| StepRow {
                 token,
                 cache,
-                adapter: *adapter,
+                adapter: adapter.map(|a| &a.adapter),
             })
             .collect();
         let logits = decode_step(&model, &mut rows).unwrap();
@@ -1144,13 +1144,13 @@ fn serve_chunked_prefill_equals_whole_prefill_bitwise() {
                     SeqChunk {
                         tokens: &token,
                         cache: &mut other,
-                        adapter: Some(&peft),
+                        adapter: Some(&peft.adapter),
                         logits: true,
                     },
                     SeqChunk {
                         tokens: part,
                         cache: &mut cache,
-                        adapter,
+                        adapter: adapter.map(|a| &a.adapter),
                         logits: is_last,
                     },
                 ];
@@ -1170,7 +1170,7 @@ fn serve_chunked_prefill_equals_whole_prefill_bitwise() {
             let mut seqs = [SeqChunk {
                 tokens: &token,
                 cache: &mut cache,
-                adapter,
+                adapter: adapter.map(|a| &a.adapter),
                 logits: true,
             }];
             let got_next = forward_rows(&model, &mut seqs).unwrap();

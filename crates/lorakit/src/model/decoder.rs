@@ -720,29 +720,6 @@ impl Decoder {
         })
     }
 
-    /// Runs a prompt at positions `cache.len ..` and returns the logits of its last token
-    /// [vocab]: what `generate` starts with. With f32 weights every token row is computed as a
-    /// one-token decode at its position ([`crate::serve::step::forward_rows`]: one `dot` per
-    /// product element, row-wise ops on one token's slice), so the result does not depend on how
-    /// the prompt is cut into chunks: `lorakit serve` prefills in chunks between decode steps
-    /// and gets these bits. ([`Decoder::forward`] sends one row to a dot product and several to
-    /// `gemm`, which orders each sum differently: cut into one-token chunks, a 46-token prompt's
-    /// last logits differ in 44 350 of 49 152 places; and `gemm` does not promise that its
-    /// blocking ignores the row count.)
-    /// Otherwise (bf16, GGUF blocks) this is [`Decoder::forward`] on the whole prompt.
-    pub fn prefill(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        if !self.all_f32() {
-            return self.forward(ids, cache, Logits::Last);
-        }
-        let mut seq = [crate::serve::step::SeqChunk {
-            tokens: ids,
-            cache,
-            adapter: None,
-            logits: true,
-        }];
-        crate::serve::step::forward_rows(self, &mut seq)
-    }
-
     /// Logits for a whole sequence from position 0: [T, vocab].
     pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let mut cache = self.new_cache(ids.len())?;

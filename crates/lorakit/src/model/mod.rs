@@ -16,6 +16,7 @@ pub mod linear;
 pub mod linear_train;
 pub mod load;
 pub mod param;
+pub mod rows;
 pub mod save;
 pub mod spec;
 pub mod traits;

@@ -4,7 +4,7 @@
 //! model. Requests are queued ([`Scheduler::submit`]) and one model thread runs them in steps
 //! ([`step::forward_rows`]): one pass over each base weight for every token row of the step,
 //! plus per-adapter products, each row computed exactly as a one-token decode alone (see
-//! `step.rs` for how that is kept):
+//! `model/rows.rs` for how that is kept):
 //! - every decoding request advances one token per step;
 //! - a new request's prompt is prefilled in chunks of at most `prefill_chunk` tokens, one chunk
 //!   per step beside the decodes, so a long prompt does not stall the running requests; its
@@ -19,7 +19,8 @@
 //! Each request has its own KV cache for prompt + max_tokens positions; `max_batch` running
 //! requests bound the KV memory ([`kv_bytes_per_position`]).
 
-pub mod step;
+/// The batched step lives with the model (`generate` prefills through it too).
+pub use crate::model::rows as step;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -515,7 +516,7 @@ fn run(
                             std::slice::from_ref(&a.next)
                         },
                         cache: &mut a.cache,
-                        adapter: a.adapter.as_deref(),
+                        adapter: a.adapter.as_deref().map(|s| &s.adapter),
                         logits: sample,
                     }
                 })

@@ -29,17 +29,17 @@ use crate::model::arch::NormSlot;
 use crate::model::decoder::{
     act_forward, gated_act_forward, split_rows, Decoder, Layer, MlpWeights, QkvWeights,
 };
-use crate::model::kv_cache::{store_kv, KvCache};
+use crate::model::kv_cache::{store_kv, KvCache, Logits};
 use crate::model::linear::Linear;
 
-use super::ServeAdapter;
+use crate::lora::peft::Adapter;
 
 /// One sequence in a decode step: the token to run, its cache (the token goes at position
 /// `cache.len`), and its adapter (None = the base model).
 pub struct StepRow<'a> {
     pub token: u32,
     pub cache: &'a mut KvCache,
-    pub adapter: Option<&'a ServeAdapter>,
+    pub adapter: Option<&'a Adapter>,
 }
 
 /// One sequence in a [`forward_rows`] step: some of its tokens (one for a decode, a chunk of
@@ -48,7 +48,7 @@ pub struct StepRow<'a> {
 pub struct SeqChunk<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
-    pub adapter: Option<&'a ServeAdapter>,
+    pub adapter: Option<&'a Adapter>,
     pub logits: bool,
 }
 
@@ -306,13 +306,13 @@ pub fn forward_rows(model: &Decoder, seqs: &mut [SeqChunk<'_>]) -> Result<Vec<f3
 }
 
 /// Rows grouped by adapter: (the adapter, the indices of its rows), base rows (None) included.
-type Groups<'a> = Vec<(Option<&'a ServeAdapter>, Vec<usize>)>;
+type Groups<'a> = Vec<(Option<&'a Adapter>, Vec<usize>)>;
 
 /// The token rows of each adapter: sequence s owns rows `offs[s] .. offs[s + 1]`.
 fn adapter_groups<'a>(seqs: &[SeqChunk<'a>], offs: &[usize]) -> Groups<'a> {
     let mut groups: Groups<'a> = Vec::new();
     for (i, s) in seqs.iter().enumerate() {
-        let same = |g: &Option<&ServeAdapter>| match (g, s.adapter) {
+        let same = |g: &Option<&Adapter>| match (g, s.adapter) {
             (None, None) => true,
             (Some(a), Some(b)) => std::ptr::eq(*a, b),
             _ => false,
@@ -360,7 +360,7 @@ fn linear_rows(
     }
     let kind = model.config.adapter_kind(role);
     for (adapter, idx) in groups {
-        if let Some(lora) = adapter.and_then(|a| a.module(ModuleId { layer, kind })) {
+        if let Some(lora) = adapter.and_then(|a| a.modules.get(&ModuleId { layer, kind })) {
             lora_rows(y, x, lora, idx, inp, out);
         }
     }
@@ -406,5 +406,32 @@ fn residual_rows(
         .zip(scratch.chunks_exact_mut(h))
     {
         model.residual_add(layer, slot, xi, yi, si);
+    }
+}
+
+// `Decoder::prefill` lives here, beside the step it runs, so that decoder.rs does not import
+// this file back.
+impl Decoder {
+    /// Runs a prompt at positions `cache.len ..` and returns the logits of its last token
+    /// [vocab]: what `generate` starts with. With f32 weights every token row is computed as a
+    /// one-token decode at its position ([`forward_rows`]: one `dot` per
+    /// product element, row-wise ops on one token's slice), so the result does not depend on how
+    /// the prompt is cut into chunks: `lorakit serve` prefills in chunks between decode steps
+    /// and gets these bits. ([`Decoder::forward`] sends one row to a dot product and several to
+    /// `gemm`, which orders each sum differently: cut into one-token chunks, a 46-token prompt's
+    /// last logits differ in 44 350 of 49 152 places; and `gemm` does not promise that its
+    /// blocking ignores the row count.)
+    /// Otherwise (bf16, GGUF blocks) this is [`Decoder::forward`] on the whole prompt.
+    pub fn prefill(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        if !self.all_f32() {
+            return self.forward(ids, cache, Logits::Last);
+        }
+        let mut seq = [SeqChunk {
+            tokens: ids,
+            cache,
+            adapter: None,
+            logits: true,
+        }];
+        forward_rows(self, &mut seq)
     }
 }
