@@ -412,9 +412,16 @@ fn judge(model: &Path, loras: &[&Path], ids: &[u32], greedy: usize) -> (Vec<f32>
     let tokens = stdout
         .lines()
         .find_map(|l| l.strip_prefix("greedy:"))
-        .map(|s| s.split_whitespace().map(|t| t.parse().unwrap()).collect())
+        .map(parse_ids)
         .unwrap_or_default();
     (logits, tokens)
+}
+
+/// The token ids of one line of llama-judge's output, after its `name:` prefix.
+fn parse_ids(rest: &str) -> Vec<u32> {
+    rest.split_whitespace()
+        .map(|t| t.parse().unwrap())
+        .collect()
 }
 
 fn rand_suffix() -> u64 {
@@ -998,13 +1005,12 @@ fn judge_chat(model: &Path, messages: &[(&str, &str)]) -> (Vec<u32>, Vec<u32>) {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let ids = |prefix: &str| -> Vec<u32> {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no {prefix} in {stdout}"))
-            .split_whitespace()
-            .map(|t| t.parse().unwrap())
-            .collect()
+        parse_ids(
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .unwrap_or_else(|| panic!("no {prefix} in {stdout}")),
+        )
     };
     (ids("chat-ids:"), ids("eog:"))
 }
@@ -1163,7 +1169,7 @@ fn gguf_adapter_cli_merge_hf_directory_to_gguf_runs_in_llama_cpp() {
     let lines: Vec<Vec<u32>> = String::from_utf8_lossy(&o.stdout)
         .lines()
         .filter_map(|l| l.strip_prefix("ids:"))
-        .map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect())
+        .map(parse_ids)
         .collect();
     assert_eq!(lines.len(), cases.len());
     for (c, theirs) in cases.iter().zip(&lines) {

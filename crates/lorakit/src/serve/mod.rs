@@ -534,10 +534,10 @@ fn run(
         };
         let vocab = model.config.vocab_size;
         let mut i = 0;
-        let mut p = plan.iter();
+        // One plan entry per request, in order (the plan was built from `active`).
+        let mut samples = plan.iter().map(|&(_, sample)| sample);
         active.retain_mut(|a| {
-            let &(_, sample) = p.next().expect("a plan entry per request");
-            if !sample {
+            if !samples.next().unwrap_or(false) {
                 return true;
             }
             let row = &logits[i * vocab..(i + 1) * vocab];
