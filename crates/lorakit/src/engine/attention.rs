@@ -14,6 +14,7 @@
 use rayon::prelude::*;
 
 use super::matmul::dot;
+use super::SharedMut;
 
 #[derive(Debug, Clone, Copy)]
 pub struct AttnShape {
@@ -117,19 +118,6 @@ impl Segments {
                 start += len;
                 (s, len)
             })
-    }
-}
-
-/// A raw pointer that rayon tasks may share; each task writes a disjoint set of elements.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// A method (not field access) so that closures capture the whole Send + Sync wrapper.
-    fn at(&self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
     }
 }
 

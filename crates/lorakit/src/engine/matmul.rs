@@ -178,6 +178,46 @@ pub fn matvec_rows(out: &mut [f32], x: &[f32], w: &[f32], k: usize, accumulate: 
         });
 }
 
+/// o[i] += w·v[i], each product rounded before the add (no fused multiply-add), so the AVX-512
+/// path and the portable loop give the same bits on every CPU.  o, v: [n].
+#[inline]
+pub fn add_scaled(o: &mut [f32], w: f32, v: &[f32]) {
+    assert_eq!(o.len(), v.len(), "add_scaled: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected at run time; the assert bounds every access.
+            unsafe { add_scaled_avx512(o, w, v) };
+            return;
+        }
+    }
+    for (oi, &vi) in o.iter_mut().zip(v) {
+        *oi += w * vi;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn add_scaled_avx512(o: &mut [f32], w: f32, v: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = o.len();
+    let (po, pv) = (o.as_mut_ptr(), v.as_ptr());
+    let wv = _mm512_set1_ps(w);
+    let mut i = 0;
+    while i + 16 <= n {
+        let p = _mm512_mul_ps(wv, _mm512_loadu_ps(pv.add(i)));
+        _mm512_storeu_ps(po.add(i), _mm512_add_ps(_mm512_loadu_ps(po.add(i)), p));
+        i += 16;
+    }
+    if i < n {
+        // n - i < 16 here, so the mask keeps only the lanes inside the slices.
+        let mask: __mmask16 = ((1u32 << (n - i)) - 1) as u16;
+        let p = _mm512_mul_ps(wv, _mm512_maskz_loadu_ps(mask, pv.add(i)));
+        let s = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, po.add(i)), p);
+        _mm512_mask_storeu_ps(po.add(i), mask, s);
+    }
+}
+
 /// Σ a[i]·b[i] with AVX-512 when the CPU has it.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -257,72 +297,92 @@ unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
     _mm512_reduce_add_ps(s)
 }
 
-/// out[b] = dot(w, x[b]) for four rows x[0..4] of one x matrix (x: 4 rows of w.len(), back to
-/// back), each bit for bit what [`dot`] gives on that pair: the same accumulators, the same
-/// fused multiply-adds in the same order, the same final sums. Only the loads of `w` are shared
-/// by the four (the batched and prefill products read each weight row once per four rows).
+/// out[c][r] = dot(w[c], x[r]) for a tile of `C` weight rows and `R` rows of x (w: C rows of
+/// length k back to back, x: R rows of length k back to back), each element bit for bit what
+/// [`dot`] gives on that pair: the same four accumulators, the same fused multiply-adds in the
+/// same order, the same final sums. Only the loads are shared: each weight vector serves R rows
+/// and each x vector C weight rows, so a 2 × 3 tile does 6 multiply-adds per 5 loads where one
+/// `dot` does 1 per 2. That is what makes the products of many rows (prefill, batched decode)
+/// compute-bound instead of load-bound while keeping every element's bits independent of the
+/// rows beside it.
+///
+/// Register budget on AVX-512: 4·R·C accumulators + C weight vectors + 1 x vector ≤ 32, so
+/// R·C ≤ 6 (2 × 3 is the widest tile).
 #[inline]
-pub fn dot4(w: &[f32], x: &[f32], out: &mut [f32; 4]) {
-    let k = w.len();
-    debug_assert_eq!(x.len(), 4 * k);
+pub fn dot_tile<const R: usize, const C: usize>(w: &[f32], x: &[f32], out: &mut [[f32; R]; C]) {
+    let k = w.len() / C.max(1);
+    assert_eq!(w.len(), C * k, "dot_tile: w is not {C} rows");
+    assert_eq!(x.len(), R * k, "dot_tile: x is not {R} rows of {k}");
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the feature was detected at run time; the slices bound every load.
-            unsafe { dot4_avx512(w, x, out) };
+            // SAFETY: the feature was detected at run time; the asserts bound every load.
+            unsafe { dot_tile_avx512::<R, C>(w, x, k, out) };
             return;
         }
     }
-    for (b, o) in out.iter_mut().enumerate() {
-        *o = dot(w, &x[b * k..(b + 1) * k]);
+    for (c, oc) in out.iter_mut().enumerate() {
+        for (r, o) in oc.iter_mut().enumerate() {
+            *o = dot(&w[c * k..(c + 1) * k], &x[r * k..(r + 1) * k]);
+        }
     }
 }
 
-// Indexed loops: `acc[b][j]` is row b's accumulator j, each named as in `dot_avx512`.
+// Indexed loops: `acc[r][c][j]` is accumulator j of element (r, c), each named as in
+// `dot_avx512`; the loops have constant bounds and unroll into registers.
 #[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dot4_avx512(w: &[f32], x: &[f32], out: &mut [f32; 4]) {
+unsafe fn dot_tile_avx512<const R: usize, const C: usize>(
+    w: &[f32],
+    x: &[f32],
+    n: usize,
+    out: &mut [[f32; R]; C],
+) {
     use std::arch::x86_64::*;
-    let n = w.len();
-    let pw = w.as_ptr();
-    let px = [
-        x.as_ptr(),
-        x.as_ptr().add(n),
-        x.as_ptr().add(2 * n),
-        x.as_ptr().add(3 * n),
-    ];
-    // acc[b][j]: dot_avx512's accumulator j for row b.
-    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+    let pw: [*const f32; C] = std::array::from_fn(|c| w.as_ptr().add(c * n));
+    let px: [*const f32; R] = std::array::from_fn(|r| x.as_ptr().add(r * n));
+    let mut acc = [[[_mm512_setzero_ps(); 4]; C]; R];
     let mut i = 0;
     while i + 64 <= n {
         for j in 0..4 {
-            let wv = _mm512_loadu_ps(pw.add(i + 16 * j));
-            for b in 0..4 {
-                acc[b][j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(px[b].add(i + 16 * j)), acc[b][j]);
+            let wv: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(pw[c].add(i + 16 * j)));
+            for r in 0..R {
+                let xv = _mm512_loadu_ps(px[r].add(i + 16 * j));
+                for c in 0..C {
+                    acc[r][c][j] = _mm512_fmadd_ps(wv[c], xv, acc[r][c][j]);
+                }
             }
         }
         i += 64;
     }
     while i + 16 <= n {
-        let wv = _mm512_loadu_ps(pw.add(i));
-        for b in 0..4 {
-            acc[b][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(px[b].add(i)), acc[b][0]);
+        let wv: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(pw[c].add(i)));
+        for r in 0..R {
+            let xv = _mm512_loadu_ps(px[r].add(i));
+            for c in 0..C {
+                acc[r][c][0] = _mm512_fmadd_ps(wv[c], xv, acc[r][c][0]);
+            }
         }
         i += 16;
     }
     if i < n {
         // n - i < 16 here, so the mask keeps only the lanes inside the slices.
         let mask: __mmask16 = ((1u32 << (n - i)) - 1) as u16;
-        let wv = _mm512_maskz_loadu_ps(mask, pw.add(i));
-        for b in 0..4 {
-            acc[b][1] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, px[b].add(i)), acc[b][1]);
+        let wv: [__m512; C] = std::array::from_fn(|c| _mm512_maskz_loadu_ps(mask, pw[c].add(i)));
+        for r in 0..R {
+            let xv = _mm512_maskz_loadu_ps(mask, px[r].add(i));
+            for c in 0..C {
+                acc[r][c][1] = _mm512_fmadd_ps(wv[c], xv, acc[r][c][1]);
+            }
         }
     }
-    for b in 0..4 {
-        let [a0, a1, a2, a3] = acc[b];
-        let s = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
-        out[b] = _mm512_reduce_add_ps(s);
+    for r in 0..R {
+        for c in 0..C {
+            let [a0, a1, a2, a3] = acc[r][c];
+            let s = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+            out[c][r] = _mm512_reduce_add_ps(s);
+        }
     }
 }
 
@@ -408,15 +468,44 @@ mod tests {
     }
 
     #[test]
-    fn dot4_equals_four_dots_bitwise() {
-        for len in [0, 1, 7, 16, 17, 63, 64, 65, 100, 576, 1536] {
-            let w = data(len, 3);
-            let x = data(4 * len, 4);
-            let mut out = [0.0; 4];
-            dot4(&w, &x, &mut out);
-            for b in 0..4 {
-                let one = dot(&w, &x[b * len..(b + 1) * len]);
-                assert_eq!(out[b].to_bits(), one.to_bits(), "len {len}, row {b}");
+    fn dot_tile_equals_dots_bitwise() {
+        fn check<const R: usize, const C: usize>() {
+            for len in [0, 1, 7, 16, 17, 63, 64, 65, 100, 576, 1536] {
+                let w = data(C * len, 3);
+                let x = data(R * len, 4);
+                let mut out = [[f32::NAN; R]; C];
+                dot_tile::<R, C>(&w, &x, &mut out);
+                for c in 0..C {
+                    for r in 0..R {
+                        let one = dot(&w[c * len..(c + 1) * len], &x[r * len..(r + 1) * len]);
+                        let got = out[c][r];
+                        assert_eq!(
+                            got.to_bits(),
+                            one.to_bits(),
+                            "{R}x{C} len {len}, ({r}, {c})"
+                        );
+                    }
+                }
+            }
+        }
+        check::<1, 1>();
+        check::<2, 1>();
+        check::<1, 3>();
+        check::<2, 2>();
+        check::<2, 3>();
+        check::<4, 1>();
+    }
+
+    #[test]
+    fn add_scaled_equals_the_scalar_loop_bitwise() {
+        for len in [0, 1, 15, 16, 17, 64, 100] {
+            let v = data(len, 5);
+            let start = data(len, 6);
+            let mut got = start.clone();
+            add_scaled(&mut got, 0.37, &v);
+            for i in 0..len {
+                let want = start[i] + 0.37 * v[i];
+                assert_eq!(got[i].to_bits(), want.to_bits(), "len {len}, element {i}");
             }
         }
     }

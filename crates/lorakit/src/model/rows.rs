@@ -9,7 +9,7 @@
 //! Batch and chunk invariance (every row identical to `lorakit generate` alone, greedy or
 //! seeded, whatever the batch and however a prompt is cut into chunks):
 //! - products: `matmul_rows_dot` computes each element with the `dot` call that the one-row
-//!   decode path (`matmul_nt` with m = 1 → `matvec_rows`) makes (`dot4`, four rows sharing the
+//!   decode path (`matmul_nt` with m = 1 → `matvec_rows`) makes (`dot_tile`, tiles of rows sharing the
 //!   weight loads, keeps each element's `dot` order); adapter products x·Aᵀ and
 //!   (s·x·Aᵀ)·Bᵀ go through the same kernel, and the bias and adapter terms are added in
 //!   `Linear::forward`'s order (base, bias, then y + s·(x·Aᵀ)·Bᵀ);
