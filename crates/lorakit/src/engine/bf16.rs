@@ -20,6 +20,8 @@
 use std::sync::OnceLock;
 
 use half::bf16;
+
+use super::amx;
 use rayon::prelude::*;
 
 /// Output columns per packed panel (4 zmm registers of 16 f32).
@@ -93,6 +95,9 @@ pub const DISABLE_ENV: &str = "LORAKIT_DISABLE_AVX512BF16";
 /// The kernels that compute [`matmul_bf16`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bf16Kernel {
+    /// AMX tiles (`tdpbf16ps`, `engine::amx`) for products whose reduction dimension is whole
+    /// tiles, the `vdpbf16ps` kernel for the rest.
+    Amx,
     /// The `vdpbf16ps` instruction (AVX512-BF16).
     Avx512Bf16,
     /// Emulated with AVX2 + FMA f32 arithmetic.
@@ -119,12 +124,16 @@ pub fn avx512bf16_disabled() -> bool {
     std::env::var_os(DISABLE_ENV).is_some_and(|v| !v.is_empty() && v != "0")
 }
 
-/// The kernel [`matmul_bf16`] uses on this CPU: the instruction when the CPU has it and
-/// [`DISABLE_ENV`] is not set, else the emulation (AVX2 + FMA where present). Decided once.
+/// The kernel [`matmul_bf16`] uses on this CPU: AMX tiles where the CPU and OS have them (and
+/// [`amx::DISABLE_ENV`] is not set), else the AVX512-BF16 instruction, both unless
+/// [`DISABLE_ENV`] is set; else the emulation (AVX2 + FMA where present). Decided once.
 pub fn bf16_kernel() -> Bf16Kernel {
     static KERNEL: OnceLock<Bf16Kernel> = OnceLock::new();
     *KERNEL.get_or_init(|| {
         if cpu_has_avx512bf16() && !avx512bf16_disabled() {
+            if amx::amx_available() {
+                return Bf16Kernel::Amx;
+            }
             return Bf16Kernel::Avx512Bf16;
         }
         #[cfg(target_arch = "x86_64")]
@@ -138,7 +147,7 @@ pub fn bf16_kernel() -> Bf16Kernel {
 
 /// Whether bf16 products run natively here (faster than f32 ones): the default precision rule.
 pub fn bf16_native() -> bool {
-    bf16_kernel() == Bf16Kernel::Avx512Bf16
+    matches!(bf16_kernel(), Bf16Kernel::Amx | Bf16Kernel::Avx512Bf16)
 }
 
 /// f32 → bf16 bits, rounded to nearest even; a bf16 subnormal becomes a zero of its sign (the
@@ -153,10 +162,12 @@ fn to_bf16_bits(v: f32) -> u16 {
     }
 }
 
-/// x [m, k] f32 → bf16 [m, 2·k_pairs] (round to nearest even; the odd tail padded with 0).
-fn convert_rows(x: &[f32], m: usize, k: usize, k_pairs: usize) -> Vec<u16> {
+/// x [m, k] f32 → bf16 [rows ≥ m, 2·k_pairs] (round to nearest even; the odd tail and the rows
+/// past m padded with 0).
+fn convert_rows(x: &[f32], m: usize, k: usize, k_pairs: usize, rows: usize) -> Vec<u16> {
+    debug_assert!(rows >= m);
     let kp = 2 * k_pairs;
-    let mut out = vec![0u16; m * kp];
+    let mut out = vec![0u16; rows * kp];
     out.par_chunks_mut(kp)
         .zip(x.par_chunks(k))
         .with_min_len(16)
@@ -206,8 +217,12 @@ pub fn matmul_bf16_with(
         out.len()
     );
     assert!(
-        kernel != Bf16Kernel::Avx512Bf16 || cpu_has_avx512bf16(),
+        !matches!(kernel, Bf16Kernel::Avx512Bf16 | Bf16Kernel::Amx) || cpu_has_avx512bf16(),
         "the AVX512-BF16 kernel needs a CPU with AVX512-BF16"
+    );
+    assert!(
+        kernel != Bf16Kernel::Amx || amx::amx_available(),
+        "the AMX kernel needs a CPU and OS with AMX-BF16"
     );
     #[cfg(target_arch = "x86_64")]
     assert!(
@@ -219,7 +234,15 @@ pub fn matmul_bf16_with(
     if m == 0 || n == 0 {
         return;
     }
-    let a = convert_rows(x, m, k, b.k_pairs);
+    // AMX reads whole tiles of 16 pairs and blocks of 32 rows; other shapes take vdpbf16ps.
+    let kernel = match kernel {
+        Bf16Kernel::Amx if !amx::amx_fits(b.k_pairs) => Bf16Kernel::Avx512Bf16,
+        other => other,
+    };
+    if kernel == Bf16Kernel::Amx {
+        return matmul_amx(out, x, m, b, accumulate);
+    }
+    let a = convert_rows(x, m, k, b.k_pairs, m);
     let panels = n.div_ceil(NR);
     let row_groups = m.div_ceil(MR * BLOCKS_PER_TASK);
     let out_ptr = OutPtr(out.as_mut_ptr());
@@ -239,7 +262,7 @@ pub fn matmul_bf16_with(
             unsafe {
                 match kernel {
                     #[cfg(target_arch = "x86_64")]
-                    Bf16Kernel::Avx512Bf16 => {
+                    Bf16Kernel::Avx512Bf16 | Bf16Kernel::Amx => {
                         micro_kernel(a_rows, lda, rows, panel, b.k_pairs, c, n, cols, accumulate)
                     }
                     #[cfg(target_arch = "x86_64")]
@@ -251,6 +274,49 @@ pub fn matmul_bf16_with(
                     ),
                 }
             }
+            r0 += rows;
+        }
+    });
+}
+
+/// [`matmul_bf16`] on AMX tiles: tasks of one panel × 64 rows, each in blocks of 32 rows
+/// (`amx::panel_kernel`). Needs [`amx::amx_available`] and [`amx::amx_fits`]`(b.k_pairs)`.
+fn matmul_amx(out: &mut [f32], x: &[f32], m: usize, b: &PackedBf16, accumulate: bool) {
+    const BLOCK: usize = 32;
+    const TASK_ROWS: usize = 2 * BLOCK;
+    let (k, n) = (b.k, b.n);
+    // Rows padded to whole blocks: every tile load reads 32 rows.
+    let a = convert_rows(x, m, k, b.k_pairs, m.div_ceil(BLOCK) * BLOCK);
+    let lda = 2 * b.k_pairs;
+    let panels = n.div_ceil(NR);
+    let panel_len = b.k_pairs * NR * 2;
+    let row_groups = m.div_ceil(TASK_ROWS);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    (0..panels * row_groups).into_par_iter().for_each(|task| {
+        let (j, g) = (task % panels, task / panels);
+        let panel = &b.data[j * panel_len..(j + 1) * panel_len];
+        let cols = NR.min(n - j * NR);
+        let row_end = ((g + 1) * TASK_ROWS).min(m);
+        let mut r0 = g * TASK_ROWS;
+        while r0 < row_end {
+            let rows = BLOCK.min(row_end - r0);
+            let c = out_ptr.get().wrapping_add(r0 * n + j * NR);
+            // SAFETY: AMX is available and the pairs are whole tiles (the caller checked); `a`
+            // holds 32 rows from r0 (padded); this task alone writes rows r0..r0+rows, columns
+            // j·NR..j·NR+cols of out, all inside its m × n bounds.
+            unsafe {
+                amx::panel_kernel(
+                    &a[r0 * lda..],
+                    lda,
+                    rows,
+                    panel,
+                    b.k_pairs,
+                    c,
+                    n,
+                    cols,
+                    accumulate,
+                )
+            };
             r0 += rows;
         }
     });
@@ -431,11 +497,15 @@ mod tests {
         if cpu_has_avx512bf16() {
             v.push(Bf16Kernel::Avx512Bf16);
         }
+        if cpu_has_avx512bf16() && amx::amx_available() {
+            v.push(Bf16Kernel::Amx);
+        }
         v
     }
 
     #[test]
     fn bf16_matmul_equals_the_product_of_rounded_inputs() {
+        eprintln!("bf16 kernels on this CPU: {:?}", kernels());
         for kernel in kernels() {
             check_against_reference(kernel);
         }
@@ -445,7 +515,15 @@ mod tests {
         let matmul_bf16 = |out: &mut [f32], x: &[f32], m, b: &PackedBf16, acc| {
             matmul_bf16_with(kernel, out, x, m, b, acc)
         };
-        for &(m, k, n) in &[(1, 7, 5), (7, 33, 70), (13, 64, 129), (100, 576, 64)] {
+        // (k = 64 and 576 are whole AMX tiles: 13 and 100 rows are not whole blocks, 129 and 200
+        // columns not whole panels.)
+        for &(m, k, n) in &[
+            (1, 7, 5),
+            (7, 33, 70),
+            (13, 64, 129),
+            (100, 576, 64),
+            (70, 96, 200),
+        ] {
             let x = data(m * k, 1);
             let w = data(n * k, 2);
             let want = reference(&x, &w, m, k, n);
@@ -497,7 +575,7 @@ mod tests {
         }
         let emulated: Vec<Bf16Kernel> = kernels()
             .into_iter()
-            .filter(|k| *k != Bf16Kernel::Avx512Bf16)
+            .filter(|k| !matches!(k, Bf16Kernel::Avx512Bf16 | Bf16Kernel::Amx))
             .collect();
         for &(m, k, n) in &[
             (1, 1, 1),

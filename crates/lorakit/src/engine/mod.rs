@@ -5,6 +5,7 @@
 //! there is no general autograd, so each forward keeps exactly what its backward will need.
 
 pub mod aligned_alloc;
+pub mod amx;
 pub mod attention;
 pub mod batched;
 pub mod bf16;
