@@ -4,7 +4,9 @@
 //! 1. Instruction roof: every thread runs independent chains of 512-bit f32 FMAs
 //!    (`vfmadd231ps`, 32 FLOP each) or bf16 dot products (`vdpbf16ps`, 64 FLOP each) on
 //!    registers only: no memory, no packing, no edges. No matmul on this machine can beat it.
-//!    Best of 5 runs, as the kernels below are best-of-N too.
+//!    Best of 5 runs, as the kernels below are best-of-N too. Where the bf16 products run on
+//!    AMX tiles (`engine::amx`), the bf16 roof is the tiles' (`tdpbf16ps` chains, 16 384 FLOP
+//!    each) and the `vdpbf16ps` one is printed too, as shape "roof vdpbf16ps".
 //! 2. The engine's kernels on the LoRA training shapes of SmolLM2-135M (batch 4 × 256 = 1024
 //!    tokens): f32 through the `gemm` crate, bf16 through `engine::bf16`.
 //!
@@ -14,7 +16,8 @@
 
 use std::time::Instant;
 
-use lorakit::engine::bf16::{bf16_native, matmul_bf16, PackedBf16};
+use lorakit::engine::amx;
+use lorakit::engine::bf16::{bf16_kernel, bf16_native, matmul_bf16, Bf16Kernel, PackedBf16};
 use lorakit::engine::matmul_nt;
 use rayon::prelude::*;
 
@@ -98,7 +101,20 @@ fn main() {
     {
         let best = |bf16: bool| (0..5).map(|_| roof(bf16, 10_000_000)).fold(0.0, f64::max);
         line("f32", "roof", best(false));
-        line("bf16", "roof", best(true));
+        if bf16_kernel() == Bf16Kernel::Amx {
+            let tiles = (0..5)
+                .map(|_| {
+                    (0..threads)
+                        .into_par_iter()
+                        .map(|_| amx::roof_flops(200_000).unwrap_or(0.0))
+                        .sum::<f64>()
+                })
+                .fold(0.0, f64::max);
+            line("bf16", "roof", tiles);
+            line("bf16", "roof vdpbf16ps", best(true));
+        } else {
+            line("bf16", "roof", best(true));
+        }
     }
     // SmolLM2-135M linear layers at 1024 tokens: q/o, k/v, gate/up, down; and the LM head.
     let shapes = [

@@ -184,6 +184,21 @@ pub(crate) unsafe fn panel_kernel(
             );
             p += PAIRS;
         }
+        if !accumulate && rows == 2 * TILE && col0 + 2 * TILE <= cols {
+            // Whole tiles: straight into C (most of a large product).
+            let c0 = c.add(col0);
+            asm!(
+                "tilestored [{s0} + {st}*1], tmm0",
+                "tilestored [{s1} + {st}*1], tmm1",
+                "tilestored [{s2} + {st}*1], tmm2",
+                "tilestored [{s3} + {st}*1], tmm3",
+                s0 = in(reg) c0, s1 = in(reg) c0.add(TILE),
+                s2 = in(reg) c0.add(TILE * ldc), s3 = in(reg) c0.add(TILE * ldc + TILE),
+                st = in(reg) ldc * 4,
+                options(nostack),
+            );
+            continue;
+        }
         let row_bytes = TILE * 4;
         asm!(
             "tilestored [{s0} + {st}*1], tmm0",
@@ -217,4 +232,41 @@ pub(crate) unsafe fn panel_kernel(
         }
     }
     asm!("tilerelease", options(nostack, nomem));
+}
+
+/// The tile instruction roof on the calling thread: FLOP/s of `iters` rounds of four
+/// independent `tdpbf16ps` (16 × 16 × 32 multiply-adds each) on tiles loaded once: no memory
+/// traffic, no conversion, no edges. None without AMX.
+pub fn roof_flops(iters: usize) -> Option<f64> {
+    if !amx_available() {
+        return None;
+    }
+    use std::arch::asm;
+    // bf16 1.0 and a tiny value: the sums stay finite however long the chains run.
+    let ones = vec![0x3f80u16; TILE * 2 * PAIRS];
+    let tiny = vec![0x0080u16 + 0x3300; TILE * 2 * PAIRS];
+    let t = std::time::Instant::now();
+    // SAFETY: AMX is available; every load reads 16 rows of 64 bytes inside its buffer.
+    unsafe {
+        asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
+        asm!(
+            "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
+            "tileloadd tmm4, [{a} + {s}*1]", "tileloadd tmm5, [{a} + {s}*1]",
+            "tileloadd tmm6, [{b} + {s}*1]", "tileloadd tmm7, [{b} + {s}*1]",
+            a = in(reg) ones.as_ptr(), b = in(reg) tiny.as_ptr(), s = in(reg) 64usize,
+            options(nostack, readonly),
+        );
+        for _ in 0..iters {
+            asm!(
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                options(nostack, nomem),
+            );
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+    let flops = (iters * 4 * TILE * TILE * 2 * PAIRS * 2) as f64;
+    Some(flops / t.elapsed().as_secs_f64())
 }
