@@ -17,7 +17,7 @@
 use std::time::Instant;
 
 use lorakit::engine::amx;
-use lorakit::engine::bf16::{bf16_kernel, bf16_native, matmul_bf16, Bf16Kernel, PackedBf16};
+use lorakit::engine::bf16::{bf16_kernel, cpu_has_avx512bf16, matmul_bf16, Bf16Kernel, PackedBf16};
 use lorakit::engine::matmul_nt;
 use rayon::prelude::*;
 
@@ -87,7 +87,11 @@ fn best_of(reps: usize, m: usize, k: usize, n: usize, mut f: impl FnMut()) -> f6
 }
 
 fn main() {
-    if !(std::arch::is_x86_feature_detected!("avx512f") && bf16_native()) {
+    if !(std::arch::is_x86_feature_detected!("avx512f")
+        && cpu_has_avx512bf16()
+        && bf16_kernel() != Bf16Kernel::Portable
+        && bf16_kernel() != Bf16Kernel::Avx2)
+    {
         eprintln!("error: this benchmark needs AVX-512 and AVX512-BF16 (not disabled by LORAKIT_DISABLE_AVX512BF16)");
         std::process::exit(1);
     }

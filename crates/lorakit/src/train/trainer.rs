@@ -158,9 +158,9 @@ impl TrainOptions {
         Ok(o)
     }
 
-    /// The precision asked for, or the fastest on this CPU: bf16 where it multiplies bf16
-    /// natively (AVX512-BF16, unless `LORAKIT_DISABLE_AVX512BF16` is set), f32 elsewhere (the
-    /// emulated bf16 products are no faster than f32 ones); f32 for full fine-tuning.
+    /// The precision asked for, or the fastest on this CPU: bf16 where bf16 products beat f32
+    /// ones (AMX tiles, or AMD's AVX512-BF16; `engine::bf16::bf16_native`), f32 elsewhere; f32
+    /// for full fine-tuning.
     pub fn precision(&self) -> Result<crate::model::Precision> {
         match &self.precision {
             None if self.full => Ok(crate::model::Precision::F32),
