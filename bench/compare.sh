@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # lorakit and HF PEFT side by side, in one run, on the same model, data and configuration.
 #
-#   bench/compare.sh [--rounds R] [--steps N] [--parts train,decode,peak] [--new-tokens T]
+#   bench/compare.sh [--rounds R] [--steps N] [--parts train,decode,peak,e2e] [--new-tokens T]
 #                    [--threads K] [--lorakit-precision auto|f32|f32,bf16] [--results FILE]
 #                    [--no-build | --bin PATH]
 #
@@ -25,6 +25,12 @@
 #           the fixture adapter unmerged, and merged (PEFT merge_and_unload / lorakit merge).
 #           Both sides: decode tokens/s = (new tokens − 1) / (time after the first new token), the
 #           definition of `lorakit generate --stats` (prefill and first token excluded).
+#   e2e     one epoch of the quickstart's recipe on E2E's 785 training examples (LoRA r=4 α=32 on
+#           q,v, batches of 8, lr 2e-3, 10 warm-up steps, linear decay): PEFT + transformers with
+#           padded batches grouped by length (the best CPU setting: TRL's padding-free packing needs
+#           flash attention) against lorakit padded and lorakit --packing
+#           --max-tokens-per-batch 512 (2 rows of 256: about as many examples per step as 8).
+#           Seconds = the training steps' time (loading excluded), target tokens/s over them.
 #   peak    matmul throughput: crates/lorakit/examples/matmul_peak.rs (the CPU's instruction roof
 #           for 512-bit f32 FMA and bf16 dot products, and lorakit's kernels on SmolLM2's training
 #           shapes) beside torch.matmul on the same shapes. With train, the report adds model FLOP
@@ -65,10 +71,10 @@ for v in rounds steps new_tokens threads; do
 done
 [[ "$steps" -ge 2 ]] || die "--steps must be at least 2 (the first step is the warm-up, not timed)"
 [[ "$new_tokens" -ge 2 ]] || die "--new-tokens must be at least 2"
-do_train=0 do_decode=0 do_peak=0
+do_train=0 do_decode=0 do_peak=0 do_e2e=0
 IFS=',' read -ra part_list <<<"$parts"
 for p in "${part_list[@]}"; do
-  case "$p" in train) do_train=1 ;; decode) do_decode=1 ;; peak) do_peak=1 ;; *) die "--parts takes train, decode and/or peak, got '$p'" ;; esac
+  case "$p" in train) do_train=1 ;; decode) do_decode=1 ;; peak) do_peak=1 ;; e2e) do_e2e=1 ;; *) die "--parts takes train, decode, peak and/or e2e, got '$p'" ;; esac
 done
 case "$lk_prec" in auto|f32|f32,bf16|bf16,f32) ;; *) die "--lorakit-precision takes auto, f32 or f32,bf16, got '$lk_prec'" ;; esac
 [[ -x /usr/bin/time ]] || die "/usr/bin/time is missing (Debian: apt-get install time); it measures peak RSS"
@@ -83,6 +89,9 @@ mkdir -p "$cache"
 # --- lorakit -------------------------------------------------------------------------------------
 "$root/scripts/fetch-model.sh" || die "scripts/fetch-model.sh failed: no model to compare on"
 [[ -f "$gguf" ]] || die "no model at $gguf after scripts/fetch-model.sh"
+if [[ "$do_e2e" -eq 1 ]]; then
+  "$root/scripts/fetch-data.sh" e2e || die "scripts/fetch-data.sh e2e failed: no E2E data"
+fi
 if [[ "$build" -eq 1 ]]; then
   log "cargo build --release -p lorakit-cli ..."
   cargo build --release -q -p lorakit-cli --manifest-path "$root/Cargo.toml" || die "cargo build failed"
@@ -220,6 +229,27 @@ lorakit_decode() { # VARIANT PRECISION ROUND
     --stats "$work/lk.err" --stdout "$work/lk.out" --prompt "$prompt"
 }
 
+e2e_data="${LORAKIT_BENCH_E2E_DATA:-$root/data/e2e/train.jsonl}"  # override: a quick smoke run on fewer lines
+peft_e2e() { # PRECISION ROUND
+  /usr/bin/time -f %M -o "$work/rss" env OMP_NUM_THREADS="$threads" "$py" "$here/compare_peft.py" epoch \
+    --model "$hf" --data "$e2e_data" --precision "$1" --threads "$threads" \
+    >"$work/peft.out" 2>"$work/peft.err" || die_log "PEFT E2E epoch ($1) failed" "$work/peft.err"
+  record --part e2e --config padded --tool peft --precision "$1" --round "$2" --rss "$work/rss" --peft-json "$work/peft.out"
+}
+
+lorakit_e2e() { # LAYOUT PRECISION ROUND
+  local flags extra=()
+  flags="$(prec_flag train "$2")"
+  [[ "$1" == packed ]] && extra=(--packing --max-tokens-per-batch 512)
+  rm -rf "$work/lk"
+  # shellcheck disable=SC2086
+  RAYON_NUM_THREADS="$threads" /usr/bin/time -f %M -o "$work/rss" "$bin" train --model "$gguf" \
+    --data "$e2e_data" --out "$work/lk" --r 4 --alpha 32 --targets q_proj,v_proj --epochs 1 \
+    --batch-size 8 --lr 2e-3 --warmup 10 --schedule linear --seed 0 "${extra[@]}" \
+    --quiet $flags >"$work/lk.out" 2>"$work/lk.err" || die_log "lorakit E2E epoch ($1, $2) failed" "$work/lk.err"
+  record --part e2e --config "$1" --tool lorakit --precision "$2" --round "$3" --rss "$work/rss" --metrics "$work/lk/metrics.jsonl"
+}
+
 peak() { # TOOL ROUND
   if [[ "$1" == lorakit ]]; then
     RAYON_NUM_THREADS="$threads" "$peak_bin" >"$work/peak.out" 2>"$work/peak.err" \
@@ -249,6 +279,12 @@ for r in $(seq "$rounds"); do
       if [[ "$train_prec" == *bf16* ]]; then lorakit_train "$c" bf16 "$r"; fi
     done
   fi
+  if [[ "$do_e2e" -eq 1 ]]; then
+    log "round $r/$rounds: E2E epoch"
+    peft_e2e bf16 "$r"
+    for p in $train_prec; do lorakit_e2e padded "$p" "$r"; done
+    for p in $train_prec; do lorakit_e2e packed "$p" "$r"; done
+  fi
   if [[ "$do_decode" -eq 1 ]]; then
     for v in base unmerged merged; do
       log "round $r/$rounds: decode, $v, $new_tokens new tokens"
@@ -270,6 +306,7 @@ fi
 table="$(python3 "$here/compare_report.py" table --runs "$runs")" || die "cannot summarise the runs"
 what=""
 [[ "$do_train" -eq 1 ]] && what+="; train: $steps steps (first one untimed) of batch 4 × 256 from $rows rows of the fixture's tokens, LoRA r=8 α=16, AdamW lr 1e-4 wd 0.01"
+[[ "$do_e2e" -eq 1 ]] && what+="; e2e: one epoch of the quickstart recipe over data/e2e/train.jsonl (see the header of bench/compare.sh)"
 [[ "$do_peak" -eq 1 ]] && what+="; peak: examples/matmul_peak.rs and torch.matmul, best of 10 (3 for lm_head) per shape"
 [[ "$do_decode" -eq 1 ]] && what+="; decode: $new_tokens new tokens after the prompt of bench/decode.sh, greedy, batch 1"
 rev="$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"

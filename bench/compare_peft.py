@@ -4,6 +4,8 @@ Subcommands, each printing one JSON object on its last stdout line:
   convert  GGUF -> HF directory (transformers' own GGUF loader dequantises to float32)
   train    a plain PyTorch LoRA training loop, timed per step
   decode   greedy batch-1 generation, timed like `lorakit generate --stats`
+  epoch    one epoch of a prompt/completion JSONL (the quickstart's E2E recipe): padded batches
+           grouped by length, as transformers' Trainer does with group_by_length
   peak     torch's matmul throughput on the shapes of crates/lorakit/examples/matmul_peak.rs
            (one JSON object per line there, the same keys)
 
@@ -158,6 +160,87 @@ def cmd_train(a):
           "threads": torch.get_num_threads()})
 
 
+def cmd_epoch(a):
+    """One epoch over prompt/completion lines, tokenised as `lorakit train` does (the prompt with the
+    tokenizer's special tokens, the completion without, then EOS; loss on completion and EOS only),
+    in padded batches of similar lengths (transformers' LengthGroupedSampler: random mega-batches of
+    50 batches, each sorted by length, longest first), with the quickstart's optimiser and schedule."""
+    torch = setup_torch(a.threads)
+    import random
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(a.model)
+    examples = []
+    for n, line in enumerate(open(a.data), 1):
+        if not line.strip():
+            continue
+        obj = json.loads(line)
+        prompt = tok(obj["prompt"], add_special_tokens=True)["input_ids"]
+        completion = tok(obj["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        examples.append((prompt + completion, [-100] * len(prompt) + completion))
+    rng = random.Random(a.seed)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    mega = 50 * a.batch_size
+    grouped = []
+    for i in range(0, len(order), mega):
+        grouped += sorted(order[i:i + mega], key=lambda j: -len(examples[j][0]))
+    batches = [grouped[i:i + a.batch_size] for i in range(0, len(grouped), a.batch_size)]
+
+    model = load_model(torch, a.model)
+    model.config.use_cache = False
+    cfg = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, target_modules=TARGETS[a.targets],
+                     bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=a.weight_decay)
+    steps = len(batches)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / a.warmup if s < a.warmup else max(0.0, (steps - s) / max(1, steps - a.warmup)))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model.train()
+    target_tokens = real_tokens = padded_tokens = 0
+    losses = []
+    t0 = time.perf_counter()
+    step_seconds = []
+    for b in batches:
+        t_step = time.perf_counter()
+        width = max(len(examples[j][0]) for j in b)
+        ids = torch.full((len(b), width), pad, dtype=torch.long)
+        labels = torch.full((len(b), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(b), width), dtype=torch.long)
+        for row, j in enumerate(b):
+            x, y = examples[j]
+            ids[row, :len(x)] = torch.tensor(x)
+            labels[row, :len(y)] = torch.tensor(y)
+            mask[row, :len(x)] = 1
+        # transformers shifts the labels itself: position t predicts token t + 1.
+        target_tokens += int((labels[:, 1:] != -100).sum())
+        real_tokens += int(mask.sum())
+        padded_tokens += ids.numel()
+        if a.precision == "bf16":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        else:
+            out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+        if losses[-1] != losses[-1]:
+            fail(f"loss is NaN at step {len(losses)}")
+        step_seconds.append(time.perf_counter() - t_step)
+    seconds = time.perf_counter() - t0
+    emit({"tool": "peft", "precision": a.precision, "steps": steps, "seconds": seconds,
+          "target_tokens": target_tokens, "tokens": real_tokens, "padded_tokens": padded_tokens,
+          "target_tokens_per_s": target_tokens / seconds, "first_loss": losses[0], "last_loss": losses[-1],
+          "step_seconds": step_seconds,
+          "threads": torch.get_num_threads()})
+
+
 def cmd_decode(a):
     torch = setup_torch(a.threads)
     from transformers import AutoTokenizer
@@ -260,6 +343,19 @@ def main():
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--weight-decay", type=float, default=0.01)
     t.add_argument("--threads", type=int, default=2)
+    e = sub.add_parser("epoch")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--targets", choices=sorted(TARGETS), default="qv")
+    e.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--r", type=int, default=4)
+    e.add_argument("--alpha", type=float, default=32)
+    e.add_argument("--lr", type=float, default=2e-3)
+    e.add_argument("--warmup", type=int, default=10)
+    e.add_argument("--weight-decay", type=float, default=0.01)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, default=2)
     d = sub.add_parser("decode")
     d.add_argument("--model", required=True)
     d.add_argument("--adapter")
@@ -272,7 +368,8 @@ def main():
     a = p.parse_args()
     if a.cmd == "decode" and a.merge and not a.adapter:
         fail("--merge needs --adapter")
-    {"convert": cmd_convert, "train": cmd_train, "decode": cmd_decode, "peak": cmd_peak}[a.cmd](a)
+    {"convert": cmd_convert, "train": cmd_train, "epoch": cmd_epoch, "decode": cmd_decode,
+     "peak": cmd_peak}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -59,8 +59,11 @@ def cmd_record(a):
         if not lines:
             fail(f"no JSON result in {a.peft_json}")
         r = json.loads(lines[-1])
-        rec["tokens_per_s"] = r["tokens_per_s"]
-        if a.part == "train":
+        rec["tokens_per_s"] = r["tokens_per_s"] if "tokens_per_s" in r else r["target_tokens_per_s"]
+        if a.part == "e2e":
+            for k in ("seconds", "steps", "target_tokens", "first_loss", "last_loss"):
+                rec[k] = r[k]
+        elif a.part == "train":
             rec["first_loss"] = r["losses"][0]
             rec["median_step_s"] = r["median_step_s"]
             rec["steps"] = len(r["step_seconds"])
@@ -68,6 +71,15 @@ def cmd_record(a):
             rec["text"] = r["text"]
             rec["prompt_tokens"] = r["prompt_tokens"]
             rec["prefill_s"] = r["prefill_s"]
+    elif a.part == "e2e":
+        rows = [json.loads(l) for l in open(a.metrics) if '"loss"' in l]
+        if not rows:
+            fail(f"no step rows in {a.metrics}")
+        rec["seconds"] = sum(r["seconds"] for r in rows)
+        rec["steps"] = len(rows)
+        rec["target_tokens"] = sum(r["target_tokens"] for r in rows)
+        rec["tokens_per_s"] = rec["target_tokens"] / rec["seconds"]
+        rec["first_loss"], rec["last_loss"] = rows[0]["loss"], rows[-1]["loss"]
     elif a.part == "train":
         rows = [json.loads(l) for l in open(a.metrics) if '"loss"' in l]
         if not rows:
@@ -91,6 +103,8 @@ def cmd_record(a):
         rec["text"] = out[len(a.prompt):].rstrip("\n")
     print(json.dumps(rec))
     extra = f", step-1 loss {rec['first_loss']:.4f}" if "first_loss" in rec else ""
+    if a.part == "e2e":
+        extra += f", {rec['steps']} steps, {rec['seconds']:.1f} s, {rec['target_tokens']} target tokens"
     print(f"compare.sh:   {a.tool} {a.precision}: {rec['tokens_per_s']:.1f} tokens/s, "
           f"peak RSS {rec['rss_kb'] / 1e6:.2f} GB{extra}", file=sys.stderr)
 
@@ -132,7 +146,7 @@ def fmt(values, digits):
     return cell, med
 
 
-CONFIG_NAMES = {"qv": "LoRA q,v", "all": "LoRA all-linear", "base": "base model", "unmerged": "unmerged adapter",
+CONFIG_NAMES = {"padded": "padded batches", "packed": "packed rows", "qv": "LoRA q,v", "all": "LoRA all-linear", "base": "base model", "unmerged": "unmerged adapter",
                 "merged": "merged adapter"}
 
 
@@ -197,6 +211,23 @@ def cmd_table(a):
         lp_tok = [r["prompt_tokens"] for r in runs if r["part"] == "decode" and r["config"] == c]
         if lp_tok and len(set(lp_tok)) > 1:
             notes.append(f"WARNING: prompt token counts differ between the tools ({sorted(set(lp_tok))})")
+    e2e_prec = sorted({r["precision"] for r in runs if r["tool"] == "lorakit" and r["part"] == "e2e"}, key=order.get)
+    for lc in ("padded", "packed"):
+        for lp in e2e_prec:
+            for pp in pf_prec:
+                lk, pf = values("e2e", lc, "lorakit", lp, "seconds"), values("e2e", "padded", "peft", pp, "seconds")
+                if lk and pf:
+                    # Seconds: lower is better, so the ratio is PEFT / lorakit (the speed-up).
+                    lcell, lm = fmt(lk, 1)
+                    pcell, pm = fmt(pf, 1)
+                    out.append(f"| E2E epoch seconds (speed-up = PEFT / lorakit), lorakit {lp} {CONFIG_NAMES[lc]} vs "
+                               f"{pf_name[pp]} padded, length-grouped | {lcell} | {pcell} | {pm / lm:.2f} |")
+                row(f"E2E epoch target tokens/s, lorakit {lp} {CONFIG_NAMES[lc]} vs {pf_name[pp]} padded, length-grouped",
+                    values("e2e", lc, "lorakit", lp, "tokens_per_s"), values("e2e", "padded", "peft", pp, "tokens_per_s"), 0)
+    for r in sorted({(r["config"], r["tool"], r["precision"]) for r in runs if r["part"] == "e2e"}):
+        sel = [x for x in runs if (x["part"], x["config"], x["tool"], x["precision"]) == ("e2e",) + r]
+        notes.append(f"E2E epoch, {r[1]} {r[2]} {CONFIG_NAMES[r[0]]}: {sel[0]['steps']} optimiser steps, "
+                     f"{sel[0]['target_tokens']} target tokens, loss {sel[0]['first_loss']:.3f} → {sel[0]['last_loss']:.3f}")
     peak_rows = [r for r in runs if r["part"] == "peak"]
     if peak_rows:
         out.append("")
@@ -256,7 +287,7 @@ def main():
     d.add_argument("--seq-len", type=int, default=256)
     d.add_argument("--min-rows", type=int, default=4)
     r = sub.add_parser("record")
-    r.add_argument("--part", choices=["train", "decode"], required=True)
+    r.add_argument("--part", choices=["train", "decode", "e2e"], required=True)
     r.add_argument("--config", required=True)
     r.add_argument("--tool", choices=["lorakit", "peft"], required=True)
     r.add_argument("--precision", required=True)
