@@ -24,8 +24,10 @@
 
 use std::sync::OnceLock;
 
-/// Columns per packed panel (engine::bf16's).
-use super::bf16::NR;
+/// Columns of a packed weight panel: the width `engine::bf16` packs (it asserts the two agree at
+/// compile time; this module does not import it, so the dependency runs one way).
+pub const PANEL_COLS: usize = 64;
+const NR: usize = PANEL_COLS;
 
 /// Rows of A (and of C) per tile, and f32 columns of C per tile.
 const TILE: usize = 16;

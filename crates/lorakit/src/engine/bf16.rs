@@ -26,6 +26,8 @@ use rayon::prelude::*;
 
 /// Output columns per packed panel (4 zmm registers of 16 f32).
 pub const NR: usize = 64;
+// The AMX kernel reads these panels as its B tiles.
+const _: () = assert!(NR == amx::PANEL_COLS);
 /// Rows of the activation per micro-kernel call (6 × 4 accumulators + 4 B + 1 A registers).
 const MR: usize = 6;
 /// Micro-blocks of MR rows per rayon task.
