@@ -83,6 +83,54 @@ impl PackedBf16 {
     pub fn bytes(&self) -> usize {
         self.data.len() * 2
     }
+
+    /// B(kk, nn) as f32 (exact: the bf16 value packed).
+    #[inline]
+    fn get(&self, kk: usize, nn: usize) -> f32 {
+        let (j, c) = (nn / NR, nn % NR);
+        let panel_len = self.k_pairs * NR * 2;
+        bf16_f32(self.data[j * panel_len + ((kk / 2) * NR + c) * 2 + kk % 2])
+    }
+
+    /// The packed values as W [n, k] row-major, the inverse of [`PackedBf16::for_x_wt`] up to
+    /// the bf16 rounding (bf16 → f32 is exact).
+    pub fn unpack_wt(&self) -> Vec<f32> {
+        let mut w = vec![0.0f32; self.n * self.k];
+        w.par_chunks_mut(self.k.max(1))
+            .enumerate()
+            .for_each(|(nn, row)| {
+                for (kk, v) in row.iter_mut().enumerate() {
+                    *v = self.get(kk, nn);
+                }
+            });
+        w
+    }
+
+    /// Panel `jt` of Bᵀ [n, k] in this packing's layout, written into `dst` (resized to
+    /// ceil(n / 2) pairs × NR × 2): the panel [`PackedBf16::for_x_w`] of the same weight would
+    /// hold, value for value, so that one packing serves both products.
+    fn transposed_panel(&self, jt: usize, dst: &mut Vec<u16>) {
+        let t_pairs = self.n.div_ceil(2);
+        let panel_len = self.k_pairs * NR * 2;
+        dst.clear();
+        dst.resize(t_pairs * NR * 2, 0);
+        // Bᵀ's columns jt·NR.. are B's rows, i.e. the pairs p0.. of B's packing.
+        let p0 = jt * NR / 2;
+        let pairs = (NR / 2).min(self.k_pairs.saturating_sub(p0));
+        for q in 0..t_pairs {
+            // Bᵀ's pair q is B's columns 2q, 2q + 1: neighbours in one panel (NR is even).
+            let (j, c0) = (2 * q / NR, 2 * q % NR);
+            let src = &self.data[j * panel_len..(j + 1) * panel_len];
+            let out = &mut dst[q * NR * 2..(q + 1) * NR * 2];
+            for pl in 0..pairs {
+                // B(2p, c0), B(2p+1, c0), B(2p, c0+1), B(2p+1, c0+1) become
+                // Bᵀ(2q, 2p), Bᵀ(2q+1, 2p), Bᵀ(2q, 2p+1), Bᵀ(2q+1, 2p+1).
+                let at = ((p0 + pl) * NR + c0) * 2;
+                let s = &src[at..at + 4];
+                out[4 * pl..4 * pl + 4].copy_from_slice(&[s[0], s[2], s[1], s[3]]);
+            }
+        }
+    }
 }
 
 /// The environment variable that, set to anything but `0` or nothing, keeps the AVX512-BF16
@@ -193,29 +241,7 @@ pub fn matmul_bf16_with(
     accumulate: bool,
 ) {
     let (k, n) = (b.k, b.n);
-    assert_eq!(
-        x.len(),
-        m * k,
-        "matmul_bf16: x has {} elements, expected {m}×{k}",
-        x.len()
-    );
-    assert_eq!(
-        out.len(),
-        m * n,
-        "matmul_bf16: out has {} elements, expected {m}×{n}",
-        out.len()
-    );
-    assert!(
-        kernel != Bf16Kernel::Avx512Bf16 || cpu_has_avx512bf16(),
-        "the AVX512-BF16 kernel needs a CPU with AVX512-BF16"
-    );
-    #[cfg(target_arch = "x86_64")]
-    assert!(
-        kernel != Bf16Kernel::Avx2
-            || (std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")),
-        "the AVX2 bf16 kernel needs a CPU with AVX2 and FMA"
-    );
+    check_call(kernel, "matmul_bf16", x.len(), m, k, out.len(), n);
     if m == 0 || n == 0 {
         return;
     }
@@ -229,30 +255,147 @@ pub fn matmul_bf16_with(
         let panel = &b.data[j * panel_len..(j + 1) * panel_len];
         let cols = NR.min(n - j * NR);
         let row_end = ((g + 1) * MR * BLOCKS_PER_TASK).min(m);
-        let mut r0 = g * MR * BLOCKS_PER_TASK;
-        while r0 < row_end {
-            let rows = MR.min(row_end - r0);
-            let a_rows = &a[r0 * 2 * b.k_pairs..];
-            let (lda, c) = (2 * b.k_pairs, out_ptr.get().wrapping_add(r0 * n + j * NR));
-            // SAFETY: the kernel's CPU features were asserted above; this task alone writes
-            // rows r0..r0+rows, columns j·NR..j·NR+cols of out, all inside its m × n bounds.
-            unsafe {
-                match kernel {
-                    #[cfg(target_arch = "x86_64")]
-                    Bf16Kernel::Avx512Bf16 => {
-                        micro_kernel(a_rows, lda, rows, panel, b.k_pairs, c, n, cols, accumulate)
-                    }
-                    #[cfg(target_arch = "x86_64")]
-                    Bf16Kernel::Avx2 => emulated_kernel_avx2(
-                        a_rows, lda, rows, panel, b.k_pairs, c, n, cols, accumulate,
-                    ),
-                    _ => emulated_kernel::<false>(
-                        a_rows, lda, rows, panel, b.k_pairs, c, n, cols, accumulate,
-                    ),
-                }
-            }
-            r0 += rows;
+        let r0 = g * MR * BLOCKS_PER_TASK;
+        let c = out_ptr.get().wrapping_add(r0 * n + j * NR);
+        // SAFETY: the kernel's CPU features were checked; this task alone writes rows
+        // r0..row_end, columns j·NR..j·NR+cols of out, all inside its m × n bounds.
+        unsafe {
+            panel_rows(
+                kernel,
+                &a[r0 * 2 * b.k_pairs..],
+                row_end - r0,
+                panel,
+                b.k_pairs,
+                c,
+                n,
+                cols,
+                accumulate,
+            )
         }
+    });
+}
+
+/// Asserts that this CPU runs `kernel` and that x [m, k], out [m, n] have their sizes.
+fn check_call(kernel: Bf16Kernel, what: &str, x: usize, m: usize, k: usize, out: usize, n: usize) {
+    assert_eq!(x, m * k, "{what}: x has {x} elements, expected {m}×{k}");
+    assert_eq!(
+        out,
+        m * n,
+        "{what}: out has {out} elements, expected {m}×{n}"
+    );
+    assert!(
+        kernel != Bf16Kernel::Avx512Bf16 || cpu_has_avx512bf16(),
+        "the AVX512-BF16 kernel needs a CPU with AVX512-BF16"
+    );
+    #[cfg(target_arch = "x86_64")]
+    assert!(
+        kernel != Bf16Kernel::Avx2
+            || (std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")),
+        "the AVX2 bf16 kernel needs a CPU with AVX2 and FMA"
+    );
+}
+
+/// C[rows, cols ≤ NR] (+)= A[rows, 2·k_pairs] · panel, MR rows at a time on `kernel`.
+///
+/// # Safety
+/// The CPU runs `kernel`; `c` is valid for rows × cols elements at stride `ldc` and no one
+/// else touches them meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn panel_rows(
+    kernel: Bf16Kernel,
+    a: &[u16],
+    rows: usize,
+    panel: &[u16],
+    k_pairs: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    let lda = 2 * k_pairs;
+    let mut r0 = 0;
+    while r0 < rows {
+        let mr = MR.min(rows - r0);
+        let (a_rows, c) = (&a[r0 * lda..], c.add(r0 * ldc));
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Bf16Kernel::Avx512Bf16 => {
+                micro_kernel(a_rows, lda, mr, panel, k_pairs, c, ldc, cols, accumulate)
+            }
+            #[cfg(target_arch = "x86_64")]
+            Bf16Kernel::Avx2 => {
+                emulated_kernel_avx2(a_rows, lda, mr, panel, k_pairs, c, ldc, cols, accumulate)
+            }
+            _ => {
+                emulated_kernel::<false>(a_rows, lda, mr, panel, k_pairs, c, ldc, cols, accumulate)
+            }
+        }
+        r0 += mr;
+    }
+}
+
+/// out[m, k] (+)= x[m, n] · B[k, n]ᵀ with B packed in bf16 (on [`bf16_kernel`]): with B the
+/// forward packing of a weight W [n, k] ([`PackedBf16::for_x_wt`]), the input gradient
+/// dx = dy · W, so that training needs no second packing. Each task rebuilds one panel of Bᵀ
+/// (the panel [`PackedBf16::for_x_w`] would have held) and runs the product's kernel on it, so
+/// the result is that of [`matmul_bf16`] on a `for_x_w` packing, bit for bit.
+pub fn matmul_bf16_t(out: &mut [f32], x: &[f32], m: usize, b: &PackedBf16, accumulate: bool) {
+    matmul_bf16_t_with(bf16_kernel(), out, x, m, b, accumulate)
+}
+
+/// [`matmul_bf16_t`] on the given kernel (the instruction's needs a CPU with it: panics
+/// otherwise).
+pub fn matmul_bf16_t_with(
+    kernel: Bf16Kernel,
+    out: &mut [f32],
+    x: &[f32],
+    m: usize,
+    b: &PackedBf16,
+    accumulate: bool,
+) {
+    // The product's reduction runs over B's n, its columns over B's k.
+    let (k, n) = (b.n, b.k);
+    check_call(kernel, "matmul_bf16_t", x.len(), m, k, out.len(), n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let t_pairs = k.div_ceil(2);
+    let a = convert_rows(x, m, k, t_pairs);
+    let panels = n.div_ceil(NR);
+    // Few row groups, as each task repacks its panel: enough tasks to keep every thread busy
+    // to the end (≥ 2 per thread), whole micro-blocks each.
+    let want = 2 * rayon::current_num_threads();
+    let groups = want.div_ceil(panels).clamp(1, m.div_ceil(MR));
+    let group_rows = m.div_ceil(groups).div_ceil(MR) * MR;
+    let groups = m.div_ceil(group_rows);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    thread_local! {
+        static PANEL: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    (0..panels * groups).into_par_iter().for_each(|task| {
+        let (j, g) = (task % panels, task / panels);
+        let cols = NR.min(n - j * NR);
+        let (r0, row_end) = (g * group_rows, ((g + 1) * group_rows).min(m));
+        PANEL.with_borrow_mut(|panel| {
+            b.transposed_panel(j, panel);
+            let c = out_ptr.get().wrapping_add(r0 * n + j * NR);
+            // SAFETY: the kernel's CPU features were checked; this task alone writes rows
+            // r0..row_end, columns j·NR..j·NR+cols of out, all inside its m × n bounds.
+            unsafe {
+                panel_rows(
+                    kernel,
+                    &a[r0 * 2 * t_pairs..],
+                    row_end - r0,
+                    panel,
+                    t_pairs,
+                    c,
+                    n,
+                    cols,
+                    accumulate,
+                )
+            }
+        });
     });
 }
 
@@ -534,6 +677,89 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// One packing for both products: Bᵀ's panels rebuilt from the forward packing are those of
+    /// the transposed packing, so dx = dy · W from `for_x_wt` equals `for_x_w`'s product bit for
+    /// bit on every kernel (odd sizes exercise the padding of both dimensions).
+    #[test]
+    fn transposed_bf16_matmul_equals_the_second_packing_bit_for_bit() {
+        for &(m, out_f, in_f) in &[
+            (1, 1, 1),
+            (5, 7, 5),
+            (7, 70, 33),
+            (13, 129, 64),
+            (97, 200, 131),
+        ] {
+            let w = wide_data(out_f * in_f, 7);
+            let forward = PackedBf16::for_x_wt(&w, out_f, in_f);
+            let backward = PackedBf16::for_x_w(&w, out_f, in_f);
+            for jt in 0..in_f.div_ceil(NR) {
+                let mut panel = Vec::new();
+                forward.transposed_panel(jt, &mut panel);
+                let len = backward.k_pairs * NR * 2;
+                assert_eq!(
+                    panel,
+                    backward.data[jt * len..(jt + 1) * len],
+                    "{out_f}x{in_f} panel {jt}"
+                );
+            }
+            let dy = wide_data(m * out_f, 3);
+            let start = wide_data(m * in_f, 5);
+            for kernel in kernels() {
+                for accumulate in [false, true] {
+                    let mut want = start.clone();
+                    matmul_bf16_with(kernel, &mut want, &dy, m, &backward, accumulate);
+                    let mut got = start.clone();
+                    matmul_bf16_t_with(kernel, &mut got, &dy, m, &forward, accumulate);
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(g, w)| g.to_bits() == w.to_bits());
+                    assert!(
+                        same,
+                        "{kernel:?} {m}x{out_f}x{in_f} accumulate {accumulate}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The transposed product against an independent reference: the f64 product of the
+    /// bf16-rounded inputs.
+    #[test]
+    fn transposed_bf16_matmul_equals_the_product_of_rounded_inputs() {
+        let (m, out_f, in_f) = (19, 150, 77);
+        let dy = data(m * out_f, 11);
+        let w = data(out_f * in_f, 12);
+        let packed = PackedBf16::for_x_wt(&w, out_f, in_f);
+        let r = |v: f32| bf16::from_f32(v).to_f32() as f64;
+        for kernel in kernels() {
+            let mut dx = vec![0.0f32; m * in_f];
+            matmul_bf16_t_with(kernel, &mut dx, &dy, m, &packed, false);
+            for i in 0..m {
+                for c in 0..in_f {
+                    let want: f64 = (0..out_f)
+                        .map(|o| r(dy[i * out_f + o]) * r(w[o * in_f + c]))
+                        .sum();
+                    let got = dx[i * in_f + c] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-5 * out_f as f64,
+                        "{kernel:?} [{i}, {c}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_packing_unpacks_to_the_rounded_weight() {
+        let (out_f, in_f) = (67, 9);
+        let w = data(out_f * in_f, 4);
+        let back = PackedBf16::for_x_wt(&w, out_f, in_f).unpack_wt();
+        for (b, v) in back.iter().zip(&w) {
+            assert_eq!(b.to_bits(), bf16::from_f32(*v).to_f32().to_bits());
         }
     }
 }
