@@ -18,6 +18,7 @@ use crate::model::kv_cache::store_kv;
 pub use crate::model::kv_cache::{KvCache, Logits};
 use crate::model::linear::{
     check_precision_supported, frozen_forward, head_weight, set_head_precision, Bf16Weight,
+    FrozenRef,
 };
 use crate::model::linear::{Linear, Precision};
 use crate::model::spec::{Activation, NormKind, Positions, QkNorm};
@@ -349,13 +350,14 @@ impl Decoder {
         }
     }
 
-    /// Switches the frozen-weight products to `precision` (bf16 packs every weight once;
-    /// `training` also packs the transposed use of each weight for the backward pass).
-    pub fn set_precision(&mut self, precision: Precision, training: bool) -> Result<()> {
+    /// Switches the frozen-weight products to `precision`. bf16 packs every weight once (the
+    /// forward's packing serves the backward too) and drops the layers' f32 copies; the
+    /// embedding keeps its f32 values for the lookups, a tied head gets its own packing.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         check_precision_supported(precision)?;
         for layer in &mut self.layers {
             for (_, lin) in layer.linears_mut() {
-                lin.set_precision(precision, training);
+                lin.set_precision(precision);
             }
         }
         set_head_precision(
@@ -365,14 +367,35 @@ impl Decoder {
             self.config.vocab_size,
             self.config.hidden_size,
             precision,
-            training,
         );
         self.precision = precision;
         Ok(())
     }
 
-    /// The LM head's weight [vocab, hidden] and its bf16 packing, if any.
-    pub fn head_weight(&self) -> (&[f32], Option<&Bf16Weight>) {
+    /// Bytes held by the model's weights in every stored form (f32, bf16 packings, GGUF
+    /// blocks): what the frozen model costs in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let f32s = |v: &[f32]| v.len() * 4;
+        let mut total = f32s(&self.embed_tokens)
+            + f32s(&self.norm)
+            + self.norm_bias.as_deref().map_or(0, f32s)
+            + self.wpe.as_deref().map_or(0, f32s)
+            + self.lm_head.as_ref().map_or(0, Linear::weight_bytes)
+            + self.tied_head_bf16.as_ref().map_or(0, |b| b.bytes())
+            + self.head_quant.as_ref().map_or(0, |q| q.bytes());
+        for layer in &self.layers {
+            for lin in layer.kinds().into_iter().filter_map(|k| layer.linear(k)) {
+                total += lin.weight_bytes() + lin.bias.as_deref().map_or(0, f32s);
+            }
+            for (_, n) in &layer.norms {
+                total += f32s(&n.weight) + n.bias.as_deref().map_or(0, f32s);
+            }
+        }
+        total
+    }
+
+    /// The LM head's weight [vocab, hidden] as its products read it.
+    pub fn head_weight(&self) -> FrozenRef<'_> {
         head_weight(
             self.lm_head.as_ref(),
             self.tied_head_bf16.as_deref(),
@@ -390,12 +413,10 @@ impl Decoder {
         if let Some(q) = quant {
             q.matmul_nt(logits, x, n);
         } else {
-            let (w, bf16) = self.head_weight();
             frozen_forward(
                 logits,
                 x,
-                w,
-                bf16,
+                self.head_weight(),
                 n,
                 self.config.hidden_size,
                 self.config.vocab_size,
@@ -706,7 +727,7 @@ impl Decoder {
     /// Whether every product of the model is f32 (no bf16 packing, no GGUF blocks): then
     /// [`Decoder::prefill`] runs through the chunk-invariant path.
     pub fn all_f32(&self) -> bool {
-        let f32_lin = |l: &Linear| l.quant.is_none() && l.bf16.is_none();
+        let f32_lin = |l: &Linear| l.is_f32();
         let head = match &self.lm_head {
             Some(l) => f32_lin(l),
             None => self.head_quant.is_none() && self.tied_head_bf16.is_none(),
@@ -760,7 +781,7 @@ impl LmHead for Decoder {
         Decoder::head_forward(self, logits, x, n);
     }
 
-    fn head_weight(&self) -> (&[f32], Option<&Bf16Weight>) {
+    fn head_weight(&self) -> FrozenRef<'_> {
         Decoder::head_weight(self)
     }
 

@@ -71,7 +71,10 @@ impl FullGrads {
             norm: zeros(model.norm.len()),
             norm_bias: model.norm_bias.as_ref().map(|b| zeros(b.len())),
             wpe: model.wpe.as_ref().map(|w| zeros(w.len())),
-            lm_head: model.lm_head.as_ref().map(|l| zeros(l.weight_f32().len())),
+            lm_head: model
+                .lm_head
+                .as_ref()
+                .map(|l| zeros(l.out_features * l.in_features)),
             layers: model
                 .layers
                 .iter()
@@ -93,7 +96,7 @@ impl FullGrads {
                             (
                                 k,
                                 (
-                                    zeros(lin.weight_f32().len()),
+                                    zeros(lin.out_features * lin.in_features),
                                     lin.bias.as_ref().map(|b| zeros(b.len())),
                                 ),
                             )
