@@ -26,6 +26,9 @@ use rayon::prelude::*;
 pub const NR: usize = 64;
 /// Rows of the activation per micro-kernel call (6 × 4 accumulators + 4 B + 1 A registers).
 const MR: usize = 6;
+/// Pairs of the reduction per rebuilt panel of [`matmul_bf16_t`] (NR × 2 × 2 bytes each: 512 KB):
+/// a linear layer's reduction fits in one, the LM head's (over the vocabulary) takes several.
+const T_BLOCK_PAIRS: usize = 2048;
 /// Micro-blocks of MR rows per rayon task.
 const BLOCKS_PER_TASK: usize = 16;
 
@@ -106,22 +109,21 @@ impl PackedBf16 {
         w
     }
 
-    /// Panel `jt` of Bᵀ [n, k] in this packing's layout, written into `dst` (resized to
-    /// ceil(n / 2) pairs × NR × 2): the panel [`PackedBf16::for_x_w`] of the same weight would
-    /// hold, value for value, so that one packing serves both products.
-    fn transposed_panel(&self, jt: usize, dst: &mut Vec<u16>) {
-        let t_pairs = self.n.div_ceil(2);
+    /// Pairs `qs` of panel `jt` of Bᵀ [n, k] in this packing's layout, written into `dst`
+    /// (resized to qs.len() pairs × NR × 2): what the panel [`PackedBf16::for_x_w`] of the same
+    /// weight holds there, value for value, so that one packing serves both products.
+    fn transposed_panel(&self, jt: usize, qs: std::ops::Range<usize>, dst: &mut Vec<u16>) {
         let panel_len = self.k_pairs * NR * 2;
         dst.clear();
-        dst.resize(t_pairs * NR * 2, 0);
+        dst.resize(qs.len() * NR * 2, 0);
         // Bᵀ's columns jt·NR.. are B's rows, i.e. the pairs p0.. of B's packing.
         let p0 = jt * NR / 2;
         let pairs = (NR / 2).min(self.k_pairs.saturating_sub(p0));
-        for q in 0..t_pairs {
+        for (qi, q) in qs.enumerate() {
             // Bᵀ's pair q is B's columns 2q, 2q + 1: neighbours in one panel (NR is even).
             let (j, c0) = (2 * q / NR, 2 * q % NR);
             let src = &self.data[j * panel_len..(j + 1) * panel_len];
-            let out = &mut dst[q * NR * 2..(q + 1) * NR * 2];
+            let out = &mut dst[qi * NR * 2..(qi + 1) * NR * 2];
             for pl in 0..pairs {
                 // B(2p, c0), B(2p+1, c0), B(2p, c0+1), B(2p+1, c0+1) become
                 // Bᵀ(2q, 2p), Bᵀ(2q+1, 2p), Bᵀ(2q, 2p+1), Bᵀ(2q+1, 2p+1).
@@ -201,19 +203,31 @@ fn to_bf16_bits(v: f32) -> u16 {
     }
 }
 
-/// x [m, k] f32 → bf16 [m, 2·k_pairs] (round to nearest even; the odd tail padded with 0).
-fn convert_rows(x: &[f32], m: usize, k: usize, k_pairs: usize) -> Vec<u16> {
+/// x [m, k] f32 → bf16 [m, 2·k_pairs] in `out` (round to nearest even; the odd tail padded
+/// with 0).
+fn convert_rows(x: &[f32], m: usize, k: usize, k_pairs: usize, out: &mut Vec<u16>) {
     let kp = 2 * k_pairs;
-    let mut out = vec![0u16; m * kp];
+    // Every element is written below: no need to clear what a reused buffer held.
+    out.truncate(m * kp);
+    out.resize(m * kp, 0);
     out.par_chunks_mut(kp)
         .zip(x.par_chunks(k))
         .with_min_len(16)
         .for_each(|(o, r)| {
-            for (oi, &v) in o.iter_mut().zip(r) {
+            let (head, tail) = o.split_at_mut(k);
+            for (oi, &v) in head.iter_mut().zip(r) {
                 *oi = to_bf16_bits(v);
             }
+            tail.fill(0);
         });
-    out
+}
+
+thread_local! {
+    /// The calling thread's [`convert_rows`] buffer, kept between products: a training step
+    /// converts hundreds of activations of a few MB, and fresh pages for each cost page faults.
+    /// Taken out while in use, so that a product nested on the same thread (rayon runs other
+    /// tasks while it waits) converts into its own.
+    static ROWS: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 #[derive(Clone, Copy)]
@@ -245,7 +259,8 @@ pub fn matmul_bf16_with(
     if m == 0 || n == 0 {
         return;
     }
-    let a = convert_rows(x, m, k, b.k_pairs);
+    let mut a = ROWS.take();
+    convert_rows(x, m, k, b.k_pairs, &mut a);
     let panels = n.div_ceil(NR);
     let row_groups = m.div_ceil(MR * BLOCKS_PER_TASK);
     let out_ptr = OutPtr(out.as_mut_ptr());
@@ -263,6 +278,7 @@ pub fn matmul_bf16_with(
             panel_rows(
                 kernel,
                 &a[r0 * 2 * b.k_pairs..],
+                2 * b.k_pairs,
                 row_end - r0,
                 panel,
                 b.k_pairs,
@@ -273,6 +289,7 @@ pub fn matmul_bf16_with(
             )
         }
     });
+    ROWS.set(a);
 }
 
 /// Asserts that this CPU runs `kernel` and that x [m, k], out [m, n] have their sizes.
@@ -296,7 +313,8 @@ fn check_call(kernel: Bf16Kernel, what: &str, x: usize, m: usize, k: usize, out:
     );
 }
 
-/// C[rows, cols ≤ NR] (+)= A[rows, 2·k_pairs] · panel, MR rows at a time on `kernel`.
+/// C[rows, cols ≤ NR] (+)= A[rows, 2·k_pairs] · panel, A with row stride `lda`, MR rows at a
+/// time on `kernel`.
 ///
 /// # Safety
 /// The CPU runs `kernel`; `c` is valid for rows × cols elements at stride `ldc` and no one
@@ -305,6 +323,7 @@ fn check_call(kernel: Bf16Kernel, what: &str, x: usize, m: usize, k: usize, out:
 unsafe fn panel_rows(
     kernel: Bf16Kernel,
     a: &[u16],
+    lda: usize,
     rows: usize,
     panel: &[u16],
     k_pairs: usize,
@@ -313,7 +332,6 @@ unsafe fn panel_rows(
     cols: usize,
     accumulate: bool,
 ) {
-    let lda = 2 * k_pairs;
     let mut r0 = 0;
     while r0 < rows {
         let mr = MR.min(rows - r0);
@@ -339,7 +357,9 @@ unsafe fn panel_rows(
 /// forward packing of a weight W [n, k] ([`PackedBf16::for_x_wt`]), the input gradient
 /// dx = dy · W, so that training needs no second packing. Each task rebuilds one panel of Bᵀ
 /// (the panel [`PackedBf16::for_x_w`] would have held) and runs the product's kernel on it, so
-/// the result is that of [`matmul_bf16`] on a `for_x_w` packing, bit for bit.
+/// the result is that of [`matmul_bf16`] on a `for_x_w` packing, bit for bit, up to reductions
+/// of 2·[`T_BLOCK_PAIRS`]; a longer one is summed in blocks of that length, each block's sum
+/// added to out in turn (on every kernel alike).
 pub fn matmul_bf16_t(out: &mut [f32], x: &[f32], m: usize, b: &PackedBf16, accumulate: bool) {
     matmul_bf16_t_with(bf16_kernel(), out, x, m, b, accumulate)
 }
@@ -361,7 +381,8 @@ pub fn matmul_bf16_t_with(
         return;
     }
     let t_pairs = k.div_ceil(2);
-    let a = convert_rows(x, m, k, t_pairs);
+    let mut a = ROWS.take();
+    convert_rows(x, m, k, t_pairs, &mut a);
     let panels = n.div_ceil(NR);
     // Few row groups, as each task repacks its panel: enough tasks to keep every thread busy
     // to the end (≥ 2 per thread), whole micro-blocks each.
@@ -378,25 +399,33 @@ pub fn matmul_bf16_t_with(
         let cols = NR.min(n - j * NR);
         let (r0, row_end) = (g * group_rows, ((g + 1) * group_rows).min(m));
         PANEL.with_borrow_mut(|panel| {
-            b.transposed_panel(j, panel);
             let c = out_ptr.get().wrapping_add(r0 * n + j * NR);
-            // SAFETY: the kernel's CPU features were checked; this task alone writes rows
-            // r0..row_end, columns j·NR..j·NR+cols of out, all inside its m × n bounds.
-            unsafe {
-                panel_rows(
-                    kernel,
-                    &a[r0 * 2 * t_pairs..],
-                    row_end - r0,
-                    panel,
-                    t_pairs,
-                    c,
-                    n,
-                    cols,
-                    accumulate,
-                )
+            // A long reduction (the LM head's, over the vocabulary) runs in blocks of pairs, so
+            // that the rebuilt panel stays small and in cache: each block's sums are added to
+            // out, as a second call accumulating would.
+            for q0 in (0..t_pairs).step_by(T_BLOCK_PAIRS) {
+                let q1 = (q0 + T_BLOCK_PAIRS).min(t_pairs);
+                b.transposed_panel(j, q0..q1, panel);
+                // SAFETY: the kernel's CPU features were checked; this task alone writes rows
+                // r0..row_end, columns j·NR..j·NR+cols of out, all inside its m × n bounds.
+                unsafe {
+                    panel_rows(
+                        kernel,
+                        &a[r0 * 2 * t_pairs + 2 * q0..],
+                        2 * t_pairs,
+                        row_end - r0,
+                        panel,
+                        q1 - q0,
+                        c,
+                        n,
+                        cols,
+                        accumulate || q0 > 0,
+                    )
+                }
             }
         });
     });
+    ROWS.set(a);
 }
 
 /// Columns of a panel the emulated kernel sums at once.
@@ -697,7 +726,7 @@ mod tests {
             let backward = PackedBf16::for_x_w(&w, out_f, in_f);
             for jt in 0..in_f.div_ceil(NR) {
                 let mut panel = Vec::new();
-                forward.transposed_panel(jt, &mut panel);
+                forward.transposed_panel(jt, 0..backward.k_pairs, &mut panel);
                 let len = backward.k_pairs * NR * 2;
                 assert_eq!(
                     panel,
@@ -730,7 +759,13 @@ mod tests {
     /// bf16-rounded inputs.
     #[test]
     fn transposed_bf16_matmul_equals_the_product_of_rounded_inputs() {
-        let (m, out_f, in_f) = (19, 150, 77);
+        // The second shape's reduction runs in three blocks.
+        for (m, out_f, in_f) in [(19, 150, 77), (7, 2 * 2 * T_BLOCK_PAIRS + 301, 70)] {
+            check_transposed_against_reference(m, out_f, in_f);
+        }
+    }
+
+    fn check_transposed_against_reference(m: usize, out_f: usize, in_f: usize) {
         let dy = data(m * out_f, 11);
         let w = data(out_f * in_f, 12);
         let packed = PackedBf16::for_x_wt(&w, out_f, in_f);
@@ -760,6 +795,44 @@ mod tests {
         let back = PackedBf16::for_x_wt(&w, out_f, in_f).unpack_wt();
         for (b, v) in back.iter().zip(&w) {
             assert_eq!(b.to_bits(), bf16::from_f32(*v).to_f32().to_bits());
+        }
+    }
+
+    /// The blocked reduction of a long transposed product (the LM head's backward): the
+    /// emulation equals the instruction bit for bit there too.
+    #[test]
+    fn emulated_transposed_bf16_matmul_matches_the_instruction_bit_for_bit() {
+        if !cpu_has_avx512bf16() {
+            eprintln!("no AVX512-BF16 on this CPU: nothing to compare the emulation with");
+            return;
+        }
+        let (m, out_f, in_f) = (13, 2 * 2 * T_BLOCK_PAIRS + 77, 129);
+        let w = wide_data(out_f * in_f, 21);
+        let packed = PackedBf16::for_x_wt(&w, out_f, in_f);
+        let dy = wide_data(m * out_f, 22);
+        let start = wide_data(m * in_f, 23);
+        for accumulate in [false, true] {
+            let mut want = start.clone();
+            matmul_bf16_t_with(
+                Bf16Kernel::Avx512Bf16,
+                &mut want,
+                &dy,
+                m,
+                &packed,
+                accumulate,
+            );
+            for kernel in kernels()
+                .into_iter()
+                .filter(|k| *k != Bf16Kernel::Avx512Bf16)
+            {
+                let mut got = start.clone();
+                matmul_bf16_t_with(kernel, &mut got, &dy, m, &packed, accumulate);
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.to_bits() == w.to_bits());
+                assert!(same, "{kernel:?} accumulate {accumulate}");
+            }
         }
     }
 }
