@@ -239,3 +239,45 @@ fn bf16_training_then_merge_and_save_give_the_bf16_weights_plus_the_delta() {
         }
     }
 }
+
+/// SmolLM2's head is tied to its embedding: in bf16 the embedding is held as the head's
+/// packing plus the bits that packing rounded away, and gives back the f32 values bit for
+/// bit (lookups, saving) at 4⅛ bytes a value (packing, low halves, carry bits) where the f32
+/// embedding and a head packing took 6; the layers take 2.
+#[test]
+fn bf16_tied_embedding_stays_exact_beside_the_head_packing() {
+    let f32_model = &real_model().model;
+    assert!(f32_model.lm_head.is_none(), "SmolLM2's head is tied");
+    let mut model = f32_model.clone();
+    model.set_precision(Precision::Bf16).unwrap();
+    assert!(
+        model.embed_tokens.is_empty(),
+        "an f32 copy of the embedding is kept"
+    );
+    let back = model.embedding_f32();
+    assert_eq!(back.len(), f32_model.embed_tokens.len());
+    let same = back
+        .iter()
+        .zip(&f32_model.embed_tokens)
+        .all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(same, "the embedding's values changed");
+    let (f, b) = (f32_model.weight_bytes(), model.weight_bytes());
+    eprintln!("SmolLM2 weights: {f} bytes in f32, {b} in bf16");
+    let c = &model.config;
+    let embed = c.vocab_size * c.hidden_size;
+    let layers = f - 4 * embed;
+    let want = layers / 2 + embed * 2 + embed * 2 + embed.div_ceil(64) * 8;
+    // The norms stay f32 (a few KB over the layers' half).
+    assert!(
+        b >= want && b < want + layers / 100,
+        "{b} bytes, {want} expected"
+    );
+    // Back to f32: the embedding as it was.
+    model.set_precision(Precision::F32).unwrap();
+    assert_eq!(model.embed_tokens.len(), f32_model.embed_tokens.len());
+    assert!(model
+        .embed_tokens
+        .iter()
+        .zip(&f32_model.embed_tokens)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+}

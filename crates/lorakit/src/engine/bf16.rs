@@ -87,12 +87,18 @@ impl PackedBf16 {
         self.data.len() * 2
     }
 
+    /// B(kk, nn)'s bf16 bits.
+    #[inline]
+    pub fn bits(&self, kk: usize, nn: usize) -> u16 {
+        let (j, c) = (nn / NR, nn % NR);
+        let panel_len = self.k_pairs * NR * 2;
+        self.data[j * panel_len + ((kk / 2) * NR + c) * 2 + kk % 2]
+    }
+
     /// B(kk, nn) as f32 (exact: the bf16 value packed).
     #[inline]
     fn get(&self, kk: usize, nn: usize) -> f32 {
-        let (j, c) = (nn / NR, nn % NR);
-        let panel_len = self.k_pairs * NR * 2;
-        bf16_f32(self.data[j * panel_len + ((kk / 2) * NR + c) * 2 + kk % 2])
+        bf16_f32(self.bits(kk, nn))
     }
 
     /// The packed values as W [n, k] row-major, the inverse of [`PackedBf16::for_x_wt`] up to

@@ -3,6 +3,8 @@
 //! The block is the one described in [`crate::model::spec`]; this file runs it for inference,
 //! `decoder_train.rs` for training.
 
+use std::borrow::Cow;
+
 use crate::engine::ops::{
     add_inplace, attention_forward, embedding_forward, gelu_tanh_backward, gelu_tanh_forward,
     layer_norm_forward, position_embedding_add, rms_norm_forward, rope_forward, swiglu_forward,
@@ -17,8 +19,7 @@ use crate::model::config::Config;
 use crate::model::kv_cache::store_kv;
 pub use crate::model::kv_cache::{KvCache, Logits};
 use crate::model::linear::{
-    check_precision_supported, frozen_forward, head_weight, set_head_precision, Bf16Weight,
-    FrozenRef,
+    check_precision_supported, frozen_forward, head_weight, Bf16Weight, FrozenRef, TiedEmbedding,
 };
 use crate::model::linear::{Linear, Precision};
 use crate::model::spec::{Activation, NormKind, Positions, QkNorm};
@@ -185,6 +186,9 @@ pub struct Decoder {
     pub ropes: Vec<RopeTable>,
     /// bf16 packing of the tied LM head (`embed_tokens`) in [`Precision::Bf16`].
     pub tied_head_bf16: Option<Box<Bf16Weight>>,
+    /// With `tied_head_bf16`: the embedding's f32 values as that packing plus the bits it
+    /// rounded away; `embed_tokens` is then empty ([`Decoder::embedding_f32`] rebuilds it).
+    pub tied_embedding: Option<Box<TiedEmbedding>>,
     /// The tied LM head in the GGUF's quantised blocks (`--precision gguf`, inference only).
     pub head_quant: Option<Box<QuantMatrix>>,
     pub precision: Precision,
@@ -292,6 +296,7 @@ impl Decoder {
             lm_head,
             ropes,
             tied_head_bf16: None,
+            tied_embedding: None,
             head_quant: None,
             precision: Precision::F32,
         }
@@ -352,7 +357,8 @@ impl Decoder {
 
     /// Switches the frozen-weight products to `precision`. bf16 packs every weight once (the
     /// forward's packing serves the backward too) and drops the layers' f32 copies; the
-    /// embedding keeps its f32 values for the lookups, a tied head gets its own packing.
+    /// embedding's lookups stay exact: a tied head gets its own packing, and the embedding is
+    /// then kept as that packing plus the bits it rounded away ([`TiedEmbedding`]).
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         check_precision_supported(precision)?;
         for layer in &mut self.layers {
@@ -360,16 +366,37 @@ impl Decoder {
                 lin.set_precision(precision);
             }
         }
-        set_head_precision(
-            self.lm_head.as_mut(),
-            &mut self.tied_head_bf16,
-            &self.embed_tokens,
-            self.config.vocab_size,
-            self.config.hidden_size,
-            precision,
-        );
+        match self.lm_head.as_mut() {
+            Some(head) => head.set_precision(precision),
+            None => self.set_tied_precision(precision),
+        }
         self.precision = precision;
         Ok(())
+    }
+
+    /// [`Decoder::set_precision`] of a head tied to the embedding.
+    fn set_tied_precision(&mut self, precision: Precision) {
+        let (vocab, h) = (self.config.vocab_size, self.config.hidden_size);
+        if let (Some(split), Some(head)) = (self.tied_embedding.take(), &self.tied_head_bf16) {
+            self.embed_tokens = split.to_f32(head);
+        }
+        self.tied_head_bf16 = None;
+        if precision == Precision::Bf16 {
+            let head = Bf16Weight::new(&self.embed_tokens, vocab, h);
+            let split = TiedEmbedding::new(&self.embed_tokens, &head, vocab, h);
+            self.embed_tokens = Vec::new();
+            self.tied_head_bf16 = Some(Box::new(head));
+            self.tied_embedding = Some(Box::new(split));
+        }
+    }
+
+    /// The embedding [vocab, hidden] in f32: borrowed, or rebuilt (exactly) from its split
+    /// storage in bf16 ([`TiedEmbedding`]).
+    pub fn embedding_f32(&self) -> Cow<'_, [f32]> {
+        match (&self.tied_embedding, &self.tied_head_bf16) {
+            (Some(split), Some(head)) => Cow::Owned(split.to_f32(head)),
+            _ => Cow::Borrowed(&self.embed_tokens),
+        }
     }
 
     /// Bytes held by the model's weights in every stored form (f32, bf16 packings, GGUF
@@ -382,6 +409,7 @@ impl Decoder {
             + self.wpe.as_deref().map_or(0, f32s)
             + self.lm_head.as_ref().map_or(0, Linear::weight_bytes)
             + self.tied_head_bf16.as_ref().map_or(0, |b| b.bytes())
+            + self.tied_embedding.as_ref().map_or(0, |e| e.bytes())
             + self.head_quant.as_ref().map_or(0, |q| q.bytes());
         for layer in &self.layers {
             for lin in layer.kinds().into_iter().filter_map(|k| layer.linear(k)) {
@@ -541,7 +569,14 @@ impl Decoder {
     /// `seq` tokens).  x: [T, hidden].
     pub(crate) fn embed(&self, x: &mut [f32], ids: &[u32], start: usize, seq: usize) {
         let h = self.config.hidden_size;
-        embedding_forward(x, &self.embed_tokens, ids, h);
+        match (&self.tied_embedding, &self.tied_head_bf16) {
+            (Some(split), Some(head)) => {
+                for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
+                    split.row_into(head, id as usize, row);
+                }
+            }
+            _ => embedding_forward(x, &self.embed_tokens, ids, h),
+        }
         if let Some(s) = self.config.block.embed_scale {
             x.iter_mut().for_each(|v| *v *= s);
         }

@@ -67,7 +67,7 @@ impl FullGrads {
     pub fn zeros_like(model: &Decoder) -> Self {
         let zeros = |n: usize| vec![0.0f32; n];
         FullGrads {
-            embed_tokens: zeros(model.embed_tokens.len()),
+            embed_tokens: zeros(model.config.vocab_size * model.config.hidden_size),
             norm: zeros(model.norm.len()),
             norm_bias: model.norm_bias.as_ref().map(|b| zeros(b.len())),
             wpe: model.wpe.as_ref().map(|w| zeros(w.len())),

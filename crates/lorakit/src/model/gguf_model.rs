@@ -174,7 +174,7 @@ fn tensor_from_model(model: &Decoder, source: &Path, name: &str) -> Result<(Vec<
         )
     };
     if name == EMBED.1 {
-        return Ok((model.embed_tokens.clone(), vec![c.vocab_size, h]));
+        return Ok((model.embedding_f32().into_owned(), vec![c.vocab_size, h]));
     }
     if name == FINAL_NORM.1 {
         return Ok((plus_one(&model.norm), vec![h]));

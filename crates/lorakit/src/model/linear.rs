@@ -58,6 +58,81 @@ impl Bf16Weight {
     }
 }
 
+/// An embedding [vocab, hidden] tied to an LM head that runs in bf16, stored as the head's
+/// packing plus what the packing rounded away: the low 16 bits of every f32 value and whether
+/// its rounding to bf16 went up. The lookups rebuild the f32 values bit for bit (the embedding
+/// stays exact) from 2⅛ bytes a value instead of 4 beside the packing's 2.
+#[derive(Debug, Clone)]
+pub struct TiedEmbedding {
+    vocab: usize,
+    hidden: usize,
+    /// The low half of each value's bits, [vocab, hidden].
+    low: Vec<u16>,
+    /// Bit i: value i's rounding to bf16 carried into its upper half.
+    up: Vec<u64>,
+    /// Values the rule does not rebuild (the packing flushed a bf16 subnormal to zero, or a
+    /// NaN's payload changed): (flat index, value), by index.
+    exceptions: Vec<(usize, f32)>,
+}
+
+impl TiedEmbedding {
+    /// embedding: [vocab, hidden]; `head` its packing ([`Bf16Weight::new`] of it).
+    pub fn new(embedding: &[f32], head: &Bf16Weight, vocab: usize, hidden: usize) -> Self {
+        let mut low = vec![0u16; vocab * hidden];
+        let mut up = vec![0u64; (vocab * hidden).div_ceil(64)];
+        let mut exceptions = Vec::new();
+        for (i, &v) in embedding.iter().enumerate() {
+            let bits = v.to_bits();
+            let hi = head.packed.bits(i % hidden, i / hidden);
+            low[i] = bits as u16;
+            match hi.wrapping_sub((bits >> 16) as u16) {
+                0 => {}
+                1 => up[i / 64] |= 1 << (i % 64),
+                _ => exceptions.push((i, v)),
+            }
+        }
+        TiedEmbedding {
+            vocab,
+            hidden,
+            low,
+            up,
+            exceptions,
+        }
+    }
+
+    /// Row `v` [hidden] into `out`, as the f32 embedding held it (bit for bit).
+    pub fn row_into(&self, head: &Bf16Weight, v: usize, out: &mut [f32]) {
+        let h = self.hidden;
+        for (c, o) in out.iter_mut().enumerate().take(h) {
+            let i = v * h + c;
+            let carry = ((self.up[i / 64] >> (i % 64)) & 1) as u16;
+            let hi = head.packed.bits(c, v).wrapping_sub(carry);
+            *o = f32::from_bits(((hi as u32) << 16) | self.low[i] as u32);
+        }
+        let at = self.exceptions.partition_point(|&(i, _)| i < v * h);
+        for &(i, val) in self.exceptions[at..]
+            .iter()
+            .take_while(|&&(i, _)| i < (v + 1) * h)
+        {
+            out[i - v * h] = val;
+        }
+    }
+
+    /// The whole embedding [vocab, hidden] in f32, as it was.
+    pub fn to_f32(&self, head: &Bf16Weight) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.vocab * self.hidden];
+        for (v, row) in out.chunks_exact_mut(self.hidden.max(1)).enumerate() {
+            self.row_into(head, v, row);
+        }
+        out
+    }
+
+    /// Bytes held (beside the head's packing).
+    pub fn bytes(&self) -> usize {
+        self.low.len() * 2 + self.up.len() * 8 + self.exceptions.len() * 16
+    }
+}
+
 /// A frozen weight W [out, in] as its products read it.
 #[derive(Debug, Clone, Copy)]
 pub enum FrozenRef<'a> {
@@ -102,26 +177,6 @@ pub fn frozen_backward(
 /// with the instruction's rounding, where AVX512-BF16 is missing).
 pub(crate) fn check_precision_supported(_precision: Precision) -> crate::Result<()> {
     Ok(())
-}
-
-/// Sets an LM head's precision: an untied head is a [`Linear`]; a head tied to the embedding
-/// `embedding` [vocab, hidden] gets its own bf16 packing in `tied_bf16` (None in f32), the
-/// embedding keeping its f32 values for the lookups.
-pub(crate) fn set_head_precision(
-    untied: Option<&mut Linear>,
-    tied_bf16: &mut Option<Box<Bf16Weight>>,
-    embedding: &[f32],
-    vocab: usize,
-    hidden: usize,
-    precision: Precision,
-) {
-    match untied {
-        Some(head) => head.set_precision(precision),
-        None => {
-            *tied_bf16 = (precision == Precision::Bf16)
-                .then(|| Box::new(Bf16Weight::new(embedding, vocab, hidden)));
-        }
-    }
 }
 
 /// An LM head's weight [vocab, hidden] as its products read it: the untied head's, or the
@@ -356,4 +411,53 @@ pub fn lora_forward(
     // Scale the small [T, r] product rather than the [T, out] one.
     let scaled: Vec<f32> = xa.iter().map(|v| v * lora.scale).collect();
     matmul_nt(y, &scaled, &lora.b, t, lora.r, out, true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The split storage of a tied embedding gives back every f32 bit pattern, the awkward ones
+    /// included: exact ties (rounded down and up to even), carries into the exponent, the
+    /// largest finite value rounding to infinity, subnormals (flushed by the packing), zeros of
+    /// both signs, infinities and NaNs.
+    #[test]
+    fn tied_embedding_rebuilds_every_value_bit_for_bit() {
+        let special = [
+            0.0f32,
+            -0.0,
+            f32::from_bits(0x3f80_8000), // tie, upper half even: stays
+            f32::from_bits(0x3f81_8000), // tie, upper half odd: rounds up
+            f32::from_bits(0x3f7f_ffff), // carries into the exponent
+            f32::MAX,                    // rounds to infinity
+            f32::from_bits(0x0000_1234), // f32 subnormal
+            f32::from_bits(0x807f_ffff), // negative subnormal, rounds to the smallest normal
+            f32::MIN_POSITIVE,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x7fc0_0001), // NaN with a payload in the low half
+            1.0,
+            -3.5e-3,
+        ];
+        let (vocab, hidden) = (70, 9);
+        let mut e: Vec<f32> = (0..vocab * hidden)
+            .map(|i| ((i as u32).wrapping_mul(2654435761) >> 9) as f32 * 1e-6 - 2.0)
+            .collect();
+        for (i, &v) in special.iter().enumerate() {
+            e[i * 41 % (vocab * hidden)] = v;
+        }
+        let head = Bf16Weight::new(&e, vocab, hidden);
+        let split = TiedEmbedding::new(&e, &head, vocab, hidden);
+        let back = split.to_f32(&head);
+        for (i, (b, v)) in back.iter().zip(&e).enumerate() {
+            assert_eq!(b.to_bits(), v.to_bits(), "[{i}]: {b} vs {v}");
+        }
+        // Beside the packing, a little over half of the f32 bytes.
+        assert!(
+            split.bytes() < vocab * hidden * 4 * 6 / 10,
+            "{}",
+            split.bytes()
+        );
+    }
 }

@@ -57,7 +57,7 @@ fn hf_tensors(model: &Decoder) -> Result<Vec<NamedTensor>> {
     let mut tensors: Vec<NamedTensor> = vec![(
         names.embed.into(),
         vec![c.vocab_size, h],
-        model.embed_tokens.clone(),
+        model.embedding_f32().into_owned(),
     )];
     if let (Some(w), Some(name)) = (&model.wpe, names.positions) {
         tensors.push((name.into(), vec![w.len() / h, h], w.clone()));
