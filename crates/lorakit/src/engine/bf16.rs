@@ -29,6 +29,8 @@ const MR: usize = 6;
 /// Pairs of the reduction per rebuilt panel of [`matmul_bf16_t`] (NR × 2 × 2 bytes each: 512 KB):
 /// a linear layer's reduction fits in one, the LM head's (over the vocabulary) takes several.
 const T_BLOCK_PAIRS: usize = 2048;
+/// Rows per task of [`matmul_bf16_t`] (whole micro-blocks).
+const T_GROUP_ROWS: usize = 42 * MR;
 /// Micro-blocks of MR rows per rayon task.
 const BLOCKS_PER_TASK: usize = 16;
 
@@ -390,11 +392,10 @@ pub fn matmul_bf16_t_with(
     let mut a = ROWS.take();
     convert_rows(x, m, k, t_pairs, &mut a);
     let panels = n.div_ceil(NR);
-    // Few row groups, as each task repacks its panel: enough tasks to keep every thread busy
-    // to the end (≥ 2 per thread), whole micro-blocks each.
-    let want = 2 * rayon::current_num_threads();
-    let groups = want.div_ceil(panels).clamp(1, m.div_ceil(MR));
-    let group_rows = m.div_ceil(groups).div_ceil(MR) * MR;
+    // Each task rebuilds its panel, so tasks are longer than the forward's: T_GROUP_ROWS rows
+    // keep that repacking a few percent of the task's products, and still give a 1024-row
+    // product several tasks per panel to balance the threads with.
+    let group_rows = T_GROUP_ROWS;
     let groups = m.div_ceil(group_rows);
     let out_ptr = OutPtr(out.as_mut_ptr());
     thread_local! {
@@ -726,6 +727,8 @@ mod tests {
             (7, 70, 33),
             (13, 129, 64),
             (97, 200, 131),
+            // Several row groups per panel.
+            (2 * T_GROUP_ROWS + 17, 70, 65),
         ] {
             let w = wide_data(out_f * in_f, 7);
             let forward = PackedBf16::for_x_wt(&w, out_f, in_f);
