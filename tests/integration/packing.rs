@@ -205,7 +205,7 @@ fn a_packed_batch_gives_the_unpacked_loss_and_gradients_on_every_family() {
 fn bf16_packed_batch_gives_the_unpacked_loss_and_gradients() {
     for family in ["llama", "gpt2"] {
         let (mut model, adapter) = load(family);
-        model.set_precision(Precision::Bf16, true).unwrap();
+        model.set_precision(Precision::Bf16).unwrap();
         let exs = examples(model.config.vocab_size, &[7, 3, 9, 5, 4], 12);
         let batcher = Batcher::new(exs, 5, false, 0).unwrap();
         let (lu, gu) = lora_loss_and_grads(&model, &adapter, &batcher.batch(&[0, 1, 2, 3, 4]));

@@ -89,7 +89,7 @@ impl ModelArg {
         };
         let mut m = open_model(self.model)?;
         attach_adapters(&mut m, &self.adapter)?;
-        m.model.set_precision(precision, false)?;
+        m.model.set_precision(precision)?;
         if gguf_blocks {
             let lorakit::model::ModelSource::Gguf { path, .. } = &m.source else {
                 bail!("--precision gguf needs a .gguf model (this one is an HF directory)");

@@ -130,7 +130,7 @@ pub fn cmd_quickstart(a: QuickstartArgs) -> Result<()> {
     let mut loaded = open_model(a.model.clone())?;
     // The fastest precision this CPU has (bf16 with AVX512-BF16), for training and decoding.
     let precision = TrainOptions::default().precision()?;
-    loaded.model.set_precision(precision, true)?;
+    loaded.model.set_precision(precision)?;
     eprintln!("precision: {precision:?}");
     let shown = read_prompts(&data.join("test.jsonl"), a.show)?;
     let test_opts = DataOptions {

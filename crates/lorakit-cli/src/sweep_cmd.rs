@@ -58,7 +58,7 @@ pub fn cmd_sweep(a: SweepArgs) -> Result<()> {
     // Everything is checked before the first cell trains.
     let cells = plan_cells(&cfg, &loaded.model.config, &a.config)?;
     let precision = cfg.train.precision()?;
-    loaded.model.set_precision(precision, true)?;
+    loaded.model.set_precision(precision)?;
     eprintln!("sweep: {} cells into {}", cells.len(), out.display());
     for (t, n) in per_rank_counts(&cells) {
         eprintln!("  {t}: {n} trainable parameters per unit of rank");

@@ -288,7 +288,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         let precision = options.precision()?;
         let model_name = model_path.display().to_string();
         let mut loaded = open_model(Some(model_path.clone()))?;
-        loaded.model.set_precision(precision, true)?;
+        loaded.model.set_precision(precision)?;
         let plan = TrainPlan::new(options, &loaded, &model_name)?;
         Ok((output, loaded, plan, precision))
     })();
@@ -350,12 +350,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     {
         eprintln!("warning: {w}");
     }
-    let weights_mb = total as f64 * 4.0 / 1e6
-        * if precision == lorakit::model::Precision::Bf16 {
-            2.0
-        } else {
-            1.0
-        };
+    let weights_mb = loaded.model.weight_bytes() as f64 / 1e6;
     let what = if full {
         format!(
             "{weights_mb:.0} MB f32 weights + {:.0} MB gradients + {:.0} MB AdamW moments",
@@ -363,7 +358,11 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             2.0 * weights_mb
         )
     } else {
-        format!("{weights_mb:.0} MB frozen weights ({precision:?}: f32 + bf16 copies for forward and backward)")
+        let held = match precision {
+            lorakit::model::Precision::Bf16 => "bf16; the embedding in f32",
+            lorakit::model::Precision::F32 => "f32",
+        };
+        format!("{weights_mb:.0} MB frozen weights ({held})")
     };
     eprintln!(
         "memory estimate: {what} + {:.0} MB saved activations (up to {} tokens per micro-batch)",

@@ -30,6 +30,11 @@ pub const NR: usize = 64;
 const _: () = assert!(NR == amx::PANEL_COLS);
 /// Rows of the activation per micro-kernel call (6 × 4 accumulators + 4 B + 1 A registers).
 const MR: usize = 6;
+/// Pairs of the reduction per rebuilt panel of [`matmul_bf16_t`] (NR × 2 × 2 bytes each: 512 KB):
+/// a linear layer's reduction fits in one, the LM head's (over the vocabulary) takes several.
+const T_BLOCK_PAIRS: usize = 2048;
+/// Rows per task of [`matmul_bf16_t`] (whole micro-blocks).
+const T_GROUP_ROWS: usize = 42 * MR;
 /// Micro-blocks of MR rows per rayon task.
 const BLOCKS_PER_TASK: usize = 16;
 
@@ -86,6 +91,59 @@ impl PackedBf16 {
 
     pub fn bytes(&self) -> usize {
         self.data.len() * 2
+    }
+
+    /// B(kk, nn)'s bf16 bits.
+    #[inline]
+    pub fn bits(&self, kk: usize, nn: usize) -> u16 {
+        let (j, c) = (nn / NR, nn % NR);
+        let panel_len = self.k_pairs * NR * 2;
+        self.data[j * panel_len + ((kk / 2) * NR + c) * 2 + kk % 2]
+    }
+
+    /// B(kk, nn) as f32 (exact: the bf16 value packed).
+    #[inline]
+    fn get(&self, kk: usize, nn: usize) -> f32 {
+        bf16_f32(self.bits(kk, nn))
+    }
+
+    /// The packed values as W [n, k] row-major, the inverse of [`PackedBf16::for_x_wt`] up to
+    /// the bf16 rounding (bf16 → f32 is exact).
+    pub fn unpack_wt(&self) -> Vec<f32> {
+        let mut w = vec![0.0f32; self.n * self.k];
+        w.par_chunks_mut(self.k.max(1))
+            .enumerate()
+            .for_each(|(nn, row)| {
+                for (kk, v) in row.iter_mut().enumerate() {
+                    *v = self.get(kk, nn);
+                }
+            });
+        w
+    }
+
+    /// Pairs `qs` of panel `jt` of Bᵀ [n, k] in this packing's layout, written into `dst`
+    /// (resized to qs.len() pairs × NR × 2): what the panel [`PackedBf16::for_x_w`] of the same
+    /// weight holds there, value for value, so that one packing serves both products.
+    fn transposed_panel(&self, jt: usize, qs: std::ops::Range<usize>, dst: &mut Vec<u16>) {
+        let panel_len = self.k_pairs * NR * 2;
+        dst.clear();
+        dst.resize(qs.len() * NR * 2, 0);
+        // Bᵀ's columns jt·NR.. are B's rows, i.e. the pairs p0.. of B's packing.
+        let p0 = jt * NR / 2;
+        let pairs = (NR / 2).min(self.k_pairs.saturating_sub(p0));
+        for (qi, q) in qs.enumerate() {
+            // Bᵀ's pair q is B's columns 2q, 2q + 1: neighbours in one panel (NR is even).
+            let (j, c0) = (2 * q / NR, 2 * q % NR);
+            let src = &self.data[j * panel_len..(j + 1) * panel_len];
+            let out = &mut dst[qi * NR * 2..(qi + 1) * NR * 2];
+            for pl in 0..pairs {
+                // B(2p, c0), B(2p+1, c0), B(2p, c0+1), B(2p+1, c0+1) become
+                // Bᵀ(2q, 2p), Bᵀ(2q+1, 2p), Bᵀ(2q, 2p+1), Bᵀ(2q+1, 2p+1).
+                let at = ((p0 + pl) * NR + c0) * 2;
+                let s = &src[at..at + 4];
+                out[4 * pl..4 * pl + 4].copy_from_slice(&[s[0], s[2], s[1], s[3]]);
+            }
+        }
     }
 }
 
@@ -190,17 +248,32 @@ fn to_bf16_bits(v: f32) -> u16 {
     }
 }
 
-/// x [m, k] f32 → bf16 [rows ≥ m, 2·k_pairs] (round to nearest even; the odd tail and the rows
-/// past m padded with 0).
-fn convert_rows(x: &[f32], m: usize, k: usize, k_pairs: usize, rows: usize) -> Vec<u16> {
+/// x [m, k] f32 → bf16 [rows ≥ m, 2·k_pairs] in `out` (round to nearest even; the odd tail and
+/// the rows past m padded with 0).
+fn convert_rows(x: &[f32], m: usize, k: usize, k_pairs: usize, rows: usize, out: &mut Vec<u16>) {
     debug_assert!(rows >= m);
     let kp = 2 * k_pairs;
-    let mut out = vec![0u16; rows * kp];
-    out.par_chunks_mut(kp)
+    // Every element is written below: no need to clear what a reused buffer held.
+    out.truncate(rows * kp);
+    out.resize(rows * kp, 0);
+    let (live, padding) = out.split_at_mut(m * kp);
+    padding.fill(0);
+    live.par_chunks_mut(kp)
         .zip(x.par_chunks(k))
         .with_min_len(16)
-        .for_each(|(o, r)| to_bf16_row(&mut o[..r.len()], r));
-    out
+        .for_each(|(o, r)| {
+            let (head, tail) = o.split_at_mut(k);
+            to_bf16_row(head, r);
+            tail.fill(0);
+        });
+}
+
+thread_local! {
+    /// The calling thread's [`convert_rows`] buffer, kept between products: a training step
+    /// converts hundreds of activations of a few MB, and fresh pages for each cost page faults.
+    /// Taken out while in use, so that a product nested on the same thread (rayon runs other
+    /// tasks while it waits) converts into its own.
+    static ROWS: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// dst[i] = [`to_bf16_bits`]`(src[i])`, with `vcvtne2ps2bf16` where AVX512-BF16 runs (the
@@ -271,17 +344,64 @@ pub fn matmul_bf16_with(
     accumulate: bool,
 ) {
     let (k, n) = (b.k, b.n);
+    check_call(kernel, "matmul_bf16", x.len(), m, k, out.len(), n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let mut a = ROWS.take();
+    convert_rows(x, m, k, b.k_pairs, padded_rows(kernel, m), &mut a);
+    let panels = n.div_ceil(NR);
+    let row_groups = m.div_ceil(MR * BLOCKS_PER_TASK);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let panel_len = b.k_pairs * NR * 2;
+    (0..panels * row_groups).into_par_iter().for_each(|task| {
+        let (j, g) = (task % panels, task / panels);
+        let panel = &b.data[j * panel_len..(j + 1) * panel_len];
+        let cols = NR.min(n - j * NR);
+        let row_end = ((g + 1) * MR * BLOCKS_PER_TASK).min(m);
+        let r0 = g * MR * BLOCKS_PER_TASK;
+        let c = out_ptr.get().wrapping_add(r0 * n + j * NR);
+        // SAFETY: the kernel's CPU features were checked; this task alone writes rows
+        // r0..row_end, columns j·NR..j·NR+cols of out, all inside its m × n bounds.
+        unsafe {
+            panel_rows(
+                kernel,
+                &a[r0 * 2 * b.k_pairs..],
+                2 * b.k_pairs,
+                row_end - r0,
+                panel,
+                b.k_pairs,
+                c,
+                n,
+                cols,
+                accumulate,
+            )
+        }
+    });
+    ROWS.set(a);
+}
+
+/// Rows of A per AMX block, and the zero rows kept past the last row of A for it: a block that
+/// starts inside A reads 32 rows from its start.
+const AMX_BLOCK: usize = 32;
+const AMX_PAD: usize = AMX_BLOCK;
+
+/// Rows to convert A into for `kernel`: m, plus [`AMX_PAD`] zero rows on AMX.
+fn padded_rows(kernel: Bf16Kernel, m: usize) -> usize {
+    if kernel == Bf16Kernel::Amx {
+        m + AMX_PAD
+    } else {
+        m
+    }
+}
+
+/// Asserts that this CPU runs `kernel` and that x [m, k], out [m, n] have their sizes.
+fn check_call(kernel: Bf16Kernel, what: &str, x: usize, m: usize, k: usize, out: usize, n: usize) {
+    assert_eq!(x, m * k, "{what}: x has {x} elements, expected {m}×{k}");
     assert_eq!(
-        x.len(),
-        m * k,
-        "matmul_bf16: x has {} elements, expected {m}×{k}",
-        x.len()
-    );
-    assert_eq!(
-        out.len(),
+        out,
         m * n,
-        "matmul_bf16: out has {} elements, expected {m}×{n}",
-        out.len()
+        "{what}: out has {out} elements, expected {m}×{n}"
     );
     assert!(
         !matches!(kernel, Bf16Kernel::Avx512Bf16 | Bf16Kernel::Amx) || cpu_has_avx512bf16(),
@@ -298,98 +418,142 @@ pub fn matmul_bf16_with(
                 && std::arch::is_x86_feature_detected!("fma")),
         "the AVX2 bf16 kernel needs a CPU with AVX2 and FMA"
     );
+}
+
+/// C[rows, cols ≤ NR] (+)= A[rows, 2·k_pairs] · panel, A with row stride `lda`, MR rows at a
+/// time on `kernel`.
+///
+/// # Safety
+/// The CPU runs `kernel`; `c` is valid for rows × cols elements at stride `ldc` and no one
+/// else touches them meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn panel_rows(
+    kernel: Bf16Kernel,
+    a: &[u16],
+    lda: usize,
+    rows: usize,
+    panel: &[u16],
+    k_pairs: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    if kernel == Bf16Kernel::Amx && amx::amx_fits(k_pairs) {
+        // Blocks of 32 rows on the tiles; `a` holds AMX_PAD rows past the product's last
+        // (`padded_rows`), so every block's tile loads stay inside it.
+        let mut r0 = 0;
+        while r0 < rows {
+            let rows_here = AMX_BLOCK.min(rows - r0);
+            amx::panel_kernel(
+                &a[r0 * lda..],
+                lda,
+                rows_here,
+                panel,
+                k_pairs,
+                c.add(r0 * ldc),
+                ldc,
+                cols,
+                accumulate,
+            );
+            r0 += rows_here;
+        }
+        return;
+    }
+    let mut r0 = 0;
+    while r0 < rows {
+        let mr = MR.min(rows - r0);
+        let (a_rows, c) = (&a[r0 * lda..], c.add(r0 * ldc));
+        match kernel {
+            // (AMX on a reduction that is not whole tiles takes the vdpbf16ps kernel.)
+            #[cfg(target_arch = "x86_64")]
+            Bf16Kernel::Avx512Bf16 | Bf16Kernel::Amx => {
+                micro_kernel(a_rows, lda, mr, panel, k_pairs, c, ldc, cols, accumulate)
+            }
+            #[cfg(target_arch = "x86_64")]
+            Bf16Kernel::Avx2 => {
+                emulated_kernel_avx2(a_rows, lda, mr, panel, k_pairs, c, ldc, cols, accumulate)
+            }
+            _ => {
+                emulated_kernel::<false>(a_rows, lda, mr, panel, k_pairs, c, ldc, cols, accumulate)
+            }
+        }
+        r0 += mr;
+    }
+}
+
+/// out[m, k] (+)= x[m, n] · B[k, n]ᵀ with B packed in bf16 (on [`bf16_kernel`]): with B the
+/// forward packing of a weight W [n, k] ([`PackedBf16::for_x_wt`]), the input gradient
+/// dx = dy · W, so that training needs no second packing. Each task rebuilds one panel of Bᵀ
+/// (the panel [`PackedBf16::for_x_w`] would have held) and runs the product's kernel on it, so
+/// the result is that of [`matmul_bf16`] on a `for_x_w` packing, bit for bit, up to reductions
+/// of 2·[`T_BLOCK_PAIRS`]; a longer one is summed in blocks of that length, each block's sum
+/// added to out in turn (on every kernel alike).
+pub fn matmul_bf16_t(out: &mut [f32], x: &[f32], m: usize, b: &PackedBf16, accumulate: bool) {
+    matmul_bf16_t_with(bf16_kernel(), out, x, m, b, accumulate)
+}
+
+/// [`matmul_bf16_t`] on the given kernel (the instruction's needs a CPU with it: panics
+/// otherwise).
+pub fn matmul_bf16_t_with(
+    kernel: Bf16Kernel,
+    out: &mut [f32],
+    x: &[f32],
+    m: usize,
+    b: &PackedBf16,
+    accumulate: bool,
+) {
+    // The product's reduction runs over B's n, its columns over B's k.
+    let (k, n) = (b.n, b.k);
+    check_call(kernel, "matmul_bf16_t", x.len(), m, k, out.len(), n);
     if m == 0 || n == 0 {
         return;
     }
-    // AMX reads whole tiles of 16 pairs and blocks of 32 rows; other shapes take vdpbf16ps.
-    let kernel = match kernel {
-        Bf16Kernel::Amx if !amx::amx_fits(b.k_pairs) => Bf16Kernel::Avx512Bf16,
-        other => other,
-    };
-    if kernel == Bf16Kernel::Amx {
-        return matmul_amx(out, x, m, b, accumulate);
-    }
-    let a = convert_rows(x, m, k, b.k_pairs, m);
+    let t_pairs = k.div_ceil(2);
+    let mut a = ROWS.take();
+    convert_rows(x, m, k, t_pairs, padded_rows(kernel, m), &mut a);
     let panels = n.div_ceil(NR);
-    let row_groups = m.div_ceil(MR * BLOCKS_PER_TASK);
+    // Each task rebuilds its panel, so tasks are longer than the forward's: T_GROUP_ROWS rows
+    // keep that repacking a few percent of the task's products, and still give a 1024-row
+    // product several tasks per panel to balance the threads with.
+    let group_rows = T_GROUP_ROWS;
+    let groups = m.div_ceil(group_rows);
     let out_ptr = OutPtr(out.as_mut_ptr());
-    let panel_len = b.k_pairs * NR * 2;
-    (0..panels * row_groups).into_par_iter().for_each(|task| {
+    thread_local! {
+        static PANEL: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    (0..panels * groups).into_par_iter().for_each(|task| {
         let (j, g) = (task % panels, task / panels);
-        let panel = &b.data[j * panel_len..(j + 1) * panel_len];
         let cols = NR.min(n - j * NR);
-        let row_end = ((g + 1) * MR * BLOCKS_PER_TASK).min(m);
-        let mut r0 = g * MR * BLOCKS_PER_TASK;
-        while r0 < row_end {
-            let rows = MR.min(row_end - r0);
-            let a_rows = &a[r0 * 2 * b.k_pairs..];
-            let (lda, c) = (2 * b.k_pairs, out_ptr.get().wrapping_add(r0 * n + j * NR));
-            // SAFETY: the kernel's CPU features were asserted above; this task alone writes
-            // rows r0..r0+rows, columns j·NR..j·NR+cols of out, all inside its m × n bounds.
-            unsafe {
-                match kernel {
-                    #[cfg(target_arch = "x86_64")]
-                    Bf16Kernel::Avx512Bf16 | Bf16Kernel::Amx => {
-                        micro_kernel(a_rows, lda, rows, panel, b.k_pairs, c, n, cols, accumulate)
-                    }
-                    #[cfg(target_arch = "x86_64")]
-                    Bf16Kernel::Avx2 => emulated_kernel_avx2(
-                        a_rows, lda, rows, panel, b.k_pairs, c, n, cols, accumulate,
-                    ),
-                    _ => emulated_kernel::<false>(
-                        a_rows, lda, rows, panel, b.k_pairs, c, n, cols, accumulate,
-                    ),
+        let (r0, row_end) = (g * group_rows, ((g + 1) * group_rows).min(m));
+        PANEL.with_borrow_mut(|panel| {
+            let c = out_ptr.get().wrapping_add(r0 * n + j * NR);
+            // A long reduction (the LM head's, over the vocabulary) runs in blocks of pairs, so
+            // that the rebuilt panel stays small and in cache: each block's sums are added to
+            // out, as a second call accumulating would.
+            for q0 in (0..t_pairs).step_by(T_BLOCK_PAIRS) {
+                let q1 = (q0 + T_BLOCK_PAIRS).min(t_pairs);
+                b.transposed_panel(j, q0..q1, panel);
+                // SAFETY: the kernel's CPU features were checked; this task alone writes rows
+                // r0..row_end, columns j·NR..j·NR+cols of out, all inside its m × n bounds.
+                unsafe {
+                    panel_rows(
+                        kernel,
+                        &a[r0 * 2 * t_pairs + 2 * q0..],
+                        2 * t_pairs,
+                        row_end - r0,
+                        panel,
+                        q1 - q0,
+                        c,
+                        n,
+                        cols,
+                        accumulate || q0 > 0,
+                    )
                 }
             }
-            r0 += rows;
-        }
+        });
     });
-}
-
-/// [`matmul_bf16`] on AMX tiles: tasks of one panel × 64 rows, each in blocks of 32 rows
-/// (`amx::panel_kernel`). Needs [`amx::amx_available`] and [`amx::amx_fits`]`(b.k_pairs)`.
-fn matmul_amx(out: &mut [f32], x: &[f32], m: usize, b: &PackedBf16, accumulate: bool) {
-    const BLOCK: usize = 32;
-    const TASK_ROWS: usize = 2 * BLOCK;
-    let (k, n) = (b.k, b.n);
-    // Rows padded to whole blocks: every tile load reads 32 rows.
-    let a = convert_rows(x, m, k, b.k_pairs, m.div_ceil(BLOCK) * BLOCK);
-    let lda = 2 * b.k_pairs;
-    let panels = n.div_ceil(NR);
-    let panel_len = b.k_pairs * NR * 2;
-    let row_groups = m.div_ceil(TASK_ROWS);
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    // Row groups vary fastest: rayon hands each thread a contiguous range of tasks, so a panel
-    // is read from memory once and reused from cache by the row groups after it (the LM head's
-    // 57 MB of panels would otherwise be streamed once per row group).
-    (0..panels * row_groups).into_par_iter().for_each(|task| {
-        let (j, g) = (task / row_groups, task % row_groups);
-        let panel = &b.data[j * panel_len..(j + 1) * panel_len];
-        let cols = NR.min(n - j * NR);
-        let row_end = ((g + 1) * TASK_ROWS).min(m);
-        let mut r0 = g * TASK_ROWS;
-        while r0 < row_end {
-            let rows = BLOCK.min(row_end - r0);
-            let c = out_ptr.get().wrapping_add(r0 * n + j * NR);
-            // SAFETY: AMX is available and the pairs are whole tiles (the caller checked); `a`
-            // holds 32 rows from r0 (padded); this task alone writes rows r0..r0+rows, columns
-            // j·NR..j·NR+cols of out, all inside its m × n bounds.
-            unsafe {
-                amx::panel_kernel(
-                    &a[r0 * lda..],
-                    lda,
-                    rows,
-                    panel,
-                    b.k_pairs,
-                    c,
-                    n,
-                    cols,
-                    accumulate,
-                )
-            };
-            r0 += rows;
-        }
-    });
+    ROWS.set(a);
 }
 
 /// Columns of a panel the emulated kernel sums at once.
@@ -719,6 +883,135 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// One packing for both products: Bᵀ's panels rebuilt from the forward packing are those of
+    /// the transposed packing, so dx = dy · W from `for_x_wt` equals `for_x_w`'s product bit for
+    /// bit on every kernel (odd sizes exercise the padding of both dimensions).
+    #[test]
+    fn transposed_bf16_matmul_equals_the_second_packing_bit_for_bit() {
+        for &(m, out_f, in_f) in &[
+            (1, 1, 1),
+            (5, 7, 5),
+            (7, 70, 33),
+            (13, 129, 64),
+            (97, 200, 131),
+            // Several row groups per panel.
+            (2 * T_GROUP_ROWS + 17, 70, 65),
+        ] {
+            let w = wide_data(out_f * in_f, 7);
+            let forward = PackedBf16::for_x_wt(&w, out_f, in_f);
+            let backward = PackedBf16::for_x_w(&w, out_f, in_f);
+            for jt in 0..in_f.div_ceil(NR) {
+                let mut panel = Vec::new();
+                forward.transposed_panel(jt, 0..backward.k_pairs, &mut panel);
+                let len = backward.k_pairs * NR * 2;
+                assert_eq!(
+                    panel,
+                    backward.data[jt * len..(jt + 1) * len],
+                    "{out_f}x{in_f} panel {jt}"
+                );
+            }
+            let dy = wide_data(m * out_f, 3);
+            let start = wide_data(m * in_f, 5);
+            for kernel in kernels() {
+                for accumulate in [false, true] {
+                    let mut want = start.clone();
+                    matmul_bf16_with(kernel, &mut want, &dy, m, &backward, accumulate);
+                    let mut got = start.clone();
+                    matmul_bf16_t_with(kernel, &mut got, &dy, m, &forward, accumulate);
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(g, w)| g.to_bits() == w.to_bits());
+                    assert!(
+                        same,
+                        "{kernel:?} {m}x{out_f}x{in_f} accumulate {accumulate}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The transposed product against an independent reference: the f64 product of the
+    /// bf16-rounded inputs.
+    #[test]
+    fn transposed_bf16_matmul_equals_the_product_of_rounded_inputs() {
+        // The second shape's reduction runs in three blocks.
+        for (m, out_f, in_f) in [(19, 150, 77), (7, 2 * 2 * T_BLOCK_PAIRS + 301, 70)] {
+            check_transposed_against_reference(m, out_f, in_f);
+        }
+    }
+
+    fn check_transposed_against_reference(m: usize, out_f: usize, in_f: usize) {
+        let dy = data(m * out_f, 11);
+        let w = data(out_f * in_f, 12);
+        let packed = PackedBf16::for_x_wt(&w, out_f, in_f);
+        let r = |v: f32| bf16::from_f32(v).to_f32() as f64;
+        for kernel in kernels() {
+            let mut dx = vec![0.0f32; m * in_f];
+            matmul_bf16_t_with(kernel, &mut dx, &dy, m, &packed, false);
+            for i in 0..m {
+                for c in 0..in_f {
+                    let want: f64 = (0..out_f)
+                        .map(|o| r(dy[i * out_f + o]) * r(w[o * in_f + c]))
+                        .sum();
+                    let got = dx[i * in_f + c] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-5 * out_f as f64,
+                        "{kernel:?} [{i}, {c}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_packing_unpacks_to_the_rounded_weight() {
+        let (out_f, in_f) = (67, 9);
+        let w = data(out_f * in_f, 4);
+        let back = PackedBf16::for_x_wt(&w, out_f, in_f).unpack_wt();
+        for (b, v) in back.iter().zip(&w) {
+            assert_eq!(b.to_bits(), bf16::from_f32(*v).to_f32().to_bits());
+        }
+    }
+
+    /// The blocked reduction of a long transposed product (the LM head's backward): the
+    /// emulation equals the instruction bit for bit there too.
+    #[test]
+    fn emulated_transposed_bf16_matmul_matches_the_instruction_bit_for_bit() {
+        if !cpu_has_avx512bf16() {
+            eprintln!("no AVX512-BF16 on this CPU: nothing to compare the emulation with");
+            return;
+        }
+        let (m, out_f, in_f) = (13, 2 * 2 * T_BLOCK_PAIRS + 77, 129);
+        let w = wide_data(out_f * in_f, 21);
+        let packed = PackedBf16::for_x_wt(&w, out_f, in_f);
+        let dy = wide_data(m * out_f, 22);
+        let start = wide_data(m * in_f, 23);
+        for accumulate in [false, true] {
+            let mut want = start.clone();
+            matmul_bf16_t_with(
+                Bf16Kernel::Avx512Bf16,
+                &mut want,
+                &dy,
+                m,
+                &packed,
+                accumulate,
+            );
+            for kernel in kernels()
+                .into_iter()
+                .filter(|k| !matches!(k, Bf16Kernel::Avx512Bf16 | Bf16Kernel::Amx))
+            {
+                let mut got = start.clone();
+                matmul_bf16_t_with(kernel, &mut got, &dy, m, &packed, accumulate);
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.to_bits() == w.to_bits());
+                assert!(same, "{kernel:?} accumulate {accumulate}");
             }
         }
     }

@@ -3,6 +3,8 @@
 //! The block is the one described in [`crate::model::spec`]; this file runs it for inference,
 //! `decoder_train.rs` for training.
 
+use std::borrow::Cow;
+
 use crate::engine::ops::{
     add_inplace, attention_forward, embedding_forward, gelu_tanh_backward, gelu_tanh_forward,
     layer_norm_forward, position_embedding_add, rms_norm_forward, rope_forward, swiglu_forward,
@@ -17,7 +19,7 @@ use crate::model::config::Config;
 use crate::model::kv_cache::store_kv;
 pub use crate::model::kv_cache::{KvCache, Logits};
 use crate::model::linear::{
-    check_precision_supported, frozen_forward, head_weight, set_head_precision, Bf16Weight,
+    check_precision_supported, frozen_forward, head_weight, Bf16Weight, FrozenRef, TiedEmbedding,
 };
 use crate::model::linear::{Linear, Precision};
 use crate::model::spec::{Activation, NormKind, Positions, QkNorm};
@@ -184,6 +186,9 @@ pub struct Decoder {
     pub ropes: Vec<RopeTable>,
     /// bf16 packing of the tied LM head (`embed_tokens`) in [`Precision::Bf16`].
     pub tied_head_bf16: Option<Box<Bf16Weight>>,
+    /// With `tied_head_bf16`: the embedding's f32 values as that packing plus the bits it
+    /// rounded away; `embed_tokens` is then empty ([`Decoder::embedding_f32`] rebuilds it).
+    pub tied_embedding: Option<Box<TiedEmbedding>>,
     /// The tied LM head in the GGUF's quantised blocks (`--precision gguf`, inference only).
     pub head_quant: Option<Box<QuantMatrix>>,
     pub precision: Precision,
@@ -291,6 +296,7 @@ impl Decoder {
             lm_head,
             ropes,
             tied_head_bf16: None,
+            tied_embedding: None,
             head_quant: None,
             precision: Precision::F32,
         }
@@ -349,30 +355,75 @@ impl Decoder {
         }
     }
 
-    /// Switches the frozen-weight products to `precision` (bf16 packs every weight once;
-    /// `training` also packs the transposed use of each weight for the backward pass).
-    pub fn set_precision(&mut self, precision: Precision, training: bool) -> Result<()> {
+    /// Switches the frozen-weight products to `precision`. bf16 packs every weight once (the
+    /// forward's packing serves the backward too) and drops the layers' f32 copies; the
+    /// embedding's lookups stay exact: a tied head gets its own packing, and the embedding is
+    /// then kept as that packing plus the bits it rounded away ([`TiedEmbedding`]).
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         check_precision_supported(precision)?;
         for layer in &mut self.layers {
             for (_, lin) in layer.linears_mut() {
-                lin.set_precision(precision, training);
+                lin.set_precision(precision);
             }
         }
-        set_head_precision(
-            self.lm_head.as_mut(),
-            &mut self.tied_head_bf16,
-            &self.embed_tokens,
-            self.config.vocab_size,
-            self.config.hidden_size,
-            precision,
-            training,
-        );
+        match self.lm_head.as_mut() {
+            Some(head) => head.set_precision(precision),
+            None => self.set_tied_precision(precision),
+        }
         self.precision = precision;
         Ok(())
     }
 
-    /// The LM head's weight [vocab, hidden] and its bf16 packing, if any.
-    pub fn head_weight(&self) -> (&[f32], Option<&Bf16Weight>) {
+    /// [`Decoder::set_precision`] of a head tied to the embedding.
+    fn set_tied_precision(&mut self, precision: Precision) {
+        let (vocab, h) = (self.config.vocab_size, self.config.hidden_size);
+        if let (Some(split), Some(head)) = (self.tied_embedding.take(), &self.tied_head_bf16) {
+            self.embed_tokens = split.to_f32(head);
+        }
+        self.tied_head_bf16 = None;
+        if precision == Precision::Bf16 {
+            let head = Bf16Weight::new(&self.embed_tokens, vocab, h);
+            let split = TiedEmbedding::new(&self.embed_tokens, &head, vocab, h);
+            self.embed_tokens = Vec::new();
+            self.tied_head_bf16 = Some(Box::new(head));
+            self.tied_embedding = Some(Box::new(split));
+        }
+    }
+
+    /// The embedding [vocab, hidden] in f32: borrowed, or rebuilt (exactly) from its split
+    /// storage in bf16 ([`TiedEmbedding`]).
+    pub fn embedding_f32(&self) -> Cow<'_, [f32]> {
+        match (&self.tied_embedding, &self.tied_head_bf16) {
+            (Some(split), Some(head)) => Cow::Owned(split.to_f32(head)),
+            _ => Cow::Borrowed(&self.embed_tokens),
+        }
+    }
+
+    /// Bytes held by the model's weights in every stored form (f32, bf16 packings, GGUF
+    /// blocks): what the frozen model costs in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let f32s = |v: &[f32]| v.len() * 4;
+        let mut total = f32s(&self.embed_tokens)
+            + f32s(&self.norm)
+            + self.norm_bias.as_deref().map_or(0, f32s)
+            + self.wpe.as_deref().map_or(0, f32s)
+            + self.lm_head.as_ref().map_or(0, Linear::weight_bytes)
+            + self.tied_head_bf16.as_ref().map_or(0, |b| b.bytes())
+            + self.tied_embedding.as_ref().map_or(0, |e| e.bytes())
+            + self.head_quant.as_ref().map_or(0, |q| q.bytes());
+        for layer in &self.layers {
+            for lin in layer.kinds().into_iter().filter_map(|k| layer.linear(k)) {
+                total += lin.weight_bytes() + lin.bias.as_deref().map_or(0, f32s);
+            }
+            for (_, n) in &layer.norms {
+                total += f32s(&n.weight) + n.bias.as_deref().map_or(0, f32s);
+            }
+        }
+        total
+    }
+
+    /// The LM head's weight [vocab, hidden] as its products read it.
+    pub fn head_weight(&self) -> FrozenRef<'_> {
         head_weight(
             self.lm_head.as_ref(),
             self.tied_head_bf16.as_deref(),
@@ -390,12 +441,10 @@ impl Decoder {
         if let Some(q) = quant {
             q.matmul_nt(logits, x, n);
         } else {
-            let (w, bf16) = self.head_weight();
             frozen_forward(
                 logits,
                 x,
-                w,
-                bf16,
+                self.head_weight(),
                 n,
                 self.config.hidden_size,
                 self.config.vocab_size,
@@ -520,7 +569,14 @@ impl Decoder {
     /// `seq` tokens).  x: [T, hidden].
     pub(crate) fn embed(&self, x: &mut [f32], ids: &[u32], start: usize, seq: usize) {
         let h = self.config.hidden_size;
-        embedding_forward(x, &self.embed_tokens, ids, h);
+        match (&self.tied_embedding, &self.tied_head_bf16) {
+            (Some(split), Some(head)) => {
+                for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
+                    split.row_into(head, id as usize, row);
+                }
+            }
+            _ => embedding_forward(x, &self.embed_tokens, ids, h),
+        }
         if let Some(s) = self.config.block.embed_scale {
             x.iter_mut().for_each(|v| *v *= s);
         }
@@ -706,7 +762,7 @@ impl Decoder {
     /// Whether every product of the model is f32 (no bf16 packing, no GGUF blocks): then
     /// [`Decoder::prefill`] runs through the chunk-invariant path.
     pub fn all_f32(&self) -> bool {
-        let f32_lin = |l: &Linear| l.quant.is_none() && l.bf16.is_none();
+        let f32_lin = |l: &Linear| l.is_f32();
         let head = match &self.lm_head {
             Some(l) => f32_lin(l),
             None => self.head_quant.is_none() && self.tied_head_bf16.is_none(),
@@ -760,7 +816,7 @@ impl LmHead for Decoder {
         Decoder::head_forward(self, logits, x, n);
     }
 
-    fn head_weight(&self) -> (&[f32], Option<&Bf16Weight>) {
+    fn head_weight(&self) -> FrozenRef<'_> {
         Decoder::head_weight(self)
     }
 

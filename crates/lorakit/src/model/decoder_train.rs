@@ -67,11 +67,14 @@ impl FullGrads {
     pub fn zeros_like(model: &Decoder) -> Self {
         let zeros = |n: usize| vec![0.0f32; n];
         FullGrads {
-            embed_tokens: zeros(model.embed_tokens.len()),
+            embed_tokens: zeros(model.config.vocab_size * model.config.hidden_size),
             norm: zeros(model.norm.len()),
             norm_bias: model.norm_bias.as_ref().map(|b| zeros(b.len())),
             wpe: model.wpe.as_ref().map(|w| zeros(w.len())),
-            lm_head: model.lm_head.as_ref().map(|l| zeros(l.weight_f32().len())),
+            lm_head: model
+                .lm_head
+                .as_ref()
+                .map(|l| zeros(l.out_features * l.in_features)),
             layers: model
                 .layers
                 .iter()
@@ -93,7 +96,7 @@ impl FullGrads {
                             (
                                 k,
                                 (
-                                    zeros(lin.weight_f32().len()),
+                                    zeros(lin.out_features * lin.in_features),
                                     lin.bias.as_ref().map(|b| zeros(b.len())),
                                 ),
                             )

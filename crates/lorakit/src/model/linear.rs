@@ -4,7 +4,9 @@
 //! The weight is an enum so that bf16 and quantised storage can join f32 without touching the
 //! model code; adapters attach here, so every architecture gets LoRA through its linear layers.
 
-use crate::engine::bf16::{matmul_bf16, PackedBf16};
+use std::borrow::Cow;
+
+use crate::engine::bf16::{matmul_bf16, matmul_bf16_t, PackedBf16};
 use crate::engine::quant::QuantMatrix;
 use crate::engine::{matmul, matmul_nt};
 use crate::lora::LoraWeights;
@@ -31,59 +33,143 @@ impl std::str::FromStr for Precision {
     }
 }
 
-/// bf16 copies of a frozen weight W [out, in], packed for the two products that use it.
+/// The bf16 packing of a frozen weight W [out, in]: laid out for y = x Wᵀ, and read in place
+/// for dX = dY W too ([`matmul_bf16_t`]), so that training holds one bf16 copy.
 #[derive(Debug, Clone)]
 pub struct Bf16Weight {
-    /// For y = x Wᵀ.
-    pub forward: PackedBf16,
-    /// For dX = dY W (training only).
-    pub backward: Option<PackedBf16>,
+    pub packed: PackedBf16,
 }
 
 impl Bf16Weight {
-    pub fn new(w: &[f32], out: usize, inp: usize, training: bool) -> Self {
+    /// w: [out, in] row-major.
+    pub fn new(w: &[f32], out: usize, inp: usize) -> Self {
         Bf16Weight {
-            forward: PackedBf16::for_x_wt(w, out, inp),
-            backward: training.then(|| PackedBf16::for_x_w(w, out, inp)),
+            packed: PackedBf16::for_x_wt(w, out, inp),
         }
     }
 
     pub fn bytes(&self) -> usize {
-        self.forward.bytes() + self.backward.as_ref().map_or(0, |b| b.bytes())
+        self.packed.bytes()
+    }
+
+    /// The packed weight as f32 [out, in]: W rounded to bf16 (bf16 → f32 is exact).
+    pub fn unpack(&self) -> Vec<f32> {
+        self.packed.unpack_wt()
     }
 }
 
-/// y = x Wᵀ.  x: [t, in], W: [out, in] (or its bf16 packing), y: [t, out].
+/// An embedding [vocab, hidden] tied to an LM head that runs in bf16, stored as the head's
+/// packing plus what the packing rounded away: the low 16 bits of every f32 value and whether
+/// its rounding to bf16 went up. The lookups rebuild the f32 values bit for bit (the embedding
+/// stays exact) from 2⅛ bytes a value instead of 4 beside the packing's 2.
+#[derive(Debug, Clone)]
+pub struct TiedEmbedding {
+    vocab: usize,
+    hidden: usize,
+    /// The low half of each value's bits, [vocab, hidden].
+    low: Vec<u16>,
+    /// Bit i: value i's rounding to bf16 carried into its upper half.
+    up: Vec<u64>,
+    /// Values the rule does not rebuild (the packing flushed a bf16 subnormal to zero, or a
+    /// NaN's payload changed): (flat index, value), by index.
+    exceptions: Vec<(usize, f32)>,
+}
+
+impl TiedEmbedding {
+    /// embedding: [vocab, hidden]; `head` its packing ([`Bf16Weight::new`] of it).
+    pub fn new(embedding: &[f32], head: &Bf16Weight, vocab: usize, hidden: usize) -> Self {
+        let mut low = vec![0u16; vocab * hidden];
+        let mut up = vec![0u64; (vocab * hidden).div_ceil(64)];
+        let mut exceptions = Vec::new();
+        for (i, &v) in embedding.iter().enumerate() {
+            let bits = v.to_bits();
+            let hi = head.packed.bits(i % hidden, i / hidden);
+            low[i] = bits as u16;
+            match hi.wrapping_sub((bits >> 16) as u16) {
+                0 => {}
+                1 => up[i / 64] |= 1 << (i % 64),
+                _ => exceptions.push((i, v)),
+            }
+        }
+        TiedEmbedding {
+            vocab,
+            hidden,
+            low,
+            up,
+            exceptions,
+        }
+    }
+
+    /// Row `v` [hidden] into `out`, as the f32 embedding held it (bit for bit).
+    pub fn row_into(&self, head: &Bf16Weight, v: usize, out: &mut [f32]) {
+        let h = self.hidden;
+        for (c, o) in out.iter_mut().enumerate().take(h) {
+            let i = v * h + c;
+            let carry = ((self.up[i / 64] >> (i % 64)) & 1) as u16;
+            let hi = head.packed.bits(c, v).wrapping_sub(carry);
+            *o = f32::from_bits(((hi as u32) << 16) | self.low[i] as u32);
+        }
+        let at = self.exceptions.partition_point(|&(i, _)| i < v * h);
+        for &(i, val) in self.exceptions[at..]
+            .iter()
+            .take_while(|&&(i, _)| i < (v + 1) * h)
+        {
+            out[i - v * h] = val;
+        }
+    }
+
+    /// The whole embedding [vocab, hidden] in f32, as it was.
+    pub fn to_f32(&self, head: &Bf16Weight) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.vocab * self.hidden];
+        for (v, row) in out.chunks_exact_mut(self.hidden.max(1)).enumerate() {
+            self.row_into(head, v, row);
+        }
+        out
+    }
+
+    /// Bytes held (beside the head's packing).
+    pub fn bytes(&self) -> usize {
+        self.low.len() * 2 + self.up.len() * 8 + self.exceptions.len() * 16
+    }
+}
+
+/// A frozen weight W [out, in] as its products read it.
+#[derive(Debug, Clone, Copy)]
+pub enum FrozenRef<'a> {
+    /// Row-major `[out, in]`.
+    F32(&'a [f32]),
+    Bf16(&'a Bf16Weight),
+}
+
+/// y = x Wᵀ.  x: [t, in], W: [out, in], y: [t, out].
 pub fn frozen_forward(
     y: &mut [f32],
     x: &[f32],
-    w: &[f32],
-    bf16: Option<&Bf16Weight>,
+    w: FrozenRef<'_>,
     t: usize,
     inp: usize,
     out: usize,
 ) {
-    match bf16 {
-        Some(b) => matmul_bf16(y, x, t, &b.forward, false),
-        None => matmul_nt(y, x, w, t, inp, out, false),
+    match w {
+        FrozenRef::Bf16(b) => matmul_bf16(y, x, t, &b.packed, false),
+        FrozenRef::F32(w) => matmul_nt(y, x, w, t, inp, out, false),
     }
 }
 
-/// dx (+)= dy W.  dy: [t, out], W: [out, in] (or its bf16 packing), dx: [t, in].
+/// dx (+)= dy W.  dy: [t, out], W: [out, in], dx: [t, in].
 #[allow(clippy::too_many_arguments)]
 pub fn frozen_backward(
     dx: &mut [f32],
     dy: &[f32],
-    w: &[f32],
-    bf16: Option<&Bf16Weight>,
+    w: FrozenRef<'_>,
     t: usize,
     inp: usize,
     out: usize,
     accumulate: bool,
 ) {
-    match bf16.and_then(|b| b.backward.as_ref()) {
-        Some(packed) => matmul_bf16(dx, dy, t, packed, accumulate),
-        None => matmul(dx, dy, false, w, false, t, out, inp, accumulate),
+    match w {
+        FrozenRef::Bf16(b) => matmul_bf16_t(dx, dy, t, &b.packed, accumulate),
+        FrozenRef::F32(w) => matmul(dx, dy, false, w, false, t, out, inp, accumulate),
     }
 }
 
@@ -93,36 +179,17 @@ pub(crate) fn check_precision_supported(_precision: Precision) -> crate::Result<
     Ok(())
 }
 
-/// Sets an LM head's precision: an untied head is a [`Linear`]; a head tied to the embedding
-/// `embedding` [vocab, hidden] gets its own bf16 packing in `tied_bf16` (None in f32).
-pub(crate) fn set_head_precision(
-    untied: Option<&mut Linear>,
-    tied_bf16: &mut Option<Box<Bf16Weight>>,
-    embedding: &[f32],
-    vocab: usize,
-    hidden: usize,
-    precision: Precision,
-    training: bool,
-) {
-    match untied {
-        Some(head) => head.set_precision(precision, training),
-        None => {
-            *tied_bf16 = (precision == Precision::Bf16)
-                .then(|| Box::new(Bf16Weight::new(embedding, vocab, hidden, training)));
-        }
-    }
-}
-
-/// An LM head's weight [vocab, hidden] and its bf16 packing, if any: the untied head's, or
-/// the embedding's with the tied packing.
+/// An LM head's weight [vocab, hidden] as its products read it: the untied head's, or the
+/// tied packing, or the embedding itself.
 pub(crate) fn head_weight<'a>(
     untied: Option<&'a Linear>,
     tied_bf16: Option<&'a Bf16Weight>,
     embedding: &'a [f32],
-) -> (&'a [f32], Option<&'a Bf16Weight>) {
-    match untied {
-        Some(l) => (l.weight_f32(), l.bf16.as_deref()),
-        None => (embedding, tied_bf16),
+) -> FrozenRef<'a> {
+    match (untied, tied_bf16) {
+        (Some(l), _) => l.frozen(),
+        (None, Some(b)) => FrozenRef::Bf16(b),
+        (None, None) => FrozenRef::F32(embedding),
     }
 }
 
@@ -131,6 +198,9 @@ pub(crate) fn head_weight<'a>(
 pub enum Weight {
     /// Row-major `[out, in]`.
     F32(Vec<f32>),
+    /// Only its bf16 packing ([`Precision::Bf16`] keeps no f32 copy of a weight that only bf16
+    /// products read); f32 readers unpack it, exactly.
+    Bf16(Box<Bf16Weight>),
 }
 
 #[derive(Debug, Clone)]
@@ -142,7 +212,8 @@ pub struct Linear {
     pub bias: Option<Vec<f32>>,
     /// Unmerged adapters, applied on the fly (each with its own scale).
     pub loras: Vec<LoraWeights>,
-    /// bf16 packing of the weight when the model runs in [`Precision::Bf16`].
+    /// A bf16 packing beside an f32 weight, read by the products: a bf16 layer after merging
+    /// (which keeps the merged weight's f32 values for saving).
     pub bf16: Option<Box<Bf16Weight>>,
     /// The GGUF's own quantised blocks of the weight (`--precision gguf`), preferred by the
     /// inference forward when present; training and merging use the f32 weight.
@@ -168,26 +239,45 @@ impl Linear {
         }
     }
 
-    /// The weight as f32 `[out, in]`.
-    pub fn weight_f32(&self) -> &[f32] {
+    /// The weight as f32 `[out, in]`: borrowed, or unpacked from bf16 (exact).
+    pub fn weight_f32(&self) -> Cow<'_, [f32]> {
         match &self.weight {
-            Weight::F32(w) => w,
+            Weight::F32(w) => Cow::Borrowed(w),
+            Weight::Bf16(b) => Cow::Owned(b.unpack()),
         }
     }
 
-    /// The f32 weight [out, in] and bias [out] for an optimiser step (full fine-tuning). A bf16
-    /// packing would go stale, so it is dropped; `set_precision` packs again.
+    /// The weight as the frozen-weight products read it (the GGUF blocks aside).
+    pub fn frozen(&self) -> FrozenRef<'_> {
+        match (&self.weight, &self.bf16) {
+            (Weight::Bf16(b), _) | (Weight::F32(_), Some(b)) => FrozenRef::Bf16(b),
+            (Weight::F32(w), None) => FrozenRef::F32(w),
+        }
+    }
+
+    /// Whether every product of the layer is f32 (no bf16 packing, no GGUF blocks).
+    pub fn is_f32(&self) -> bool {
+        self.quant.is_none() && matches!(self.frozen(), FrozenRef::F32(_))
+    }
+
+    /// Bytes held by the stored copies of the weight (f32, bf16 packing, GGUF blocks).
+    pub fn weight_bytes(&self) -> usize {
+        let stored = match &self.weight {
+            Weight::F32(w) => w.len() * 4,
+            Weight::Bf16(b) => b.bytes(),
+        };
+        stored
+            + self.bf16.as_ref().map_or(0, |b| b.bytes())
+            + self.quant.as_ref().map_or(0, |q| q.bytes())
+    }
+
+    /// The f32 weight [out, in] and bias [out] for an optimiser step (full fine-tuning): a
+    /// bf16-only weight is unpacked first; a bf16 packing would go stale, so it is dropped
+    /// (`set_precision` packs again).
     pub fn weight_and_bias_mut(&mut self) -> (&mut [f32], Option<&mut [f32]>) {
         self.bf16 = None;
         self.quant = None;
-        let Weight::F32(w) = &mut self.weight;
-        (w, self.bias.as_deref_mut())
-    }
-
-    pub fn weight_f32_mut(&mut self) -> &mut [f32] {
-        match &mut self.weight {
-            Weight::F32(w) => w,
-        }
+        (f32_in_place(&mut self.weight), self.bias.as_deref_mut())
     }
 
     /// y = x Wᵀ + b + Σ s·(x Aᵀ) Bᵀ.  x: [T, in] → y: [T, out].
@@ -207,15 +297,7 @@ impl Linear {
         if let Some(q) = &self.quant {
             q.matmul_nt(y, x, t);
         } else {
-            frozen_forward(
-                y,
-                x,
-                self.weight_f32(),
-                self.bf16.as_deref(),
-                t,
-                self.in_features,
-                self.out_features,
-            );
+            frozen_forward(y, x, self.frozen(), t, self.in_features, self.out_features);
         }
         if let Some(b) = &self.bias {
             for row in y.chunks_exact_mut(self.out_features) {
@@ -226,24 +308,47 @@ impl Linear {
         }
     }
 
-    /// Packs (or drops) the bf16 copy of the weight.
-    pub fn set_precision(&mut self, precision: Precision, training: bool) {
-        self.bf16 = match precision {
-            Precision::F32 => None,
-            Precision::Bf16 => Some(Box::new(Bf16Weight::new(
-                self.weight_f32(),
-                self.out_features,
-                self.in_features,
-                training,
-            ))),
-        };
+    /// dx (+)= dy W through the frozen weight.  dy: [T, out] → dx: [T, in].
+    pub fn backward_base(&self, dx: &mut [f32], dy: &[f32], accumulate: bool) {
+        let t = dy.len() / self.out_features;
+        frozen_backward(
+            dx,
+            dy,
+            self.frozen(),
+            t,
+            self.in_features,
+            self.out_features,
+            accumulate,
+        );
+    }
+
+    /// Stores the weight for `precision`'s products: bf16 keeps only the packing (the f32
+    /// values are dropped); f32 unpacks a bf16-only weight (its values rounded to bf16 for
+    /// good: the f32 originals are gone).
+    pub fn set_precision(&mut self, precision: Precision) {
+        match precision {
+            Precision::F32 => {
+                self.bf16 = None;
+                f32_in_place(&mut self.weight);
+            }
+            Precision::Bf16 => {
+                if let Weight::F32(w) = &self.weight {
+                    let packed = Bf16Weight::new(w, self.out_features, self.in_features);
+                    self.weight = Weight::Bf16(Box::new(packed));
+                }
+                self.bf16 = None;
+            }
+        }
     }
 
     /// The first element of W + sign·Σ s·B A that would not be finite, as (flat index, value);
     /// None when merging is safe (PEFT's `safe_merge`). Leaves the layer unchanged.
     pub fn check_merge(&self, sign: f32) -> Option<(usize, f32)> {
+        if self.loras.is_empty() {
+            return None;
+        }
         let (out, inp) = (self.out_features, self.in_features);
-        let mut merged = self.weight_f32().to_vec();
+        let mut merged = self.weight_f32().into_owned();
         for lora in &self.loras {
             for (wi, di) in merged.iter_mut().zip(lora.delta(out, inp)) {
                 *wi += sign * di;
@@ -256,25 +361,37 @@ impl Linear {
     }
 
     /// W += sign · s·B A for every attached adapter, then detaches them (sign = +1 merges,
-    /// −1 unmerges an adapter merged earlier).
+    /// −1 unmerges an adapter merged earlier). A bf16 layer keeps the merged weight in f32
+    /// (its bf16 values plus the deltas: rounding the sum to bf16 would lose most of a small
+    /// delta) beside a new packing for the products.
     pub fn merge_loras(&mut self, sign: f32) {
         let (out, inp) = (self.out_features, self.in_features);
-        if !self.loras.is_empty() {
-            // The quantised blocks hold the old weight; the f32 one is used from now on.
-            self.quant = None;
+        if self.loras.is_empty() {
+            return;
         }
+        // The quantised blocks hold the old weight; the f32 one is used from now on.
+        self.quant = None;
+        let bf16 = !matches!(self.frozen(), FrozenRef::F32(_));
         let loras = std::mem::take(&mut self.loras);
-        // A bf16 packing of the old weight would be stale.
-        let repack = self.bf16.as_ref().map(|b| b.backward.is_some());
-        let w = self.weight_f32_mut();
+        let w = f32_in_place(&mut self.weight);
         for lora in &loras {
             for (wi, di) in w.iter_mut().zip(lora.delta(out, inp)) {
                 *wi += sign * di;
             }
         }
-        if let Some(training) = repack.filter(|_| !loras.is_empty()) {
-            self.set_precision(Precision::Bf16, training);
-        }
+        // A packing of the old weight would be stale.
+        self.bf16 = bf16.then(|| Box::new(Bf16Weight::new(w, out, inp)));
+    }
+}
+
+/// The weight's f32 values [out, in], unpacked in place from bf16 where it is stored so.
+fn f32_in_place(weight: &mut Weight) -> &mut Vec<f32> {
+    if let Weight::Bf16(b) = weight {
+        *weight = Weight::F32(b.unpack());
+    }
+    match weight {
+        Weight::F32(w) => w,
+        Weight::Bf16(_) => unreachable!("unpacked just above"),
     }
 }
 
@@ -294,4 +411,53 @@ pub fn lora_forward(
     // Scale the small [T, r] product rather than the [T, out] one.
     let scaled: Vec<f32> = xa.iter().map(|v| v * lora.scale).collect();
     matmul_nt(y, &scaled, &lora.b, t, lora.r, out, true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The split storage of a tied embedding gives back every f32 bit pattern, the awkward ones
+    /// included: exact ties (rounded down and up to even), carries into the exponent, the
+    /// largest finite value rounding to infinity, subnormals (flushed by the packing), zeros of
+    /// both signs, infinities and NaNs.
+    #[test]
+    fn tied_embedding_rebuilds_every_value_bit_for_bit() {
+        let special = [
+            0.0f32,
+            -0.0,
+            f32::from_bits(0x3f80_8000), // tie, upper half even: stays
+            f32::from_bits(0x3f81_8000), // tie, upper half odd: rounds up
+            f32::from_bits(0x3f7f_ffff), // carries into the exponent
+            f32::MAX,                    // rounds to infinity
+            f32::from_bits(0x0000_1234), // f32 subnormal
+            f32::from_bits(0x807f_ffff), // negative subnormal, rounds to the smallest normal
+            f32::MIN_POSITIVE,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x7fc0_0001), // NaN with a payload in the low half
+            1.0,
+            -3.5e-3,
+        ];
+        let (vocab, hidden) = (70, 9);
+        let mut e: Vec<f32> = (0..vocab * hidden)
+            .map(|i| ((i as u32).wrapping_mul(2654435761) >> 9) as f32 * 1e-6 - 2.0)
+            .collect();
+        for (i, &v) in special.iter().enumerate() {
+            e[i * 41 % (vocab * hidden)] = v;
+        }
+        let head = Bf16Weight::new(&e, vocab, hidden);
+        let split = TiedEmbedding::new(&e, &head, vocab, hidden);
+        let back = split.to_f32(&head);
+        for (i, (b, v)) in back.iter().zip(&e).enumerate() {
+            assert_eq!(b.to_bits(), v.to_bits(), "[{i}]: {b} vs {v}");
+        }
+        // Beside the packing, a little over half of the f32 bytes.
+        assert!(
+            split.bytes() < vocab * hidden * 4 * 6 / 10,
+            "{}",
+            split.bytes()
+        );
+    }
 }

@@ -4,7 +4,7 @@
 use crate::error::Result;
 use crate::model::config::Config;
 use crate::model::kv_cache::{KvCache, Logits};
-use crate::model::linear::Bf16Weight;
+use crate::model::linear::FrozenRef;
 
 /// What scoring and generation need of a decoder.
 pub trait CausalLm {
@@ -39,8 +39,8 @@ pub trait LmHead {
     fn final_norm_weight_grad(&self, dw: &mut [f32], x: &[f32], dy: &[f32]);
     /// logits = x · headᵀ.  x: [n, hidden] → logits: [n, vocab].
     fn head_forward(&self, logits: &mut [f32], x: &[f32], n: usize);
-    /// The head's weight [vocab, hidden] and its bf16 packing, if any.
-    fn head_weight(&self) -> (&[f32], Option<&Bf16Weight>);
+    /// The head's weight [vocab, hidden] as its products read it.
+    fn head_weight(&self) -> FrozenRef<'_>;
     /// `head_forward` ends with logits = cap · tanh(z / cap) (Gemma's final soft-capping).
     fn logit_softcap(&self) -> Option<f32> {
         None

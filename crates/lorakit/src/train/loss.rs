@@ -75,7 +75,7 @@ pub fn lm_head_loss_with_head_grads<M: LmHead + ?Sized>(
     mut head_grads: Option<HeadGrads<'_>>,
 ) -> f64 {
     let (h, v) = model.dims();
-    let (head, head_bf16) = model.head_weight();
+    let head = model.head_weight();
     if let Some(dx) = dx_final.as_deref_mut() {
         dx.fill(0.0);
     }
@@ -161,7 +161,6 @@ pub fn lm_head_loss_with_head_grads<M: LmHead + ?Sized>(
                 &mut d_normed[..m * h],
                 &logits[..m * v],
                 head,
-                head_bf16,
                 m,
                 h,
                 v,

@@ -490,7 +490,7 @@ impl TrainPlan {
             }
         }
         h = fnv1a(h, format!("{:?}", model.config.block).as_bytes());
-        for w in [&model.embed_tokens, &model.norm] {
+        for w in [&*model.embedding_f32(), &model.norm] {
             for v in w.iter() {
                 h = fnv1a(h, &v.to_le_bytes());
             }
