@@ -93,7 +93,7 @@ fn tiny_gpt2_adapter_unmerged_and_merged_match_peft() {
     let back = m.layers[1].linear(ModuleKind::Qkv).unwrap().weight_f32();
     let d = back
         .iter()
-        .zip(w0)
+        .zip(w0.iter())
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
     assert!(d < 1e-5, "unmerge: {d}");

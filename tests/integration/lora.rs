@@ -97,7 +97,7 @@ fn zero_b_gives_the_base_model_and_unmerge_restores_w0() {
     model.merge_adapters().unwrap();
     assert_ne!(q_weight(&model), q_weight(&m.model));
     model.unmerge_adapter(&adapter, 1.0).unwrap();
-    for (a, b) in q_weight(&model).iter().zip(q_weight(&m.model)) {
+    for (a, b) in q_weight(&model).iter().zip(&q_weight(&m.model)) {
         assert!((a - b).abs() < 1e-6);
     }
 }
@@ -228,9 +228,10 @@ fn gradients_match_finite_differences() {
 }
 
 /// Layer 0's q_proj weight [out, in].
-fn q_weight(model: &lorakit::model::Decoder) -> &[f32] {
+fn q_weight(model: &lorakit::model::Decoder) -> Vec<f32> {
     model.layers[0]
         .linear(lorakit::lora::ModuleKind::Q)
         .expect("a Llama layer has q_proj")
         .weight_f32()
+        .into_owned()
 }

@@ -98,7 +98,7 @@ pub fn analyze(
                 lin.in_features
             )));
         }
-        let w0 = to_dmatrix(lin.weight_f32(), f.out, f.inp);
+        let w0 = to_dmatrix(&lin.weight_f32(), f.out, f.inp);
         let (u, s, v) = delta_svd(f)?;
         let r = f.r.min(u.ncols());
         let (u, v) = (u.columns(0, r).into_owned(), v.columns(0, r).into_owned());

@@ -44,6 +44,12 @@ pub const GGUF_TYPES: [GgmlType; 8] = [
     GgmlType::Q6_K,
 ];
 
+/// The layout, group size and whether there are minimums, for `dtype`; None for a type the
+/// kernels do not take.
+pub fn layout_of(dtype: GgmlType) -> Option<(Levels, usize, bool)> {
+    layout(dtype)
+}
+
 /// A [rows, cols] matrix as groups of quantised levels along each row.
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {

@@ -8,7 +8,6 @@ use crate::engine::ops::{
     layer_norm_forward, position_embedding_add, rms_norm_forward, rope_forward, swiglu_forward,
     RopeTable,
 };
-use crate::engine::quant::QuantMatrix;
 use crate::error::{Error, Result};
 use crate::lora::peft::Adapter;
 use crate::lora::{ModuleId, ModuleKind};
@@ -16,10 +15,8 @@ use crate::model::arch::NormSlot;
 use crate::model::config::Config;
 use crate::model::kv_cache::store_kv;
 pub use crate::model::kv_cache::{KvCache, Logits};
-use crate::model::linear::{
-    check_precision_supported, frozen_forward, head_weight, set_head_precision, Bf16Weight,
-};
-use crate::model::linear::{Linear, Precision};
+use crate::model::linear::{check_precision_supported, set_head_precision, Bf16Weight};
+use crate::model::linear::{Linear, Precision, Weight};
 use crate::model::spec::{Activation, NormKind, Positions, QkNorm};
 use crate::model::traits::{CausalLm, LmHead};
 
@@ -165,12 +162,27 @@ impl Layer {
     }
 }
 
+/// Bytes of a model's frozen weights by form ([`Decoder::frozen_bytes`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FrozenBytes {
+    pub f32: usize,
+    pub bf16: usize,
+    pub blocks: usize,
+}
+
+impl FrozenBytes {
+    pub fn total(&self) -> usize {
+        self.f32 + self.bf16 + self.blocks
+    }
+}
+
 /// A model of any supported family: its config (with the block description) and its weights.
 #[derive(Debug, Clone)]
 pub struct Decoder {
     pub config: Config,
-    /// [vocab, hidden]
-    pub embed_tokens: Vec<f32>,
+    /// [vocab, hidden]: f32, or quantised blocks whose rows are dequantised as looked up
+    /// (`--precision gguf`; a tied head multiplies with the same blocks).
+    pub embed_tokens: Weight,
     pub layers: Vec<Layer>,
     /// final norm, [hidden]
     pub norm: Vec<f32>,
@@ -182,10 +194,8 @@ pub struct Decoder {
     pub lm_head: Option<Linear>,
     /// One table per entry of `config.ropes`.
     pub ropes: Vec<RopeTable>,
-    /// bf16 packing of the tied LM head (`embed_tokens`) in [`Precision::Bf16`].
+    /// bf16 packing of the tied LM head (an f32 `embed_tokens`) in [`Precision::Bf16`].
     pub tied_head_bf16: Option<Box<Bf16Weight>>,
-    /// The tied LM head in the GGUF's quantised blocks (`--precision gguf`, inference only).
-    pub head_quant: Option<Box<QuantMatrix>>,
     pub precision: Precision,
 }
 
@@ -283,7 +293,7 @@ impl Decoder {
             .collect();
         Decoder {
             config,
-            embed_tokens,
+            embed_tokens: Weight::F32(embed_tokens),
             layers,
             norm,
             norm_bias: None,
@@ -291,7 +301,6 @@ impl Decoder {
             lm_head,
             ropes,
             tied_head_bf16: None,
-            head_quant: None,
             precision: Precision::F32,
         }
     }
@@ -371,36 +380,65 @@ impl Decoder {
         Ok(())
     }
 
-    /// The LM head's weight [vocab, hidden] and its bf16 packing, if any.
-    pub fn head_weight(&self) -> (&[f32], Option<&Bf16Weight>) {
-        head_weight(
-            self.lm_head.as_ref(),
-            self.tied_head_bf16.as_deref(),
-            &self.embed_tokens,
-        )
+    /// Bytes the frozen weights hold, by form: f32 values (norms, biases and positions
+    /// included), bf16 packings, quantised blocks.
+    pub fn frozen_bytes(&self) -> FrozenBytes {
+        let mut b = FrozenBytes::default();
+        let mut add = |w: &Weight, bf16: Option<&Bf16Weight>| {
+            match w {
+                Weight::F32(v) => b.f32 += v.len() * 4,
+                Weight::Quant(q) => b.blocks += q.bytes(),
+            }
+            b.bf16 += bf16.map_or(0, |p| p.bytes());
+        };
+        add(&self.embed_tokens, self.tied_head_bf16.as_deref());
+        if let Some(l) = &self.lm_head {
+            add(&l.weight, l.bf16.as_deref());
+        }
+        let mut small = self.norm.len() + self.norm_bias.as_ref().map_or(0, |v| v.len());
+        small += self.wpe.as_ref().map_or(0, |v| v.len());
+        for layer in &self.layers {
+            for lin in layer.kinds().into_iter().filter_map(|k| layer.linear(k)) {
+                add(&lin.weight, lin.bf16.as_deref());
+                small += lin.bias.as_ref().map_or(0, |v| v.len());
+            }
+            for (_, n) in &layer.norms {
+                small += n.weight.len() + n.bias.as_ref().map_or(0, |v| v.len());
+            }
+        }
+        b.f32 += small * 4;
+        b
+    }
+
+    /// The LM head's weight [vocab, hidden] and the bf16 packing of an f32 one, if any: the
+    /// untied head's, or the embedding's with the tied packing.
+    pub fn head_weight(&self) -> (&Weight, Option<&Bf16Weight>) {
+        match &self.lm_head {
+            Some(l) => (&l.weight, l.bf16.as_deref()),
+            None => (&self.embed_tokens, self.tied_head_bf16.as_deref()),
+        }
+    }
+
+    /// The LM head as plain f32 [vocab, hidden] (no bf16 packing, no blocks), if it is.
+    pub fn head_f32(&self) -> Option<&[f32]> {
+        match self.head_weight() {
+            (Weight::F32(w), None) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// d x (+)= d logits · head, the head's share of the input gradient.  d logits:
+    /// [n, vocab] → dx: [n, hidden]. (The soft-cap's derivative is the caller's.)
+    pub fn head_backward(&self, dx: &mut [f32], dlogits: &[f32], n: usize, accumulate: bool) {
+        let (w, bf16) = self.head_weight();
+        w.backward(dx, dlogits, bf16, n, accumulate);
     }
 
     /// logits = x · headᵀ (soft-capped where the model says so).  x: [n, hidden] → logits:
     /// [n, vocab].
     pub fn head_forward(&self, logits: &mut [f32], x: &[f32], n: usize) {
-        let quant = match &self.lm_head {
-            Some(l) => l.quant.as_deref(),
-            None => self.head_quant.as_deref(),
-        };
-        if let Some(q) = quant {
-            q.matmul_nt(logits, x, n);
-        } else {
-            let (w, bf16) = self.head_weight();
-            frozen_forward(
-                logits,
-                x,
-                w,
-                bf16,
-                n,
-                self.config.hidden_size,
-                self.config.vocab_size,
-            );
-        }
+        let (w, bf16) = self.head_weight();
+        w.forward(logits, x, bf16, n);
         // Gemma's final soft-capping: cap · tanh(z / cap).
         if let Some(cap) = self.config.final_logit_softcap {
             logits.iter_mut().for_each(|z| *z = cap * (*z / cap).tanh());
@@ -520,7 +558,15 @@ impl Decoder {
     /// `seq` tokens).  x: [T, hidden].
     pub(crate) fn embed(&self, x: &mut [f32], ids: &[u32], start: usize, seq: usize) {
         let h = self.config.hidden_size;
-        embedding_forward(x, &self.embed_tokens, ids, h);
+        match &self.embed_tokens {
+            Weight::F32(table) => embedding_forward(x, table, ids, h),
+            Weight::Quant(q) => {
+                for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
+                    let id = id as usize;
+                    q.dequantize_into(id..id + 1, 0..h, row);
+                }
+            }
+        }
         if let Some(s) = self.config.block.embed_scale {
             x.iter_mut().for_each(|v| *v *= s);
         }
@@ -706,18 +752,15 @@ impl Decoder {
     /// Whether every product of the model is f32 (no bf16 packing, no GGUF blocks): then
     /// [`Decoder::prefill`] runs through the chunk-invariant path.
     pub fn all_f32(&self) -> bool {
-        let f32_lin = |l: &Linear| l.quant.is_none() && l.bf16.is_none();
-        let head = match &self.lm_head {
-            Some(l) => f32_lin(l),
-            None => self.head_quant.is_none() && self.tied_head_bf16.is_none(),
-        };
-        head && self.layers.iter().all(|layer| {
-            layer
-                .kinds()
-                .into_iter()
-                .filter_map(|k| layer.linear(k))
-                .all(f32_lin)
-        })
+        let f32_lin = |l: &Linear| l.weight.quant().is_none() && l.bf16.is_none();
+        self.head_f32().is_some()
+            && self.layers.iter().all(|layer| {
+                layer
+                    .kinds()
+                    .into_iter()
+                    .filter_map(|k| layer.linear(k))
+                    .all(f32_lin)
+            })
     }
 
     /// Logits for a whole sequence from position 0: [T, vocab].
@@ -760,8 +803,8 @@ impl LmHead for Decoder {
         Decoder::head_forward(self, logits, x, n);
     }
 
-    fn head_weight(&self) -> (&[f32], Option<&Bf16Weight>) {
-        Decoder::head_weight(self)
+    fn head_backward(&self, dx: &mut [f32], dlogits: &[f32], n: usize, accumulate: bool) {
+        Decoder::head_backward(self, dx, dlogits, n, accumulate);
     }
 
     fn logit_softcap(&self) -> Option<f32> {

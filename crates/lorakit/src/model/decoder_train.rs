@@ -67,11 +67,14 @@ impl FullGrads {
     pub fn zeros_like(model: &Decoder) -> Self {
         let zeros = |n: usize| vec![0.0f32; n];
         FullGrads {
-            embed_tokens: zeros(model.embed_tokens.len()),
+            embed_tokens: zeros(model.config.vocab_size * model.config.hidden_size),
             norm: zeros(model.norm.len()),
             norm_bias: model.norm_bias.as_ref().map(|b| zeros(b.len())),
             wpe: model.wpe.as_ref().map(|w| zeros(w.len())),
-            lm_head: model.lm_head.as_ref().map(|l| zeros(l.weight_f32().len())),
+            lm_head: model
+                .lm_head
+                .as_ref()
+                .map(|l| zeros(l.out_features * l.in_features)),
             layers: model
                 .layers
                 .iter()
@@ -93,7 +96,7 @@ impl FullGrads {
                             (
                                 k,
                                 (
-                                    zeros(lin.weight_f32().len()),
+                                    zeros(lin.out_features * lin.in_features),
                                     lin.bias.as_ref().map(|b| zeros(b.len())),
                                 ),
                             )
@@ -139,8 +142,6 @@ impl Decoder {
     /// order: embedding, positions, per layer its norms then its linears by kind, final norm,
     /// head. A tied head has no entry of its own (its gradient is the embedding's).
     pub fn params_with_grads<'a>(&'a mut self, grads: &'a mut FullGrads) -> Result<Vec<Param<'a>>> {
-        // Quantised copies would go stale once the weights move.
-        self.head_quant = None;
         let table = arch::weights(self.config.arch);
         let names = arch::model_names(self.config.arch);
         let mismatch =
@@ -159,7 +160,8 @@ impl Decoder {
         let mut v = vec![Param::new(
             names.embed.into(),
             true,
-            embed_tokens,
+            // Blocks cannot take an optimiser step: they become f32 here.
+            embed_tokens.make_f32(),
             &mut grads.embed_tokens,
         )?];
         match (wpe, &mut grads.wpe, names.positions) {

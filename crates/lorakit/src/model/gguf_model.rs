@@ -174,14 +174,17 @@ fn tensor_from_model(model: &Decoder, source: &Path, name: &str) -> Result<(Vec<
         )
     };
     if name == EMBED.1 {
-        return Ok((model.embed_tokens.clone(), vec![c.vocab_size, h]));
+        return Ok((
+            model.embed_tokens.to_f32().into_owned(),
+            vec![c.vocab_size, h],
+        ));
     }
     if name == FINAL_NORM.1 {
         return Ok((plus_one(&model.norm), vec![h]));
     }
     if name == HEAD.1 {
         let head = model.lm_head.as_ref().ok_or_else(unknown)?;
-        return Ok((head.weight_f32().to_vec(), vec![c.vocab_size, h]));
+        return Ok((head.weight_f32().into_owned(), vec![c.vocab_size, h]));
     }
     let rest = name.strip_prefix("blk.").ok_or_else(unknown)?;
     let (layer, rest) = rest.split_once('.').ok_or_else(unknown)?;
@@ -197,7 +200,7 @@ fn tensor_from_model(model: &Decoder, source: &Path, name: &str) -> Result<(Vec<
                 let lin = l.linear(kind).ok_or_else(unknown)?;
                 let (out, inp) = (lin.out_features, lin.in_features);
                 let (mut data, shape) = match suffix {
-                    "weight" => (lin.weight_f32().to_vec(), vec![out, inp]),
+                    "weight" => (lin.weight_f32().into_owned(), vec![out, inp]),
                     "bias" => (lin.bias.clone().ok_or_else(unknown)?, vec![out]),
                     _ => return Err(unknown()),
                 };

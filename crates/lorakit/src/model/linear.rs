@@ -4,6 +4,8 @@
 //! The weight is an enum so that bf16 and quantised storage can join f32 without touching the
 //! model code; adapters attach here, so every architecture gets LoRA through its linear layers.
 
+use std::borrow::Cow;
+
 use crate::engine::bf16::{matmul_bf16, PackedBf16};
 use crate::engine::quant::QuantMatrix;
 use crate::engine::{matmul, matmul_nt};
@@ -93,12 +95,13 @@ pub(crate) fn check_precision_supported(_precision: Precision) -> crate::Result<
     Ok(())
 }
 
-/// Sets an LM head's precision: an untied head is a [`Linear`]; a head tied to the embedding
-/// `embedding` [vocab, hidden] gets its own bf16 packing in `tied_bf16` (None in f32).
+/// Sets an LM head's precision: an untied head is a [`Linear`]; a head tied to an f32
+/// embedding `embedding` [vocab, hidden] gets its own bf16 packing in `tied_bf16` (None in f32,
+/// and for blocks, which compute as they are).
 pub(crate) fn set_head_precision(
     untied: Option<&mut Linear>,
     tied_bf16: &mut Option<Box<Bf16Weight>>,
-    embedding: &[f32],
+    embedding: &Weight,
     vocab: usize,
     hidden: usize,
     precision: Precision,
@@ -107,30 +110,90 @@ pub(crate) fn set_head_precision(
     match untied {
         Some(head) => head.set_precision(precision, training),
         None => {
-            *tied_bf16 = (precision == Precision::Bf16)
-                .then(|| Box::new(Bf16Weight::new(embedding, vocab, hidden, training)));
+            *tied_bf16 = match (precision, embedding) {
+                (Precision::Bf16, Weight::F32(e)) => {
+                    Some(Box::new(Bf16Weight::new(e, vocab, hidden, training)))
+                }
+                _ => None,
+            };
         }
     }
 }
 
-/// An LM head's weight [vocab, hidden] and its bf16 packing, if any: the untied head's, or
-/// the embedding's with the tied packing.
-pub(crate) fn head_weight<'a>(
-    untied: Option<&'a Linear>,
-    tied_bf16: Option<&'a Bf16Weight>,
-    embedding: &'a [f32],
-) -> (&'a [f32], Option<&'a Bf16Weight>) {
-    match untied {
-        Some(l) => (l.weight_f32(), l.bf16.as_deref()),
-        None => (embedding, tied_bf16),
-    }
-}
-
-/// How a frozen weight is stored.
+/// How a frozen weight is stored: exactly one form, no copy beside it.
 #[derive(Debug, Clone)]
 pub enum Weight {
     /// Row-major `[out, in]`.
     F32(Vec<f32>),
+    /// A GGUF file's quantised blocks, rows `[out]` of `in` levels (`--precision gguf`, QLoRA):
+    /// products dequantise panels on the fly; f32 values are made on demand.
+    Quant(QuantMatrix),
+}
+
+impl Weight {
+    /// The f32 values `[out, in]`: borrowed, or dequantised (a new `[out, in]` buffer).
+    pub fn to_f32(&self) -> Cow<'_, [f32]> {
+        match self {
+            Weight::F32(w) => Cow::Borrowed(w),
+            Weight::Quant(q) => Cow::Owned((0..q.rows).flat_map(|r| q.dequantize_row(r)).collect()),
+        }
+    }
+
+    /// The blocks, when quantised.
+    pub fn quant(&self) -> Option<&QuantMatrix> {
+        match self {
+            Weight::Quant(q) => Some(q),
+            Weight::F32(_) => None,
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Weight::F32(w) => w.len() * 4,
+            Weight::Quant(q) => q.bytes(),
+        }
+    }
+
+    /// y = x Wᵀ.  x: [t, in], y: [t, out]; `bf16` is the F32 weight's packing, if any.
+    pub fn forward(&self, y: &mut [f32], x: &[f32], bf16: Option<&Bf16Weight>, t: usize) {
+        match self {
+            Weight::Quant(q) => q.matmul_nt(y, x, t),
+            Weight::F32(w) => {
+                let inp = x.len() / t.max(1);
+                frozen_forward(y, x, w, bf16, t, inp, w.len() / inp.max(1))
+            }
+        }
+    }
+
+    /// dx (+)= dy W.  dy: [t, out], dx: [t, in]; `bf16` is the F32 weight's packing, if any.
+    pub fn backward(
+        &self,
+        dx: &mut [f32],
+        dy: &[f32],
+        bf16: Option<&Bf16Weight>,
+        t: usize,
+        accumulate: bool,
+    ) {
+        match self {
+            Weight::Quant(q) => q.matmul_w(dx, dy, t, accumulate),
+            Weight::F32(w) => {
+                let inp = dx.len() / t.max(1);
+                frozen_backward(dx, dy, w, bf16, t, inp, w.len() / inp.max(1), accumulate)
+            }
+        }
+    }
+
+    /// Makes the weight f32 (dequantising blocks) and returns it `[out, in]`.
+    pub fn make_f32(&mut self) -> &mut Vec<f32> {
+        if let Weight::Quant(_) = self {
+            *self = Weight::F32(self.to_f32().into_owned());
+        }
+        match self {
+            Weight::F32(w) => w,
+            Weight::Quant(_) => unreachable!("made f32 just above"),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -142,11 +205,8 @@ pub struct Linear {
     pub bias: Option<Vec<f32>>,
     /// Unmerged adapters, applied on the fly (each with its own scale).
     pub loras: Vec<LoraWeights>,
-    /// bf16 packing of the weight when the model runs in [`Precision::Bf16`].
+    /// bf16 packing of an f32 weight when the model runs in [`Precision::Bf16`].
     pub bf16: Option<Box<Bf16Weight>>,
-    /// The GGUF's own quantised blocks of the weight (`--precision gguf`), preferred by the
-    /// inference forward when present; training and merging use the f32 weight.
-    pub quant: Option<Box<QuantMatrix>>,
 }
 
 impl Linear {
@@ -164,30 +224,49 @@ impl Linear {
             bias,
             loras: Vec::new(),
             bf16: None,
-            quant: None,
         }
     }
 
-    /// The weight as f32 `[out, in]`.
-    pub fn weight_f32(&self) -> &[f32] {
-        match &self.weight {
-            Weight::F32(w) => w,
+    /// A layer over a weight `[out, in]` in either form.
+    pub fn from_weight(
+        weight: Weight,
+        out_features: usize,
+        in_features: usize,
+        bias: Option<Vec<f32>>,
+    ) -> Self {
+        Linear {
+            out_features,
+            in_features,
+            weight,
+            bias,
+            loras: Vec::new(),
+            bf16: None,
         }
+    }
+
+    /// The weight as f32 `[out, in]`: borrowed, or dequantised from blocks on demand.
+    pub fn weight_f32(&self) -> Cow<'_, [f32]> {
+        self.weight.to_f32()
     }
 
     /// The f32 weight [out, in] and bias [out] for an optimiser step (full fine-tuning). A bf16
-    /// packing would go stale, so it is dropped; `set_precision` packs again.
+    /// packing would go stale, so it is dropped (`set_precision` packs again); blocks are
+    /// dequantised to f32 for good.
     pub fn weight_and_bias_mut(&mut self) -> (&mut [f32], Option<&mut [f32]>) {
         self.bf16 = None;
-        self.quant = None;
-        let Weight::F32(w) = &mut self.weight;
-        (w, self.bias.as_deref_mut())
+        (self.weight.make_f32(), self.bias.as_deref_mut())
     }
 
+    /// The f32 weight `[out, in]` to change in place (blocks are dequantised to f32 for good).
     pub fn weight_f32_mut(&mut self) -> &mut [f32] {
-        match &mut self.weight {
-            Weight::F32(w) => w,
-        }
+        self.weight.make_f32()
+    }
+
+    /// dx (+)= dy W, the frozen weight's share of the input gradient.  dy: [t, out] → dx:
+    /// [t, in].
+    pub fn backward_base(&self, dx: &mut [f32], dy: &[f32], t: usize, accumulate: bool) {
+        self.weight
+            .backward(dx, dy, self.bf16.as_deref(), t, accumulate);
     }
 
     /// y = x Wᵀ + b + Σ s·(x Aᵀ) Bᵀ.  x: [T, in] → y: [T, out].
@@ -204,19 +283,7 @@ impl Linear {
     /// y = x Wᵀ + b, without adapters.  x: [T, in] → y: [T, out].
     pub fn forward_base(&self, y: &mut [f32], x: &[f32]) {
         let t = x.len() / self.in_features;
-        if let Some(q) = &self.quant {
-            q.matmul_nt(y, x, t);
-        } else {
-            frozen_forward(
-                y,
-                x,
-                self.weight_f32(),
-                self.bf16.as_deref(),
-                t,
-                self.in_features,
-                self.out_features,
-            );
-        }
+        self.weight.forward(y, x, self.bf16.as_deref(), t);
         if let Some(b) = &self.bias {
             for row in y.chunks_exact_mut(self.out_features) {
                 for (yi, bi) in row.iter_mut().zip(b) {
@@ -226,12 +293,12 @@ impl Linear {
         }
     }
 
-    /// Packs (or drops) the bf16 copy of the weight.
+    /// Packs (or drops) the bf16 copy of an f32 weight (blocks compute as they are).
     pub fn set_precision(&mut self, precision: Precision, training: bool) {
-        self.bf16 = match precision {
-            Precision::F32 => None,
-            Precision::Bf16 => Some(Box::new(Bf16Weight::new(
-                self.weight_f32(),
+        self.bf16 = match (precision, &self.weight) {
+            (_, Weight::Quant(_)) | (Precision::F32, _) => None,
+            (Precision::Bf16, Weight::F32(w)) => Some(Box::new(Bf16Weight::new(
+                w,
                 self.out_features,
                 self.in_features,
                 training,
@@ -259,13 +326,14 @@ impl Linear {
     /// −1 unmerges an adapter merged earlier).
     pub fn merge_loras(&mut self, sign: f32) {
         let (out, inp) = (self.out_features, self.in_features);
-        if !self.loras.is_empty() {
-            // The quantised blocks hold the old weight; the f32 one is used from now on.
-            self.quant = None;
-        }
+        // Merged values are not on the blocks' grid: a quantised weight becomes f32 here
+        // (weight_f32_mut), only when there is something to merge.
         let loras = std::mem::take(&mut self.loras);
         // A bf16 packing of the old weight would be stale.
         let repack = self.bf16.as_ref().map(|b| b.backward.is_some());
+        if loras.is_empty() {
+            return;
+        }
         let w = self.weight_f32_mut();
         for lora in &loras {
             for (wi, di) in w.iter_mut().zip(lora.delta(out, inp)) {

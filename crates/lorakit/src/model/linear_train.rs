@@ -8,7 +8,7 @@ use crate::engine::matmul;
 use crate::error::{Error, Result};
 use crate::lora::peft::Adapter;
 use crate::lora::{LoraWeights, ModuleId};
-use crate::model::linear::{frozen_backward, lora_forward, Linear};
+use crate::model::linear::{lora_forward, Linear};
 use crate::model::param::Param;
 
 /// LoRA dropout on the adapter path: element i of a module's input is kept with probability
@@ -191,16 +191,7 @@ pub(crate) fn linear_train_backward(
             }
         }
     }
-    frozen_backward(
-        dx,
-        dy,
-        lin.weight_f32(),
-        lin.bf16.as_deref(),
-        n,
-        inp,
-        out,
-        accumulate,
-    );
+    lin.backward_base(dx, dy, n, accumulate);
     let Some((w, xa, (da, db))) = lora else {
         return;
     };

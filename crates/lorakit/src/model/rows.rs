@@ -30,7 +30,7 @@ use crate::model::decoder::{
     act_forward, gated_act_forward, split_rows, Decoder, Layer, MlpWeights, QkvWeights,
 };
 use crate::model::kv_cache::{store_kv, KvCache, Logits};
-use crate::model::linear::Linear;
+use crate::model::linear::{Linear, Weight};
 
 use crate::lora::peft::Adapter;
 
@@ -282,24 +282,19 @@ pub fn forward_rows(model: &Decoder, seqs: &mut [SeqChunk<'_>]) -> Result<Vec<f3
     if nl == 0 {
         return Ok(logits);
     }
-    let quant = match &model.lm_head {
-        Some(l) => l.quant.is_some(),
-        None => model.head_quant.is_some(),
-    };
-    let (w, bf16) = model.head_weight();
-    if quant || bf16.is_some() {
+    if let Some(w) = model.head_f32() {
+        matmul_rows_dot(&mut logits, &final_normed, w, nl, h, vocab);
+        // As Decoder::head_forward: Gemma's final soft-capping, cap · tanh(z / cap).
+        if let Some(cap) = c.final_logit_softcap {
+            logits.iter_mut().for_each(|z| *z = cap * (*z / cap).tanh());
+        }
+    } else {
         for i in 0..nl {
             model.head_forward(
                 &mut logits[i * vocab..(i + 1) * vocab],
                 &final_normed[i * h..(i + 1) * h],
                 1,
             );
-        }
-    } else {
-        matmul_rows_dot(&mut logits, &final_normed, w, nl, h, vocab);
-        // As Decoder::head_forward: Gemma's final soft-capping, cap · tanh(z / cap).
-        if let Some(cap) = c.final_logit_softcap {
-            logits.iter_mut().for_each(|z| *z = cap * (*z / cap).tanh());
         }
     }
     Ok(logits)
@@ -339,18 +334,23 @@ fn linear_rows(
     groups: &Groups<'_>,
 ) {
     let (inp, out) = (lin.in_features, lin.out_features);
-    if lin.quant.is_some() || lin.bf16.is_some() {
-        for i in 0..n {
-            lin.forward_base(&mut y[i * out..(i + 1) * out], &x[i * inp..(i + 1) * inp]);
-        }
-    } else {
-        matmul_rows_dot(y, x, lin.weight_f32(), n, inp, out);
+    let plain_f32 = match (&lin.weight, &lin.bf16) {
+        (Weight::F32(w), None) => Some(w),
+        _ => None,
+    };
+    if let Some(w) = plain_f32 {
+        matmul_rows_dot(y, x, w, n, inp, out);
         if let Some(b) = &lin.bias {
             for row in y.chunks_exact_mut(out) {
                 for (yi, bi) in row.iter_mut().zip(b) {
                     *yi += bi;
                 }
             }
+        }
+    } else {
+        // Row by row, so that a row's result does not depend on the rows batched with it.
+        for i in 0..n {
+            lin.forward_base(&mut y[i * out..(i + 1) * out], &x[i * inp..(i + 1) * inp]);
         }
     }
     // Adapters attached to the base itself apply to every row (the server attaches none).

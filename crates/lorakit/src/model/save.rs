@@ -57,7 +57,7 @@ fn hf_tensors(model: &Decoder) -> Result<Vec<NamedTensor>> {
     let mut tensors: Vec<NamedTensor> = vec![(
         names.embed.into(),
         vec![c.vocab_size, h],
-        model.embed_tokens.clone(),
+        model.embed_tokens.to_f32().into_owned(),
     )];
     if let (Some(w), Some(name)) = (&model.wpe, names.positions) {
         tensors.push((name.into(), vec![w.len() / h, h], w.clone()));
@@ -85,9 +85,9 @@ fn hf_tensors(model: &Decoder) -> Result<Vec<NamedTensor>> {
             let path = c.adapter_kind(kind).path(i);
             let (out, inp) = (lin.out_features, lin.in_features);
             let (shape, w) = if names.conv1d {
-                (vec![inp, out], transpose(lin.weight_f32(), out, inp))
+                (vec![inp, out], transpose(&lin.weight_f32(), out, inp))
             } else {
-                (vec![out, inp], lin.weight_f32().to_vec())
+                (vec![out, inp], lin.weight_f32().into_owned())
             };
             tensors.push((format!("{path}.weight"), shape, w));
             if let Some(b) = &lin.bias {
@@ -104,7 +104,7 @@ fn hf_tensors(model: &Decoder) -> Result<Vec<NamedTensor>> {
         tensors.push((
             names.head.into(),
             vec![head.out_features, head.in_features],
-            head.weight_f32().to_vec(),
+            head.weight_f32().into_owned(),
         ));
     }
     Ok(tensors)

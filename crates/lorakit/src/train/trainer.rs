@@ -81,8 +81,12 @@ pub struct TrainOptions {
     pub save_every: usize,
     pub keep_checkpoints: usize,
     /// Frozen-weight products: `bf16` (the default where the CPU has AVX512-BF16; emulated with the
-    /// same rounding elsewhere) or `f32`.
+    /// same rounding elsewhere), `f32`, or `gguf` (QLoRA: the frozen base kept only in quantised
+    /// blocks, a GGUF file's own or `quantize`'s).
     pub precision: Option<String>,
+    /// With `precision = "gguf"` and an HF base: the block type its weights are quantised to at
+    /// load (`q8_0`, `q4_0`, `q4_k`, ...).
+    pub quantize: Option<String>,
     /// A step whose loss or gradient norm is NaN/Inf is skipped (no update, recorded in
     /// metrics.jsonl) instead of stopping the run.
     pub skip_nonfinite: bool,
@@ -128,6 +132,7 @@ impl Default for TrainOptions {
             save_every: 0,
             keep_checkpoints: 2,
             precision: None,
+            quantize: None,
             skip_nonfinite: false,
             full: false,
         }
@@ -163,10 +168,39 @@ impl TrainOptions {
     /// emulated bf16 products are no faster than f32 ones); f32 for full fine-tuning.
     pub fn precision(&self) -> Result<crate::model::Precision> {
         match &self.precision {
+            // The blocks' products are f32 arithmetic on dequantised panels.
+            Some(p) if p == "gguf" => Ok(crate::model::Precision::F32),
             None if self.full => Ok(crate::model::Precision::F32),
             Some(p) => p.parse(),
             None if crate::engine::bf16::bf16_native() => Ok(crate::model::Precision::Bf16),
             None => Ok(crate::model::Precision::F32),
+        }
+    }
+
+    /// Whether the frozen base is kept in quantised blocks (`precision = "gguf"`), and the type
+    /// an HF base is quantised to (`quantize`), checked.
+    pub fn blocks(&self) -> Result<Option<Option<crate::io::gguf::GgmlType>>> {
+        let blocks = self.precision.as_deref() == Some("gguf");
+        let quantize = match self.quantize.as_deref() {
+            None => None,
+            Some(name) => Some(crate::model::gguf_model::parse_type(name).ok_or_else(|| {
+                let names: Vec<String> = crate::engine::quant::GGUF_TYPES
+                    .iter()
+                    .map(|t| t.name().to_ascii_lowercase())
+                    .collect();
+                Error::Invalid(format!(
+                    "--quantize {name}: not a block type lorakit trains over ({})",
+                    names.join(", ")
+                ))
+            })?),
+        };
+        match (blocks, quantize) {
+            (false, Some(t)) => Err(Error::Invalid(format!(
+                "--quantize {} keeps the base in quantised blocks: pass it with --precision gguf",
+                t.name().to_ascii_lowercase()
+            ))),
+            (false, None) => Ok(None),
+            (true, q) => Ok(Some(q)),
         }
     }
 
@@ -213,6 +247,14 @@ impl TrainOptions {
             return Err(Error::Invalid(format!(
                 "--{name} is a LoRA option and cannot be combined with --full (which trains every weight)"
             )));
+        }
+        if self.precision.as_deref() == Some("gguf") || self.quantize.is_some() {
+            return Err(Error::Invalid(
+                "--full cannot train a base kept in quantised blocks (--precision gguf, --quantize): \
+                 blocks cannot take an optimiser step; train LoRA over them (drop --full), or \
+                 fully fine-tune in f32"
+                    .into(),
+            ));
         }
         if self.precision.as_deref().is_some_and(|p| p != "f32") {
             return Err(Error::Invalid(
@@ -490,7 +532,7 @@ impl TrainPlan {
             }
         }
         h = fnv1a(h, format!("{:?}", model.config.block).as_bytes());
-        for w in [&model.embed_tokens, &model.norm] {
+        for w in [&*model.embed_tokens.to_f32(), &model.norm[..]] {
             for v in w.iter() {
                 h = fnv1a(h, &v.to_le_bytes());
             }
