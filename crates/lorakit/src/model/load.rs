@@ -70,9 +70,17 @@ impl LoadedModel {
 /// Opens `path`: a GGUF file, or an HF directory with `config.json`, `model.safetensors` (or a
 /// sharded `model.safetensors.index.json`) and `tokenizer.json`.
 pub fn load_model(path: &Path) -> Result<LoadedModel> {
+    if is_dir_or_gguf(path)? {
+        return load_hf_dir(path);
+    }
+    load_gguf(path, false)
+}
+
+/// True for a directory, false for a file with the GGUF magic; anything else is an error.
+fn is_dir_or_gguf(path: &Path) -> Result<bool> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
-        return load_hf_dir(path);
+        return Ok(true);
     }
     let mut magic = [0u8; 4];
     {
@@ -86,7 +94,7 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
             ));
         }
     }
-    load_gguf(path, false)
+    Ok(false)
 }
 
 /// Opens `path` with every frozen weight matrix (linear layers, embedding, LM head) in
@@ -94,8 +102,7 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
 /// for an HF directory, the f32 weights quantised to `quantize` at load. A GGUF tensor stored
 /// as F32/F16/BF16 stays f32; a block type the kernels lack is an error naming the tensor.
 pub fn load_model_blocks(path: &Path, quantize: Option<GgmlType>) -> Result<LoadedModel> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if !meta.is_dir() {
+    if !is_dir_or_gguf(path)? {
         if let Some(t) = quantize {
             return Err(Error::Invalid(format!(
                 "{}: quantising to {} is for an HF base; a GGUF base computes with its own blocks",
@@ -103,7 +110,6 @@ pub fn load_model_blocks(path: &Path, quantize: Option<GgmlType>) -> Result<Load
                 t.name()
             )));
         }
-        load_model(path)?; // the magic check and its error
         return load_gguf(path, true);
     }
     let Some(dtype) = quantize else {
