@@ -98,7 +98,9 @@ fn qlora_on_the_q4_1_file_follows_the_f32_path_on_the_same_weights() {
         worst = worst.max(rel);
         assert!(rel <= 2e-2, "step {}: QLoRA loss {a} vs f32 {b}", k + 1);
     }
-    eprintln!("QLoRA vs f32 on the dequantised weights: worst relative loss difference {worst:.2e}");
+    eprintln!(
+        "QLoRA vs f32 on the dequantised weights: worst relative loss difference {worst:.2e}"
+    );
     assert!(worst <= 1e-3, "{worst:.2e}");
     assert!(q[9] < q[0], "the loss did not go down: {q:?}");
 }
@@ -206,7 +208,10 @@ fn qlora_refuses_full_fine_tuning_and_an_unquantised_hf_base() {
     assert!(err.contains("--quantize q3_k"), "{err}");
     // Q4_K needs rows of 256 values; the tiny model's are 64.
     let err = train_fails(&["--precision", "gguf", "--quantize", "q4_k"]);
-    assert!(err.contains("self_attn.q_proj") || err.contains("embed_tokens"), "{err}");
+    assert!(
+        err.contains("self_attn.q_proj") || err.contains("embed_tokens"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -225,14 +230,27 @@ fn an_unsupported_block_type_is_one_error_naming_tensor_and_type() {
         if info.name == target {
             let n: usize = shape.iter().product();
             let t = GgmlType::Q3_K;
-            w.tensor(target, &shape, t, vec![0u8; n / t.block_size() * t.type_size()]);
+            w.tensor(
+                target,
+                &shape,
+                t,
+                vec![0u8; n / t.block_size() * t.type_size()],
+            );
         } else {
-            w.tensor(&info.name, &shape, info.dtype, src.tensor_bytes(info).to_vec());
+            w.tensor(
+                &info.name,
+                &shape,
+                info.dtype,
+                src.tensor_bytes(info).to_vec(),
+            );
         }
     }
     let path = tmp.path().join("q3k.gguf");
     std::fs::write(&path, w.to_bytes()).unwrap();
-    assert!(lorakit::model::load_model(&path).is_ok(), "the f32 path reads Q3_K");
+    assert!(
+        lorakit::model::load_model(&path).is_ok(),
+        "the f32 path reads Q3_K"
+    );
     let data = tmp.path().join("rows.jsonl");
     fixture_rows(&data);
     let out = tmp.path().join("run");
@@ -251,9 +269,6 @@ fn an_unsupported_block_type_is_one_error_naming_tensor_and_type() {
     ]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains(&format!("tensor '{target}' is Q3_K")),
-        "{err}"
-    );
+    assert!(err.contains(&format!("tensor '{target}' is Q3_K")), "{err}");
     assert_eq!(err.matches("Q3_K").count(), 1, "one error: {err}");
 }

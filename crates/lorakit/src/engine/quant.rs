@@ -414,36 +414,34 @@ impl QuantMatrix {
         );
         assert!(rows.end <= self.rows && out.len() == rows.len() * w);
         let ng = self.cols / g;
+        #[cfg(target_arch = "x86_64")]
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
         for (r, o) in rows.zip(out.chunks_exact_mut(w)) {
             for (k, og) in o.chunks_exact_mut(g).enumerate() {
                 let gi = r * ng + cols.start / g + k;
                 let d = self.scales[gi];
-                let m = self.mins.get(gi).copied().unwrap_or(0.0);
+                let m = self.mins.get(gi).copied();
                 let e0 = r * self.cols + cols.start + k * g;
-                // The reader's arithmetic: level·d, plus the minimum where the type has one
-                // (adding a zero minimum would turn a −0 into +0, nothing else).
-                match self.levels {
-                    Levels::Nibbles => {
-                        let q = &self.quants[e0 / 2..e0 / 2 + 16];
-                        let (lo, hi) = og.split_at_mut(16);
-                        for j in 0..16 {
-                            lo[j] = (q[j] & 0x0f) as f32 * d + m;
-                            hi[j] = (q[j] >> 4) as f32 * d + m;
-                        }
-                    }
-                    Levels::Bytes => {
-                        let q = &self.quants[e0..e0 + g];
-                        if self.mins.is_empty() {
-                            for (v, &l) in og.iter_mut().zip(q) {
-                                *v = l as i8 as f32 * d;
-                            }
-                        } else {
-                            for (v, &l) in og.iter_mut().zip(q) {
-                                *v = l as i8 as f32 * d + m;
+                #[cfg(target_arch = "x86_64")]
+                if avx512 {
+                    // SAFETY: the feature was detected above; the group's levels are in bounds
+                    // (16 nibble bytes or g level bytes from e0) and og holds g values.
+                    unsafe {
+                        match self.levels {
+                            Levels::Nibbles => dequant_nibbles32_avx512(
+                                &self.quants[e0 / 2..e0 / 2 + 16],
+                                d,
+                                m,
+                                og,
+                            ),
+                            Levels::Bytes => {
+                                dequant_bytes_avx512(&self.quants[e0..e0 + g], d, m, og)
                             }
                         }
                     }
+                    continue;
                 }
+                dequant_group(self.levels, &self.quants, e0, g, d, m, og);
             }
         }
     }
@@ -555,6 +553,82 @@ impl QuantMatrix {
     }
 }
 
+/// One group of levels from element `e0` on, dequantised into `out` [g]: the reader's
+/// arithmetic, level·d (+ m where the type has minimums), no fused multiply-add.
+fn dequant_group(
+    levels: Levels,
+    quants: &[u8],
+    e0: usize,
+    g: usize,
+    d: f32,
+    m: Option<f32>,
+    out: &mut [f32],
+) {
+    match levels {
+        Levels::Nibbles => {
+            let q = &quants[e0 / 2..e0 / 2 + 16];
+            let m = m.unwrap_or(0.0);
+            let (lo, hi) = out.split_at_mut(16);
+            for j in 0..16 {
+                lo[j] = (q[j] & 0x0f) as f32 * d + m;
+                hi[j] = (q[j] >> 4) as f32 * d + m;
+            }
+        }
+        Levels::Bytes => {
+            let q = &quants[e0..e0 + g];
+            match m {
+                None => {
+                    for (v, &l) in out.iter_mut().zip(q) {
+                        *v = l as i8 as f32 * d;
+                    }
+                }
+                Some(m) => {
+                    for (v, &l) in out.iter_mut().zip(q) {
+                        *v = l as i8 as f32 * d + m;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`dequant_group`] for a group of 32 nibbles (16 bytes) → out [32].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dequant_nibbles32_avx512(q: &[u8], d: f32, m: Option<f32>, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    debug_assert!(q.len() >= 16 && out.len() >= 32);
+    let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(q.as_ptr() as *const __m128i));
+    let lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0xF)));
+    let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+    let (dv, mv) = (_mm512_set1_ps(d), _mm512_set1_ps(m.unwrap_or(0.0)));
+    // Separate multiply and add: the reader rounds level·d before adding the minimum.
+    _mm512_storeu_ps(out.as_mut_ptr(), _mm512_add_ps(_mm512_mul_ps(lo, dv), mv));
+    _mm512_storeu_ps(
+        out.as_mut_ptr().add(16),
+        _mm512_add_ps(_mm512_mul_ps(hi, dv), mv),
+    );
+}
+
+/// [`dequant_group`] for a group of 16 or 32 signed level bytes → out [g].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dequant_bytes_avx512(q: &[u8], d: f32, m: Option<f32>, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    debug_assert!(q.len() == out.len() && q.len().is_multiple_of(16));
+    let dv = _mm512_set1_ps(d);
+    for c in 0..q.len() / 16 {
+        let l = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+            q.as_ptr().add(16 * c) as *const __m128i,
+        )));
+        let v = match m {
+            None => _mm512_mul_ps(l, dv),
+            Some(m) => _mm512_add_ps(_mm512_mul_ps(l, dv), _mm512_set1_ps(m)),
+        };
+        _mm512_storeu_ps(out.as_mut_ptr().add(16 * c), v);
+    }
+}
+
 /// Σ_g d_g · Σ_j q_gj x_gj over one row of 4-bit groups of 32 (minimums added by the caller).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -657,6 +731,29 @@ mod tests {
                         .zip(&got[256..])
                         .all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{dtype}: row {r}'s panel differs from dequantize_row"
+                );
+                // The portable group kernel too (the panel above may have run AVX-512).
+                let ng = cols / m.group;
+                let mut portable = vec![0.0f32; cols];
+                for (k, og) in portable.chunks_exact_mut(m.group).enumerate() {
+                    let gi = r * ng + k;
+                    let (d, mn) = (m.scales[gi], m.mins.get(gi).copied());
+                    dequant_group(
+                        m.levels,
+                        &m.quants,
+                        r * cols + k * m.group,
+                        m.group,
+                        d,
+                        mn,
+                        og,
+                    );
+                }
+                assert!(
+                    portable
+                        .iter()
+                        .zip(&got)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{dtype}: row {r}'s portable groups differ from dequantize_row"
                 );
             }
         }
