@@ -44,7 +44,7 @@ fn main() {
         .map(|s| s.parse().expect("ROUNDS is a number"))
         .unwrap_or(5);
     // (name, t, out, in)
-    let shapes = [
+    let shapes: [(&str, usize, usize, usize); 4] = [
         ("llama8b q_proj", 512, 4096, 4096),
         ("llama8b down_proj", 512, 4096, 14336),
         ("smollm2 q_proj", 1024, 576, 576),

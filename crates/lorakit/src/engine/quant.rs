@@ -396,6 +396,13 @@ struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
+impl SharedOut {
+    /// Through a method, so that closures capture the whole (Send) wrapper, not its field.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 impl QuantMatrix {
     /// W[rows, cols] dequantised into `out` [rows.len(), cols.len()] (row-major), with the
     /// values of [`QuantMatrix::dequantize_row`]. `cols` must start and end on group
@@ -460,7 +467,6 @@ impl QuantMatrix {
                 let n = FWD_PANEL.min(rows - r0);
                 let w = &mut scratch[..n * cols];
                 self.dequantize_into(r0..r0 + n, 0..cols, w);
-                let out = out;
                 // SAFETY: dst (i, j) = y[i·rows + r0 + j] for i < t, j < n: in bounds by the
                 // assert, and columns r0..r0+n belong to this panel alone. lhs (i, p) =
                 // x[i·cols + p]; rhs (p, j) = w[j·cols + p], both in bounds.
@@ -469,7 +475,7 @@ impl QuantMatrix {
                         t,
                         n,
                         cols,
-                        out.0.add(r0),
+                        out.ptr().add(r0),
                         1,
                         rows as isize,
                         false,
@@ -516,7 +522,6 @@ impl QuantMatrix {
             |scratch, c| {
                 let c0 = c * chunk;
                 let cw = chunk.min(cols - c0);
-                let out = out;
                 for (pi, r0) in (0..rows).step_by(BWD_PANEL).enumerate() {
                     let n = BWD_PANEL.min(rows - r0);
                     let w = &mut scratch[..n * cw];
@@ -529,7 +534,7 @@ impl QuantMatrix {
                             t,
                             cw,
                             n,
-                            out.0.add(c0),
+                            out.ptr().add(c0),
                             1,
                             cols as isize,
                             accumulate || pi > 0,
