@@ -272,3 +272,53 @@ fn an_unsupported_block_type_is_one_error_naming_tensor_and_type() {
     assert!(err.contains(&format!("tensor '{target}' is Q3_K")), "{err}");
     assert_eq!(err.matches("Q3_K").count(), 1, "one error: {err}");
 }
+
+#[test]
+fn recompute_gives_the_same_steps_as_saving_every_activation() {
+    // Activation checkpointing reruns each layer's forward from its saved input with the same
+    // kernels and dropout masks, so the run is the same to the bit: losses and adapter bytes.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tiny_rows(tmp.path());
+    let tiny = fixture("tiny-llama");
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut args = vec![
+            "train",
+            "--model",
+            s(&tiny),
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--r",
+            "4",
+            "--targets",
+            "q_proj,v_proj,down_proj",
+            "--dropout",
+            "0.1",
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--lr",
+            "1e-2",
+            "--precision",
+            "gguf",
+            "--quantize",
+            "q8_0",
+        ];
+        args.extend(extra);
+        let o = lorakit(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        (
+            losses(&out),
+            std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+        )
+    };
+    let (l0, a0) = run("saved", &[]);
+    let (l1, a1) = run("recomputed", &["--recompute"]);
+    assert_eq!(l0, l1);
+    assert!(a0 == a1, "the adapters differ");
+    let err = train_fails(&["--full", "--recompute"]);
+    assert!(err.contains("--recompute"), "{err}");
+}

@@ -113,6 +113,10 @@ pub struct TrainArgs {
     /// (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k).
     #[arg(long)]
     quantize: Option<String>,
+    /// Keep only each layer's input from the forward and recompute the rest in the backward
+    /// (activation checkpointing): much less memory for about one more forward pass per step.
+    #[arg(long)]
+    recompute: bool,
     /// Full fine-tuning: every weight trainable (the baseline LoRA replaces); writes OUT/model.
     #[arg(long)]
     full: bool,
@@ -199,6 +203,7 @@ impl TrainArgs {
         o.packing |= self.packing;
         o.skip_nonfinite |= self.skip_nonfinite;
         o.full |= self.full;
+        o.recompute |= self.recompute;
         o.overwrite |= self.overwrite;
         Ok(o)
     }

@@ -87,6 +87,10 @@ pub struct TrainOptions {
     /// With `precision = "gguf"` and an HF base: the block type its weights are quantised to at
     /// load (`q8_0`, `q4_0`, `q4_k`, ...).
     pub quantize: Option<String>,
+    /// Keep only each layer's input from the forward and recompute the rest in the backward
+    /// (activation checkpointing, LoRA): about one more forward pass per step for much less
+    /// memory.
+    pub recompute: bool,
     /// A step whose loss or gradient norm is NaN/Inf is skipped (no update, recorded in
     /// metrics.jsonl) instead of stopping the run.
     pub skip_nonfinite: bool,
@@ -133,6 +137,7 @@ impl Default for TrainOptions {
             keep_checkpoints: 2,
             precision: None,
             quantize: None,
+            recompute: false,
             skip_nonfinite: false,
             full: false,
         }
@@ -242,6 +247,7 @@ impl TrainOptions {
             ("use-rslora", self.use_rslora != d.use_rslora),
             ("init", self.init != d.init),
             ("init-adapter", self.init_adapter.is_some()),
+            ("recompute", self.recompute),
         ];
         if let Some((name, _)) = lora_only.iter().find(|(_, set)| *set) {
             return Err(Error::Invalid(format!(
@@ -567,6 +573,10 @@ impl TrainPlan {
             / c.num_layers.max(1);
         // x_in, x_mid, q, attention output, k, v, gate, up, lse, x·Aᵀ (see decoder_train::LayerActs).
         let per_token_layer = 2 * h + 2 * q + 2 * kv + 2 * i + c.num_heads + r_sum;
+        if self.options.recompute {
+            // Every layer's input, and one layer recomputed at a time.
+            return (n * h * c.num_layers + n * per_token_layer + n * h) * 4;
+        }
         (n * per_token_layer * c.num_layers + n * h) * 4
     }
 }
@@ -1299,6 +1309,7 @@ impl Trainee for LoraRun<'_> {
             seed: o.seed ^ micro_index.wrapping_mul(0x9E37_79B9_7F4A_7C15),
         };
         let (model, acts) = (self.model, &mut self.acts);
+        acts.recompute = o.recompute;
         let targets = micro_batch_forward(
             model,
             batch,
