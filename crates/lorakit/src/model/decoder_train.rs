@@ -536,13 +536,13 @@ impl Decoder {
             );
         };
         a.x_in.clear();
-        a.x_in.extend_from_slice(&x);
+        a.x_in.extend_from_slice(x);
         let attn_in: &[f32] = match layer.norm(NormSlot::AttnIn) {
             Some(w) => {
-                self.norm_forward(&mut bufs.normed, &x, w);
+                self.norm_forward(&mut bufs.normed, x, w);
                 &bufs.normed
             }
-            None => &x,
+            None => x,
         };
         set_len(&mut a.q, n * qd);
         set_len(&mut a.k, n * kvd);
@@ -600,13 +600,13 @@ impl Decoder {
         );
 
         a.x_mid.clear();
-        a.x_mid.extend_from_slice(&x);
+        a.x_mid.extend_from_slice(x);
         let mlp_in: &[f32] = match layer.norm(NormSlot::MlpIn) {
             Some(w) => {
-                self.norm_forward(&mut bufs.normed, &x, w);
+                self.norm_forward(&mut bufs.normed, x, w);
                 &bufs.normed
             }
-            None => &x,
+            None => x,
         };
         set_len(&mut a.up, n * inter);
         match &layer.mlp {
