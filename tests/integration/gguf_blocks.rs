@@ -5,17 +5,27 @@
 
 use lorakit::generate::{generate, SamplingParams};
 use lorakit::lora::ModuleKind;
-use lorakit::model::attach_gguf_blocks;
+use lorakit::model::{load_model_blocks, Weight};
 
 use crate::common::*;
 
 #[test]
 fn gguf_blocks_give_transformers_logits_and_greedy_text() {
-    let mut model = real_model().model.clone();
-    attach_gguf_blocks(&mut model, &real_model_path()).unwrap();
+    let model = load_model_blocks(&real_model_path(), None).unwrap().model;
+    // Every matrix in blocks, none also in f32 (the tied head is the embedding's blocks).
     assert!(
-        model.layers.iter().all(|l| l.down_proj.quant.is_some()) && model.head_quant.is_some(),
-        "the blocks were not attached: this test would check the f32 path"
+        model.layers.iter().all(|l| {
+            l.kinds()
+                .into_iter()
+                .all(|k| matches!(l.linear(k).unwrap().weight, Weight::Quant(_)))
+        }) && matches!(model.embed_tokens, Weight::Quant(_))
+            && model.lm_head.is_none(),
+        "the weights are not all in blocks: this test would check the f32 path"
+    );
+    let bytes = model.frozen_bytes();
+    assert!(
+        bytes.bf16 == 0 && bytes.f32 < 1_000_000 && bytes.blocks < 130_000_000,
+        "{bytes:?}"
     );
     let meta = read_json("smollm2/meta.json");
     for record in ["plain", "chat"] {
@@ -38,12 +48,11 @@ fn gguf_blocks_give_transformers_logits_and_greedy_text() {
 
 #[test]
 fn gguf_blocks_with_an_unmerged_adapter_match_peft() {
-    let mut model = real_model().model.clone();
+    let mut model = load_model_blocks(&real_model_path(), None).unwrap().model;
     let adapter =
         lorakit::lora::peft::Adapter::load(&fixture("smollm2-peft-r8-qv/adapter"), &model.config)
             .unwrap();
     model.attach_adapter(&adapter, 1.0).unwrap();
-    attach_gguf_blocks(&mut model, &real_model_path()).unwrap();
     let meta = read_json("smollm2-peft-r8-qv/meta.json");
     let record = "plain";
     let ids = ids_of(&meta["prompts"][record]["ids"]);
@@ -85,8 +94,7 @@ fn gguf_k_quant_blocks_give_transformers_greedy_text_on_gemma3() {
     let p = &r["prompts"]["short"];
     let prompt = ids_of(&p["ids"]);
     let want = ids_of(&p["greedy_new_ids"]);
-    let mut model = lorakit::model::load_model(&gemma3_path()).unwrap().model;
-    attach_gguf_blocks(&mut model, &gemma3_path()).unwrap();
+    let model = load_model_blocks(&gemma3_path(), None).unwrap().model;
     let types: std::collections::BTreeSet<&str> = model
         .layers
         .iter()
@@ -99,7 +107,7 @@ fn gguf_k_quant_blocks_give_transformers_greedy_text_on_gemma3() {
             ]
             .map(|k| {
                 let lin = l.linear(k).unwrap();
-                lin.quant.as_ref().expect("blocks attached").dtype.name()
+                lin.weight.quant().expect("blocks").dtype.name()
             })
         })
         .collect();

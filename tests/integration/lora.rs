@@ -228,9 +228,10 @@ fn gradients_match_finite_differences() {
 }
 
 /// Layer 0's q_proj weight [out, in].
-fn q_weight(model: &lorakit::model::Decoder) -> std::borrow::Cow<'_, [f32]> {
+fn q_weight(model: &lorakit::model::Decoder) -> Vec<f32> {
     model.layers[0]
         .linear(lorakit::lora::ModuleKind::Q)
         .expect("a Llama layer has q_proj")
         .weight_f32()
+        .into_owned()
 }

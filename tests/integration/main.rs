@@ -21,6 +21,7 @@ mod lora;
 mod mpi;
 mod outputs;
 mod packing;
+mod qlora;
 mod real_model;
 mod serve;
 mod sweep;

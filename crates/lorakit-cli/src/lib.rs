@@ -73,8 +73,8 @@ struct ModelArg {
     #[arg(long)]
     adapter: Vec<String>,
     /// Frozen-weight arithmetic: f32 (exact, default), bf16 (faster with AVX512-BF16, emulated
-    /// elsewhere), or gguf (multiply with the GGUF file's own Q4_1/Q8_0 blocks: the fastest
-    /// decode).
+    /// elsewhere), or gguf (keep the weights only in the GGUF file's own quantised blocks and
+    /// multiply with them: the least memory and the fastest decode).
     #[arg(long, default_value = "f32")]
     precision: String,
 }
@@ -87,16 +87,19 @@ impl ModelArg {
         } else {
             self.precision.parse()?
         };
-        let mut m = open_model(self.model)?;
+        let mut m = if gguf_blocks {
+            let path = resolve_model(self.model)?;
+            if path.is_dir() {
+                bail!("--precision gguf needs a .gguf model (this one is an HF directory)");
+            }
+            // The weights stay in the file's blocks, with no f32 copy.
+            lorakit::model::load_model_blocks(&path, None)
+                .with_context(|| format!("cannot load model {}", path.display()))?
+        } else {
+            open_model(self.model)?
+        };
         attach_adapters(&mut m, &self.adapter)?;
         m.model.set_precision(precision)?;
-        if gguf_blocks {
-            let lorakit::model::ModelSource::Gguf { path, .. } = &m.source else {
-                bail!("--precision gguf needs a .gguf model (this one is an HF directory)");
-            };
-            let path = path.clone();
-            lorakit::model::attach_gguf_blocks(&mut m.model, &path)?;
-        }
         Ok(m)
     }
 }

@@ -104,10 +104,19 @@ pub struct TrainArgs {
     save_every: Option<usize>,
     #[arg(long)]
     keep_checkpoints: Option<usize>,
-    /// Frozen-weight arithmetic: bf16 (default where the CPU has AVX512-BF16; emulated elsewhere)
-    /// or f32 (exact).
+    /// Frozen-weight arithmetic: bf16 (default where the CPU has AVX512-BF16; emulated elsewhere),
+    /// f32 (exact), or gguf (QLoRA: the frozen base kept only in the GGUF file's quantised
+    /// blocks, or an HF base's quantised at load with --quantize).
     #[arg(long)]
     precision: Option<String>,
+    /// With --precision gguf and an HF base: quantise its weights at load to this block type
+    /// (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k).
+    #[arg(long)]
+    quantize: Option<String>,
+    /// Keep only each layer's input from the forward and recompute the rest in the backward
+    /// (activation checkpointing): much less memory for about one more forward pass per step.
+    #[arg(long)]
+    recompute: bool,
     /// Full fine-tuning: every weight trainable (the baseline LoRA replaces); writes OUT/model.
     #[arg(long)]
     full: bool,
@@ -163,6 +172,9 @@ impl TrainArgs {
         if self.precision.is_some() {
             o.precision = self.precision.clone();
         }
+        if self.quantize.is_some() {
+            o.quantize = self.quantize.clone();
+        }
         if self.data.is_some() {
             o.data = self.data.clone();
         }
@@ -191,6 +203,7 @@ impl TrainArgs {
         o.packing |= self.packing;
         o.skip_nonfinite |= self.skip_nonfinite;
         o.full |= self.full;
+        o.recompute |= self.recompute;
         o.overwrite |= self.overwrite;
         Ok(o)
     }
@@ -287,7 +300,17 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         };
         let precision = options.precision()?;
         let model_name = model_path.display().to_string();
-        let mut loaded = open_model(Some(model_path.clone()))?;
+        let mut loaded = match options.blocks()? {
+            Some(quantize) => {
+                anyhow::ensure!(
+                    !options.full,
+                    "--full cannot train a base kept in quantised blocks (--precision gguf): blocks cannot take an optimiser step; drop --full to train LoRA over them"
+                );
+                lorakit::model::load_model_blocks(&model_path, quantize)
+                    .with_context(|| format!("cannot load model {}", model_path.display()))?
+            }
+            None => open_model(Some(model_path.clone()))?,
+        };
         loaded.model.set_precision(precision)?;
         let plan = TrainPlan::new(options, &loaded, &model_name)?;
         Ok((output, loaded, plan, precision))
@@ -350,12 +373,19 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     {
         eprintln!("warning: {w}");
     }
-    let weights_mb = loaded.model.weight_bytes() as f64 / 1e6;
+    let frozen_bytes = loaded.model.frozen_bytes();
+    let weights_mb = frozen_bytes.total() as f64 / 1e6;
     let what = if full {
         format!(
             "{weights_mb:.0} MB f32 weights + {:.0} MB gradients + {:.0} MB AdamW moments",
             weights_mb,
             2.0 * weights_mb
+        )
+    } else if frozen_bytes.blocks > 0 {
+        format!(
+            "{weights_mb:.0} MB frozen weights ({:.0} MB quantised blocks, {:.0} MB f32)",
+            frozen_bytes.blocks as f64 / 1e6,
+            frozen_bytes.f32 as f64 / 1e6
         )
     } else {
         let held = match precision {

@@ -1,15 +1,20 @@
-//! Products with weights kept in the GGUF's own quantised blocks (`--precision gguf`), for
-//! decoding: a 135M model's Q4_1 weights are a third of its bf16 bytes, and decode is bound by
-//! memory bandwidth.
+//! Products with weights kept in the GGUF's own quantised blocks (`--precision gguf`): the only
+//! copy of a frozen weight in that mode, for decoding (bound by memory bandwidth) and for QLoRA
+//! training (a 135M model's Q4_1 weights are a sixth of its f32 bytes).
 //!
 //! Every block type of llama.cpp's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K_M and Q5_K_M files is one
 //! of two shapes: groups of 32 (or 16) integer levels with an f32 scale and, for some, an f32
 //! minimum, w = scale·q + min. At load each block is re-laid out as such groups (K-quants' 6-bit
 //! sub-block scales multiplied out, exactly as `dequantize` multiplies them), in one of two
-//! layouts the kernels read: 4-bit levels two per byte (Q4_1, Q4_K) or one signed byte per level
-//! (Q4_0, Q5_0, Q5_1, Q8_0, Q5_K, and Q6_K in groups of 16). [`QuantMatrix::dequantize_row`] is
-//! bit for bit `io::gguf::dequantize`; a product differs from the f32 product of the dequantised
-//! weights only in rounding order (Σ scale·(Σ q·x) + min·Σx instead of Σ w·x).
+//! layouts the kernels read: 4-bit levels two per byte (Q4_0, Q4_1, Q4_K) or one signed byte per
+//! level (Q5_0, Q5_1, Q8_0, Q5_K, and Q6_K in groups of 16). [`QuantMatrix::dequantize_row`]
+//! gives `io::gguf::dequantize`'s values (bit for bit, but for the sign of a Q4_0 zero); a
+//! product differs from the f32 product of the dequantised weights only in rounding order.
+//!
+//! Two product shapes: token by token (`row_dot`, decode: each weight row streamed once per
+//! token), and many rows at once (training, prefill): a panel of weight rows is dequantised to
+//! f32 into per-thread scratch and multiplied by a blocked f32 kernel (`gemm`), so each weight
+//! is dequantised once per product, not once per row of x.
 
 use rayon::prelude::*;
 
@@ -39,6 +44,12 @@ pub const GGUF_TYPES: [GgmlType; 8] = [
     GgmlType::Q6_K,
 ];
 
+/// The layout, group size and whether there are minimums, for `dtype`; None for a type the
+/// kernels do not take.
+pub fn layout_of(dtype: GgmlType) -> Option<(Levels, usize, bool)> {
+    layout(dtype)
+}
+
 /// A [rows, cols] matrix as groups of quantised levels along each row.
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
@@ -65,9 +76,11 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 fn layout(dtype: GgmlType) -> Option<(Levels, usize, bool)> {
     use GgmlType::*;
     Some(match dtype {
-        Q4_1 => (Levels::Nibbles, 32, true),
-        Q4_K => (Levels::Nibbles, 32, true),
-        Q4_0 | Q5_0 | Q8_0 => (Levels::Bytes, 32, false),
+        // Q4_0's w = d·(q − 8) is held as d·q + (−8d): both products are exact in f32 (an f16
+        // scale times a 4-bit level), so the values are the reader's bit for bit, at half the
+        // bytes of one i8 per level.
+        Q4_0 | Q4_1 | Q4_K => (Levels::Nibbles, 32, true),
+        Q5_0 | Q8_0 => (Levels::Bytes, 32, false),
         Q5_1 | Q5_K => (Levels::Bytes, 32, true),
         Q6_K => (Levels::Bytes, 16, false),
         _ => return None,
@@ -110,16 +123,11 @@ fn split_block(dtype: GgmlType, b: &[u8], g: &mut Groups) {
     use GgmlType::*;
     match dtype {
         Q4_0 => {
-            g.push(f16_at(b, 0), None);
+            let d = f16_at(b, 0);
+            g.push(d, Some(-8.0 * d));
             let qs = &b[2..18];
-            g.levels.extend((0..32).map(|j| {
-                let q = if j < 16 {
-                    qs[j] & 0x0f
-                } else {
-                    qs[j - 16] >> 4
-                };
-                q as i8 - 8
-            }));
+            g.levels
+                .extend((0..32).map(|j| if j < 16 { qs[j] & 0x0f } else { qs[j - 16] >> 4 } as i8));
         }
         Q4_1 => {
             g.push(f16_at(b, 0), Some(f16_at(b, 2)));
@@ -306,9 +314,13 @@ impl QuantMatrix {
         out
     }
 
-    /// y = x Wᵀ.  x: [t, cols], y: [t, rows]. Each token is one matrix-vector product, split
-    /// over threads by rows (decode has t = 1; a prompt runs token by token).
+    /// y = x Wᵀ.  x: [t, cols], y: [t, rows]. Up to [`MANY_ROWS`] rows of x, each is one
+    /// matrix-vector product split over threads by rows of W (decode); from there on, panels of
+    /// W are dequantised once and multiplied by all of x (training, prefill).
     pub fn matmul_nt(&self, y: &mut [f32], x: &[f32], t: usize) {
+        if t >= MANY_ROWS {
+            return self.matmul_nt_panels(y, x, t);
+        }
         for (yt, xt) in y
             .chunks_exact_mut(self.rows)
             .zip(x.chunks_exact(self.cols))
@@ -365,6 +377,260 @@ impl QuantMatrix {
             }
         }
         dot(&self.dequantize_row(r), x)
+    }
+}
+
+/// Rows of W per dequantised panel in the many-row forward product (64 × 4096 f32 = 1 MiB of
+/// scratch per thread, which stays in L2 while `gemm` streams x past it).
+const FWD_PANEL: usize = 64;
+/// Rows of W per panel in the many-row backward product.
+const BWD_PANEL: usize = 256;
+/// From this many rows of x on, [`QuantMatrix::matmul_nt`] dequantises panels instead of
+/// streaming rows (below it the per-token dot products read less memory).
+const MANY_ROWS: usize = 4;
+
+/// A raw output pointer shared by threads that write disjoint elements.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: every user writes a set of elements no other thread touches (disjoint columns).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// Through a method, so that closures capture the whole (Send) wrapper, not its field.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl QuantMatrix {
+    /// W[rows, cols] dequantised into `out` [rows.len(), cols.len()] (row-major), with the
+    /// values of [`QuantMatrix::dequantize_row`]. `cols` must start and end on group
+    /// boundaries.
+    pub fn dequantize_into(
+        &self,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let (g, w) = (self.group, cols.len());
+        assert!(
+            cols.start.is_multiple_of(g) && cols.end.is_multiple_of(g) && cols.end <= self.cols,
+            "dequantize_into: columns {cols:?} are not whole groups of {g} within {}",
+            self.cols
+        );
+        assert!(rows.end <= self.rows && out.len() == rows.len() * w);
+        let ng = self.cols / g;
+        #[cfg(target_arch = "x86_64")]
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+        for (r, o) in rows.zip(out.chunks_exact_mut(w)) {
+            for (k, og) in o.chunks_exact_mut(g).enumerate() {
+                let gi = r * ng + cols.start / g + k;
+                let d = self.scales[gi];
+                let m = self.mins.get(gi).copied();
+                let e0 = r * self.cols + cols.start + k * g;
+                #[cfg(target_arch = "x86_64")]
+                if avx512 {
+                    // SAFETY: the feature was detected above; the group's levels are in bounds
+                    // (16 nibble bytes or g level bytes from e0) and og holds g values.
+                    unsafe {
+                        match self.levels {
+                            Levels::Nibbles => dequant_nibbles32_avx512(
+                                &self.quants[e0 / 2..e0 / 2 + 16],
+                                d,
+                                m,
+                                og,
+                            ),
+                            Levels::Bytes => {
+                                dequant_bytes_avx512(&self.quants[e0..e0 + g], d, m, og)
+                            }
+                        }
+                    }
+                    continue;
+                }
+                dequant_group(self.levels, &self.quants, e0, g, d, m, og);
+            }
+        }
+    }
+
+    /// y = x Wᵀ for many rows of x.  x: [t, cols], y: [t, rows]. Rows of W are split into
+    /// panels of [`FWD_PANEL`], one thread per panel: the panel is dequantised once into the
+    /// thread's scratch and multiplied by all of x, each thread writing its own columns of y.
+    fn matmul_nt_panels(&self, y: &mut [f32], x: &[f32], t: usize) {
+        let (rows, cols) = (self.rows, self.cols);
+        assert!(x.len() >= t * cols && y.len() >= t * rows);
+        let out = SharedOut(y.as_mut_ptr());
+        (0..rows.div_ceil(FWD_PANEL)).into_par_iter().for_each_init(
+            || vec![0.0f32; FWD_PANEL * cols],
+            |scratch, p| {
+                let r0 = p * FWD_PANEL;
+                let n = FWD_PANEL.min(rows - r0);
+                let w = &mut scratch[..n * cols];
+                self.dequantize_into(r0..r0 + n, 0..cols, w);
+                // SAFETY: dst (i, j) = y[i·rows + r0 + j] for i < t, j < n: in bounds by the
+                // assert, and columns r0..r0+n belong to this panel alone. lhs (i, p) =
+                // x[i·cols + p]; rhs (p, j) = w[j·cols + p], both in bounds.
+                unsafe {
+                    gemm::gemm(
+                        t,
+                        n,
+                        cols,
+                        out.ptr().add(r0),
+                        1,
+                        rows as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        cols as isize,
+                        w.as_ptr(),
+                        cols as isize,
+                        1,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            },
+        );
+    }
+
+    /// dx (+)= dy W.  dy: [t, rows], dx: [t, cols] (the input gradient of y = x Wᵀ).
+    ///
+    /// Columns of W are split into chunks of whole groups, one thread per chunk, so each thread
+    /// owns its columns of dx; within a chunk, panels of [`BWD_PANEL`] rows are dequantised
+    /// into the thread's scratch and accumulated, so every weight is dequantised once.
+    pub fn matmul_w(&self, dx: &mut [f32], dy: &[f32], t: usize, accumulate: bool) {
+        let (rows, cols, g) = (self.rows, self.cols, self.group);
+        assert!(
+            dy.len() == t * rows && dx.len() == t * cols,
+            "matmul_w: dy has {} elements, dx {}; expected {t}×{rows} and {t}×{cols}",
+            dy.len(),
+            dx.len()
+        );
+        if t == 0 {
+            return;
+        }
+        // About four chunks per thread, at most 256 columns, whole groups.
+        let threads = rayon::current_num_threads().max(1);
+        let chunk = (cols / (4 * threads) / g * g).clamp(g, 256.max(g));
+        let out = SharedOut(dx.as_mut_ptr());
+        (0..cols.div_ceil(chunk)).into_par_iter().for_each_init(
+            || vec![0.0f32; BWD_PANEL * chunk],
+            |scratch, c| {
+                let c0 = c * chunk;
+                let cw = chunk.min(cols - c0);
+                for (pi, r0) in (0..rows).step_by(BWD_PANEL).enumerate() {
+                    let n = BWD_PANEL.min(rows - r0);
+                    let w = &mut scratch[..n * cw];
+                    self.dequantize_into(r0..r0 + n, c0..c0 + cw, w);
+                    // SAFETY: dst (i, j) = dx[i·cols + c0 + j] for i < t, j < cw: in bounds,
+                    // and columns c0..c0+cw belong to this chunk alone. lhs (i, p) =
+                    // dy[i·rows + r0 + p] with r0 + p < rows; rhs (p, j) = w[p·cw + j].
+                    unsafe {
+                        gemm::gemm(
+                            t,
+                            cw,
+                            n,
+                            out.ptr().add(c0),
+                            1,
+                            cols as isize,
+                            accumulate || pi > 0,
+                            dy.as_ptr().add(r0),
+                            1,
+                            rows as isize,
+                            w.as_ptr(),
+                            1,
+                            cw as isize,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                }
+            },
+        );
+    }
+}
+
+/// One group of levels from element `e0` on, dequantised into `out` [g]: the reader's
+/// arithmetic, level·d (+ m where the type has minimums), no fused multiply-add.
+fn dequant_group(
+    levels: Levels,
+    quants: &[u8],
+    e0: usize,
+    g: usize,
+    d: f32,
+    m: Option<f32>,
+    out: &mut [f32],
+) {
+    match levels {
+        Levels::Nibbles => {
+            let q = &quants[e0 / 2..e0 / 2 + 16];
+            let m = m.unwrap_or(0.0);
+            let (lo, hi) = out.split_at_mut(16);
+            for j in 0..16 {
+                lo[j] = (q[j] & 0x0f) as f32 * d + m;
+                hi[j] = (q[j] >> 4) as f32 * d + m;
+            }
+        }
+        Levels::Bytes => {
+            let q = &quants[e0..e0 + g];
+            match m {
+                None => {
+                    for (v, &l) in out.iter_mut().zip(q) {
+                        *v = l as i8 as f32 * d;
+                    }
+                }
+                Some(m) => {
+                    for (v, &l) in out.iter_mut().zip(q) {
+                        *v = l as i8 as f32 * d + m;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`dequant_group`] for a group of 32 nibbles (16 bytes) → out [32].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dequant_nibbles32_avx512(q: &[u8], d: f32, m: Option<f32>, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    debug_assert!(q.len() >= 16 && out.len() >= 32);
+    let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(q.as_ptr() as *const __m128i));
+    let lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0xF)));
+    let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+    let (dv, mv) = (_mm512_set1_ps(d), _mm512_set1_ps(m.unwrap_or(0.0)));
+    // Separate multiply and add: the reader rounds level·d before adding the minimum.
+    _mm512_storeu_ps(out.as_mut_ptr(), _mm512_add_ps(_mm512_mul_ps(lo, dv), mv));
+    _mm512_storeu_ps(
+        out.as_mut_ptr().add(16),
+        _mm512_add_ps(_mm512_mul_ps(hi, dv), mv),
+    );
+}
+
+/// [`dequant_group`] for a group of 16 or 32 signed level bytes → out [g].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dequant_bytes_avx512(q: &[u8], d: f32, m: Option<f32>, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    debug_assert!(q.len() == out.len() && q.len().is_multiple_of(16));
+    let dv = _mm512_set1_ps(d);
+    for c in 0..q.len() / 16 {
+        let l = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+            q.as_ptr().add(16 * c) as *const __m128i,
+        )));
+        let v = match m {
+            None => _mm512_mul_ps(l, dv),
+            Some(m) => _mm512_add_ps(_mm512_mul_ps(l, dv), _mm512_set1_ps(m)),
+        };
+        _mm512_storeu_ps(out.as_mut_ptr().add(16 * c), v);
     }
 }
 
@@ -454,9 +720,45 @@ mod tests {
             for r in 0..rows {
                 let got = m.dequantize_row(r);
                 let w = &want[r * cols..(r + 1) * cols];
+                // Bit for bit, but a Q4_0 zero d·8 + (−8d) is +0 where the reader's d·0 may be
+                // −0.
                 assert!(
-                    got.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    got.iter()
+                        .zip(w)
+                        .all(|(a, b)| a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0)),
                     "{dtype}: row {r} differs from dequantize"
+                );
+                let mut panel = vec![0.0f32; cols - 256];
+                m.dequantize_into(r..r + 1, 256..cols, &mut panel);
+                assert!(
+                    panel
+                        .iter()
+                        .zip(&got[256..])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{dtype}: row {r}'s panel differs from dequantize_row"
+                );
+                // The portable group kernel too (the panel above may have run AVX-512).
+                let ng = cols / m.group;
+                let mut portable = vec![0.0f32; cols];
+                for (k, og) in portable.chunks_exact_mut(m.group).enumerate() {
+                    let gi = r * ng + k;
+                    let (d, mn) = (m.scales[gi], m.mins.get(gi).copied());
+                    dequant_group(
+                        m.levels,
+                        &m.quants,
+                        r * cols + k * m.group,
+                        m.group,
+                        d,
+                        mn,
+                        og,
+                    );
+                }
+                assert!(
+                    portable
+                        .iter()
+                        .zip(&got)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{dtype}: row {r}'s portable groups differ from dequantize_row"
                 );
             }
         }
@@ -499,6 +801,140 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// Random block bytes of `dtype` for [rows, cols], every f16 scale field overwritten with a
+    /// small finite value (random bytes would make some NaN or huge).
+    fn random_blocks(dtype: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        use GgmlType::*;
+        let mut s = seed;
+        let mut next = move || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 33) as u32
+        };
+        let n = rows * cols / dtype.block_size() * dtype.type_size();
+        let mut b: Vec<u8> = (0..n).map(|_| next() as u8).collect();
+        let f16_fields: &[usize] = match dtype {
+            Q4_0 | Q5_0 | Q8_0 => &[0],
+            Q4_1 | Q5_1 | Q4_K | Q5_K => &[0, 2],
+            Q6_K => &[208],
+            _ => unreachable!(),
+        };
+        for blk in b.chunks_exact_mut(dtype.type_size()) {
+            for &at in f16_fields {
+                let v = (next() % 2001) as f32 / 1000.0 - 1.0;
+                blk[at..at + 2].copy_from_slice(&half::f16::from_f32(v * 0.05).to_le_bytes());
+            }
+        }
+        b
+    }
+
+    fn random_f32(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// |got − want| ≤ γ_k · Σ|a·b| + 1e-30, γ_k = k·u / (1 − k·u) with u = 2⁻²⁴: the
+    /// worst-case error of any order of summing k f32 products (with or without fused
+    /// multiply-adds), against the exact (f64) sum of the same f32 factors.
+    fn assert_within_gamma(got: f32, want: f64, mag: f64, k: usize, what: &str) {
+        let u = (2.0f64).powi(-24);
+        let gamma = k as f64 * u / (1.0 - k as f64 * u);
+        assert!(
+            (got as f64 - want).abs() <= gamma * mag + 1e-30,
+            "{what}: {got} vs {want} (bound {})",
+            gamma * mag
+        );
+    }
+
+    #[test]
+    fn many_row_products_match_f64_products_of_the_dequantised_weights() {
+        // t = 1 and t not a multiple of any tile; rows not a multiple of either panel; cols
+        // giving a last column chunk shorter than the others.
+        for dtype in GGUF_TYPES {
+            for (rows, cols, t) in [(70, 768, 1), (300, 256, 5), (1, 512, 67), (129, 1280, 4)] {
+                let bytes = random_blocks(dtype, rows, cols, rows as u64 * 31 + t as u64);
+                let m =
+                    QuantMatrix::from_gguf_blocks(dtype, &bytes, rows, cols, None, "w").unwrap();
+                let w: Vec<f32> = (0..rows).flat_map(|r| m.dequantize_row(r)).collect();
+                assert!(w.iter().all(|v| v.is_finite()));
+                // Forward through the panels (matmul_nt takes them from MANY_ROWS rows).
+                let x = random_f32(t * cols, 5);
+                let mut y = vec![f32::NAN; t * rows];
+                m.matmul_nt_panels(&mut y, &x, t);
+                for i in 0..t {
+                    for r in 0..rows {
+                        let (xs, ws) = (&x[i * cols..(i + 1) * cols], &w[r * cols..(r + 1) * cols]);
+                        let want: f64 = xs.iter().zip(ws).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        let mag: f64 = xs
+                            .iter()
+                            .zip(ws)
+                            .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                            .sum();
+                        let what = format!("{dtype} [{rows}, {cols}] t {t}: y[{i}, {r}]");
+                        assert_within_gamma(y[i * rows + r], want, mag, cols, &what);
+                    }
+                }
+                // Backward, plain and accumulating onto a known dx.
+                let dy = random_f32(t * rows, 9);
+                for accumulate in [false, true] {
+                    let base = random_f32(t * cols, 11);
+                    let mut dx = if accumulate {
+                        base.clone()
+                    } else {
+                        vec![f32::NAN; t * cols]
+                    };
+                    m.matmul_w(&mut dx, &dy, t, accumulate);
+                    for i in 0..t {
+                        for c in 0..cols {
+                            let terms =
+                                (0..rows).map(|r| dy[i * rows + r] as f64 * w[r * cols + c] as f64);
+                            let (mut want, mut mag) = (0.0f64, 0.0f64);
+                            for v in terms {
+                                want += v;
+                                mag += v.abs();
+                            }
+                            if accumulate {
+                                want += base[i * cols + c] as f64;
+                                mag += (base[i * cols + c] as f64).abs();
+                            }
+                            let what = format!(
+                                "{dtype} [{rows}, {cols}] t {t} accumulate {accumulate}: dx[{i}, {c}]"
+                            );
+                            assert_within_gamma(dx[i * cols + c], want, mag, rows + 1, &what);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_nt_takes_the_panels_from_many_rows() {
+        // The dispatch: the same y (within rounding) on both sides of MANY_ROWS.
+        let (rows, cols) = (90, 512);
+        let bytes = random_blocks(GgmlType::Q4_K, rows, cols, 1);
+        let m =
+            QuantMatrix::from_gguf_blocks(GgmlType::Q4_K, &bytes, rows, cols, None, "w").unwrap();
+        let x = random_f32(MANY_ROWS * cols, 2);
+        let mut many = vec![0.0f32; MANY_ROWS * rows];
+        m.matmul_nt(&mut many, &x, MANY_ROWS);
+        for i in 0..MANY_ROWS {
+            let mut one = vec![0.0f32; rows];
+            m.matmul_nt(&mut one, &x[i * cols..(i + 1) * cols], 1);
+            for (a, b) in one.iter().zip(&many[i * rows..(i + 1) * rows]) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{a} vs {b}");
             }
         }
     }

@@ -607,6 +607,31 @@ impl GgufFile {
             .unwrap_or(&[])
     }
 
+    /// Lets the kernel drop the resident pages of a tensor's data (a hint; errors are
+    /// ignored): a loader that has copied the tensor out keeps the peak resident memory at one
+    /// copy of the weights, not the file plus its copy. Reading the tensor again pages it back
+    /// in from the file.
+    pub fn release(&self, info: &GgufTensorInfo) {
+        #[cfg(unix)]
+        if let Bytes::Mapped(map) = &self.bytes {
+            let (Ok(start), Ok(len)) = (
+                usize::try_from(self.data_offset + info.offset),
+                usize::try_from(info.n_bytes()),
+            ) else {
+                return;
+            };
+            if start.checked_add(len).is_some_and(|end| end <= map.len()) {
+                // SAFETY: the map is a read-only private mapping of a file this process never
+                // writes, so MADV_DONTNEED discards nothing but clean pages: a later read of the
+                // range faults the same bytes back in from the file, and no slice handed out
+                // sees different data.
+                let _ = unsafe {
+                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
+                };
+            }
+        }
+    }
+
     fn info_or_err(&self, name: &str) -> Result<&GgufTensorInfo> {
         self.tensor_info(name)
             .ok_or_else(|| Error::tensor(&self.path, name, "not found in file"))

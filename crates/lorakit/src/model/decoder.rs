@@ -10,7 +10,6 @@ use crate::engine::ops::{
     layer_norm_forward, position_embedding_add, rms_norm_forward, rope_forward, swiglu_forward,
     RopeTable,
 };
-use crate::engine::quant::QuantMatrix;
 use crate::error::{Error, Result};
 use crate::lora::peft::Adapter;
 use crate::lora::{ModuleId, ModuleKind};
@@ -19,9 +18,10 @@ use crate::model::config::Config;
 use crate::model::kv_cache::store_kv;
 pub use crate::model::kv_cache::{KvCache, Logits};
 use crate::model::linear::{
-    check_precision_supported, frozen_forward, head_weight, Bf16Weight, FrozenRef, TiedEmbedding,
+    check_precision_supported, frozen_backward, frozen_forward, head_weight, Bf16Weight, FrozenRef,
+    TiedEmbedding,
 };
-use crate::model::linear::{Linear, Precision};
+use crate::model::linear::{Linear, Precision, Weight};
 use crate::model::spec::{Activation, NormKind, Positions, QkNorm};
 use crate::model::traits::{CausalLm, LmHead};
 
@@ -167,12 +167,27 @@ impl Layer {
     }
 }
 
+/// Bytes of a model's frozen weights by form ([`Decoder::frozen_bytes`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FrozenBytes {
+    pub f32: usize,
+    pub bf16: usize,
+    pub blocks: usize,
+}
+
+impl FrozenBytes {
+    pub fn total(&self) -> usize {
+        self.f32 + self.bf16 + self.blocks
+    }
+}
+
 /// A model of any supported family: its config (with the block description) and its weights.
 #[derive(Debug, Clone)]
 pub struct Decoder {
     pub config: Config,
-    /// [vocab, hidden]
-    pub embed_tokens: Vec<f32>,
+    /// [vocab, hidden]: f32, or quantised blocks whose rows are dequantised as looked up
+    /// (`--precision gguf`; a tied head multiplies with the same blocks).
+    pub embed_tokens: Weight,
     pub layers: Vec<Layer>,
     /// final norm, [hidden]
     pub norm: Vec<f32>,
@@ -184,13 +199,11 @@ pub struct Decoder {
     pub lm_head: Option<Linear>,
     /// One table per entry of `config.ropes`.
     pub ropes: Vec<RopeTable>,
-    /// bf16 packing of the tied LM head (`embed_tokens`) in [`Precision::Bf16`].
+    /// bf16 packing of the tied LM head (an f32 `embed_tokens`) in [`Precision::Bf16`].
     pub tied_head_bf16: Option<Box<Bf16Weight>>,
     /// With `tied_head_bf16`: the embedding's f32 values as that packing plus the bits it
     /// rounded away; `embed_tokens` is then empty ([`Decoder::embedding_f32`] rebuilds it).
     pub tied_embedding: Option<Box<TiedEmbedding>>,
-    /// The tied LM head in the GGUF's quantised blocks (`--precision gguf`, inference only).
-    pub head_quant: Option<Box<QuantMatrix>>,
     pub precision: Precision,
 }
 
@@ -288,7 +301,7 @@ impl Decoder {
             .collect();
         Decoder {
             config,
-            embed_tokens,
+            embed_tokens: Weight::F32(embed_tokens),
             layers,
             norm,
             norm_bias: None,
@@ -297,7 +310,6 @@ impl Decoder {
             ropes,
             tied_head_bf16: None,
             tied_embedding: None,
-            head_quant: None,
             precision: Precision::F32,
         }
     }
@@ -374,52 +386,70 @@ impl Decoder {
         Ok(())
     }
 
-    /// [`Decoder::set_precision`] of a head tied to the embedding.
+    /// [`Decoder::set_precision`] of a head tied to the embedding (an f32 one: blocks compute as
+    /// they are).
     fn set_tied_precision(&mut self, precision: Precision) {
         let (vocab, h) = (self.config.vocab_size, self.config.hidden_size);
         if let (Some(split), Some(head)) = (self.tied_embedding.take(), &self.tied_head_bf16) {
-            self.embed_tokens = split.to_f32(head);
+            self.embed_tokens = Weight::F32(split.to_f32(head));
         }
         self.tied_head_bf16 = None;
         if precision == Precision::Bf16 {
-            let head = Bf16Weight::new(&self.embed_tokens, vocab, h);
-            let split = TiedEmbedding::new(&self.embed_tokens, &head, vocab, h);
-            self.embed_tokens = Vec::new();
-            self.tied_head_bf16 = Some(Box::new(head));
-            self.tied_embedding = Some(Box::new(split));
+            if let Weight::F32(e) = &self.embed_tokens {
+                let head = Bf16Weight::new(e, vocab, h);
+                let split = TiedEmbedding::new(e, &head, vocab, h);
+                self.embed_tokens = Weight::F32(Vec::new());
+                self.tied_head_bf16 = Some(Box::new(head));
+                self.tied_embedding = Some(Box::new(split));
+            }
         }
     }
 
     /// The embedding [vocab, hidden] in f32: borrowed, or rebuilt (exactly) from its split
-    /// storage in bf16 ([`TiedEmbedding`]).
+    /// storage in bf16 ([`TiedEmbedding`]), or dequantised from blocks.
     pub fn embedding_f32(&self) -> Cow<'_, [f32]> {
         match (&self.tied_embedding, &self.tied_head_bf16) {
             (Some(split), Some(head)) => Cow::Owned(split.to_f32(head)),
-            _ => Cow::Borrowed(&self.embed_tokens),
+            _ => self.embed_tokens.to_f32(),
         }
     }
 
     /// Bytes held by the model's weights in every stored form (f32, bf16 packings, GGUF
     /// blocks): what the frozen model costs in memory.
     pub fn weight_bytes(&self) -> usize {
-        let f32s = |v: &[f32]| v.len() * 4;
-        let mut total = f32s(&self.embed_tokens)
-            + f32s(&self.norm)
-            + self.norm_bias.as_deref().map_or(0, f32s)
-            + self.wpe.as_deref().map_or(0, f32s)
-            + self.lm_head.as_ref().map_or(0, Linear::weight_bytes)
-            + self.tied_head_bf16.as_ref().map_or(0, |b| b.bytes())
-            + self.tied_embedding.as_ref().map_or(0, |e| e.bytes())
-            + self.head_quant.as_ref().map_or(0, |q| q.bytes());
+        self.frozen_bytes().total()
+    }
+
+    /// Bytes the frozen weights hold, by form: f32 values (norms, biases and positions
+    /// included), bf16 packings (and a tied embedding's split storage), quantised blocks.
+    pub fn frozen_bytes(&self) -> FrozenBytes {
+        let mut b = FrozenBytes::default();
+        let mut add = |w: &Weight, bf16: Option<&Bf16Weight>| {
+            match w {
+                Weight::F32(v) => b.f32 += v.len() * 4,
+                Weight::Bf16(p) => b.bf16 += p.bytes(),
+                Weight::Quant(q) => b.blocks += q.bytes(),
+            }
+            b.bf16 += bf16.map_or(0, |p| p.bytes());
+        };
+        add(&self.embed_tokens, self.tied_head_bf16.as_deref());
+        if let Some(l) = &self.lm_head {
+            add(&l.weight, l.bf16.as_deref());
+        }
+        let mut small = self.norm.len() + self.norm_bias.as_ref().map_or(0, |v| v.len());
+        small += self.wpe.as_ref().map_or(0, |v| v.len());
         for layer in &self.layers {
             for lin in layer.kinds().into_iter().filter_map(|k| layer.linear(k)) {
-                total += lin.weight_bytes() + lin.bias.as_deref().map_or(0, f32s);
+                add(&lin.weight, lin.bf16.as_deref());
+                small += lin.bias.as_ref().map_or(0, |v| v.len());
             }
             for (_, n) in &layer.norms {
-                total += f32s(&n.weight) + n.bias.as_deref().map_or(0, f32s);
+                small += n.weight.len() + n.bias.as_ref().map_or(0, |v| v.len());
             }
         }
-        total
+        b.f32 += small * 4;
+        b.bf16 += self.tied_embedding.as_ref().map_or(0, |e| e.bytes());
+        b
     }
 
     /// The LM head's weight [vocab, hidden] as its products read it.
@@ -431,25 +461,32 @@ impl Decoder {
         )
     }
 
+    /// The LM head as plain f32 [vocab, hidden] (no bf16 packing, no blocks), if it is.
+    pub fn head_f32(&self) -> Option<&[f32]> {
+        match self.head_weight() {
+            FrozenRef::F32(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// d x (+)= d logits · head, the head's share of the input gradient.  d logits:
+    /// [n, vocab] → dx: [n, hidden]. (The soft-cap's derivative is the caller's.)
+    pub fn head_backward(&self, dx: &mut [f32], dlogits: &[f32], n: usize, accumulate: bool) {
+        let (h, vocab) = (self.config.hidden_size, self.config.vocab_size);
+        frozen_backward(dx, dlogits, self.head_weight(), n, h, vocab, accumulate);
+    }
+
     /// logits = x · headᵀ (soft-capped where the model says so).  x: [n, hidden] → logits:
     /// [n, vocab].
     pub fn head_forward(&self, logits: &mut [f32], x: &[f32], n: usize) {
-        let quant = match &self.lm_head {
-            Some(l) => l.quant.as_deref(),
-            None => self.head_quant.as_deref(),
-        };
-        if let Some(q) = quant {
-            q.matmul_nt(logits, x, n);
-        } else {
-            frozen_forward(
-                logits,
-                x,
-                self.head_weight(),
-                n,
-                self.config.hidden_size,
-                self.config.vocab_size,
-            );
-        }
+        frozen_forward(
+            logits,
+            x,
+            self.head_weight(),
+            n,
+            self.config.hidden_size,
+            self.config.vocab_size,
+        );
         // Gemma's final soft-capping: cap · tanh(z / cap).
         if let Some(cap) = self.config.final_logit_softcap {
             logits.iter_mut().for_each(|z| *z = cap * (*z / cap).tanh());
@@ -569,13 +606,23 @@ impl Decoder {
     /// `seq` tokens).  x: [T, hidden].
     pub(crate) fn embed(&self, x: &mut [f32], ids: &[u32], start: usize, seq: usize) {
         let h = self.config.hidden_size;
-        match (&self.tied_embedding, &self.tied_head_bf16) {
-            (Some(split), Some(head)) => {
+        match (
+            &self.tied_embedding,
+            &self.tied_head_bf16,
+            &self.embed_tokens,
+        ) {
+            (Some(split), Some(head), _) => {
                 for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
                     split.row_into(head, id as usize, row);
                 }
             }
-            _ => embedding_forward(x, &self.embed_tokens, ids, h),
+            (_, _, Weight::Quant(q)) => {
+                for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
+                    let id = id as usize;
+                    q.dequantize_into(id..id + 1, 0..h, row);
+                }
+            }
+            (_, _, table) => embedding_forward(x, &table.to_f32(), ids, h),
         }
         if let Some(s) = self.config.block.embed_scale {
             x.iter_mut().for_each(|v| *v *= s);
@@ -763,17 +810,14 @@ impl Decoder {
     /// [`Decoder::prefill`] runs through the chunk-invariant path.
     pub fn all_f32(&self) -> bool {
         let f32_lin = |l: &Linear| l.is_f32();
-        let head = match &self.lm_head {
-            Some(l) => f32_lin(l),
-            None => self.head_quant.is_none() && self.tied_head_bf16.is_none(),
-        };
-        head && self.layers.iter().all(|layer| {
-            layer
-                .kinds()
-                .into_iter()
-                .filter_map(|k| layer.linear(k))
-                .all(f32_lin)
-        })
+        self.head_f32().is_some()
+            && self.layers.iter().all(|layer| {
+                layer
+                    .kinds()
+                    .into_iter()
+                    .filter_map(|k| layer.linear(k))
+                    .all(f32_lin)
+            })
     }
 
     /// Logits for a whole sequence from position 0: [T, vocab].
@@ -816,8 +860,8 @@ impl LmHead for Decoder {
         Decoder::head_forward(self, logits, x, n);
     }
 
-    fn head_weight(&self) -> FrozenRef<'_> {
-        Decoder::head_weight(self)
+    fn head_backward(&self, dx: &mut [f32], dlogits: &[f32], n: usize, accumulate: bool) {
+        Decoder::head_backward(self, dx, dlogits, n, accumulate);
     }
 
     fn logit_softcap(&self) -> Option<f32> {

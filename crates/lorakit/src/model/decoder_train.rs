@@ -142,8 +142,6 @@ impl Decoder {
     /// order: embedding, positions, per layer its norms then its linears by kind, final norm,
     /// head. A tied head has no entry of its own (its gradient is the embedding's).
     pub fn params_with_grads<'a>(&'a mut self, grads: &'a mut FullGrads) -> Result<Vec<Param<'a>>> {
-        // Quantised copies would go stale once the weights move.
-        self.head_quant = None;
         let table = arch::weights(self.config.arch);
         let names = arch::model_names(self.config.arch);
         let mismatch =
@@ -162,7 +160,8 @@ impl Decoder {
         let mut v = vec![Param::new(
             names.embed.into(),
             true,
-            embed_tokens,
+            // Blocks cannot take an optimiser step: they become f32 here.
+            embed_tokens.make_f32(),
             &mut grads.embed_tokens,
         )?];
         match (wpe, &mut grads.wpe, names.positions) {
@@ -324,6 +323,31 @@ pub struct Activations {
     pub seq: usize,
     /// The sequences packed into each row (unpacked: one per row).
     segments: Segments,
+    /// Keep only each layer's input and recompute the rest in the backward, one layer at a
+    /// time (activation checkpointing): saved activations shrink to [N, hidden] per layer plus
+    /// one layer's worth, for one more forward pass per step.
+    pub recompute: bool,
+}
+
+impl LayerActs {
+    /// Frees everything but `x_in` (what the backward recomputes from).
+    fn keep_input_only(&mut self) {
+        let x_in = std::mem::take(&mut self.x_in);
+        *self = LayerActs {
+            x_in,
+            ..LayerActs::default()
+        };
+    }
+}
+
+/// Work buffers of the training forward, reused across layers.
+#[derive(Debug, Default)]
+struct FwdBufs {
+    proj: Vec<f32>,
+    normed: Vec<f32>,
+    act: Vec<f32>,
+    fused: Vec<f32>,
+    scratch: Vec<f32>,
 }
 
 impl Activations {
@@ -404,7 +428,6 @@ impl Decoder {
         acts: &mut Activations,
     ) -> Result<()> {
         let c = &self.config;
-        let b = &c.block;
         self.check_trainable(adapter)?;
         if ids.len() != batch * seq || ids.is_empty() {
             return Err(Error::Invalid(format!(
@@ -425,10 +448,7 @@ impl Decoder {
             )));
         }
         self.check_ids(ids)?;
-        let n = batch * seq;
-        let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
-        let (qd, kvd) = (c.q_dim(), c.kv_dim());
-        let qk_norm = b.qk_norm != QkNorm::None;
+        let (n, h) = (batch * seq, c.hidden_size);
         acts.batch = batch;
         acts.seq = seq;
         acts.ids.clear();
@@ -444,144 +464,175 @@ impl Decoder {
                 self.embed(&mut x[at * h..(at + len) * h], &ids[at..at + len], 0, len);
             }
         }
-        let mut proj = vec![0.0f32; n * h];
-        let mut normed = vec![0.0f32; n * h];
-        let mut act = vec![0.0f32; n * inter];
-        let mut fused = Vec::new();
-        let mut scratch = Vec::new();
-
-        for (li, ((layer, a), spec)) in self
-            .layers
-            .iter()
-            .zip(acts.layers.iter_mut())
-            .zip(&c.layers)
-            .enumerate()
-        {
-            let lora = |k: ModuleKind| {
-                let id = ModuleId {
-                    layer: li,
-                    kind: c.adapter_kind(k),
-                };
-                adapter.and_then(|ad| ad.modules.get(&id))
-            };
-            // Prepare the xa slots of this layer's adapted modules.
-            a.xa.retain(|k, _| lora(*k).is_some());
-            for k in layer.kinds() {
-                if lora(k).is_some() {
-                    a.xa.entry(k).or_default();
-                }
+        let mut bufs = FwdBufs::default();
+        for li in 0..c.num_layers {
+            let a = &mut acts.layers[li];
+            self.train_layer_forward(li, &mut x, a, batch, seq, segs, adapter, dropout, &mut bufs);
+            if acts.recompute {
+                a.keep_input_only();
             }
-            // One adapted-or-frozen linear layer of this block, by kind.
-            let mut fwd = |kind: ModuleKind, input: &[f32], out: &mut [f32]| {
-                let id = ModuleId {
-                    layer: li,
-                    kind: c.adapter_kind(kind),
-                };
-                let Some(lin) = layer.linear(kind) else {
-                    return;
-                };
-                linear_train_forward(
-                    lin,
-                    adapter.and_then(|ad| ad.modules.get(&id)),
-                    input,
-                    out,
-                    a.xa.get_mut(&kind),
-                    dropout,
-                    dropout.key(id),
-                    &mut scratch,
-                );
-            };
-            a.x_in.clear();
-            a.x_in.extend_from_slice(&x);
-            let attn_in: &[f32] = match layer.norm(NormSlot::AttnIn) {
-                Some(w) => {
-                    self.norm_forward(&mut normed, &x, w);
-                    &normed
-                }
-                None => &x,
-            };
-            set_len(&mut a.q, n * qd);
-            set_len(&mut a.k, n * kvd);
-            set_len(&mut a.v, n * kvd);
-            match &layer.qkv {
-                QkvWeights::Separate { .. } => {
-                    fwd(ModuleKind::Q, attn_in, &mut a.q);
-                    fwd(ModuleKind::K, attn_in, &mut a.k);
-                    fwd(ModuleKind::V, attn_in, &mut a.v);
-                }
-                QkvWeights::Fused(_) => {
-                    set_len(&mut fused, n * (qd + 2 * kvd));
-                    fwd(ModuleKind::Qkv, attn_in, &mut fused);
-                    split_rows(&fused, &[qd, kvd, kvd], &mut [&mut a.q, &mut a.k, &mut a.v]);
-                }
-            }
-            if qk_norm {
-                a.q_raw.clone_from(&a.q);
-                a.k_raw.clone_from(&a.k);
-                if let (Some(wq), Some(wk)) = (layer.norm(NormSlot::Q), layer.norm(NormSlot::K)) {
-                    self.norm_forward(&mut a.q, &a.q_raw, wq);
-                    self.norm_forward(&mut a.k, &a.k_raw, wk);
-                }
-            }
-            if let Some(rope) = self.ropes.get(spec.rope) {
-                for bi in 0..batch {
-                    // Positions restart at 0 with every sequence of the row.
-                    for (start, len) in segs.row(bi, seq) {
-                        let rows = bi * seq + start..bi * seq + start + len;
-                        let q = &mut a.q[rows.start * qd..rows.end * qd];
-                        rope_forward(q, c.num_heads, hd, 0, rope);
-                        let k = &mut a.k[rows.start * kvd..rows.end * kvd];
-                        rope_forward(k, c.num_kv_heads, hd, 0, rope);
-                    }
-                }
-            }
-            set_len(&mut a.attn, n * qd);
-            set_len(&mut a.lse, batch * c.num_heads * seq);
-            let shape = self.attn_shape(batch, seq, spec.window);
-            attention_train_forward(&mut a.attn, &mut a.lse, &a.q, &a.k, &a.v, shape, segs);
-            fwd(ModuleKind::O, &a.attn, &mut proj);
-            if layer.norm(NormSlot::AttnOut).is_some() {
-                a.o_out.clone_from(&proj);
-            }
-            self.residual_add(layer, NormSlot::AttnOut, &mut x, &mut proj, &mut normed);
-
-            a.x_mid.clear();
-            a.x_mid.extend_from_slice(&x);
-            let mlp_in: &[f32] = match layer.norm(NormSlot::MlpIn) {
-                Some(w) => {
-                    self.norm_forward(&mut normed, &x, w);
-                    &normed
-                }
-                None => &x,
-            };
-            set_len(&mut a.up, n * inter);
-            match &layer.mlp {
-                MlpWeights::Gated { .. } => {
-                    set_len(&mut a.gate, n * inter);
-                    fwd(ModuleKind::Gate, mlp_in, &mut a.gate);
-                    fwd(ModuleKind::Up, mlp_in, &mut a.up);
-                    gated_act_forward(b.act, &mut act, &a.gate, &a.up);
-                }
-                MlpWeights::GatedFused(_) => {
-                    set_len(&mut a.gate, n * inter);
-                    set_len(&mut fused, n * 2 * inter);
-                    fwd(ModuleKind::GateUp, mlp_in, &mut fused);
-                    split_rows(&fused, &[inter, inter], &mut [&mut a.gate, &mut a.up]);
-                    gated_act_forward(b.act, &mut act, &a.gate, &a.up);
-                }
-                MlpWeights::Plain { .. } => {
-                    fwd(ModuleKind::Up, mlp_in, &mut a.up);
-                    act_forward(b.act, &mut act, &a.up);
-                }
-            }
-            fwd(ModuleKind::Down, &act, &mut proj);
-            if layer.norm(NormSlot::MlpOut).is_some() {
-                a.d_out.clone_from(&proj);
-            }
-            self.residual_add(layer, NormSlot::MlpOut, &mut x, &mut proj, &mut normed);
         }
         acts.x_final = x;
         Ok(())
+    }
+
+    /// Layer `li` of the training forward: x [N, hidden] goes in as the layer's input and
+    /// comes out as its output; `a` is filled with what the backward needs.
+    #[allow(clippy::too_many_arguments)]
+    fn train_layer_forward(
+        &self,
+        li: usize,
+        x: &mut [f32],
+        a: &mut LayerActs,
+        batch: usize,
+        seq: usize,
+        segs: &Segments,
+        adapter: Option<&Adapter>,
+        dropout: Dropout,
+        bufs: &mut FwdBufs,
+    ) {
+        let c = &self.config;
+        let b = &c.block;
+        let (layer, spec) = (&self.layers[li], &c.layers[li]);
+        let n = batch * seq;
+        let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let (qd, kvd) = (c.q_dim(), c.kv_dim());
+        let qk_norm = b.qk_norm != QkNorm::None;
+        set_len(&mut bufs.proj, n * h);
+        set_len(&mut bufs.normed, n * h);
+        set_len(&mut bufs.act, n * inter);
+        let lora = |k: ModuleKind| {
+            let id = ModuleId {
+                layer: li,
+                kind: c.adapter_kind(k),
+            };
+            adapter.and_then(|ad| ad.modules.get(&id))
+        };
+        // Prepare the xa slots of this layer's adapted modules.
+        a.xa.retain(|k, _| lora(*k).is_some());
+        for k in layer.kinds() {
+            if lora(k).is_some() {
+                a.xa.entry(k).or_default();
+            }
+        }
+        // One adapted-or-frozen linear layer of this block, by kind.
+        let mut fwd = |kind: ModuleKind, input: &[f32], out: &mut [f32]| {
+            let id = ModuleId {
+                layer: li,
+                kind: c.adapter_kind(kind),
+            };
+            let Some(lin) = layer.linear(kind) else {
+                return;
+            };
+            linear_train_forward(
+                lin,
+                adapter.and_then(|ad| ad.modules.get(&id)),
+                input,
+                out,
+                a.xa.get_mut(&kind),
+                dropout,
+                dropout.key(id),
+                &mut bufs.scratch,
+            );
+        };
+        a.x_in.clear();
+        a.x_in.extend_from_slice(x);
+        let attn_in: &[f32] = match layer.norm(NormSlot::AttnIn) {
+            Some(w) => {
+                self.norm_forward(&mut bufs.normed, x, w);
+                &bufs.normed
+            }
+            None => x,
+        };
+        set_len(&mut a.q, n * qd);
+        set_len(&mut a.k, n * kvd);
+        set_len(&mut a.v, n * kvd);
+        match &layer.qkv {
+            QkvWeights::Separate { .. } => {
+                fwd(ModuleKind::Q, attn_in, &mut a.q);
+                fwd(ModuleKind::K, attn_in, &mut a.k);
+                fwd(ModuleKind::V, attn_in, &mut a.v);
+            }
+            QkvWeights::Fused(_) => {
+                set_len(&mut bufs.fused, n * (qd + 2 * kvd));
+                fwd(ModuleKind::Qkv, attn_in, &mut bufs.fused);
+                split_rows(
+                    &bufs.fused,
+                    &[qd, kvd, kvd],
+                    &mut [&mut a.q, &mut a.k, &mut a.v],
+                );
+            }
+        }
+        if qk_norm {
+            a.q_raw.clone_from(&a.q);
+            a.k_raw.clone_from(&a.k);
+            if let (Some(wq), Some(wk)) = (layer.norm(NormSlot::Q), layer.norm(NormSlot::K)) {
+                self.norm_forward(&mut a.q, &a.q_raw, wq);
+                self.norm_forward(&mut a.k, &a.k_raw, wk);
+            }
+        }
+        if let Some(rope) = self.ropes.get(spec.rope) {
+            for bi in 0..batch {
+                // Positions restart at 0 with every sequence of the row.
+                for (start, len) in segs.row(bi, seq) {
+                    let rows = bi * seq + start..bi * seq + start + len;
+                    let q = &mut a.q[rows.start * qd..rows.end * qd];
+                    rope_forward(q, c.num_heads, hd, 0, rope);
+                    let k = &mut a.k[rows.start * kvd..rows.end * kvd];
+                    rope_forward(k, c.num_kv_heads, hd, 0, rope);
+                }
+            }
+        }
+        set_len(&mut a.attn, n * qd);
+        set_len(&mut a.lse, batch * c.num_heads * seq);
+        let shape = self.attn_shape(batch, seq, spec.window);
+        attention_train_forward(&mut a.attn, &mut a.lse, &a.q, &a.k, &a.v, shape, segs);
+        fwd(ModuleKind::O, &a.attn, &mut bufs.proj);
+        if layer.norm(NormSlot::AttnOut).is_some() {
+            a.o_out.clone_from(&bufs.proj);
+        }
+        self.residual_add(
+            layer,
+            NormSlot::AttnOut,
+            x,
+            &mut bufs.proj,
+            &mut bufs.normed,
+        );
+
+        a.x_mid.clear();
+        a.x_mid.extend_from_slice(x);
+        let mlp_in: &[f32] = match layer.norm(NormSlot::MlpIn) {
+            Some(w) => {
+                self.norm_forward(&mut bufs.normed, x, w);
+                &bufs.normed
+            }
+            None => x,
+        };
+        set_len(&mut a.up, n * inter);
+        match &layer.mlp {
+            MlpWeights::Gated { .. } => {
+                set_len(&mut a.gate, n * inter);
+                fwd(ModuleKind::Gate, mlp_in, &mut a.gate);
+                fwd(ModuleKind::Up, mlp_in, &mut a.up);
+                gated_act_forward(b.act, &mut bufs.act, &a.gate, &a.up);
+            }
+            MlpWeights::GatedFused(_) => {
+                set_len(&mut a.gate, n * inter);
+                set_len(&mut bufs.fused, n * 2 * inter);
+                fwd(ModuleKind::GateUp, mlp_in, &mut bufs.fused);
+                split_rows(&bufs.fused, &[inter, inter], &mut [&mut a.gate, &mut a.up]);
+                gated_act_forward(b.act, &mut bufs.act, &a.gate, &a.up);
+            }
+            MlpWeights::Plain { .. } => {
+                fwd(ModuleKind::Up, mlp_in, &mut a.up);
+                act_forward(b.act, &mut bufs.act, &a.up);
+            }
+        }
+        fwd(ModuleKind::Down, &bufs.act, &mut bufs.proj);
+        if layer.norm(NormSlot::MlpOut).is_some() {
+            a.d_out.clone_from(&bufs.proj);
+        }
+        self.residual_add(layer, NormSlot::MlpOut, x, &mut bufs.proj, &mut bufs.normed);
     }
 
     /// Backward pass: given dx = ∂loss/∂x_final [N, hidden], accumulates the adapter's
@@ -686,14 +737,29 @@ impl Decoder {
             None => (None, None),
         };
         let mut full_layers = full.as_deref_mut().map(|f| f.layers.iter_mut().rev());
-        for (li, ((layer, a), spec)) in self
-            .layers
-            .iter()
-            .zip(&acts.layers)
-            .zip(&c.layers)
-            .enumerate()
-            .rev()
-        {
+        // The layer recomputed from its saved input (acts.recompute), and the forward's buffers.
+        let mut work = LayerActs::default();
+        let mut fwd_bufs = FwdBufs::default();
+        let mut x_work = Vec::new();
+        for li in (0..c.num_layers).rev() {
+            let (layer, spec) = (&self.layers[li], &c.layers[li]);
+            let a: &LayerActs = if acts.recompute {
+                x_work.clone_from(&acts.layers[li].x_in);
+                self.train_layer_forward(
+                    li,
+                    &mut x_work,
+                    &mut work,
+                    batch,
+                    seq,
+                    segs,
+                    adapter,
+                    dropout,
+                    &mut fwd_bufs,
+                );
+                &work
+            } else {
+                &acts.layers[li]
+            };
             let id = |k: ModuleKind| ModuleId {
                 layer: li,
                 kind: c.adapter_kind(k),

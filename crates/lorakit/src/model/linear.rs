@@ -139,6 +139,8 @@ pub enum FrozenRef<'a> {
     /// Row-major `[out, in]`.
     F32(&'a [f32]),
     Bf16(&'a Bf16Weight),
+    /// A GGUF file's quantised blocks (`--precision gguf`, QLoRA).
+    Quant(&'a QuantMatrix),
 }
 
 /// y = x Wᵀ.  x: [t, in], W: [out, in], y: [t, out].
@@ -153,6 +155,7 @@ pub fn frozen_forward(
     match w {
         FrozenRef::Bf16(b) => matmul_bf16(y, x, t, &b.packed, false),
         FrozenRef::F32(w) => matmul_nt(y, x, w, t, inp, out, false),
+        FrozenRef::Quant(q) => q.matmul_nt(y, x, t),
     }
 }
 
@@ -170,6 +173,7 @@ pub fn frozen_backward(
     match w {
         FrozenRef::Bf16(b) => matmul_bf16_t(dx, dy, t, &b.packed, accumulate),
         FrozenRef::F32(w) => matmul(dx, dy, false, w, false, t, out, inp, accumulate),
+        FrozenRef::Quant(q) => q.matmul_w(dx, dy, t, accumulate),
     }
 }
 
@@ -180,20 +184,20 @@ pub(crate) fn check_precision_supported(_precision: Precision) -> crate::Result<
 }
 
 /// An LM head's weight [vocab, hidden] as its products read it: the untied head's, or the
-/// tied packing, or the embedding itself.
+/// tied packing, or the embedding itself (f32 or blocks).
 pub(crate) fn head_weight<'a>(
     untied: Option<&'a Linear>,
     tied_bf16: Option<&'a Bf16Weight>,
-    embedding: &'a [f32],
+    embedding: &'a Weight,
 ) -> FrozenRef<'a> {
     match (untied, tied_bf16) {
         (Some(l), _) => l.frozen(),
         (None, Some(b)) => FrozenRef::Bf16(b),
-        (None, None) => FrozenRef::F32(embedding),
+        (None, None) => embedding.frozen(),
     }
 }
 
-/// How a frozen weight is stored.
+/// How a frozen weight is stored: exactly one form, no copy beside it.
 #[derive(Debug, Clone)]
 pub enum Weight {
     /// Row-major `[out, in]`.
@@ -201,6 +205,51 @@ pub enum Weight {
     /// Only its bf16 packing ([`Precision::Bf16`] keeps no f32 copy of a weight that only bf16
     /// products read); f32 readers unpack it, exactly.
     Bf16(Box<Bf16Weight>),
+    /// A GGUF file's quantised blocks, rows `[out]` of `in` levels (`--precision gguf`, QLoRA):
+    /// products dequantise panels on the fly; f32 values are made on demand.
+    Quant(QuantMatrix),
+}
+
+impl Weight {
+    /// The f32 values `[out, in]`: borrowed, or unpacked from bf16 (exact), or dequantised.
+    pub fn to_f32(&self) -> Cow<'_, [f32]> {
+        match self {
+            Weight::F32(w) => Cow::Borrowed(w),
+            Weight::Bf16(b) => Cow::Owned(b.unpack()),
+            Weight::Quant(q) => Cow::Owned((0..q.rows).flat_map(|r| q.dequantize_row(r)).collect()),
+        }
+    }
+
+    /// The blocks, when quantised.
+    pub fn quant(&self) -> Option<&QuantMatrix> {
+        match self {
+            Weight::Quant(q) => Some(q),
+            _ => None,
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Weight::F32(w) => w.len() * 4,
+            Weight::Bf16(b) => b.bytes(),
+            Weight::Quant(q) => q.bytes(),
+        }
+    }
+
+    /// The weight as the frozen-weight products read it.
+    pub fn frozen(&self) -> FrozenRef<'_> {
+        match self {
+            Weight::F32(w) => FrozenRef::F32(w),
+            Weight::Bf16(b) => FrozenRef::Bf16(b),
+            Weight::Quant(q) => FrozenRef::Quant(q),
+        }
+    }
+
+    /// Makes the weight f32 (unpacking bf16, dequantising blocks) and returns it `[out, in]`.
+    pub fn make_f32(&mut self) -> &mut Vec<f32> {
+        f32_in_place(self)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -215,9 +264,6 @@ pub struct Linear {
     /// A bf16 packing beside an f32 weight, read by the products: a bf16 layer after merging
     /// (which keeps the merged weight's f32 values for saving).
     pub bf16: Option<Box<Bf16Weight>>,
-    /// The GGUF's own quantised blocks of the weight (`--precision gguf`), preferred by the
-    /// inference forward when present; training and merging use the f32 weight.
-    pub quant: Option<Box<QuantMatrix>>,
 }
 
 impl Linear {
@@ -235,49 +281,63 @@ impl Linear {
             bias,
             loras: Vec::new(),
             bf16: None,
-            quant: None,
         }
     }
 
-    /// The weight as f32 `[out, in]`: borrowed, or unpacked from bf16 (exact).
+    /// A layer over a weight `[out, in]` in any form.
+    pub fn from_weight(
+        weight: Weight,
+        out_features: usize,
+        in_features: usize,
+        bias: Option<Vec<f32>>,
+    ) -> Self {
+        Linear {
+            out_features,
+            in_features,
+            weight,
+            bias,
+            loras: Vec::new(),
+            bf16: None,
+        }
+    }
+
+    /// The weight as f32 `[out, in]`: borrowed, or unpacked from bf16 (exact), or dequantised
+    /// from blocks.
     pub fn weight_f32(&self) -> Cow<'_, [f32]> {
-        match &self.weight {
-            Weight::F32(w) => Cow::Borrowed(w),
-            Weight::Bf16(b) => Cow::Owned(b.unpack()),
-        }
+        self.weight.to_f32()
     }
 
-    /// The weight as the frozen-weight products read it (the GGUF blocks aside).
+    /// The weight as the frozen-weight products read it.
     pub fn frozen(&self) -> FrozenRef<'_> {
         match (&self.weight, &self.bf16) {
-            (Weight::Bf16(b), _) | (Weight::F32(_), Some(b)) => FrozenRef::Bf16(b),
-            (Weight::F32(w), None) => FrozenRef::F32(w),
+            (Weight::F32(_), Some(b)) => FrozenRef::Bf16(b),
+            (w, _) => w.frozen(),
         }
     }
 
     /// Whether every product of the layer is f32 (no bf16 packing, no GGUF blocks).
     pub fn is_f32(&self) -> bool {
-        self.quant.is_none() && matches!(self.frozen(), FrozenRef::F32(_))
+        matches!(self.frozen(), FrozenRef::F32(_))
     }
 
     /// Bytes held by the stored copies of the weight (f32, bf16 packing, GGUF blocks).
     pub fn weight_bytes(&self) -> usize {
-        let stored = match &self.weight {
-            Weight::F32(w) => w.len() * 4,
-            Weight::Bf16(b) => b.bytes(),
-        };
-        stored
-            + self.bf16.as_ref().map_or(0, |b| b.bytes())
-            + self.quant.as_ref().map_or(0, |q| q.bytes())
+        self.weight.bytes() + self.bf16.as_ref().map_or(0, |b| b.bytes())
     }
 
     /// The f32 weight [out, in] and bias [out] for an optimiser step (full fine-tuning): a
-    /// bf16-only weight is unpacked first; a bf16 packing would go stale, so it is dropped
-    /// (`set_precision` packs again).
+    /// bf16-only weight is unpacked first and blocks are dequantised for good; a bf16 packing
+    /// would go stale, so it is dropped (`set_precision` packs again).
     pub fn weight_and_bias_mut(&mut self) -> (&mut [f32], Option<&mut [f32]>) {
         self.bf16 = None;
-        self.quant = None;
         (f32_in_place(&mut self.weight), self.bias.as_deref_mut())
+    }
+
+    /// The f32 weight `[out, in]` to change in place (bf16 unpacked, blocks dequantised, for
+    /// good; a bf16 packing beside it is dropped).
+    pub fn weight_f32_mut(&mut self) -> &mut [f32] {
+        self.bf16 = None;
+        f32_in_place(&mut self.weight)
     }
 
     /// y = x Wᵀ + b + Σ s·(x Aᵀ) Bᵀ.  x: [T, in] → y: [T, out].
@@ -294,11 +354,7 @@ impl Linear {
     /// y = x Wᵀ + b, without adapters.  x: [T, in] → y: [T, out].
     pub fn forward_base(&self, y: &mut [f32], x: &[f32]) {
         let t = x.len() / self.in_features;
-        if let Some(q) = &self.quant {
-            q.matmul_nt(y, x, t);
-        } else {
-            frozen_forward(y, x, self.frozen(), t, self.in_features, self.out_features);
-        }
+        frozen_forward(y, x, self.frozen(), t, self.in_features, self.out_features);
         if let Some(b) = &self.bias {
             for row in y.chunks_exact_mut(self.out_features) {
                 for (yi, bi) in row.iter_mut().zip(b) {
@@ -324,8 +380,12 @@ impl Linear {
 
     /// Stores the weight for `precision`'s products: bf16 keeps only the packing (the f32
     /// values are dropped); f32 unpacks a bf16-only weight (its values rounded to bf16 for
-    /// good: the f32 originals are gone).
+    /// good: the f32 originals are gone). Blocks compute as they are, in either.
     pub fn set_precision(&mut self, precision: Precision) {
+        if matches!(self.weight, Weight::Quant(_)) {
+            self.bf16 = None;
+            return;
+        }
         match precision {
             Precision::F32 => {
                 self.bf16 = None;
@@ -369,9 +429,8 @@ impl Linear {
         if self.loras.is_empty() {
             return;
         }
-        // The quantised blocks hold the old weight; the f32 one is used from now on.
-        self.quant = None;
-        let bf16 = !matches!(self.frozen(), FrozenRef::F32(_));
+        // Merged values are not on the blocks' grid: a quantised weight becomes f32 here.
+        let bf16 = matches!(self.frozen(), FrozenRef::Bf16(_));
         let loras = std::mem::take(&mut self.loras);
         let w = f32_in_place(&mut self.weight);
         for lora in &loras {
@@ -384,14 +443,15 @@ impl Linear {
     }
 }
 
-/// The weight's f32 values [out, in], unpacked in place from bf16 where it is stored so.
+/// The weight's f32 values [out, in], made in place from bf16 (exact) or blocks (dequantised)
+/// where it is stored so.
 fn f32_in_place(weight: &mut Weight) -> &mut Vec<f32> {
-    if let Weight::Bf16(b) = weight {
-        *weight = Weight::F32(b.unpack());
+    if !matches!(weight, Weight::F32(_)) {
+        *weight = Weight::F32(weight.to_f32().into_owned());
     }
     match weight {
         Weight::F32(w) => w,
-        Weight::Bf16(_) => unreachable!("unpacked just above"),
+        _ => unreachable!("made f32 just above"),
     }
 }
 

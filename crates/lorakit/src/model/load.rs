@@ -4,16 +4,16 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::engine::quant::QuantMatrix;
+use crate::engine::quant::{layout_of, QuantMatrix, GGUF_TYPES};
 use crate::error::{Error, Result};
-use crate::io::gguf::GgufFile;
+use crate::io::gguf::{GgmlType, GgufFile};
 use crate::io::hf_dir::SafetensorsSet;
 use crate::lora::ModuleKind;
 use crate::model::arch::{self, NormSlot, Slot, EMBED, FINAL_NORM, HEAD};
 use crate::model::config::{Arch, Config};
 use crate::model::decoder::Decoder;
 use crate::model::decoder::{Layer, MlpWeights, Norm, QkvWeights};
-use crate::model::linear::Linear;
+use crate::model::linear::{Linear, Weight};
 use crate::model::spec::{Mlp, NormKind, QkNorm};
 use crate::tokenize::Tokenizer;
 
@@ -70,9 +70,17 @@ impl LoadedModel {
 /// Opens `path`: a GGUF file, or an HF directory with `config.json`, `model.safetensors` (or a
 /// sharded `model.safetensors.index.json`) and `tokenizer.json`.
 pub fn load_model(path: &Path) -> Result<LoadedModel> {
+    if is_dir_or_gguf(path)? {
+        return load_hf_dir(path);
+    }
+    load_gguf(path, false)
+}
+
+/// True for a directory, false for a file with the GGUF magic; anything else is an error.
+fn is_dir_or_gguf(path: &Path) -> Result<bool> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
-        return load_hf_dir(path);
+        return Ok(true);
     }
     let mut magic = [0u8; 4];
     {
@@ -86,7 +94,72 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
             ));
         }
     }
-    load_gguf(path)
+    Ok(false)
+}
+
+/// Opens `path` with every frozen weight matrix (linear layers, embedding, LM head) in
+/// quantised blocks and no f32 copy (`--precision gguf`, QLoRA): a GGUF file's own blocks, or,
+/// for an HF directory, the f32 weights quantised to `quantize` at load. A GGUF tensor stored
+/// as F32/F16/BF16 stays f32; a block type the kernels lack is an error naming the tensor.
+pub fn load_model_blocks(path: &Path, quantize: Option<GgmlType>) -> Result<LoadedModel> {
+    if !is_dir_or_gguf(path)? {
+        if let Some(t) = quantize {
+            return Err(Error::Invalid(format!(
+                "{}: quantising to {} is for an HF base; a GGUF base computes with its own blocks",
+                path.display(),
+                t.name()
+            )));
+        }
+        return load_gguf(path, true);
+    }
+    let Some(dtype) = quantize else {
+        return Err(Error::Invalid(format!(
+            "{} is an HF directory: computing with quantised blocks needs a GGUF base or a \
+             type to quantise to (--quantize q8_0, q4_0, q4_k, ...)",
+            path.display()
+        )));
+    };
+    let mut m = load_hf_dir(path)?;
+    quantize_weights(&mut m.model, dtype)?;
+    Ok(m)
+}
+
+/// Replaces every linear weight, the embedding and an untied LM head of `model` by `dtype`
+/// blocks (ggml's quantisers, io::gguf::quantize), dropping the f32 values tensor by tensor.
+pub fn quantize_weights(model: &mut Decoder, dtype: GgmlType) -> Result<()> {
+    if layout_of(dtype).is_none() {
+        let names: Vec<&str> = GGUF_TYPES.iter().map(|t| t.name()).collect();
+        return Err(Error::Invalid(format!(
+            "cannot train over {} blocks; quantise to one of {}",
+            dtype.name(),
+            names.join(", ")
+        )));
+    }
+    let to_blocks = |w: &Weight, rows: usize, cols: usize, what: &str| -> Result<QuantMatrix> {
+        let bytes = crate::io::gguf::quantize(dtype, &w.to_f32(), cols)
+            .map_err(|e| Error::Invalid(format!("{what} [{rows}, {cols}]: {e}")))?;
+        QuantMatrix::from_gguf_blocks(dtype, &bytes, rows, cols, None, what)
+    };
+    let (v, h) = (model.config.vocab_size, model.config.hidden_size);
+    let names = arch::model_names(model.config.arch);
+    let embed = to_blocks(&model.embed_tokens, v, h, names.embed)?;
+    model.embed_tokens = Weight::Quant(embed);
+    model.tied_head_bf16 = None;
+    if let Some(head) = &mut model.lm_head {
+        let q = to_blocks(&head.weight, v, h, names.head)?;
+        head.weight = Weight::Quant(q);
+        head.bf16 = None;
+    }
+    let c = model.config.clone();
+    for (i, layer) in model.layers.iter_mut().enumerate() {
+        for (kind, lin) in layer.linears_mut() {
+            let what = format!("{}.weight", c.adapter_kind(kind).path(i));
+            let q = to_blocks(&lin.weight, lin.out_features, lin.in_features, &what)?;
+            lin.weight = Weight::Quant(q);
+            lin.bf16 = None;
+        }
+    }
+    Ok(())
 }
 
 fn count_types(names: impl Iterator<Item = String>) -> Vec<(String, usize)> {
@@ -247,7 +320,9 @@ fn build_layer(
 // ---------------------------------------------------------------------------------------------
 // GGUF
 
-fn load_gguf(path: &Path) -> Result<LoadedModel> {
+/// A GGUF model; `blocks`: its quantised matrices stay in their blocks (see
+/// [`load_model_blocks`]).
+fn load_gguf(path: &Path, blocks: bool) -> Result<LoadedModel> {
     let gguf = GgufFile::open(path)?;
     let config = Config::from_gguf(&gguf)?;
     let c = &config;
@@ -280,7 +355,46 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
         _ => None,
     };
 
-    let embed_tokens = tensor(EMBED.1, &[c.vocab_size, h])?;
+    // A matrix as blocks when asked and stored quantised; else f32. Rows of q and k get the
+    // reordering `unpermute_rows` gives the f32 values.
+    let float = |t: GgmlType| matches!(t, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
+    let matrix = |name: &str, rows: usize, cols: usize, n_head: Option<usize>| -> Result<Weight> {
+        let info = gguf
+            .tensor_info(name)
+            .ok_or_else(|| Error::tensor(path, name, "not found in file"))?;
+        if !blocks || float(info.dtype) {
+            let w = tensor(name, &[rows, cols])?;
+            return Ok(Weight::F32(match n_head {
+                Some(n_head) => unpermute_rows(&w, n_head, rows, cols),
+                None => w,
+            }));
+        }
+        expect_shape(path, name, &info.shape(), &[rows, cols])?;
+        let order: Option<Vec<usize>> = n_head.map(|n_head| {
+            let head_rows = rows / n_head;
+            let half = head_rows / 2;
+            (0..rows)
+                .map(|dst| {
+                    let (head, k) = (dst / head_rows, dst % head_rows);
+                    let (j, i) = (k / half, k % half);
+                    head * head_rows + 2 * i + j
+                })
+                .collect()
+        });
+        let q = QuantMatrix::from_gguf_blocks(
+            info.dtype,
+            gguf.tensor_bytes(info),
+            rows,
+            cols,
+            order.as_deref(),
+            &format!("{}: tensor '{name}'", path.display()),
+        )?;
+        // Pages of the map already re-laid out need not stay resident.
+        gguf.release(info);
+        Ok(Weight::Quant(q))
+    };
+
+    let embed_tokens = matrix(EMBED.1, c.vocab_size, h, None)?;
     let mut layers = Vec::with_capacity(c.num_layers);
     for i in 0..c.num_layers {
         let p = format!("blk.{i}");
@@ -288,13 +402,13 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
             c,
             true,
             |name, kind, out, inp, _bias| {
-                let mut w = tensor(&format!("{p}.{name}.weight"), &[out, inp])?;
+                let n_head = heads_to_unpermute(kind);
+                let w = matrix(&format!("{p}.{name}.weight"), out, inp, n_head)?;
                 let mut b = opt_tensor(&format!("{p}.{name}.bias"), &[out])?;
-                if let Some(n_head) = heads_to_unpermute(kind) {
-                    w = unpermute_rows(&w, n_head, out, inp);
+                if let Some(n_head) = n_head {
                     b = b.map(|b| unpermute_rows(&b, n_head, out, 1));
                 }
-                Ok(Linear::new(w, out, inp, b))
+                Ok(Linear::from_weight(w, out, inp, b))
             },
             |name, len| {
                 Ok(Norm {
@@ -308,8 +422,8 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
     let lm_head = if c.tie_word_embeddings {
         None
     } else {
-        Some(Linear::new(
-            tensor(HEAD.1, &[c.vocab_size, h])?,
+        Some(Linear::from_weight(
+            matrix(HEAD.1, c.vocab_size, h, None)?,
             c.vocab_size,
             h,
             None,
@@ -321,68 +435,14 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
         path: path.to_owned(),
         tensor_types: count_types(gguf.tensors().iter().map(|t| t.dtype.name().to_string())),
     };
+    let mut model = Decoder::new(config, Vec::new(), layers, norm, lm_head);
+    model.embed_tokens = embed_tokens;
     Ok(LoadedModel {
-        model: Decoder::new(config, embed_tokens, layers, norm, lm_head),
+        model,
         tokenizer: Some(tokenizer),
         source,
         chat_template,
     })
-}
-
-/// Gives every linear layer and the LM head of a model loaded from the GGUF at `path` its
-/// quantised blocks from that file (`--precision gguf`), so inference multiplies with them
-/// directly. The block types of `engine::quant::GGUF_TYPES` are supported; any other type is an
-/// error naming the tensor. Rows of q and k get the same reordering as at load.
-pub fn attach_gguf_blocks(model: &mut Decoder, path: &Path) -> Result<()> {
-    let gguf = GgufFile::open(path)?;
-    let c = model.config.clone();
-    let table = arch::weights(c.arch);
-    let quant = |name: &str, rows: usize, cols: usize, n_head: Option<usize>| {
-        let info = gguf
-            .tensor_info(name)
-            .ok_or_else(|| Error::tensor(path, name, "not found in file"))?;
-        // The row permutation of `unpermute_rows` as an index map.
-        let order: Option<Vec<usize>> = n_head.filter(|_| table.gguf_permute_qk).map(|n_head| {
-            let head_rows = rows / n_head;
-            let half = head_rows / 2;
-            (0..rows)
-                .map(|dst| {
-                    let (head, k) = (dst / head_rows, dst % head_rows);
-                    let (j, i) = (k / half, k % half);
-                    head * head_rows + 2 * i + j
-                })
-                .collect()
-        });
-        QuantMatrix::from_gguf_blocks(
-            info.dtype,
-            gguf.tensor_bytes(info),
-            rows,
-            cols,
-            order.as_deref(),
-            &format!("{}: tensor '{name}'", path.display()),
-        )
-        .map(Box::new)
-    };
-    for (i, layer) in model.layers.iter_mut().enumerate() {
-        for (kind, lin) in layer.linears_mut() {
-            let Some((_, gguf_name)) = table.names(Slot::Linear(kind)) else {
-                continue;
-            };
-            let heads = match kind {
-                ModuleKind::Q => Some(c.num_heads),
-                ModuleKind::K => Some(c.num_kv_heads),
-                _ => None,
-            };
-            let name = format!("blk.{i}.{gguf_name}.weight");
-            lin.quant = Some(quant(&name, lin.out_features, lin.in_features, heads)?);
-        }
-    }
-    let h = c.hidden_size;
-    match &mut model.lm_head {
-        Some(head) => head.quant = Some(quant(HEAD.1, c.vocab_size, h, None)?),
-        None => model.head_quant = Some(quant(EMBED.1, c.vocab_size, h, None)?),
-    }
-    Ok(())
 }
 
 /// HF order from llama.cpp order: `w.reshape(n_head, rows/n_head/2, 2, cols).swapaxes(1, 2)`.

@@ -23,6 +23,8 @@ pub mod traits;
 
 pub use config::{Arch, Config};
 pub use decoder::{Decoder, KvCache};
-pub use linear::{Linear, Precision};
-pub use load::{attach_gguf_blocks, load_hf_model, load_model, LoadedModel, ModelSource};
+pub use linear::{Linear, Precision, Weight};
+pub use load::{
+    load_hf_model, load_model, load_model_blocks, quantize_weights, LoadedModel, ModelSource,
+};
 pub use traits::{CausalLm, LmHead};

@@ -282,12 +282,7 @@ pub fn forward_rows(model: &Decoder, seqs: &mut [SeqChunk<'_>]) -> Result<Vec<f3
     if nl == 0 {
         return Ok(logits);
     }
-    let quant = match &model.lm_head {
-        Some(l) => l.quant.is_some(),
-        None => model.head_quant.is_some(),
-    };
-    let head = model.head_weight();
-    if let (false, FrozenRef::F32(w)) = (quant, head) {
+    if let Some(w) = model.head_f32() {
         matmul_rows_dot(&mut logits, &final_normed, w, nl, h, vocab);
         // As Decoder::head_forward: Gemma's final soft-capping, cap · tanh(z / cap).
         if let Some(cap) = c.final_logit_softcap {
@@ -339,7 +334,7 @@ fn linear_rows(
     groups: &Groups<'_>,
 ) {
     let (inp, out) = (lin.in_features, lin.out_features);
-    if let (true, FrozenRef::F32(w)) = (lin.quant.is_none(), lin.frozen()) {
+    if let FrozenRef::F32(w) = lin.frozen() {
         matmul_rows_dot(y, x, w, n, inp, out);
         if let Some(b) = &lin.bias {
             for row in y.chunks_exact_mut(out) {
@@ -349,6 +344,7 @@ fn linear_rows(
             }
         }
     } else {
+        // Row by row, so that a row's result does not depend on the rows batched with it.
         for i in 0..n {
             lin.forward_base(&mut y[i * out..(i + 1) * out], &x[i * inp..(i + 1) * inp]);
         }

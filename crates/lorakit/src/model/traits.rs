@@ -4,7 +4,6 @@
 use crate::error::Result;
 use crate::model::config::Config;
 use crate::model::kv_cache::{KvCache, Logits};
-use crate::model::linear::FrozenRef;
 
 /// What scoring and generation need of a decoder.
 pub trait CausalLm {
@@ -39,8 +38,8 @@ pub trait LmHead {
     fn final_norm_weight_grad(&self, dw: &mut [f32], x: &[f32], dy: &[f32]);
     /// logits = x · headᵀ.  x: [n, hidden] → logits: [n, vocab].
     fn head_forward(&self, logits: &mut [f32], x: &[f32], n: usize);
-    /// The head's weight [vocab, hidden] as its products read it.
-    fn head_weight(&self) -> FrozenRef<'_>;
+    /// dx (+)= d logits · head.  d logits: [n, vocab] → dx: [n, hidden].
+    fn head_backward(&self, dx: &mut [f32], dlogits: &[f32], n: usize, accumulate: bool);
     /// `head_forward` ends with logits = cap · tanh(z / cap) (Gemma's final soft-capping).
     fn logit_softcap(&self) -> Option<f32> {
         None

@@ -7,7 +7,6 @@ use rayon::prelude::*;
 
 use crate::engine::matmul;
 use crate::engine::ops::exp_shifted_sum;
-use crate::model::linear::frozen_backward;
 /// The trait lives with the models; re-exported where the loss that needs it is.
 pub use crate::model::LmHead;
 
@@ -75,7 +74,6 @@ pub fn lm_head_loss_with_head_grads<M: LmHead + ?Sized>(
     mut head_grads: Option<HeadGrads<'_>>,
 ) -> f64 {
     let (h, v) = model.dims();
-    let head = model.head_weight();
     if let Some(dx) = dx_final.as_deref_mut() {
         dx.fill(0.0);
     }
@@ -157,15 +155,7 @@ pub fn lm_head_loss_with_head_grads<M: LmHead + ?Sized>(
         }
         if let Some(dx) = dx_final.as_deref_mut() {
             // d normed = d logits · head: [m, vocab] · [vocab, hidden]
-            frozen_backward(
-                &mut d_normed[..m * h],
-                &logits[..m * v],
-                head,
-                m,
-                h,
-                v,
-                false,
-            );
+            model.head_backward(&mut d_normed[..m * h], &logits[..m * v], m, false);
             if let Some(g) = head_grads.as_mut() {
                 model.final_norm_weight_grad(g.norm, &xs[..m * h], &d_normed[..m * h]);
                 if let Some(db) = g.norm_bias.as_deref_mut() {

@@ -81,8 +81,16 @@ pub struct TrainOptions {
     pub save_every: usize,
     pub keep_checkpoints: usize,
     /// Frozen-weight products: `bf16` (the default where the CPU has AVX512-BF16; emulated with the
-    /// same rounding elsewhere) or `f32`.
+    /// same rounding elsewhere), `f32`, or `gguf` (QLoRA: the frozen base kept only in quantised
+    /// blocks, a GGUF file's own or `quantize`'s).
     pub precision: Option<String>,
+    /// With `precision = "gguf"` and an HF base: the block type its weights are quantised to at
+    /// load (`q8_0`, `q4_0`, `q4_k`, ...).
+    pub quantize: Option<String>,
+    /// Keep only each layer's input from the forward and recompute the rest in the backward
+    /// (activation checkpointing, LoRA): about one more forward pass per step for much less
+    /// memory.
+    pub recompute: bool,
     /// A step whose loss or gradient norm is NaN/Inf is skipped (no update, recorded in
     /// metrics.jsonl) instead of stopping the run.
     pub skip_nonfinite: bool,
@@ -128,6 +136,8 @@ impl Default for TrainOptions {
             save_every: 0,
             keep_checkpoints: 2,
             precision: None,
+            quantize: None,
+            recompute: false,
             skip_nonfinite: false,
             full: false,
         }
@@ -163,10 +173,39 @@ impl TrainOptions {
     /// for full fine-tuning.
     pub fn precision(&self) -> Result<crate::model::Precision> {
         match &self.precision {
+            // The blocks' products are f32 arithmetic on dequantised panels.
+            Some(p) if p == "gguf" => Ok(crate::model::Precision::F32),
             None if self.full => Ok(crate::model::Precision::F32),
             Some(p) => p.parse(),
             None if crate::engine::bf16::bf16_native() => Ok(crate::model::Precision::Bf16),
             None => Ok(crate::model::Precision::F32),
+        }
+    }
+
+    /// Whether the frozen base is kept in quantised blocks (`precision = "gguf"`), and the type
+    /// an HF base is quantised to (`quantize`), checked.
+    pub fn blocks(&self) -> Result<Option<Option<crate::io::gguf::GgmlType>>> {
+        let blocks = self.precision.as_deref() == Some("gguf");
+        let quantize = match self.quantize.as_deref() {
+            None => None,
+            Some(name) => Some(crate::model::gguf_model::parse_type(name).ok_or_else(|| {
+                let names: Vec<String> = crate::engine::quant::GGUF_TYPES
+                    .iter()
+                    .map(|t| t.name().to_ascii_lowercase())
+                    .collect();
+                Error::Invalid(format!(
+                    "--quantize {name}: not a block type lorakit trains over ({})",
+                    names.join(", ")
+                ))
+            })?),
+        };
+        match (blocks, quantize) {
+            (false, Some(t)) => Err(Error::Invalid(format!(
+                "--quantize {} keeps the base in quantised blocks: pass it with --precision gguf",
+                t.name().to_ascii_lowercase()
+            ))),
+            (false, None) => Ok(None),
+            (true, q) => Ok(Some(q)),
         }
     }
 
@@ -208,11 +247,20 @@ impl TrainOptions {
             ("use-rslora", self.use_rslora != d.use_rslora),
             ("init", self.init != d.init),
             ("init-adapter", self.init_adapter.is_some()),
+            ("recompute", self.recompute),
         ];
         if let Some((name, _)) = lora_only.iter().find(|(_, set)| *set) {
             return Err(Error::Invalid(format!(
                 "--{name} is a LoRA option and cannot be combined with --full (which trains every weight)"
             )));
+        }
+        if self.precision.as_deref() == Some("gguf") || self.quantize.is_some() {
+            return Err(Error::Invalid(
+                "--full cannot train a base kept in quantised blocks (--precision gguf, --quantize): \
+                 blocks cannot take an optimiser step; train LoRA over them (drop --full), or \
+                 fully fine-tune in f32"
+                    .into(),
+            ));
         }
         if self.precision.as_deref().is_some_and(|p| p != "f32") {
             return Err(Error::Invalid(
@@ -525,6 +573,10 @@ impl TrainPlan {
             / c.num_layers.max(1);
         // x_in, x_mid, q, attention output, k, v, gate, up, lse, x·Aᵀ (see decoder_train::LayerActs).
         let per_token_layer = 2 * h + 2 * q + 2 * kv + 2 * i + c.num_heads + r_sum;
+        if self.options.recompute {
+            // Every layer's input, and one layer recomputed at a time.
+            return (n * h * c.num_layers + n * per_token_layer + n * h) * 4;
+        }
         (n * per_token_layer * c.num_layers + n * h) * 4
     }
 }
@@ -1257,6 +1309,7 @@ impl Trainee for LoraRun<'_> {
             seed: o.seed ^ micro_index.wrapping_mul(0x9E37_79B9_7F4A_7C15),
         };
         let (model, acts) = (self.model, &mut self.acts);
+        acts.recompute = o.recompute;
         let targets = micro_batch_forward(
             model,
             batch,
