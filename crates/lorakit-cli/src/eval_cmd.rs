@@ -28,7 +28,8 @@ pub struct EvalArgs {
     #[arg(long, conflicts_with = "predictions")]
     adapter: Vec<String>,
     /// Frozen-weight arithmetic: f32 (exact, default), bf16 (faster with AVX512-BF16, emulated
-    /// elsewhere), or gguf (the GGUF file's own Q4_1/Q8_0 blocks).
+    /// elsewhere), or gguf (the GGUF file's own quantised blocks: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+    /// Q4_K, Q5_K, Q6_K).
     #[arg(long, default_value = "f32")]
     precision: String,
     /// Evaluation data: JSONL with "prompt" and the keys the metric needs ("references",
