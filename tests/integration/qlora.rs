@@ -166,6 +166,33 @@ fn quantize_trains_an_hf_base_over_blocks_and_saves_a_peft_adapter() {
     }
 }
 
+/// An HF base is quantised tensor by tensor while it is read, so that its f32 model never
+/// exists whole; that must give exactly the blocks of quantising the loaded f32 model.
+#[test]
+fn quantising_while_loading_gives_the_blocks_of_the_loaded_f32_model() {
+    use lorakit::model::{load_model, load_model_blocks, quantize_weights, Weight};
+    let tiny = fixture("tiny-llama");
+    let bits = |w: &Weight| -> Vec<u32> {
+        assert!(matches!(w, Weight::Quant(_)), "not in blocks");
+        w.to_f32().iter().map(|v| v.to_bits()).collect()
+    };
+    for dtype in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q5_1] {
+        let mut streamed = load_model_blocks(&tiny, Some(dtype)).unwrap().model;
+        let mut whole = load_model(&tiny).unwrap().model;
+        quantize_weights(&mut whole, dtype).unwrap();
+        assert_eq!(streamed.frozen_bytes(), whole.frozen_bytes(), "{dtype:?}");
+        assert_eq!(bits(&streamed.embed_tokens), bits(&whole.embed_tokens));
+        let head = |m: &lorakit::model::Decoder| bits(&m.lm_head.as_ref().unwrap().weight);
+        assert_eq!(head(&streamed), head(&whole), "{dtype:?} head");
+        for (a, b) in streamed.layers.iter_mut().zip(whole.layers.iter_mut()) {
+            for ((ka, la), (kb, lb)) in a.linears_mut().into_iter().zip(b.linears_mut()) {
+                assert_eq!(ka, kb);
+                assert_eq!(bits(&la.weight), bits(&lb.weight), "{dtype:?} {ka:?}");
+            }
+        }
+    }
+}
+
 /// Runs `train` on the tiny HF model with `extra` flags and returns its stderr (it must fail).
 fn train_fails(extra: &[&str]) -> String {
     let tmp = tempfile::tempdir().unwrap();

@@ -66,7 +66,7 @@ impl SafetensorsFile {
         let start = 8 + self.header_len + info.data_offsets.0;
         let end = 8 + self.header_len + info.data_offsets.1;
         let bytes = &self.mmap[start..end];
-        let data = match info.dtype {
+        let data: Vec<f32> = match info.dtype {
             Dtype::F32 => bytes
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -87,7 +87,27 @@ impl SafetensorsFile {
                 ))
             }
         };
+        self.release(start, end - start);
         Ok((data, info.shape.clone()))
+    }
+
+    /// Drops the mapped pages of bytes `start..start + len` from this process's memory once they
+    /// are copied out: otherwise every tensor read stays resident in the map until the file is
+    /// closed, and loading a model would hold its file's size on top of the weights.
+    fn release(&self, start: usize, len: usize) {
+        #[cfg(unix)]
+        if start
+            .checked_add(len)
+            .is_some_and(|end| end <= self.mmap.len())
+        {
+            // SAFETY: the map is a read-only private mapping of a file this process never
+            // writes, so MADV_DONTNEED discards nothing but clean pages: a later read of the
+            // range faults the same bytes back in from the file.
+            let _ = unsafe {
+                self.mmap
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
+            };
+        }
     }
 
     /// The tensor's raw little-endian i64 values (token ids, labels).

@@ -71,7 +71,7 @@ impl LoadedModel {
 /// sharded `model.safetensors.index.json`) and `tokenizer.json`.
 pub fn load_model(path: &Path) -> Result<LoadedModel> {
     if is_dir_or_gguf(path)? {
-        return load_hf_dir(path);
+        return load_hf_dir(path, None);
     }
     load_gguf(path, false)
 }
@@ -119,14 +119,11 @@ pub fn load_model_blocks(path: &Path, quantize: Option<GgmlType>) -> Result<Load
             path.display()
         )));
     };
-    let mut m = load_hf_dir(path)?;
-    quantize_weights(&mut m.model, dtype)?;
-    Ok(m)
+    check_trainable_block_type(dtype)?;
+    load_hf_dir(path, Some(dtype))
 }
 
-/// Replaces every linear weight, the embedding and an untied LM head of `model` by `dtype`
-/// blocks (ggml's quantisers, io::gguf::quantize), dropping the f32 values tensor by tensor.
-pub fn quantize_weights(model: &mut Decoder, dtype: GgmlType) -> Result<()> {
+fn check_trainable_block_type(dtype: GgmlType) -> Result<()> {
     if layout_of(dtype).is_none() {
         let names: Vec<&str> = GGUF_TYPES.iter().map(|t| t.name()).collect();
         return Err(Error::Invalid(format!(
@@ -135,10 +132,31 @@ pub fn quantize_weights(model: &mut Decoder, dtype: GgmlType) -> Result<()> {
             names.join(", ")
         )));
     }
-    let to_blocks = |w: &Weight, rows: usize, cols: usize, what: &str| -> Result<QuantMatrix> {
-        let bytes = crate::io::gguf::quantize(dtype, &w.to_f32(), cols)
-            .map_err(|e| Error::Invalid(format!("{what} [{rows}, {cols}]: {e}")))?;
-        QuantMatrix::from_gguf_blocks(dtype, &bytes, rows, cols, None, what)
+    Ok(())
+}
+
+/// w [rows, cols] as `dtype` blocks (ggml's quantisers, io::gguf::quantize); `what` names the
+/// tensor in errors.
+fn quantize_matrix(
+    dtype: GgmlType,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    what: &str,
+) -> Result<QuantMatrix> {
+    let bytes = crate::io::gguf::quantize(dtype, w, cols)
+        .map_err(|e| Error::Invalid(format!("{what} [{rows}, {cols}]: {e}")))?;
+    QuantMatrix::from_gguf_blocks(dtype, &bytes, rows, cols, None, what)
+}
+
+/// Replaces every linear weight, the embedding and an untied LM head of `model` by `dtype`
+/// blocks (ggml's quantisers, io::gguf::quantize), dropping the f32 values tensor by tensor.
+/// (Loading an HF base for QLoRA quantises each tensor as it is read instead, so that the f32
+/// model never exists whole: [`load_model_blocks`].)
+pub fn quantize_weights(model: &mut Decoder, dtype: GgmlType) -> Result<()> {
+    check_trainable_block_type(dtype)?;
+    let to_blocks = |w: &Weight, rows: usize, cols: usize, what: &str| {
+        quantize_matrix(dtype, &w.to_f32(), rows, cols, what)
     };
     let (v, h) = (model.config.vocab_size, model.config.hidden_size);
     let names = arch::model_names(model.config.arch);
@@ -490,7 +508,9 @@ fn reorder_head_rows(
 // ---------------------------------------------------------------------------------------------
 // HF directory
 
-fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
+/// `quantize`: every frozen matrix becomes blocks of that type as it is read (see
+/// [`load_hf_weights_as`]).
+fn load_hf_dir(dir: &Path, quantize: Option<GgmlType>) -> Result<LoadedModel> {
     let config_path = dir.join("config.json");
     if !config_path.is_file() {
         return Err(Error::format(
@@ -499,7 +519,7 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
         ));
     }
     let config = Config::from_hf_json(&config_path)?;
-    let model = load_hf_weights(dir, config)?;
+    let model = load_hf_weights_as(dir, config, quantize)?;
     let set = SafetensorsSet::open(dir)?;
     let tokenizer = match dir.join("tokenizer.json").is_file() {
         true => Some(Tokenizer::from_hf_dir(dir)?),
@@ -552,6 +572,18 @@ pub fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 /// architecture's tables; GPT-2's may lack the `transformer.` prefix (the `gpt2` hub repo), and
 /// its Conv1D weights, stored [in, out], are transposed to [out, in].
 pub fn load_hf_weights(dir: &Path, config: Config) -> Result<Decoder> {
+    load_hf_weights_as(dir, config, None)
+}
+
+/// [`load_hf_weights`], with every linear weight, the embedding and an untied head turned into
+/// `quantize` blocks right after it is read (QLoRA over an HF base): the f32 values of one
+/// tensor at a time, never the whole f32 model (an 8B bf16 checkpoint would be 32 GB in f32).
+/// Bit for bit what [`quantize_weights`] makes of the f32 model.
+pub fn load_hf_weights_as(
+    dir: &Path,
+    config: Config,
+    quantize: Option<GgmlType>,
+) -> Result<Decoder> {
     let set = SafetensorsSet::open(dir)?;
     let c = &config;
     let h = c.hidden_size;
@@ -580,6 +612,14 @@ pub fn load_hf_weights(dir: &Path, config: Config) -> Result<Decoder> {
     };
     let layer_norm = c.block.norm == NormKind::Layer;
     let embed_tokens = tensor(names.embed, &[c.vocab_size, h])?;
+    // Quantised now, before the layers are read, so that its f32 values are gone by then.
+    let (embed_tokens, embed_blocks) = match quantize {
+        Some(t) => {
+            let q = quantize_matrix(t, &embed_tokens, c.vocab_size, h, names.embed)?;
+            (Vec::new(), Some(q))
+        }
+        None => (embed_tokens, None),
+    };
     let wpe = match names.positions {
         Some(n) => Some(tensor(n, &[c.max_position_embeddings, h])?),
         None => None,
@@ -602,7 +642,14 @@ pub fn load_hf_weights(dir: &Path, config: Config) -> Result<Decoder> {
                 } else {
                     None
                 };
-                Ok(Linear::new(w, out, inp, b))
+                Ok(match quantize {
+                    None => Linear::new(w, out, inp, b),
+                    Some(t) => {
+                        let what = format!("{p}.{name}.weight");
+                        let q = quantize_matrix(t, &w, out, inp, &what)?;
+                        Linear::from_weight(Weight::Quant(q), out, inp, b)
+                    }
+                })
             },
             |name, len| {
                 Ok(Norm {
@@ -633,9 +680,18 @@ pub fn load_hf_weights(dir: &Path, config: Config) -> Result<Decoder> {
             &[c.vocab_size, h],
         )?;
         expect_finite(set.file_of(names.head), names.head, &w)?;
-        Some(Linear::new(w, c.vocab_size, h, None))
+        Some(match quantize {
+            None => Linear::new(w, c.vocab_size, h, None),
+            Some(t) => {
+                let q = quantize_matrix(t, &w, c.vocab_size, h, names.head)?;
+                Linear::from_weight(Weight::Quant(q), c.vocab_size, h, None)
+            }
+        })
     };
     let mut model = Decoder::new(config, embed_tokens, layers, norm, lm_head);
+    if let Some(q) = embed_blocks {
+        model.embed_tokens = Weight::Quant(q);
+    }
     model.norm_bias = norm_bias;
     model.wpe = wpe;
     Ok(model)
