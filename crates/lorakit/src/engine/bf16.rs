@@ -279,7 +279,7 @@ thread_local! {
 
 /// dst[i] = [`to_bf16_bits`]`(src[i])`, with `vcvtne2ps2bf16` where AVX512-BF16 runs (the
 /// conversion was the largest cost of an AMX product done element by element).  dst, src: [n].
-fn to_bf16_row(dst: &mut [u16], src: &[f32]) {
+pub(crate) fn to_bf16_row(dst: &mut [u16], src: &[f32]) {
     assert_eq!(dst.len(), src.len(), "to_bf16_row: lengths differ");
     #[cfg(target_arch = "x86_64")]
     if cpu_has_avx512bf16() {
