@@ -352,9 +352,9 @@ pub fn matmul_bf16_with(
 /// (a weight's transpose, a weight kept in quantised blocks).
 pub(crate) trait PanelSource: Sync {
     /// The product's reduction length k.
-    fn k(&self) -> usize;
+    fn reduction(&self) -> usize;
     /// The product's output columns n.
-    fn n(&self) -> usize;
+    fn columns(&self) -> usize;
     /// Panel `j` (columns j·NR..) over the reduction pairs `pairs`: pairs.len() × NR × 2 bf16
     /// bits, columns past n zero; borrowed from `self` or built in `scratch` (the calling
     /// thread's, reused from call to call).
@@ -362,10 +362,10 @@ pub(crate) trait PanelSource: Sync {
 }
 
 impl PanelSource for PackedBf16 {
-    fn k(&self) -> usize {
+    fn reduction(&self) -> usize {
         self.k
     }
-    fn n(&self) -> usize {
+    fn columns(&self) -> usize {
         self.n
     }
     fn panel<'a>(&'a self, j: usize, pairs: Range<usize>, _: &'a mut Vec<u16>) -> &'a [u16] {
@@ -378,10 +378,10 @@ impl PanelSource for PackedBf16 {
 struct Transposed<'a>(&'a PackedBf16);
 
 impl PanelSource for Transposed<'_> {
-    fn k(&self) -> usize {
+    fn reduction(&self) -> usize {
         self.0.n
     }
-    fn n(&self) -> usize {
+    fn columns(&self) -> usize {
         self.0.k
     }
     fn panel<'a>(&'a self, j: usize, pairs: Range<usize>, scratch: &'a mut Vec<u16>) -> &'a [u16] {
@@ -454,7 +454,7 @@ fn run_panels(
     block_pairs: usize,
     accumulate: bool,
 ) {
-    let (k, n) = (b.k(), b.n());
+    let (k, n) = (b.reduction(), b.columns());
     check_call(kernel, what, x.len(), m, k, out.len(), n);
     if m == 0 || n == 0 {
         return;

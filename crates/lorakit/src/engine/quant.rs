@@ -637,10 +637,10 @@ thread_local! {
 struct BlocksNt<'a>(&'a QuantMatrix);
 
 impl PanelSource for BlocksNt<'_> {
-    fn k(&self) -> usize {
+    fn reduction(&self) -> usize {
         self.0.cols
     }
-    fn n(&self) -> usize {
+    fn columns(&self) -> usize {
         self.0.rows
     }
     fn panel<'a>(
@@ -676,10 +676,10 @@ impl PanelSource for BlocksNt<'_> {
 struct BlocksW<'a>(&'a QuantMatrix);
 
 impl PanelSource for BlocksW<'_> {
-    fn k(&self) -> usize {
+    fn reduction(&self) -> usize {
         self.0.rows
     }
-    fn n(&self) -> usize {
+    fn columns(&self) -> usize {
         self.0.cols
     }
     fn panel<'a>(
