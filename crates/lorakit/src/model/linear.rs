@@ -513,6 +513,29 @@ pub fn lora_forward(
 mod tests {
     use super::*;
 
+    /// Storage and arithmetic are separate parts of a `--precision` value.
+    #[test]
+    fn precision_choices_parse_into_storage_and_arithmetic() {
+        let c = |s: &str| s.parse::<PrecisionChoice>().unwrap();
+        let (f32, bf16) = (Some(Precision::F32), Some(Precision::Bf16));
+        assert_eq!((c("f32").blocks, c("f32").arithmetic), (false, f32));
+        assert_eq!((c("bf16").blocks, c("bf16").arithmetic), (false, bf16));
+        assert_eq!((c("gguf").blocks, c("gguf").arithmetic), (true, None));
+        assert_eq!(
+            (c("gguf-f32").blocks, c("gguf-f32").arithmetic),
+            (true, f32)
+        );
+        assert_eq!(
+            (c("gguf-bf16").blocks, c("gguf-bf16").arithmetic),
+            (true, bf16)
+        );
+        let e = "gguf-f16"
+            .parse::<PrecisionChoice>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gguf-f16") && e.contains("gguf-bf16"), "{e}");
+    }
+
     /// The split storage of a tied embedding gives back every f32 bit pattern, the awkward ones
     /// included: exact ties (rounded down and up to even), carries into the exponent, the
     /// largest finite value rounding to infinity, subnormals (flushed by the packing), zeros of
