@@ -19,7 +19,9 @@
 #   train   batch 4 × 256 tokens (the fixture's token stream, every token a target), LoRA r=8 α=16
 #           on q_proj,v_proj and on all-linear (q,k,v,o,gate,up,down), AdamW lr 1e-4 wd 0.01,
 #           N steps, fp32; PEFT also with bf16 autocast; lorakit also --precision bf16 when it has
-#           the flag. tokens/s = tokens per step / median step time after the first step.
+#           the flag, and QLoRA (--precision gguf-bf16: the frozen base only in the GGUF's Q4_1
+#           blocks, bf16 products over them) when it has that. The report adds QLoRA's tokens/s
+#           over lorakit bf16's. tokens/s = tokens per step / median step time after the first step.
 #           Peak RSS of the whole process (/usr/bin/time -f %M), model loading included.
 #   decode  batch 1, greedy, T new tokens (EOS ignored), the prompt of bench/decode.sh: base model,
 #           the fixture adapter unmerged, and merged (PEFT merge_and_unload / lorakit merge).
@@ -114,6 +116,9 @@ case "$lk_prec" in
   f32) train_prec="f32" dec_prec="f32" ;;
   *) train_prec="f32 bf16" dec_prec="f32 bf16" ;;
 esac
+# QLoRA in the train part (not the E2E epoch): bf16 products over the file's blocks.
+train_q=""
+if [[ "$lk_prec" == auto ]] && "$bin" train --help 2>/dev/null | grep -q 'gguf-bf16'; then train_q="gguf-bf16"; fi
 if [[ "$train_prec" == *bf16* && "$do_train" -eq 1 ]]; then
   has_precision train || die "this lorakit has no 'train --precision'; use --lorakit-precision f32"
 fi
@@ -277,6 +282,7 @@ for r in $(seq "$rounds"); do
       lorakit_train "$c" f32 "$r"
       peft_train "$c" bf16 "$r"
       if [[ "$train_prec" == *bf16* ]]; then lorakit_train "$c" bf16 "$r"; fi
+      if [[ -n "$train_q" ]]; then lorakit_train "$c" "$train_q" "$r"; fi
     done
   fi
   if [[ "$do_e2e" -eq 1 ]]; then

@@ -171,7 +171,7 @@ def cmd_table(a):
         pc, pm = fmt([v * scale for v in pf], digits)
         out.append(f"| {label} | {lc} | {pc} | {lm / pm:.2f} |")
 
-    order = {"f32": 0, "bf16": 1, "gguf": 2}
+    order = {"f32": 0, "bf16": 1, "gguf": 2, "gguf-f32": 3, "gguf-bf16": 4}
     lk_prec = sorted({r["precision"] for r in runs if r["tool"] == "lorakit" and r["part"] == "train"}, key=order.get)
     pf_prec = [p for p in ("fp32", "bf16") if any(r["tool"] == "peft" and r["precision"] == p for r in runs)]
     pf_name = {"fp32": "PEFT fp32", "bf16": "PEFT bf16 autocast"}
@@ -183,6 +183,13 @@ def cmd_table(a):
                 for pp in pf_prec:
                     row(f"{what}, {CONFIG_NAMES[c]}: lorakit {lp} vs {pf_name[pp]}",
                         values("train", c, "lorakit", lp, key), values("train", c, "peft", pp, key), digits, scale)
+    for c in configs:
+        # QLoRA against lorakit's own bf16 path (the same run, the same shapes).
+        for q in [p for p in lk_prec if p.startswith("gguf")]:
+            qt, bt = values("train", c, "lorakit", q, "tokens_per_s"), values("train", c, "lorakit", "bf16", "tokens_per_s")
+            if qt and bt:
+                notes.append(f"train tokens/s, {CONFIG_NAMES[c]}: lorakit {q} (QLoRA over the Q4_1 blocks) / lorakit bf16 = "
+                             f"{statistics.median(qt) / statistics.median(bt):.2f}")
     for c in configs:
         losses = {f"lorakit {lp}": values("train", c, "lorakit", lp, "first_loss") for lp in lk_prec}
         losses.update({pf_name[pp]: values("train", c, "peft", pp, "first_loss") for pp in pf_prec})
@@ -261,7 +268,7 @@ def cmd_table(a):
                         tps = values("train", c, tool, p, "tokens_per_s")
                         if not tps:
                             continue
-                        kind = "bf16" if p == "bf16" else "f32"
+                        kind = "bf16" if p.endswith("bf16") else "f32"
                         roof = values("peak", "roof", "lorakit", kind, "gflops")
                         mixes = [statistics.median(v) for v in (values("peak", "mix", "lorakit", kind, "gflops"),
                                                                  values("peak", "mix", "peft", kind, "gflops")) if v]

@@ -39,9 +39,9 @@ fn fixture_rows(path: &Path) {
     std::fs::write(path, out).unwrap();
 }
 
-/// 10 steps of batch 4 × 128 from the fixture's step-0 adapter (quickstart's r = 8, q and v)
-/// on SmolLM2's own Q4_1 file; returns the per-step losses.
-fn smollm2_run(tmp: &Path, precision: &str) -> Vec<f64> {
+/// `steps` steps of batch 4 × 128 from the fixture's step-0 adapter (quickstart's r = 8, q and
+/// v) on SmolLM2's own Q4_1 file; returns the per-step losses.
+fn smollm2_run(tmp: &Path, precision: &str, steps: usize) -> Vec<f64> {
     let data = tmp.join("rows.jsonl");
     if !data.exists() {
         fixture_rows(&data);
@@ -62,7 +62,7 @@ fn smollm2_run(tmp: &Path, precision: &str) -> Vec<f64> {
         "--batch-size",
         "4",
         "--steps",
-        "10",
+        &steps.to_string(),
         "--lr",
         "1e-3",
         "--schedule",
@@ -74,12 +74,14 @@ fn smollm2_run(tmp: &Path, precision: &str) -> Vec<f64> {
     ]);
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
-    if precision == "gguf" {
-        // The estimate printed up front counts the blocks, not f32 copies.
+    if let Some(arithmetic) = precision.strip_prefix("gguf-") {
+        // The estimate printed up front counts the blocks, not f32 copies, and names the
+        // products' arithmetic.
         assert!(err.contains("MB quantised blocks"), "{err}");
+        assert!(err.contains(&format!("{arithmetic} products")), "{err}");
     }
     let l = losses(&out);
-    assert_eq!(l.len(), 10, "{err}");
+    assert_eq!(l.len(), steps, "{err}");
     l
 }
 
@@ -89,9 +91,10 @@ fn qlora_on_the_q4_1_file_follows_the_f32_path_on_the_same_weights() {
     // and differ only in the order of the f32 sums (panels of blocks vs whole matrices). The
     // task's tolerance is 2% per step; rounding-order differences are ~1e-6 relative per
     // product, so the losses should agree to far better: this test also asserts 1e-3.
+    // gguf-f32: products over the blocks in f32 (plain gguf takes bf16 where that is faster).
     let tmp = tempfile::tempdir().unwrap();
-    let f32 = smollm2_run(tmp.path(), "f32");
-    let q = smollm2_run(tmp.path(), "gguf");
+    let f32 = smollm2_run(tmp.path(), "f32", 10);
+    let q = smollm2_run(tmp.path(), "gguf-f32", 10);
     let mut worst = 0.0f64;
     for (k, (a, b)) in q.iter().zip(&f32).enumerate() {
         let rel = (a - b).abs() / b.abs();
@@ -103,6 +106,18 @@ fn qlora_on_the_q4_1_file_follows_the_f32_path_on_the_same_weights() {
     );
     assert!(worst <= 1e-3, "{worst:.2e}");
     assert!(q[9] < q[0], "the loss did not go down: {q:?}");
+}
+
+#[test]
+fn qlora_with_bf16_products_follows_the_bf16_path_bit_for_bit() {
+    // bf16 products over the blocks round every dequantised weight to bf16 as the bf16 path's
+    // packing of the same (dequantised) file does, and run the same kernels in the same order,
+    // on every CPU (emulated where bf16 instructions are missing); everything else in the step
+    // is the same f32 code. So the losses are the same numbers, not merely close.
+    let tmp = tempfile::tempdir().unwrap();
+    let bf16 = smollm2_run(tmp.path(), "bf16", 2);
+    let q = smollm2_run(tmp.path(), "gguf-bf16", 2);
+    assert_eq!(q, bf16, "QLoRA with bf16 products vs --precision bf16");
 }
 
 fn tiny_rows(dir: &Path) -> std::path::PathBuf {

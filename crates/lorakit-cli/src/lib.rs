@@ -74,19 +74,18 @@ struct ModelArg {
     adapter: Vec<String>,
     /// Frozen-weight arithmetic: f32 (exact, default), bf16 (faster with AVX512-BF16, emulated
     /// elsewhere), or gguf (keep the weights only in the GGUF file's own quantised blocks and
-    /// multiply with them: the least memory and the fastest decode).
+    /// multiply with them: the least memory and the fastest decode; many-row products in f32,
+    /// or bf16 with gguf-bf16).
     #[arg(long, default_value = "f32")]
     precision: String,
 }
 
 impl ModelArg {
     fn open(self) -> Result<LoadedModel> {
-        let gguf_blocks = self.precision == "gguf";
-        let precision: lorakit::model::Precision = if gguf_blocks {
-            lorakit::model::Precision::F32
-        } else {
-            self.precision.parse()?
-        };
+        let choice: lorakit::model::PrecisionChoice = self.precision.parse()?;
+        let gguf_blocks = choice.blocks;
+        // Plain `gguf` multiplies in f32 here (prefill); decode's dot products are f32 anyway.
+        let precision = choice.arithmetic.unwrap_or(lorakit::model::Precision::F32);
         let mut m = if gguf_blocks {
             let path = resolve_model(self.model)?;
             if path.is_dir() {

@@ -106,7 +106,9 @@ pub struct TrainArgs {
     keep_checkpoints: Option<usize>,
     /// Frozen-weight arithmetic: bf16 (default where the CPU has AVX512-BF16; emulated elsewhere),
     /// f32 (exact), or gguf (QLoRA: the frozen base kept only in the GGUF file's quantised
-    /// blocks, or an HF base's quantised at load with --quantize).
+    /// blocks, or an HF base's quantised at load with --quantize; their products in bf16 where
+    /// bf16 is the default, else f32). gguf-f32 and gguf-bf16 keep the blocks and force the
+    /// products' arithmetic.
     #[arg(long)]
     precision: Option<String>,
     /// With --precision gguf and an HF base: quantise its weights at load to this block type
@@ -382,8 +384,18 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             2.0 * weights_mb
         )
     } else if frozen_bytes.blocks > 0 {
+        // Blocks' products dequantise panels into small per-thread scratch: no weight copy.
+        let products = match precision {
+            lorakit::model::Precision::Bf16 => "bf16",
+            lorakit::model::Precision::F32 => "f32",
+        };
+        // (Weights the file holds unquantised are packed in bf16 for bf16 products.)
+        let bf16 = match frozen_bytes.bf16 {
+            0 => String::new(),
+            b => format!(", {:.0} MB bf16", b as f64 / 1e6),
+        };
         format!(
-            "{weights_mb:.0} MB frozen weights ({:.0} MB quantised blocks, {:.0} MB f32)",
+            "{weights_mb:.0} MB frozen weights ({:.0} MB quantised blocks{bf16}, {:.0} MB f32; {products} products)",
             frozen_bytes.blocks as f64 / 1e6,
             frozen_bytes.f32 as f64 / 1e6
         )

@@ -17,6 +17,7 @@
 //! instruction flushes to zero. The emulation is no faster than f32 products, so the default
 //! precision is bf16 only where [`bf16_native`] holds.
 
+use std::ops::Range;
 use std::sync::OnceLock;
 
 use half::bf16;
@@ -278,7 +279,7 @@ thread_local! {
 
 /// dst[i] = [`to_bf16_bits`]`(src[i])`, with `vcvtne2ps2bf16` where AVX512-BF16 runs (the
 /// conversion was the largest cost of an AMX product done element by element).  dst, src: [n].
-fn to_bf16_row(dst: &mut [u16], src: &[f32]) {
+pub(crate) fn to_bf16_row(dst: &mut [u16], src: &[f32]) {
     assert_eq!(dst.len(), src.len(), "to_bf16_row: lengths differ");
     #[cfg(target_arch = "x86_64")]
     if cpu_has_avx512bf16() {
@@ -343,40 +344,163 @@ pub fn matmul_bf16_with(
     b: &PackedBf16,
     accumulate: bool,
 ) {
-    let (k, n) = (b.k, b.n);
-    check_call(kernel, "matmul_bf16", x.len(), m, k, out.len(), n);
+    matmul_bf16_panels(kernel, out, x, m, b, MR * BLOCKS_PER_TASK, accumulate)
+}
+
+/// Where a product's B [k, n] panels come from: the packed panels of [`NR`] columns ×
+/// pairs of the reduction that [`panel_rows`] reads, borrowed from a packing or built on demand
+/// (a weight's transpose, a weight kept in quantised blocks).
+pub(crate) trait PanelSource: Sync {
+    /// The product's reduction length k.
+    fn reduction(&self) -> usize;
+    /// The product's output columns n.
+    fn columns(&self) -> usize;
+    /// Panel `j` (columns j·NR..) over the reduction pairs `pairs`: pairs.len() × NR × 2 bf16
+    /// bits, columns past n zero; borrowed from `self` or built in `scratch` (the calling
+    /// thread's, reused from call to call).
+    fn panel<'a>(&'a self, j: usize, pairs: Range<usize>, scratch: &'a mut Vec<u16>) -> &'a [u16];
+}
+
+impl PanelSource for PackedBf16 {
+    fn reduction(&self) -> usize {
+        self.k
+    }
+    fn columns(&self) -> usize {
+        self.n
+    }
+    fn panel<'a>(&'a self, j: usize, pairs: Range<usize>, _: &'a mut Vec<u16>) -> &'a [u16] {
+        let at = j * self.k_pairs * NR * 2;
+        &self.data[at + pairs.start * NR * 2..at + pairs.end * NR * 2]
+    }
+}
+
+/// Bᵀ [n, k] of a packing B [k, n], its panels rebuilt from B's ([`PackedBf16::transposed_panel`]).
+struct Transposed<'a>(&'a PackedBf16);
+
+impl PanelSource for Transposed<'_> {
+    fn reduction(&self) -> usize {
+        self.0.n
+    }
+    fn columns(&self) -> usize {
+        self.0.k
+    }
+    fn panel<'a>(&'a self, j: usize, pairs: Range<usize>, scratch: &'a mut Vec<u16>) -> &'a [u16] {
+        self.0.transposed_panel(j, pairs, scratch);
+        scratch
+    }
+}
+
+/// out[m, n] (+)= x[m, k] · B[k, n], B's panels from `b`, on `kernel`: [`matmul_bf16`]'s
+/// arithmetic bit for bit whatever the source (one pass over the whole reduction). Each task
+/// takes one panel and `group_rows` rows of x, so a source that builds its panels builds each
+/// once per group.
+pub(crate) fn matmul_bf16_panels(
+    kernel: Bf16Kernel,
+    out: &mut [f32],
+    x: &[f32],
+    m: usize,
+    b: &impl PanelSource,
+    group_rows: usize,
+    accumulate: bool,
+) {
+    run_panels(
+        kernel,
+        "matmul_bf16",
+        out,
+        x,
+        m,
+        b,
+        group_rows,
+        usize::MAX,
+        accumulate,
+    )
+}
+
+/// As [`matmul_bf16_panels`], with [`matmul_bf16_t`]'s arithmetic: a reduction longer than
+/// 2·[`T_BLOCK_PAIRS`] is summed in blocks of that length, each block's sum added to out.
+pub(crate) fn matmul_bf16_t_panels(
+    kernel: Bf16Kernel,
+    out: &mut [f32],
+    x: &[f32],
+    m: usize,
+    b: &impl PanelSource,
+    group_rows: usize,
+    accumulate: bool,
+) {
+    run_panels(
+        kernel,
+        "matmul_bf16_t",
+        out,
+        x,
+        m,
+        b,
+        group_rows,
+        T_BLOCK_PAIRS,
+        accumulate,
+    )
+}
+
+/// The panel loop of every bf16 product: out[m, n] (+)= x[m, k] · B[k, n], x converted to bf16
+/// once, tasks of (panel, `group_rows` rows), the reduction in blocks of `block_pairs` pairs.
+#[allow(clippy::too_many_arguments)]
+fn run_panels(
+    kernel: Bf16Kernel,
+    what: &str,
+    out: &mut [f32],
+    x: &[f32],
+    m: usize,
+    b: &impl PanelSource,
+    group_rows: usize,
+    block_pairs: usize,
+    accumulate: bool,
+) {
+    let (k, n) = (b.reduction(), b.columns());
+    check_call(kernel, what, x.len(), m, k, out.len(), n);
     if m == 0 || n == 0 {
         return;
     }
+    let k_pairs = k.div_ceil(2);
     let mut a = ROWS.take();
-    convert_rows(x, m, k, b.k_pairs, padded_rows(kernel, m), &mut a);
+    convert_rows(x, m, k, k_pairs, padded_rows(kernel, m), &mut a);
     let panels = n.div_ceil(NR);
-    let row_groups = m.div_ceil(MR * BLOCKS_PER_TASK);
+    let group_rows = group_rows.max(1);
+    let groups = m.div_ceil(group_rows);
     let out_ptr = OutPtr(out.as_mut_ptr());
-    let panel_len = b.k_pairs * NR * 2;
-    (0..panels * row_groups).into_par_iter().for_each(|task| {
+    thread_local! {
+        static PANEL: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    (0..panels * groups).into_par_iter().for_each(|task| {
         let (j, g) = (task % panels, task / panels);
-        let panel = &b.data[j * panel_len..(j + 1) * panel_len];
         let cols = NR.min(n - j * NR);
-        let row_end = ((g + 1) * MR * BLOCKS_PER_TASK).min(m);
-        let r0 = g * MR * BLOCKS_PER_TASK;
-        let c = out_ptr.get().wrapping_add(r0 * n + j * NR);
-        // SAFETY: the kernel's CPU features were checked; this task alone writes rows
-        // r0..row_end, columns j·NR..j·NR+cols of out, all inside its m × n bounds.
-        unsafe {
-            panel_rows(
-                kernel,
-                &a[r0 * 2 * b.k_pairs..],
-                2 * b.k_pairs,
-                row_end - r0,
-                panel,
-                b.k_pairs,
-                c,
-                n,
-                cols,
-                accumulate,
-            )
-        }
+        let (r0, row_end) = (g * group_rows, ((g + 1) * group_rows).min(m));
+        PANEL.with_borrow_mut(|scratch| {
+            let c = out_ptr.get().wrapping_add(r0 * n + j * NR);
+            // A long reduction (the LM head's backward, over the vocabulary) runs in blocks of
+            // pairs, so that a rebuilt panel stays small and in cache: each block's sums are
+            // added to out, as a second call accumulating would.
+            let mut q0 = 0;
+            while q0 < k_pairs {
+                let q1 = q0.saturating_add(block_pairs).min(k_pairs);
+                let panel = b.panel(j, q0..q1, scratch);
+                // SAFETY: the kernel's CPU features were checked; this task alone writes rows
+                // r0..row_end, columns j·NR..j·NR+cols of out, all inside its m × n bounds.
+                unsafe {
+                    panel_rows(
+                        kernel,
+                        &a[r0 * 2 * k_pairs + 2 * q0..],
+                        2 * k_pairs,
+                        row_end - r0,
+                        panel,
+                        q1 - q0,
+                        c,
+                        n,
+                        cols,
+                        accumulate || q0 > 0,
+                    )
+                }
+                q0 = q1;
+            }
+        });
     });
     ROWS.set(a);
 }
@@ -503,57 +627,10 @@ pub fn matmul_bf16_t_with(
     b: &PackedBf16,
     accumulate: bool,
 ) {
-    // The product's reduction runs over B's n, its columns over B's k.
-    let (k, n) = (b.n, b.k);
-    check_call(kernel, "matmul_bf16_t", x.len(), m, k, out.len(), n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    let t_pairs = k.div_ceil(2);
-    let mut a = ROWS.take();
-    convert_rows(x, m, k, t_pairs, padded_rows(kernel, m), &mut a);
-    let panels = n.div_ceil(NR);
     // Each task rebuilds its panel, so tasks are longer than the forward's: T_GROUP_ROWS rows
     // keep that repacking a few percent of the task's products, and still give a 1024-row
     // product several tasks per panel to balance the threads with.
-    let group_rows = T_GROUP_ROWS;
-    let groups = m.div_ceil(group_rows);
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    thread_local! {
-        static PANEL: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    (0..panels * groups).into_par_iter().for_each(|task| {
-        let (j, g) = (task % panels, task / panels);
-        let cols = NR.min(n - j * NR);
-        let (r0, row_end) = (g * group_rows, ((g + 1) * group_rows).min(m));
-        PANEL.with_borrow_mut(|panel| {
-            let c = out_ptr.get().wrapping_add(r0 * n + j * NR);
-            // A long reduction (the LM head's, over the vocabulary) runs in blocks of pairs, so
-            // that the rebuilt panel stays small and in cache: each block's sums are added to
-            // out, as a second call accumulating would.
-            for q0 in (0..t_pairs).step_by(T_BLOCK_PAIRS) {
-                let q1 = (q0 + T_BLOCK_PAIRS).min(t_pairs);
-                b.transposed_panel(j, q0..q1, panel);
-                // SAFETY: the kernel's CPU features were checked; this task alone writes rows
-                // r0..row_end, columns j·NR..j·NR+cols of out, all inside its m × n bounds.
-                unsafe {
-                    panel_rows(
-                        kernel,
-                        &a[r0 * 2 * t_pairs + 2 * q0..],
-                        2 * t_pairs,
-                        row_end - r0,
-                        panel,
-                        q1 - q0,
-                        c,
-                        n,
-                        cols,
-                        accumulate || q0 > 0,
-                    )
-                }
-            }
-        });
-    });
-    ROWS.set(a);
+    matmul_bf16_t_panels(kernel, out, x, m, &Transposed(b), T_GROUP_ROWS, accumulate)
 }
 
 /// Columns of a panel the emulated kernel sums at once.

@@ -12,12 +12,22 @@
 //! product differs from the f32 product of the dequantised weights only in rounding order.
 //!
 //! Two product shapes: token by token (`row_dot`, decode: each weight row streamed once per
-//! token), and many rows at once (training, prefill): a panel of weight rows is dequantised to
-//! f32 into per-thread scratch and multiplied by a blocked f32 kernel (`gemm`), so each weight
-//! is dequantised once per product, not once per row of x.
+//! token), and many rows at once (training, prefill), where each weight is dequantised once per
+//! product, not once per row of x, in one of two arithmetics (the block storage is the same):
+//!
+//! * f32 (the default): a panel of weight rows is dequantised to f32 into per-thread scratch
+//!   and multiplied by a blocked f32 kernel (`gemm`).
+//! * bf16 ([`QuantMatrix::set_bf16_products`]): a panel is dequantised straight into the bf16
+//!   panel layout of `engine::bf16` (per-thread scratch) and multiplied by its kernels (AMX
+//!   tiles, `vdpbf16ps`, or their emulation), x converted to bf16 once per product. Each value
+//!   is rounded to bf16 as `PackedBf16` rounds it, so the products equal `matmul_bf16` /
+//!   `matmul_bf16_t` over the packing of the dequantised weight bit for bit.
 
 use rayon::prelude::*;
 
+use crate::engine::bf16::{
+    bf16_kernel, matmul_bf16_panels, matmul_bf16_t_panels, to_bf16_row, Bf16Kernel, PanelSource, NR,
+};
 use crate::engine::matmul::dot;
 use crate::error::{Error, Result};
 use crate::io::gguf::GgmlType;
@@ -66,6 +76,8 @@ pub struct QuantMatrix {
     mins: Vec<f32>,
     /// Nibbles: [rows, cols / 2] bytes; Bytes: [rows, cols].
     quants: Vec<u8>,
+    /// Whether the many-row products run in bf16 (else f32); decode's dot products are f32.
+    bf16_products: bool,
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -278,7 +290,19 @@ impl QuantMatrix {
             scales,
             mins,
             quants,
+            bf16_products: false,
         })
+    }
+
+    /// Chooses the many-row products' arithmetic: bf16 (`engine::bf16`'s kernels, f32
+    /// accumulation) or f32. Decode's per-token dot products stay f32 either way.
+    pub fn set_bf16_products(&mut self, on: bool) {
+        self.bf16_products = on;
+    }
+
+    /// Whether the many-row products run in bf16.
+    pub fn bf16_products(&self) -> bool {
+        self.bf16_products
     }
 
     /// Bytes held.
@@ -316,9 +340,14 @@ impl QuantMatrix {
 
     /// y = x Wᵀ.  x: [t, cols], y: [t, rows]. Up to [`MANY_ROWS`] rows of x, each is one
     /// matrix-vector product split over threads by rows of W (decode); from there on, panels of
-    /// W are dequantised once and multiplied by all of x (training, prefill).
+    /// W are dequantised once and multiplied by all of x (training, prefill), in bf16 where
+    /// [`QuantMatrix::set_bf16_products`] chose it, else in f32.
     pub fn matmul_nt(&self, y: &mut [f32], x: &[f32], t: usize) {
         if t >= MANY_ROWS {
+            if self.bf16_products {
+                let (y, x) = (&mut y[..t * self.rows], &x[..t * self.cols]);
+                return self.matmul_nt_bf16_with(bf16_kernel(), y, x, t);
+            }
             return self.matmul_nt_panels(y, x, t);
         }
         for (yt, xt) in y
@@ -501,7 +530,8 @@ impl QuantMatrix {
     ///
     /// Columns of W are split into chunks of whole groups, one thread per chunk, so each thread
     /// owns its columns of dx; within a chunk, panels of [`BWD_PANEL`] rows are dequantised
-    /// into the thread's scratch and accumulated, so every weight is dequantised once.
+    /// into the thread's scratch and accumulated, so every weight is dequantised once. From
+    /// [`MANY_ROWS`] rows on with bf16 products chosen, [`QuantMatrix::matmul_w_bf16_with`].
     pub fn matmul_w(&self, dx: &mut [f32], dy: &[f32], t: usize, accumulate: bool) {
         let (rows, cols, g) = (self.rows, self.cols, self.group);
         assert!(
@@ -512,6 +542,9 @@ impl QuantMatrix {
         );
         if t == 0 {
             return;
+        }
+        if self.bf16_products && t >= MANY_ROWS {
+            return self.matmul_w_bf16_with(bf16_kernel(), dx, dy, t, accumulate);
         }
         // About four chunks per thread, at most 256 columns, whole groups.
         let threads = rayon::current_num_threads().max(1);
@@ -555,6 +588,128 @@ impl QuantMatrix {
                 }
             },
         );
+    }
+}
+
+impl QuantMatrix {
+    /// y = x Wᵀ in bf16 on `kernel`.  x: [t, cols], y: [t, rows]. Equals
+    /// `matmul_bf16_with(kernel, y, x, t, &PackedBf16::for_x_wt(&W, rows, cols), false)` over the
+    /// dequantised W bit for bit.
+    pub fn matmul_nt_bf16_with(&self, kernel: Bf16Kernel, y: &mut [f32], x: &[f32], t: usize) {
+        let group = bf16_group_rows(t, self.rows.div_ceil(NR));
+        matmul_bf16_panels(kernel, y, x, t, &BlocksNt(self), group, false)
+    }
+
+    /// dx (+)= dy W in bf16 on `kernel`.  dy: [t, rows], dx: [t, cols]. Equals
+    /// `matmul_bf16_t_with(kernel, dx, dy, t, &PackedBf16::for_x_wt(&W, rows, cols), accumulate)`
+    /// over the dequantised W bit for bit.
+    pub fn matmul_w_bf16_with(
+        &self,
+        kernel: Bf16Kernel,
+        dx: &mut [f32],
+        dy: &[f32],
+        t: usize,
+        accumulate: bool,
+    ) {
+        let group = bf16_group_rows(t, self.cols.div_ceil(NR));
+        matmul_bf16_t_panels(kernel, dx, dy, t, &BlocksW(self), group, accumulate)
+    }
+}
+
+/// Rows of x per task of a bf16 product over blocks with `panels` panels. A task dequantises
+/// its panel, which costs about as much as multiplying a few hundred rows by it on AMX tiles:
+/// so all m rows in one task, unless there are too few panels to give every thread two tasks;
+/// never fewer than 256 rows.
+fn bf16_group_rows(m: usize, panels: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let groups = (2 * threads).div_ceil(panels.max(1));
+    m.div_ceil(groups).max(256).next_multiple_of(32)
+}
+
+thread_local! {
+    /// Dequantised f32 values and their bf16 bits, per thread, reused by the panel builders.
+    static DEQUANT: std::cell::RefCell<(Vec<f32>, Vec<u16>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// B = Wᵀ [cols, rows] of y = x Wᵀ: panel j holds W's rows j·NR.. (its columns), pair p W's
+/// columns 2p, 2p + 1, as `PackedBf16::for_x_wt` lays them out.
+struct BlocksNt<'a>(&'a QuantMatrix);
+
+impl PanelSource for BlocksNt<'_> {
+    fn reduction(&self) -> usize {
+        self.0.cols
+    }
+    fn columns(&self) -> usize {
+        self.0.rows
+    }
+    fn panel<'a>(
+        &'a self,
+        j: usize,
+        pairs: std::ops::Range<usize>,
+        dst: &'a mut Vec<u16>,
+    ) -> &'a [u16] {
+        let (q, cols) = (self.0, self.0.cols);
+        dst.clear();
+        dst.resize(pairs.len() * NR * 2, 0);
+        DEQUANT.with_borrow_mut(|(f, b)| {
+            f.resize(cols, 0.0);
+            b.resize(cols, 0);
+            for c in 0..NR.min(q.rows - j * NR) {
+                let r = j * NR + c;
+                q.dequantize_into(r..r + 1, 0..cols, f);
+                to_bf16_row(b, f);
+                // Row c of the panel's columns: pair p at (p·NR + c)·2.
+                for (pi, p) in pairs.clone().enumerate() {
+                    let at = (pi * NR + c) * 2;
+                    dst[at] = b[2 * p];
+                    dst[at + 1] = b.get(2 * p + 1).copied().unwrap_or(0);
+                }
+            }
+        });
+        dst
+    }
+}
+
+/// B = W [rows, cols] of dx = dy W: panel j holds W's columns j·NR.., pair q W's rows 2q,
+/// 2q + 1, as the transposed panels of `matmul_bf16_t` hold them.
+struct BlocksW<'a>(&'a QuantMatrix);
+
+impl PanelSource for BlocksW<'_> {
+    fn reduction(&self) -> usize {
+        self.0.rows
+    }
+    fn columns(&self) -> usize {
+        self.0.cols
+    }
+    fn panel<'a>(
+        &'a self,
+        j: usize,
+        pairs: std::ops::Range<usize>,
+        dst: &'a mut Vec<u16>,
+    ) -> &'a [u16] {
+        let q = self.0;
+        // Whole groups: cols and NR are multiples of every group size.
+        let (c0, cw) = (j * NR, NR.min(q.cols - j * NR));
+        dst.clear();
+        dst.resize(pairs.len() * NR * 2, 0);
+        DEQUANT.with_borrow_mut(|(f, b)| {
+            f.resize(2 * cw, 0.0);
+            b.resize(2 * cw, 0);
+            for (pi, p) in pairs.enumerate() {
+                let r0 = 2 * p;
+                let live = 2.min(q.rows - r0);
+                q.dequantize_into(r0..r0 + live, c0..c0 + cw, &mut f[..live * cw]);
+                to_bf16_row(&mut b[..live * cw], &f[..live * cw]);
+                let out = &mut dst[pi * NR * 2..(pi + 1) * NR * 2];
+                for e in 0..live {
+                    for c in 0..cw {
+                        out[2 * c + e] = b[e * cw + c];
+                    }
+                }
+            }
+        });
+        dst
     }
 }
 
@@ -917,6 +1072,99 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Every bf16 kernel this CPU runs (the emulated ones everywhere).
+    fn bf16_kernels() -> Vec<Bf16Kernel> {
+        use crate::engine::{amx, bf16::cpu_has_avx512bf16};
+        let mut v = vec![Bf16Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            v.push(Bf16Kernel::Avx2);
+        }
+        if cpu_has_avx512bf16() {
+            v.push(Bf16Kernel::Avx512Bf16);
+            if amx::amx_available() {
+                v.push(Bf16Kernel::Amx);
+            }
+        }
+        v
+    }
+
+    /// The bf16 products over blocks against the bf16 products over the packing of the
+    /// dequantised weight (an independent path: `PackedBf16` rounds the f32 values itself), bit
+    /// for bit, forward and backward, plain and accumulating, on every kernel here.
+    #[test]
+    fn bf16_products_over_blocks_equal_the_packed_dequantised_weight_bit_for_bit() {
+        let kernels = bf16_kernels();
+        eprintln!("bf16 kernels on this CPU: {kernels:?}");
+        // Rows not whole panels of 64 nor whole AMX pairs (the backward's reduction), a single
+        // row; t a single row, and not a multiple of the 32-row AMX block; cols of one group.
+        let shapes: &[(usize, usize, usize)] = &[(70, 256, 37), (1, 512, 1), (129, 256, 5)];
+        for dtype in GGUF_TYPES {
+            for &(rows, cols, t) in shapes {
+                check_bf16_over_blocks(dtype, rows, cols, t, &kernels);
+            }
+        }
+        // Short rows where the block allows (k = 32 and 96: 16 and 48 pairs), and a backward
+        // reduction long enough to run in three blocks of pairs.
+        for dtype in [GgmlType::Q4_0, GgmlType::Q8_0] {
+            check_bf16_over_blocks(dtype, 33, 96, 7, &kernels);
+        }
+        check_bf16_over_blocks(GgmlType::Q4_1, 2 * 2 * 2048 + 67, 32, 3, &kernels);
+    }
+
+    fn check_bf16_over_blocks(
+        dtype: GgmlType,
+        rows: usize,
+        cols: usize,
+        t: usize,
+        kernels: &[Bf16Kernel],
+    ) {
+        use crate::engine::bf16::{matmul_bf16_t_with as bwd, matmul_bf16_with as fwd, PackedBf16};
+        let bytes = random_blocks(dtype, rows, cols, rows as u64 * 7 + cols as u64);
+        let m = QuantMatrix::from_gguf_blocks(dtype, &bytes, rows, cols, None, "w").unwrap();
+        let w: Vec<f32> = (0..rows).flat_map(|r| m.dequantize_row(r)).collect();
+        let packed = PackedBf16::for_x_wt(&w, rows, cols);
+        let x = random_f32(t * cols, 3);
+        let dy = random_f32(t * rows, 4);
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+        for &kernel in kernels {
+            let what = format!("{dtype} [{rows}, {cols}] t {t} {kernel:?}");
+            let mut want = vec![0.0f32; t * rows];
+            fwd(kernel, &mut want, &x, t, &packed, false);
+            let mut got = vec![f32::NAN; t * rows];
+            m.matmul_nt_bf16_with(kernel, &mut got, &x, t);
+            assert!(same(&got, &want), "{what}: forward");
+            for accumulate in [false, true] {
+                let base = random_f32(t * cols, 5);
+                let mut want = base.clone();
+                bwd(kernel, &mut want, &dy, t, &packed, accumulate);
+                let mut got = base.clone();
+                m.matmul_w_bf16_with(kernel, &mut got, &dy, t, accumulate);
+                assert!(
+                    same(&got, &want),
+                    "{what}: backward, accumulate {accumulate}"
+                );
+            }
+        }
+        // The dispatch: many rows take the bf16 products once chosen, on bf16_kernel().
+        if t >= MANY_ROWS {
+            let mut m = m;
+            m.set_bf16_products(true);
+            let kernel = bf16_kernel();
+            let mut want = vec![0.0f32; t * rows];
+            fwd(kernel, &mut want, &x, t, &packed, false);
+            let mut got = vec![0.0f32; t * rows];
+            m.matmul_nt(&mut got, &x, t);
+            assert!(same(&got, &want), "{dtype}: matmul_nt with bf16 products");
+            let mut want = vec![0.0f32; t * cols];
+            bwd(kernel, &mut want, &dy, t, &packed, false);
+            let mut got = vec![0.0f32; t * cols];
+            m.matmul_w(&mut got, &dy, t, false);
+            assert!(same(&got, &want), "{dtype}: matmul_w with bf16 products");
         }
     }
 

@@ -394,6 +394,10 @@ impl Decoder {
             self.embed_tokens = Weight::F32(split.to_f32(head));
         }
         self.tied_head_bf16 = None;
+        // A head tied to blocks reads them in the precision's arithmetic (QLoRA).
+        if let Weight::Quant(q) = &mut self.embed_tokens {
+            q.set_bf16_products(precision == Precision::Bf16);
+        }
         if precision == Precision::Bf16 {
             if let Weight::F32(e) = &self.embed_tokens {
                 let head = Bf16Weight::new(e, vocab, h);

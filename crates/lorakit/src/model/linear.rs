@@ -33,6 +33,40 @@ impl std::str::FromStr for Precision {
     }
 }
 
+/// A `--precision` value: where the frozen weights live, and their products' arithmetic (two
+/// separate choices: blocks compute in either arithmetic).
+///
+/// `f32`, `bf16`: the weights in that form (dequantised from a GGUF file's blocks at load);
+/// `gguf`: only the GGUF file's quantised blocks, products in the caller's default arithmetic
+/// (`train`'s is the fastest here, [`crate::engine::bf16::bf16_native`]); `gguf-f32`,
+/// `gguf-bf16`: the blocks with the products' arithmetic forced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrecisionChoice {
+    /// Keep the frozen weights only in the GGUF blocks.
+    pub blocks: bool,
+    /// The products' arithmetic; None for plain `gguf` (the caller's default).
+    pub arithmetic: Option<Precision>,
+}
+
+impl std::str::FromStr for PrecisionChoice {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (blocks, arithmetic) = match s {
+            "f32" => (false, Some(Precision::F32)),
+            "bf16" => (false, Some(Precision::Bf16)),
+            "gguf" => (true, None),
+            "gguf-f32" => (true, Some(Precision::F32)),
+            "gguf-bf16" => (true, Some(Precision::Bf16)),
+            other => {
+                return Err(crate::Error::Invalid(format!(
+                    "unknown precision \"{other}\" (f32, bf16, gguf, gguf-f32 or gguf-bf16)"
+                )))
+            }
+        };
+        Ok(PrecisionChoice { blocks, arithmetic })
+    }
+}
+
 /// The bf16 packing of a frozen weight W [out, in]: laid out for y = x Wᵀ, and read in place
 /// for dX = dY W too ([`matmul_bf16_t`]), so that training holds one bf16 copy.
 #[derive(Debug, Clone)]
@@ -380,9 +414,11 @@ impl Linear {
 
     /// Stores the weight for `precision`'s products: bf16 keeps only the packing (the f32
     /// values are dropped); f32 unpacks a bf16-only weight (its values rounded to bf16 for
-    /// good: the f32 originals are gone). Blocks compute as they are, in either.
+    /// good: the f32 originals are gone). Blocks stay blocks, their many-row products in
+    /// `precision`'s arithmetic.
     pub fn set_precision(&mut self, precision: Precision) {
-        if matches!(self.weight, Weight::Quant(_)) {
+        if let Weight::Quant(q) = &mut self.weight {
+            q.set_bf16_products(precision == Precision::Bf16);
             self.bf16 = None;
             return;
         }
@@ -476,6 +512,29 @@ pub fn lora_forward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Storage and arithmetic are separate parts of a `--precision` value.
+    #[test]
+    fn precision_choices_parse_into_storage_and_arithmetic() {
+        let c = |s: &str| s.parse::<PrecisionChoice>().unwrap();
+        let (f32, bf16) = (Some(Precision::F32), Some(Precision::Bf16));
+        assert_eq!((c("f32").blocks, c("f32").arithmetic), (false, f32));
+        assert_eq!((c("bf16").blocks, c("bf16").arithmetic), (false, bf16));
+        assert_eq!((c("gguf").blocks, c("gguf").arithmetic), (true, None));
+        assert_eq!(
+            (c("gguf-f32").blocks, c("gguf-f32").arithmetic),
+            (true, f32)
+        );
+        assert_eq!(
+            (c("gguf-bf16").blocks, c("gguf-bf16").arithmetic),
+            (true, bf16)
+        );
+        let e = "gguf-f16"
+            .parse::<PrecisionChoice>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gguf-f16") && e.contains("gguf-bf16"), "{e}");
+    }
 
     /// The split storage of a tied embedding gives back every f32 bit pattern, the awkward ones
     /// included: exact ties (rounded down and up to even), carries into the exponent, the

@@ -23,7 +23,7 @@ pub mod traits;
 
 pub use config::{Arch, Config};
 pub use decoder::{Decoder, KvCache};
-pub use linear::{Linear, Precision, Weight};
+pub use linear::{Linear, Precision, PrecisionChoice, Weight};
 pub use load::{
     load_hf_model, load_model, load_model_blocks, quantize_weights, LoadedModel, ModelSource,
 };

@@ -82,7 +82,8 @@ pub struct TrainOptions {
     pub keep_checkpoints: usize,
     /// Frozen-weight products: `bf16` (the default where the CPU has AVX512-BF16; emulated with the
     /// same rounding elsewhere), `f32`, or `gguf` (QLoRA: the frozen base kept only in quantised
-    /// blocks, a GGUF file's own or `quantize`'s).
+    /// blocks, a GGUF file's own or `quantize`'s, their products in the default's arithmetic;
+    /// `gguf-f32` and `gguf-bf16` choose it).
     pub precision: Option<String>,
     /// With `precision = "gguf"` and an HF base: the block type its weights are quantised to at
     /// load (`q8_0`, `q4_0`, `q4_k`, ...).
@@ -172,20 +173,25 @@ impl TrainOptions {
     /// ones (AMX tiles, or AMD's AVX512-BF16; `engine::bf16::bf16_native`), f32 elsewhere; f32
     /// for full fine-tuning.
     pub fn precision(&self) -> Result<crate::model::Precision> {
-        match &self.precision {
-            // The blocks' products are f32 arithmetic on dequantised panels.
-            Some(p) if p == "gguf" => Ok(crate::model::Precision::F32),
+        // The arithmetic, over blocks (`gguf`, QLoRA) as over f32 or bf16 weights.
+        let choice = self.precision_choice()?;
+        match choice.and_then(|c| c.arithmetic) {
+            Some(p) => Ok(p),
             None if self.full => Ok(crate::model::Precision::F32),
-            Some(p) => p.parse(),
             None if crate::engine::bf16::bf16_native() => Ok(crate::model::Precision::Bf16),
             None => Ok(crate::model::Precision::F32),
         }
     }
 
+    /// `precision` parsed: storage and arithmetic.
+    fn precision_choice(&self) -> Result<Option<crate::model::PrecisionChoice>> {
+        self.precision.as_deref().map(str::parse).transpose()
+    }
+
     /// Whether the frozen base is kept in quantised blocks (`precision = "gguf"`), and the type
     /// an HF base is quantised to (`quantize`), checked.
     pub fn blocks(&self) -> Result<Option<Option<crate::io::gguf::GgmlType>>> {
-        let blocks = self.precision.as_deref() == Some("gguf");
+        let blocks = self.precision_choice()?.is_some_and(|c| c.blocks);
         let quantize = match self.quantize.as_deref() {
             None => None,
             Some(name) => Some(crate::model::gguf_model::parse_type(name).ok_or_else(|| {
@@ -254,7 +260,7 @@ impl TrainOptions {
                 "--{name} is a LoRA option and cannot be combined with --full (which trains every weight)"
             )));
         }
-        if self.precision.as_deref() == Some("gguf") || self.quantize.is_some() {
+        if self.precision_choice()?.is_some_and(|c| c.blocks) || self.quantize.is_some() {
             return Err(Error::Invalid(
                 "--full cannot train a base kept in quantised blocks (--precision gguf, --quantize): \
                  blocks cannot take an optimiser step; train LoRA over them (drop --full), or \
