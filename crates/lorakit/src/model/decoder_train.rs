@@ -808,6 +808,13 @@ impl Decoder {
                 layer: li,
                 kind: c.adapter_kind(k),
             };
+            // Whether the backward of linear `k` reads its input x: for dW (full fine-tuning)
+            // or its adapter's dA.
+            let full_ft = full_layers.is_some();
+            let wants_x = |k: ModuleKind| {
+                layer.linear(k).is_some()
+                    && (full_ft || adapter.is_some_and(|ad| ad.modules.contains_key(&id(k))))
+            };
             // Split borrows: each module's (weights, saved xa, grads).
             let mut g = lora_grads
                 .iter_mut()
@@ -866,19 +873,30 @@ impl Decoder {
             } else {
                 dx
             };
-            // Recompute the MLP's input and activation first.
-            match &layer.mlp {
-                MlpWeights::Plain { .. } => act_forward(b.act, &mut act, &a.up),
-                _ => gated_act_forward(b.act, &mut act, &a.gate, &a.up),
-            }
+            // Recompute the MLP's input and activation first, where a gradient reads them: a
+            // frozen projection without an adapter needs only its dy (its x would go to dW or
+            // dA), so LoRA on q, v skips both recomputations (an empty x stands for "unused").
+            let act_in: &[f32] = if wants_x(ModuleKind::Down) {
+                match &layer.mlp {
+                    MlpWeights::Plain { .. } => act_forward(b.act, &mut act, &a.up),
+                    _ => gated_act_forward(b.act, &mut act, &a.gate, &a.up),
+                }
+                &act
+            } else {
+                &[]
+            };
+            let mlp_wants_x = [ModuleKind::Gate, ModuleKind::Up, ModuleKind::GateUp]
+                .into_iter()
+                .any(wants_x);
             let mlp_in: &[f32] = match layer.norm(NormSlot::MlpIn) {
-                Some(w) => {
+                Some(w) if mlp_wants_x => {
                     self.norm_forward(&mut normed, &a.x_mid, w);
                     &normed
                 }
+                Some(_) => &[],
                 None => &a.x_mid,
             };
-            bwd(ModuleKind::Down, &act, d_down, &mut d_act, false);
+            bwd(ModuleKind::Down, act_in, d_down, &mut d_act, false);
             match &layer.mlp {
                 MlpWeights::Gated { .. } => {
                     gated_act_backward(b.act, &mut d_gate, &mut d_up, &a.gate, &a.up, &d_act);
@@ -959,11 +977,15 @@ impl Decoder {
                     std::mem::swap(d, d_raw);
                 }
             }
+            let attn_wants_x = [ModuleKind::Q, ModuleKind::K, ModuleKind::V, ModuleKind::Qkv]
+                .into_iter()
+                .any(wants_x);
             let attn_in: &[f32] = match layer.norm(NormSlot::AttnIn) {
-                Some(w) => {
+                Some(w) if attn_wants_x => {
                     self.norm_forward(&mut normed, &a.x_in, w);
                     &normed
                 }
+                Some(_) => &[],
                 None => &a.x_in,
             };
             match &layer.qkv {
