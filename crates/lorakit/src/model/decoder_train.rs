@@ -774,18 +774,18 @@ impl Decoder {
         } = &mut *guard;
         // Each of these is overwritten in full (a product or kernel with accumulate = false
         // comes first) before it is read: sized, never cleared.
-        let mut d_act = bwd.d_act.fit(n * inter);
-        let mut d_gate = bwd.d_gate.fit(n * inter);
-        let mut d_up = bwd.d_up.fit(n * inter);
-        let mut act = bwd.act.fit(n * inter);
-        let mut d_n = bwd.d_n.fit(n * h);
-        let mut d_sub = bwd.d_sub.fit(n * h);
-        let mut normed = bwd.normed.fit(n * h);
-        let mut d_attn = bwd.d_attn.fit(n * qd);
-        let (mut dq, mut dk) = (&mut bwd.dq, &mut bwd.dk);
+        let d_act = bwd.d_act.fit(n * inter);
+        let d_gate = bwd.d_gate.fit(n * inter);
+        let d_up = bwd.d_up.fit(n * inter);
+        let act = bwd.act.fit(n * inter);
+        let d_n = bwd.d_n.fit(n * h);
+        let d_sub = bwd.d_sub.fit(n * h);
+        let normed = bwd.normed.fit(n * h);
+        let d_attn = bwd.d_attn.fit(n * qd);
+        let (dq, dk) = (&mut bwd.dq, &mut bwd.dk);
         dq.fit(n * qd);
         dk.fit(n * kvd);
-        let mut dv = bwd.dv.fit(n * kvd);
+        let dv = bwd.dv.fit(n * kvd);
         let (d_raw, d_fused, scratch) = (&mut bwd.d_raw, &mut bwd.d_fused, &mut bwd.scratch);
 
         let (adapter, mut lora_grads) = match lora {
@@ -866,10 +866,10 @@ impl Decoder {
                     norm_grads.as_deref_mut(),
                     &a.d_out,
                     dx,
-                    &mut d_sub,
+                    d_sub,
                     false,
                 );
-                &d_sub
+                d_sub
             } else {
                 dx
             };
@@ -878,10 +878,10 @@ impl Decoder {
             // dA), so LoRA on q, v skips both recomputations (an empty x stands for "unused").
             let act_in: &[f32] = if wants_x(ModuleKind::Down) {
                 match &layer.mlp {
-                    MlpWeights::Plain { .. } => act_forward(b.act, &mut act, &a.up),
-                    _ => gated_act_forward(b.act, &mut act, &a.gate, &a.up),
+                    MlpWeights::Plain { .. } => act_forward(b.act, act, &a.up),
+                    _ => gated_act_forward(b.act, act, &a.gate, &a.up),
                 }
-                &act
+                act
             } else {
                 &[]
             };
@@ -890,28 +890,28 @@ impl Decoder {
                 .any(wants_x);
             let mlp_in: &[f32] = match layer.norm(NormSlot::MlpIn) {
                 Some(w) if mlp_wants_x => {
-                    self.norm_forward(&mut normed, &a.x_mid, w);
-                    &normed
+                    self.norm_forward(normed, &a.x_mid, w);
+                    normed
                 }
                 Some(_) => &[],
                 None => &a.x_mid,
             };
-            bwd(ModuleKind::Down, act_in, d_down, &mut d_act, false);
+            bwd(ModuleKind::Down, act_in, d_down, d_act, false);
             match &layer.mlp {
                 MlpWeights::Gated { .. } => {
-                    gated_act_backward(b.act, &mut d_gate, &mut d_up, &a.gate, &a.up, &d_act);
-                    bwd(ModuleKind::Gate, mlp_in, &d_gate, &mut d_n, false);
-                    bwd(ModuleKind::Up, mlp_in, &d_up, &mut d_n, true);
+                    gated_act_backward(b.act, d_gate, d_up, &a.gate, &a.up, d_act);
+                    bwd(ModuleKind::Gate, mlp_in, d_gate, d_n, false);
+                    bwd(ModuleKind::Up, mlp_in, d_up, d_n, true);
                 }
                 MlpWeights::GatedFused(_) => {
-                    gated_act_backward(b.act, &mut d_gate, &mut d_up, &a.gate, &a.up, &d_act);
+                    gated_act_backward(b.act, d_gate, d_up, &a.gate, &a.up, d_act);
                     d_fused.fit(n * 2 * inter);
-                    join_rows(d_fused, &[inter, inter], &[&d_gate, &d_up]);
-                    bwd(ModuleKind::GateUp, mlp_in, &d_fused, &mut d_n, false);
+                    join_rows(d_fused, &[inter, inter], &[d_gate, d_up]);
+                    bwd(ModuleKind::GateUp, mlp_in, d_fused, d_n, false);
                 }
                 MlpWeights::Plain { .. } => {
-                    act_backward(b.act, &mut d_up, &a.up, &d_act);
-                    bwd(ModuleKind::Up, mlp_in, &d_up, &mut d_n, false);
+                    act_backward(b.act, d_up, &a.up, d_act);
+                    bwd(ModuleKind::Up, mlp_in, d_up, d_n, false);
                 }
             }
             if layer.norm(NormSlot::MlpIn).is_some() {
@@ -920,12 +920,12 @@ impl Decoder {
                     NormSlot::MlpIn,
                     norm_grads.as_deref_mut(),
                     &a.x_mid,
-                    &d_n,
+                    d_n,
                     dx,
                     true,
                 );
             } else {
-                add_inplace(dx, &d_n);
+                add_inplace(dx, d_n);
             }
 
             // Attention block: x_mid = x_in + attn_out_norm(o(attn(rope(qk_norm(q, k)), v))).
@@ -936,17 +936,17 @@ impl Decoder {
                     norm_grads.as_deref_mut(),
                     &a.o_out,
                     dx,
-                    &mut d_sub,
+                    d_sub,
                     false,
                 );
-                &d_sub
+                d_sub
             } else {
                 dx
             };
-            bwd(ModuleKind::O, &a.attn, d_o, &mut d_attn, false);
+            bwd(ModuleKind::O, &a.attn, d_o, d_attn, false);
             let shape = self.attn_shape(batch, seq, spec.window);
             attention_train_backward(
-                &mut dq, &mut dk, &mut dv, &d_attn, &a.q, &a.k, &a.v, &a.attn, &a.lse, shape, segs,
+                dq, dk, dv, d_attn, &a.q, &a.k, &a.v, &a.attn, &a.lse, shape, segs,
             );
             if let Some(rope) = self.ropes.get(spec.rope) {
                 for bi in 0..batch {
@@ -982,28 +982,28 @@ impl Decoder {
                 .any(wants_x);
             let attn_in: &[f32] = match layer.norm(NormSlot::AttnIn) {
                 Some(w) if attn_wants_x => {
-                    self.norm_forward(&mut normed, &a.x_in, w);
-                    &normed
+                    self.norm_forward(normed, &a.x_in, w);
+                    normed
                 }
                 Some(_) => &[],
                 None => &a.x_in,
             };
             match &layer.qkv {
                 QkvWeights::Separate { .. } => {
-                    bwd(ModuleKind::Q, attn_in, &dq, &mut d_n, false);
-                    bwd(ModuleKind::K, attn_in, &dk, &mut d_n, true);
-                    bwd(ModuleKind::V, attn_in, &dv, &mut d_n, true);
+                    bwd(ModuleKind::Q, attn_in, dq, d_n, false);
+                    bwd(ModuleKind::K, attn_in, dk, d_n, true);
+                    bwd(ModuleKind::V, attn_in, dv, d_n, true);
                 }
                 QkvWeights::Fused(_) => {
                     d_fused.fit(n * (qd + 2 * kvd));
-                    join_rows(d_fused, &[qd, kvd, kvd], &[&dq, &dk, &dv]);
-                    bwd(ModuleKind::Qkv, attn_in, &d_fused, &mut d_n, false);
+                    join_rows(d_fused, &[qd, kvd, kvd], &[dq, dk, dv]);
+                    bwd(ModuleKind::Qkv, attn_in, d_fused, d_n, false);
                 }
             }
             if layer.norm(NormSlot::AttnIn).is_some() {
-                self.norm_backward(layer, NormSlot::AttnIn, norm_grads, &a.x_in, &d_n, dx, true);
+                self.norm_backward(layer, NormSlot::AttnIn, norm_grads, &a.x_in, d_n, dx, true);
             } else {
-                add_inplace(dx, &d_n);
+                add_inplace(dx, d_n);
             }
         }
         if let Some(f) = full {
