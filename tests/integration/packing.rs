@@ -531,10 +531,14 @@ fn lora_step_bits(
     model
         .train_backward(dx, acts, adapter, dropout, &mut grads)
         .unwrap();
-    let bits = grads
-        .modules
-        .values()
-        .flat_map(|(a, b)| [a, b])
+    let tensors: Vec<&Vec<f32>> = grads.modules.values().flat_map(|(a, b)| [a, b]).collect();
+    // dx starts as NaN where it grew: a row the loss failed to write would show here.
+    assert!(
+        loss.is_finite() && tensors.iter().all(|g| g.iter().all(|v| v.is_finite())),
+        "a non-finite loss or gradient"
+    );
+    let bits = tensors
+        .iter()
         .map(|g| g.iter().map(|v| v.to_bits()).collect())
         .collect();
     (loss.to_bits(), bits)
