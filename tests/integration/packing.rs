@@ -499,3 +499,92 @@ fn an_example_longer_than_the_row_is_an_error_or_truncated_as_unpacked() {
         "{plain} vs {packed}"
     );
 }
+
+/// LoRA loss and gradients of `batch` through `acts` and `dx` as a run keeps them between
+/// steps: the loss's bits and each gradient's bits.
+fn lora_step_bits(
+    model: &Decoder,
+    adapter: &Adapter,
+    batch: &Batch,
+    dropout: Dropout,
+    acts: &mut Activations,
+    dx: &mut Vec<f32>,
+) -> (u64, Vec<Vec<u32>>) {
+    model
+        .train_forward_packed(
+            &batch.input_ids,
+            batch.batch_size,
+            batch.seq_len,
+            &batch.segments,
+            Some(adapter),
+            dropout,
+            acts,
+        )
+        .unwrap();
+    let targets = target_positions(&batch.labels, batch.batch_size, batch.seq_len);
+    let n = targets.len() as f64;
+    // As the trainer does: sized, not cleared (the loss writes every row).
+    dx.resize(batch.input_ids.len() * model.config.hidden_size, f32::NAN);
+    dx.truncate(batch.input_ids.len() * model.config.hidden_size);
+    let loss = lm_head_loss(model, &acts.x_final, &targets, 0.0, n, Some(dx));
+    let mut grads = LoraGrads::zeros_like(adapter);
+    model
+        .train_backward(dx, acts, adapter, dropout, &mut grads)
+        .unwrap();
+    let tensors: Vec<&Vec<f32>> = grads.modules.values().flat_map(|(a, b)| [a, b]).collect();
+    // dx starts as NaN where it grew: a row the loss failed to write would show here.
+    assert!(
+        loss.is_finite() && tensors.iter().all(|g| g.iter().all(|v| v.is_finite())),
+        "a non-finite loss or gradient"
+    );
+    let bits = tensors
+        .iter()
+        .map(|g| g.iter().map(|v| v.to_bits()).collect())
+        .collect();
+    (loss.to_bits(), bits)
+}
+
+/// A run plans its buffers for the largest batch and reuses them every step without clearing
+/// them: steps through buffers that served a larger batch (a packed one, then a smaller and a
+/// longer one) give the bits of steps on fresh buffers; with dropout and with recomputation.
+#[test]
+fn reused_step_buffers_give_the_bits_of_fresh_ones() {
+    for family in ["llama", "qwen3", "phi3", "gemma3_text", "gpt2"] {
+        let (model, adapter) = load(family);
+        let exs = examples(model.config.vocab_size, &[7, 3, 9, 5, 4, 12], 13);
+        let batcher = Batcher::new(exs, 6, false, 0).unwrap();
+        let batches = [
+            batcher.packed_batch(&[vec![0, 1, 3], vec![2, 4], vec![5]]),
+            batcher.batch(&[1, 4]),
+            batcher.batch(&[5]),
+            batcher.packed_batch(&[vec![2, 3, 4], vec![1]]),
+        ];
+        for (dropout, recompute) in [(0.0, false), (0.1, true)] {
+            let dropout = Dropout {
+                p: dropout,
+                seed: 5,
+            };
+            let mut acts = Activations::default();
+            acts.recompute = recompute;
+            let mut dx = Vec::new();
+            for (i, batch) in batches.iter().enumerate() {
+                let reused = lora_step_bits(&model, &adapter, batch, dropout, &mut acts, &mut dx);
+                let mut fresh_acts = Activations::default();
+                fresh_acts.recompute = recompute;
+                let fresh = lora_step_bits(
+                    &model,
+                    &adapter,
+                    batch,
+                    dropout,
+                    &mut fresh_acts,
+                    &mut Vec::new(),
+                );
+                assert!(
+                    reused == fresh,
+                    "{family}: batch {i} (dropout {}, recompute {recompute}) differs",
+                    dropout.p
+                );
+            }
+        }
+    }
+}

@@ -11,10 +11,38 @@
 //! its own causal block (the mask is block-diagonal), with the same products it would get alone,
 //! so no score across two sequences is ever formed. An unpacked row is one segment.
 
+use std::cell::RefCell;
+
 use rayon::prelude::*;
 
 use super::matmul::dot;
 use super::SharedMut;
+
+thread_local! {
+    /// Each thread's score buffers ([L, L] for the longest segment seen), kept between calls:
+    /// allocating and zeroing them per task was a share of the step. Every use overwrites the
+    /// [len, len] prefix it reads.
+    static SCORES: RefCell<(Vec<f32>, Vec<f32>)> = RefCell::default();
+}
+
+/// Runs `f` on this thread's two score buffers, each at least `n` long.
+fn with_scores<R>(n: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+    let grow = |v: &mut Vec<f32>| {
+        if v.len() < n {
+            v.resize(n, 0.0);
+        }
+    };
+    SCORES.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut b) => {
+            let (p, dp) = &mut *b;
+            grow(p);
+            grow(dp);
+            f(p, dp)
+        }
+        // Not reached (the tasks make no nested calls); fresh buffers keep it correct anyway.
+        Err(_) => f(&mut vec![0.0; n], &mut vec![0.0; n]),
+    })
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct AttnShape {
@@ -253,41 +281,42 @@ pub fn attention_train_forward(
     let longest = segs.longest(t_len);
     let out_ptr = SharedMut(out.as_mut_ptr());
     // One task per (batch, head): it owns out[b, :, h, :] and lse[b, h, :].
-    lse.par_chunks_mut(t_len).enumerate().for_each_init(
-        || vec![0.0f32; longest * longest],
-        |scores, (bh, lse_row)| {
-            let (b, h) = (bh / s.n_heads, bh % s.n_heads);
-            let kvh = h / s.group();
-            for (start, len) in segs.row(b, t_len) {
-                let q0 = (b * t_len + start) * s.q_row() + h * hd;
-                let kv0 = (b * t_len + start) * s.kv_row() + kvh * hd;
-                let sc = &mut scores[..len * len];
-                // SAFETY: the asserts above bound the views (the segments lie inside the row);
-                // this task alone writes out[b, :, h, :].
-                unsafe {
-                    // S = scale · Q Kᵀ: [L, hd] · [hd, L]
-                    head_scores(sc, q, k, q0, kv0, len, s);
-                    causal_exp_rows(sc, len, s.window, None, &mut lse_row[start..start + len]);
-                    // O = P V: [L, L] · [L, hd]
-                    gemm_strided(
-                        len,
-                        hd,
-                        len,
-                        out_ptr.at(q0),
-                        s.q_row(),
-                        false,
-                        sc.as_ptr(),
-                        len,
-                        1,
-                        v.as_ptr().add(kv0),
-                        s.kv_row(),
-                        1,
-                        1.0,
-                    );
+    lse.par_chunks_mut(t_len)
+        .enumerate()
+        .for_each(|(bh, lse_row)| {
+            with_scores(longest * longest, |scores, _| {
+                let (b, h) = (bh / s.n_heads, bh % s.n_heads);
+                let kvh = h / s.group();
+                for (start, len) in segs.row(b, t_len) {
+                    let q0 = (b * t_len + start) * s.q_row() + h * hd;
+                    let kv0 = (b * t_len + start) * s.kv_row() + kvh * hd;
+                    let sc = &mut scores[..len * len];
+                    // SAFETY: the asserts above bound the views (the segments lie inside the row);
+                    // this task alone writes out[b, :, h, :].
+                    unsafe {
+                        // S = scale · Q Kᵀ: [L, hd] · [hd, L]
+                        head_scores(sc, q, k, q0, kv0, len, s);
+                        causal_exp_rows(sc, len, s.window, None, &mut lse_row[start..start + len]);
+                        // O = P V: [L, L] · [L, hd]
+                        gemm_strided(
+                            len,
+                            hd,
+                            len,
+                            out_ptr.at(q0),
+                            s.q_row(),
+                            false,
+                            sc.as_ptr(),
+                            len,
+                            1,
+                            v.as_ptr().add(kv0),
+                            s.kv_row(),
+                            1,
+                            1.0,
+                        );
+                    }
                 }
-            }
-        },
-    );
+            })
+        });
 }
 
 /// Gradients of `attention_train_forward` with respect to q, k and v (overwritten).
@@ -333,14 +362,8 @@ pub fn attention_train_backward(
     );
     // One task per (batch, KV head): it owns dk/dv of that head and dq of the query heads
     // that share it, so no two tasks write the same element.
-    (0..s.batch * s.n_kv_heads).into_par_iter().for_each_init(
-        || {
-            (
-                vec![0.0f32; longest * longest],
-                vec![0.0f32; longest * longest],
-            )
-        },
-        |(p_buf, dp_buf), bk| {
+    (0..s.batch * s.n_kv_heads).into_par_iter().for_each(|bk| {
+        with_scores(longest * longest, |p_buf, dp_buf| {
             let (b, kvh) = (bk / s.n_kv_heads, bk % s.n_kv_heads);
             for (i, h) in (kvh * s.group()..(kvh + 1) * s.group()).enumerate() {
                 let first = i == 0;
@@ -433,6 +456,6 @@ pub fn attention_train_backward(
                     }
                 }
             }
-        },
-    );
+        })
+    });
 }

@@ -111,18 +111,33 @@ fn rope_rotate(
     sign: f32,
 ) {
     let half = head_dim / 2;
-    for (t, tok) in x.chunks_exact_mut(n_heads * head_dim).enumerate() {
-        let p = start_pos + t;
-        let cos = &rope.cos[p * half..(p + 1) * half];
-        let sin = &rope.sin[p * half..(p + 1) * half];
-        for head in tok.chunks_exact_mut(head_dim) {
-            let (lo, hi) = head.split_at_mut(half);
-            for i in 0..half {
-                let (a, b, s) = (lo[i], hi[i], sign * sin[i]);
-                lo[i] = a * cos[i] - b * s;
-                hi[i] = b * cos[i] + a * s;
+    let row = n_heads * head_dim;
+    if row == 0 {
+        return;
+    }
+    let rotate = |first: usize, rows: &mut [f32]| {
+        for (t, tok) in rows.chunks_exact_mut(row).enumerate() {
+            let p = first + t;
+            let cos = &rope.cos[p * half..(p + 1) * half];
+            let sin = &rope.sin[p * half..(p + 1) * half];
+            for head in tok.chunks_exact_mut(head_dim) {
+                let (lo, hi) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b, s) = (lo[i], hi[i], sign * sin[i]);
+                    lo[i] = a * cos[i] - b * s;
+                    hi[i] = b * cos[i] + a * s;
+                }
             }
         }
+    };
+    // Training batches rotate thousands of rows: split them over the threads (each row is
+    // rotated alone, so the result does not depend on the split). Decode rotates one.
+    if x.len() / row <= ROWS_PER_TASK {
+        rotate(start_pos, x);
+    } else {
+        x.par_chunks_mut(ROWS_PER_TASK * row)
+            .enumerate()
+            .for_each(|(i, rows)| rotate(start_pos + i * ROWS_PER_TASK, rows));
     }
 }
 

@@ -4,6 +4,7 @@
 //! ([`FullGrads`]) every weight, norm and the embedding also get their gradient.
 
 use std::collections::BTreeMap;
+use std::sync::{Mutex, PoisonError};
 
 use crate::engine::attention::{
     attention_train_backward, attention_train_forward, AttnShape, Segments,
@@ -23,7 +24,7 @@ use crate::model::decoder::{
 };
 use crate::model::linear::Linear;
 use crate::model::linear_train::{
-    linear_train_backward, linear_train_forward, set_len, LoraBackward,
+    linear_train_backward, linear_train_forward, Buf, LoraBackward, LoraScratch,
 };
 pub use crate::model::linear_train::{Dropout, LoraGrads};
 use crate::model::param::Param;
@@ -282,36 +283,39 @@ impl Decoder {
 
 /// What one layer's backward needs from its forward. N = batch · seq rows. The normed inputs of
 /// the projections and act(gate) ⊙ up are cheap to recompute, so the backward does that
-/// instead of keeping them (a third less activation memory).
+/// instead of keeping them (a third less activation memory). Every buffer keeps the storage of
+/// the largest batch it has held; a smaller batch uses a prefix.
 #[derive(Debug, Default)]
 struct LayerActs {
     /// Residual stream entering the layer, [N, hidden].
-    x_in: Vec<f32>,
+    x_in: Buf,
     /// q and k as projected, before their norm (blocks with a q/k norm only): [N, q_dim], [N, kv_dim].
-    q_raw: Vec<f32>,
-    k_raw: Vec<f32>,
+    q_raw: Buf,
+    k_raw: Buf,
     /// After the q/k norm and RoPE: [N, heads·hd], [N, kv·hd]; v: [N, kv·hd].
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    q: Buf,
+    k: Buf,
+    v: Buf,
     /// Attention output, the input of o_proj, [N, heads·hd].
-    attn: Vec<f32>,
+    attn: Buf,
     /// [batch, heads, seq]
-    lse: Vec<f32>,
+    lse: Buf,
     /// o_proj's output, the input of the post-attention norm (blocks with one), [N, hidden].
-    o_out: Vec<f32>,
+    o_out: Buf,
     /// Residual stream after the attention block, [N, hidden].
-    x_mid: Vec<f32>,
+    x_mid: Buf,
     /// The MLP's projections, [N, intermediate] (a plain MLP keeps its one in `up`).
-    gate: Vec<f32>,
-    up: Vec<f32>,
+    gate: Buf,
+    up: Buf,
     /// down_proj's output, the input of the post-MLP norm (blocks with one), [N, hidden].
-    d_out: Vec<f32>,
+    d_out: Buf,
     /// x·Aᵀ (after dropout) of each adapted module, [N, r].
-    xa: BTreeMap<ModuleKind, Vec<f32>>,
+    xa: BTreeMap<ModuleKind, Buf>,
 }
 
-/// Saved activations of a whole forward pass, reused across steps (buffers grow once).
+/// Saved activations of a whole forward pass, and the work buffers of the forward and the
+/// backward, reused across steps: each buffer grows to the largest batch of the run once and
+/// is never zeroed again (every one is overwritten in full before it is read).
 #[derive(Debug, Default)]
 pub struct Activations {
     layers: Vec<LayerActs>,
@@ -327,6 +331,9 @@ pub struct Activations {
     /// time (activation checkpointing): saved activations shrink to [N, hidden] per layer plus
     /// one layer's worth, for one more forward pass per step.
     pub recompute: bool,
+    /// The step's work buffers. Behind a lock because the backward reads the activations
+    /// through a shared reference; it is never contended.
+    work: Mutex<Work>,
 }
 
 impl LayerActs {
@@ -343,11 +350,45 @@ impl LayerActs {
 /// Work buffers of the training forward, reused across layers.
 #[derive(Debug, Default)]
 struct FwdBufs {
-    proj: Vec<f32>,
-    normed: Vec<f32>,
-    act: Vec<f32>,
-    fused: Vec<f32>,
-    scratch: Vec<f32>,
+    proj: Buf,
+    normed: Buf,
+    act: Buf,
+    fused: Buf,
+    scratch: LoraScratch,
+}
+
+/// Work buffers of the backward, reused across layers; N = batch · seq.
+#[derive(Debug, Default)]
+struct BwdBufs {
+    /// [N, intermediate]
+    d_act: Buf,
+    d_gate: Buf,
+    d_up: Buf,
+    act: Buf,
+    /// [N, hidden]
+    d_n: Buf,
+    d_sub: Buf,
+    normed: Buf,
+    /// [N, q_dim]; dk, dv: [N, kv_dim]
+    d_attn: Buf,
+    dq: Buf,
+    dk: Buf,
+    dv: Buf,
+    /// A q/k norm's input gradient, [N, q_dim or kv_dim].
+    d_raw: Buf,
+    /// Fused projections' output gradient, [N, Σ widths].
+    d_fused: Buf,
+    scratch: LoraScratch,
+}
+
+/// Everything a step needs besides the saved activations.
+#[derive(Debug, Default)]
+struct Work {
+    fwd: FwdBufs,
+    bwd: BwdBufs,
+    /// The layer recomputed from its saved input (`recompute`), and its residual stream.
+    recomputed: LayerActs,
+    x_work: Buf,
 }
 
 impl Activations {
@@ -364,7 +405,7 @@ impl Activations {
                 .iter()
                 .map(|v| v.len())
                 .sum::<usize>()
-                    + a.xa.values().map(Vec::len).sum::<usize>()
+                    + a.xa.values().map(|b| b.len()).sum::<usize>()
             })
             .sum();
         (l + self.x_final.len()) * 4
@@ -456,7 +497,11 @@ impl Decoder {
         acts.layers.resize_with(c.num_layers, LayerActs::default);
         acts.segments.clone_from(segs);
         let mut x = std::mem::take(&mut acts.x_final);
-        set_len(&mut x, n * h);
+        // The embedding writes every row (padding included): no need to clear it.
+        if x.len() < n * h {
+            x.resize(n * h, 0.0);
+        }
+        x.truncate(n * h);
         // Each sequence is embedded at positions 0.. (learned positions restart with it).
         for bi in 0..batch {
             for (start, len) in segs.row(bi, seq) {
@@ -464,10 +509,14 @@ impl Decoder {
                 self.embed(&mut x[at * h..(at + len) * h], &ids[at..at + len], 0, len);
             }
         }
-        let mut bufs = FwdBufs::default();
+        let bufs = &mut acts
+            .work
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .fwd;
         for li in 0..c.num_layers {
             let a = &mut acts.layers[li];
-            self.train_layer_forward(li, &mut x, a, batch, seq, segs, adapter, dropout, &mut bufs);
+            self.train_layer_forward(li, &mut x, a, batch, seq, segs, adapter, dropout, bufs);
             if acts.recompute {
                 a.keep_input_only();
             }
@@ -498,9 +547,10 @@ impl Decoder {
         let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let (qd, kvd) = (c.q_dim(), c.kv_dim());
         let qk_norm = b.qk_norm != QkNorm::None;
-        set_len(&mut bufs.proj, n * h);
-        set_len(&mut bufs.normed, n * h);
-        set_len(&mut bufs.act, n * inter);
+        // Every buffer below is written in full before it is read.
+        bufs.proj.fit(n * h);
+        bufs.normed.fit(n * h);
+        bufs.act.fit(n * inter);
         let lora = |k: ModuleKind| {
             let id = ModuleId {
                 layer: li,
@@ -535,8 +585,7 @@ impl Decoder {
                 &mut bufs.scratch,
             );
         };
-        a.x_in.clear();
-        a.x_in.extend_from_slice(x);
+        a.x_in.copy_from(x);
         let attn_in: &[f32] = match layer.norm(NormSlot::AttnIn) {
             Some(w) => {
                 self.norm_forward(&mut bufs.normed, x, w);
@@ -544,9 +593,9 @@ impl Decoder {
             }
             None => x,
         };
-        set_len(&mut a.q, n * qd);
-        set_len(&mut a.k, n * kvd);
-        set_len(&mut a.v, n * kvd);
+        a.q.fit(n * qd);
+        a.k.fit(n * kvd);
+        a.v.fit(n * kvd);
         match &layer.qkv {
             QkvWeights::Separate { .. } => {
                 fwd(ModuleKind::Q, attn_in, &mut a.q);
@@ -554,7 +603,7 @@ impl Decoder {
                 fwd(ModuleKind::V, attn_in, &mut a.v);
             }
             QkvWeights::Fused(_) => {
-                set_len(&mut bufs.fused, n * (qd + 2 * kvd));
+                bufs.fused.fit(n * (qd + 2 * kvd));
                 fwd(ModuleKind::Qkv, attn_in, &mut bufs.fused);
                 split_rows(
                     &bufs.fused,
@@ -564,8 +613,8 @@ impl Decoder {
             }
         }
         if qk_norm {
-            a.q_raw.clone_from(&a.q);
-            a.k_raw.clone_from(&a.k);
+            a.q_raw.copy_from(&a.q);
+            a.k_raw.copy_from(&a.k);
             if let (Some(wq), Some(wk)) = (layer.norm(NormSlot::Q), layer.norm(NormSlot::K)) {
                 self.norm_forward(&mut a.q, &a.q_raw, wq);
                 self.norm_forward(&mut a.k, &a.k_raw, wk);
@@ -583,13 +632,13 @@ impl Decoder {
                 }
             }
         }
-        set_len(&mut a.attn, n * qd);
-        set_len(&mut a.lse, batch * c.num_heads * seq);
+        a.attn.fit(n * qd);
+        a.lse.fit(batch * c.num_heads * seq);
         let shape = self.attn_shape(batch, seq, spec.window);
         attention_train_forward(&mut a.attn, &mut a.lse, &a.q, &a.k, &a.v, shape, segs);
         fwd(ModuleKind::O, &a.attn, &mut bufs.proj);
         if layer.norm(NormSlot::AttnOut).is_some() {
-            a.o_out.clone_from(&bufs.proj);
+            a.o_out.copy_from(&bufs.proj);
         }
         self.residual_add(
             layer,
@@ -599,8 +648,7 @@ impl Decoder {
             &mut bufs.normed,
         );
 
-        a.x_mid.clear();
-        a.x_mid.extend_from_slice(x);
+        a.x_mid.copy_from(x);
         let mlp_in: &[f32] = match layer.norm(NormSlot::MlpIn) {
             Some(w) => {
                 self.norm_forward(&mut bufs.normed, x, w);
@@ -608,17 +656,17 @@ impl Decoder {
             }
             None => x,
         };
-        set_len(&mut a.up, n * inter);
+        a.up.fit(n * inter);
         match &layer.mlp {
             MlpWeights::Gated { .. } => {
-                set_len(&mut a.gate, n * inter);
+                a.gate.fit(n * inter);
                 fwd(ModuleKind::Gate, mlp_in, &mut a.gate);
                 fwd(ModuleKind::Up, mlp_in, &mut a.up);
                 gated_act_forward(b.act, &mut bufs.act, &a.gate, &a.up);
             }
             MlpWeights::GatedFused(_) => {
-                set_len(&mut a.gate, n * inter);
-                set_len(&mut bufs.fused, n * 2 * inter);
+                a.gate.fit(n * inter);
+                bufs.fused.fit(n * 2 * inter);
                 fwd(ModuleKind::GateUp, mlp_in, &mut bufs.fused);
                 split_rows(&bufs.fused, &[inter, inter], &mut [&mut a.gate, &mut a.up]);
                 gated_act_forward(b.act, &mut bufs.act, &a.gate, &a.up);
@@ -630,7 +678,7 @@ impl Decoder {
         }
         fwd(ModuleKind::Down, &bufs.act, &mut bufs.proj);
         if layer.norm(NormSlot::MlpOut).is_some() {
-            a.d_out.clone_from(&bufs.proj);
+            a.d_out.copy_from(&bufs.proj);
         }
         self.residual_add(layer, NormSlot::MlpOut, x, &mut bufs.proj, &mut bufs.normed);
     }
@@ -717,52 +765,55 @@ impl Decoder {
                 "backward called without a matching forward".into(),
             ));
         }
-        let mut d_act = vec![0.0f32; n * inter];
-        let mut d_gate = vec![0.0f32; n * inter];
-        let mut d_up = vec![0.0f32; n * inter];
-        let mut d_n = vec![0.0f32; n * h];
-        let mut d_sub = vec![0.0f32; n * h];
-        let mut d_attn = vec![0.0f32; n * qd];
-        let mut dq = vec![0.0f32; n * qd];
-        let mut dk = vec![0.0f32; n * kvd];
-        let mut dv = vec![0.0f32; n * kvd];
-        let mut d_raw = Vec::new();
-        let mut d_fused = Vec::new();
-        let mut normed = vec![0.0f32; n * h];
-        let mut act = vec![0.0f32; n * inter];
-        let mut scratch = Vec::new();
+        let mut guard = acts.work.lock().unwrap_or_else(PoisonError::into_inner);
+        let Work {
+            fwd: fwd_bufs,
+            bwd,
+            recomputed: work,
+            x_work,
+        } = &mut *guard;
+        // Each of these is overwritten in full (a product or kernel with accumulate = false
+        // comes first) before it is read: sized, never cleared.
+        let d_act = bwd.d_act.fit(n * inter);
+        let d_gate = bwd.d_gate.fit(n * inter);
+        let d_up = bwd.d_up.fit(n * inter);
+        let act = bwd.act.fit(n * inter);
+        let d_n = bwd.d_n.fit(n * h);
+        let d_sub = bwd.d_sub.fit(n * h);
+        let normed = bwd.normed.fit(n * h);
+        let d_attn = bwd.d_attn.fit(n * qd);
+        let (dq, dk) = (&mut bwd.dq, &mut bwd.dk);
+        dq.fit(n * qd);
+        dk.fit(n * kvd);
+        let dv = bwd.dv.fit(n * kvd);
+        let (d_raw, d_fused, scratch) = (&mut bwd.d_raw, &mut bwd.d_fused, &mut bwd.scratch);
 
         let (adapter, mut lora_grads) = match lora {
             Some((a, g)) => (Some(a), Some(g)),
             None => (None, None),
         };
         let mut full_layers = full.as_deref_mut().map(|f| f.layers.iter_mut().rev());
-        // The layer recomputed from its saved input (acts.recompute), and the forward's buffers.
-        let mut work = LayerActs::default();
-        let mut fwd_bufs = FwdBufs::default();
-        let mut x_work = Vec::new();
         for li in (0..c.num_layers).rev() {
             let (layer, spec) = (&self.layers[li], &c.layers[li]);
             let a: &LayerActs = if acts.recompute {
-                x_work.clone_from(&acts.layers[li].x_in);
+                x_work.copy_from(&acts.layers[li].x_in);
                 self.train_layer_forward(
-                    li,
-                    &mut x_work,
-                    &mut work,
-                    batch,
-                    seq,
-                    segs,
-                    adapter,
-                    dropout,
-                    &mut fwd_bufs,
+                    li, x_work, work, batch, seq, segs, adapter, dropout, fwd_bufs,
                 );
-                &work
+                &*work
             } else {
                 &acts.layers[li]
             };
             let id = |k: ModuleKind| ModuleId {
                 layer: li,
                 kind: c.adapter_kind(k),
+            };
+            // Whether the backward of linear `k` reads its input x: for dW (full fine-tuning)
+            // or its adapter's dA.
+            let full_ft = full_layers.is_some();
+            let wants_x = |k: ModuleKind| {
+                layer.linear(k).is_some()
+                    && (full_ft || adapter.is_some_and(|ad| ad.modules.contains_key(&id(k))))
             };
             // Split borrows: each module's (weights, saved xa, grads).
             let mut g = lora_grads
@@ -775,7 +826,7 @@ impl Decoder {
                 let w = adapter?.modules.get(&id(k))?;
                 let xa = a.xa.get(&k)?;
                 let gr = g.remove(&id(k).kind)?;
-                Some((w, xa.as_slice(), gr))
+                Some((w, &xa[..], gr))
             };
             let (mut norm_grads, mut weight_grads) =
                 match full_layers.as_mut().and_then(|it| it.next()) {
@@ -803,7 +854,7 @@ impl Decoder {
                         accumulate,
                         dropout,
                         key,
-                        &mut scratch,
+                        scratch,
                     );
                 };
 
@@ -815,41 +866,52 @@ impl Decoder {
                     norm_grads.as_deref_mut(),
                     &a.d_out,
                     dx,
-                    &mut d_sub,
+                    d_sub,
                     false,
                 );
-                &d_sub
+                d_sub
             } else {
                 dx
             };
-            // Recompute the MLP's input and activation first.
-            match &layer.mlp {
-                MlpWeights::Plain { .. } => act_forward(b.act, &mut act, &a.up),
-                _ => gated_act_forward(b.act, &mut act, &a.gate, &a.up),
-            }
-            let mlp_in: &[f32] = match layer.norm(NormSlot::MlpIn) {
-                Some(w) => {
-                    self.norm_forward(&mut normed, &a.x_mid, w);
-                    &normed
+            // Recompute the MLP's input and activation first, where a gradient reads them: a
+            // frozen projection without an adapter needs only its dy (its x would go to dW or
+            // dA), so LoRA on q, v skips both recomputations (an empty x stands for "unused").
+            let act_in: &[f32] = if wants_x(ModuleKind::Down) {
+                match &layer.mlp {
+                    MlpWeights::Plain { .. } => act_forward(b.act, act, &a.up),
+                    _ => gated_act_forward(b.act, act, &a.gate, &a.up),
                 }
+                act
+            } else {
+                &[]
+            };
+            let mlp_wants_x = [ModuleKind::Gate, ModuleKind::Up, ModuleKind::GateUp]
+                .into_iter()
+                .any(wants_x);
+            let mlp_in: &[f32] = match layer.norm(NormSlot::MlpIn) {
+                Some(w) if mlp_wants_x => {
+                    self.norm_forward(normed, &a.x_mid, w);
+                    normed
+                }
+                Some(_) => &[],
                 None => &a.x_mid,
             };
-            bwd(ModuleKind::Down, &act, d_down, &mut d_act, false);
+            bwd(ModuleKind::Down, act_in, d_down, d_act, false);
             match &layer.mlp {
                 MlpWeights::Gated { .. } => {
-                    gated_act_backward(b.act, &mut d_gate, &mut d_up, &a.gate, &a.up, &d_act);
-                    bwd(ModuleKind::Gate, mlp_in, &d_gate, &mut d_n, false);
-                    bwd(ModuleKind::Up, mlp_in, &d_up, &mut d_n, true);
+                    gated_act_backward(b.act, d_gate, d_up, &a.gate, &a.up, d_act);
+                    bwd(ModuleKind::Gate, mlp_in, d_gate, d_n, false);
+                    bwd(ModuleKind::Up, mlp_in, d_up, d_n, true);
                 }
                 MlpWeights::GatedFused(_) => {
-                    gated_act_backward(b.act, &mut d_gate, &mut d_up, &a.gate, &a.up, &d_act);
-                    set_len(&mut d_fused, n * 2 * inter);
-                    join_rows(&mut d_fused, &[inter, inter], &[&d_gate, &d_up]);
-                    bwd(ModuleKind::GateUp, mlp_in, &d_fused, &mut d_n, false);
+                    gated_act_backward(b.act, d_gate, d_up, &a.gate, &a.up, d_act);
+                    d_fused.fit(n * 2 * inter);
+                    join_rows(d_fused, &[inter, inter], &[d_gate, d_up]);
+                    bwd(ModuleKind::GateUp, mlp_in, d_fused, d_n, false);
                 }
                 MlpWeights::Plain { .. } => {
-                    act_backward(b.act, &mut d_up, &a.up, &d_act);
-                    bwd(ModuleKind::Up, mlp_in, &d_up, &mut d_n, false);
+                    act_backward(b.act, d_up, &a.up, d_act);
+                    bwd(ModuleKind::Up, mlp_in, d_up, d_n, false);
                 }
             }
             if layer.norm(NormSlot::MlpIn).is_some() {
@@ -858,12 +920,12 @@ impl Decoder {
                     NormSlot::MlpIn,
                     norm_grads.as_deref_mut(),
                     &a.x_mid,
-                    &d_n,
+                    d_n,
                     dx,
                     true,
                 );
             } else {
-                add_inplace(dx, &d_n);
+                add_inplace(dx, d_n);
             }
 
             // Attention block: x_mid = x_in + attn_out_norm(o(attn(rope(qk_norm(q, k)), v))).
@@ -874,17 +936,17 @@ impl Decoder {
                     norm_grads.as_deref_mut(),
                     &a.o_out,
                     dx,
-                    &mut d_sub,
+                    d_sub,
                     false,
                 );
-                &d_sub
+                d_sub
             } else {
                 dx
             };
-            bwd(ModuleKind::O, &a.attn, d_o, &mut d_attn, false);
+            bwd(ModuleKind::O, &a.attn, d_o, d_attn, false);
             let shape = self.attn_shape(batch, seq, spec.window);
             attention_train_backward(
-                &mut dq, &mut dk, &mut dv, &d_attn, &a.q, &a.k, &a.v, &a.attn, &a.lse, shape, segs,
+                dq, dk, dv, d_attn, &a.q, &a.k, &a.v, &a.attn, &a.lse, shape, segs,
             );
             if let Some(rope) = self.ropes.get(spec.rope) {
                 for bi in 0..batch {
@@ -899,45 +961,49 @@ impl Decoder {
             }
             if b.qk_norm != QkNorm::None {
                 for (slot, raw, d) in [
-                    (NormSlot::Q, &a.q_raw, &mut dq),
-                    (NormSlot::K, &a.k_raw, &mut dk),
+                    (NormSlot::Q, &a.q_raw, &mut *dq),
+                    (NormSlot::K, &a.k_raw, &mut *dk),
                 ] {
-                    set_len(&mut d_raw, d.len());
+                    d_raw.fit(d.len());
                     self.norm_backward(
                         layer,
                         slot,
                         norm_grads.as_deref_mut(),
                         raw,
                         d,
-                        &mut d_raw,
+                        d_raw,
                         false,
                     );
-                    std::mem::swap(d, &mut d_raw);
+                    std::mem::swap(d, d_raw);
                 }
             }
+            let attn_wants_x = [ModuleKind::Q, ModuleKind::K, ModuleKind::V, ModuleKind::Qkv]
+                .into_iter()
+                .any(wants_x);
             let attn_in: &[f32] = match layer.norm(NormSlot::AttnIn) {
-                Some(w) => {
-                    self.norm_forward(&mut normed, &a.x_in, w);
-                    &normed
+                Some(w) if attn_wants_x => {
+                    self.norm_forward(normed, &a.x_in, w);
+                    normed
                 }
+                Some(_) => &[],
                 None => &a.x_in,
             };
             match &layer.qkv {
                 QkvWeights::Separate { .. } => {
-                    bwd(ModuleKind::Q, attn_in, &dq, &mut d_n, false);
-                    bwd(ModuleKind::K, attn_in, &dk, &mut d_n, true);
-                    bwd(ModuleKind::V, attn_in, &dv, &mut d_n, true);
+                    bwd(ModuleKind::Q, attn_in, dq, d_n, false);
+                    bwd(ModuleKind::K, attn_in, dk, d_n, true);
+                    bwd(ModuleKind::V, attn_in, dv, d_n, true);
                 }
                 QkvWeights::Fused(_) => {
-                    set_len(&mut d_fused, n * (qd + 2 * kvd));
-                    join_rows(&mut d_fused, &[qd, kvd, kvd], &[&dq, &dk, &dv]);
-                    bwd(ModuleKind::Qkv, attn_in, &d_fused, &mut d_n, false);
+                    d_fused.fit(n * (qd + 2 * kvd));
+                    join_rows(d_fused, &[qd, kvd, kvd], &[dq, dk, dv]);
+                    bwd(ModuleKind::Qkv, attn_in, d_fused, d_n, false);
                 }
             }
             if layer.norm(NormSlot::AttnIn).is_some() {
-                self.norm_backward(layer, NormSlot::AttnIn, norm_grads, &a.x_in, &d_n, dx, true);
+                self.norm_backward(layer, NormSlot::AttnIn, norm_grads, &a.x_in, d_n, dx, true);
             } else {
-                add_inplace(dx, &d_n);
+                add_inplace(dx, d_n);
             }
         }
         if let Some(f) = full {

@@ -121,9 +121,52 @@ impl LoraGrads {
     }
 }
 
-pub(crate) fn set_len(v: &mut Vec<f32>, n: usize) {
-    v.clear();
-    v.resize(n, 0.0);
+/// A work buffer planned for the largest shape it has served: `fit(n)` makes it n elements
+/// long without clearing what it holds (only storage it never had is zeroed), and a shorter
+/// batch uses a prefix of the same storage. For buffers the caller overwrites in full: zeroing
+/// them every step was a memset of every activation.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Buf {
+    data: Vec<f32>,
+    len: usize,
+}
+
+impl Buf {
+    /// Makes the buffer n elements long; its contents are whatever the storage held.
+    pub(crate) fn fit(&mut self, n: usize) -> &mut [f32] {
+        if self.data.len() < n {
+            self.data.resize(n, 0.0);
+        }
+        self.len = n;
+        &mut self.data[..n]
+    }
+
+    /// Makes the buffer a copy of `x`.
+    pub(crate) fn copy_from(&mut self, x: &[f32]) {
+        self.fit(x.len()).copy_from_slice(x);
+    }
+}
+
+impl std::ops::Deref for Buf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.data[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.data[..self.len]
+    }
+}
+
+/// Work buffers of the LoRA path, reused by every module: dropout(x) [N, in] (dropout runs
+/// only), and the backward's g = s·dy B [N, r] and s·xa [N, r].
+#[derive(Debug, Default)]
+pub(crate) struct LoraScratch {
+    dropped: Vec<f32>,
+    g: Buf,
+    xa_s: Buf,
 }
 
 /// An adapted module's weights, its saved x·Aᵀ and its (dA, dB) accumulators.
@@ -137,18 +180,19 @@ pub(crate) fn linear_train_forward(
     lora: Option<&LoraWeights>,
     x: &[f32],
     y: &mut [f32],
-    xa: Option<&mut Vec<f32>>,
+    xa: Option<&mut Buf>,
     dropout: Dropout,
     key: u64,
-    scratch: &mut Vec<f32>,
+    scratch: &mut LoraScratch,
 ) {
     lin.forward_base(y, x);
     if let (Some(lora), Some(xa)) = (lora, xa) {
         let n = x.len() / lin.in_features;
-        set_len(xa, n * lora.r);
+        // lora_forward overwrites all of xa.
+        let xa = xa.fit(n * lora.r);
         let x_lora: &[f32] = if dropout.active() {
-            dropout.apply(scratch, x, key);
-            scratch
+            dropout.apply(&mut scratch.dropped, x, key);
+            &scratch.dropped
         } else {
             x
         };
@@ -174,7 +218,7 @@ pub(crate) fn linear_train_backward(
     accumulate: bool,
     dropout: Dropout,
     key: u64,
-    scratch: &mut Vec<f32>,
+    scratch: &mut LoraScratch,
 ) {
     let (n, inp, out) = (
         dy.len() / lin.out_features,
@@ -196,25 +240,29 @@ pub(crate) fn linear_train_backward(
         return;
     };
     let r = w.r;
-    // g = s · dy B: [N, r]
-    let mut g = vec![0.0f32; n * r];
-    matmul(&mut g, dy, false, &w.b, false, n, out, r, false);
+    let LoraScratch { dropped, g, xa_s } = scratch;
+    // g = s · dy B: [N, r] (the product overwrites it)
+    let g = g.fit(n * r);
+    matmul(g, dy, false, &w.b, false, n, out, r, false);
     g.iter_mut().for_each(|v| *v *= w.scale);
     // dB += s · dyᵀ xa: [out, r]
-    let xa_s: Vec<f32> = xa.iter().map(|v| v * w.scale).collect();
-    matmul(db, dy, true, &xa_s, false, out, n, r, true);
+    let xa_s = xa_s.fit(xa.len());
+    for (d, &v) in xa_s.iter_mut().zip(xa) {
+        *d = v * w.scale;
+    }
+    matmul(db, dy, true, xa_s, false, out, n, r, true);
     // dA += gᵀ dropout(x): [r, in]
     let x_lora: &[f32] = if dropout.active() {
-        dropout.apply(scratch, x, key);
-        scratch
+        dropout.apply(dropped, x, key);
+        dropped
     } else {
         x
     };
-    matmul(da, &g, true, x_lora, false, r, n, inp, true);
+    matmul(da, g, true, x_lora, false, r, n, inp, true);
     // dx += dropout'(g A): [N, in]
     if dropout.active() {
         let mut gx = vec![0.0f32; n * inp];
-        matmul(&mut gx, &g, false, &w.a, false, n, r, inp, false);
+        matmul(&mut gx, g, false, &w.a, false, n, r, inp, false);
         // The mask (scaled by 1/(1-p)) is scratch / x where x ≠ 0; recompute it from the hash.
         let mut ones = Vec::new();
         dropout.apply(&mut ones, &vec![1.0f32; n * inp], key);
@@ -222,7 +270,7 @@ pub(crate) fn linear_train_backward(
             *d += gv * m;
         }
     } else {
-        matmul(dx, &g, false, &w.a, false, n, r, inp, true);
+        matmul(dx, g, false, &w.a, false, n, r, inp, true);
     }
 }
 

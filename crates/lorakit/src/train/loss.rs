@@ -3,15 +3,36 @@
 //! logits[b, t] predicts labels[b, t+1]; positions whose next label is −100 (prompt, padding,
 //! the last position) cost nothing: no LM-head product, no softmax.
 
+use std::cell::RefCell;
+
 use rayon::prelude::*;
 
 use crate::engine::matmul;
 use crate::engine::ops::exp_shifted_sum;
+use crate::model::linear_train::Buf;
 /// The trait lives with the models; re-exported where the loss that needs it is.
 pub use crate::model::LmHead;
 
 /// Rows of the LM head evaluated at once: bounds the [rows, vocab] logits buffer.
 const CHUNK_ROWS: usize = 64;
+
+/// The LM head's chunk buffers ([CHUNK_ROWS, hidden] and [CHUNK_ROWS, vocab]), kept by the
+/// thread for the next step: the logits alone are 12 MB for a 49k vocabulary, and a fresh
+/// allocation per step paid page faults (or a memset) for all of it. Each chunk overwrites
+/// what it reads.
+#[derive(Default)]
+struct HeadWork {
+    xs: Buf,
+    normed: Buf,
+    logits: Buf,
+    d_normed: Buf,
+    d_xs: Buf,
+    capped: Buf,
+}
+
+thread_local! {
+    static HEAD_WORK: RefCell<HeadWork> = RefCell::default();
+}
 
 /// (row of the flattened batch, target token) for every position that carries loss.
 pub fn target_positions(labels: &[i64], batch: usize, seq: usize) -> Vec<(usize, u32)> {
@@ -71,22 +92,72 @@ pub fn lm_head_loss_with_head_grads<M: LmHead + ?Sized>(
     label_smoothing: f32,
     normalizer: f64,
     mut dx_final: Option<&mut [f32]>,
+    head_grads: Option<HeadGrads<'_>>,
+) -> f64 {
+    let (h, _) = model.dims();
+    if let Some(dx) = dx_final.as_deref_mut() {
+        // Rows with a target are written below; only the others need clearing.
+        let mut has_target = vec![false; dx.len() / h.max(1)];
+        for &(row, _) in targets {
+            if let Some(t) = has_target.get_mut(row) {
+                *t = true;
+            }
+        }
+        for (row, &t) in dx.chunks_mut(h.max(1)).zip(&has_target) {
+            if !t {
+                row.fill(0.0);
+            }
+        }
+    }
+    HEAD_WORK.with(|w| match w.try_borrow_mut() {
+        Ok(mut w) => lm_head_loss_in(
+            &mut w,
+            model,
+            x_final,
+            targets,
+            label_smoothing,
+            normalizer,
+            dx_final,
+            head_grads,
+        ),
+        // Only a loss computed inside another one's model calls would get here.
+        Err(_) => lm_head_loss_in(
+            &mut HeadWork::default(),
+            model,
+            x_final,
+            targets,
+            label_smoothing,
+            normalizer,
+            dx_final,
+            head_grads,
+        ),
+    })
+}
+
+/// The chunked loop of [`lm_head_loss_with_head_grads`] on the buffers `w`.
+#[allow(clippy::too_many_arguments)]
+fn lm_head_loss_in<M: LmHead + ?Sized>(
+    w: &mut HeadWork,
+    model: &M,
+    x_final: &[f32],
+    targets: &[(usize, u32)],
+    label_smoothing: f32,
+    normalizer: f64,
+    mut dx_final: Option<&mut [f32]>,
     mut head_grads: Option<HeadGrads<'_>>,
 ) -> f64 {
     let (h, v) = model.dims();
-    if let Some(dx) = dx_final.as_deref_mut() {
-        dx.fill(0.0);
-    }
     let eps = label_smoothing as f64;
     let mut total = 0.0f64;
-    let mut xs = vec![0.0f32; CHUNK_ROWS * h];
-    let mut normed = vec![0.0f32; CHUNK_ROWS * h];
-    let mut logits = vec![0.0f32; CHUNK_ROWS * v];
-    let mut d_normed = vec![0.0f32; CHUNK_ROWS * h];
-    let mut d_xs = vec![0.0f32; CHUNK_ROWS * h];
+    let rows = CHUNK_ROWS.min(targets.len());
     let softcap = model.logit_softcap();
+    let xs = w.xs.fit(rows * h);
+    let normed = w.normed.fit(rows * h);
+    let logits = w.logits.fit(rows * v);
+    let d_normed = w.d_normed.fit(rows * h);
+    let d_xs = w.d_xs.fit(rows * h);
     // The capped logits, for the cap's derivative 1 − (z / cap)².
-    let mut capped = vec![0.0f32; if softcap.is_some() { CHUNK_ROWS * v } else { 0 }];
+    let capped = w.capped.fit(if softcap.is_some() { rows * v } else { 0 });
     for chunk in targets.chunks(CHUNK_ROWS) {
         let m = chunk.len();
         for (i, &(row, _)) in chunk.iter().enumerate() {

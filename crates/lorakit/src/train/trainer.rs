@@ -1270,8 +1270,9 @@ fn shared_step_gradients<T: Trainee>(
     Ok((loss_sum, tokens, gather_seconds))
 }
 
-/// The training forward of one micro-batch into `acts`, with `dx` sized (and zeroed) for the
-/// gradient of its final hidden states, [batch·seq, hidden]; returns the target positions.
+/// The training forward of one micro-batch into `acts`, with `dx` sized for the gradient of its
+/// final hidden states, [batch·seq, hidden] (the loss writes all of it); returns the target
+/// positions.
 pub(crate) fn micro_batch_forward(
     model: &Decoder,
     batch: &Batch,
@@ -1283,8 +1284,12 @@ pub(crate) fn micro_batch_forward(
     let (b, t) = (batch.batch_size, batch.seq_len);
     let segs = &batch.segments;
     model.train_forward_packed(&batch.input_ids, b, t, segs, adapter, dropout, acts)?;
-    dx.clear();
-    dx.resize(b * t * model.config.hidden_size, 0.0);
+    // Not cleared: lm_head_loss writes every row (zeros where no target is).
+    let n = b * t * model.config.hidden_size;
+    if dx.len() < n {
+        dx.resize(n, 0.0);
+    }
+    dx.truncate(n);
     Ok(target_positions(&batch.labels, b, t))
 }
 
