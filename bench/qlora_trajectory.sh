@@ -6,7 +6,8 @@
 #   bench/qlora_trajectory.sh [--steps N] [--model FILE.gguf] [--keep DIR] [RUN ...]
 #
 # --keep DIR keeps every run's output there, and a later call with the same DIR reuses a run whose
-# name, flags, steps, model and binary are unchanged (so new runs can join earlier ones).
+# name, flags, steps and model are unchanged (so new runs can join earlier ones); the report names
+# the lorakit binary (sha256 prefix) each run used.
 #
 # A RUN is NAME=PRECISION[,EXTRA FLAGS...] for `lorakit train`, e.g. gguf=gguf or
 # gguf-f32=gguf,--gguf-compute,f32. Default runs: f32=f32 bf16=bf16 gguf=gguf.
@@ -49,8 +50,8 @@ for spec in "${runs[@]}"; do
   prec="${flags[0]}"
   extra=("${flags[@]:1}")
   out="$work/$name"
-  stamp="$spec $steps $(sha256sum "$model" | cut -c1-16) $(sha256sum "$bin" | cut -c1-16)"
-  if [[ -n "$keep" && -f "$work/$name.adapted.eval" && "$(cat "$work/$name.stamp" 2>/dev/null)" == "$stamp" ]]; then
+  stamp="$spec $steps $(sha256sum "$model" | cut -c1-16)"
+  if [[ -n "$keep" && -f "$work/$name.adapted.eval" && "$(head -n1 "$work/$name.stamp" 2>/dev/null)" == "$stamp" ]]; then
     echo "== $name: reusing the run in $out" >&2
     continue
   fi
@@ -67,7 +68,7 @@ for spec in "${runs[@]}"; do
       --metric loss >"$work/$name.$which.eval" 2>"$work/$name.$which.err" \
       || { cat "$work/$name.$which.err" >&2; die "eval of $name ($which) failed"; }
   done
-  echo "$stamp" >"$work/$name.stamp"
+  printf '%s\n%s\n' "$stamp" "$(sha256sum "$bin" | cut -c1-12)" >"$work/$name.stamp"
 done
 
 python3 - "$work" "$steps" "${runs[@]}" <<'EOF'
@@ -112,7 +113,8 @@ for n in names:
     base, after = eval_loss(f"{work}/{n}.base.eval"), eval_loss(f"{work}/{n}.adapted.eval")
     gains[n] = (base - after) / base
     peak = int(open(f"{work}/{n}.rss").read().split()[-1]) / 1e6
-    print(f"{n}: held-out loss {base:.4f} -> {after:.4f}, gain {gains[n]:.2%}; peak RSS {peak:.2f} GB")
+    binary = open(f"{work}/{n}.stamp").read().split("\n")[1]
+    print(f"{n}: held-out loss {base:.4f} -> {after:.4f}, gain {gains[n]:.2%}; peak RSS {peak:.2f} GB; lorakit {binary}")
 gref = "bf16" if "bf16" in gains else ref
 for n in names:
     print(f"held-out gain {n} / {gref}: {gains[n] / gains[gref]:.4f} ({gains[n] / gains[gref] - 1:+.2%})")
