@@ -338,16 +338,17 @@ impl QuantMatrix {
         out
     }
 
-    /// y = x Wᵀ.  x: [t, cols], y: [t, rows]. Up to [`MANY_ROWS`] rows of x, each is one
-    /// matrix-vector product split over threads by rows of W (decode); from there on, panels of
-    /// W are dequantised once and multiplied by all of x (training, prefill), in bf16 where
-    /// [`QuantMatrix::set_bf16_products`] chose it, else in f32.
+    /// y = x Wᵀ.  x: [t, cols], y: [t, rows]. Where [`QuantMatrix::set_bf16_products`] chose
+    /// bf16, every product runs on the bf16 panels, whatever t: a 1-row loss chunk must round as
+    /// `--precision bf16` does, or training over blocks would drift from it. In f32, up to
+    /// [`MANY_ROWS`] rows of x, each is one matrix-vector product split over threads by rows of
+    /// W (decode); from there on, panels of W are dequantised once and multiplied by all of x.
     pub fn matmul_nt(&self, y: &mut [f32], x: &[f32], t: usize) {
+        if self.bf16_products && t > 0 {
+            let (y, x) = (&mut y[..t * self.rows], &x[..t * self.cols]);
+            return self.matmul_nt_bf16_with(bf16_kernel(), y, x, t);
+        }
         if t >= MANY_ROWS {
-            if self.bf16_products {
-                let (y, x) = (&mut y[..t * self.rows], &x[..t * self.cols]);
-                return self.matmul_nt_bf16_with(bf16_kernel(), y, x, t);
-            }
             return self.matmul_nt_panels(y, x, t);
         }
         for (yt, xt) in y
@@ -530,8 +531,8 @@ impl QuantMatrix {
     ///
     /// Columns of W are split into chunks of whole groups, one thread per chunk, so each thread
     /// owns its columns of dx; within a chunk, panels of [`BWD_PANEL`] rows are dequantised
-    /// into the thread's scratch and accumulated, so every weight is dequantised once. From
-    /// [`MANY_ROWS`] rows on with bf16 products chosen, [`QuantMatrix::matmul_w_bf16_with`].
+    /// into the thread's scratch and accumulated, so every weight is dequantised once. With bf16
+    /// products chosen, [`QuantMatrix::matmul_w_bf16_with`] for every t (as in `matmul_nt`).
     pub fn matmul_w(&self, dx: &mut [f32], dy: &[f32], t: usize, accumulate: bool) {
         let (rows, cols, g) = (self.rows, self.cols, self.group);
         assert!(
@@ -543,7 +544,7 @@ impl QuantMatrix {
         if t == 0 {
             return;
         }
-        if self.bf16_products && t >= MANY_ROWS {
+        if self.bf16_products {
             return self.matmul_w_bf16_with(bf16_kernel(), dx, dy, t, accumulate);
         }
         // About four chunks per thread, at most 256 columns, whole groups.
@@ -1150,8 +1151,8 @@ mod tests {
                 );
             }
         }
-        // The dispatch: many rows take the bf16 products once chosen, on bf16_kernel().
-        if t >= MANY_ROWS {
+        // The dispatch: every row count takes the bf16 products once chosen, on bf16_kernel().
+        {
             let mut m = m;
             m.set_bf16_products(true);
             let kernel = bf16_kernel();
