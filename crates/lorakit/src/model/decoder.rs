@@ -871,6 +871,17 @@ impl LmHead for Decoder {
     fn logit_softcap(&self) -> Option<f32> {
         self.config.final_logit_softcap
     }
+
+    /// A head in quantised blocks is dequantised again by every product (forward and
+    /// backward), so it takes 256 rows at once: a quarter of the dequantisations, for 50 MB of
+    /// logits at a 49k vocabulary instead of 12 MB. Other heads keep 64 rows: the bf16 path's
+    /// peak memory is a third of PEFT's with them.
+    fn loss_chunk_rows(&self) -> usize {
+        match self.head_weight() {
+            FrozenRef::Quant(_) => 256,
+            _ => 64,
+        }
+    }
 }
 
 impl CausalLm for Decoder {

@@ -44,4 +44,8 @@ pub trait LmHead {
     fn logit_softcap(&self) -> Option<f32> {
         None
     }
+    /// Target rows the loss sends through the head at once (it holds [rows, vocab] logits).
+    fn loss_chunk_rows(&self) -> usize {
+        64
+    }
 }

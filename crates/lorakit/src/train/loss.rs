@@ -13,10 +13,8 @@ use crate::model::linear_train::Buf;
 /// The trait lives with the models; re-exported where the loss that needs it is.
 pub use crate::model::LmHead;
 
-/// Rows of the LM head evaluated at once: bounds the [rows, vocab] logits buffer.
-const CHUNK_ROWS: usize = 64;
-
-/// The LM head's chunk buffers ([CHUNK_ROWS, hidden] and [CHUNK_ROWS, vocab]), kept by the
+/// The LM head's chunk buffers ([rows, hidden] and [rows, vocab], rows =
+/// [`LmHead::loss_chunk_rows`]), kept by the
 /// thread for the next step: the logits alone are 12 MB for a 49k vocabulary, and a fresh
 /// allocation per step paid page faults (or a memset) for all of it. Each chunk overwrites
 /// what it reads.
@@ -149,7 +147,8 @@ fn lm_head_loss_in<M: LmHead + ?Sized>(
     let (h, v) = model.dims();
     let eps = label_smoothing as f64;
     let mut total = 0.0f64;
-    let rows = CHUNK_ROWS.min(targets.len());
+    let chunk_rows = model.loss_chunk_rows().max(1);
+    let rows = chunk_rows.min(targets.len());
     let softcap = model.logit_softcap();
     let xs = w.xs.fit(rows * h);
     let normed = w.normed.fit(rows * h);
@@ -158,7 +157,7 @@ fn lm_head_loss_in<M: LmHead + ?Sized>(
     let d_xs = w.d_xs.fit(rows * h);
     // The capped logits, for the cap's derivative 1 − (z / cap)².
     let capped = w.capped.fit(if softcap.is_some() { rows * v } else { 0 });
-    for chunk in targets.chunks(CHUNK_ROWS) {
+    for chunk in targets.chunks(chunk_rows) {
         let m = chunk.len();
         for (i, &(row, _)) in chunk.iter().enumerate() {
             xs[i * h..(i + 1) * h].copy_from_slice(&x_final[row * h..(row + 1) * h]);
@@ -202,7 +201,10 @@ fn lm_head_loss_in<M: LmHead + ?Sized>(
                 loss
             })
             .collect();
-        total += losses.iter().sum::<f64>();
+        // Row by row, not chunk sums: the total is then the same whatever the chunk size.
+        for l in &losses {
+            total += l;
+        }
         if let (Some(cap), true) = (softcap, want_grad) {
             // Through the cap: d z_raw = d z · (1 − tanh²), tanh = z / cap.
             for (d, &z) in logits[..m * v].iter_mut().zip(&capped[..m * v]) {
