@@ -34,8 +34,8 @@ const MR: usize = 6;
 /// Pairs of the reduction per rebuilt panel of [`matmul_bf16_t`] (NR × 2 × 2 bytes each: 512 KB):
 /// a linear layer's reduction fits in one, the LM head's (over the vocabulary) takes several.
 const T_BLOCK_PAIRS: usize = 2048;
-/// Rows per task of [`matmul_bf16_t`] (whole micro-blocks).
-const T_GROUP_ROWS: usize = 42 * MR;
+/// The fewest rows of x a task that builds its panel multiplies by it.
+const MIN_GROUP_ROWS: usize = 256;
 /// Micro-blocks of MR rows per rayon task.
 const BLOCKS_PER_TASK: usize = 16;
 
@@ -125,25 +125,126 @@ impl PackedBf16 {
     /// Pairs `qs` of panel `jt` of Bᵀ [n, k] in this packing's layout, written into `dst`
     /// (resized to qs.len() pairs × NR × 2): what the panel [`PackedBf16::for_x_w`] of the same
     /// weight holds there, value for value, so that one packing serves both products.
-    fn transposed_panel(&self, jt: usize, qs: std::ops::Range<usize>, dst: &mut Vec<u16>) {
-        let panel_len = self.k_pairs * NR * 2;
-        dst.clear();
-        dst.resize(qs.len() * NR * 2, 0);
+    ///
+    /// The panel is a transpose of 4-value units: B's pair p0 + pl, columns 2q, 2q + 1 (one unit,
+    /// contiguous in B's panel) becomes Bᵀ's pair q, columns 2pl, 2pl + 1 (contiguous in dst),
+    /// its middle two values swapped. AVX-512 moves 8 × 8 units at a time (rebuilding panels
+    /// element by element was an eighth of an AMX training step); the rest go one by one.
+    fn transposed_panel(&self, jt: usize, qs: Range<usize>, dst: &mut Vec<u16>) {
+        let len = qs.len() * NR * 2;
+        // Every element is written below: only storage the buffer never had needs zeroing.
+        dst.truncate(len);
+        dst.resize(len, 0);
         // Bᵀ's columns jt·NR.. are B's rows, i.e. the pairs p0.. of B's packing.
         let p0 = jt * NR / 2;
         let pairs = (NR / 2).min(self.k_pairs.saturating_sub(p0));
-        for (qi, q) in qs.enumerate() {
-            // Bᵀ's pair q is B's columns 2q, 2q + 1: neighbours in one panel (NR is even).
-            let (j, c0) = (2 * q / NR, 2 * q % NR);
-            let src = &self.data[j * panel_len..(j + 1) * panel_len];
-            let out = &mut dst[qi * NR * 2..(qi + 1) * NR * 2];
-            for pl in 0..pairs {
-                // B(2p, c0), B(2p+1, c0), B(2p, c0+1), B(2p+1, c0+1) become
-                // Bᵀ(2q, 2p), Bᵀ(2q+1, 2p), Bᵀ(2q, 2p+1), Bᵀ(2q+1, 2p+1).
-                let at = ((p0 + pl) * NR + c0) * 2;
-                let s = &src[at..at + 4];
-                out[4 * pl..4 * pl + 4].copy_from_slice(&[s[0], s[2], s[1], s[3]]);
+        if pairs < NR / 2 {
+            // Past B's last row: the padding of Bᵀ's last panel.
+            for row in dst.chunks_mut(NR * 2) {
+                row[4 * pairs..].fill(0);
             }
+        }
+        // The units moved 8 × 8 at a time: blocks of 8 q starting at a multiple of 8 (they stay
+        // inside one of B's panels) and of 8 pl.
+        #[cfg(target_arch = "x86_64")]
+        let vector = std::arch::is_x86_feature_detected!("avx512bw");
+        #[cfg(not(target_arch = "x86_64"))]
+        let vector = false;
+        let q_first = qs.start.next_multiple_of(8).min(qs.end);
+        let q_vec = if vector {
+            q_first..q_first + (qs.end - q_first) / 8 * 8
+        } else {
+            0..0
+        };
+        let pl_vec = 0..pairs / 8 * 8;
+        for q in q_vec.clone().step_by(8) {
+            for pl in pl_vec.clone().step_by(8) {
+                let src = self.unit_at(q, p0 + pl);
+                let out = (q - qs.start) * NR * 2 + 4 * pl;
+                let last = 7 * NR * 2 + 32;
+                assert!(src + last <= self.data.len() && out + last <= len);
+                // SAFETY: avx512bw was detected; the assert bounds the 8 rows of 32 values read
+                // and written.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    transpose_units_8x8(self.data.as_ptr().add(src), dst.as_mut_ptr().add(out))
+                };
+            }
+        }
+        for q in qs.clone() {
+            for pl in 0..pairs {
+                if q_vec.contains(&q) && pl_vec.contains(&pl) {
+                    continue;
+                }
+                let at = self.unit_at(q, p0 + pl);
+                let s = &self.data[at..at + 4];
+                let out = (q - qs.start) * NR * 2 + 4 * pl;
+                dst[out..out + 4].copy_from_slice(&[s[0], s[2], s[1], s[3]]);
+            }
+        }
+    }
+
+    /// Where B(2p, 2q) starts in `data`: the unit B(2p..2p + 2, 2q..2q + 2), stored as
+    /// B(2p, 2q), B(2p+1, 2q), B(2p, 2q+1), B(2p+1, 2q+1) (NR is even, so both columns share
+    /// a panel).
+    #[inline]
+    fn unit_at(&self, q: usize, p: usize) -> usize {
+        let (j, c0) = (2 * q / NR, 2 * q % NR);
+        j * self.k_pairs * NR * 2 + (p * NR + c0) * 2
+    }
+}
+
+/// dst row q (q < 8, stride NR·2) = the units of src column q (8 rows at stride NR·2, 8 units
+/// of 4 values each), each unit's middle two values swapped: an 8 × 8 transpose of 64-bit
+/// units.
+///
+/// # Safety
+/// The CPU has AVX512-BW; src and dst are valid for 8 rows of 32 u16 at stride NR·2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn transpose_units_8x8(src: *const u16, dst: *mut u16) {
+    use std::arch::x86_64::*;
+    const STRIDE: usize = NR * 2;
+    // Within each 8-byte unit: values 0, 2, 1, 3.
+    const SWAP: [u8; 64] = {
+        let mut s = [0u8; 64];
+        let mut i = 0;
+        while i < 64 {
+            let lane = i / 16 * 16;
+            let unit = (i % 16) / 8 * 8;
+            s[i] = (lane % 16 + unit + [0, 1, 4, 5, 2, 3, 6, 7][i % 8]) as u8;
+            i += 1;
+        }
+        s
+    };
+    let swap = _mm512_loadu_si512(SWAP.as_ptr().cast());
+    let r: [__m512i; 8] = std::array::from_fn(|i| {
+        _mm512_shuffle_epi8(_mm512_loadu_si512(src.add(i * STRIDE).cast()), swap)
+    });
+    // rq = row r's unit q. t0 = [00 10 02 12 04 14 06 16], t1 = [01 11 03 13 ...], ...
+    let lo = |a, b| _mm512_unpacklo_epi64(a, b);
+    let hi = |a, b| _mm512_unpackhi_epi64(a, b);
+    let t = [
+        lo(r[0], r[1]),
+        hi(r[0], r[1]),
+        lo(r[2], r[3]),
+        hi(r[2], r[3]),
+        lo(r[4], r[5]),
+        hi(r[4], r[5]),
+        lo(r[6], r[7]),
+        hi(r[6], r[7]),
+    ];
+    // 128-bit lanes: even lanes (0x88) or odd lanes (0xDD) of a, then of b.
+    let even = |a, b| _mm512_shuffle_i64x2::<0x88>(a, b);
+    let odd = |a, b| _mm512_shuffle_i64x2::<0xDD>(a, b);
+    for parity in 0..2 {
+        // Columns q ≡ parity (mod 2): t[parity], t[parity + 2], ... hold them.
+        let (a, b, c, d) = (t[parity], t[parity + 2], t[parity + 4], t[parity + 6]);
+        let (u0, u1, u2, u3) = (even(a, b), odd(a, b), even(c, d), odd(c, d));
+        let rows = [even(u0, u2), even(u1, u3), odd(u0, u2), odd(u1, u3)];
+        for (i, v) in rows.into_iter().enumerate() {
+            // rows[i] is column q = parity + 2i.
+            _mm512_storeu_si512(dst.add((parity + 2 * i) * STRIDE).cast(), v);
         }
     }
 }
@@ -627,10 +728,18 @@ pub fn matmul_bf16_t_with(
     b: &PackedBf16,
     accumulate: bool,
 ) {
-    // Each task rebuilds its panel, so tasks are longer than the forward's: T_GROUP_ROWS rows
-    // keep that repacking a few percent of the task's products, and still give a 1024-row
-    // product several tasks per panel to balance the threads with.
-    matmul_bf16_t_panels(kernel, out, x, m, &Transposed(b), T_GROUP_ROWS, accumulate)
+    let group = built_panel_group_rows(m, b.k.div_ceil(NR));
+    matmul_bf16_t_panels(kernel, out, x, m, &Transposed(b), group, accumulate)
+}
+
+/// Rows of x per task of a product whose tasks build their panel (a transposed packing's, or
+/// one dequantised from blocks), with `panels` panels. Building a panel costs about as much as
+/// multiplying a few hundred rows by it on AMX tiles: so all m rows in one task, unless there
+/// are too few panels to give every thread two tasks; never fewer than [`MIN_GROUP_ROWS`].
+pub(crate) fn built_panel_group_rows(m: usize, panels: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let groups = (2 * threads).div_ceil(panels.max(1));
+    m.div_ceil(groups).max(MIN_GROUP_ROWS).next_multiple_of(32)
 }
 
 /// Columns of a panel the emulated kernel sums at once.
@@ -975,21 +1084,29 @@ mod tests {
             (7, 70, 33),
             (13, 129, 64),
             (97, 200, 131),
-            // Several row groups per panel.
-            (2 * T_GROUP_ROWS + 17, 70, 65),
+            // Whole 8 × 8 blocks of units and ragged ones, in full and partial panels.
+            (5, 300, 150),
+            // Several row groups for its one panel, whatever the number of threads.
+            (2 * MIN_GROUP_ROWS + 17, 70, 33),
         ] {
             let w = wide_data(out_f * in_f, 7);
             let forward = PackedBf16::for_x_wt(&w, out_f, in_f);
             let backward = PackedBf16::for_x_w(&w, out_f, in_f);
+            let len = backward.k_pairs * NR * 2;
+            // Whole panels, and pair ranges that start and end off the blocks of 8, built into
+            // a buffer that still holds another panel's values.
+            let kp = backward.k_pairs;
+            let ranges = [0..kp, 3..kp, 1..kp.min(17), kp / 2..kp, kp - 1..kp];
+            let mut panel = vec![0xffff; 2 * len];
             for jt in 0..in_f.div_ceil(NR) {
-                let mut panel = Vec::new();
-                forward.transposed_panel(jt, 0..backward.k_pairs, &mut panel);
-                let len = backward.k_pairs * NR * 2;
-                assert_eq!(
-                    panel,
-                    backward.data[jt * len..(jt + 1) * len],
-                    "{out_f}x{in_f} panel {jt}"
-                );
+                for qs in ranges.iter().filter(|r| !r.is_empty()) {
+                    forward.transposed_panel(jt, qs.clone(), &mut panel);
+                    let at = jt * len;
+                    assert!(
+                        panel == backward.data[at + qs.start * NR * 2..at + qs.end * NR * 2],
+                        "{out_f}x{in_f} panel {jt} pairs {qs:?}"
+                    );
+                }
             }
             let dy = wide_data(m * out_f, 3);
             let start = wide_data(m * in_f, 5);

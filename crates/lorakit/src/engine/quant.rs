@@ -26,7 +26,8 @@
 use rayon::prelude::*;
 
 use crate::engine::bf16::{
-    bf16_kernel, matmul_bf16_panels, matmul_bf16_t_panels, to_bf16_row, Bf16Kernel, PanelSource, NR,
+    bf16_kernel, built_panel_group_rows, matmul_bf16_panels, matmul_bf16_t_panels, to_bf16_row,
+    Bf16Kernel, PanelSource, NR,
 };
 use crate::engine::matmul::dot;
 use crate::error::{Error, Result};
@@ -597,7 +598,7 @@ impl QuantMatrix {
     /// `matmul_bf16_with(kernel, y, x, t, &PackedBf16::for_x_wt(&W, rows, cols), false)` over the
     /// dequantised W bit for bit.
     pub fn matmul_nt_bf16_with(&self, kernel: Bf16Kernel, y: &mut [f32], x: &[f32], t: usize) {
-        let group = bf16_group_rows(t, self.rows.div_ceil(NR));
+        let group = built_panel_group_rows(t, self.rows.div_ceil(NR));
         matmul_bf16_panels(kernel, y, x, t, &BlocksNt(self), group, false)
     }
 
@@ -612,19 +613,9 @@ impl QuantMatrix {
         t: usize,
         accumulate: bool,
     ) {
-        let group = bf16_group_rows(t, self.cols.div_ceil(NR));
+        let group = built_panel_group_rows(t, self.cols.div_ceil(NR));
         matmul_bf16_t_panels(kernel, dx, dy, t, &BlocksW(self), group, accumulate)
     }
-}
-
-/// Rows of x per task of a bf16 product over blocks with `panels` panels. A task dequantises
-/// its panel, which costs about as much as multiplying a few hundred rows by it on AMX tiles:
-/// so all m rows in one task, unless there are too few panels to give every thread two tasks;
-/// never fewer than 256 rows.
-fn bf16_group_rows(m: usize, panels: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
-    let groups = (2 * threads).div_ceil(panels.max(1));
-    m.div_ceil(groups).max(256).next_multiple_of(32)
 }
 
 thread_local! {
