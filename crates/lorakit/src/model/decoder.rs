@@ -10,6 +10,7 @@ use crate::engine::ops::{
     layer_norm_forward, position_embedding_add, rms_norm_forward, rope_forward, swiglu_forward,
     RopeTable,
 };
+use crate::engine::quant::QuantMatrix;
 use crate::error::{Error, Result};
 use crate::lora::peft::Adapter;
 use crate::lora::{ModuleId, ModuleKind};
@@ -201,9 +202,14 @@ pub struct Decoder {
     pub ropes: Vec<RopeTable>,
     /// bf16 packing of the tied LM head (an f32 `embed_tokens`) in [`Precision::Bf16`].
     pub tied_head_bf16: Option<Box<Bf16Weight>>,
-    /// With `tied_head_bf16`: the embedding's f32 values as that packing plus the bits it
-    /// rounded away; `embed_tokens` is then empty ([`Decoder::embedding_f32`] rebuilds it).
+    /// With `tied_head_bf16`: the embedding's exact f32 values beside that packing (the bits
+    /// it rounded away, or the file's blocks); `embed_tokens` is then empty
+    /// ([`Decoder::embedding_f32`] rebuilds it).
     pub tied_embedding: Option<Box<TiedEmbedding>>,
+    /// The quantised blocks an f32 embedding tied to the head was read from (a GGUF file's),
+    /// until a precision is chosen: bf16 keeps them for the exact lookups, in a fraction of
+    /// the bytes of the bits its packing rounds away.
+    pub embedding_blocks: Option<Box<QuantMatrix>>,
     pub precision: Precision,
 }
 
@@ -310,6 +316,7 @@ impl Decoder {
             ropes,
             tied_head_bf16: None,
             tied_embedding: None,
+            embedding_blocks: None,
             precision: Precision::F32,
         }
     }
@@ -370,7 +377,8 @@ impl Decoder {
     /// Switches the frozen-weight products to `precision`. bf16 packs every weight once (the
     /// forward's packing serves the backward too) and drops the layers' f32 copies; the
     /// embedding's lookups stay exact: a tied head gets its own packing, and the embedding is
-    /// then kept as that packing plus the bits it rounded away ([`TiedEmbedding`]).
+    /// then kept as that packing plus the bits it rounded away, or as the file's blocks
+    /// ([`TiedEmbedding`]).
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         check_precision_supported(precision)?;
         for layer in &mut self.layers {
@@ -398,10 +406,13 @@ impl Decoder {
         if let Weight::Quant(q) = &mut self.embed_tokens {
             q.set_bf16_products(precision == Precision::Bf16);
         }
+        let blocks = self.embedding_blocks.take();
         if precision == Precision::Bf16 {
             if let Weight::F32(e) = &self.embed_tokens {
                 let head = Bf16Weight::new(e, vocab, h);
-                let split = TiedEmbedding::new(e, &head, vocab, h);
+                let split = blocks
+                    .and_then(|b| TiedEmbedding::from_blocks(e, *b))
+                    .unwrap_or_else(|| TiedEmbedding::new(e, &head, vocab, h));
                 self.embed_tokens = Weight::F32(Vec::new());
                 self.tied_head_bf16 = Some(Box::new(head));
                 self.tied_embedding = Some(Box::new(split));

@@ -6,6 +6,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
 
+use rayon::prelude::*;
+
 use crate::engine::attention::{
     attention_train_backward, attention_train_forward, AttnShape, Segments,
 };
@@ -357,18 +359,16 @@ struct FwdBufs {
     scratch: LoraScratch,
 }
 
-/// Work buffers of the backward, reused across layers; N = batch · seq.
+/// Work buffers of the backward, reused across layers; N = batch · seq. It also borrows the
+/// forward's ([`FwdBufs`]), which are free by then.
 #[derive(Debug, Default)]
 struct BwdBufs {
     /// [N, intermediate]
     d_act: Buf,
     d_gate: Buf,
     d_up: Buf,
-    act: Buf,
     /// [N, hidden]
     d_n: Buf,
-    d_sub: Buf,
-    normed: Buf,
     /// [N, q_dim]; dk, dv: [N, kv_dim]
     d_attn: Buf,
     dq: Buf,
@@ -376,9 +376,6 @@ struct BwdBufs {
     dv: Buf,
     /// A q/k norm's input gradient, [N, q_dim or kv_dim].
     d_raw: Buf,
-    /// Fused projections' output gradient, [N, Σ widths].
-    d_fused: Buf,
-    scratch: LoraScratch,
 }
 
 /// Everything a step needs besides the saved activations.
@@ -775,18 +772,15 @@ impl Decoder {
         // Each of these is overwritten in full (a product or kernel with accumulate = false
         // comes first) before it is read: sized, never cleared.
         let d_act = bwd.d_act.fit(n * inter);
-        let d_gate = bwd.d_gate.fit(n * inter);
-        let d_up = bwd.d_up.fit(n * inter);
-        let act = bwd.act.fit(n * inter);
+        // Sized where used: a fused gate_up writes its gradient straight into fused rows.
+        let (d_gate, d_up) = (&mut bwd.d_gate, &mut bwd.d_up);
         let d_n = bwd.d_n.fit(n * h);
-        let d_sub = bwd.d_sub.fit(n * h);
-        let normed = bwd.normed.fit(n * h);
         let d_attn = bwd.d_attn.fit(n * qd);
         let (dq, dk) = (&mut bwd.dq, &mut bwd.dk);
         dq.fit(n * qd);
         dk.fit(n * kvd);
         let dv = bwd.dv.fit(n * kvd);
-        let (d_raw, d_fused, scratch) = (&mut bwd.d_raw, &mut bwd.d_fused, &mut bwd.scratch);
+        let d_raw = &mut bwd.d_raw;
 
         let (adapter, mut lora_grads) = match lora {
             Some((a, g)) => (Some(a), Some(g)),
@@ -804,6 +798,20 @@ impl Decoder {
             } else {
                 &acts.layers[li]
             };
+            // The forward's work buffers hold nothing the backward reads (a recomputed layer
+            // is in `work`) and have the backward's shapes, so they serve it too: the
+            // recomputed activation and normed inputs, a sub-layer norm's input gradient, the
+            // fused projections' output gradient and the LoRA scratch.
+            let FwdBufs {
+                proj,
+                normed,
+                act,
+                fused: d_fused,
+                scratch,
+            } = &mut *fwd_bufs;
+            let act = act.fit(n * inter);
+            let normed = normed.fit(n * h);
+            let d_sub = proj.fit(n * h);
             let id = |k: ModuleKind| ModuleId {
                 layer: li,
                 kind: c.adapter_kind(k),
@@ -899,17 +907,28 @@ impl Decoder {
             bwd(ModuleKind::Down, act_in, d_down, d_act, false);
             match &layer.mlp {
                 MlpWeights::Gated { .. } => {
+                    let (d_gate, d_up) = (d_gate.fit(n * inter), d_up.fit(n * inter));
                     gated_act_backward(b.act, d_gate, d_up, &a.gate, &a.up, d_act);
                     bwd(ModuleKind::Gate, mlp_in, d_gate, d_n, false);
                     bwd(ModuleKind::Up, mlp_in, d_up, d_n, true);
                 }
                 MlpWeights::GatedFused(_) => {
-                    gated_act_backward(b.act, d_gate, d_up, &a.gate, &a.up, d_act);
-                    d_fused.fit(n * 2 * inter);
-                    join_rows(d_fused, &[inter, inter], &[d_gate, d_up]);
+                    // Each row [d gate | d up] computed in place: no [N, intermediate]
+                    // buffers for the two halves.
+                    let d_fused = d_fused.fit(n * 2 * inter);
+                    d_fused
+                        .par_chunks_mut(2 * inter)
+                        .zip(a.gate.par_chunks(inter))
+                        .zip(a.up.par_chunks(inter))
+                        .zip(d_act.par_chunks(inter))
+                        .for_each(|(((row, gate), up), d)| {
+                            let (d_gate, d_up) = row.split_at_mut(inter);
+                            gated_act_backward(b.act, d_gate, d_up, gate, up, d);
+                        });
                     bwd(ModuleKind::GateUp, mlp_in, d_fused, d_n, false);
                 }
                 MlpWeights::Plain { .. } => {
+                    let d_up = d_up.fit(n * inter);
                     act_backward(b.act, d_up, &a.up, d_act);
                     bwd(ModuleKind::Up, mlp_in, d_up, d_n, false);
                 }

@@ -92,21 +92,32 @@ impl Bf16Weight {
     }
 }
 
-/// An embedding [vocab, hidden] tied to an LM head that runs in bf16, stored as the head's
-/// packing plus what the packing rounded away: the low 16 bits of every f32 value and whether
-/// its rounding to bf16 went up. The lookups rebuild the f32 values bit for bit (the embedding
-/// stays exact) from 2⅛ bytes a value instead of 4 beside the packing's 2.
+/// An embedding [vocab, hidden] tied to an LM head that runs in bf16, kept beside the head's
+/// packing in a form that rebuilds its f32 values bit for bit (the lookups stay exact).
 #[derive(Debug, Clone)]
 pub struct TiedEmbedding {
     vocab: usize,
     hidden: usize,
-    /// The low half of each value's bits, [vocab, hidden].
-    low: Vec<u16>,
-    /// Bit i: value i's rounding to bf16 carried into its upper half.
-    up: Vec<u64>,
-    /// Values the rule does not rebuild (the packing flushed a bf16 subnormal to zero, or a
-    /// NaN's payload changed): (flat index, value), by index.
-    exceptions: Vec<(usize, f32)>,
+    exact: ExactValues,
+}
+
+/// What a [`TiedEmbedding`] keeps besides the head's packing.
+#[derive(Debug, Clone)]
+enum ExactValues {
+    /// What the packing rounded away: the low 16 bits of every f32 value and whether its
+    /// rounding to bf16 went up, 2⅛ bytes a value instead of 4.
+    Split {
+        /// The low half of each value's bits, [vocab, hidden].
+        low: Vec<u16>,
+        /// Bit i: value i's rounding to bf16 carried into its upper half.
+        up: Vec<u64>,
+        /// Values the rule does not rebuild (the packing flushed a bf16 subnormal to zero, or
+        /// a NaN's payload changed): (flat index, value), by index.
+        exceptions: Vec<(usize, f32)>,
+    },
+    /// The quantised blocks the values were dequantised from (a GGUF file's embedding): about
+    /// a byte a value for Q8_0, half that for 4-bit types.
+    Blocks(QuantMatrix),
 }
 
 impl TiedEmbedding {
@@ -128,23 +139,56 @@ impl TiedEmbedding {
         TiedEmbedding {
             vocab,
             hidden,
-            low,
-            up,
-            exceptions,
+            exact: ExactValues::Split {
+                low,
+                up,
+                exceptions,
+            },
         }
+    }
+
+    /// The embedding [vocab, hidden] kept as `blocks`, if they dequantise to it bit for bit
+    /// and take fewer bytes than [`TiedEmbedding::new`]'s split; None otherwise.
+    pub fn from_blocks(embedding: &[f32], blocks: QuantMatrix) -> Option<Self> {
+        use rayon::prelude::*;
+        let (vocab, hidden) = (blocks.rows, blocks.cols);
+        let split_bytes = vocab * hidden * 2 + (vocab * hidden).div_ceil(64) * 8;
+        if embedding.len() != vocab * hidden || hidden == 0 || blocks.bytes() >= split_bytes {
+            return None;
+        }
+        let exact = embedding.par_chunks(hidden).enumerate().all(|(v, want)| {
+            let mut row = vec![0.0f32; hidden];
+            blocks.dequantize_into(v..v + 1, 0..hidden, &mut row);
+            row.iter()
+                .zip(want)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        });
+        exact.then_some(TiedEmbedding {
+            vocab,
+            hidden,
+            exact: ExactValues::Blocks(blocks),
+        })
     }
 
     /// Row `v` [hidden] into `out`, as the f32 embedding held it (bit for bit).
     pub fn row_into(&self, head: &Bf16Weight, v: usize, out: &mut [f32]) {
         let h = self.hidden;
+        let (low, up, exceptions) = match &self.exact {
+            ExactValues::Blocks(q) => return q.dequantize_into(v..v + 1, 0..h, &mut out[..h]),
+            ExactValues::Split {
+                low,
+                up,
+                exceptions,
+            } => (low, up, exceptions),
+        };
         for (c, o) in out.iter_mut().enumerate().take(h) {
             let i = v * h + c;
-            let carry = ((self.up[i / 64] >> (i % 64)) & 1) as u16;
+            let carry = ((up[i / 64] >> (i % 64)) & 1) as u16;
             let hi = head.packed.bits(c, v).wrapping_sub(carry);
-            *o = f32::from_bits(((hi as u32) << 16) | self.low[i] as u32);
+            *o = f32::from_bits(((hi as u32) << 16) | low[i] as u32);
         }
-        let at = self.exceptions.partition_point(|&(i, _)| i < v * h);
-        for &(i, val) in self.exceptions[at..]
+        let at = exceptions.partition_point(|&(i, _)| i < v * h);
+        for &(i, val) in exceptions[at..]
             .iter()
             .take_while(|&&(i, _)| i < (v + 1) * h)
         {
@@ -163,7 +207,14 @@ impl TiedEmbedding {
 
     /// Bytes held (beside the head's packing).
     pub fn bytes(&self) -> usize {
-        self.low.len() * 2 + self.up.len() * 8 + self.exceptions.len() * 16
+        match &self.exact {
+            ExactValues::Split {
+                low,
+                up,
+                exceptions,
+            } => low.len() * 2 + up.len() * 8 + exceptions.len() * 16,
+            ExactValues::Blocks(q) => q.bytes(),
+        }
     }
 }
 
@@ -578,5 +629,31 @@ mod tests {
             "{}",
             split.bytes()
         );
+    }
+
+    /// Blocks replace the split only where they give back every value bit for bit.
+    #[test]
+    fn tied_embedding_keeps_blocks_only_when_they_are_exact() {
+        use crate::io::gguf::GgmlType;
+        let (vocab, hidden) = (40, 64);
+        let e: Vec<f32> = (0..vocab * hidden)
+            .map(|i| ((i as u32).wrapping_mul(2654435761) >> 9) as f32 * 1e-7 - 0.8)
+            .collect();
+        let bytes = crate::io::gguf::quantize(GgmlType::Q8_0, &e, hidden).unwrap();
+        let q = QuantMatrix::from_gguf_blocks(GgmlType::Q8_0, &bytes, vocab, hidden, None, "e")
+            .unwrap();
+        // Blocks of a lossy quantisation of e are not e.
+        assert!(TiedEmbedding::from_blocks(&e, q.clone()).is_none());
+        // The values the blocks hold are.
+        let mut held = vec![0.0f32; vocab * hidden];
+        q.dequantize_into(0..vocab, 0..hidden, &mut held);
+        let head = Bf16Weight::new(&held, vocab, hidden);
+        let kept = TiedEmbedding::from_blocks(&held, q).expect("exact blocks");
+        assert!(kept.bytes() < TiedEmbedding::new(&held, &head, vocab, hidden).bytes());
+        let back = kept.to_f32(&head);
+        assert!(back
+            .iter()
+            .zip(&held)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 }

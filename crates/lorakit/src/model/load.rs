@@ -376,7 +376,12 @@ fn load_gguf(path: &Path, blocks: bool) -> Result<LoadedModel> {
     // A matrix as blocks when asked and stored quantised; else f32. Rows of q and k get the
     // reordering `unpermute_rows` gives the f32 values.
     let float = |t: GgmlType| matches!(t, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
-    let matrix = |name: &str, rows: usize, cols: usize, n_head: Option<usize>| -> Result<Weight> {
+    let matrix_as = |name: &str,
+                     rows: usize,
+                     cols: usize,
+                     n_head: Option<usize>,
+                     blocks: bool|
+     -> Result<Weight> {
         let info = gguf
             .tensor_info(name)
             .ok_or_else(|| Error::tensor(path, name, "not found in file"))?;
@@ -411,8 +416,20 @@ fn load_gguf(path: &Path, blocks: bool) -> Result<LoadedModel> {
         gguf.release(info);
         Ok(Weight::Quant(q))
     };
+    let matrix = |name: &str, rows: usize, cols: usize, n_head: Option<usize>| {
+        matrix_as(name, rows, cols, n_head, blocks)
+    };
 
     let embed_tokens = matrix(EMBED.1, c.vocab_size, h, None)?;
+    // An f32 embedding tied to the head also keeps its blocks, for a bf16 head's exact lookups
+    // ([`Decoder::embedding_blocks`]); a type the kernels lack just goes without.
+    let embedding_blocks = match (&embed_tokens, c.tie_word_embeddings) {
+        (Weight::F32(_), true) => match matrix_as(EMBED.1, c.vocab_size, h, None, true) {
+            Ok(Weight::Quant(q)) => Some(Box::new(q)),
+            _ => None,
+        },
+        _ => None,
+    };
     let mut layers = Vec::with_capacity(c.num_layers);
     for i in 0..c.num_layers {
         let p = format!("blk.{i}");
@@ -455,6 +472,7 @@ fn load_gguf(path: &Path, blocks: bool) -> Result<LoadedModel> {
     };
     let mut model = Decoder::new(config, Vec::new(), layers, norm, lm_head);
     model.embed_tokens = embed_tokens;
+    model.embedding_blocks = embedding_blocks;
     Ok(LoadedModel {
         model,
         tokenizer: Some(tokenizer),
