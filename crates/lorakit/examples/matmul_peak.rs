@@ -6,15 +6,23 @@
 //!    registers only: no memory, no packing, no edges. No matmul on this machine can beat it.
 //!    Best of 5 runs, as the kernels below are best-of-N too. Where the bf16 products run on
 //!    AMX tiles (`engine::amx`), the bf16 roof is the tiles' (`tdpbf16ps` chains, 16 384 FLOP
-//!    each) and the `vdpbf16ps` one is printed too, as shape "roof vdpbf16ps".
+//!    each) and the `vdpbf16ps` one is printed too, as shape "roof vdpbf16ps". The 8-bit roof
+//!    ("int8", integer operations per second in the same field) is AMX-INT8's `tdpbusd` where
+//!    the CPU has it, with AVX512-VNNI's `vpdpbusd` as "roof vpdpbusd"; VNNI's alone otherwise.
 //! 2. The engine's kernels on the LoRA training shapes of SmolLM2-135M (batch 4 × 256 = 1024
 //!    tokens): f32 through the `gemm` crate, bf16 through `engine::bf16`.
 //!
-//! Prints one JSON object per line: {"precision": "f32"|"bf16", "shape": "roof" | "NAME MxKxN" |
+//! Prints one JSON object per line: {"precision": "f32"|"bf16"|"int8", "shape": "roof" | "NAME MxKxN" |
 //! "mix", "threads", "gflops"}; "mix" is one forward pass's shapes, time-weighted. Threads:
 //! RAYON_NUM_THREADS (default: all).
 
 use std::time::Instant;
+
+// As the lorakit binaries: large buffers on cache-line boundaries, which the AMX tile loads and
+// stores need to run at speed (a tile row that straddles two lines costs two).
+#[global_allocator]
+static ALLOC: lorakit::engine::aligned_alloc::CacheLineAligned =
+    lorakit::engine::aligned_alloc::CacheLineAligned;
 
 use lorakit::engine::amx;
 use lorakit::engine::bf16::{bf16_kernel, cpu_has_avx512bf16, matmul_bf16, Bf16Kernel, PackedBf16};
@@ -74,6 +82,39 @@ unsafe fn chains_bf16(iters: usize, seed: f32) -> f32 {
     acc.iter().map(|&c| _mm512_reduce_add_ps(c)).sum()
 }
 
+/// Integer operations per second (a multiply-add counts two) of `iters` rounds of 16
+/// independent chains of 512-bit u8 × i8 dot products (`vpdpbusd`, 64 multiply-adds each) on
+/// every rayon thread: the AVX512-VNNI roof.
+#[cfg(target_arch = "x86_64")]
+fn roof_vnni(iters: usize) -> f64 {
+    let threads = rayon::current_num_threads();
+    let t = Instant::now();
+    // SAFETY: AVX512-VNNI is checked by the caller.
+    let sink: i64 = (0..threads)
+        .into_par_iter()
+        .map(|i| unsafe { chains_vnni(iters, i as i32) })
+        .sum();
+    let secs = t.elapsed().as_secs_f64();
+    std::hint::black_box(sink);
+    (threads * iters * 16) as f64 * 128.0 / secs
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn chains_vnni(iters: usize, seed: i32) -> i64 {
+    use std::arch::x86_64::*;
+    // Opaque operands: with constants the compiler folds the dot products into plain adds.
+    let a = std::hint::black_box(_mm512_set1_epi8(1));
+    let b = std::hint::black_box(_mm512_set1_epi8(-1));
+    let mut acc = [_mm512_set1_epi32(seed); 16];
+    for _ in 0..iters {
+        for c in acc.iter_mut() {
+            *c = _mm512_dpbusd_epi32(*c, a, b);
+        }
+    }
+    acc.iter().map(|&c| _mm512_reduce_add_epi32(c) as i64).sum()
+}
+
 /// Best of `reps` timings of out[m, n] = x[m, k] · W[n, k]ᵀ, in FLOP/s.
 fn best_of(reps: usize, m: usize, k: usize, n: usize, mut f: impl FnMut()) -> f64 {
     f(); // warm caches, threads and page tables
@@ -118,6 +159,27 @@ fn main() {
             line("bf16", "roof vdpbf16ps", best(true));
         } else {
             line("bf16", "roof", best(true));
+        }
+        // The 8-bit roofs (integer operations per second, in the same "gflops" field): the tiles'
+        // `tdpbusd` where the CPU has AMX-INT8, and AVX512-VNNI's `vpdpbusd`, printed as shape
+        // "roof vpdpbusd" beside the tiles' (as "roof" alone where there are no tiles).
+        let vnni = std::arch::is_x86_feature_detected!("avx512vnni")
+            .then(|| (0..5).map(|_| roof_vnni(10_000_000)).fold(0.0, f64::max));
+        if amx::amx_int8_available() {
+            let tiles = (0..5)
+                .map(|_| {
+                    (0..threads)
+                        .into_par_iter()
+                        .map(|_| amx::roof_int8_ops(200_000).unwrap_or(0.0))
+                        .sum::<f64>()
+                })
+                .fold(0.0, f64::max);
+            line("int8", "roof", tiles);
+            if let Some(v) = vnni {
+                line("int8", "roof vpdpbusd", v);
+            }
+        } else if let Some(v) = vnni {
+            line("int8", "roof", v);
         }
     }
     // SmolLM2-135M linear layers at 1024 tokens: q/o, k/v, gate/up, down; and the LM head.

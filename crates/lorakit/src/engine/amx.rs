@@ -150,7 +150,7 @@ pub(crate) unsafe fn panel_kernel(
     debug_assert!(panel.len() >= k_pairs * NR * 2);
     let a_stride = lda * 2; // bytes
     let b_stride = NR * 2 * 2; // bytes: one pair row of the panel
-    let mut scratch = [[0.0f32; TILE * TILE]; 4];
+    let mut scratch = TileScratch([[0.0f32; TILE * TILE]; 4]);
     asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
     // Two column halves of 32 (tile pairs 0–1 and 2–3 of the panel's 4 × 16 columns).
     for half in 0..NR / (2 * TILE) {
@@ -207,13 +207,13 @@ pub(crate) unsafe fn panel_kernel(
             "tilestored [{s1} + {st}*1], tmm1",
             "tilestored [{s2} + {st}*1], tmm2",
             "tilestored [{s3} + {st}*1], tmm3",
-            s0 = in(reg) scratch[0].as_mut_ptr(), s1 = in(reg) scratch[1].as_mut_ptr(),
-            s2 = in(reg) scratch[2].as_mut_ptr(), s3 = in(reg) scratch[3].as_mut_ptr(),
+            s0 = in(reg) scratch.0[0].as_mut_ptr(), s1 = in(reg) scratch.0[1].as_mut_ptr(),
+            s2 = in(reg) scratch.0[2].as_mut_ptr(), s3 = in(reg) scratch.0[3].as_mut_ptr(),
             st = in(reg) row_bytes,
             options(nostack),
         );
         // scratch[2·rb + cb]: rows rb·16.., columns col0 + cb·16..
-        for (t, tile) in scratch.iter().enumerate() {
+        for (t, tile) in scratch.0.iter().enumerate() {
             let (rb, cb) = (t / 2, t % 2);
             let c_start = col0 + cb * TILE;
             if c_start >= cols {
@@ -225,15 +225,38 @@ pub(crate) unsafe fn panel_kernel(
                 if row >= rows {
                     break;
                 }
-                let dst = c.add(row * ldc + c_start);
-                for (j, &v) in tile[r * TILE..r * TILE + live_cols].iter().enumerate() {
-                    let d = dst.add(j);
-                    *d = if accumulate { v + *d } else { v };
+                let src = &tile[r * TILE..r * TILE + live_cols];
+                let dst = std::slice::from_raw_parts_mut(c.add(row * ldc + c_start), live_cols);
+                if live_cols == TILE && accumulate {
+                    add_row(dst, src);
+                } else {
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d = if accumulate { v + *d } else { v };
+                    }
                 }
             }
         }
     }
     asm!("tilerelease", options(nostack, nomem));
+}
+
+/// The four C tiles of a block as stored for the edges and for accumulation: on a cache line, as
+/// a tile store of 64-byte rows that straddle lines runs at half speed.
+#[repr(C, align(64))]
+struct TileScratch([[f32; TILE * TILE]; 4]);
+
+/// dst[0..16] += src[0..16] (one tile row), with AVX-512, which every AMX CPU has: the same
+/// single rounding per element as the scalar `v + d`.
+///
+/// # Safety
+/// The CPU has AVX-512F (the AMX kernel runs only where AVX512-BF16 was detected, which needs
+/// it: `engine::bf16`'s call checks); both slices hold 16 values.
+#[target_feature(enable = "avx512f")]
+unsafe fn add_row(dst: &mut [f32], src: &[f32]) {
+    use std::arch::x86_64::*;
+    debug_assert!(dst.len() == TILE && src.len() == TILE);
+    let sum = _mm512_add_ps(_mm512_loadu_ps(src.as_ptr()), _mm512_loadu_ps(dst.as_ptr()));
+    _mm512_storeu_ps(dst.as_mut_ptr(), sum);
 }
 
 /// The tile instruction roof on the calling thread: FLOP/s of `iters` rounds of four
@@ -271,4 +294,54 @@ pub fn roof_flops(iters: usize) -> Option<f64> {
     }
     let flops = (iters * 4 * TILE * TILE * 2 * PAIRS * 2) as f64;
     Some(flops / t.elapsed().as_secs_f64())
+}
+
+/// Whether the tiles also multiply 8-bit integers (`tdpbusd`, CPUID AMX-INT8), on top of
+/// [`amx_available`].
+pub fn amx_int8_available() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        // CPUID leaf 7, EDX bit 25: AMX-INT8.
+        amx_available() && (std::arch::x86_64::__cpuid_count(7, 0).edx >> 25) & 1 == 1
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        false
+    }
+}
+
+/// The 8-bit tile roof on the calling thread, in integer operations per second (a multiply and
+/// an add count two, as for FLOP/s): `iters` rounds of four independent `tdpbusd` (u8 × i8 into
+/// i32, 16 × 16 × 64 multiply-adds each, twice `tdpbf16ps`'s) on tiles loaded once. None without
+/// AMX-INT8. The i32 sums wrap, which the tiles define and the timing does not care about.
+pub fn roof_int8_ops(iters: usize) -> Option<f64> {
+    if !amx_int8_available() {
+        return None;
+    }
+    use std::arch::asm;
+    let bytes = vec![1u8; TILE * 64];
+    let t = std::time::Instant::now();
+    // SAFETY: AMX-INT8 is available; every load reads 16 rows of 64 bytes inside its buffer.
+    unsafe {
+        asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
+        asm!(
+            "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
+            "tileloadd tmm4, [{a} + {s}*1]", "tileloadd tmm5, [{a} + {s}*1]",
+            "tileloadd tmm6, [{a} + {s}*1]", "tileloadd tmm7, [{a} + {s}*1]",
+            a = in(reg) bytes.as_ptr(), s = in(reg) 64usize,
+            options(nostack, readonly),
+        );
+        for _ in 0..iters {
+            asm!(
+                "tdpbusd tmm0, tmm4, tmm6",
+                "tdpbusd tmm1, tmm4, tmm7",
+                "tdpbusd tmm2, tmm5, tmm6",
+                "tdpbusd tmm3, tmm5, tmm7",
+                options(nostack, nomem),
+            );
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+    let ops = (iters * 4 * TILE * TILE * 64 * 2) as f64;
+    Some(ops / t.elapsed().as_secs_f64())
 }
