@@ -150,7 +150,10 @@ pub(crate) unsafe fn panel_kernel(
     debug_assert!(panel.len() >= k_pairs * NR * 2);
     let a_stride = lda * 2; // bytes
     let b_stride = NR * 2 * 2; // bytes: one pair row of the panel
-    let mut scratch = TileScratch([[0.0f32; TILE * TILE]; 4]);
+                               // Written whole by the tile stores before it is read: not zeroed (that was a 4 KB memset per
+                               // call, a few % of a training step).
+    let mut scratch = std::mem::MaybeUninit::<TileScratch>::uninit();
+    let tiles = scratch.as_mut_ptr() as *mut [f32; TILE * TILE];
     asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
     // Two column halves of 32 (tile pairs 0–1 and 2–3 of the panel's 4 × 16 columns).
     for half in 0..NR / (2 * TILE) {
@@ -207,13 +210,15 @@ pub(crate) unsafe fn panel_kernel(
             "tilestored [{s1} + {st}*1], tmm1",
             "tilestored [{s2} + {st}*1], tmm2",
             "tilestored [{s3} + {st}*1], tmm3",
-            s0 = in(reg) scratch.0[0].as_mut_ptr(), s1 = in(reg) scratch.0[1].as_mut_ptr(),
-            s2 = in(reg) scratch.0[2].as_mut_ptr(), s3 = in(reg) scratch.0[3].as_mut_ptr(),
+            s0 = in(reg) tiles, s1 = in(reg) tiles.add(1),
+            s2 = in(reg) tiles.add(2), s3 = in(reg) tiles.add(3),
             st = in(reg) row_bytes,
             options(nostack),
         );
-        // scratch[2·rb + cb]: rows rb·16.., columns col0 + cb·16..
-        for (t, tile) in scratch.0.iter().enumerate() {
+        // SAFETY: the four tile stores above wrote all of it.
+        let stored = scratch.assume_init_ref();
+        // stored[2·rb + cb]: rows rb·16.., columns col0 + cb·16..
+        for (t, tile) in stored.0.iter().enumerate() {
             let (rb, cb) = (t / 2, t % 2);
             let c_start = col0 + cb * TILE;
             if c_start >= cols {

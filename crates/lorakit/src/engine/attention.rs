@@ -194,8 +194,22 @@ unsafe fn gemm_strided(
     )
 }
 
+/// Rows per causal block: a segment's [L, L] products are computed in row blocks of this many
+/// query rows, each only over the keys at or before its last row, which skips the zeros above the
+/// diagonal (for L = 256, 10 of 16 blocks of 64 × 64 are computed). Dropping exact zeros from a
+/// sum leaves it as it was.
+const CAUSAL_BLOCK: usize = 64;
+
+/// The row blocks (r0, r1) of a segment of `len` rows.
+fn causal_blocks(len: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..len)
+        .step_by(CAUSAL_BLOCK)
+        .map(move |r0| (r0, (r0 + CAUSAL_BLOCK).min(len)))
+}
+
 /// S = scale · Q_h K_hᵀ for one segment of `len` rows of one (batch, head): [len, hd] · [hd, len]
-/// → [len, len] in `dst`.
+/// → [len, len] in `dst`, on and below the diagonal's blocks only: for rows r0..r1, columns
+/// 0..r1. The rest of each row is left as it was (the causal mask overwrites it).
 ///
 /// # Safety
 /// q0 / kv0 must be the offsets of the segment's first row of that head in q / k, with `len` rows
@@ -209,22 +223,96 @@ unsafe fn head_scores(
     len: usize,
     s: AttnShape,
 ) {
-    let scale = s.scale;
-    gemm_strided(
-        len,
-        len,
-        s.head_dim,
-        dst.as_mut_ptr(),
-        len,
-        false,
-        q.as_ptr().add(q0),
-        s.q_row(),
-        1,
-        k.as_ptr().add(kv0),
-        1,
-        s.kv_row(),
-        scale,
-    );
+    for (r0, r1) in causal_blocks(len) {
+        gemm_strided(
+            r1 - r0,
+            r1,
+            s.head_dim,
+            dst.as_mut_ptr().add(r0 * len),
+            len,
+            false,
+            q.as_ptr().add(q0 + r0 * s.q_row()),
+            s.q_row(),
+            1,
+            k.as_ptr().add(kv0),
+            1,
+            s.kv_row(),
+            s.scale,
+        );
+    }
+}
+
+/// dst[len, hd] (+)= beta · P · R for a causal P [len, len] (zero above the diagonal; row stride
+/// len) and R [len, hd] with row stride `r_rs`: row block r0..r1 sums over columns 0..r1 only.
+///
+/// # Safety
+/// As [`gemm_strided`]: `dst` rows at stride `dst_rs` and `r` rows at stride `r_rs`, `len` of
+/// each, inside their buffers.
+#[allow(clippy::too_many_arguments)]
+unsafe fn causal_times(
+    len: usize,
+    hd: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    p: &[f32],
+    r: *const f32,
+    r_rs: usize,
+    beta: f32,
+) {
+    for (r0, r1) in causal_blocks(len) {
+        gemm_strided(
+            r1 - r0,
+            hd,
+            r1,
+            dst.add(r0 * dst_rs),
+            dst_rs,
+            accumulate,
+            p.as_ptr().add(r0 * len),
+            len,
+            1,
+            r,
+            r_rs,
+            1,
+            beta,
+        );
+    }
+}
+
+/// dst[len, hd] (+)= beta · Pᵀ · R for a causal P as in [`causal_times`]: row block c0..c1 of
+/// dst (columns c0..c1 of P) sums over P's rows c0..len only.
+///
+/// # Safety
+/// As [`causal_times`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn causal_transposed_times(
+    len: usize,
+    hd: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    p: &[f32],
+    r: *const f32,
+    r_rs: usize,
+    beta: f32,
+) {
+    for (c0, c1) in causal_blocks(len) {
+        gemm_strided(
+            c1 - c0,
+            hd,
+            len - c0,
+            dst.add(c0 * dst_rs),
+            dst_rs,
+            accumulate,
+            p.as_ptr().add(c0 * len + c0),
+            1,
+            len,
+            r.add(c0 * r_rs),
+            r_rs,
+            1,
+            beta,
+        );
+    }
 }
 
 /// P[t, j] = exp(S[t, j] − shift_t) for j ≤ t (and t − j < window), 0 elsewhere; S: [T, T] in
@@ -298,19 +386,15 @@ pub fn attention_train_forward(
                         head_scores(sc, q, k, q0, kv0, len, s);
                         causal_exp_rows(sc, len, s.window, None, &mut lse_row[start..start + len]);
                         // O = P V: [L, L] · [L, hd]
-                        gemm_strided(
+                        causal_times(
                             len,
                             hd,
-                            len,
                             out_ptr.at(q0),
                             s.q_row(),
                             false,
-                            sc.as_ptr(),
-                            len,
-                            1,
+                            sc,
                             v.as_ptr().add(kv0),
                             s.kv_row(),
-                            1,
                             1.0,
                         );
                     }
@@ -378,79 +462,56 @@ pub fn attention_train_backward(
                         let lse_row = &lse[(b * s.n_heads + h) * t_len + start..][..len];
                         causal_exp_rows(p, len, s.window, Some(lse_row), &mut []);
                         // dV (+)= Pᵀ dO
-                        gemm_strided(
+                        causal_transposed_times(
                             len,
                             hd,
-                            len,
                             dv_ptr.at(kv0),
                             s.kv_row(),
                             !first,
-                            p.as_ptr(),
-                            1,
-                            len,
+                            p,
                             d_out.as_ptr().add(q0),
                             s.q_row(),
-                            1,
                             1.0,
                         );
-                        // dP = dO Vᵀ
-                        gemm_strided(
-                            len,
-                            len,
-                            hd,
-                            dp.as_mut_ptr(),
-                            len,
-                            false,
-                            d_out.as_ptr().add(q0),
-                            s.q_row(),
-                            1,
-                            v.as_ptr().add(kv0),
-                            1,
-                            s.kv_row(),
-                            1.0,
-                        );
+                        // dP = dO Vᵀ, on and below the diagonal's blocks (as the scores).
+                        head_scores(dp, d_out, v, q0, kv0, len, AttnShape { scale: 1.0, ..s });
                     }
-                    // dS = P ⊙ (dP − D), D_t = dO_t · O_t (0 above the diagonal, where P is 0).
+                    // dS = P ⊙ (dP − D), D_t = dO_t · O_t; 0 above the diagonal, where P is 0
+                    // (written, as dP was not computed everywhere there).
                     for t in 0..len {
                         let row = q0 + t * s.q_row();
                         let d_t = dot(&d_out[row..row + hd], &out[row..row + hd]);
                         let (pr, dpr) =
                             (&p[t * len..(t + 1) * len], &mut dp[t * len..(t + 1) * len]);
-                        for (x, &pv) in dpr.iter_mut().zip(pr) {
+                        let (live, above) = dpr.split_at_mut(t + 1);
+                        for (x, &pv) in live.iter_mut().zip(pr) {
                             *x = pv * (*x - d_t);
                         }
+                        above.fill(0.0);
                     }
                     unsafe {
                         // dQ = scale · dS K
-                        gemm_strided(
+                        causal_times(
                             len,
                             hd,
-                            len,
                             dq_ptr.at(q0),
                             s.q_row(),
                             false,
-                            dp.as_ptr(),
-                            len,
-                            1,
+                            dp,
                             k.as_ptr().add(kv0),
                             s.kv_row(),
-                            1,
                             scale,
                         );
                         // dK (+)= scale · dSᵀ Q
-                        gemm_strided(
+                        causal_transposed_times(
                             len,
                             hd,
-                            len,
                             dk_ptr.at(kv0),
                             s.kv_row(),
                             !first,
-                            dp.as_ptr(),
-                            1,
-                            len,
+                            dp,
                             q.as_ptr().add(q0),
                             s.q_row(),
-                            1,
                             scale,
                         );
                     }

@@ -355,10 +355,13 @@ fn to_bf16_bits(v: f32) -> u16 {
 fn convert_rows(x: &[f32], m: usize, k: usize, k_pairs: usize, rows: usize, out: &mut Vec<u16>) {
     debug_assert!(rows >= m);
     let kp = 2 * k_pairs;
-    // Every element is written below: no need to clear what a reused buffer held.
-    out.truncate(rows * kp);
-    out.resize(rows * kp, 0);
-    let (live, padding) = out.split_at_mut(m * kp);
+    // Every element is written below: no need to clear what a reused buffer held, and a buffer
+    // longer than needed stays so (products of different sizes alternate; shrinking and growing
+    // it back would zero the regrown part each time).
+    if out.len() < rows * kp {
+        out.resize(rows * kp, 0);
+    }
+    let (live, padding) = out[..rows * kp].split_at_mut(m * kp);
     padding.fill(0);
     live.par_chunks_mut(kp)
         .zip(x.par_chunks(k))
