@@ -271,34 +271,13 @@ pub fn roof_flops(iters: usize) -> Option<f64> {
     if !amx_available() {
         return None;
     }
-    use std::arch::asm;
     // bf16 1.0 and a tiny value: the sums stay finite however long the chains run.
     let ones = vec![0x3f80u16; TILE * 2 * PAIRS];
     let tiny = vec![0x0080u16 + 0x3300; TILE * 2 * PAIRS];
-    let t = std::time::Instant::now();
-    // SAFETY: AMX is available; every load reads 16 rows of 64 bytes inside its buffer.
-    unsafe {
-        asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
-        asm!(
-            "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
-            "tileloadd tmm4, [{a} + {s}*1]", "tileloadd tmm5, [{a} + {s}*1]",
-            "tileloadd tmm6, [{b} + {s}*1]", "tileloadd tmm7, [{b} + {s}*1]",
-            a = in(reg) ones.as_ptr(), b = in(reg) tiny.as_ptr(), s = in(reg) 64usize,
-            options(nostack, readonly),
-        );
-        for _ in 0..iters {
-            asm!(
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                options(nostack, nomem),
-            );
-        }
-        asm!("tilerelease", options(nostack, nomem));
-    }
-    let flops = (iters * 4 * TILE * TILE * 2 * PAIRS * 2) as f64;
-    Some(flops / t.elapsed().as_secs_f64())
+    // SAFETY: AMX is available; both buffers hold a whole tile (16 rows of 64 bytes).
+    let secs =
+        unsafe { time_tile_chains(iters, false, ones.as_ptr().cast(), tiny.as_ptr().cast()) };
+    Some((iters * 4 * TILE * TILE * 2 * PAIRS * 2) as f64 / secs)
 }
 
 /// Whether the tiles also multiply 8-bit integers (`tdpbusd`, CPUID AMX-INT8), on top of
@@ -323,20 +302,32 @@ pub fn roof_int8_ops(iters: usize) -> Option<f64> {
     if !amx_int8_available() {
         return None;
     }
-    use std::arch::asm;
     let bytes = vec![1u8; TILE * 64];
+    // SAFETY: AMX-INT8 is available; the buffer holds a whole tile.
+    let secs = unsafe { time_tile_chains(iters, true, bytes.as_ptr(), bytes.as_ptr()) };
+    Some((iters * 4 * TILE * TILE * 64 * 2) as f64 / secs)
+}
+
+/// Seconds for `iters` rounds of four independent tile products (`tdpbusd` if `int8`, else
+/// `tdpbf16ps`) of A tiles loaded from `a` by B tiles loaded from `b`, into four accumulators.
+///
+/// # Safety
+/// The CPU runs the instruction (AMX-BF16 or AMX-INT8, with the tile data granted), and `a`, `b`
+/// each point at 16 rows of 64 readable bytes.
+unsafe fn time_tile_chains(iters: usize, int8: bool, a: *const u8, b: *const u8) -> f64 {
+    use std::arch::asm;
     let t = std::time::Instant::now();
-    // SAFETY: AMX-INT8 is available; every load reads 16 rows of 64 bytes inside its buffer.
-    unsafe {
-        asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
-        asm!(
-            "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
-            "tileloadd tmm4, [{a} + {s}*1]", "tileloadd tmm5, [{a} + {s}*1]",
-            "tileloadd tmm6, [{a} + {s}*1]", "tileloadd tmm7, [{a} + {s}*1]",
-            a = in(reg) bytes.as_ptr(), s = in(reg) 64usize,
-            options(nostack, readonly),
-        );
-        for _ in 0..iters {
+    asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
+    asm!(
+        "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
+        "tileloadd tmm4, [{a} + {s}*1]", "tileloadd tmm5, [{a} + {s}*1]",
+        "tileloadd tmm6, [{b} + {s}*1]", "tileloadd tmm7, [{b} + {s}*1]",
+        a = in(reg) a, b = in(reg) b, s = in(reg) 64usize,
+        options(nostack, readonly),
+    );
+    // (The branch is the same every round; its cost is noise beside four tile products.)
+    for _ in 0..iters {
+        if int8 {
             asm!(
                 "tdpbusd tmm0, tmm4, tmm6",
                 "tdpbusd tmm1, tmm4, tmm7",
@@ -344,9 +335,16 @@ pub fn roof_int8_ops(iters: usize) -> Option<f64> {
                 "tdpbusd tmm3, tmm5, tmm7",
                 options(nostack, nomem),
             );
+        } else {
+            asm!(
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                options(nostack, nomem),
+            );
         }
-        asm!("tilerelease", options(nostack, nomem));
     }
-    let ops = (iters * 4 * TILE * TILE * 64 * 2) as f64;
-    Some(ops / t.elapsed().as_secs_f64())
+    asm!("tilerelease", options(nostack, nomem));
+    t.elapsed().as_secs_f64()
 }
