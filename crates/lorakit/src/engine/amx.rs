@@ -150,8 +150,9 @@ pub(crate) unsafe fn panel_kernel(
     debug_assert!(panel.len() >= k_pairs * NR * 2);
     let a_stride = lda * 2; // bytes
     let b_stride = NR * 2 * 2; // bytes: one pair row of the panel
-                               // Written whole by the tile stores before it is read: not zeroed (that was a 4 KB memset per
-                               // call, a few % of a training step).
+
+    // Written whole by the tile stores before it is read: not zeroed (that was a 4 KB memset per
+    // call, a few % of a training step).
     let mut scratch = std::mem::MaybeUninit::<TileScratch>::uninit();
     let tiles = scratch.as_mut_ptr() as *mut [f32; TILE * TILE];
     asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
