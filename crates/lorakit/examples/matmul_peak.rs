@@ -146,16 +146,19 @@ fn main() {
     {
         let best = |bf16: bool| (0..5).map(|_| roof(bf16, 10_000_000)).fold(0.0, f64::max);
         line("f32", "roof", best(false));
-        if bf16_kernel() == Bf16Kernel::Amx {
-            let tiles = (0..5)
+        // A tile roof: every thread's chains at once, summed; best of 5.
+        let tiles = |per_thread: fn(usize) -> Option<f64>| {
+            (0..5)
                 .map(|_| {
                     (0..threads)
                         .into_par_iter()
-                        .map(|_| amx::roof_flops(200_000).unwrap_or(0.0))
+                        .map(|_| per_thread(200_000).unwrap_or(0.0))
                         .sum::<f64>()
                 })
-                .fold(0.0, f64::max);
-            line("bf16", "roof", tiles);
+                .fold(0.0, f64::max)
+        };
+        if bf16_kernel() == Bf16Kernel::Amx {
+            line("bf16", "roof", tiles(amx::roof_flops));
             line("bf16", "roof vdpbf16ps", best(true));
         } else {
             line("bf16", "roof", best(true));
@@ -166,15 +169,7 @@ fn main() {
         let vnni = std::arch::is_x86_feature_detected!("avx512vnni")
             .then(|| (0..5).map(|_| roof_vnni(10_000_000)).fold(0.0, f64::max));
         if amx::amx_int8_available() {
-            let tiles = (0..5)
-                .map(|_| {
-                    (0..threads)
-                        .into_par_iter()
-                        .map(|_| amx::roof_int8_ops(200_000).unwrap_or(0.0))
-                        .sum::<f64>()
-                })
-                .fold(0.0, f64::max);
-            line("int8", "roof", tiles);
+            line("int8", "roof", tiles(amx::roof_int8_ops));
             if let Some(v) = vnni {
                 line("int8", "roof vpdpbusd", v);
             }

@@ -242,14 +242,17 @@ unsafe fn head_scores(
     }
 }
 
-/// dst[len, hd] (+)= beta · P · R for a causal P [len, len] (zero above the diagonal; row stride
-/// len) and R [len, hd] with row stride `r_rs`: row block r0..r1 sums over columns 0..r1 only.
+/// dst[len, hd] (+)= beta · op(P) · R for a causal P [len, len] (zero above the diagonal; row
+/// stride len) and R [len, hd] with row stride `r_rs`; op(P) is Pᵀ if `transposed`. Only the
+/// nonzero part is summed: row block b0..b1 of P·R over P's columns 0..b1, row block b0..b1 of
+/// Pᵀ·R (P's columns b0..b1) over P's rows b0..len.
 ///
 /// # Safety
 /// As [`gemm_strided`]: `dst` rows at stride `dst_rs` and `r` rows at stride `r_rs`, `len` of
 /// each, inside their buffers.
 #[allow(clippy::too_many_arguments)]
 unsafe fn causal_times(
+    transposed: bool,
     len: usize,
     hd: usize,
     dst: *mut f32,
@@ -260,54 +263,24 @@ unsafe fn causal_times(
     r_rs: usize,
     beta: f32,
 ) {
-    for (r0, r1) in causal_blocks(len) {
+    for (b0, b1) in causal_blocks(len) {
+        // The reduction k0..k1, and op(P)'s block: its first element and strides (row, column).
+        let (k0, k1, lhs, lhs_rs, lhs_cs) = if transposed {
+            (b0, len, b0 * len + b0, 1, len)
+        } else {
+            (0, b1, b0 * len, len, 1)
+        };
         gemm_strided(
-            r1 - r0,
+            b1 - b0,
             hd,
-            r1,
-            dst.add(r0 * dst_rs),
+            k1 - k0,
+            dst.add(b0 * dst_rs),
             dst_rs,
             accumulate,
-            p.as_ptr().add(r0 * len),
-            len,
-            1,
-            r,
-            r_rs,
-            1,
-            beta,
-        );
-    }
-}
-
-/// dst[len, hd] (+)= beta · Pᵀ · R for a causal P as in [`causal_times`]: row block c0..c1 of
-/// dst (columns c0..c1 of P) sums over P's rows c0..len only.
-///
-/// # Safety
-/// As [`causal_times`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn causal_transposed_times(
-    len: usize,
-    hd: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    p: &[f32],
-    r: *const f32,
-    r_rs: usize,
-    beta: f32,
-) {
-    for (c0, c1) in causal_blocks(len) {
-        gemm_strided(
-            c1 - c0,
-            hd,
-            len - c0,
-            dst.add(c0 * dst_rs),
-            dst_rs,
-            accumulate,
-            p.as_ptr().add(c0 * len + c0),
-            1,
-            len,
-            r.add(c0 * r_rs),
+            p.as_ptr().add(lhs),
+            lhs_rs,
+            lhs_cs,
+            r.add(k0 * r_rs),
             r_rs,
             1,
             beta,
@@ -387,6 +360,7 @@ pub fn attention_train_forward(
                         causal_exp_rows(sc, len, s.window, None, &mut lse_row[start..start + len]);
                         // O = P V: [L, L] · [L, hd]
                         causal_times(
+                            false,
                             len,
                             hd,
                             out_ptr.at(q0),
@@ -462,7 +436,8 @@ pub fn attention_train_backward(
                         let lse_row = &lse[(b * s.n_heads + h) * t_len + start..][..len];
                         causal_exp_rows(p, len, s.window, Some(lse_row), &mut []);
                         // dV (+)= Pᵀ dO
-                        causal_transposed_times(
+                        causal_times(
+                            true,
                             len,
                             hd,
                             dv_ptr.at(kv0),
@@ -492,6 +467,7 @@ pub fn attention_train_backward(
                     unsafe {
                         // dQ = scale · dS K
                         causal_times(
+                            false,
                             len,
                             hd,
                             dq_ptr.at(q0),
@@ -503,7 +479,8 @@ pub fn attention_train_backward(
                             scale,
                         );
                         // dK (+)= scale · dSᵀ Q
-                        causal_transposed_times(
+                        causal_times(
+                            true,
                             len,
                             hd,
                             dk_ptr.at(kv0),

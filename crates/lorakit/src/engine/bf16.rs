@@ -350,8 +350,9 @@ fn to_bf16_bits(v: f32) -> u16 {
     }
 }
 
-/// x [m, k] f32 → bf16 [rows ≥ m, 2·k_pairs] in `out` (round to nearest even; the odd tail and
-/// the rows past m padded with 0).
+/// x [m, k] f32 → bf16 [rows ≥ m, 2·k_pairs] in the first rows × 2·k_pairs values of `out`
+/// (round to nearest even; the odd tail and the rows past m padded with 0). `out` is grown to
+/// that length if shorter and never shrunk: what lies past it is stale and must not be read.
 fn convert_rows(x: &[f32], m: usize, k: usize, k_pairs: usize, rows: usize, out: &mut Vec<u16>) {
     debug_assert!(rows >= m);
     let kp = 2 * k_pairs;
