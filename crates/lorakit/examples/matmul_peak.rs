@@ -11,6 +11,11 @@
 //!    the CPU has it, with AVX512-VNNI's `vpdpbusd` as "roof vpdpbusd"; VNNI's alone otherwise.
 //! 2. The engine's kernels on the LoRA training shapes of SmolLM2-135M (batch 4 × 256 = 1024
 //!    tokens): f32 through the `gemm` crate, bf16 through `engine::bf16`.
+//! 3. QLoRA's forward product y = x·Wᵀ over the same shapes with W in random Q4_1 blocks, two
+//!    ways: precision "gguf-bf16" (bf16 panels dequantised from the blocks by each product, as
+//!    `train --precision gguf-bf16` runs) and "int8" (`engine::int8`: x quantised to 8 bits per
+//!    group of 32, then `vpdpbusd` over the 4-bit levels; the quantisation of x is timed too).
+//!    The "int8" rows count FLOP as the f32 product would (2·m·k·n), so they compare directly.
 //!
 //! Prints one JSON object per line: {"precision": "f32"|"bf16"|"int8", "shape": "roof" | "NAME MxKxN" |
 //! "mix", "threads", "gflops"}; "mix" is one forward pass's shapes, time-weighted. Threads:
@@ -26,7 +31,10 @@ static ALLOC: lorakit::engine::aligned_alloc::CacheLineAligned =
 
 use lorakit::engine::amx;
 use lorakit::engine::bf16::{bf16_kernel, cpu_has_avx512bf16, matmul_bf16, Bf16Kernel, PackedBf16};
+use lorakit::engine::int8::{self, Int8Panels};
 use lorakit::engine::matmul_nt;
+use lorakit::engine::quant::QuantMatrix;
+use lorakit::io::gguf::GgmlType;
 use rayon::prelude::*;
 
 /// FLOP/s of `iters` rounds of 16 independent FMA chains per thread (enough to cover latency ×
@@ -200,6 +208,17 @@ fn main() {
         });
         line("f32", &format!("{name} {m}x{k}x{n}"), f);
         line("bf16", &format!("{name} {m}x{k}x{n}"), b);
+        let mut blocks = q4_1(n, k);
+        blocks.set_bf16_products(true);
+        let g = best_of(reps, m, k, n, || blocks.matmul_nt(&mut out, &x, m));
+        line("gguf-bf16", &format!("{name} {m}x{k}x{n}"), g);
+        if int8::vnni_available() {
+            let panels = Int8Panels::from_quant(&blocks).expect("Q4_1 repacks");
+            let i = best_of(reps, m, k, n, || {
+                int8::matmul_nt_int8(&mut out, &x, m, &panels)
+            });
+            line("int8", &format!("{name} {m}x{k}x{n}"), i);
+        }
         // Time-weighted over the shapes as one forward pass meets them (gate/up count twice).
         let count = match name {
             "q_proj/o_proj" | "k_proj/v_proj" | "gate_proj/up_proj" => 2.0,
@@ -212,4 +231,16 @@ fn main() {
     }
     line("f32", "mix", flop_total / f32_total);
     line("bf16", "mix", flop_total / bf16_total);
+}
+
+/// A [n, k] weight of Q4_1 blocks (f16 scale, f16 minimum, 32 levels in 16 bytes) with levels
+/// and scales from a fixed pattern: speed does not depend on the values.
+fn q4_1(n: usize, k: usize) -> QuantMatrix {
+    let mut bytes = Vec::with_capacity(n * k / 32 * 20);
+    for b in 0..n * k / 32 {
+        bytes.extend(half::f16::from_f32(0.001 + (b % 17) as f32 * 1e-4).to_le_bytes());
+        bytes.extend(half::f16::from_f32(-0.008).to_le_bytes());
+        bytes.extend((0..16).map(|j| ((b + j) % 251) as u8));
+    }
+    QuantMatrix::from_gguf_blocks(GgmlType::Q4_1, &bytes, n, k, None, "w").expect("Q4_1 blocks")
 }

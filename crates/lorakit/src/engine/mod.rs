@@ -9,6 +9,7 @@ pub mod amx;
 pub mod attention;
 pub mod batched;
 pub mod bf16;
+pub mod int8;
 pub mod matmul;
 pub mod ops;
 pub mod quant;

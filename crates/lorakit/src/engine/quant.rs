@@ -306,6 +306,11 @@ impl QuantMatrix {
         self.bf16_products
     }
 
+    /// The stored levels, scales and minimums (empty when none), as the field docs lay them out.
+    pub(crate) fn raw_parts(&self) -> (&[u8], &[f32], &[f32]) {
+        (&self.quants, &self.scales, &self.mins)
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         (self.scales.len() + self.mins.len()) * 4 + self.quants.len()
