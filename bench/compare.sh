@@ -267,7 +267,11 @@ peak() { # TOOL ROUND
     || die "cannot read $work/peak.out"
 }
 
+# CPU time the hypervisor gave to other guests ("steal", /proc/stat's 8th field): on a shared
+# virtual machine it slows every timed run without showing in the load average.
+cpu_ticks() { awk '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; print t, $9 }' /proc/stat; }
 load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
+ticks_before="$(cpu_ticks)"
 started="$(date '+%Y-%m-%d %H:%M:%S %Z')"
 for r in $(seq "$rounds"); do
   if [[ "$do_peak" -eq 1 ]]; then
@@ -303,9 +307,14 @@ for r in $(seq "$rounds"); do
   fi
 done
 load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
+steal="$(awk -v b="$ticks_before" -v a="$(cpu_ticks)" 'BEGIN { split(b, x, " "); split(a, y, " ");
+  t = y[1] - x[1]; printf "%.1f", (t > 0 ? 100 * (y[2] - x[2]) / t : 0) }')"
 busy=""
 if awk -v l="${load_before%% *}" 'BEGIN { exit !(l >= 0.5) }'; then
   busy=$'\n- **WARNING: the machine was busy when the run began (1-min load average ≥ 0.5): the numbers are not a clean measurement.**'
+fi
+if awk -v s="$steal" 'BEGIN { exit !(s >= 2) }'; then
+  busy+=$'\n- **WARNING: the hypervisor took '"$steal"$'% of the CPU time during the run (steal ≥ 2%): the numbers are not a clean measurement.**'
 fi
 
 # --- the report ----------------------------------------------------------------------------------
@@ -327,7 +336,7 @@ report="$(cat <<EOF
 - $rounds round(s), alternating the tools$what
 - each cell: median over the rounds (min–max); tokens/s higher is better, RSS lower is better
 - for scale, DESIGN.md's PEFT reference on this machine, quiet: train 286 tok/s (q,v fp32), 403 (bf16 autocast), 241 (all-linear); decode 22 / 20 / 22 tok/s (base / unmerged / merged)
-- load average (1, 5, 15 min) before: $load_before; after: $load_after (anything else running skews the numbers)$busy
+- load average (1, 5, 15 min) before: $load_before; after: $load_after (anything else running skews the numbers); CPU steal during the run: $steal%$busy
 
 $table
 EOF
