@@ -54,7 +54,7 @@ start=$SECONDS
 if ! command -v cmake >/dev/null; then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
     echo "installing cmake (apt-get) ..." >&2
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake) >&2
+    "$root/scripts/apt-install.sh" cmake >&2
   else
     echo "error: cmake is missing; install it (apt-get install cmake) and rerun $0" >&2
     exit 1

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes `go` available for the Ollama template check (tests/integration/gguf_adapter.rs runs
 # scripts/ollama-template.go with Go's text/template, the engine Ollama runs): installs the Debian
-# package golang-go with apt-get when go is missing (as root). Prints the path of go.
+# package golang-go with apt-get when go is missing (as root, through scripts/apt-install.sh). Prints the path of go.
 set -euo pipefail
 if ! command -v go >/dev/null; then
   if [ "$(id -u)" -ne 0 ]; then
@@ -13,7 +13,7 @@ if ! command -v go >/dev/null; then
   exec 9>/tmp/lorakit-install-go.lock
   flock 9
   if ! command -v go >/dev/null; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go) >&2
+    "$(dirname "${BASH_SOURCE[0]}")/apt-install.sh" golang-go >&2
   fi
 fi
 command -v go

@@ -7,10 +7,6 @@ have() {
         compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null
 }
 have && exit 0
-sudo=""
-[ "$(id -u)" = 0 ] || sudo="sudo"
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends libopenmpi-dev openmpi-bin libclang-dev >/dev/null
+"$(dirname "${BASH_SOURCE[0]}")/apt-install.sh" libopenmpi-dev openmpi-bin libclang-dev
 have
 mpirun --version | head -1

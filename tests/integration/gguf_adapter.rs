@@ -367,10 +367,14 @@ fn llama_judge() -> PathBuf {
                 .current_dir(repo_root())
                 .output()
                 .expect("run scripts/build-llama-cpp.sh");
+            // The end of a build log says why it failed; its start is cmake's configuration.
+            let log = String::from_utf8_lossy(&out.stderr);
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
             assert!(
                 out.status.success(),
-                "scripts/build-llama-cpp.sh failed: {}",
-                String::from_utf8_lossy(&out.stderr)
+                "scripts/build-llama-cpp.sh failed ({}); the last lines of its output:\n{}",
+                out.status,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
             PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
         })
