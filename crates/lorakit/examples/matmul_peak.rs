@@ -32,6 +32,7 @@ static ALLOC: lorakit::engine::aligned_alloc::CacheLineAligned =
 use lorakit::engine::amx;
 use lorakit::engine::bf16::{bf16_kernel, cpu_has_avx512bf16, matmul_bf16, Bf16Kernel, PackedBf16};
 use lorakit::engine::int8::{self, Int8Panels};
+use lorakit::engine::int8_rows::Int8Weight;
 use lorakit::engine::matmul_nt;
 use lorakit::engine::quant::QuantMatrix;
 use lorakit::io::gguf::GgmlType;
@@ -219,6 +220,18 @@ fn main() {
             });
             line("int8", &format!("{name} {m}x{k}x{n}"), i);
         }
+        // 8-bit rows (`engine::int8_rows`, `train --precision int8`): y = x·Wᵀ and dx = dy·W.
+        let rows8 = Int8Weight::from_f32(&w, n, k).expect("finite weight");
+        let r8 = best_of(reps, m, k, n, || rows8.forward(&mut out, &x, m, false));
+        line("int8-rows", &format!("{name} {m}x{k}x{n}"), r8);
+        let dy: Vec<f32> = (0..m * n).map(|i| ((i % 11) as f32 - 5.0) * 0.01).collect();
+        let mut dx = vec![0.0f32; m * k];
+        let r8t = best_of(reps, m, k, n, || rows8.backward(&mut dx, &dy, m, false));
+        line("int8-rows-t", &format!("{name} {m}x{k}x{n}"), r8t);
+        let bt = best_of(reps, m, k, n, || {
+            lorakit::engine::bf16::matmul_bf16_t(&mut dx, &dy, m, &packed, false)
+        });
+        line("bf16-t", &format!("{name} {m}x{k}x{n}"), bt);
         // Time-weighted over the shapes as one forward pass meets them (gate/up count twice).
         let count = match name {
             "q_proj/o_proj" | "k_proj/v_proj" | "gate_proj/up_proj" => 2.0,

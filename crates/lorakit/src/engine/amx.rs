@@ -246,6 +246,96 @@ pub(crate) unsafe fn panel_kernel(
     asm!("tilerelease", options(nostack, nomem));
 }
 
+/// Rows × columns of one 8-bit block: two row tiles by [`PANEL_COLS`] columns.
+pub(crate) const I8_BLOCK_ROWS: usize = 2 * TILE;
+
+/// The i32 sums of one 8-bit block, rows of [`PANEL_COLS`], on a cache line (tile stores of
+/// 64-byte rows that straddle lines run at half speed).
+#[repr(C, align(64))]
+pub(crate) struct I8Block(pub [i32; I8_BLOCK_ROWS * PANEL_COLS]);
+
+/// C[32, 64] = A[32, 4·k_quads] · panel in exact i32 sums of 8-bit signed × signed products
+/// (`tdpbssd`, 16 × 16 × 64 multiply-adds per instruction, twice `tdpbf16ps`'s); all of C is
+/// written. The panel is `engine::int8_rows`' layout: per quad of the reduction, 64 columns × 4
+/// values, which is AMX's B tile (16 quads × 16 columns per tile, row stride 256 bytes).
+///
+/// # Safety
+/// [`i8_tiles_begin`] was called on this thread since the last [`i8_tiles_end`]; `k_quads` a
+/// multiple of 16; `a` readable for 32 rows of stride `lda` bytes from its start, each
+/// 4·k_quads bytes long; `panel` for k_quads × 256 bytes.
+pub(crate) unsafe fn i8_panel_block(
+    a: *const i8,
+    lda: usize,
+    panel: *const i8,
+    k_quads: usize,
+    c: &mut I8Block,
+) {
+    use std::arch::asm;
+    debug_assert!(k_quads.is_multiple_of(PAIRS));
+    let b_stride = NR * 4; // bytes: one quad row of the panel
+    let c_stride = NR * 4; // bytes: one row of C
+    for half in 0..NR / (2 * TILE) {
+        let col0 = half * 2 * TILE;
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+        let mut q = 0;
+        while q < k_quads {
+            let a0 = a.add(4 * q);
+            let a1 = a0.add(TILE * lda);
+            let b0 = panel.add(q * b_stride + col0 * 4);
+            let b1 = b0.add(TILE * 4);
+            asm!(
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tileloadd tmm7, [{b1} + {sb}*1]",
+                "tdpbssd tmm0, tmm4, tmm6",
+                "tdpbssd tmm1, tmm4, tmm7",
+                "tdpbssd tmm2, tmm5, tmm6",
+                "tdpbssd tmm3, tmm5, tmm7",
+                a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
+                sa = in(reg) lda, sb = in(reg) b_stride,
+                options(nostack, readonly),
+            );
+            q += PAIRS;
+        }
+        let c0 = c.0.as_mut_ptr().add(col0);
+        asm!(
+            "tilestored [{s0} + {st}*1], tmm0",
+            "tilestored [{s1} + {st}*1], tmm1",
+            "tilestored [{s2} + {st}*1], tmm2",
+            "tilestored [{s3} + {st}*1], tmm3",
+            s0 = in(reg) c0, s1 = in(reg) c0.add(TILE),
+            s2 = in(reg) c0.add(TILE * NR), s3 = in(reg) c0.add(TILE * NR + TILE),
+            st = in(reg) c_stride,
+            options(nostack),
+        );
+    }
+}
+
+/// Loads the tile configuration for [`i8_panel_block`] on this thread: once per task of many
+/// blocks (loading it costs about as much as a few tile products).
+///
+/// # Safety
+/// [`amx_int8_available`] must hold; [`i8_tiles_end`] must follow on the same thread before it
+/// runs other tile code.
+pub(crate) unsafe fn i8_tiles_begin() {
+    std::arch::asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
+}
+
+/// Releases the tiles [`i8_tiles_begin`] configured.
+///
+/// # Safety
+/// As for [`i8_tiles_begin`].
+pub(crate) unsafe fn i8_tiles_end() {
+    std::arch::asm!("tilerelease", options(nostack, nomem));
+}
+
 /// The four C tiles of a block as stored for the edges and for accumulation: on a cache line, as
 /// a tile store of 64-byte rows that straddle lines runs at half speed.
 #[repr(C, align(64))]

@@ -10,6 +10,7 @@ pub mod attention;
 pub mod batched;
 pub mod bf16;
 pub mod int8;
+pub mod int8_rows;
 pub mod matmul;
 pub mod ops;
 pub mod quant;
