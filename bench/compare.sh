@@ -20,7 +20,8 @@
 #           on q_proj,v_proj and on all-linear (q,k,v,o,gate,up,down), AdamW lr 1e-4 wd 0.01,
 #           N steps, fp32; PEFT also with bf16 autocast; lorakit also --precision bf16 when it has
 #           the flag, and QLoRA (--precision gguf-bf16: the frozen base only in the GGUF's Q4_1
-#           blocks, bf16 products over them) when it has that. The report adds QLoRA's tokens/s
+#           blocks, bf16 products over them) and gguf-int8 (the same, the backward's input
+#           gradients in 8-bit integers) when it has those. The report adds QLoRA's tokens/s
 #           over lorakit bf16's. tokens/s = tokens per step / median step time after the first step.
 #           Peak RSS of the whole process (/usr/bin/time -f %M), model loading included.
 #   decode  batch 1, greedy, T new tokens (EOS ignored), the prompt of bench/decode.sh: base model,
@@ -116,9 +117,14 @@ case "$lk_prec" in
   f32) train_prec="f32" dec_prec="f32" ;;
   *) train_prec="f32 bf16" dec_prec="f32 bf16" ;;
 esac
-# QLoRA in the train part (not the E2E epoch): bf16 products over the file's blocks.
-train_q=""
+# QLoRA in the train part: bf16 products over the file's blocks; and, where the binary has it,
+# the same with the backward's input-gradient products in 8 bits (gguf-int8), which the E2E
+# epoch also runs.
+train_q="" e2e_q=""
 if [[ "$lk_prec" == auto ]] && "$bin" train --help 2>/dev/null | grep -q 'gguf-bf16'; then train_q="gguf-bf16"; fi
+if [[ "$lk_prec" == auto ]] && "$bin" train --help 2>/dev/null | grep -q 'gguf-int8'; then
+  train_q="$train_q gguf-int8" e2e_q="gguf-int8"
+fi
 if [[ "$train_prec" == *bf16* && "$do_train" -eq 1 ]]; then
   has_precision train || die "this lorakit has no 'train --precision'; use --lorakit-precision f32"
 fi
@@ -286,14 +292,14 @@ for r in $(seq "$rounds"); do
       lorakit_train "$c" f32 "$r"
       peft_train "$c" bf16 "$r"
       if [[ "$train_prec" == *bf16* ]]; then lorakit_train "$c" bf16 "$r"; fi
-      if [[ -n "$train_q" ]]; then lorakit_train "$c" "$train_q" "$r"; fi
+      for q in $train_q; do lorakit_train "$c" "$q" "$r"; done
     done
   fi
   if [[ "$do_e2e" -eq 1 ]]; then
     log "round $r/$rounds: E2E epoch"
     peft_e2e bf16 "$r"
-    for p in $train_prec; do lorakit_e2e padded "$p" "$r"; done
-    for p in $train_prec; do lorakit_e2e packed "$p" "$r"; done
+    for p in $train_prec $e2e_q; do lorakit_e2e padded "$p" "$r"; done
+    for p in $train_prec $e2e_q; do lorakit_e2e packed "$p" "$r"; done
   fi
   if [[ "$do_decode" -eq 1 ]]; then
     for v in base unmerged merged; do

@@ -171,7 +171,7 @@ def cmd_table(a):
         pc, pm = fmt([v * scale for v in pf], digits)
         out.append(f"| {label} | {lc} | {pc} | {lm / pm:.2f} |")
 
-    order = {"f32": 0, "bf16": 1, "gguf": 2, "gguf-f32": 3, "gguf-bf16": 4}
+    order = {"f32": 0, "bf16": 1, "int8": 2, "gguf": 3, "gguf-f32": 4, "gguf-bf16": 5, "gguf-int8": 6}
     lk_prec = sorted({r["precision"] for r in runs if r["tool"] == "lorakit" and r["part"] == "train"}, key=order.get)
     pf_prec = [p for p in ("fp32", "bf16") if any(r["tool"] == "peft" and r["precision"] == p for r in runs)]
     pf_name = {"fp32": "PEFT fp32", "bf16": "PEFT bf16 autocast"}
@@ -185,10 +185,12 @@ def cmd_table(a):
                         values("train", c, "lorakit", lp, key), values("train", c, "peft", pp, key), digits, scale)
     for c in configs:
         # QLoRA against lorakit's own bf16 path (the same run, the same shapes).
-        for q in [p for p in lk_prec if p.startswith("gguf")]:
+        for q in [p for p in lk_prec if p.startswith("gguf") or p == "int8"]:
             qt, bt = values("train", c, "lorakit", q, "tokens_per_s"), values("train", c, "lorakit", "bf16", "tokens_per_s")
             if qt and bt:
-                notes.append(f"train tokens/s, {CONFIG_NAMES[c]}: lorakit {q} (QLoRA over the Q4_1 blocks) / lorakit bf16 = "
+                what = {"gguf-int8": "QLoRA over the Q4_1 blocks, 8-bit backward",
+                        "int8": "bf16 with the 8-bit backward"}.get(q, "QLoRA over the Q4_1 blocks")
+                notes.append(f"train tokens/s, {CONFIG_NAMES[c]}: lorakit {q} ({what}) / lorakit bf16 = "
                              f"{statistics.median(qt) / statistics.median(bt):.2f}")
     for c in configs:
         losses = {f"lorakit {lp}": values("train", c, "lorakit", lp, "first_loss") for lp in lk_prec}

@@ -75,7 +75,8 @@ struct ModelArg {
     /// Frozen-weight arithmetic: f32 (exact, default), bf16 (faster with AVX512-BF16, emulated
     /// elsewhere), or gguf (keep the weights only in the GGUF file's own quantised blocks and
     /// multiply with them: the least memory and the fastest decode; many-row products in f32,
-    /// or bf16 with gguf-bf16).
+    /// or bf16 with gguf-bf16); int8 and gguf-int8 (train's 8-bit backward) read as bf16 and
+    /// gguf-bf16 here.
     #[arg(long, default_value = "f32")]
     precision: String,
 }

@@ -57,8 +57,7 @@ pub fn cmd_sweep(a: SweepArgs) -> Result<()> {
     let mut loaded = open_model(Some(model_path.clone()))?;
     // Everything is checked before the first cell trains.
     let cells = plan_cells(&cfg, &loaded.model.config, &a.config)?;
-    let precision = cfg.train.precision()?;
-    loaded.model.set_precision(precision)?;
+    cfg.train.apply_precision(&mut loaded.model)?;
     eprintln!("sweep: {} cells into {}", cells.len(), out.display());
     for (t, n) in per_rank_counts(&cells) {
         eprintln!("  {t}: {n} trainable parameters per unit of rank");

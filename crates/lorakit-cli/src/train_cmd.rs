@@ -108,7 +108,10 @@ pub struct TrainArgs {
     /// f32 (exact), or gguf (QLoRA: the frozen base kept only in the GGUF file's quantised
     /// blocks, or an HF base's quantised at load with --quantize; their products in bf16 where
     /// bf16 is the default, else f32). gguf-f32 and gguf-bf16 keep the blocks and force the
-    /// products' arithmetic.
+    /// products' arithmetic. int8 and gguf-int8: as bf16 and gguf-bf16, and the backward's
+    /// input-gradient products dx = dy·W in 8-bit integers (AMX-INT8 tiles, AVX512-VNNI, or a
+    /// portable kernel) over 8-bit rows of the weights (1 byte a weight more) and dy quantised
+    /// per row; the forward, so the loss, is bf16's.
     #[arg(long)]
     precision: Option<String>,
     /// With --precision gguf and an HF base: quantise its weights at load to this block type
@@ -300,7 +303,6 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             )?),
             false => None,
         };
-        let precision = options.precision()?;
         let model_name = model_path.display().to_string();
         let mut loaded = match options.blocks()? {
             Some(quantize) => {
@@ -313,7 +315,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             }
             None => open_model(Some(model_path.clone()))?,
         };
-        loaded.model.set_precision(precision)?;
+        let precision = options.apply_precision(&mut loaded.model)?;
         let plan = TrainPlan::new(options, &loaded, &model_name)?;
         Ok((output, loaded, plan, precision))
     })();
@@ -377,6 +379,14 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     }
     let frozen_bytes = loaded.model.frozen_bytes();
     let weights_mb = frozen_bytes.total() as f64 / 1e6;
+    // `--precision int8`: the backward's 8-bit rows beside the weights.
+    let int8 = match frozen_bytes.int8 {
+        0 => String::new(),
+        b => format!(
+            ", {:.0} MB 8-bit rows for the input gradients",
+            b as f64 / 1e6
+        ),
+    };
     let what = if full {
         format!(
             "{weights_mb:.0} MB f32 weights + {:.0} MB gradients + {:.0} MB AdamW moments",
@@ -395,7 +405,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             b => format!(", {:.0} MB bf16", b as f64 / 1e6),
         };
         format!(
-            "{weights_mb:.0} MB frozen weights ({:.0} MB quantised blocks{bf16}, {:.0} MB f32; {products} products)",
+            "{weights_mb:.0} MB frozen weights ({:.0} MB quantised blocks{bf16}, {:.0} MB f32{int8}; {products} products)",
             frozen_bytes.blocks as f64 / 1e6,
             frozen_bytes.f32 as f64 / 1e6
         )
@@ -404,7 +414,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             lorakit::model::Precision::Bf16 => "bf16; the embedding in f32",
             lorakit::model::Precision::F32 => "f32",
         };
-        format!("{weights_mb:.0} MB frozen weights ({held})")
+        format!("{weights_mb:.0} MB frozen weights ({held}{int8})")
     };
     eprintln!(
         "memory estimate: {what} + {:.0} MB saved activations (up to {} tokens per micro-batch)",

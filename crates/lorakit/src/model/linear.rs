@@ -7,6 +7,7 @@
 use std::borrow::Cow;
 
 use crate::engine::bf16::{matmul_bf16, matmul_bf16_t, PackedBf16};
+use crate::engine::int8_rows::Int8Weight;
 use crate::engine::quant::QuantMatrix;
 use crate::engine::{matmul, matmul_nt};
 use crate::lora::LoraWeights;
@@ -39,31 +40,42 @@ impl std::str::FromStr for Precision {
 /// `f32`, `bf16`: the weights in that form (dequantised from a GGUF file's blocks at load);
 /// `gguf`: only the GGUF file's quantised blocks, products in the caller's default arithmetic
 /// (`train`'s is the fastest here, [`crate::engine::bf16::bf16_native`]); `gguf-f32`,
-/// `gguf-bf16`: the blocks with the products' arithmetic forced.
+/// `gguf-bf16`: the blocks with the products' arithmetic forced; `int8`, `gguf-int8`: as `bf16`
+/// and `gguf-bf16`, and training's input-gradient products dx = dy·W over 8-bit rows of the
+/// weights ([`Int8Weight`], quantised at load) with dy quantised per row (inference has no such
+/// product: there they read as `bf16`, `gguf-bf16`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PrecisionChoice {
-    /// Keep the frozen weights only in the GGUF blocks.
+    /// Keep the frozen weights only in the GGUF blocks (load them from the blocks, for `int8`).
     pub blocks: bool,
     /// The products' arithmetic; None for plain `gguf` (the caller's default).
     pub arithmetic: Option<Precision>,
+    /// Training's input-gradient products over 8-bit rows.
+    pub int8_rows: bool,
 }
 
 impl std::str::FromStr for PrecisionChoice {
     type Err = crate::Error;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (blocks, arithmetic) = match s {
-            "f32" => (false, Some(Precision::F32)),
-            "bf16" => (false, Some(Precision::Bf16)),
-            "gguf" => (true, None),
-            "gguf-f32" => (true, Some(Precision::F32)),
-            "gguf-bf16" => (true, Some(Precision::Bf16)),
+        let (blocks, arithmetic, int8_rows) = match s {
+            "f32" => (false, Some(Precision::F32), false),
+            "bf16" => (false, Some(Precision::Bf16), false),
+            "int8" => (false, Some(Precision::Bf16), true),
+            "gguf" => (true, None, false),
+            "gguf-f32" => (true, Some(Precision::F32), false),
+            "gguf-bf16" => (true, Some(Precision::Bf16), false),
+            "gguf-int8" => (true, Some(Precision::Bf16), true),
             other => {
                 return Err(crate::Error::Invalid(format!(
-                    "unknown precision \"{other}\" (f32, bf16, gguf, gguf-f32 or gguf-bf16)"
+                    "unknown precision \"{other}\" (f32, bf16, int8, gguf, gguf-f32, gguf-bf16 or gguf-int8)"
                 )))
             }
         };
-        Ok(PrecisionChoice { blocks, arithmetic })
+        Ok(PrecisionChoice {
+            blocks,
+            arithmetic,
+            int8_rows,
+        })
     }
 }
 
@@ -170,6 +182,14 @@ impl TiedEmbedding {
         })
     }
 
+    /// The blocks it is kept as, if it is ([`TiedEmbedding::from_blocks`]).
+    pub fn blocks(&self) -> Option<&QuantMatrix> {
+        match &self.exact {
+            ExactValues::Blocks(q) => Some(q),
+            ExactValues::Split { .. } => None,
+        }
+    }
+
     /// Row `v` [hidden] into `out`, as the f32 embedding held it (bit for bit).
     pub fn row_into(&self, head: &Bf16Weight, v: usize, out: &mut [f32]) {
         let h = self.hidden;
@@ -226,6 +246,8 @@ pub enum FrozenRef<'a> {
     Bf16(&'a Bf16Weight),
     /// A GGUF file's quantised blocks (`--precision gguf`, QLoRA).
     Quant(&'a QuantMatrix),
+    /// 8-bit rows (`--precision int8`, `gguf-int8`), for the input gradient only.
+    Int8(&'a Int8Weight),
 }
 
 /// y = x Wᵀ.  x: [t, in], W: [out, in], y: [t, out].
@@ -241,6 +263,7 @@ pub fn frozen_forward(
         FrozenRef::Bf16(b) => matmul_bf16(y, x, t, &b.packed, false),
         FrozenRef::F32(w) => matmul_nt(y, x, w, t, inp, out, false),
         FrozenRef::Quant(q) => q.matmul_nt(y, x, t),
+        FrozenRef::Int8(q) => q.forward(y, x, t, false),
     }
 }
 
@@ -259,6 +282,7 @@ pub fn frozen_backward(
         FrozenRef::Bf16(b) => matmul_bf16_t(dx, dy, t, &b.packed, accumulate),
         FrozenRef::F32(w) => matmul(dx, dy, false, w, false, t, out, inp, accumulate),
         FrozenRef::Quant(q) => q.matmul_w(dx, dy, t, accumulate),
+        FrozenRef::Int8(q) => q.backward(dx, dy, t, accumulate),
     }
 }
 
@@ -331,6 +355,25 @@ impl Weight {
         }
     }
 
+    /// The weight as 8-bit rows for the input-gradient product ([`Int8Weight::for_backward`]),
+    /// quantised from its values (the blocks' dequantised rows, the bf16 packing's, the f32
+    /// ones) row by row, with no f32 copy of blocks. `name` goes into the error for a value
+    /// that is not finite.
+    pub fn to_int8_rows(&self, out: usize, inp: usize, name: &str) -> crate::Result<Int8Weight> {
+        let rows = match self {
+            Weight::Quant(q) => {
+                Int8Weight::for_backward(out, inp, |r, o| q.dequantize_into(r..r + 1, 0..inp, o))
+            }
+            Weight::F32(w) => Int8Weight::backward_from_f32(w, out, inp),
+            Weight::Bf16(_) => Int8Weight::backward_from_f32(&self.to_f32(), out, inp),
+        };
+        rows.map_err(|r| {
+            crate::Error::Invalid(format!(
+                "tensor {name}: row {r} holds a value that is not finite; it cannot be quantised to 8 bits"
+            ))
+        })
+    }
+
     /// Makes the weight f32 (unpacking bf16, dequantising blocks) and returns it `[out, in]`.
     pub fn make_f32(&mut self) -> &mut Vec<f32> {
         f32_in_place(self)
@@ -349,6 +392,9 @@ pub struct Linear {
     /// A bf16 packing beside an f32 weight, read by the products: a bf16 layer after merging
     /// (which keeps the merged weight's f32 values for saving).
     pub bf16: Option<Box<Bf16Weight>>,
+    /// The weight as 8-bit rows, read by the input-gradient product dx = dy·W only
+    /// (`--precision int8`, `gguf-int8`); dropped whenever the weight changes.
+    pub int8_backward: Option<Box<Int8Weight>>,
 }
 
 impl Linear {
@@ -366,6 +412,7 @@ impl Linear {
             bias,
             loras: Vec::new(),
             bf16: None,
+            int8_backward: None,
         }
     }
 
@@ -383,6 +430,7 @@ impl Linear {
             bias,
             loras: Vec::new(),
             bf16: None,
+            int8_backward: None,
         }
     }
 
@@ -405,9 +453,12 @@ impl Linear {
         matches!(self.frozen(), FrozenRef::F32(_))
     }
 
-    /// Bytes held by the stored copies of the weight (f32, bf16 packing, GGUF blocks).
+    /// Bytes held by the stored copies of the weight (f32, bf16 packing, GGUF blocks, 8-bit
+    /// rows).
     pub fn weight_bytes(&self) -> usize {
-        self.weight.bytes() + self.bf16.as_ref().map_or(0, |b| b.bytes())
+        self.weight.bytes()
+            + self.bf16.as_ref().map_or(0, |b| b.bytes())
+            + self.int8_backward.as_ref().map_or(0, |q| q.bytes())
     }
 
     /// The f32 weight [out, in] and bias [out] for an optimiser step (full fine-tuning): a
@@ -415,6 +466,7 @@ impl Linear {
     /// would go stale, so it is dropped (`set_precision` packs again).
     pub fn weight_and_bias_mut(&mut self) -> (&mut [f32], Option<&mut [f32]>) {
         self.bf16 = None;
+        self.int8_backward = None;
         (f32_in_place(&mut self.weight), self.bias.as_deref_mut())
     }
 
@@ -422,6 +474,7 @@ impl Linear {
     /// good; a bf16 packing beside it is dropped).
     pub fn weight_f32_mut(&mut self) -> &mut [f32] {
         self.bf16 = None;
+        self.int8_backward = None;
         f32_in_place(&mut self.weight)
     }
 
@@ -449,13 +502,22 @@ impl Linear {
         }
     }
 
+    /// The weight as the input-gradient product reads it: its 8-bit rows where
+    /// [`Linear::set_int8_backward`] made them, else [`Linear::frozen`].
+    pub fn frozen_for_backward(&self) -> FrozenRef<'_> {
+        match &self.int8_backward {
+            Some(q) => FrozenRef::Int8(q),
+            None => self.frozen(),
+        }
+    }
+
     /// dx (+)= dy W through the frozen weight.  dy: [T, out] → dx: [T, in].
     pub fn backward_base(&self, dx: &mut [f32], dy: &[f32], accumulate: bool) {
         let t = dy.len() / self.out_features;
         frozen_backward(
             dx,
             dy,
-            self.frozen(),
+            self.frozen_for_backward(),
             t,
             self.in_features,
             self.out_features,
@@ -471,11 +533,13 @@ impl Linear {
         if let Weight::Quant(q) = &mut self.weight {
             q.set_bf16_products(precision == Precision::Bf16);
             self.bf16 = None;
+            self.int8_backward = None;
             return;
         }
         match precision {
             Precision::F32 => {
                 self.bf16 = None;
+                self.int8_backward = None;
                 f32_in_place(&mut self.weight);
             }
             Precision::Bf16 => {
@@ -484,8 +548,19 @@ impl Linear {
                     self.weight = Weight::Bf16(Box::new(packed));
                 }
                 self.bf16 = None;
+                self.int8_backward = None;
             }
         }
+    }
+
+    /// Adds the weight's 8-bit rows for the input-gradient product ([`Weight::to_int8_rows`];
+    /// `name` for the error); the forward keeps reading the weight as it is stored.
+    pub fn set_int8_backward(&mut self, name: &str) -> crate::Result<()> {
+        let rows = self
+            .weight
+            .to_int8_rows(self.out_features, self.in_features, name)?;
+        self.int8_backward = Some(Box::new(rows));
+        Ok(())
     }
 
     /// The first element of W + sign·Σ s·B A that would not be finite, as (flat index, value);
@@ -525,8 +600,10 @@ impl Linear {
                 *wi += sign * di;
             }
         }
-        // A packing of the old weight would be stale.
+        // A packing of the old weight would be stale (the 8-bit rows too: inference after a
+        // merge has no backward).
         self.bf16 = bf16.then(|| Box::new(Bf16Weight::new(w, out, inp)));
+        self.int8_backward = None;
     }
 }
 

@@ -83,7 +83,8 @@ pub struct TrainOptions {
     /// Frozen-weight products: `bf16` (the default where the CPU has AVX512-BF16; emulated with the
     /// same rounding elsewhere), `f32`, or `gguf` (QLoRA: the frozen base kept only in quantised
     /// blocks, a GGUF file's own or `quantize`'s, their products in the default's arithmetic;
-    /// `gguf-f32` and `gguf-bf16` choose it).
+    /// `gguf-f32` and `gguf-bf16` choose it), or `int8` / `gguf-int8` (as `bf16` / `gguf-bf16`,
+    /// with the backward's input-gradient products over 8-bit rows, `engine::int8_rows`).
     pub precision: Option<String>,
     /// With `precision = "gguf"` and an HF base: the block type its weights are quantised to at
     /// load (`q8_0`, `q4_0`, `q4_k`, ...).
@@ -181,6 +182,17 @@ impl TrainOptions {
             None if crate::engine::bf16::bf16_native() => Ok(crate::model::Precision::Bf16),
             None => Ok(crate::model::Precision::F32),
         }
+    }
+
+    /// Sets `model`'s frozen-weight storage and arithmetic as chosen: [`TrainOptions::precision`],
+    /// then the 8-bit rows of the backward for `int8` and `gguf-int8`. Returns the arithmetic.
+    pub fn apply_precision(&self, model: &mut Decoder) -> Result<crate::model::Precision> {
+        let precision = self.precision()?;
+        model.set_precision(precision)?;
+        if self.precision_choice()?.is_some_and(|c| c.int8_rows) {
+            model.set_int8_backward()?;
+        }
+        Ok(precision)
     }
 
     /// `precision` parsed: storage and arithmetic.
