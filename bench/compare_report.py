@@ -275,7 +275,8 @@ def cmd_table(a):
                         tps = values("train", c, tool, p, "tokens_per_s")
                         if not tps:
                             continue
-                        kind = "bf16" if p.endswith("bf16") else "f32"
+                        # int8 paths run bf16 forwards and 8-bit input gradients: against the bf16 mix.
+                        kind = "bf16" if p.endswith(("bf16", "int8")) else "f32"
                         mixes = [statistics.median(v) for v in (values("peak", "mix", "lorakit", kind, "gflops"),
                                                                  values("peak", "mix", "peft", kind, "gflops")) if v]
                         model = statistics.median(tps) * fpt / 1e9
