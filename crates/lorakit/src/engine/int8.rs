@@ -366,13 +366,13 @@ unsafe fn tile_vnni(
                 lo[p] = _mm512_and_si512(v, mask);
                 hi[p] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
             }
-            for i in 0..rows {
+            for (i, sums) in isum.iter_mut().enumerate().take(rows) {
                 let base = xq.add((r0 + i) * x.k + g * GROUP + 4 * t);
                 let a_lo = _mm512_set1_epi32((base as *const i32).read_unaligned());
                 let a_hi = _mm512_set1_epi32((base.add(16) as *const i32).read_unaligned());
                 for p in 0..panels {
-                    isum[i][p] = _mm512_dpbusd_epi32(isum[i][p], lo[p], a_lo);
-                    isum[i][p] = _mm512_dpbusd_epi32(isum[i][p], hi[p], a_hi);
+                    sums[p] = _mm512_dpbusd_epi32(sums[p], lo[p], a_lo);
+                    sums[p] = _mm512_dpbusd_epi32(sums[p], hi[p], a_hi);
                 }
             }
         }

@@ -682,10 +682,9 @@ unsafe fn epilogue_body(
     ldo: usize,
     accumulate: bool,
 ) {
-    for r in 0..rows {
+    for (r, &a) in row_scale[..rows].iter().enumerate() {
         let dst = std::slice::from_raw_parts_mut(out.add(r * ldo), cols);
         let src = &acc.0[r * NR..r * NR + cols];
-        let a = row_scale[r];
         match (col_scale, accumulate) {
             (Some(cs), false) => {
                 for ((d, &v), &c) in dst.iter_mut().zip(src).zip(cs) {
