@@ -62,7 +62,7 @@ impl Int8Kernel {
     pub fn available(self) -> bool {
         match self {
             Int8Kernel::Amx => amx::amx_int8_available(),
-            Int8Kernel::Vnni => vnni_available(),
+            Int8Kernel::Vnni => super::int8::vnni_available(),
             Int8Kernel::Portable => true,
         }
     }
@@ -74,17 +74,6 @@ pub fn int8_kernel() -> Int8Kernel {
         .into_iter()
         .find(|k| k.available())
         .unwrap_or(Int8Kernel::Portable)
-}
-
-fn vnni_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 fn avx512_available() -> bool {
