@@ -174,7 +174,7 @@ pub struct FrozenBytes {
     pub f32: usize,
     pub bf16: usize,
     pub blocks: usize,
-    /// 8-bit rows ([`Decoder::set_int8_rows`]).
+    /// 8-bit rows of the backward ([`Decoder::set_int8_backward`]).
     pub int8: usize,
 }
 

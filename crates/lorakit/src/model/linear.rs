@@ -46,7 +46,7 @@ impl std::str::FromStr for Precision {
 /// product: there they read as `bf16`, `gguf-bf16`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PrecisionChoice {
-    /// Keep the frozen weights only in the GGUF blocks (load them from the blocks, for `int8`).
+    /// Keep the frozen weights only in the GGUF blocks.
     pub blocks: bool,
     /// The products' arithmetic; None for plain `gguf` (the caller's default).
     pub arithmetic: Option<Precision>,
@@ -180,14 +180,6 @@ impl TiedEmbedding {
             hidden,
             exact: ExactValues::Blocks(blocks),
         })
-    }
-
-    /// The blocks it is kept as, if it is ([`TiedEmbedding::from_blocks`]).
-    pub fn blocks(&self) -> Option<&QuantMatrix> {
-        match &self.exact {
-            ExactValues::Blocks(q) => Some(q),
-            ExactValues::Split { .. } => None,
-        }
     }
 
     /// Row `v` [hidden] into `out`, as the f32 embedding held it (bit for bit).
