@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 
-/// `lorakit-mpi`, built once per test run beside the plain binary (same profile and target
-/// directory, so only the crates that MPI changes are compiled).
+/// `lorakit-mpi`, built once per test run beside the plain binary (same profile, features and
+/// target directory, so only the crates that MPI adds are compiled: not the engine).
 fn mpi_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -40,9 +40,15 @@ fn mpi_binary() -> &'static Path {
             .arg("--target-dir")
             .arg(profile_dir.parent().unwrap())
             .current_dir(repo_root());
-        if profile_dir.file_name().unwrap() == "release" {
-            build.arg("--release");
-        }
+        // The profile `cargo test` built the library and the plain binary with (test, or bench
+        // under --release), so that this build reuses them and compiles only MPI's crates and
+        // the CLI.
+        let profile = if profile_dir.file_name().unwrap() == "release" {
+            "bench"
+        } else {
+            "test"
+        };
+        build.args(["--profile", profile]);
         let o = build.output().expect("run cargo build");
         assert!(o.status.success(), "building lorakit-mpi: {}", stderr(&o));
         profile_dir.join("lorakit-mpi")

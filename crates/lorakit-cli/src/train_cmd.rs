@@ -223,8 +223,8 @@ fn ranks() -> Result<Box<dyn Collective>> {
         .find_map(|k| std::env::var(k).ok()?.parse::<usize>().ok());
     #[cfg(feature = "mpi")]
     if launched_size.is_some() {
-        let world = lorakit::train::parallel::mpi::MpiWorld::init()
-            .context("MPI is already initialised in this process")?;
+        let world =
+            lorakit_mpi::MpiWorld::init().context("MPI is already initialised in this process")?;
         return Ok(Box::new(world));
     }
     #[cfg(not(feature = "mpi"))]

@@ -1,6 +1,6 @@
 //! Data-parallel training across processes: what the training loop needs of the ranks of a
-//! run ([`Collective`]), one process ([`SingleProcess`]) and, behind the `mpi` feature, MPI
-//! ([`mpi::MpiWorld`], started by `mpirun`).
+//! run ([`Collective`]) and one process ([`SingleProcess`]). MPI's ranks (started by `mpirun`)
+//! are the `lorakit-mpi` crate's `MpiWorld`, which the CLI's `mpi` feature compiles in.
 //!
 //! Why a gather and not MPI_Allreduce: the sum MPI_Allreduce computes has an order the MPI
 //! library chooses (and which changes with the rank count), so the result would depend on how
@@ -78,57 +78,3 @@ pub fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
 
 /// The FNV-1a offset basis.
 pub const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
-
-#[cfg(feature = "mpi")]
-pub mod mpi {
-    //! MPI through the `mpi` crate (the system's OpenMPI or MPICH). A rank that dies makes the
-    //! MPI runtime stop the whole job (OpenMPI's default error handler), so no rank waits for
-    //! it forever.
-
-    use ::mpi::topology::SimpleCommunicator;
-    use ::mpi::traits::*;
-
-    use super::Collective;
-    use crate::error::Result;
-
-    pub struct MpiWorld {
-        _universe: ::mpi::environment::Universe,
-        world: SimpleCommunicator,
-    }
-
-    impl MpiWorld {
-        /// Initialises MPI; `None` when it was initialised already.
-        pub fn init() -> Option<MpiWorld> {
-            let universe = ::mpi::initialize()?;
-            let world = universe.world();
-            Some(MpiWorld {
-                _universe: universe,
-                world,
-            })
-        }
-
-        fn gather<T: Equivalence + Default + Clone>(&self, local: &[T]) -> Vec<T> {
-            let mut out = vec![T::default(); local.len() * self.size()];
-            self.world.all_gather_into(local, &mut out[..]);
-            out
-        }
-    }
-
-    impl Collective for MpiWorld {
-        fn rank(&self) -> usize {
-            self.world.rank() as usize
-        }
-        fn size(&self) -> usize {
-            self.world.size() as usize
-        }
-        fn all_gather_f32(&self, local: &[f32]) -> Result<Vec<f32>> {
-            Ok(self.gather(local))
-        }
-        fn all_gather_f64(&self, local: &[f64]) -> Result<Vec<f64>> {
-            Ok(self.gather(local))
-        }
-        fn all_gather_u64(&self, local: &[u64]) -> Result<Vec<u64>> {
-            Ok(self.gather(local))
-        }
-    }
-}
