@@ -100,8 +100,10 @@ fn qlora_on_the_q4_1_file_follows_the_f32_path_on_the_same_weights() {
     // product, so the losses should agree to far better: this test also asserts 1e-3.
     // gguf-f32: products over the blocks in f32 (plain gguf takes bf16 where that is faster).
     let tmp = tempfile::tempdir().unwrap();
-    let f32 = smollm2_run(tmp.path(), "f32", 10);
-    let q = smollm2_run(tmp.path(), "gguf-f32", 10);
+    // Six steps: enough for the adapter to move the loss (the 200-step comparison is
+    // bench/qlora_trajectory.sh's, in bench/RESULTS.md), short enough for CI.
+    let f32 = smollm2_run(tmp.path(), "f32", 6);
+    let q = smollm2_run(tmp.path(), "gguf-f32", 6);
     let mut worst = 0.0f64;
     for (k, (a, b)) in q.iter().zip(&f32).enumerate() {
         let rel = (a - b).abs() / b.abs();
@@ -112,7 +114,7 @@ fn qlora_on_the_q4_1_file_follows_the_f32_path_on_the_same_weights() {
         "QLoRA vs f32 on the dequantised weights: worst relative loss difference {worst:.2e}"
     );
     assert!(worst <= 1e-3, "{worst:.2e}");
-    assert!(q[9] < q[0], "the loss did not go down: {q:?}");
+    assert!(q[5] < q[0], "the loss did not go down: {q:?}");
 }
 
 #[test]
