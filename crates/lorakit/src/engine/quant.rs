@@ -647,20 +647,29 @@ impl PanelSource for BlocksNt<'_> {
         dst: &'a mut Vec<u16>,
     ) -> &'a [u16] {
         let (q, cols) = (self.0, self.0.cols);
+        // Every block type's groups (16 or 32 values) make cols even: no pair is cut.
+        debug_assert!(cols % 2 == 0);
+        let live = NR.min(q.rows - j * NR);
         dst.clear();
         dst.resize(pairs.len() * NR * 2, 0);
         DEQUANT.with_borrow_mut(|(f, b)| {
-            f.resize(cols, 0.0);
-            b.resize(cols, 0);
-            for c in 0..NR.min(q.rows - j * NR) {
-                let r = j * NR + c;
-                q.dequantize_into(r..r + 1, 0..cols, f);
-                to_bf16_row(b, f);
-                // Row c of the panel's columns: pair p at (p·NR + c)·2.
-                for (pi, p) in pairs.clone().enumerate() {
-                    let at = (pi * NR + c) * 2;
-                    dst[at] = b[2 * p];
-                    dst[at + 1] = b.get(2 * p + 1).copied().unwrap_or(0);
+            // The panel's rows in one call each (dequantise, round), then transposed pair by
+            // pair: row c's pair p goes to (p·NR + c)·2. Tiles of TILE pairs keep the rows read
+            // and the panel rows written in L1 (a row at a time would stride the whole panel).
+            f.resize(live * cols, 0.0);
+            b.resize(live * cols, 0);
+            q.dequantize_into(j * NR..j * NR + live, 0..cols, f);
+            to_bf16_row(b, f);
+            const TILE: usize = 16;
+            let first = pairs.start;
+            for p0 in pairs.clone().step_by(TILE) {
+                let p1 = (p0 + TILE).min(pairs.end);
+                for (c, row) in b.chunks_exact(cols).enumerate() {
+                    let src = &row[2 * p0..2 * p1];
+                    for (i, pair) in src.chunks_exact(2).enumerate() {
+                        let at = ((p0 - first + i) * NR + c) * 2;
+                        dst[at..at + 2].copy_from_slice(pair);
+                    }
                 }
             }
         });
