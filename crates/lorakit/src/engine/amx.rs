@@ -122,18 +122,51 @@ const CONFIG: TileConfig = TileConfig {
     rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
 };
 
-/// C[rows ≤ 32, cols ≤ NR] (+)= A[rows, 2·k_pairs] · panel.
+/// The tile configuration [`CONFIG`] loaded on the calling thread, released when dropped: the
+/// tile kernels take one, so that a run of many blocks loads the configuration once.
+///
+/// Loading it (and releasing it) waits for every tile instruction in flight to finish: done once
+/// per block of 32 rows, as it was, that drain cost about a sixth of a product on the Xeon it was
+/// measured on (bench/RESULTS.md, "AMX: one tile configuration per run of tasks").
+pub(crate) struct Tiles {
+    /// Tile state is per thread: the guard must be dropped where it was made.
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Tiles {
+    /// Loads [`CONFIG`] on this thread.
+    ///
+    /// # Safety
+    /// [`amx_available`] must hold, and no other tile code may run on this thread until the guard
+    /// is dropped (it would replace or release the configuration).
+    pub(crate) unsafe fn begin() -> Self {
+        std::arch::asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig,
+            options(nostack, readonly));
+        Tiles {
+            _not_send: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: the tiles were configured on this thread by `begin` (the guard is not Send).
+        unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
+
+/// C[rows ≤ 32, cols ≤ NR] (+)= A[rows, 2·k_pairs] · panel, on tiles configured by `_tiles`.
 ///
 /// a: bf16 rows with stride `lda` values, at least 32 rows readable from it (the caller pads);
 /// panel: one packed panel (k_pairs × NR × 2 values); c: row stride `ldc` f32, written only
 /// inside rows × cols.
 ///
 /// # Safety
-/// [`amx_available`] must hold, [`amx_fits`]`(k_pairs)`, `a` must hold 32 rows of `lda ≥
-/// 2·k_pairs` values from its start, and c must be valid for rows × cols elements at stride ldc
-/// with no other thread writing them.
+/// [`amx_fits`]`(k_pairs)`, `a` must hold 32 rows of `lda ≥ 2·k_pairs` values from its start,
+/// and c must be valid for rows × cols elements at stride ldc with no other thread writing them.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn panel_kernel(
+    _tiles: &Tiles,
     a: &[u16],
     lda: usize,
     rows: usize,
@@ -155,7 +188,6 @@ pub(crate) unsafe fn panel_kernel(
     // call, a few % of a training step).
     let mut scratch = std::mem::MaybeUninit::<TileScratch>::uninit();
     let tiles = scratch.as_mut_ptr() as *mut [f32; TILE * TILE];
-    asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
     // Two column halves of 32 (tile pairs 0–1 and 2–3 of the panel's 4 × 16 columns).
     for half in 0..NR / (2 * TILE) {
         let col0 = half * 2 * TILE;
@@ -243,7 +275,6 @@ pub(crate) unsafe fn panel_kernel(
             }
         }
     }
-    asm!("tilerelease", options(nostack, nomem));
 }
 
 /// Rows × columns of one 8-bit block: two row tiles by [`PANEL_COLS`] columns.
@@ -254,16 +285,16 @@ pub(crate) const I8_BLOCK_ROWS: usize = 2 * TILE;
 #[repr(C, align(64))]
 pub(crate) struct I8Block(pub [i32; I8_BLOCK_ROWS * PANEL_COLS]);
 
-/// C[32, 64] = A[32, 4·k_quads] · panel in exact i32 sums of 8-bit signed × signed products
+/// C[32, 64] = A[32, 4·k_quads] · panel, on tiles configured by `_tiles`, in exact i32 sums of 8-bit signed × signed products
 /// (`tdpbssd`, 16 × 16 × 64 multiply-adds per instruction, twice `tdpbf16ps`'s); all of C is
 /// written. The panel is `engine::int8_rows`' layout: per quad of the reduction, 64 columns × 4
 /// values, which is AMX's B tile (16 quads × 16 columns per tile, row stride 256 bytes).
 ///
 /// # Safety
-/// [`i8_tiles_begin`] was called on this thread since the last [`i8_tiles_end`]; `k_quads` a
-/// multiple of 16; `a` readable for 32 rows of stride `lda` bytes from its start, each
+/// [`amx_int8_available`] holds; `k_quads` a multiple of 16; `a` readable for 32 rows of stride `lda` bytes from its start, each
 /// 4·k_quads bytes long; `panel` for k_quads × 256 bytes.
 pub(crate) unsafe fn i8_panel_block(
+    _tiles: &Tiles,
     a: *const i8,
     lda: usize,
     panel: *const i8,
@@ -316,24 +347,6 @@ pub(crate) unsafe fn i8_panel_block(
             options(nostack),
         );
     }
-}
-
-/// Loads the tile configuration for [`i8_panel_block`] on this thread: once per task of many
-/// blocks (loading it costs about as much as a few tile products).
-///
-/// # Safety
-/// [`amx_int8_available`] must hold; [`i8_tiles_end`] must follow on the same thread before it
-/// runs other tile code.
-pub(crate) unsafe fn i8_tiles_begin() {
-    std::arch::asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
-}
-
-/// Releases the tiles [`i8_tiles_begin`] configured.
-///
-/// # Safety
-/// As for [`i8_tiles_begin`].
-pub(crate) unsafe fn i8_tiles_end() {
-    std::arch::asm!("tilerelease", options(nostack, nomem));
 }
 
 /// The four C tiles of a block as stored for the edges and for accumulation: on a cache line, as
@@ -408,7 +421,7 @@ pub fn roof_int8_ops(iters: usize) -> Option<f64> {
 unsafe fn time_tile_chains(iters: usize, int8: bool, a: *const u8, b: *const u8) -> f64 {
     use std::arch::asm;
     let t = std::time::Instant::now();
-    asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
+    let tiles = Tiles::begin();
     asm!(
         "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
         "tileloadd tmm4, [{a} + {s}*1]", "tileloadd tmm5, [{a} + {s}*1]",
@@ -436,6 +449,6 @@ unsafe fn time_tile_chains(iters: usize, int8: bool, a: *const u8, b: *const u8)
             );
         }
     }
-    asm!("tilerelease", options(nostack, nomem));
+    drop(tiles);
     t.elapsed().as_secs_f64()
 }

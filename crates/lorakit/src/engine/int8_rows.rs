@@ -493,10 +493,8 @@ fn product(
         let sums = &b.col_sum[p * NR..(p + 1) * NR];
         let cols = NR.min(nn - p * NR);
         let mut acc = amx::I8Block([0; BLOCK_ROWS * NR]);
-        if kernel == Int8Kernel::Amx {
-            // SAFETY: AMX-INT8 runs here (asserted above); ended below on this thread.
-            unsafe { amx::i8_tiles_begin() };
-        }
+        // SAFETY: AMX-INT8 runs here (asserted above); no other tile code runs in this task.
+        let tiles = (kernel == Int8Kernel::Amx).then(|| unsafe { amx::Tiles::begin() });
         let mut r0 = g * group_rows;
         while r0 < ((g + 1) * group_rows).min(m) {
             let live = BLOCK_ROWS.min(m - r0);
@@ -504,7 +502,7 @@ fn product(
             // SAFETY: the kernel runs here (asserted above); `a` holds BLOCK_ROWS rows of lda
             // bytes (the rows are padded to whole blocks), lda is a multiple of 64, the panel
             // holds lda / 4 quads.
-            unsafe { block(kernel, a, lda, live, panel, sums, &mut acc) };
+            unsafe { block(kernel, tiles.as_ref(), a, lda, live, panel, sums, &mut acc) };
             let out_scale = out_scale.map(|s| &s[p * NR..p * NR + cols]);
             // SAFETY: this task alone writes rows r0..r0 + live, columns p·NR.. p·NR + cols,
             // inside out's m × nn.
@@ -522,10 +520,6 @@ fn product(
             };
             r0 += BLOCK_ROWS;
         }
-        if kernel == Int8Kernel::Amx {
-            // SAFETY: begun above on this thread.
-            unsafe { amx::i8_tiles_end() };
-        }
     });
     ROWS.set(rows);
 }
@@ -533,9 +527,11 @@ fn product(
 /// acc[r, c] = Σ_k a[r, k]·panel[k, c] for the first `live` rows (AMX computes all 32).
 ///
 /// # Safety
-/// As for [`amx::i8_panel_block`] (tiles begun, on AMX); the kernel runs on this CPU.
+/// As for [`amx::i8_panel_block`]; the kernel runs on this CPU, and on AMX `tiles` is Some.
+#[allow(clippy::too_many_arguments)]
 unsafe fn block(
     kernel: Int8Kernel,
+    tiles: Option<&amx::Tiles>,
     a: &[i8],
     lda: usize,
     live: usize,
@@ -545,7 +541,10 @@ unsafe fn block(
 ) {
     let k_quads = lda / 4;
     match kernel {
-        Int8Kernel::Amx => amx::i8_panel_block(a.as_ptr(), lda, panel.as_ptr(), k_quads, acc),
+        Int8Kernel::Amx => {
+            let tiles = tiles.expect("AMX products run on configured tiles");
+            amx::i8_panel_block(tiles, a.as_ptr(), lda, panel.as_ptr(), k_quads, acc)
+        }
         #[cfg(target_arch = "x86_64")]
         Int8Kernel::Vnni => {
             let mut r = 0;
