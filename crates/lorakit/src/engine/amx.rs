@@ -285,14 +285,14 @@ pub(crate) const I8_BLOCK_ROWS: usize = 2 * TILE;
 #[repr(C, align(64))]
 pub(crate) struct I8Block(pub [i32; I8_BLOCK_ROWS * PANEL_COLS]);
 
-/// C[32, 64] = A[32, 4·k_quads] · panel, on tiles configured by `_tiles`, in exact i32 sums of 8-bit signed × signed products
-/// (`tdpbssd`, 16 × 16 × 64 multiply-adds per instruction, twice `tdpbf16ps`'s); all of C is
-/// written. The panel is `engine::int8_rows`' layout: per quad of the reduction, 64 columns × 4
+/// C[32, 64] = A[32, 4·k_quads] · panel, on tiles configured by `_tiles`, in exact i32 sums of
+/// 8-bit signed × signed products (`tdpbssd`, 16 × 16 × 64 multiply-adds per instruction, twice
+/// `tdpbf16ps`'s); all of C is written. The panel is `engine::int8_rows`' layout: per quad of the reduction, 64 columns × 4
 /// values, which is AMX's B tile (16 quads × 16 columns per tile, row stride 256 bytes).
 ///
 /// # Safety
-/// [`amx_int8_available`] holds; `k_quads` a multiple of 16; `a` readable for 32 rows of stride `lda` bytes from its start, each
-/// 4·k_quads bytes long; `panel` for k_quads × 256 bytes.
+/// [`amx_int8_available`] holds; `k_quads` a multiple of 16; `a` readable for 32 rows of stride
+/// `lda` bytes from its start, each 4·k_quads bytes long; `panel` for k_quads × 256 bytes.
 pub(crate) unsafe fn i8_panel_block(
     _tiles: &Tiles,
     a: *const i8,

@@ -527,7 +527,8 @@ fn product(
 /// acc[r, c] = Σ_k a[r, k]·panel[k, c] for the first `live` rows (AMX computes all 32).
 ///
 /// # Safety
-/// As for [`amx::i8_panel_block`]; the kernel runs on this CPU, and on AMX `tiles` is Some.
+/// As for [`amx::i8_panel_block`]; the kernel runs on this CPU, and on AMX `tiles` holds the
+/// configuration.
 #[allow(clippy::too_many_arguments)]
 unsafe fn block(
     kernel: Int8Kernel,
@@ -540,13 +541,14 @@ unsafe fn block(
     acc: &mut amx::I8Block,
 ) {
     let k_quads = lda / 4;
-    match kernel {
-        Int8Kernel::Amx => {
-            let tiles = tiles.expect("AMX products run on configured tiles");
+    // (AMX without tiles does not occur, as `product` begins them; the portable loop would give
+    // the same exact i32 sums.)
+    match (kernel, tiles) {
+        (Int8Kernel::Amx, Some(tiles)) => {
             amx::i8_panel_block(tiles, a.as_ptr(), lda, panel.as_ptr(), k_quads, acc)
         }
         #[cfg(target_arch = "x86_64")]
-        Int8Kernel::Vnni => {
+        (Int8Kernel::Vnni, _) => {
             let mut r = 0;
             while r < live {
                 vnni_rows(
