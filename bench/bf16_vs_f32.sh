@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# Loss trajectory of the bf16 path against the f32 path: the quickstart's configuration (E2E NLG,
-# LoRA r=4 α=32 on q,v, batch 8, lr 2e-3 with 10 warm-up steps and linear decay) for STEPS
-# optimiser steps (default 200) with the same seed and data order, then the per-step and the
-# smoothed (20-step mean) relative difference of the losses. Usage: bench/bf16_vs_f32.sh [STEPS]
+# Loss trajectory of the bf16 path against the f32 path: the quickstart's configuration (LoRA r=4
+# α=32 on q,v, batch 8, lr 2e-3 with 10 warm-up steps and linear decay) on DATA_SET (default ner,
+# the quickstart's; e2e where the bigbench archive is at hand) for STEPS optimiser steps (default
+# 200) with the same seed and data order, then the per-step and the smoothed (20-step mean)
+# relative difference of the losses. Usage: bench/bf16_vs_f32.sh [STEPS [DATA_SET]]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 steps="${1:-200}"
+data_set="${2:-ner}"
 "$root/scripts/fetch-model.sh"
-"$root/scripts/fetch-data.sh" e2e
+"$root/scripts/fetch-data.sh" "$data_set"
 cargo build --release -q -p lorakit-cli --manifest-path "$root/Cargo.toml"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 for p in f32 bf16; do
-  "$root/target/release/lorakit" train --data "$root/data/e2e/train.jsonl" --out "$work/$p" \
+  "$root/target/release/lorakit" train --data "$root/data/$data_set/train.jsonl" --out "$work/$p" \
     --r 4 --alpha 32 --targets q_proj,v_proj --batch-size 8 --lr 2e-3 --warmup 10 --schedule linear \
     --steps "$steps" --seed 0 --precision "$p" --quiet 2>/dev/null
 done

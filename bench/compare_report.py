@@ -229,13 +229,13 @@ def cmd_table(a):
                     # Seconds: lower is better, so the ratio is PEFT / lorakit (the speed-up).
                     lcell, lm = fmt(lk, 1)
                     pcell, pm = fmt(pf, 1)
-                    out.append(f"| E2E epoch seconds (speed-up = PEFT / lorakit), lorakit {lp} {CONFIG_NAMES[lc]} vs "
+                    out.append(f"| {a.epoch_data} epoch seconds (speed-up = PEFT / lorakit), lorakit {lp} {CONFIG_NAMES[lc]} vs "
                                f"{pf_name[pp]} padded, length-grouped | {lcell} | {pcell} | {pm / lm:.2f} |")
-                row(f"E2E epoch target tokens/s, lorakit {lp} {CONFIG_NAMES[lc]} vs {pf_name[pp]} padded, length-grouped",
+                row(f"{a.epoch_data} epoch target tokens/s, lorakit {lp} {CONFIG_NAMES[lc]} vs {pf_name[pp]} padded, length-grouped",
                     values("e2e", lc, "lorakit", lp, "tokens_per_s"), values("e2e", "padded", "peft", pp, "tokens_per_s"), 0)
     for r in sorted({(r["config"], r["tool"], r["precision"]) for r in runs if r["part"] == "e2e"}):
         sel = [x for x in runs if (x["part"], x["config"], x["tool"], x["precision"]) == ("e2e",) + r]
-        notes.append(f"E2E epoch, {r[1]} {r[2]} {CONFIG_NAMES[r[0]]}: {sel[0]['steps']} optimiser steps, "
+        notes.append(f"{a.epoch_data} epoch, {r[1]} {r[2]} {CONFIG_NAMES[r[0]]}: {sel[0]['steps']} optimiser steps, "
                      f"{sel[0]['target_tokens']} target tokens, loss {sel[0]['first_loss']:.3f} → {sel[0]['last_loss']:.3f}")
     peak_rows = [r for r in runs if r["part"] == "peak"]
     if peak_rows:
@@ -318,6 +318,7 @@ def main():
     k.add_argument("--lines", required=True)
     t = sub.add_parser("table")
     t.add_argument("--runs", required=True)
+    t.add_argument("--epoch-data", default="e2e", help="the data set of the epoch part, for its labels")
     a = p.parse_args()
     {"data": cmd_data, "record": cmd_record, "record-peak": cmd_record_peak, "table": cmd_table}[a.cmd](a)
 

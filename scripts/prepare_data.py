@@ -3,18 +3,22 @@
 
 Standard library only. Called by scripts/fetch-data.sh, one sub-command per data set:
 
-    prepare_data.py e2e TASK_JSON OUT_DIR
+    prepare_data.py ner NER_FINANCE_JSONL OUT_DIR
+    prepare_data.py sarcasm SARCASM_JSONL OUT_DIR
     prepare_data.py sql SPIDER_SQL_JSONL OUT_DIR
+    prepare_data.py e2e TASK_JSON OUT_DIR
     prepare_data.py nli TASK_JSON OUT_DIR
 
 writes OUT_DIR/{train,validation,test}.jsonl and prints the counts. Each line is
 {"prompt": ..., "completion": ..., ...}: lorakit trains on the completion and ignores the other
 keys, which `lorakit eval` uses: "references" (every reference text of the same input, for
 BLEU/ROUGE/exact/SQL execution), "schema" (text-to-SQL: the SQL script that builds the
-database the queries run on), "choices" (NLI: the alternative completions, for accuracy).
+database the queries run on), "choices" (classification: the alternative completions, for
+accuracy).
 
-Splits are by input (the meaning representation for E2E, the database for text-to-SQL, the
-claim for NLI), never by line, so that no input is in two splits: the distinct inputs are
+Splits are by input (the sentence for NER, the headline for sarcasm, the meaning
+representation for E2E, the database for text-to-SQL, the claim for NLI), never by line, so that
+no input is in two splits: the distinct inputs are
 ordered by the SHA-256 of their text and cut 80/10/10. The order does not depend on the Python
 version, the platform or a random generator (the synthetic SQL rows come from a generator
 seeded by a SHA-256, and Python's `random.Random` with an integer seed is stable across
@@ -58,6 +62,97 @@ def write_splits(out_dir, rows_by_split):
         with open(os.path.join(out_dir, split + ".jsonl"), "w", encoding="utf-8") as f:
             for row in rows_by_split[split]:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# --- Named entities in financial documents (openai evals, ner_finance) -------------------
+
+NER_SYSTEM_START = "The following sentence is from a financial document."
+
+
+def evals_samples(jsonl):
+    """An openai evals samples file -> [(system text, user text, ideal)], checking the shape."""
+    out = []
+    with open(jsonl, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            ex = json.loads(line)
+            msgs = ex.get("input")
+            ok = isinstance(msgs, list) and len(msgs) == 2 and isinstance(ex.get("ideal"), str)
+            ok = ok and [m.get("role") for m in msgs] == ["system", "user"]
+            if not ok:
+                raise ValueError(f"{jsonl}:{n}: unexpected example {line[:120]!r}")
+            out.append((msgs[0]["content"], msgs[1]["content"], ex["ideal"]))
+    return out
+
+
+def ner_prompt(sentence):
+    # The evals prompt asks a chat model for its reasoning first; a fine-tuned model answers
+    # directly, so the prompt keeps only the task and the answer format. As for E2E, the
+    # completion starts with a space and the prompt ends without one.
+    return (
+        "List the named entities (PERSON, ORGANIZATION, LOCATION) in this sentence from a "
+        f"financial document, or say 'No entities found'.\nSentence: {sentence}\nEntities:"
+    )
+
+
+def prepare_ner(jsonl, out_dir):
+    # Sentence -> its answers, in file order (a few sentences repeat; one repeat disagrees with
+    # itself, so every answer is kept as a reference).
+    answers = OrderedDict()
+    for system, user, ideal in evals_samples(jsonl):
+        if not system.startswith(NER_SYSTEM_START):
+            raise ValueError(f"{jsonl}: unexpected instruction {system[:80]!r}")
+        sentence, ideal = clean(user), clean(ideal)
+        if not sentence or not ideal:
+            raise ValueError(f"{jsonl}: empty sentence or answer: {user[:80]!r} -> {ideal!r}")
+        refs = answers.setdefault(sentence, [])
+        if ideal not in refs:
+            refs.append(ideal)
+    split_of = split_keys(list(answers))
+    rows = {s: [] for s in SPLITS}
+    for sentence, refs in answers.items():
+        for ideal in refs:
+            rows[split_of[sentence]].append(
+                {"prompt": ner_prompt(sentence), "completion": " " + ideal, "references": refs}
+            )
+    write_splits(out_dir, rows)
+    for s in SPLITS:
+        none = sum(r["completion"] == " No entities found" for r in rows[s])
+        print(f"ner {s}: {len(rows[s])} examples, {none} with no entity", file=sys.stderr)
+    print(f"ner total: {len(answers)} distinct sentences", file=sys.stderr)
+
+
+# --- Sarcasm in news headlines (openai evals, sarcasm) ------------------------------------
+
+SARCASM_LABELS = {"1": "yes", "0": "no"}
+# Examples kept per split: the file has 28,614 headlines; these are the first in SHA-256 order.
+SARCASM_KEEP = {"train": 4000, "validation": 500, "test": 1000}
+
+
+def prepare_sarcasm(jsonl, out_dir):
+    label_of = OrderedDict()
+    for _, user, ideal in evals_samples(jsonl):
+        headline = clean(user)
+        if ideal not in SARCASM_LABELS or not headline:
+            raise ValueError(f"{jsonl}: unexpected example {user[:80]!r} -> {ideal!r}")
+        if label_of.setdefault(headline, ideal) != ideal:
+            raise ValueError(f"{jsonl}: headline {headline[:80]!r} has two labels")
+    split_of = split_keys(list(label_of))
+    ordered = sorted(label_of, key=lambda k: hashlib.sha256(k.encode("utf-8")).hexdigest())
+    rows = {s: [] for s in SPLITS}
+    choices = [" " + label for label in SARCASM_LABELS.values()]
+    for headline in ordered:
+        s = split_of[headline]
+        if len(rows[s]) < SARCASM_KEEP[s]:
+            label = SARCASM_LABELS[label_of[headline]]
+            prompt = f"Is this news headline sarcastic? Answer yes or no.\nHeadline: {headline}\nAnswer:"
+            rows[s].append({"prompt": prompt, "completion": " " + label, "choices": choices})
+    write_splits(out_dir, rows)
+    for s in SPLITS:
+        yes = sum(r["completion"] == " yes" for r in rows[s])
+        print(f"sarcasm {s}: {len(rows[s])} examples, {yes} sarcastic", file=sys.stderr)
+    print(f"sarcasm total: {len(label_of)} distinct headlines in the source", file=sys.stderr)
 
 
 # --- E2E NLG (BIG-bench gem/e2e_nlg) -----------------------------------------------------
@@ -300,6 +395,12 @@ def prepare_nli(task_json, out_dir):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="dataset", required=True)
+    ner = sub.add_parser("ner", help="financial-document NER from openai evals' registry/data/ner_finance")
+    ner.add_argument("jsonl")
+    ner.add_argument("out_dir")
+    sarcasm = sub.add_parser("sarcasm", help="headline sarcasm from openai evals' registry/data/sarcasm")
+    sarcasm.add_argument("jsonl")
+    sarcasm.add_argument("out_dir")
     e2e = sub.add_parser("e2e", help="E2E NLG from BIG-bench gem/e2e_nlg/task.json")
     e2e.add_argument("task_json")
     e2e.add_argument("out_dir")
@@ -310,7 +411,11 @@ def main():
     nli.add_argument("task_json")
     nli.add_argument("out_dir")
     args = ap.parse_args()
-    if args.dataset == "e2e":
+    if args.dataset == "ner":
+        prepare_ner(args.jsonl, args.out_dir)
+    elif args.dataset == "sarcasm":
+        prepare_sarcasm(args.jsonl, args.out_dir)
+    elif args.dataset == "e2e":
         prepare_e2e(args.task_json, args.out_dir)
     elif args.dataset == "sql":
         prepare_sql(args.jsonl, args.out_dir)

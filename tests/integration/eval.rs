@@ -1,7 +1,7 @@
 //! `lorakit eval` and the evaluation library: BLEU and ROUGE-L against sacrebleu / rouge-score
 //! (`tests/data/bleu/`, made by `scripts/make-bleu-fixture.py`), SQL execution match, beam
 //! search against greedy decoding, clear errors for bad input, and real-model runs on the
-//! fetched E2E, NLI and text-to-SQL data (fetched here, never skipped).
+//! fetched NER, sarcasm and text-to-SQL data (fetched here, never skipped).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -286,9 +286,9 @@ fn bad_eval_input_is_a_one_line_error() {
     );
 }
 
-fn e2e_prompts(n: usize) -> Vec<Vec<u32>> {
+fn ner_prompts(n: usize) -> Vec<Vec<u32>> {
     let tok = real_model().tokenizer().unwrap();
-    let text = std::fs::read_to_string(data_dir("e2e").join("test.jsonl")).unwrap();
+    let text = std::fs::read_to_string(data_dir("ner").join("test.jsonl")).unwrap();
     let mut seen = Vec::new();
     for l in text.lines() {
         let p = serde_json::from_str::<serde_json::Value>(l).unwrap()["prompt"]
@@ -309,7 +309,7 @@ fn e2e_prompts(n: usize) -> Vec<Vec<u32>> {
 fn beam_search_with_one_beam_is_greedy() {
     let m = real_model();
     let eos = m.tokenizer().unwrap().eos_ids().to_vec();
-    for (i, prompt) in e2e_prompts(3).iter().enumerate() {
+    for (i, prompt) in ner_prompts(3).iter().enumerate() {
         // Stopping at EOS (length penalty 0: the finished hypothesis cannot be beaten), and
         // running to the token limit with the HF default length penalty 1.
         for (stop, lp) in [(eos.clone(), 0.0f32), (vec![], 1.0)] {
@@ -340,13 +340,13 @@ fn beam_search_with_one_beam_is_greedy() {
 #[test]
 fn beam_search_blocks_repeated_ngrams_and_ranks_hypotheses() {
     let m = real_model();
-    // The base model repeats itself on E2E prompts (greedy: "including a variety of local
-    // ingredients, including a variety of ..."); find a prompt where a 3-gram repeats.
+    // The base model repeats itself on NER prompts (greedy: "the event is a Borrowing Event, and
+    // the event is a Borrowing Event, ..."); find a prompt where a 3-gram repeats.
     let repeats = |t: &[u32], n: usize| {
         let mut seen = std::collections::HashSet::new();
         t.windows(n).any(|w| !seen.insert(w.to_vec()))
     };
-    let prompts = e2e_prompts(3);
+    let prompts = ner_prompts(3);
     let base = BeamParams {
         beams: 3,
         length_penalty: 1.0,
@@ -385,9 +385,9 @@ fn eval_json(args: &[&str]) -> serde_json::Value {
 }
 
 #[test]
-fn real_model_bleu_on_e2e_and_predictions_round_trip() {
+fn real_model_bleu_on_ner_and_predictions_round_trip() {
     let _ = real_model_path();
-    let test = data_dir("e2e").join("test.jsonl");
+    let test = data_dir("ner").join("test.jsonl");
     let test = test.to_str().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let preds = dir.path().join("preds.jsonl");
@@ -399,7 +399,7 @@ fn real_model_bleu_on_e2e_and_predictions_round_trip() {
         "--metric",
         "bleu",
         "--limit",
-        "3",
+        "6",
         "--max-new-tokens",
         "48",
         "--json",
@@ -407,9 +407,10 @@ fn real_model_bleu_on_e2e_and_predictions_round_trip() {
         preds,
     ]);
     let bleu = v["score"].as_f64().unwrap();
-    eprintln!("base SmolLM2, greedy, 3 E2E test MRs: BLEU {bleu:.3}");
+    // The first 3 sentences share no word with the base model's answers (BLEU 0); 6 do.
+    eprintln!("base SmolLM2, greedy, 6 NER test sentences: BLEU {bleu:.3}");
     assert!(bleu > 0.0 && bleu <= 100.0, "BLEU {bleu}");
-    assert_eq!(v["n"], 3);
+    assert_eq!(v["n"], 6);
     assert_eq!(v["decode"]["method"], "greedy");
     // Scoring the saved predictions gives the same number without a model.
     let again = eval_json(&[
@@ -419,7 +420,7 @@ fn real_model_bleu_on_e2e_and_predictions_round_trip() {
         "--metric",
         "bleu",
         "--limit",
-        "3",
+        "6",
         "--predictions",
         preds,
         "--json",
@@ -428,13 +429,13 @@ fn real_model_bleu_on_e2e_and_predictions_round_trip() {
 }
 
 #[test]
-fn real_model_accuracy_on_nli_and_sql_exec_run() {
+fn real_model_accuracy_on_sarcasm_and_sql_exec_run() {
     let _ = real_model_path();
-    let nli = data_dir("nli").join("test.jsonl");
+    let sarcasm = data_dir("sarcasm").join("test.jsonl");
     let v = eval_json(&[
         "eval",
         "--data",
-        nli.to_str().unwrap(),
+        sarcasm.to_str().unwrap(),
         "--metric",
         "accuracy",
         "--limit",
@@ -442,7 +443,7 @@ fn real_model_accuracy_on_nli_and_sql_exec_run() {
         "--json",
     ]);
     let acc = v["score"].as_f64().unwrap();
-    eprintln!("base SmolLM2, 4 NLI test examples: accuracy {acc}%");
+    eprintln!("base SmolLM2, 4 sarcasm test headlines: accuracy {acc}%");
     assert_eq!(v["n"], 4);
     assert!(
         [0.0, 25.0, 50.0, 75.0, 100.0].contains(&acc),
@@ -468,7 +469,7 @@ fn real_model_accuracy_on_nli_and_sql_exec_run() {
 #[test]
 fn loss_metric_matches_the_mean_target_token_loss() {
     let _ = real_model_path();
-    let test = data_dir("e2e").join("test.jsonl");
+    let test = data_dir("ner").join("test.jsonl");
     let v = eval_json(&[
         "eval",
         "--data",

@@ -873,7 +873,7 @@ fn eval_save_predictions_outputs() {
     assert_eq!(tree(&scratch), before);
 }
 
-/// quickstart needs the real model and E2E data and trains for minutes, so its output rule is
+/// quickstart needs the real model and NER data and trains for minutes, so its output rule is
 /// tested through the function it uses (`TrainOutput::prepare` with `EarlierRun::Replace`,
 /// driven here by the library's `train` on the tiny model) plus the CLI's refusals, which come
 /// before anything is fetched.
@@ -887,7 +887,7 @@ fn quickstart_outputs() {
         let output = TrainOutput::prepare(
             out,
             "quickstart",
-            &[("E2E data", data.as_path())],
+            &[("NER data", data.as_path())],
             EarlierRun::Replace,
             overwrite,
         )?;

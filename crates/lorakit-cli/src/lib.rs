@@ -51,7 +51,8 @@ enum Command {
     Merge(train_cmd::MergeArgs),
     /// Convert a PEFT adapter to llama.cpp's GGUF LoRA format.
     Export(export_cmd::ExportArgs),
-    /// Fetch the default model and E2E data, fine-tune LoRA for a few minutes, show before/after.
+    /// Fetch the default model and the financial NER data, fine-tune LoRA for a few minutes, show
+    /// before/after.
     Quickstart(quickstart::QuickstartArgs),
     /// Train and evaluate a grid of LoRA runs (rank, targets, alpha, lr, seed) on one task.
     Sweep(sweep_cmd::SweepArgs),

@@ -1,6 +1,7 @@
-//! `lorakit quickstart`: the README's main job. Fetches the default model and the E2E NLG data,
-//! shows the base model on a few held-out meaning representations, trains LoRA r=4 α=32 on
-//! q_proj,v_proj (the paper's E2E setting) for a few minutes, and shows the difference.
+//! `lorakit quickstart`: the README's main job. Fetches the default model and the financial NER
+//! data (`scripts/fetch-data.sh ner`), shows the base model on a few held-out sentences, trains
+//! LoRA r=4 α=32 on q_proj,v_proj (the paper's E2E setting) for a few minutes, and shows the
+//! difference.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,6 +18,9 @@ use lorakit::train::trainer::{
 
 use crate::{open_model, repo_root, DEFAULT_MODEL_FILE};
 
+/// The answer of a sentence that names no entity.
+const NO_ENTITY: &str = "No entities found";
+
 #[derive(Args)]
 pub struct QuickstartArgs {
     /// The model to fine-tune (a .gguf file or an HF directory) [default: the fetched
@@ -26,7 +30,7 @@ pub struct QuickstartArgs {
     /// Where the adapter, metrics and loss curve go.
     #[arg(long, default_value = "runs/quickstart")]
     out: PathBuf,
-    /// Training epochs over the E2E training split.
+    /// Training epochs over the NER training split.
     #[arg(long, default_value_t = 1)]
     epochs: usize,
     #[arg(long, default_value_t = 2e-3)]
@@ -53,14 +57,17 @@ fn run_script(script: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The first `n` held-out examples, in file order, whose sentence names an entity (half the
+/// sentences name none; those show less of what training changed).
 fn read_prompts(path: &Path, n: usize) -> Result<Vec<(String, String)>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut out = Vec::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(line)?;
-        // One example per meaning representation: the test split lists several references.
+        // One example per sentence: a repeated sentence lists each of its answers.
         if out.len() == n
+            || v["completion"].as_str().map(str::trim) == Some(NO_ENTITY)
             || out
                 .iter()
                 .any(|(p, _): &(String, String)| Some(p.as_str()) == v["prompt"].as_str())
@@ -83,10 +90,10 @@ fn complete(model: &Decoder, loaded: &LoadedModel, prompt: &str) -> Result<Strin
     let tok = loaded.tokenizer()?;
     let ids = tok.encode(prompt, true)?;
     let mut stop = tok.eos_ids().to_vec();
-    // A description is one line: stop at the first newline token too.
+    // An answer is one line: stop at the first newline token too.
     stop.extend(tok.token_to_id("Ċ"));
     let params = SamplingParams {
-        max_new_tokens: 64,
+        max_new_tokens: 96,
         stop_ids: stop.clone(),
         ..Default::default()
     };
@@ -101,7 +108,7 @@ fn mean_loss(model: &Decoder, adapter: Option<&Adapter>, examples: &[Example]) -
 
 pub fn cmd_quickstart(a: QuickstartArgs) -> Result<()> {
     let t_start = std::time::Instant::now();
-    let data = repo_root().join("data/e2e");
+    let data = repo_root().join("data/ner");
     // Checked before anything is fetched: an earlier quickstart run in --out is replaced; an
     // input, a file or a directory lorakit did not write is refused.
     let (model_here, model_in_tree) = match &a.model {
@@ -117,16 +124,16 @@ pub fn cmd_quickstart(a: QuickstartArgs) -> Result<()> {
         &[
             ("model", model_here.as_path()),
             ("model", model_in_tree.as_path()),
-            ("E2E data", data.as_path()),
+            ("NER data", data.as_path()),
         ],
         EarlierRun::Replace,
         a.overwrite,
     )?;
-    eprintln!("== 1/5 fetching the model and the E2E NLG data (once) ==");
+    eprintln!("== 1/5 fetching the model and the financial NER data (once) ==");
     if a.model.is_none() {
         run_script("fetch-model.sh", &[])?;
     }
-    run_script("fetch-data.sh", &["e2e"])?;
+    run_script("fetch-data.sh", &["ner"])?;
     let mut loaded = open_model(a.model.clone())?;
     // The fastest precision this CPU has (bf16 with AVX512-BF16), for training and decoding.
     let precision = TrainOptions::default().precision()?;
@@ -139,7 +146,7 @@ pub fn cmd_quickstart(a: QuickstartArgs) -> Result<()> {
     };
     let (test, _) = load_jsonl(&data.join("test.jsonl"), loaded.tokenizer()?, &test_opts)?;
 
-    eprintln!("== 2/5 the base model on held-out meaning representations ==");
+    eprintln!("== 2/5 the base model on held-out sentences ==");
     let mut before = Vec::new();
     for (prompt, _) in &shown {
         before.push(complete(&loaded.model, &loaded, prompt)?);
@@ -196,18 +203,17 @@ pub fn cmd_quickstart(a: QuickstartArgs) -> Result<()> {
         _ => {}
     })?;
 
-    eprintln!("== 4/5 the adapted model on the same meaning representations ==");
+    eprintln!("== 4/5 the adapted model on the same sentences ==");
     let adapter = Adapter::load(&summary.adapter_dir, &loaded.model.config)?;
     let mut adapted = loaded.model.clone();
     adapted.attach_adapter(&adapter, 1.0)?;
     let after_loss = mean_loss(&loaded.model, Some(&adapter), &test)?;
     for (i, (prompt, reference)) in shown.iter().enumerate() {
-        let mr = prompt
+        let sentence = prompt
             .lines()
-            .next()
-            .unwrap_or_default()
-            .trim_start_matches("Meaning representation: ");
-        println!("\nMR:        {mr}");
+            .find_map(|l| l.strip_prefix("Sentence: "))
+            .unwrap_or_default();
+        println!("\nsentence:  {sentence}");
         println!("reference: {reference}");
         println!("base:      {}", before[i]);
         println!("LoRA:      {}", complete(&adapted, &loaded, prompt)?);
@@ -216,7 +222,7 @@ pub fn cmd_quickstart(a: QuickstartArgs) -> Result<()> {
     eprintln!("\n== 5/5 summary ==");
     let drop = 100.0 * (base_loss - after_loss) / base_loss;
     println!(
-        "\ntest loss on {} held-out E2E examples: base {base_loss:.4} -> LoRA {after_loss:.4} ({drop:.1}% lower)",
+        "\ntest loss on {} held-out NER examples: base {base_loss:.4} -> LoRA {after_loss:.4} ({drop:.1}% lower)",
         test.len()
     );
     println!(

@@ -1,6 +1,6 @@
-//! The E2E NLG data set as `scripts/fetch-data.sh e2e` prepares it (fetched here, never skipped):
-//! every line loads, only the completion carries loss, and no meaning representation is in two
-//! splits.
+//! The quickstart's data set, financial NER, as `scripts/fetch-data.sh ner` prepares it (fetched
+//! here, never skipped): every line loads, only the completion carries loss, and no sentence is in
+//! two splits.
 
 use std::collections::HashSet;
 use std::process::Command;
@@ -10,27 +10,27 @@ use lorakit::data::{load_jsonl, Batcher, DataOptions};
 
 use crate::common::*;
 
-pub fn e2e_dir() -> std::path::PathBuf {
+fn ner_dir() -> std::path::PathBuf {
     static FETCHED: OnceLock<std::path::PathBuf> = OnceLock::new();
     FETCHED
         .get_or_init(|| {
             let root = repo_root();
             let status = Command::new("bash")
                 .arg(root.join("scripts/fetch-data.sh"))
-                .arg("e2e")
+                .arg("ner")
                 .status()
                 .expect("run fetch-data.sh");
-            assert!(status.success(), "scripts/fetch-data.sh e2e failed");
-            root.join("data/e2e")
+            assert!(status.success(), "scripts/fetch-data.sh ner failed");
+            root.join("data/ner")
         })
         .clone()
 }
 
 #[test]
-fn e2e_splits_load_mask_the_prompt_and_keep_meaning_representations_apart() {
-    let dir = e2e_dir();
+fn ner_splits_load_mask_the_prompt_and_keep_sentences_apart() {
+    let dir = ner_dir();
     let tok = tiny_llama().tokenizer().unwrap(); // the SmolLM2 tokenizer
-    let mut mrs_per_split = Vec::new();
+    let mut sentences_per_split = Vec::new();
     let mut total = 0;
     for split in ["train", "validation", "test"] {
         let path = dir.join(format!("{split}.jsonl"));
@@ -51,7 +51,7 @@ fn e2e_splits_load_mask_the_prompt_and_keep_meaning_representations_apart() {
             );
         }
         let text = std::fs::read_to_string(&path).unwrap();
-        let mrs: HashSet<String> = text
+        let sentences: HashSet<String> = text
             .lines()
             .map(|l| {
                 serde_json::from_str::<serde_json::Value>(l).unwrap()["prompt"]
@@ -62,28 +62,31 @@ fn e2e_splits_load_mask_the_prompt_and_keep_meaning_representations_apart() {
             .collect();
         for l in text.lines() {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let refs = v["references"].as_array().unwrap();
+            let completion = v["completion"].as_str().unwrap();
             assert!(
-                !v["references"].as_array().unwrap().is_empty(),
-                "{split}: references grouped per MR"
+                refs.iter().any(|r| Some(completion.trim()) == r.as_str()),
+                "{split}: the completion is one of its sentence's references"
             );
         }
-        mrs_per_split.push(mrs);
+        sentences_per_split.push(sentences);
         if split == "train" {
             let b = Batcher::new(exs, 8, true, 1).unwrap();
             assert_eq!(b.epoch(0).len(), b.batches_per_epoch());
         }
     }
-    assert_eq!(total, 1000, "bigbench's e2e_nlg task has 1000 examples");
+    // 1164 lines in evals' file: 1142 distinct sentences, one of them with two answers.
+    assert_eq!(total, 1143, "one example per distinct (sentence, answer)");
     assert_eq!(
-        mrs_per_split.iter().map(|m| m.len()).sum::<usize>(),
-        213,
-        "213 meaning representations"
+        sentences_per_split.iter().map(|m| m.len()).sum::<usize>(),
+        1142,
+        "1142 distinct sentences"
     );
     for i in 0..3 {
         for j in i + 1..3 {
             assert!(
-                mrs_per_split[i].is_disjoint(&mrs_per_split[j]),
-                "splits {i} and {j} share a meaning representation"
+                sentences_per_split[i].is_disjoint(&sentences_per_split[j]),
+                "splits {i} and {j} share a sentence"
             );
         }
     }
