@@ -34,8 +34,8 @@
 #           name, under which every earlier report measured E2E) (LoRA r=4 α=32 on
 #           q,v, batches of 8, lr 2e-3, 10 warm-up steps, linear decay): PEFT + transformers with
 #           padded batches grouped by length (the best CPU setting: TRL's padding-free packing needs
-#           flash attention) against lorakit padded and lorakit --packing
-#           --max-tokens-per-batch 512 (2 rows of 256: about as many examples per step as 8).
+#           flash attention) against lorakit padded and lorakit --packing with micro-batches of
+#           about the tokens of 8 examples (E2E: --max-tokens-per-batch 512; NER: rows of 1024).
 #           Seconds = the training steps' time (loading excluded), target tokens/s over them.
 #   peak    matmul throughput: crates/lorakit/examples/matmul_peak.rs (the CPU's instruction roof
 #           for 512-bit f32 FMA and bf16 dot products, and lorakit's kernels on SmolLM2's training
@@ -256,7 +256,14 @@ peft_e2e() { # PRECISION ROUND
 lorakit_e2e() { # LAYOUT PRECISION ROUND
   local flags extra=()
   flags="$(prec_flag train "$2")"
-  [[ "$1" == packed ]] && extra=(--packing --max-tokens-per-batch 512)
+  # Packed micro-batches of about the tokens of 8 examples, in rows that hold the longest one
+  # (E2E: about 50 tokens an example, the longest under 256; NER: about 100, the longest 527).
+  if [[ "$1" == packed ]]; then
+    case "$epoch_data" in
+      e2e) extra=(--packing --max-tokens-per-batch 512) ;;
+      *) extra=(--packing --max-seq-len 1024 --max-tokens-per-batch 1024) ;;
+    esac
+  fi
   rm -rf "$work/lk"
   # shellcheck disable=SC2086
   RAYON_NUM_THREADS="$threads" /usr/bin/time -f %M -o "$work/rss" "$bin" train --model "$gguf" \
