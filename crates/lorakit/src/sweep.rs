@@ -11,8 +11,8 @@
 //! out = "runs/sweep"
 //! metric = "loss"                 # held-out loss (perplexity is reported beside it)
 //! [train]                         # any `lorakit train` key shared by every cell
-//! data = "data/e2e/train.jsonl"
-//! eval_data = "data/e2e/validation.jsonl"
+//! data = "data/ner/train.jsonl"
+//! eval_data = "data/ner/validation.jsonl"
 //! steps = 60
 //! [grid]                          # the rank table: every r × every target set
 //! r = [1, 2, 4, 8, 64]
