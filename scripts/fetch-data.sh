@@ -147,31 +147,28 @@ evals_member() {
   extract_zip_member "$archive" "$1" "$2" "$3"
 }
 
-# fetch_ner OUT_DIR: writes OUT_DIR/{train,validation,test}.jsonl.
+# evals_set OUT_DIR NAME MEMBER SHA256: OUT_DIR/{train,validation,test}.jsonl from one JSONL file
+# of the evals wheel, converted by `prepare_data.py NAME`.
+evals_set() {
+  local out="$1" name="$2"
+  evals_member "$3" "$4" "$out/source.jsonl"
+  python3 "$prepare" "$name" "$out/source.jsonl" "$out"
+  rm "$out/source.jsonl"
+}
+
 fetch_ner() {
-  local out="$1"
-  evals_member evals/registry/data/ner_finance/samples.jsonl \
-    7ffffeec797366ad631b7b57f404c73e437a15e38351895b3f71d1b030f69430 "$out/samples.jsonl"
-  python3 "$prepare" ner "$out/samples.jsonl" "$out"
-  rm "$out/samples.jsonl"
+  evals_set "$1" ner evals/registry/data/ner_finance/samples.jsonl \
+    7ffffeec797366ad631b7b57f404c73e437a15e38351895b3f71d1b030f69430
 }
 
-# fetch_sarcasm OUT_DIR: writes OUT_DIR/{train,validation,test}.jsonl.
 fetch_sarcasm() {
-  local out="$1"
-  evals_member evals/registry/data/sarcasm/samples.jsonl \
-    4cb34ff4d2718da62368440ffe8dece7ece39a46b0fe4d172fdd8a76bc420f46 "$out/samples.jsonl"
-  python3 "$prepare" sarcasm "$out/samples.jsonl" "$out"
-  rm "$out/samples.jsonl"
+  evals_set "$1" sarcasm evals/registry/data/sarcasm/samples.jsonl \
+    4cb34ff4d2718da62368440ffe8dece7ece39a46b0fe4d172fdd8a76bc420f46
 }
 
-# fetch_sql OUT_DIR: writes OUT_DIR/{train,validation,test}.jsonl.
 fetch_sql() {
-  local out="$1"
-  evals_member evals/registry/data/sql/spider_sql.jsonl \
-    f3c669388e60dcc5d981219fef3dba2b3996610cfc5cb7b7df73691054959e30 "$out/spider_sql.jsonl"
-  python3 "$prepare" sql "$out/spider_sql.jsonl" "$out"
-  rm "$out/spider_sql.jsonl"
+  evals_set "$1" sql evals/registry/data/sql/spider_sql.jsonl \
+    f3c669388e60dcc5d981219fef3dba2b3996610cfc5cb7b7df73691054959e30
 }
 
 # fetch_nli OUT_DIR: writes OUT_DIR/{train,validation,test}.jsonl.

@@ -69,8 +69,9 @@ def write_splits(out_dir, rows_by_split):
 NER_SYSTEM_START = "The following sentence is from a financial document."
 
 
-def evals_samples(jsonl):
-    """An openai evals samples file -> [(system text, user text, ideal)], checking the shape."""
+def evals_samples(jsonl, roles=("system", "user")):
+    """An openai evals samples file -> [(content of each message, ..., ideal)], checking that
+    every line has one message per role in `roles`, in that order, and a text ideal."""
     out = []
     with open(jsonl, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -78,11 +79,11 @@ def evals_samples(jsonl):
                 continue
             ex = json.loads(line)
             msgs = ex.get("input")
-            ok = isinstance(msgs, list) and len(msgs) == 2 and isinstance(ex.get("ideal"), str)
-            ok = ok and [m.get("role") for m in msgs] == ["system", "user"]
+            ok = isinstance(msgs, list) and isinstance(ex.get("ideal"), str)
+            ok = ok and [m.get("role") for m in msgs] == list(roles)
             if not ok:
                 raise ValueError(f"{jsonl}:{n}: unexpected example {line[:120]!r}")
-            out.append((msgs[0]["content"], msgs[1]["content"], ex["ideal"]))
+            out.append((*(m["content"] for m in msgs), ex["ideal"]))
     return out
 
 
@@ -300,20 +301,12 @@ def sql_script(tables, queries, seed_text):
 
 def prepare_sql(jsonl, out_dir):
     rows_in = []
-    with open(jsonl, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            ex = json.loads(line)
-            msgs = ex.get("input")
-            if not isinstance(ex.get("ideal"), str) or not isinstance(msgs, list) or len(msgs) != 1:
-                raise ValueError(f"{jsonl}:{n}: unexpected example")
-            content = msgs[0]["content"]
-            _, sep, rest = content.partition(SQL_HEADER)
-            schema_text, sep2, question = rest.partition("\n\nQuestion: ")
-            if not sep or not sep2:
-                raise ValueError(f"{jsonl}:{n}: no schema or question in {content[:80]!r}")
-            rows_in.append((schema_text.strip(), clean(question), ex["ideal"].strip()))
+    for content, ideal in evals_samples(jsonl, roles=("system",)):
+        _, sep, rest = content.partition(SQL_HEADER)
+        schema_text, sep2, question = rest.partition("\n\nQuestion: ")
+        if not sep or not sep2:
+            raise ValueError(f"{jsonl}: no schema or question in {content[:80]!r}")
+        rows_in.append((schema_text.strip(), clean(question), ideal.strip()))
     # Database (its schema text) -> its examples, in file order.
     dbs = OrderedDict()
     for schema_text, question, query in rows_in:
