@@ -366,6 +366,37 @@ pub fn argmax(row: &[f32]) -> usize {
 mod tests {
     use super::*;
 
+    /// The lane sums against one sequential f64 sum, on every length from 0 to 41 (whole lanes,
+    /// a tail, a tail alone): the same value to f64 rounding, so no element is dropped or
+    /// counted twice.
+    #[test]
+    fn lane_sums_match_a_sequential_sum_on_every_length() {
+        let v = |i: usize, k: f32| ((i as f32 * 0.37 + k).sin() * 3.0) + 0.1;
+        for n in 0..42 {
+            let x: Vec<f32> = (0..n).map(|i| v(i, 0.0)).collect();
+            let dy: Vec<f32> = (0..n).map(|i| v(i, 1.0)).collect();
+            let w: Vec<f32> = (0..n).map(|i| v(i, 2.0)).collect();
+            let ss: f64 = x.iter().map(|&a| a as f64 * a as f64).sum();
+            let gx: f64 = (0..n)
+                .map(|i| ((0.5 + w[i]) * dy[i]) as f64 * x[i] as f64)
+                .sum();
+            let (got_ss, got_gx) = (sum_squares_f64(&x), norm_grad_dot_f64(&x, &dy, &w, 0.5));
+            let scale = x.iter().map(|&a| (a as f64).powi(2)).sum::<f64>() + 1.0;
+            assert!(
+                (got_ss - ss).abs() <= 1e-12 * scale,
+                "n {n}: {got_ss} vs {ss}"
+            );
+            let scale_gx = (0..n)
+                .map(|i| (((0.5 + w[i]) * dy[i]) as f64 * x[i] as f64).abs())
+                .sum::<f64>()
+                + 1.0;
+            assert!(
+                (got_gx - gx).abs() <= 1e-12 * scale_gx,
+                "n {n}: {got_gx} vs {gx}"
+            );
+        }
+    }
+
     #[test]
     fn rms_norm_of_constant_row_is_weight() {
         let x = [3.0f32; 4];
