@@ -35,9 +35,10 @@
 # A data set whose files are already there is left alone. Each one is built in a temporary
 # directory and renamed into place; concurrent runs wait on a lock and then find it done.
 #
-# Adding a data set: a `fetch_NAME` function (fetch the package with `pypi_archive`, pull the
-# member out with `extract_member`, convert with a `prepare_data.py NAME` sub-command into
-# "$1"), and a line in the `case` at the bottom.
+# Adding a data set: a `fetch_NAME` function (one JSONL file of the evals wheel: `evals_set`;
+# otherwise fetch the package with `pypi_archive`, pull the member out with `extract_member`,
+# convert with a `prepare_data.py NAME` sub-command into "$1"), and a line in the `case` at the
+# bottom.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
