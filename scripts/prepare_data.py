@@ -64,11 +64,6 @@ def write_splits(out_dir, rows_by_split):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-# --- Named entities in financial documents (openai evals, ner_finance) -------------------
-
-NER_SYSTEM_START = "The following sentence is from a financial document."
-
-
 def evals_samples(jsonl, roles=("system", "user")):
     """An openai evals samples file -> [(content of each message, ..., ideal)], checking that
     every line has one message per role in `roles`, in that order, and a text ideal."""
@@ -85,6 +80,11 @@ def evals_samples(jsonl, roles=("system", "user")):
                 raise ValueError(f"{jsonl}:{n}: unexpected example {line[:120]!r}")
             out.append((*(m["content"] for m in msgs), ex["ideal"]))
     return out
+
+
+# --- Named entities in financial documents (openai evals, ner_finance) -------------------
+
+NER_SYSTEM_START = "The following sentence is from a financial document."
 
 
 def ner_prompt(sentence):
@@ -385,35 +385,25 @@ def prepare_nli(task_json, out_dir):
     print(f"nli total: {len(task['examples'])} examples, {len(by_claim)} claims in the source", file=sys.stderr)
 
 
+# Sub-command -> (what it reads, its converter (SOURCE, OUT_DIR)).
+DATASETS = {
+    "ner": ("financial-document NER from openai evals' registry/data/ner_finance", prepare_ner),
+    "sarcasm": ("headline sarcasm from openai evals' registry/data/sarcasm", prepare_sarcasm),
+    "sql": ("text-to-SQL from openai evals' registry/data/sql/spider_sql.jsonl", prepare_sql),
+    "e2e": ("E2E NLG from BIG-bench gem/e2e_nlg/task.json", prepare_e2e),
+    "nli": ("VitaminC fact verification from BIG-bench's task.json", prepare_nli),
+}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="dataset", required=True)
-    ner = sub.add_parser("ner", help="financial-document NER from openai evals' registry/data/ner_finance")
-    ner.add_argument("jsonl")
-    ner.add_argument("out_dir")
-    sarcasm = sub.add_parser("sarcasm", help="headline sarcasm from openai evals' registry/data/sarcasm")
-    sarcasm.add_argument("jsonl")
-    sarcasm.add_argument("out_dir")
-    e2e = sub.add_parser("e2e", help="E2E NLG from BIG-bench gem/e2e_nlg/task.json")
-    e2e.add_argument("task_json")
-    e2e.add_argument("out_dir")
-    sql = sub.add_parser("sql", help="text-to-SQL from openai evals' registry/data/sql/spider_sql.jsonl")
-    sql.add_argument("jsonl")
-    sql.add_argument("out_dir")
-    nli = sub.add_parser("nli", help="VitaminC fact verification from BIG-bench's task.json")
-    nli.add_argument("task_json")
-    nli.add_argument("out_dir")
+    for name, (help_text, _) in DATASETS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("source", help="the file fetch-data.sh extracted")
+        p.add_argument("out_dir")
     args = ap.parse_args()
-    if args.dataset == "ner":
-        prepare_ner(args.jsonl, args.out_dir)
-    elif args.dataset == "sarcasm":
-        prepare_sarcasm(args.jsonl, args.out_dir)
-    elif args.dataset == "e2e":
-        prepare_e2e(args.task_json, args.out_dir)
-    elif args.dataset == "sql":
-        prepare_sql(args.jsonl, args.out_dir)
-    elif args.dataset == "nli":
-        prepare_nli(args.task_json, args.out_dir)
+    DATASETS[args.dataset][1](args.source, args.out_dir)
 
 
 if __name__ == "__main__":
