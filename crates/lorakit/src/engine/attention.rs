@@ -584,6 +584,37 @@ unsafe fn times(
     }
 }
 
+avx512_variant! {
+    /// dS = P ⊙ (dP − D) in place of dP, D_t = dO_t · O_t, for one segment and head: dp, p
+    /// [len, len]; dO and O rows of `hd` at d_out[q0 + t · q_row..] and out[..]. Zero above the
+    /// diagonal, where P is 0 (written, as dP was not computed everywhere there).
+    fn softmax_grad_rows(
+        dp: &mut [f32],
+        p: &[f32],
+        len: usize,
+        rows: (&[f32], &[f32], usize, usize, usize),
+    ) => softmax_grad_rows_body;
+}
+
+#[inline(always)]
+fn softmax_grad_rows_body(
+    dp: &mut [f32],
+    p: &[f32],
+    len: usize,
+    (d_out, out, q0, q_row, hd): (&[f32], &[f32], usize, usize, usize),
+) {
+    for t in 0..len {
+        let row = q0 + t * q_row;
+        let d_t = dot(&d_out[row..row + hd], &out[row..row + hd]);
+        let (pr, dpr) = (&p[t * len..(t + 1) * len], &mut dp[t * len..(t + 1) * len]);
+        let (live, above) = dpr.split_at_mut(t + 1);
+        for (x, &pv) in live.iter_mut().zip(pr) {
+            *x = pv * (*x - d_t);
+        }
+        above.fill(0.0);
+    }
+}
+
 /// One task of the attention passes: one segment of one row and one KV head with the query heads
 /// that share it. No two tasks write the same element of any output.
 #[derive(Debug, Clone, Copy)]
@@ -803,16 +834,7 @@ fn attention_backward_on(
                 }
                 // dS = P ⊙ (dP − D), D_t = dO_t · O_t; 0 above the diagonal, where P is 0
                 // (written, as dP was not computed everywhere there).
-                for t in 0..len {
-                    let row = q0 + t * s.q_row();
-                    let d_t = dot(&d_out[row..row + hd], &out[row..row + hd]);
-                    let (pr, dpr) = (&p[t * len..(t + 1) * len], &mut dp[t * len..(t + 1) * len]);
-                    let (live, above) = dpr.split_at_mut(t + 1);
-                    for (x, &pv) in live.iter_mut().zip(pr) {
-                        *x = pv * (*x - d_t);
-                    }
-                    above.fill(0.0);
-                }
+                softmax_grad_rows(dp, p, len, (d_out, out, q0, s.q_row(), hd));
                 unsafe {
                     // dQ = scale · dS K
                     times(

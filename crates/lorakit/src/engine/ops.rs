@@ -28,14 +28,22 @@ pub fn rms_norm_forward(out: &mut [f32], x: &[f32], w: &[f32], offset: f32, eps:
     out.par_chunks_mut(hidden)
         .zip(x.par_chunks(hidden))
         .with_min_len(ROWS_PER_TASK)
-        .for_each(|(o, xr)| {
-            let ss = sum_squares_f64(xr);
-            let inv = (1.0 / (ss / hidden as f64 + eps as f64).sqrt()) as f32;
-            // offset + w is exact for offset 0, so the Llama path is unchanged bit for bit.
-            for ((oi, &xi), &wi) in o.iter_mut().zip(xr).zip(w) {
-                *oi = (offset + wi) * (xi * inv);
-            }
-        });
+        .for_each(|(o, xr)| rms_norm_row(o, xr, w, offset, eps));
+}
+
+avx512_variant! {
+    /// One row of [`rms_norm_forward`]. o, x, w: [hidden].
+    fn rms_norm_row(o: &mut [f32], xr: &[f32], w: &[f32], offset: f32, eps: f32) => rms_norm_row_body;
+}
+
+#[inline(always)]
+fn rms_norm_row_body(o: &mut [f32], xr: &[f32], w: &[f32], offset: f32, eps: f32) {
+    let ss = sum_squares_f64(xr);
+    let inv = (1.0 / (ss / w.len() as f64 + eps as f64).sqrt()) as f32;
+    // offset + w is exact for offset 0, so the Llama path is unchanged bit for bit.
+    for ((oi, &xi), &wi) in o.iter_mut().zip(xr).zip(w) {
+        *oi = (offset + wi) * (xi * inv);
+    }
 }
 
 /// Partial sums per row reduction: one f64 sum taken element by element waits on each addition
@@ -57,6 +65,7 @@ fn lane_sum(chunks: impl Iterator<Item = [f64; LANES]>, tail: f64) -> f64 {
 }
 
 /// Σ x² in f64 ([`LANES`] partial sums). x: [n].
+#[inline(always)]
 fn sum_squares_f64(x: &[f32]) -> f64 {
     let chunks = x.chunks_exact(LANES);
     let tail: f64 = chunks
@@ -72,6 +81,7 @@ fn sum_squares_f64(x: &[f32]) -> f64 {
 
 /// Σ ((offset + w) · dy) · x in f64 ([`LANES`] partial sums), the RMSNorm backward's projection
 /// of the gradient on x. x, dy, w: [n].
+#[inline(always)]
 fn norm_grad_dot_f64(x: &[f32], dy: &[f32], w: &[f32], offset: f32) -> f64 {
     let term = |xi: f32, di: f32, wi: f32| ((offset + wi) * di) as f64 * xi as f64;
     let whole = x.len() / LANES * LANES;
@@ -164,19 +174,14 @@ fn rope_rotate(
         return;
     }
     let rotate = |first: usize, rows: &mut [f32]| {
-        for (t, tok) in rows.chunks_exact_mut(row).enumerate() {
-            let p = first + t;
-            let cos = &rope.cos[p * half..(p + 1) * half];
-            let sin = &rope.sin[p * half..(p + 1) * half];
-            for head in tok.chunks_exact_mut(head_dim) {
-                let (lo, hi) = head.split_at_mut(half);
-                for i in 0..half {
-                    let (a, b, s) = (lo[i], hi[i], sign * sin[i]);
-                    lo[i] = a * cos[i] - b * s;
-                    hi[i] = b * cos[i] + a * s;
-                }
-            }
-        }
+        rope_rows(
+            rows,
+            row,
+            head_dim,
+            &rope.cos[first * half..],
+            &rope.sin[first * half..],
+            sign,
+        )
     };
     // Training batches rotate thousands of rows: split them over the threads (each row is
     // rotated alone, so the result does not depend on the split). Decode rotates one.
@@ -186,6 +191,37 @@ fn rope_rotate(
         x.par_chunks_mut(ROWS_PER_TASK * row)
             .enumerate()
             .for_each(|(i, rows)| rotate(start_pos + i * ROWS_PER_TASK, rows));
+    }
+}
+
+avx512_variant! {
+    /// Rotates `rows` ([n, row], each of heads of `head_dim`) by the angles whose cos / sin tables
+    /// ([n, head_dim / 2]) start at the first row's position; `sign` −1 rotates back.
+    fn rope_rows(rows: &mut [f32], row: usize, head_dim: usize, cos: &[f32], sin: &[f32], sign: f32)
+        => rope_rows_body;
+}
+
+#[inline(always)]
+fn rope_rows_body(
+    rows: &mut [f32],
+    row: usize,
+    head_dim: usize,
+    cos: &[f32],
+    sin: &[f32],
+    sign: f32,
+) {
+    let half = head_dim / 2;
+    for (t, tok) in rows.chunks_exact_mut(row).enumerate() {
+        let cos = &cos[t * half..(t + 1) * half];
+        let sin = &sin[t * half..(t + 1) * half];
+        for head in tok.chunks_exact_mut(head_dim) {
+            let (lo, hi) = head.split_at_mut(half);
+            for i in 0..half {
+                let (a, b, s) = (lo[i], hi[i], sign * sin[i]);
+                lo[i] = a * cos[i] - b * s;
+                hi[i] = b * cos[i] + a * s;
+            }
+        }
     }
 }
 
@@ -463,16 +499,44 @@ pub fn rms_norm_backward(
         .zip(x.par_chunks(hidden).zip(dy.par_chunks(hidden)))
         .with_min_len(ROWS_PER_TASK)
         .for_each(|(dxr, (xr, dyr))| {
-            let ss = sum_squares_f64(xr);
-            let inv = 1.0 / (ss / hidden as f64 + eps as f64).sqrt();
-            let gx = norm_grad_dot_f64(xr, dyr, w, offset);
-            let c = (inv * inv * inv * gx / hidden as f64) as f32;
-            let inv = inv as f32;
-            for (((o, &xi), &di), &wi) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
-                let g = inv * ((offset + wi) * di) - xi * c;
-                *o = if accumulate { *o + g } else { g };
-            }
+            rms_norm_backward_row(dxr, xr, dyr, w, offset, eps, accumulate)
         });
+}
+
+avx512_variant! {
+    /// One row of [`rms_norm_backward`]. dx, x, dy, w: [hidden].
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_backward_row(
+        dxr: &mut [f32],
+        xr: &[f32],
+        dyr: &[f32],
+        w: &[f32],
+        offset: f32,
+        eps: f32,
+        accumulate: bool,
+    ) => rms_norm_backward_row_body;
+}
+
+#[inline(always)]
+fn rms_norm_backward_row_body(
+    dxr: &mut [f32],
+    xr: &[f32],
+    dyr: &[f32],
+    w: &[f32],
+    offset: f32,
+    eps: f32,
+    accumulate: bool,
+) {
+    let hidden = w.len();
+    let ss = sum_squares_f64(xr);
+    let inv = 1.0 / (ss / hidden as f64 + eps as f64).sqrt();
+    let gx = norm_grad_dot_f64(xr, dyr, w, offset);
+    let c = (inv * inv * inv * gx / hidden as f64) as f32;
+    let inv = inv as f32;
+    for (((o, &xi), &di), &wi) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
+        let g = inv * ((offset + wi) * di) - xi * c;
+        *o = if accumulate { *o + g } else { g };
+    }
 }
 
 /// dw[j] += Σ_t dy[t, j] · x[t, j] / rms(x[t, :]): the RMSNorm weight's gradient (full
