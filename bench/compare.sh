@@ -3,9 +3,11 @@
 #
 #   bench/compare.sh [--rounds R] [--steps N] [--parts train,decode,peak,e2e] [--new-tokens T]
 #                    [--threads K] [--lorakit-precision auto|f32|f32,bf16] [--results FILE]
-#                    [--epoch-data ner|e2e] [--no-build | --bin PATH]
+#                    [--epoch-data ner|e2e] [--epoch-precision P1,P2…] [--no-build | --bin PATH]
 #
 # Defaults: 3 rounds, 8 training steps, train and decode, 128 new tokens, 2 threads, results printed only.
+# --epoch-precision: lorakit's precisions in the e2e part (default: the train part's, plus gguf-int8
+# where the binary has it); e.g. bf16 alone makes a round of the NER epoch about 7 minutes, not 17.
 # Quick smoke run: bench/compare.sh --rounds 1 --steps 2 --parts train      (a few minutes)
 #
 # What it sets up, once (later runs reuse it):
@@ -53,10 +55,10 @@ die() { echo "compare.sh: error: $*" >&2; exit 1; }
 # die_log MESSAGE LOGFILE: fail with the end of the log that explains it.
 die_log() { { echo "compare.sh: error: $1"; echo "--- last lines of $2:"; tail -n 25 "$2"; } >&2; exit 1; }
 log() { echo "compare.sh: $*" >&2; }
-usage() { sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 rows="" rounds=3 steps=8 parts="train,decode" new_tokens=128 threads=2 results="" build=1 lk_prec="auto"
-epoch_data=ner
+epoch_data=ner epoch_prec=""
 bin="$root/target/release/lorakit"
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -68,6 +70,7 @@ while [[ $# -gt 0 ]]; do
     --lorakit-precision) lk_prec="${2:?--lorakit-precision needs a value}"; shift 2 ;;
     --results) results="${2:?--results needs a file}"; shift 2 ;;
     --epoch-data) epoch_data="${2:?--epoch-data needs a data set}"; shift 2 ;;
+    --epoch-precision) epoch_prec="${2:?--epoch-precision needs a list}"; shift 2 ;;
     --no-build) build=0; shift ;;
     --bin) bin="${2:?--bin needs a path}"; build=0; shift 2 ;;
     -h|--help) usage; exit 0 ;;
@@ -129,6 +132,17 @@ train_q="" e2e_q=""
 if [[ "$lk_prec" == auto ]] && "$bin" train --help 2>/dev/null | grep -q 'gguf-bf16'; then train_q="gguf-bf16"; fi
 if [[ "$lk_prec" == auto ]] && "$bin" train --help 2>/dev/null | grep -q 'gguf-int8'; then
   train_q="$train_q gguf-int8" e2e_q="gguf-int8"
+fi
+# The epoch part's precisions: --epoch-precision, else the train part's and gguf-int8.
+if [[ -n "$epoch_prec" ]]; then
+  epoch_prec="${epoch_prec//,/ }"
+  for p in $epoch_prec; do
+    case "$p" in f32|bf16|gguf-bf16|gguf-int8) ;; *) die "--epoch-precision takes f32, bf16, gguf-bf16 and/or gguf-int8, got '$p'" ;; esac
+    [[ "$p" == f32 ]] || "$bin" train --help 2>/dev/null | grep -q -- "$p" \
+      || die "this lorakit has no 'train --precision $p'"
+  done
+else
+  epoch_prec="$train_prec $e2e_q"
 fi
 if [[ "$train_prec" == *bf16* && "$do_train" -eq 1 ]]; then
   has_precision train || die "this lorakit has no 'train --precision'; use --lorakit-precision f32"
@@ -310,8 +324,8 @@ for r in $(seq "$rounds"); do
   if [[ "$do_e2e" -eq 1 ]]; then
     log "round $r/$rounds: $epoch_data epoch"
     peft_e2e bf16 "$r"
-    for p in $train_prec $e2e_q; do lorakit_e2e padded "$p" "$r"; done
-    for p in $train_prec $e2e_q; do lorakit_e2e packed "$p" "$r"; done
+    for p in $epoch_prec; do lorakit_e2e padded "$p" "$r"; done
+    for p in $epoch_prec; do lorakit_e2e packed "$p" "$r"; done
   fi
   if [[ "$do_decode" -eq 1 ]]; then
     for v in base unmerged merged; do
