@@ -593,25 +593,18 @@ avx512_variant! {
         p: &[f32],
         len: usize,
         rows: (&[f32], &[f32], usize, usize, usize),
-    ) => softmax_grad_rows_body;
-}
-
-#[inline(always)]
-fn softmax_grad_rows_body(
-    dp: &mut [f32],
-    p: &[f32],
-    len: usize,
-    (d_out, out, q0, q_row, hd): (&[f32], &[f32], usize, usize, usize),
-) {
-    for t in 0..len {
-        let row = q0 + t * q_row;
-        let d_t = dot(&d_out[row..row + hd], &out[row..row + hd]);
-        let (pr, dpr) = (&p[t * len..(t + 1) * len], &mut dp[t * len..(t + 1) * len]);
-        let (live, above) = dpr.split_at_mut(t + 1);
-        for (x, &pv) in live.iter_mut().zip(pr) {
-            *x = pv * (*x - d_t);
+    ) {
+        let (d_out, out, q0, q_row, hd) = rows;
+        for t in 0..len {
+            let row = q0 + t * q_row;
+            let d_t = dot(&d_out[row..row + hd], &out[row..row + hd]);
+            let (pr, dpr) = (&p[t * len..(t + 1) * len], &mut dp[t * len..(t + 1) * len]);
+            let (live, above) = dpr.split_at_mut(t + 1);
+            for (x, &pv) in live.iter_mut().zip(pr) {
+                *x = pv * (*x - d_t);
+            }
+            above.fill(0.0);
         }
-        above.fill(0.0);
     }
 }
 
@@ -670,18 +663,14 @@ pub fn attention_train_forward(
     s: AttnShape,
     segs: &Segments,
 ) {
-    attention_forward_on(attn_kernel(), out, lse, q, k, v, s, segs)
+    attention_forward_on(attn_kernel(), (out, lse), [q, k, v], s, segs)
 }
 
 /// [`attention_train_forward`] on a given kernel.
-#[allow(clippy::too_many_arguments)]
 fn attention_forward_on(
     kernel: AttnKernel,
-    out: &mut [f32],
-    lse: &mut [f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    (out, lse): (&mut [f32], &mut [f32]),
+    [q, k, v]: [&[f32]; 3],
     s: AttnShape,
     segs: &Segments,
 ) {
@@ -762,18 +751,16 @@ pub fn attention_train_backward(
     )
 }
 
-/// [`attention_train_backward`] on a given kernel: grads = [dq, dk, dv], saved = [q, k, v, out].
+/// [`attention_train_backward`] on a given kernel.
 fn attention_backward_on(
     kernel: AttnKernel,
-    grads: [&mut [f32]; 3],
+    [dq, dk, dv]: [&mut [f32]; 3],
     d_out: &[f32],
-    saved: [&[f32]; 4],
+    [q, k, v, out]: [&[f32]; 4],
     lse: &[f32],
     s: AttnShape,
     segs: &Segments,
 ) {
-    let [dq, dk, dv] = grads;
-    let [q, k, v, out] = saved;
     let (t_len, hd) = (s.seq, s.head_dim);
     let scale = s.scale;
     for (name, len, want) in [
@@ -992,7 +979,7 @@ mod tests {
         let (q, k, v, d_out) = (data(n_q, 1), data(n_kv, 2), data(n_kv, 3), data(n_q, 4));
         let mut out = vec![f32::NAN; n_q];
         let mut lse = vec![f32::NAN; s.batch * s.n_heads * seq];
-        attention_forward_on(kernel, &mut out, &mut lse, &q, &k, &v, s, segs);
+        attention_forward_on(kernel, (&mut out, &mut lse), [&q, &k, &v], s, segs);
         // Dirty outputs: the backward must overwrite every element.
         let (mut dq, mut dk, mut dv) = (
             vec![f32::NAN; n_q],

@@ -4,27 +4,30 @@
 //! training code adds the matching `*_backward` beside each one (see `docs/ARCHITECTURE.md`):
 //! there is no general autograd, so each forward keeps exactly what its backward will need.
 
-/// `fn name(args) => body;` defines `name`, which runs `body` (an `#[inline(always)]` function
-/// of the same arguments) inlined into a copy compiled for AVX-512F where the CPU has it, so
-/// that the plain loops of an element-wise or row-wise kernel vectorize 16 lanes wide instead of
-/// the baseline's 4. Rust neither contracts nor reorders float operations, so both copies
-/// compute the same bits.
+/// `fn name(args) -> R { body }` defines `name`, whose body runs inlined into a copy compiled for
+/// AVX-512F where the CPU has it, so that the plain loops of an element-wise or row-wise kernel
+/// vectorize 16 lanes wide instead of the baseline's 4. Rust neither contracts nor reorders float
+/// operations, so both copies compute the same bits.
 macro_rules! avx512_variant {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:ident;) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
-                    $body($($arg),*)
+                    body($($arg),*)
                 }
                 if $crate::engine::has_avx512f() {
                     // SAFETY: the CPU has AVX-512F.
                     return unsafe { avx512($($arg),*) };
                 }
             }
-            $body($($arg),*)
+            body($($arg),*)
         }
     };
 }

@@ -33,16 +33,13 @@ pub fn rms_norm_forward(out: &mut [f32], x: &[f32], w: &[f32], offset: f32, eps:
 
 avx512_variant! {
     /// One row of [`rms_norm_forward`]. o, x, w: [hidden].
-    fn rms_norm_row(o: &mut [f32], xr: &[f32], w: &[f32], offset: f32, eps: f32) => rms_norm_row_body;
-}
-
-#[inline(always)]
-fn rms_norm_row_body(o: &mut [f32], xr: &[f32], w: &[f32], offset: f32, eps: f32) {
-    let ss = sum_squares_f64(xr);
-    let inv = (1.0 / (ss / w.len() as f64 + eps as f64).sqrt()) as f32;
-    // offset + w is exact for offset 0, so the Llama path is unchanged bit for bit.
-    for ((oi, &xi), &wi) in o.iter_mut().zip(xr).zip(w) {
-        *oi = (offset + wi) * (xi * inv);
+    fn rms_norm_row(o: &mut [f32], xr: &[f32], w: &[f32], offset: f32, eps: f32) {
+        let ss = sum_squares_f64(xr);
+        let inv = (1.0 / (ss / w.len() as f64 + eps as f64).sqrt()) as f32;
+        // offset + w is exact for offset 0, so the Llama path is unchanged bit for bit.
+        for ((oi, &xi), &wi) in o.iter_mut().zip(xr).zip(w) {
+            *oi = (offset + wi) * (xi * inv);
+        }
     }
 }
 
@@ -197,29 +194,18 @@ fn rope_rotate(
 avx512_variant! {
     /// Rotates `rows` ([n, row], each of heads of `head_dim`) by the angles whose cos / sin tables
     /// ([n, head_dim / 2]) start at the first row's position; `sign` −1 rotates back.
-    fn rope_rows(rows: &mut [f32], row: usize, head_dim: usize, cos: &[f32], sin: &[f32], sign: f32)
-        => rope_rows_body;
-}
-
-#[inline(always)]
-fn rope_rows_body(
-    rows: &mut [f32],
-    row: usize,
-    head_dim: usize,
-    cos: &[f32],
-    sin: &[f32],
-    sign: f32,
-) {
-    let half = head_dim / 2;
-    for (t, tok) in rows.chunks_exact_mut(row).enumerate() {
-        let cos = &cos[t * half..(t + 1) * half];
-        let sin = &sin[t * half..(t + 1) * half];
-        for head in tok.chunks_exact_mut(head_dim) {
-            let (lo, hi) = head.split_at_mut(half);
-            for i in 0..half {
-                let (a, b, s) = (lo[i], hi[i], sign * sin[i]);
-                lo[i] = a * cos[i] - b * s;
-                hi[i] = b * cos[i] + a * s;
+    fn rope_rows(rows: &mut [f32], row: usize, head_dim: usize, cos: &[f32], sin: &[f32], sign: f32) {
+        let half = head_dim / 2;
+        for (t, tok) in rows.chunks_exact_mut(row).enumerate() {
+            let cos = &cos[t * half..(t + 1) * half];
+            let sin = &sin[t * half..(t + 1) * half];
+            for head in tok.chunks_exact_mut(head_dim) {
+                let (lo, hi) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b, s) = (lo[i], hi[i], sign * sin[i]);
+                    lo[i] = a * cos[i] - b * s;
+                    hi[i] = b * cos[i] + a * s;
+                }
             }
         }
     }
@@ -514,28 +500,17 @@ avx512_variant! {
         offset: f32,
         eps: f32,
         accumulate: bool,
-    ) => rms_norm_backward_row_body;
-}
-
-#[inline(always)]
-fn rms_norm_backward_row_body(
-    dxr: &mut [f32],
-    xr: &[f32],
-    dyr: &[f32],
-    w: &[f32],
-    offset: f32,
-    eps: f32,
-    accumulate: bool,
-) {
-    let hidden = w.len();
-    let ss = sum_squares_f64(xr);
-    let inv = 1.0 / (ss / hidden as f64 + eps as f64).sqrt();
-    let gx = norm_grad_dot_f64(xr, dyr, w, offset);
-    let c = (inv * inv * inv * gx / hidden as f64) as f32;
-    let inv = inv as f32;
-    for (((o, &xi), &di), &wi) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
-        let g = inv * ((offset + wi) * di) - xi * c;
-        *o = if accumulate { *o + g } else { g };
+    ) {
+        let hidden = w.len();
+        let ss = sum_squares_f64(xr);
+        let inv = 1.0 / (ss / hidden as f64 + eps as f64).sqrt();
+        let gx = norm_grad_dot_f64(xr, dyr, w, offset);
+        let c = (inv * inv * inv * gx / hidden as f64) as f32;
+        let inv = inv as f32;
+        for (((o, &xi), &di), &wi) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
+            let g = inv * ((offset + wi) * di) - xi * c;
+            *o = if accumulate { *o + g } else { g };
+        }
     }
 }
 
