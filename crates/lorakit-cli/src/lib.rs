@@ -173,7 +173,7 @@ pub fn run() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         // The server keeps its own threads (blocking on sockets) and hands compute to the pool.
-        Command::Serve(a) => serve_cmd::cmd_serve(a),
+        command @ Command::Serve(_) => dispatch(command),
         // The rest runs on a worker of rayon's pool, so that each parallel kernel starts on the
         // thread that calls it. Called from the main thread, every one of the thousands of
         // parallel calls in a training step was handed over to the pool and waited for: two
@@ -189,7 +189,7 @@ pub fn run() -> ExitCode {
     }
 }
 
-/// Runs one command other than `serve`.
+/// Runs one command.
 fn dispatch(command: Command) -> Result<()> {
     match command {
         Command::Generate(a) => cmd_generate(a),

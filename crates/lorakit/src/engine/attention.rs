@@ -14,7 +14,6 @@
 use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::ops::Range;
-use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
@@ -35,14 +34,11 @@ pub enum AttnKernel {
 
 /// The kernel this CPU runs: AVX-512 where it has it (detected once), else `gemm`.
 pub fn attn_kernel() -> AttnKernel {
-    static KERNEL: OnceLock<AttnKernel> = OnceLock::new();
-    *KERNEL.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return AttnKernel::Avx512;
-        }
-        AttnKernel::Gemm
-    })
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx512f() {
+        return AttnKernel::Avx512;
+    }
+    AttnKernel::Gemm
 }
 
 /// A thread's scratch, kept between calls (allocating and zeroing per task was a share of the
@@ -371,7 +367,7 @@ mod avx512 {
 
     /// Rows per register block: 6 rows × 4 vectors of 16 is 24 accumulators, plus 4 vectors of B
     /// and a broadcast, within the 32 registers.
-    pub(super) const MR: usize = 6;
+    const MR: usize = 6;
     /// Columns per register block (4 vectors of 16).
     const NC: usize = 64;
 
@@ -506,7 +502,7 @@ fn transpose_keys(dst: &mut [f32], src: &[f32], row: usize, len: usize, hd: usiz
 }
 
 /// dst[len, len] = scale · A Bᵀ for one segment and head: A [len, hd] at a[a0..] (row stride
-/// `a_rs`), B the segment's keys (or values) of its KV head at keys[kv0..] (row stride
+/// s.q_row()), B the segment's keys (or values) of its KV head at keys[kv0..] (row stride
 /// s.kv_row()), given transposed as keys_t [hd, ld] for AVX-512. Only row block i0..i1's columns
 /// 0..i1 are written (the rest is above the diagonal, which the caller masks).
 ///
@@ -652,6 +648,38 @@ fn keys_t_stride(len: usize) -> usize {
     len.next_multiple_of(16)
 }
 
+/// Scratch for one segment's Kᵀ or Vᵀ, up to `longest` rows: copied for the AVX-512 kernel only.
+fn keys_t_len(kernel: AttnKernel, hd: usize, longest: usize) -> usize {
+    match kernel {
+        AttnKernel::Avx512 => hd * keys_t_stride(longest),
+        AttnKernel::Gemm => 0,
+    }
+}
+
+/// Panics, naming `what` and the buffer, unless every query-shaped buffer (`queries`: name,
+/// length) holds [B·T, n_heads·head_dim], every key-shaped one [B·T, n_kv_heads·head_dim], lse
+/// [B, n_heads, T], and the segments fit the rows; returns the longest segment.
+fn check_shapes(
+    what: &str,
+    s: AttnShape,
+    segs: &Segments,
+    queries: &[(&str, usize)],
+    keys: &[(&str, usize)],
+    lse: usize,
+) -> usize {
+    let rows = s.batch * s.seq;
+    for (names, row) in [(queries, s.q_row()), (keys, s.kv_row())] {
+        for &(name, len) in names {
+            assert_eq!(len, rows * row, "{what}: {name}");
+        }
+    }
+    assert_eq!(lse, s.batch * s.n_heads * s.seq, "{what}: lse");
+    if let Err(e) = segs.check(s.batch, s.seq) {
+        panic!("{what}: {e}");
+    }
+    segs.longest(s.seq)
+}
+
 /// out = softmax(scale · q kᵀ + causal (sliding-window) mask) v, per (batch, head) and per
 /// segment of each row (`segs`); lse[b, h, t] = log Σ_j exp(s_tj).
 pub fn attention_train_forward(
@@ -675,19 +703,18 @@ fn attention_forward_on(
     segs: &Segments,
 ) {
     let (t_len, hd) = (s.seq, s.head_dim);
-    assert_eq!(q.len(), s.batch * t_len * s.q_row());
-    assert_eq!(k.len(), s.batch * t_len * s.kv_row());
-    assert_eq!(v.len(), k.len());
-    assert_eq!(out.len(), q.len());
-    assert_eq!(lse.len(), s.batch * s.n_heads * t_len);
-    if let Err(e) = segs.check(s.batch, t_len) {
-        panic!("attention_train_forward: {e}");
-    }
-    let longest = segs.longest(t_len);
-    let ld_max = keys_t_stride(longest);
+    let longest = check_shapes(
+        "attention_train_forward",
+        s,
+        segs,
+        &[("q", q.len()), ("out", out.len())],
+        &[("k", k.len()), ("v", v.len())],
+        lse.len(),
+    );
+    let keys_t = keys_t_len(kernel, hd, longest);
     let (out_ptr, lse_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
     tasks(s, segs).par_iter().with_max_len(1).for_each(|t| {
-        with_scratch(longest * longest, hd * ld_max, |scr| {
+        with_scratch(longest * longest, keys_t, |scr| {
             let (len, kv0, ld) = (t.len, t.kv0(s), keys_t_stride(t.len));
             if kernel == AttnKernel::Avx512 {
                 transpose_keys(&mut scr.kt, &k[kv0..], s.kv_row(), len, hd, ld);
@@ -763,31 +790,32 @@ fn attention_backward_on(
 ) {
     let (t_len, hd) = (s.seq, s.head_dim);
     let scale = s.scale;
-    for (name, len, want) in [
-        ("dq", dq.len(), q.len()),
-        ("d_out", d_out.len(), q.len()),
-        ("out", out.len(), q.len()),
-        ("dk", dk.len(), k.len()),
-        ("dv", dv.len(), k.len()),
-        ("v", v.len(), k.len()),
-    ] {
-        assert_eq!(len, want, "attention_train_backward: {name}");
-    }
-    assert_eq!(q.len(), s.batch * t_len * s.q_row());
-    assert_eq!(k.len(), s.batch * t_len * s.kv_row());
-    assert_eq!(lse.len(), s.batch * s.n_heads * t_len);
-    if let Err(e) = segs.check(s.batch, t_len) {
-        panic!("attention_train_backward: {e}");
-    }
-    let longest = segs.longest(t_len);
-    let ld_max = keys_t_stride(longest);
+    let longest = check_shapes(
+        "attention_train_backward",
+        s,
+        segs,
+        &[
+            ("q", q.len()),
+            ("out", out.len()),
+            ("d_out", d_out.len()),
+            ("dq", dq.len()),
+        ],
+        &[
+            ("k", k.len()),
+            ("v", v.len()),
+            ("dk", dk.len()),
+            ("dv", dv.len()),
+        ],
+        lse.len(),
+    );
+    let keys_t = keys_t_len(kernel, hd, longest);
     let (dq_ptr, dk_ptr, dv_ptr) = (
         SharedMut(dq.as_mut_ptr()),
         SharedMut(dk.as_mut_ptr()),
         SharedMut(dv.as_mut_ptr()),
     );
     tasks(s, segs).par_iter().with_max_len(1).for_each(|t| {
-        with_scratch(longest * longest, hd * ld_max, |scr| {
+        with_scratch(longest * longest, keys_t, |scr| {
             let (len, kv0, ld) = (t.len, t.kv0(s), keys_t_stride(t.len));
             if kernel == AttnKernel::Avx512 {
                 transpose_keys(&mut scr.kt, &k[kv0..], s.kv_row(), len, hd, ld);

@@ -257,74 +257,41 @@ pub fn attention_forward(
     );
 }
 
-/// One query's attention output: o = Σ_j softmax(scale · q·k_j)_j · v_j over the keys j in
-/// `keys_range`.  o, q: [head_dim]; keys, vals: [.., head_dim] rows (row j at j · head_dim);
-/// `scores` is scratch.
-///
-/// On AVX-512 the whole row runs in one function compiled for it, so that the per-key `dot` and
-/// `add_scaled` (a few vectors each at head_dim 64) inline instead of being called per key; the
-/// arithmetic, and so every bit, is the same on both paths.
-fn attention_row(
-    o: &mut [f32],
-    q: &[f32],
-    keys: &[f32],
-    vals: &[f32],
-    keys_range: std::ops::Range<usize>,
-    scale: f32,
-    scores: &mut Vec<f32>,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the feature was detected at run time.
-            unsafe { attention_row_avx512(o, q, keys, vals, keys_range, scale, scores) };
-            return;
+avx512_variant! {
+    /// One query's attention output: o = Σ_j softmax(scale · q·k_j)_j · v_j over the keys j in
+    /// `keys_range`.  o, q: [head_dim]; keys, vals: [.., head_dim] rows (row j at j · head_dim);
+    /// `scores` is scratch.
+    ///
+    /// On AVX-512 the whole row runs in one function compiled for it, so that the per-key `dot` and
+    /// `add_scaled` (a few vectors each at head_dim 64) inline instead of being called per key; the
+    /// arithmetic, and so every bit, is the same on both paths.
+    fn attention_row(
+        o: &mut [f32],
+        q: &[f32],
+        keys: &[f32],
+        vals: &[f32],
+        keys_range: std::ops::Range<usize>,
+        scale: f32,
+        scores: &mut Vec<f32>,
+    ) {
+        let d = q.len();
+        scores.clear();
+        let mut max = f32::NEG_INFINITY;
+        for j in keys_range.clone() {
+            let s = dot(q, &keys[j * d..(j + 1) * d]) * scale;
+            max = max.max(s);
+            scores.push(s);
         }
-    }
-    attention_row_body(o, q, keys, vals, keys_range, scale, scores);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn attention_row_avx512(
-    o: &mut [f32],
-    q: &[f32],
-    keys: &[f32],
-    vals: &[f32],
-    keys_range: std::ops::Range<usize>,
-    scale: f32,
-    scores: &mut Vec<f32>,
-) {
-    attention_row_body(o, q, keys, vals, keys_range, scale, scores);
-}
-
-#[inline(always)]
-fn attention_row_body(
-    o: &mut [f32],
-    q: &[f32],
-    keys: &[f32],
-    vals: &[f32],
-    keys_range: std::ops::Range<usize>,
-    scale: f32,
-    scores: &mut Vec<f32>,
-) {
-    let d = q.len();
-    scores.clear();
-    let mut max = f32::NEG_INFINITY;
-    for j in keys_range.clone() {
-        let s = dot(q, &keys[j * d..(j + 1) * d]) * scale;
-        max = max.max(s);
-        scores.push(s);
-    }
-    let mut sum = 0.0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    let inv = 1.0 / sum;
-    o.fill(0.0);
-    for (j, &p) in keys_range.zip(scores.iter()) {
-        add_scaled(o, p * inv, &vals[j * d..(j + 1) * d]);
+        let mut sum = 0.0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        o.fill(0.0);
+        for (j, &p) in keys_range.zip(scores.iter()) {
+            add_scaled(o, p * inv, &vals[j * d..(j + 1) * d]);
+        }
     }
 }
 
